@@ -1,0 +1,182 @@
+"""GPT-2 as published, free of any parallelism (DESIGN.md invariant 4).
+
+Learned position embeddings, pre-LayerNorm blocks, tanh-GELU MLP (4x), causal
+self-attention through scaled_dot_product_attention, lm_head tied to wte. The state
+dict uses GPT-2's names, so published weights load (`load_hf_state_dict`).
+
+Two details let tensor parallelism shard the model without changing it:
+- attention reads its head count from the width of its input (heads split across
+  ranks leave fewer local heads), and sequence length from the c_attn output (under
+  sequence parallelism the block input is a slice of the sequence);
+- initialisation draws every parameter from a generator seeded by (seed, name), so any
+  slice of any parameter can be reproduced alone (DESIGN.md invariant 1).
+"""
+import math
+import zlib
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 1024
+    vocab_size: int = 50304     # GPT-2's 50257 padded to a multiple of 64
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    dropout: float = 0.0
+    bias: bool = True
+
+
+PRESETS = {
+    "gpt2": dict(n_layer=12, n_head=12, n_embd=768),          # 124M
+    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),  # 350M
+    "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),   # 774M
+    "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),      # 1558M
+    "tiny": dict(n_layer=4, n_head=4, n_embd=128),            # for CPUs
+}
+
+
+def padded_vocab_size(vocab_size: int, multiple: int = 64) -> int:
+    """50257 -> 50304: a multiple of 64 is faster on GPUs and divides by TP sizes."""
+    return -(-vocab_size // multiple) * multiple
+
+
+def model_config(preset: str, block_size: int, vocab_size: int, dropout: float = 0.0) -> GPTConfig:
+    if preset not in PRESETS:
+        raise KeyError(f"unknown model preset {preset!r}; choose from {sorted(PRESETS)}")
+    return GPTConfig(block_size=block_size, vocab_size=padded_vocab_size(vocab_size),
+                     dropout=dropout, **PRESETS[preset])
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.head_dim = config.n_embd // config.n_head
+        self.dropout = config.dropout
+
+    def forward(self, x):
+        qkv = self.c_attn(x)
+        B, T, _ = qkv.shape
+        q, k, v = (t.view(B, T, -1, self.head_dim).transpose(1, 2) for t in qkv.chunk(3, dim=-1))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        return self.c_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x):
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig, seed: int | None = 0):
+        """seed=None leaves parameters uninitialised (for meta-device construction)."""
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            wpe=nn.Embedding(config.block_size, config.n_embd),
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList(Block(config) for _ in range(config.n_layer)),
+            ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head.weight = self.transformer.wte.weight  # tied, counted once
+        if seed is not None:
+            self.init_weights(seed)
+
+    def forward(self, idx):
+        """idx (B, T) token ids -> logits (B, T, vocab_size)."""
+        pos = torch.arange(idx.size(1), device=idx.device)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        for block in self.transformer.h:
+            x = block(x)
+        return self.lm_head(self.transformer.ln_f(x))
+
+    @torch.no_grad()
+    def init_weights(self, seed: int):
+        for name, param in self.named_parameters():
+            param.copy_(self.initial_value(name, seed, param.shape))
+
+    def initial_value(self, name: str, seed: int, shape) -> torch.Tensor:
+        """The full initial tensor of parameter `name`, the same on every device and layout.
+
+        GPT-2 init: N(0, 0.02) for weights and embeddings, N(0, 0.02/sqrt(2 n_layer)) for
+        the projections that write into the residual stream, zeros for biases, ones for
+        LayerNorm weights. Drawn on the CPU so CUDA and CPU runs start alike.
+        """
+        if name.endswith(".bias"):
+            return torch.zeros(shape)
+        if ".ln_" in name:
+            return torch.ones(shape)
+        std = 0.02
+        if name.endswith("c_proj.weight"):
+            std /= math.sqrt(2 * self.config.n_layer)
+        generator = torch.Generator().manual_seed(parameter_seed(seed, name))
+        return torch.empty(shape).normal_(0.0, std, generator=generator)
+
+    def num_params(self, non_embedding: bool = True) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.transformer.wpe.weight.numel() if non_embedding else n
+
+
+def parameter_seed(seed: int, name: str) -> int:
+    """A generator seed of (seed, parameter name): each tensor reproducible on its own."""
+    return (seed * 0x9E3779B1 + zlib.crc32(name.encode())) % (2**63)
+
+
+def cross_entropy(logits, targets, ignore_index: int = -1):
+    """Mean next-token loss in fp32 over all non-ignored positions."""
+    return F.cross_entropy(logits.flatten(0, -2).float(), targets.flatten(),
+                           ignore_index=ignore_index)
+
+
+# Hugging Face's GPT2LMHeadModel uses Conv1D (weight stored in x out), nn.Linear out x in.
+_HF_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
+
+@torch.no_grad()
+def load_hf_state_dict(model: GPT, hf_state_dict: dict) -> GPT:
+    """Copy a Hugging Face GPT2LMHeadModel state dict into `model` (vocab rows beyond
+    the checkpoint's stay as initialised; the padding tokens are never targets)."""
+    own = model.state_dict()
+    for name, tensor in hf_state_dict.items():
+        if name.endswith((".attn.bias", ".attn.masked_bias")) or name == "lm_head.weight":
+            continue  # causal-mask buffers; lm_head is tied to wte
+        if name not in own:
+            raise KeyError(f"unexpected key {name!r} in the GPT-2 state dict")
+        if name.endswith(_HF_CONV1D):
+            tensor = tensor.t()
+        target = own[name]
+        if name == "transformer.wte.weight":
+            target = target[: tensor.shape[0]]
+        if target.shape != tensor.shape:
+            raise ValueError(f"{name}: checkpoint shape {tuple(tensor.shape)} vs model "
+                             f"{tuple(target.shape)}; build the model with the checkpoint's preset")
+        target.copy_(tensor)
+    return model

@@ -1,0 +1,47 @@
+"""Gradient norm and clipping over a sharded model: the norm of the full gradient.
+
+Each gradient is counted once across the mesh: the squared sum of a shard is summed
+over the groups it is sharded across (TP, FSDP's DP, or both) and not over the groups
+it is replicated across. DTensor gradients say their sharding themselves; plain
+tensors are looked up in `sharded_over` (filled by the custom strategies).
+"""
+import torch
+from torch.distributed.tensor import DTensor
+
+from nanodist.parallel import comm
+
+
+def _local_and_groups(grad, param, sharded_over):
+    if isinstance(grad, DTensor):
+        mesh = grad.device_mesh
+        groups = tuple(mesh.get_group(dim) for dim, placement in enumerate(grad.placements)
+                       if placement.is_shard() or placement.is_partial())
+        return grad.to_local(), groups
+    return grad, sharded_over.get(param, ())
+
+
+@torch.no_grad()
+def clip_grad_norm_(params, max_norm: float | None, sharded_over: dict | None = None) -> torch.Tensor:
+    """Global L2 norm of the gradients of `params`; scales them to at most `max_norm`
+    (None: only measure). Returns the norm before clipping, as a float32 scalar."""
+    sharded_over = sharded_over or {}
+    squares: dict[tuple, torch.Tensor] = {}
+    grads = []
+    for param in params:
+        if param.grad is None:
+            continue
+        local, groups = _local_and_groups(param.grad, param, sharded_over)
+        grads.append(local)
+        sq = torch.linalg.vector_norm(local, dtype=torch.float32) ** 2
+        squares[groups] = squares[groups] + sq if groups in squares else sq
+    total = torch.zeros((), dtype=torch.float32, device=grads[0].device if grads else "cpu")
+    for groups, sq in sorted(squares.items(), key=lambda item: len(item[0])):
+        for group in groups:  # same order on every rank: keys sort by count, then insertion
+            comm.all_reduce(sq, group)
+        total += sq
+    norm = total.sqrt()
+    if max_norm is not None:
+        scale = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+        for grad in grads:
+            grad.mul_(scale.to(grad.dtype))
+    return norm

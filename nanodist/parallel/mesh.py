@@ -1,0 +1,85 @@
+"""The DP x TP layout of the processes, built once and passed explicitly (no global).
+
+    world = dp x tp, TP ranks contiguous (TP traffic is the heaviest: keep it in a node)
+
+        tp ->   0   1          rank = dp_rank * tp + tp_rank
+    dp   0    [ 0 | 1 ]        tp_group: a row    {0,1} {2,3}
+         1    [ 2 | 3 ]        dp_group: a column {0,2} {1,3}
+
+One process started without torchrun runs with no process group at all.
+"""
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+from nanodist.config import UserError
+
+
+@dataclass
+class Mesh:
+    dp_size: int = 1
+    tp_size: int = 1
+    rank: int = 0
+    device: torch.device = torch.device("cpu")
+    device_mesh: DeviceMesh | None = None   # dims ("dp", "tp"); None for one process
+
+    @property
+    def world_size(self) -> int:
+        return self.dp_size * self.tp_size
+
+    @property
+    def dp_rank(self) -> int:
+        return self.rank // self.tp_size
+
+    @property
+    def tp_rank(self) -> int:
+        return self.rank % self.tp_size
+
+    @property
+    def dp_group(self):
+        return self.device_mesh.get_group("dp") if self.device_mesh is not None else None
+
+    @property
+    def tp_group(self):
+        return self.device_mesh.get_group("tp") if self.device_mesh is not None else None
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def pick_device(preference: str = "auto") -> torch.device:
+    """cuda when present (or asked for), else cpu; the local rank picks the GPU."""
+    if preference == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for but CUDA is not available here; "
+                        "use --device cpu (or auto)")
+    if preference == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    torch.cuda.set_device(local_rank)
+    return torch.device("cuda", local_rank)
+
+
+def init_distributed(device: torch.device) -> tuple[int, int]:
+    """Join the process group torchrun describes (nccl on CUDA, gloo on CPU).
+    Returns (rank, world_size); (0, 1) with no group when not launched by torchrun."""
+    if "WORLD_SIZE" not in os.environ:
+        return 0, 1
+    if not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
+    return dist.get_rank(), dist.get_world_size()
+
+
+def build_mesh(dp_size: int, tp_size: int, device: torch.device) -> Mesh:
+    """The DP x TP mesh over the already initialised process group (or one process)."""
+    if not dist.is_initialized():
+        if dp_size * tp_size != 1:
+            raise UserError(f"a layout of dp={dp_size} x tp={tp_size} needs "
+                            f"torchrun --nproc_per_node={dp_size * tp_size}")
+        return Mesh(device=device)
+    device_mesh = init_device_mesh(device.type, (dp_size, tp_size), mesh_dim_names=("dp", "tp"))
+    return Mesh(dp_size, tp_size, dist.get_rank(), device, device_mesh)

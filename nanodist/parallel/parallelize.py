@@ -1,0 +1,64 @@
+"""One entry point for every layout: `parallelize(model, cfg, mesh) -> Parallel`.
+
+Order is fixed for both implementations (torchtitan's): tensor parallel first, then
+DDP or FSDP over the DP dimension, then materialise what is still on the meta device.
+Each strategy edits the `Parallel` it is given: the trainer only talks to that.
+"""
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch.nn as nn
+
+from nanodist.config import TrainConfig, UserError
+from nanodist.model import cross_entropy
+from nanodist.parallel.clip import clip_grad_norm_
+from nanodist.parallel.init import materialize
+from nanodist.parallel.mesh import Mesh
+
+
+def split_by_weight_decay(named_params):
+    """GPT-2 recipe: decay matrices and embeddings (>= 2-D), not biases and norms."""
+    decay, no_decay = [], []
+    for _, param in named_params:
+        if param.requires_grad:
+            (decay if param.dim() >= 2 else no_decay).append(param)
+    return decay, no_decay
+
+
+@dataclass
+class Parallel:
+    """What the trainer asks of a layout. The defaults are those of one process."""
+    model: nn.Module                          # what the trainer calls: logits = model(idx)
+    mesh: Mesh
+    loss_fn: Callable = cross_entropy         # (logits, targets) -> mean loss
+    loss_context: Callable = nullcontext      # wraps forward + backward (DTensor loss_parallel)
+    no_sync: Callable = nullcontext           # wraps micro-steps that must not reduce grads
+    sharded_over: dict = field(default_factory=dict)  # plain param -> groups it is sharded across
+    # (decay params, no-decay params) the optimizer steps on; FSDP gives its shards instead
+    optimizer_params: Callable = None
+
+    def __post_init__(self):
+        if self.optimizer_params is None:
+            self.optimizer_params = lambda: split_by_weight_decay(self.model.named_parameters())
+
+    def param_groups(self, weight_decay: float) -> list[dict]:
+        decay, no_decay = self.optimizer_params()
+        return [{"params": decay, "weight_decay": weight_decay},
+                {"params": no_decay, "weight_decay": 0.0}]
+
+    def clip_grad_norm(self, max_norm: float | None):
+        """Norm of the full gradient (over every shard); clips when max_norm is given."""
+        decay, no_decay = self.optimizer_params()
+        return clip_grad_norm_(decay + no_decay, max_norm, self.sharded_over)
+
+
+def parallelize(model: nn.Module, cfg: TrainConfig, mesh: Mesh) -> Parallel:
+    par = Parallel(model, mesh)
+    if mesh.tp_size > 1:
+        raise UserError("tensor parallelism (--tensor_parallel_size > 1) is not built yet")
+    if mesh.dp_size > 1:
+        raise UserError(f"--data_parallel_type={cfg.data_parallel_type} "
+                        f"--implementation={cfg.implementation} is not built yet")
+    materialize(par.model, model, cfg.seed, mesh.device)
+    return par

@@ -1,0 +1,156 @@
+"""The training loop: one Trainer for every layout.
+
+    build mesh -> data -> model (on meta with --deferred_init) -> parallelize -> AdamW
+    each step: grad_accum micro-steps (gradient sync on the last only), clip, step,
+    log the loss over the whole global batch; evaluate every eval_interval steps.
+"""
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from nanodist.config import TrainConfig, UserError, grad_accum_steps, resolve_layout
+from nanodist.data import BatchLoader
+from nanodist.metrics import Logger, device_peak_flops, flops_per_token, peak_memory_bytes
+from nanodist.model import GPT, GPTConfig, model_config
+from nanodist.parallel.mesh import build_mesh, init_distributed, pick_device
+from nanodist.parallel.parallelize import parallelize
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def check_tensor_parallel_fit(model_cfg: GPTConfig, tp: int):
+    for what, size in (("n_head", model_cfg.n_head), ("n_embd", model_cfg.n_embd),
+                       ("padded vocab_size", model_cfg.vocab_size)):
+        if size % tp:
+            raise UserError(f"{what} ({size}) is not divisible by --tensor_parallel_size "
+                            f"({tp}); pick a tensor parallel size that divides it")
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup to learning_rate, then cosine decay to min_lr at max_steps."""
+    if step < cfg.warmup_steps:
+        return cfg.learning_rate * (step + 1) / cfg.warmup_steps
+    if step >= cfg.max_steps:
+        return cfg.min_lr
+    progress = (step - cfg.warmup_steps) / max(cfg.max_steps - cfg.warmup_steps, 1)
+    return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (cfg.learning_rate - cfg.min_lr)
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig):
+        device = pick_device(cfg.device)
+        _, world_size = init_distributed(device)
+        self.cfg = cfg = resolve_layout(cfg, world_size)
+        self.grad_accum = grad_accum_steps(cfg)
+        self.mesh = mesh = build_mesh(cfg.data_parallel_size, cfg.tensor_parallel_size, device)
+        self.data = BatchLoader(cfg.data_dir or REPO / "data" / cfg.dataset, cfg.dataset,
+                                cfg.block_size, cfg.batch_size, self.grad_accum,
+                                mesh.dp_size, mesh.dp_rank, cfg.seed, device)
+        self.model_cfg = model_config(cfg.model, cfg.block_size, self.data.vocab_size, cfg.dropout)
+        check_tensor_parallel_fit(self.model_cfg, mesh.tp_size)
+
+        with torch.device("meta" if cfg.deferred_init else device):
+            model = GPT(self.model_cfg, seed=None if cfg.deferred_init else cfg.seed)
+        self.n_params = sum(p.numel() for p in model.parameters())
+        self.par = parallelize(model, cfg, mesh)
+        self.model = torch.compile(self.par.model) if cfg.compile else self.par.model
+        self.optimizer = torch.optim.AdamW(self.par.param_groups(cfg.weight_decay),
+                                           lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2),
+                                           fused=device.type == "cuda")
+        self.autocast = (torch.autocast(device.type, dtype=torch.bfloat16)
+                         if cfg.dtype == "bfloat16" else nullcontext())
+        self.tokens_per_step = cfg.total_batch_size
+        self.flops_per_step = flops_per_token(self.model_cfg, self.n_params) * self.tokens_per_step
+        self.peak_flops = device_peak_flops(device)
+
+        layout = (f"dp{mesh.dp_size}-{cfg.data_parallel_type}-tp{mesh.tp_size}-{cfg.implementation}")
+        self.log_dir = cfg.log_dir or str(REPO / "runs" / f"{time.strftime('%Y%m%d-%H%M%S')}-{layout}")
+        self.logger = Logger(self.log_dir, enabled=mesh.is_main)
+        self.logger.text("config", "\n".join(f"    {k} = {v}" for k, v in asdict(cfg).items()))
+        self.print(f"{layout}: {self.n_params / 1e6:.2f}M parameters, {mesh.world_size} "
+                   f"process(es) on {device}, grad_accum {self.grad_accum}, "
+                   f"{self.tokens_per_step} tokens/step, TensorBoard: {self.log_dir}")
+
+    def print(self, *args):
+        if self.mesh.is_main:
+            print(*args, flush=True)
+
+    def _dp_mean(self, value: torch.Tensor) -> torch.Tensor:
+        """Mean over DP ranks (TP ranks of one DP group already agree)."""
+        if self.mesh.dp_size > 1:
+            dist.all_reduce(value, group=self.mesh.dp_group)
+            value /= self.mesh.dp_size
+        return value
+
+    def _loss(self, x, y) -> torch.Tensor:
+        with self.autocast:
+            logits = self.model(x)
+        return self.par.loss_fn(logits, y)
+
+    def train_step(self, step: int) -> dict:
+        self.model.train()
+        lr = lr_at(step, self.cfg)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        loss_sum = torch.zeros((), device=self.mesh.device)
+        for micro in range(self.grad_accum):
+            x, y = self.data.train_batch(step, micro)
+            last = micro == self.grad_accum - 1
+            with (nullcontext() if last else self.par.no_sync()), self.par.loss_context():
+                loss = self._loss(x, y) / self.grad_accum
+                loss.backward()
+            loss_sum += loss.detach()
+        norm = self.par.clip_grad_norm(self.cfg.max_grad_norm if self.cfg.gradient_clipping else None)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return {"loss": self._dp_mean(loss_sum).item(), "grad_norm": norm.item(), "lr": lr}
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        self.model.eval()
+        loss_sum = torch.zeros((), device=self.mesh.device)
+        for i in range(self.cfg.eval_iters):
+            x, y = self.data.val_batch(i, 0)
+            with self.par.loss_context():
+                loss_sum += self._loss(x, y)
+        return self._dp_mean(loss_sum / self.cfg.eval_iters).item()
+
+    def train(self) -> list[dict]:
+        """Runs max_steps optimizer steps; returns the per-step records (rank-local)."""
+        history = []
+        for step in range(self.cfg.max_steps):
+            t0 = time.perf_counter()
+            record = self.train_step(step)
+            if self.mesh.device.type == "cuda":
+                torch.cuda.synchronize()
+            dt = time.perf_counter() - t0
+            record.update(step=step, step_time=dt, tokens_per_sec=self.tokens_per_step / dt,
+                          peak_memory=peak_memory_bytes(self.mesh.device))
+            mfu = (self.flops_per_step / dt / self.mesh.world_size / self.peak_flops
+                   if self.peak_flops else None)
+            if not math.isfinite(record["loss"]):
+                raise UserError(f"the loss is {record['loss']} at step {step}; lower "
+                                f"--learning_rate or enable --gradient_clipping")
+            last = step == self.cfg.max_steps - 1
+            if (step + 1) % self.cfg.eval_interval == 0 or last:
+                record["val_loss"] = self.evaluate()
+            self.logger.scalars(step, {
+                "Loss/train": record["loss"], "Loss/val": record.get("val_loss"),
+                "GradNorm/train": record["grad_norm"] if self.cfg.gradient_clipping else None,
+                "LR": record["lr"], "Throughput/tokens_per_sec": record["tokens_per_sec"],
+                "Time/step_ms": dt * 1e3, "Memory/peak_GiB": record["peak_memory"] / 2**30,
+                "MFU": mfu})
+            self.print(f"step {step + 1:5d}/{self.cfg.max_steps} | loss {record['loss']:.4f}"
+                       + (f" | val {record['val_loss']:.4f}" if "val_loss" in record else "")
+                       + f" | lr {record['lr']:.2e} | norm {record['grad_norm']:.3f}"
+                       f" | {dt * 1e3:.0f} ms | {record['tokens_per_sec']:,.0f} tok/s"
+                       + (f" | MFU {mfu:.1%}" if mfu else "")
+                       + f" | mem {record['peak_memory'] / 2**30:.2f} GiB")
+            history.append(record)
+        self.logger.close()
+        return history

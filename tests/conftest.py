@@ -1,0 +1,27 @@
+import subprocess
+import sys
+
+import pytest
+
+from harness import GPT2_BPE, REPO, SHAKESPEARE_TEXT
+
+
+def _prepare(dataset: str, out_dir) -> str:
+    args = [sys.executable, str(REPO / "data" / dataset / "prepare.py"),
+            "--input", str(SHAKESPEARE_TEXT), "--out_dir", str(out_dir)]
+    if dataset == "shakespeare":
+        args += ["--bpe_file", str(GPT2_BPE)]
+    subprocess.run(args, check=True, capture_output=True)
+    return str(out_dir)
+
+
+@pytest.fixture(scope="session")
+def char_data(tmp_path_factory):
+    """Character-level tiny Shakespeare (vocab 65): the fast dataset of the tests."""
+    return _prepare("shakespeare_char", tmp_path_factory.mktemp("shakespeare_char"))
+
+
+@pytest.fixture(scope="session")
+def bpe_data(tmp_path_factory):
+    """Tiny Shakespeare in GPT-2 BPE, as the users' demo prepares it."""
+    return _prepare("shakespeare", tmp_path_factory.mktemp("shakespeare"))

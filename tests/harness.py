@@ -1,0 +1,113 @@
+"""Distributed tests as ordinary pytest tests.
+
+`run_distributed(fn, world_size, *args)` runs `fn(*args)` on `world_size` gloo
+processes and returns their results, rank by rank. The processes are started once per
+world size and kept for the session (starting torch costs seconds per process); a
+failure or a timeout on any rank tears the pool down, so the next test starts clean and
+a hang can only cost its own timeout. `fn` must be a module-level function.
+"""
+import atexit
+import os
+import queue
+import socket
+import subprocess
+import sys
+import time
+import traceback
+from datetime import timedelta
+from pathlib import Path
+
+import torch.multiprocessing as mp
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+SHAKESPEARE_TEXT = SHARED_DATA / "tinyshakespeare" / "input.txt"
+GPT2_BPE = SHARED_DATA / "gpt2" / "gpt2.tiktoken"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank, world_size, port, tasks, results):
+    import torch
+    import torch.distributed as dist
+    torch.set_num_threads(1)  # N processes share 2 cores
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world_size, timeout=timedelta(seconds=120))
+    while (task := tasks.get()) is not None:
+        fn, args = task
+        try:
+            results.put((rank, True, fn(*args)))
+        except BaseException:
+            results.put((rank, False, traceback.format_exc()))
+    dist.destroy_process_group()
+
+
+class _Pool:
+    def __init__(self, world_size):
+        ctx = mp.get_context("spawn")
+        port = free_port()
+        self.world_size = world_size
+        self.tasks = [ctx.Queue() for _ in range(world_size)]
+        self.results = ctx.Queue()
+        self.procs = [ctx.Process(target=_worker, daemon=True,
+                                  args=(r, world_size, port, self.tasks[r], self.results))
+                      for r in range(world_size)]
+        for p in self.procs:
+            p.start()
+
+    def run(self, fn, args, timeout):
+        for q in self.tasks:
+            q.put((fn, args))
+        results, deadline = {}, time.monotonic() + timeout
+        while len(results) < self.world_size:
+            try:
+                rank, ok, value = self.results.get(timeout=max(deadline - time.monotonic(), 0.1))
+            except queue.Empty:
+                raise TimeoutError(f"{fn.__name__} on {self.world_size} processes did not finish "
+                                   f"in {timeout} s (ranks done: {sorted(results)})") from None
+            if not ok:
+                raise RuntimeError(f"rank {rank} of {self.world_size} failed:\n{value}")
+            results[rank] = value
+        return [results[r] for r in range(self.world_size)]
+
+    def close(self):
+        for q in self.tasks:
+            q.put(None)
+        for p in self.procs:
+            p.join(timeout=5)
+            if p.is_alive():
+                p.kill()
+
+
+_pools: dict[int, _Pool] = {}
+
+
+def run_distributed(fn, world_size: int, *args, timeout: float = 240):
+    pool = _pools.get(world_size) or _pools.setdefault(world_size, _Pool(world_size))
+    try:
+        return pool.run(fn, args, timeout)
+    except BaseException:
+        _pools.pop(world_size)
+        for p in pool.procs:  # ranks may be stuck in a collective: do not wait for them
+            p.kill()
+        raise
+
+
+@atexit.register
+def _close_pools():
+    for pool in _pools.values():
+        pool.close()
+
+
+def run_train(args: list[str], nproc: int = 1, timeout: float = 300, env: dict | None = None):
+    """train.py as users run it: `python train.py` for one process, torchrun otherwise."""
+    launcher = ([sys.executable] if nproc == 1 else
+                [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                 f"--nproc_per_node={nproc}"])
+    return subprocess.run(launcher + [str(REPO / "train.py"), *args], cwd=REPO, text=True,
+                          capture_output=True, timeout=timeout,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
