@@ -65,10 +65,11 @@ def pick_device(preference: str = "auto") -> torch.device:
 
 def init_distributed(device: torch.device) -> tuple[int, int]:
     """Join the process group torchrun describes (nccl on CUDA, gloo on CPU).
-    Returns (rank, world_size); (0, 1) with no group when not launched by torchrun."""
-    if "WORLD_SIZE" not in os.environ:
-        return 0, 1
+    Returns (rank, world_size); (0, 1) with no group when not launched by torchrun
+    (an already initialised group, as in the tests, is used as it is)."""
     if not dist.is_initialized():
+        if "WORLD_SIZE" not in os.environ:
+            return 0, 1
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
     return dist.get_rank(), dist.get_world_size()
