@@ -28,7 +28,12 @@ def materialize(module: nn.Module, model: nn.Module, seed: int, device: torch.de
                if param.is_meta]
     if not pending:
         return
+    slots = [(mod, key, id(p)) for mod in module.modules() for key, p in mod._parameters.items()
+             if p is not None]
     module._apply(lambda t: torch.empty_like(t, device=device) if t.is_meta else t)
+    first = {}  # leaving meta makes new Parameter objects: tie them again (wte / lm_head)
+    for mod, key, old_id in slots:
+        mod._parameters[key] = first.setdefault(old_id, mod._parameters[key])
     params = dict(module.named_parameters(prefix=prefix.rstrip(".")))
     for name, _ in pending:
         param = params[name]
