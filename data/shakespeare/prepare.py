@@ -1,0 +1,41 @@
+"""Tiny Shakespeare as GPT-2 BPE tokens: train.bin / val.bin (uint16) and meta.json.
+
+    python data/shakespeare/prepare.py [--input input.txt] [--bpe_file gpt2.tiktoken]
+"""
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run without installing nanodist
+from nanodist.config import UserError
+from nanodist.data import (SHAKESPEARE_URL, prepare_out_dir, read_text, split_text, write_meta,
+                           write_split)
+from nanodist.tokenizer import get_gpt2_encoding
+
+
+def prepare(input_path, out_dir, bpe_file):
+    enc = get_gpt2_encoding(bpe_file)  # first: offline, it fails before the download would
+    text = read_text(input_path, SHAKESPEARE_URL)
+    out_dir = prepare_out_dir(out_dir)
+    counts = {}
+    for split, part in zip(("train", "val"), split_text(text)):
+        counts[f"{split}_tokens"] = write_split(out_dir, split, enc.encode_ordinary(part))
+        print(f"{split}: {counts[f'{split}_tokens']:,} tokens")
+    write_meta(out_dir, vocab_size=enc.n_vocab, tokenizer="gpt2", **counts)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--input", help="local copy of the text (default: download it)")
+    parser.add_argument("--out_dir", default=str(Path(__file__).resolve().parent))
+    parser.add_argument("--bpe_file", help="GPT-2 ranks in tiktoken format, for offline machines")
+    args = parser.parse_args()
+    try:
+        prepare(args.input, args.out_dir, args.bpe_file)
+    except UserError as e:
+        raise SystemExit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,42 @@
+"""Tiny Shakespeare as characters: train.bin / val.bin (uint16) and meta.json with the
+vocabulary (itos: token id -> character).
+
+    python data/shakespeare_char/prepare.py [--input input.txt]
+"""
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run without installing nanodist
+from nanodist.config import UserError
+from nanodist.data import (SHAKESPEARE_URL, prepare_out_dir, read_text, split_text, write_meta,
+                           write_split)
+
+
+def prepare(input_path, out_dir):
+    text = read_text(input_path, SHAKESPEARE_URL)
+    itos = sorted(set(text))
+    stoi = {ch: i for i, ch in enumerate(itos)}
+    out_dir = prepare_out_dir(out_dir)
+    counts = {}
+    for split, part in zip(("train", "val"), split_text(text)):
+        counts[f"{split}_tokens"] = write_split(out_dir, split, [stoi[ch] for ch in part])
+        print(f"{split}: {counts[f'{split}_tokens']:,} tokens")
+    print(f"vocab: {len(itos)} characters")
+    write_meta(out_dir, vocab_size=len(itos), tokenizer="char", itos=itos, **counts)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--input", help="local copy of the text (default: download it)")
+    parser.add_argument("--out_dir", default=str(Path(__file__).resolve().parent))
+    args = parser.parse_args()
+    try:
+        prepare(args.input, args.out_dir)
+    except UserError as e:
+        raise SystemExit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()
