@@ -28,7 +28,7 @@ class TrainConfig:
     total_batch_size: int = 524288      # GPT-2 124M recipe: 2**19 tokens per step
     # optimizer and schedule (AdamW, warmup then cosine to min_lr)
     max_steps: int = 19073
-    warmup_steps: int = 715
+    warmup_steps: int = -1              # -1: GPT-2's 715, at most 10% of max_steps
     learning_rate: float = 6e-4
     min_lr: float = 6e-5
     weight_decay: float = 0.1

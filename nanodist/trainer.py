@@ -33,11 +33,12 @@ def check_tensor_parallel_fit(model_cfg: GPTConfig, tp: int):
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
     """Linear warmup to learning_rate, then cosine decay to min_lr at max_steps."""
-    if step < cfg.warmup_steps:
-        return cfg.learning_rate * (step + 1) / cfg.warmup_steps
+    warmup = cfg.warmup_steps if cfg.warmup_steps >= 0 else min(715, cfg.max_steps // 10)
+    if step < warmup:
+        return cfg.learning_rate * (step + 1) / warmup
     if step >= cfg.max_steps:
         return cfg.min_lr
-    progress = (step - cfg.warmup_steps) / max(cfg.max_steps - cfg.warmup_steps, 1)
+    progress = (step - warmup) / max(cfg.max_steps - warmup, 1)
     return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (cfg.learning_rate - cfg.min_lr)
 
 
