@@ -115,11 +115,12 @@ class Trainer:
     def evaluate(self) -> float:
         self.model.eval()
         loss_sum = torch.zeros((), device=self.mesh.device)
-        for i in range(self.cfg.eval_iters):
-            x, y = self.data.val_batch(i, 0)
-            with self.par.loss_context():
-                loss_sum += self._loss(x, y)
-        return self._dp_mean(loss_sum / self.cfg.eval_iters).item()
+        for i in range(self.cfg.eval_iters):  # whole global batches: the same set for every layout
+            for micro in range(self.grad_accum):
+                x, y = self.data.val_batch(i, micro)
+                with self.par.loss_context():
+                    loss_sum += self._loss(x, y)
+        return self._dp_mean(loss_sum / (self.cfg.eval_iters * self.grad_accum)).item()
 
     def train(self) -> list[dict]:
         """Runs max_steps optimizer steps; returns the per-step records (rank-local)."""
