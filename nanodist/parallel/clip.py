@@ -6,16 +6,21 @@ it is replicated across. DTensor gradients say their sharding themselves; plain
 tensors are looked up in `sharded_over` (filled by the custom strategies).
 """
 import torch
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, Replicate
 
 from nanodist.parallel import comm
 
 
 def _local_and_groups(grad, param, sharded_over):
     if isinstance(grad, DTensor):
+        if any(placement.is_partial() for placement in grad.placements):
+            # a norm of partial sums is not the norm of their sum (DTensor sequence
+            # parallel leaves LayerNorm grads Partial): reduce them first, in the param
+            grad = param.grad = grad.redistribute(placements=[
+                Replicate() if placement.is_partial() else placement for placement in grad.placements])
         mesh = grad.device_mesh
         groups = tuple(mesh.get_group(dim) for dim, placement in enumerate(grad.placements)
-                       if placement.is_shard() or placement.is_partial())
+                       if placement.is_shard())
         return grad.to_local(), groups
     return grad, sharded_over.get(param, ())
 

@@ -15,6 +15,7 @@ from nanodist.model import cross_entropy
 from nanodist.parallel.clip import clip_grad_norm_
 from nanodist.parallel.init import materialize
 from nanodist.parallel.mesh import Mesh
+from nanodist.parallel.tensor_parallel import apply_tp
 
 
 def split_by_weight_decay(named_params):
@@ -35,6 +36,7 @@ class Parallel:
     loss_context: Callable = nullcontext      # wraps forward + backward (DTensor loss_parallel)
     no_sync: Callable = nullcontext           # wraps micro-steps that must not reduce grads
     sharded_over: dict = field(default_factory=dict)  # plain param -> groups it is sharded across
+    tp_plan: dict = field(default_factory=dict)       # module path -> TP Style (see plan.py)
     # (decay params, no-decay params) the optimizer steps on; FSDP gives its shards instead
     optimizer_params: Callable = None
 
@@ -56,7 +58,7 @@ class Parallel:
 def parallelize(model: nn.Module, cfg: TrainConfig, mesh: Mesh) -> Parallel:
     par = Parallel(model, mesh)
     if mesh.tp_size > 1:
-        raise UserError("tensor parallelism (--tensor_parallel_size > 1) is not built yet")
+        apply_tp(par, cfg)
     if mesh.dp_size > 1:
         raise UserError(f"--data_parallel_type={cfg.data_parallel_type} "
                         f"--implementation={cfg.implementation} is not built yet")

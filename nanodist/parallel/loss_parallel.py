@@ -1,0 +1,64 @@
+"""Cross entropy on logits sharded over the vocabulary: the full logits never exist.
+
+    rank r holds logits[..., r*V/tp : (r+1)*V/tp]          (the column-parallel lm_head output)
+    m      = max over the vocab         all-reduce(max) over TP
+    s, t   = sum exp(l - m), l[target]-m  one all-reduce(sum) over TP of both (t is 0 on the
+                                        ranks that do not hold the target's column)
+    loss   = mean over non-ignored tokens of log s - t
+    dloss/dl = softmax(l) - onehot(target): local, no communication in backward
+
+Custom (`vocab_parallel_cross_entropy`) and DTensor (`dtensor_cross_entropy` under
+`torch.distributed.tensor.parallel.loss_parallel`) side by side.
+"""
+import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor
+
+from nanodist.model import cross_entropy
+from nanodist.parallel import comm
+
+
+class _VocabParallelCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, targets, group, ignore_index):
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # fp32 at least
+        vocab_local = logits.size(-1)
+        start = dist.get_rank(group) * vocab_local if group is not None else 0
+        logits_max = logits.max(dim=-1).values
+        comm.all_reduce(logits_max, group, op="max")
+        shifted = logits - logits_max.unsqueeze(-1)             # <= 0: exp cannot overflow
+        exp = shifted.exp()
+        local_target = targets - start
+        here = (local_target >= 0) & (local_target < vocab_local)
+        local_target = local_target.clamp(0, vocab_local - 1)
+        target_logit = shifted.gather(-1, local_target.unsqueeze(-1)).squeeze(-1) * here
+        sums = torch.stack([exp.sum(dim=-1), target_logit])
+        comm.all_reduce(sums, group)
+        sum_exp, target_logit = sums
+        valid = targets != ignore_index
+        count = valid.sum()
+        loss = ((sum_exp.log() - target_logit) * valid).sum() / count
+        ctx.save_for_backward(exp.div_(sum_exp.unsqueeze(-1)), local_target, here & valid,
+                              valid, count)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        softmax, local_target, target_here, valid, count = ctx.saved_tensors
+        grad = softmax
+        grad.scatter_add_(-1, local_target.unsqueeze(-1), -target_here.unsqueeze(-1).to(grad.dtype))
+        grad.mul_((valid / count * grad_loss).unsqueeze(-1).to(grad.dtype))
+        return grad, None, None, None
+
+
+def vocab_parallel_cross_entropy(logits, targets, group, ignore_index: int = -1):
+    """Mean cross entropy of local vocab-sharded logits (..., V/tp) against targets (...)."""
+    return _VocabParallelCrossEntropy.apply(logits.flatten(0, -2), targets.flatten(),
+                                            group, ignore_index)
+
+
+def dtensor_cross_entropy(logits, targets, ignore_index: int = -1):
+    """The model's loss on a vocab-sharded DTensor (inside `loss_parallel()`), returned as
+    a plain tensor so the trainer can add it to its running sums."""
+    loss = cross_entropy(logits, targets, ignore_index)
+    return loss.to_local() if isinstance(loss, DTensor) else loss

@@ -1,0 +1,79 @@
+"""The tensor-parallel plan of GPT-2, written once (DESIGN.md invariant 5).
+
+A plan maps module paths to styles; the custom executor (`tensor_parallel.apply_custom_tp`)
+and the DTensor executor (`tensor_parallel.apply_dtensor_tp`) both read it. Modules not
+in the plan stay replicated (wpe; the LayerNorms without sequence parallelism).
+
+    idx -> wte [vocab]  + wpe -> drop [scatter*] -> blocks -> ln_f [seq*] -> lm_head [head]
+    block:  ln_1 [seq*] -> c_attn [col] -> attention (local heads) -> c_proj [row]  (+ x)
+            ln_2 [seq*] -> c_fc   [col] -> gelu                     -> c_proj [row]  (+ x)
+    * only under sequence parallelism: the residual stream is (B, T/tp, C) between
+      the scatter and the head; col layers all-gather it, row layers reduce-scatter.
+
+Sharding of the weights (nn.Linear weight is (out, in)):
+    colwise  W, b split on dim 0 (c_attn by heads: rank r holds [q_r; k_r; v_r])
+    rowwise  W split on dim 1, b replicated (added once, after the reduction)
+    vocab    wte (V, C) split on dim 0; lm_head is tied to it, the same shard
+"""
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+
+@dataclass(frozen=True)
+class Style:
+    kind: str                          # colwise | rowwise | vocab_embedding | head | sequence_norm | sequence_scatter
+    sequence_parallel: bool = False    # colwise/head input, rowwise output sharded on the sequence
+    qkv: bool = False                  # colwise on the fused q, k, v: split by heads
+    loss_parallel: bool = False        # head: logits stay sharded on the vocab
+
+
+def gpt_plan(n_layer: int, sequence_parallel: bool, loss_parallel: bool) -> dict[str, Style]:
+    sp = sequence_parallel
+    plan = {"transformer.wte": Style("vocab_embedding")}   # first: lm_head reuses its shard
+    if sp:
+        plan["transformer.drop"] = Style("sequence_scatter")
+    for i in range(n_layer):
+        block = f"transformer.h.{i}"
+        if sp:
+            plan[f"{block}.ln_1"] = plan[f"{block}.ln_2"] = Style("sequence_norm")
+        plan[f"{block}.attn.c_attn"] = Style("colwise", sp, qkv=True)
+        plan[f"{block}.attn.c_proj"] = Style("rowwise", sp)
+        plan[f"{block}.mlp.c_fc"] = Style("colwise", sp)
+        plan[f"{block}.mlp.c_proj"] = Style("rowwise", sp)
+    if sp:
+        plan["transformer.ln_f"] = Style("sequence_norm")
+    plan["lm_head"] = Style("head", sp, loss_parallel=loss_parallel)
+    return plan
+
+
+def shard_dim(style: Style, param_name: str) -> int | None:
+    """The dim of a parameter the style splits across TP ranks; None: replicated."""
+    if style.kind in ("colwise", "head", "vocab_embedding"):
+        return 0
+    if style.kind == "rowwise" and param_name == "weight":
+        return 1
+    return None
+
+
+def full_value(model: nn.Module, name: str, param, seed: int, device) -> torch.Tensor:
+    """The full (global) value of parameter `name`: itself when materialised, else its
+    initial value drawn from (seed, name) (DESIGN.md invariant 1)."""
+    if param.is_meta:
+        return model.initial_value(name, seed, param.shape).to(device)
+    return param.detach()
+
+
+def qkv_to_rank_major(full: torch.Tensor, tp: int) -> torch.Tensor:
+    """Reorder c_attn rows [q; k; v] (each by head) so that contiguous chunk r of dim 0 is
+    rank r's [q_r; k_r; v_r]: then an even split on dim 0 shards by heads.
+
+        rows (3, tp, C/tp) -> (tp, 3, C/tp)
+    """
+    return full.reshape(3, tp, -1, *full.shape[1:]).transpose(0, 1).reshape(full.shape)
+
+
+def qkv_from_rank_major(full: torch.Tensor, tp: int) -> torch.Tensor:
+    """Inverse of `qkv_to_rank_major`: back to GPT-2's [q; k; v] row order."""
+    return full.reshape(tp, 3, -1, *full.shape[1:]).transpose(0, 1).reshape(full.shape)

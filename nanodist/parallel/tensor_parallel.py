@@ -1,0 +1,252 @@
+"""Megatron-style tensor parallelism, by hand: executes the plan of `plan.py`.
+
+Megatron's conjugate operators on the TP group (f and g of the paper):
+
+    copy_to_tp        f   forward identity        backward all-reduce
+    reduce_from_tp    g   forward all-reduce      backward identity
+    gather_from_tp        forward all-gather last dim, backward keep own slice
+    scatter_to_sp         forward keep own sequence slice, backward all-gather
+    gather_from_sp        forward all-gather sequence, backward reduce-scatter
+    reduce_scatter_to_sp  forward reduce-scatter sequence, backward all-gather
+
+A column-parallel layer then a row-parallel one (the MLP, attention) cost one g forward
+and one f backward; with sequence parallelism the all-reduce becomes an all-gather before
+the column layer and a reduce-scatter after the row layer (same bytes, activations /tp):
+
+    x (B,T,C) -f-> [x W1_r] -> gelu -> [. W2_r] -g-> y (B,T,C)          without SP
+    x (B,T/tp,C) -gather_sp-> [x W1_r] -> gelu -> [. W2_r] -reduce_scatter_sp-> (B,T/tp,C)
+
+Every collective goes through `comm` (counted). The DTensor executor of the same plan is
+`tensor_parallel_native.py`.
+"""
+from functools import partial
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor.parallel import loss_parallel
+
+from nanodist.config import UserError
+from nanodist.parallel import comm
+from nanodist.parallel.loss_parallel import dtensor_cross_entropy, vocab_parallel_cross_entropy
+from nanodist.parallel.plan import (Style, full_value, gpt_plan, qkv_from_rank_major,
+                                    qkv_to_rank_major, shard_dim)
+from nanodist.parallel.tensor_parallel_native import apply_dtensor_tp
+
+
+def _rank(group) -> int:
+    return dist.get_rank(group) if group is not None else 0
+
+
+def _split(x, dim, group):
+    return x.chunk(comm.group_size(group), dim)[_rank(group)].contiguous()
+
+
+def _all_gather(x, dim, group):
+    """Concatenation along `dim` of every rank's x, in rank order."""
+    n = comm.group_size(group)
+    x = x.movedim(dim, 0).contiguous()
+    out = x.new_empty(n * x.size(0), *x.shape[1:])
+    comm.all_gather(out, x, group)
+    return out.movedim(0, dim)
+
+
+def _reduce_scatter(x, dim, group):
+    """Rank r's slice along `dim` of the sum of every rank's x."""
+    x = x.movedim(dim, 0).contiguous()
+    out = x.new_empty(x.size(0) // comm.group_size(group), *x.shape[1:])
+    comm.reduce_scatter(out, x, group)
+    return out.movedim(0, dim)
+
+
+def _all_reduce(x, group):
+    x = x.clone()
+    comm.all_reduce(x, group)
+    return x
+
+
+def _conjugate(name, forward, backward):
+    """An autograd op of `forward(x, group)` whose gradient is `backward(grad, group)`."""
+    def fwd(ctx, x, group):
+        ctx.group = group
+        return forward(x, group)
+
+    def bwd(ctx, grad):
+        return backward(grad, ctx.group), None
+
+    op = type(name, (torch.autograd.Function,), {"forward": staticmethod(fwd),
+                                                 "backward": staticmethod(bwd)})
+    return op.apply
+
+
+copy_to_tp = _conjugate("CopyToTP", lambda x, g: x, _all_reduce)
+reduce_from_tp = _conjugate("ReduceFromTP", _all_reduce, lambda dy, g: dy)
+gather_from_tp = _conjugate("GatherFromTP", lambda x, g: _all_gather(x, -1, g),
+                            lambda dy, g: _split(dy, -1, g))
+scatter_to_sp = _conjugate("ScatterToSP", lambda x, g: _split(x, 1, g),
+                           lambda dy, g: _all_gather(dy, 1, g))
+gather_from_sp = _conjugate("GatherFromSP", lambda x, g: _all_gather(x, 1, g),
+                            lambda dy, g: _reduce_scatter(dy, 1, g))
+reduce_scatter_to_sp = _conjugate("ReduceScatterToSP", lambda x, g: _reduce_scatter(x, 1, g),
+                                  lambda dy, g: _all_gather(dy, 1, g))
+
+
+class ColumnParallelLinear(nn.Module):
+    """y_r = x W_r^T + b_r with W (out, in) split on `out`: (..., in) -> (..., out/tp),
+    or gathered to (..., out) with `gather_output`."""
+
+    def __init__(self, weight, bias, group, sequence_parallel=False, gather_output=False):
+        super().__init__()
+        self.weight, self.bias, self.group = weight, bias, group
+        self.sequence_parallel, self.gather_output = sequence_parallel, gather_output
+
+    def forward(self, x):
+        x = gather_from_sp(x, self.group) if self.sequence_parallel else copy_to_tp(x, self.group)
+        y = F.linear(x, self.weight, self.bias)
+        return gather_from_tp(y, self.group) if self.gather_output else y
+
+
+class RowParallelLinear(nn.Module):
+    """y = sum_r x_r W_r^T + b with W (out, in) split on `in`: (..., in/tp) -> (..., out),
+    or (B, T/tp, out) under sequence parallelism. The bias is replicated and added once."""
+
+    def __init__(self, weight, bias, group, sequence_parallel=False):
+        super().__init__()
+        self.weight, self.bias, self.group = weight, bias, group
+        self.sequence_parallel = sequence_parallel
+
+    def forward(self, x):
+        y = F.linear(x, self.weight)
+        if self.sequence_parallel:  # each rank adds b to its tokens only: sum its grad over TP
+            return reduce_scatter_to_sp(y, self.group) + copy_to_tp(self.bias, self.group)
+        return reduce_from_tp(y, self.group) + self.bias
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Rank r holds rows [r V/tp, (r+1) V/tp) of the table; ids outside give zeros and
+    the all-reduce sums the one rank that has each id: (B, T) -> (B, T, C) replicated."""
+
+    def __init__(self, weight, group):
+        super().__init__()
+        self.weight, self.group = weight, group
+
+    def forward(self, idx):
+        start = _rank(self.group) * self.weight.size(0)
+        local = idx - start
+        outside = (local < 0) | (local >= self.weight.size(0))
+        out = F.embedding(local.masked_fill(outside, 0), self.weight)
+        return reduce_from_tp(out.masked_fill(outside.unsqueeze(-1), 0.0), self.group)
+
+
+class SequenceParallelLayerNorm(nn.Module):
+    """LayerNorm of the local tokens (B, T/tp, C): its replicated weight and bias see only
+    this rank's tokens, so their gradients are summed over TP (copy_to_tp)."""
+
+    def __init__(self, norm: nn.LayerNorm, group):
+        super().__init__()
+        self.weight, self.bias, self.group = norm.weight, norm.bias, group
+        self.normalized_shape, self.eps = norm.normalized_shape, norm.eps
+
+    def forward(self, x):
+        bias = copy_to_tp(self.bias, self.group) if self.bias is not None else None
+        return F.layer_norm(x, self.normalized_shape, copy_to_tp(self.weight, self.group), bias,
+                            self.eps)
+
+
+class ScatterToSequenceParallel(nn.Module):
+    """Runs `inner` (the embedding dropout) on this rank's slice of the sequence."""
+
+    def __init__(self, inner: nn.Module, group):
+        super().__init__()
+        self.inner, self.group = inner, group
+
+    def forward(self, x):
+        return self.inner(scatter_to_sp(x, self.group))
+
+
+def shard_of(full: torch.Tensor, style: Style, name: str, tp: int, rank: int) -> torch.Tensor:
+    """Rank `rank`'s part of the full parameter `name` of a module of `style`."""
+    dim = shard_dim(style, name)
+    if dim is None:
+        return full
+    if style.qkv:
+        full = qkv_to_rank_major(full, tp)
+    return full.chunk(tp, dim)[rank].clone()
+
+
+def _custom_module(module, style: Style, params: dict, group):
+    sp = style.sequence_parallel
+    if style.kind == "vocab_embedding":
+        return VocabParallelEmbedding(params["weight"], group)
+    if style.kind in ("colwise", "head"):
+        return ColumnParallelLinear(params["weight"], params.get("bias"), group, sp,
+                                    gather_output=style.kind == "head" and not style.loss_parallel)
+    if style.kind == "rowwise":
+        return RowParallelLinear(params["weight"], params.get("bias"), group, sp)
+    if style.kind == "sequence_norm":
+        return SequenceParallelLayerNorm(module, group)
+    if style.kind == "sequence_scatter":
+        return ScatterToSequenceParallel(module, group)
+    raise ValueError(f"unknown tensor-parallel style {style.kind!r}")
+
+
+def apply_custom_tp(model: nn.Module, plan: dict, mesh, seed: int) -> dict:
+    """Replace the modules of `plan` by their TP versions, in place. Every sharded
+    parameter is rank r's slice of the full tensor (the existing one, or its initial value
+    when on meta); replicated ones are kept as they are (materialised later if on meta).
+    Returns {sharded param: (tp_group,)} for the gradient norm."""
+    group, tp, rank = mesh.tp_group, mesh.tp_size, mesh.tp_rank
+    shards, sharded_over = {}, {}   # id(original param) -> its shard: keeps wte = lm_head
+    for path, style in plan.items():
+        module = model.get_submodule(path)
+        params = {}
+        for name, param in module.named_parameters(recurse=False):
+            if id(param) not in shards and shard_dim(style, name) is not None:
+                full = full_value(model, f"{path}.{name}", param, seed, mesh.device)
+                shard = nn.Parameter(shard_of(full, style, name, tp, rank))
+                shards[id(param)], sharded_over[shard] = shard, (group,)
+            params[name] = shards.get(id(param), param)
+        parent, _, child = path.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child,
+                _custom_module(module, style, params, group))
+    return sharded_over
+
+
+def apply_tp(par, cfg):
+    """The TP step of `parallelize`: the plan, executed by hand or by DTensor, and the
+    loss that goes with it (vocab-parallel cross entropy under loss parallelism)."""
+    mesh, model = par.mesh, par.model
+    if cfg.sequence_parallel and cfg.block_size % mesh.tp_size:
+        raise UserError(f"--sequence_parallel splits the sequence: --block_size ({cfg.block_size}) "
+                        f"must be divisible by --tensor_parallel_size ({mesh.tp_size})")
+    plan = gpt_plan(model.config.n_layer, cfg.sequence_parallel, cfg.enable_loss_parallelism)
+    if cfg.implementation == "pytorch":
+        apply_dtensor_tp(model, plan, mesh, cfg.seed)
+        if cfg.enable_loss_parallelism:
+            par.loss_fn, par.loss_context = dtensor_cross_entropy, loss_parallel
+    else:
+        par.sharded_over.update(apply_custom_tp(model, plan, mesh, cfg.seed))
+        if cfg.enable_loss_parallelism:
+            par.loss_fn = partial(vocab_parallel_cross_entropy, group=mesh.tp_group)
+    par.tp_plan = plan
+
+
+@torch.no_grad()
+def full_state_dict(model: nn.Module, plan: dict, tp_group=None) -> dict:
+    """The global state dict in GPT-2's layout, from either executor (collective: call on
+    every rank): TP shards gathered, c_attn rows back in [q; k; v] order."""
+    out = {}
+    for name, value in model.state_dict(keep_vars=True).items():
+        path, _, leaf = name.rpartition(".")
+        style = plan.get(path)
+        dim = shard_dim(style, leaf) if style else None
+        if isinstance(value, DTensor):
+            value = value.full_tensor()
+        elif dim is not None:
+            value = _all_gather(value.detach(), dim, tp_group)
+        if dim is not None and style.qkv:
+            value = qkv_from_rank_major(value, comm.group_size(tp_group))
+        out[name] = value.detach().clone()
+    return out
