@@ -7,55 +7,60 @@ Flag names of the original experiments are kept: --tensor_parallel_size,
 """
 import argparse
 import dataclasses
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 
 class UserError(Exception):
     """Bad flags or inputs. The message says what is wrong and how to fix it."""
 
 
+def flag(default, help: str):
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class TrainConfig:
     # data
-    dataset: str = "shakespeare"        # shakespeare | shakespeare_char | openwebtext
-    data_dir: str = ""                  # default: data/<dataset> in this repository
+    dataset: str = flag("shakespeare", "which prepared dataset to train on")
+    data_dir: str = flag("", "folder with train.bin/val.bin/meta.json (default: data/<dataset>)")
     # model
-    model: str = "gpt2"                 # preset: gpt2, gpt2-medium, gpt2-large, gpt2-xl, tiny
-    block_size: int = 1024
-    dropout: float = 0.0
-    # batch: total_batch_size tokens per optimizer step over all DP ranks
-    batch_size: int = 16                # micro-batch per DP rank, in sequences
-    total_batch_size: int = 524288      # GPT-2 124M recipe: 2**19 tokens per step
-    # optimizer and schedule (AdamW, warmup then cosine to min_lr)
-    max_steps: int = 19073
-    warmup_steps: int = -1              # -1: GPT-2's 715, at most 10% of max_steps
-    learning_rate: float = 6e-4
-    min_lr: float = 6e-5
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    gradient_clipping: bool = False
-    max_grad_norm: float = 1.0
+    model: str = flag("gpt2", "model preset (tiny: 4 layers, 4 heads, 128 wide, for CPUs)")
+    block_size: int = flag(1024, "context length in tokens")
+    dropout: float = flag(0.0, "dropout probability")
+    # batch
+    batch_size: int = flag(16, "micro-batch per DP rank, in sequences")
+    total_batch_size: int = flag(524288, "tokens per optimizer step over all DP ranks (GPT-2: 2**19); "
+                                         "gradient accumulation fills the gap")
+    # optimizer and schedule: AdamW, linear warmup then cosine to min_lr
+    max_steps: int = flag(19073, "optimizer steps")
+    warmup_steps: int = flag(-1, "warmup steps (-1: GPT-2's 715, at most 10%% of max_steps)")
+    learning_rate: float = flag(6e-4, "peak learning rate")
+    min_lr: float = flag(6e-5, "learning rate at the end of the cosine decay")
+    weight_decay: float = flag(0.1, "AdamW weight decay of >= 2-D weights (not biases and norms)")
+    beta1: float = flag(0.9, "AdamW beta1")
+    beta2: float = flag(0.95, "AdamW beta2")
+    gradient_clipping: bool = flag(False, "clip the global gradient norm to --max_grad_norm")
+    max_grad_norm: float = flag(1.0, "gradient norm bound of --gradient_clipping")
     # evaluation and logging
-    eval_interval: int = 250
-    eval_iters: int = 20
-    log_dir: str = ""                   # TensorBoard run directory; default runs/<time>
-    out_dir: str = "out"
+    eval_interval: int = flag(250, "evaluate every this many steps (and after the last)")
+    eval_iters: int = flag(20, "global batches of the validation split per evaluation")
+    log_dir: str = flag("", "TensorBoard run directory, must be new (default: runs/<time>-<layout>)")
+    out_dir: str = flag("out", "checkpoint directory")
     # parallel layout
-    data_parallel_size: int = 0         # 0: world_size / tensor_parallel_size
-    data_parallel_type: str = "ddp"     # ddp | fsdp
-    tensor_parallel_size: int = 1
-    enable_loss_parallelism: bool = False
-    sequence_parallel: bool = False
-    implementation: str = "custom"      # custom | pytorch
-    deferred_init: bool = False
-    bucket_cap_mb: float = 25.0         # custom DDP bucket size
-    fsdp_reshard_after_forward: bool = True   # False: ZeRO-2 behaviour
+    data_parallel_size: int = flag(0, "DP size (0: world size / tensor parallel size)")
+    data_parallel_type: str = flag("ddp", "ddp: replicate the model; fsdp: shard it (ZeRO-3)")
+    tensor_parallel_size: int = flag(1, "TP size; TP ranks are contiguous")
+    enable_loss_parallelism: bool = flag(False, "vocab-parallel loss: full logits never on one rank")
+    sequence_parallel: bool = flag(False, "shard norms and residuals along the sequence under TP")
+    implementation: str = flag("custom", "custom: hand-written on collectives; pytorch: DDP, FSDP2, DTensor")
+    deferred_init: bool = flag(False, "build on the meta device, materialise each rank's shard only")
+    bucket_cap_mb: float = flag(25.0, "custom DDP gradient bucket size in MiB")
+    fsdp_reshard_after_forward: bool = flag(True, "false: keep gathered params until backward (ZeRO-2)")
     # system
-    device: str = "auto"                # auto | cpu | cuda
-    dtype: str = "float32"              # float32 | bfloat16 (autocast compute)
-    compile: bool = False
-    seed: int = 1337
+    device: str = flag("auto", "auto: cuda when available, else cpu")
+    dtype: str = flag("float32", "compute dtype (bfloat16: mixed precision, fp32 master weights)")
+    compile: bool = flag(False, "torch.compile the model")
+    seed: int = flag(1337, "seed of initialisation and data order")
 
 
 CHOICES = {
@@ -86,11 +91,13 @@ def build_parser(config_cls=TrainConfig) -> argparse.ArgumentParser:
     parser = _Parser(description="Train GPT-2 with any DP x TP layout.")
     for f in fields(config_cls):
         default = f.default
+        help = f.metadata.get("help", "") + " (default: %(default)s)"
         if isinstance(default, bool):
-            parser.add_argument(f"--{f.name}", type=str2bool, nargs="?", const=True, default=default)
+            parser.add_argument(f"--{f.name}", type=str2bool, nargs="?", const=True, default=default,
+                                help=help)
         else:
             parser.add_argument(f"--{f.name}", type=type(default), default=default,
-                                choices=CHOICES.get(f.name))
+                                choices=CHOICES.get(f.name), help=help)
     return parser
 
 
