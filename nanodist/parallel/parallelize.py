@@ -13,6 +13,8 @@ import torch.nn as nn
 from nanodist.config import TrainConfig, UserError
 from nanodist.model import cross_entropy
 from nanodist.parallel.clip import clip_grad_norm_
+from nanodist.parallel.ddp import apply_ddp
+from nanodist.parallel.fsdp import apply_fsdp
 from nanodist.parallel.init import materialize
 from nanodist.parallel.mesh import Mesh
 from nanodist.parallel.tensor_parallel import apply_tp
@@ -37,6 +39,7 @@ class Parallel:
     no_sync: Callable = nullcontext           # wraps micro-steps that must not reduce grads
     sharded_over: dict = field(default_factory=dict)  # plain param -> groups it is sharded across
     tp_plan: dict = field(default_factory=dict)       # module path -> TP Style (see plan.py)
+    fsdp: object = None                       # the custom FSDP engine (full_state_dict needs it)
     # (decay params, no-decay params) the optimizer steps on; FSDP gives its shards instead
     optimizer_params: Callable = None
 
@@ -59,8 +62,9 @@ def parallelize(model: nn.Module, cfg: TrainConfig, mesh: Mesh) -> Parallel:
     par = Parallel(model, mesh)
     if mesh.tp_size > 1:
         apply_tp(par, cfg)
-    if mesh.dp_size > 1:
-        raise UserError(f"--data_parallel_type={cfg.data_parallel_type} "
-                        f"--implementation={cfg.implementation} is not built yet")
+    if mesh.dp_size > 1 and cfg.data_parallel_type == "fsdp":
+        apply_fsdp(par, cfg)  # before materialize: shards meta units one at a time
     materialize(par.model, model, cfg.seed, mesh.device)
+    if mesh.dp_size > 1 and cfg.data_parallel_type == "ddp":
+        apply_ddp(par, cfg)  # after materialize: it broadcasts and buckets real tensors
     return par

@@ -1,0 +1,165 @@
+"""Data parallelism: every DP rank holds the whole model and reads its slice of the
+batch; gradients are averaged over the DP group before the optimizer step, so every
+replica takes the same step.
+
+    rank r:   forward(x_r) -> backward -> g_r ──┐  all-reduce per bucket, launched as
+                                                ├─ soon as the bucket is full, while
+    optimizer: g = (g_0 + ... + g_N-1) / N  <───┘  backward goes on to earlier layers
+
+Custom (`DataParallel`): the model stays as it is (no wrapper, GPT-2 names kept). The
+gradients live in flat buckets allocated once; each `param.grad` is a view into one:
+
+    params (registration order):  wte wpe h.0.* ... h.L-1.* ln_f.*
+    buckets (reverse order, each <= --bucket_cap_mb of gradients):
+        bucket 0: [ln_f.* h.L-1.* ...|used]  bucket 1: [...|used]  ...  [... wpe wte|used]
+                   ^ ready first in backward: its all-reduce overlaps the rest of it
+
+A hook after each parameter's gradient accumulation counts the bucket down and
+launches it when complete. Buckets launch strictly in order, so every rank issues the
+same sequence of collectives. At the end of backward a queued callback launches what
+is left (buckets holding a parameter that got no gradient here: it contributes zeros)
+and waits for everything, so `loss.backward()` returns with averaged gradients, as
+with PyTorch's DDP. Each bucket ends with one "used" flag per parameter that rides in
+the same all-reduce: a parameter no rank used keeps grad None, as in one process.
+
+PyTorch (`native_ddp`): `DistributedDataParallel` on the DP group.
+"""
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+from torch.autograd import Variable
+from torch.nn.parallel import DistributedDataParallel
+
+from nanodist.parallel import comm
+
+
+@dataclass
+class Bucket:
+    params: list[nn.Parameter]
+    buffer: torch.Tensor                       # [grad 0 | grad 1 | ... | used flags]
+    grads: list[torch.Tensor] = field(init=False)   # param-shaped views into buffer
+    used: torch.Tensor = field(init=False)          # one flag per param, summed over ranks
+
+    def __post_init__(self):
+        offset, self.grads = 0, []
+        for param in self.params:
+            self.grads.append(self.buffer[offset:offset + param.numel()].view_as(param))
+            offset += param.numel()
+        self.used = self.buffer[offset:]
+
+
+def assign_buckets(params: list[nn.Parameter], cap_bytes: int) -> list[list[nn.Parameter]]:
+    """Consecutive params share a bucket while their gradients fit in cap_bytes (a param
+    larger than the cap gets one of its own); a dtype or device change starts a new one."""
+    buckets, size = [], 0
+    for param in params:
+        nbytes = param.numel() * param.element_size()
+        last = buckets[-1][-1] if buckets else None
+        if last is not None and size + nbytes <= cap_bytes and \
+                (last.dtype, last.device) == (param.dtype, param.device):
+            buckets[-1].append(param)
+            size += nbytes
+        else:
+            buckets.append([param])
+            size = nbytes
+    return buckets
+
+
+class DataParallel:
+    """Custom DDP of `model` over `group` (the DP group of the mesh), by hooks."""
+
+    def __init__(self, model: nn.Module, group, bucket_cap_mb: float = 25.0):
+        self.group, self.size = group, comm.group_size(group)
+        self.sync = True
+        broadcast_from_first_rank(model, group)
+        params = [p for p in model.parameters() if p.requires_grad]
+        self.buckets = []
+        for members in assign_buckets(params[::-1], int(bucket_cap_mb * 2**20)):
+            numel = sum(p.numel() for p in members) + len(members)
+            self.buckets.append(Bucket(members, members[0].new_zeros(numel)))
+        self.slot = {param: (b, i) for b, bucket in enumerate(self.buckets)
+                     for i, param in enumerate(bucket.params)}
+        for param in params:
+            param.register_post_accumulate_grad_hook(self._on_grad_ready)
+        self._new_backward()
+
+    def _new_backward(self):
+        self.missing = [len(bucket.params) for bucket in self.buckets]  # grads not ready yet
+        self.next_bucket = 0          # buckets before it are launched
+        self.works, self.unused_here = [], []
+        self.finish_queued = False
+
+    @contextmanager
+    def no_sync(self):
+        """Micro-steps inside accumulate gradients locally and communicate nothing."""
+        self.sync = False
+        try:
+            yield
+        finally:
+            self.sync = True
+
+    def _on_grad_ready(self, param: nn.Parameter):
+        b, i = self.slot[param]
+        view = self.buckets[b].grads[i]
+        if param.grad is not view:  # grad was None: autograd made a fresh tensor, move it in
+            view.copy_(param.grad)  # (later micro-steps then accumulate into the bucket)
+            param.grad = view
+        if not self.sync:
+            return
+        if not self.finish_queued:
+            Variable._execution_engine.queue_callback(self._finish)
+            self.finish_queued = True
+        self.missing[b] -= 1
+        while self.next_bucket < len(self.buckets) and self.missing[self.next_bucket] == 0:
+            self._launch(self.next_bucket)
+
+    def _launch(self, b: int):
+        bucket = self.buckets[b]
+        bucket.used.fill_(1.0)
+        for i, (param, grad) in enumerate(zip(bucket.params, bucket.grads)):
+            if param.grad is None:  # no gradient on this rank: it contributes zeros
+                grad.zero_()
+                bucket.used[i] = 0.0
+                self.unused_here.append((b, i))
+        bucket.buffer.mul_(1.0 / self.size)  # divide then sum, as PyTorch's DDP (bitwise alike)
+        self.works.append(comm.all_reduce(bucket.buffer, self.group, async_op=True))
+        self.next_bucket = b + 1
+
+    def _finish(self):
+        """End of backward: launch the buckets still incomplete, wait for all of them."""
+        while self.next_bucket < len(self.buckets):
+            self._launch(self.next_bucket)
+        for work in self.works:
+            work.wait()
+        for b, i in self.unused_here:  # used on another rank: take the average there
+            bucket = self.buckets[b]
+            if bucket.used[i].item() > 0:
+                bucket.params[i].grad = bucket.grads[i]
+        self._new_backward()
+
+
+@torch.no_grad()
+def broadcast_from_first_rank(model: nn.Module, group):
+    """Replicas start equal whatever each rank drew: DP rank 0's values win."""
+    for tensor in [*model.parameters(), *model.buffers()]:
+        comm.broadcast(tensor, 0, group)
+
+
+def native_ddp(model: nn.Module, group, device: torch.device, bucket_cap_mb: float):
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                   process_group=group, bucket_cap_mb=bucket_cap_mb)
+
+
+def apply_ddp(par, cfg):
+    """Data parallel over the DP group of `par.mesh`, for either implementation.
+    The model must be materialised (broadcast and buckets need real tensors)."""
+    group = par.mesh.dp_group
+    if cfg.implementation == "pytorch":
+        par.model = native_ddp(par.model, group, par.mesh.device, cfg.bucket_cap_mb)
+        par.no_sync = par.model.no_sync
+        return par.model
+    ddp = DataParallel(par.model, group, cfg.bucket_cap_mb)
+    par.no_sync = ddp.no_sync
+    return ddp
