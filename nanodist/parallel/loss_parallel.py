@@ -47,7 +47,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         softmax, local_target, target_here, valid, count = ctx.saved_tensors
         grad = softmax
         grad.scatter_add_(-1, local_target.unsqueeze(-1), -target_here.unsqueeze(-1).to(grad.dtype))
-        grad.mul_((valid / count * grad_loss).unsqueeze(-1).to(grad.dtype))
+        grad.mul_((valid * (grad_loss / count)).unsqueeze(-1))
         return grad, None, None, None
 
 
