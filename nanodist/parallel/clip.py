@@ -20,7 +20,7 @@ def _local_and_groups(grad, param, sharded_over):
                 Replicate() if placement.is_partial() else placement for placement in grad.placements])
         mesh = grad.device_mesh
         groups = tuple(mesh.get_group(dim) for dim, placement in enumerate(grad.placements)
-                       if placement.is_shard())
+                       if not placement.is_replicate())  # Shard, or FSDP2's _StridedShard over TP
         return grad.to_local(), groups
     return grad, sharded_over.get(param, ())
 

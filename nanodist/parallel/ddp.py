@@ -33,6 +33,7 @@ from torch.autograd import Variable
 from torch.nn.parallel import DistributedDataParallel
 
 from nanodist.parallel import comm
+from nanodist.parallel.tensor_parallel_native import replicate_over_dp
 
 
 @dataclass
@@ -156,6 +157,8 @@ def apply_ddp(par, cfg):
     """Data parallel over the DP group of `par.mesh`, for either implementation.
     The model must be materialised (broadcast and buckets need real tensors)."""
     group = par.mesh.dp_group
+    if cfg.implementation == "pytorch" and par.mesh.tp_size > 1:
+        return replicate_over_dp(par)  # DDP cannot hold DTensor (TP) parameters
     if cfg.implementation == "pytorch":
         par.model = native_ddp(par.model, group, par.mesh.device, cfg.bucket_cap_mb)
         par.no_sync = par.model.no_sync
