@@ -72,7 +72,7 @@ class DataParallel:
     """Custom DDP of `model` over `group` (the DP group of the mesh), by hooks."""
 
     def __init__(self, model: nn.Module, group, bucket_cap_mb: float = 25.0):
-        self.group, self.size = group, comm.group_size(group)
+        self.group, self.scale = group, 1.0 / comm.group_size(group)
         self.sync = True
         broadcast_from_first_rank(model, group)
         params = [p for p in model.parameters() if p.requires_grad]
@@ -89,6 +89,7 @@ class DataParallel:
     def _new_backward(self):
         self.missing = [len(bucket.params) for bucket in self.buckets]  # grads not ready yet
         self.next_bucket = 0          # buckets before it are launched
+        self.ready = set()            # params whose gradient is in its bucket, divided by N
         self.works, self.unused_here = [], []
         self.finish_queued = False
 
@@ -104,11 +105,19 @@ class DataParallel:
     def _on_grad_ready(self, param: nn.Parameter):
         b, i = self.slot[param]
         view = self.buckets[b].grads[i]
-        if param.grad is not view:  # grad was None: autograd made a fresh tensor, move it in
-            view.copy_(param.grad)  # (later micro-steps then accumulate into the bucket)
-            param.grad = view
-        if not self.sync:
+        fresh = param.grad is not view  # grad was None: autograd made a new tensor
+        if not self.sync:  # move it in; later micro-steps accumulate into the bucket
+            if fresh:
+                view.copy_(param.grad)
+                param.grad = view
             return
+        # divide by N on the way into the bucket, then sum: PyTorch's DDP arithmetic
+        if fresh:
+            torch.mul(param.grad, self.scale, out=view)
+            param.grad = view
+        else:
+            view.mul_(self.scale)
+        self.ready.add(param)
         if not self.finish_queued:
             Variable._execution_engine.queue_callback(self._finish)
             self.finish_queued = True
@@ -120,11 +129,14 @@ class DataParallel:
         bucket = self.buckets[b]
         bucket.used.fill_(1.0)
         for i, (param, grad) in enumerate(zip(bucket.params, bucket.grads)):
+            if param in self.ready:
+                continue
             if param.grad is None:  # no gradient on this rank: it contributes zeros
                 grad.zero_()
                 bucket.used[i] = 0.0
                 self.unused_here.append((b, i))
-        bucket.buffer.mul_(1.0 / self.size)  # divide then sum, as PyTorch's DDP (bitwise alike)
+            else:  # its gradient came in an earlier micro-step only
+                grad.mul_(self.scale)
         self.works.append(comm.all_reduce(bucket.buffer, self.group, async_op=True))
         self.next_bucket = b + 1
 
