@@ -1,0 +1,278 @@
+"""Fully sharded data parallel: ZeRO-3 / ZeRO-2 by hand, and PyTorch's FSDP2, side by side.
+
+Units (the wrap policy): every module held in an nn.ModuleList (GPT's blocks), plus the
+root for the rest (embeddings, final norm, the head; wte and lm_head are one tied
+parameter, counted once). Each unit flattens its parameters, one flat vector per class
+(decay / no-decay x the groups they are already sharded over, e.g. TP), padded to N:
+
+    flat    [ c_attn.w | c_proj.w | c_fc.w | ... | pad ]   numel = k * N, fp32
+    shards  [ rank 0 ][ rank 1 ] ... [ rank N-1 ]           rank r keeps shard r (k values):
+                                                            master weights, grad, AdamW state
+The model keeps its parameters (names, shapes, state_dict keys) as views of `full`, a
+buffer in the compute dtype whose storage exists only while the unit is gathered:
+
+    forward  unit i: wait all-gather(i), start all-gather(i+1) | compute | free full(i)
+    backward unit i: wait all-gather(i), start all-gather(i-1) | grads  | reduce-scatter
+                     (fp32, async) -> shard.grad, free full(i) and the unsharded grads
+    traffic per step: all-gather x 2 + reduce-scatter = 3 (N-1)/N Psi   (ZeRO-3)
+    reshard_after_forward=False (ZeRO-2) keeps full(i) from forward to backward: 2 (N-1)/N Psi
+The root is gathered from the start of forward to the end of backward (it runs at both).
+"""
+from collections import defaultdict
+from contextlib import contextmanager, nullcontext
+
+import torch
+import torch.nn as nn
+
+from nanodist.parallel import comm
+
+
+def wrap_policy(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """FSDP units as (name, module) in execution order: the root, then every module
+    held in an nn.ModuleList (the transformer blocks)."""
+    in_lists = {id(child) for m in model.modules() if isinstance(m, nn.ModuleList) for child in m}
+    return [("", model)] + [(name, m) for name, m in model.named_modules() if id(m) in in_lists]
+
+
+def _free(t: torch.Tensor):  # views of t (the parameters, autograd's saved tensors) stay valid
+    t.untyped_storage().resize_(0)
+
+
+def _allocate(t: torch.Tensor):
+    t.untyped_storage().resize_(t.numel() * t.element_size())
+
+
+class FlatParam:
+    """Parameters of one unit and one class as one fp32 vector, sharded over the DP group.
+
+    `named_params` holds the model's current parameters (real, or on the meta device
+    under --deferred_init: then values come from `model.initial_value`, DESIGN.md
+    invariant 1); they are replaced, in every module holding them (`owners`), by views
+    of `full`. Only this unit is ever unsharded here, once."""
+
+    def __init__(self, named_params, owners, model, seed, group, rank, compute_dtype,
+                 device, groups):
+        self.group, self.groups, self.decay = group, groups, named_params[0][1].dim() >= 2
+        self.numels = [p.numel() for _, p in named_params]
+        n = comm.group_size(group)
+        self.shard_numel = -(-sum(self.numels) // n)
+        unit32 = torch.zeros(self.shard_numel * n, device=device)
+        self.full = torch.empty(self.shard_numel * n, dtype=compute_dtype, device=device)
+        self.params = []
+        for (name, old), value32, view in zip(named_params, self.split(unit32),
+                                              self.split(self.full)):
+            with torch.no_grad():
+                value32.copy_((model.initial_value(name, seed, old.shape) if old.is_meta
+                               else old).reshape(-1))
+            new = nn.Parameter(view.view(old.shape), requires_grad=old.requires_grad)
+            for module, attr in owners[id(old)]:
+                module._parameters[attr] = new
+            self.params.append(new)
+        self.shard = nn.Parameter(unit32.chunk(n)[rank].clone())
+        self.unsharded_grad = None  # fp32; lives across micro-steps only under no_sync
+        _free(self.full)
+
+    def split(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        """The per-parameter (flattened) views of a padded flat vector."""
+        return flat[:sum(self.numels)].split(self.numels)
+
+
+class Unit:
+    """One FSDP unit: its module, its flat parameters and whether they are gathered."""
+
+    def __init__(self, module, flats):
+        self.module, self.flats = module, flats
+        self.params = [p for f in flats for p in f.params]
+        self.gathered, self.in_flight, self.grads_ready = False, [], 0
+
+    def unshard(self):
+        """Start the all-gathers (async); nothing to do if gathered or already started."""
+        if self.gathered or self.in_flight:
+            return
+        for f in self.flats:
+            _allocate(f.full)
+            inp = f.shard.detach().to(f.full.dtype)
+            # into .data: a fresh version counter, so the views autograd saved in forward
+            # (now refilled with the same values) do not count as modified in place
+            self.in_flight.append((comm.all_gather(f.full.data, inp, f.group, async_op=True), inp))
+
+    def wait(self):
+        self.unshard()
+        for work, _ in self.in_flight:
+            work.wait()
+        self.in_flight, self.gathered = [], True
+
+    def reshard(self):
+        if self.gathered:
+            for f in self.flats:
+                _free(f.full)
+            self.gathered = False
+
+
+class FSDP:
+    """Custom ZeRO-3 (reshard_after_forward) or ZeRO-2 over the DP group of `mesh`,
+    driven by module hooks: the model is called as it is."""
+
+    def __init__(self, model: nn.Module, mesh, seed: int, compute_dtype=torch.float32,
+                 reshard_after_forward: bool = True, sharded_over: dict | None = None):
+        self.group, self.reshard_after_forward = mesh.dp_group, reshard_after_forward
+        self.sync_grads, self.backward_started, self.reductions = True, False, []
+        sharded_over = sharded_over or {}
+        owners = defaultdict(list)  # id(param) -> (module, attr) holding it (tied: several)
+        for module in model.modules():
+            for attr, p in module._parameters.items():
+                if p is not None:
+                    owners[id(p)].append((module, attr))
+        claimed, self.units = set(), []
+        for name, module in reversed(wrap_policy(model)):  # blocks first, the root takes the rest
+            classes = defaultdict(list)
+            for pname, p in module.named_parameters(prefix=name):
+                if id(p) not in claimed:
+                    claimed.add(id(p))
+                    classes[(p.dim() >= 2, sharded_over.get(p, ()))].append((pname, p))
+            flats = [FlatParam(params, owners, model, seed, self.group, mesh.dp_rank,
+                               compute_dtype, mesh.device, (self.group,) + groups)
+                     for (_, groups), params in classes.items()]
+            self.units.insert(0, Unit(module, flats))
+            claimed.update(id(p) for p in self.units[0].params)
+        for i, unit in enumerate(self.units):
+            unit.module.register_forward_pre_hook(lambda m, args, i=i: self._pre_forward(i))
+            unit.module.register_forward_hook(lambda m, args, out, i=i: self._post_forward(i, out))
+            for p in unit.params:
+                p.register_post_accumulate_grad_hook(lambda p, unit=unit: self._grad_ready(unit))
+
+    @property
+    def flats(self):
+        return [f for unit in self.units for f in unit.flats]
+
+    def optimizer_params(self):
+        """(decay shards, no-decay shards): what AdamW steps on, and keeps state for."""
+        return ([f.shard for f in self.flats if f.decay],
+                [f.shard for f in self.flats if not f.decay])
+
+    @contextmanager
+    def no_sync(self):
+        """Micro-steps inside keep unsharded fp32 grads (whole model) instead of reducing."""
+        self.sync_grads = False
+        try:
+            yield
+        finally:
+            self.sync_grads = True
+
+    def _pre_forward(self, i):
+        self.units[i].wait()
+        if i + 1 < len(self.units):
+            self.units[i + 1].unshard()  # prefetch: overlaps unit i's compute
+
+    def _post_forward(self, i, output):
+        if torch.is_grad_enabled() and output.requires_grad:
+            output.register_hook(lambda grad: self._pre_backward(i))
+            if i > 0 and self.reshard_after_forward:  # the root runs again first in backward
+                self.units[i].reshard()
+        else:  # no backward follows (evaluation)
+            self.units[i].reshard()
+
+    def _pre_backward(self, i):
+        if not self.backward_started:
+            self.backward_started = True
+            torch.autograd.Variable._execution_engine.queue_callback(self._finish_backward)
+        self.units[i].wait()
+        self.units[i - 1].unshard()  # prefetch the unit backward reaches next (root: last block)
+
+    def _grad_ready(self, unit):
+        unit.grads_ready += 1
+        if unit.grads_ready == len(unit.params):
+            self._reduce_grads(unit)
+
+    def _reduce_grads(self, unit):
+        """Unit's grads -> one fp32 vector -> reduce-scatter(avg) into shard.grad (async)."""
+        for f in unit.flats:
+            if f.unsharded_grad is None:
+                f.unsharded_grad = torch.zeros(f.full.numel(), device=f.shard.device)
+            for view, p in zip(f.split(f.unsharded_grad), f.params):
+                if p.grad is not None:
+                    view.add_(p.grad.reshape(-1))  # compute dtype -> fp32
+                p.grad = None
+            if self.sync_grads:
+                out = torch.empty_like(f.shard)
+                work = comm.reduce_scatter(out, f.unsharded_grad, self.group, "avg", async_op=True)
+                self.reductions.append((f, out, work, f.unsharded_grad))
+                f.unsharded_grad = None
+        unit.grads_ready = 0
+        unit.reshard()
+
+    def _finish_backward(self):
+        for unit in self.units:  # units some of whose parameters got no gradient
+            if unit.grads_ready or unit.gathered:
+                self._reduce_grads(unit)
+        for f, out, work, _ in self.reductions:
+            work.wait()
+            f.shard.grad = out if f.shard.grad is None else f.shard.grad.add_(out)
+        self.reductions, self.backward_started = [], False
+
+
+def apply_fsdp(par, cfg):
+    """Shard `par.model` over the DP group (custom or FSDP2, per cfg.implementation)."""
+    compute_dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
+    if cfg.implementation == "pytorch":
+        return apply_fsdp2(par, cfg.fsdp_reshard_after_forward, compute_dtype)
+    par.fsdp = fsdp = FSDP(par.model, par.mesh, cfg.seed, compute_dtype,
+                           cfg.fsdp_reshard_after_forward, par.sharded_over)
+    par.optimizer_params = fsdp.optimizer_params
+    par.sharded_over.update({f.shard: f.groups for f in fsdp.flats})
+
+
+@torch.no_grad()
+def full_state_dict(par) -> dict:
+    """The unsharded fp32 state dict (GPT-2 names, on CPU) on DP rank 0, {} elsewhere.
+    Gathers one flat parameter at a time. Collective: every rank calls it."""
+    if par.fsdp is None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        return get_model_state_dict(par.model, options=StateDictOptions(full_state_dict=True,
+                                                                        cpu_offload=True))
+    main, values = par.mesh.dp_rank == 0, {}
+    for f in par.fsdp.flats:
+        full = torch.empty(f.full.numel(), device=f.shard.device)
+        comm.all_gather(full, f.shard.detach(), f.group)
+        for p, value in zip(f.params, f.split(full)):
+            values[id(p)] = value.view(p.shape).to("cpu", copy=True)
+    return ({name: values[id(p)] for name, p in par.model.state_dict(keep_vars=True).items()}
+            if main else {})
+
+
+@torch.no_grad()
+def load_full_state_dict(par, state_dict: dict):
+    """Load an unsharded state dict (given on every rank) into the shards."""
+    if par.fsdp is None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+        set_model_state_dict(par.model, state_dict, options=StateDictOptions(full_state_dict=True))
+        return
+    names = {id(p): name for name, p in par.model.named_parameters()}
+    for f in par.fsdp.flats:
+        full = torch.zeros(f.full.numel(), device=f.shard.device)
+        for p, value in zip(f.params, f.split(full)):
+            value.copy_(state_dict[names[id(p)]].reshape(-1))
+        f.shard.copy_(full.chunk(comm.group_size(f.group))[par.mesh.dp_rank])
+
+
+# ---------------------------------------------------------------- PyTorch FSDP2
+
+def apply_fsdp2(par, reshard_after_forward: bool, compute_dtype):
+    """FSDP2: fully_shard every unit of the wrap policy (blocks first, then the root)
+    on the DP mesh dimension. Parameters become DTensors sharded on dim 0 (the optimizer
+    and clip.py read that); meta parameters are materialised later by `materialize`."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
+    dp_mesh = par.mesh.device_mesh["dp"]
+    for _, module in reversed(wrap_policy(par.model)):
+        fully_shard(module, mesh=dp_mesh, reshard_after_forward=reshard_after_forward, mp_policy=mp)
+    par.no_sync = lambda: _fsdp2_no_sync(par.model)
+
+
+@contextmanager
+def _fsdp2_no_sync(model):
+    model.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        model.set_requires_gradient_sync(True)
