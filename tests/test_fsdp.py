@@ -1,8 +1,11 @@
 """Custom FSDP (ZeRO-3 / ZeRO-2) and FSDP2 against each other and against one process."""
 import dataclasses
+import weakref
+from contextlib import nullcontext
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from harness import run_distributed
 from nanodist.config import TrainConfig
@@ -11,6 +14,7 @@ from nanodist.parallel import comm
 from nanodist.parallel.fsdp import full_state_dict, load_full_state_dict
 from nanodist.parallel.mesh import Mesh, build_mesh
 from nanodist.parallel.parallelize import parallelize
+from nanodist.trainer import Trainer
 
 MODEL = GPTConfig(block_size=32, vocab_size=128, n_layer=2, n_head=4, n_embd=64)
 # n_embd 42: each block's no-decay flat (546 values) needs padding on 4 ranks
@@ -57,7 +61,7 @@ def _train(mesh, model_cfg=MODEL, steps=STEPS, max_norm=None, defer_sync=False, 
         total = 0.0
         for micro in range(ACCUM):
             x, y = _batch(step, micro, mesh.dp_size, mesh.dp_rank, model_cfg)
-            with (no_sync() if no_sync and micro < ACCUM - 1 else _nothing()):
+            with (no_sync() if no_sync and micro < ACCUM - 1 else nullcontext()):
                 with autocast:
                     logits = par.model(x)
                 loss = par.loss_fn(logits, y) / ACCUM
@@ -73,11 +77,6 @@ def _train(mesh, model_cfg=MODEL, steps=STEPS, max_norm=None, defer_sync=False, 
     return dict(loss=torch.stack(losses), norm=torch.tensor(norms), grads=grads,
                 params=full_state_dict(par) if mesh.dp_size > 1 else
                 {k: v.clone() for k, v in par.model.state_dict().items()})
-
-
-class _nothing:
-    def __enter__(self): pass
-    def __exit__(self, *a): pass
 
 
 def _rank_train(dp, kwargs):
@@ -169,3 +168,114 @@ def test_deferred_init_gives_the_single_process_weights(impl):
     assert state.keys() == expected.keys()
     for k in expected:
         assert torch.equal(state[k], expected[k]), k
+
+
+class LiveBytes(TorchDispatchMode):
+    """Counts the storage bytes of the tensors created inside it that are still alive,
+    after every op (CPU has no allocator statistics): `peak`, and `probe()` the largest
+    value of a user function sampled at every op."""
+
+    def __init__(self, probe=None):
+        super().__init__()
+        self.tensors, self.peak, self.probe, self.probe_peak = {}, 0, probe, 0
+
+    def live(self) -> int:
+        alive = [t for ref in self.tensors.values() if (t := ref()) is not None]
+        return sum({t.untyped_storage()._cdata: t.untyped_storage().nbytes() for t in alive}.values())
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self.tensors[id(t)] = weakref.ref(t)
+        self.peak = max(self.peak, self.live())
+        if self.probe:
+            self.probe_peak = max(self.probe_peak, self.probe())
+        return out
+
+
+def _nbytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _memory(dp, model_cfg):
+    """ZeRO-3 on `dp` ranks, deferred init: bytes while initialising, during a step, between steps."""
+    mesh = build_mesh(dp, 1, torch.device("cpu"))
+    cfg = TrainConfig(data_parallel_size=dp, data_parallel_type="fsdp", seed=SEED, device="cpu",
+                      deferred_init=True)
+    with torch.device("meta"):
+        model = GPT(model_cfg, seed=None)
+    with LiveBytes() as init:
+        par = parallelize(model, cfg, mesh)
+    fsdp = par.fsdp
+    unit_bytes = [_nbytes(f.full for f in unit.flats) for unit in fsdp.units]
+    gathered = lambda: sum(f.full.untyped_storage().nbytes() for f in fsdp.flats)
+    opt = torch.optim.AdamW(par.param_groups(0.1), lr=1e-3)
+    for step in range(2):
+        x, y = _batch(step, 0, dp, mesh.dp_rank, model_cfg)
+        with LiveBytes(gathered) as during:
+            par.loss_fn(par.model(x), y).backward()
+        opt.step()
+        shards = [f.shard for f in fsdp.flats]
+        state = _nbytes(shards) + _nbytes(s.grad for s in shards) + _nbytes(
+            t for s in opt.state.values() for t in s.values() if t.dim() > 0)
+        model_storage = sum(p.untyped_storage().nbytes() for p in par.model.parameters())
+        opt.zero_grad(set_to_none=True)
+    return dict(init_peak=init.peak, shard_bytes=_nbytes(f.shard for f in fsdp.flats),
+                unit_bytes=unit_bytes, gathered_peak=during.probe_peak, state=state,
+                model_storage=model_storage, padding=sum(f.full.numel() - sum(f.numels) for f in fsdp.flats))
+
+
+def test_memory_is_sharded():
+    dp, model_cfg = 4, dataclasses.replace(ODD_MODEL, n_layer=4)
+    model_bytes = 4 * sum(p.numel() for p in GPT(model_cfg).parameters())
+    for m in run_distributed(_memory, dp, dp, model_cfg):
+        root, blocks = m["unit_bytes"][0], sorted(m["unit_bytes"][1:])
+        # between steps: shard + its grad + AdamW's two moments, 1/N of the model (+ padding)
+        assert m["state"] == 4 * (model_bytes + 4 * m["padding"]) // dp
+        assert m["model_storage"] == 0  # the model's parameters hold no memory between steps
+        # in a step at most the root and two blocks (the current one and the prefetched) are gathered
+        assert m["gathered_peak"] <= root + blocks[-1] + blocks[-2] < model_bytes
+        # deferred init: the shards plus one unit unsharded (and one parameter's initial
+        # value, drawn in full), never the model
+        assert m["init_peak"] <= m["shard_bytes"] + max(m["unit_bytes"]) + 4 * model_cfg.vocab_size * model_cfg.n_embd
+        assert m["init_peak"] < model_bytes / 2
+
+
+def _state_dict_round_trip(dp, impl):
+    """Train a step, gather the full state dict, load it into a differently seeded model."""
+    run = _rank_train(dp, dict(implementation=impl, steps=1))
+    mesh = build_mesh(dp, 1, torch.device("cpu"))
+    cfg = TrainConfig(data_parallel_size=dp, data_parallel_type="fsdp", seed=SEED + 1,
+                      device="cpu", implementation=impl)
+    par = parallelize(GPT(MODEL, seed=SEED + 1), cfg, mesh)
+    state = [run["params"]]
+    torch.distributed.broadcast_object_list(state, src=0)  # the full state dict, on every rank
+    load_full_state_dict(par, state[0])
+    return run["params"], full_state_dict(par)
+
+
+@pytest.mark.parametrize("impl", ["custom", "pytorch"])
+def test_full_state_dict_round_trip(impl):
+    saved, loaded = run_distributed(_state_dict_round_trip, 2, 2, impl)[0]
+    assert saved.keys() == GPT(MODEL).state_dict().keys()
+    for k in saved:
+        assert torch.equal(saved[k], loaded[k]), k
+
+
+def _trainer_records(kwargs):
+    return [r["loss"] for r in Trainer(TrainConfig(**kwargs)).train()]
+
+
+def test_trainer_end_to_end(char_data, tmp_path):
+    """The issue's command, custom and pytorch, against one process (Loss/train)."""
+    run = dict(device="cpu", model="tiny", dataset="shakespeare_char", data_dir=char_data,
+               block_size=32, batch_size=2, total_batch_size=256, max_steps=3, warmup_steps=1,
+               learning_rate=1e-3, gradient_clipping=True, eval_interval=100, eval_iters=1)
+    single = _trainer_records(dict(run, log_dir=str(tmp_path / "single")))
+    for impl in ("custom", "pytorch"):
+        kwargs = dict(run, data_parallel_size=2, data_parallel_type="fsdp", deferred_init=True,
+                      implementation=impl, log_dir=str(tmp_path / impl))
+        for losses in run_distributed(_trainer_records, 2, kwargs):
+            # fp32, 3 AdamW steps with clipping: float-order differences only
+            assert losses == pytest.approx(single, abs=1e-5), impl

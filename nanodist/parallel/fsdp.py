@@ -19,7 +19,7 @@ buffer in the compute dtype whose storage exists only while the unit is gathered
 The root is gathered from the start of forward to the end of backward (it runs at both).
 """
 from collections import defaultdict
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 
 import torch
 import torch.nn as nn
@@ -53,24 +53,26 @@ class FlatParam:
     def __init__(self, named_params, owners, model, seed, group, rank, compute_dtype,
                  device, groups):
         self.group, self.groups, self.decay = group, groups, named_params[0][1].dim() >= 2
+        self.names = [name for name, _ in named_params]
         self.numels = [p.numel() for _, p in named_params]
         n = comm.group_size(group)
         self.shard_numel = -(-sum(self.numels) // n)
-        unit32 = torch.zeros(self.shard_numel * n, device=device)
+        unit32 = torch.zeros(self.shard_numel * n, device=device)  # the unit, unsharded, once
+        with torch.no_grad():
+            for (name, old), value in zip(named_params, self.split(unit32)):
+                value.copy_((model.initial_value(name, seed, old.shape) if old.is_meta
+                             else old).reshape(-1))
+        self.shard = nn.Parameter(unit32.chunk(n)[rank].clone())
+        del unit32
         self.full = torch.empty(self.shard_numel * n, dtype=compute_dtype, device=device)
         self.params = []
-        for (name, old), value32, view in zip(named_params, self.split(unit32),
-                                              self.split(self.full)):
-            with torch.no_grad():
-                value32.copy_((model.initial_value(name, seed, old.shape) if old.is_meta
-                               else old).reshape(-1))
+        for (_, old), view in zip(named_params, self.split(self.full)):
             new = nn.Parameter(view.view(old.shape), requires_grad=old.requires_grad)
             for module, attr in owners[id(old)]:
                 module._parameters[attr] = new
             self.params.append(new)
-        self.shard = nn.Parameter(unit32.chunk(n)[rank].clone())
-        self.unsharded_grad = None  # fp32; lives across micro-steps only under no_sync
         _free(self.full)
+        self.unsharded_grad = None  # fp32; lives across micro-steps only under no_sync
 
     def split(self, flat: torch.Tensor) -> list[torch.Tensor]:
         """The per-parameter (flattened) views of a padded flat vector."""
@@ -115,7 +117,7 @@ class FSDP:
 
     def __init__(self, model: nn.Module, mesh, seed: int, compute_dtype=torch.float32,
                  reshard_after_forward: bool = True, sharded_over: dict | None = None):
-        self.group, self.reshard_after_forward = mesh.dp_group, reshard_after_forward
+        self.group, self.rank, self.reshard_after_forward = mesh.dp_group, mesh.dp_rank, reshard_after_forward
         self.sync_grads, self.backward_started, self.reductions = True, False, []
         sharded_over = sharded_over or {}
         owners = defaultdict(list)  # id(param) -> (module, attr) holding it (tied: several)
@@ -149,6 +151,32 @@ class FSDP:
         """(decay shards, no-decay shards): what AdamW steps on, and keeps state for."""
         return ([f.shard for f in self.flats if f.decay],
                 [f.shard for f in self.flats if not f.decay])
+
+    def full_tensors(self, tensors, to_full=lambda name, t: t):
+        """(GPT-2 name, full tensor) for `tensors` laid out like the optimizer's params (the
+        shards, or AdamW's moments), one flat parameter gathered at a time. Collective.
+        `to_full(name, tensor)` undoes what TP did to a parameter (identity without TP)."""
+        decay, no_decay = self.optimizer_params()
+        flat_of = {id(f.shard): f for f in self.flats}
+        for shard, tensor in zip(decay + no_decay, tensors):
+            f = flat_of[id(shard)]
+            full = torch.empty(f.full.numel(), dtype=tensor.dtype, device=tensor.device)
+            comm.all_gather(full, tensor.detach(), f.group)
+            for name, p, value in zip(f.names, f.params, f.split(full)):
+                yield name, to_full(name, value.view(p.shape))
+
+    @torch.no_grad()
+    def load_full_tensors(self, full_of, tensors, to_local=lambda name, full, like: full):
+        """The inverse: fill `tensors` (laid out like the optimizer's params) with this rank's
+        shard of the full tensors `full_of(name)`; `to_local` takes TP's slice first."""
+        decay, no_decay = self.optimizer_params()
+        flat_of = {id(f.shard): f for f in self.flats}
+        for shard, tensor in zip(decay + no_decay, tensors):
+            f = flat_of[id(shard)]
+            full = torch.zeros(f.full.numel(), dtype=tensor.dtype, device=tensor.device)
+            for name, p, value in zip(f.names, f.params, f.split(full)):
+                value.copy_(to_local(name, full_of(name).to(tensor.device), p).reshape(-1))
+            tensor.copy_(full.chunk(comm.group_size(f.group))[self.rank])
 
     @contextmanager
     def no_sync(self):
@@ -230,13 +258,11 @@ def full_state_dict(par) -> dict:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
         return get_model_state_dict(par.model, options=StateDictOptions(full_state_dict=True,
                                                                         cpu_offload=True))
-    main, values = par.mesh.dp_rank == 0, {}
-    for f in par.fsdp.flats:
-        full = torch.empty(f.full.numel(), device=f.shard.device)
-        comm.all_gather(full, f.shard.detach(), f.group)
-        for p, value in zip(f.params, f.split(full)):
-            values[id(p)] = value.view(p.shape).to("cpu", copy=True)
-    return ({name: values[id(p)] for name, p in par.model.state_dict(keep_vars=True).items()}
+    main, shards = par.mesh.dp_rank == 0, par.fsdp.optimizer_params()
+    values = {name: t.to("cpu", copy=True)  # every rank gathers, rank 0 keeps
+              for name, t in par.fsdp.full_tensors(shards[0] + shards[1]) if main}
+    names = {id(p): name for name, p in par.model.named_parameters()}  # tied: the first name
+    return ({key: values[names[id(p)]] for key, p in par.model.state_dict(keep_vars=True).items()}
             if main else {})
 
 
@@ -245,14 +271,12 @@ def load_full_state_dict(par, state_dict: dict):
     """Load an unsharded state dict (given on every rank) into the shards."""
     if par.fsdp is None:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-        set_model_state_dict(par.model, state_dict, options=StateDictOptions(full_state_dict=True))
+        # a copy: set_model_state_dict swaps the dict's tensors for DTensors in place
+        set_model_state_dict(par.model, dict(state_dict),
+                             options=StateDictOptions(full_state_dict=True))
         return
-    names = {id(p): name for name, p in par.model.named_parameters()}
-    for f in par.fsdp.flats:
-        full = torch.zeros(f.full.numel(), device=f.shard.device)
-        for p, value in zip(f.params, f.split(full)):
-            value.copy_(state_dict[names[id(p)]].reshape(-1))
-        f.shard.copy_(full.chunk(comm.group_size(f.group))[par.mesh.dp_rank])
+    shards = par.fsdp.optimizer_params()
+    par.fsdp.load_full_tensors(state_dict.__getitem__, shards[0] + shards[1])
 
 
 # ---------------------------------------------------------------- PyTorch FSDP2
