@@ -1,0 +1,181 @@
+"""What the benchmark measures beside time, for custom and PyTorch strategies alike.
+
+    Traffic          a dispatch mode that sees every c10d collective (the custom comm.py
+                     calls, DDP's reducer, FSDP2, DTensor's functional collectives) and
+                     adds its bytes per kind, with comm.py's payload/bus rules
+    state memory     unique storages of parameters, gradients and optimizer state, taken
+                     right after optimizer.step() (before zero_grad)
+    activations      unique storages saved for backward by one forward (saved-tensor hooks),
+                     parameters left out
+    peak memory      CUDA: max_memory_allocated; CPU: live tensor storage tracked by
+                     torch's MemTracker (not the process RSS: allocator caches, the
+                     interpreter and gloo's buffers are no tensors)
+    no communication collectives replaced by local copies of the same shapes: the step's
+                     compute alone, for the compute / exposed-communication split
+"""
+from contextlib import contextmanager
+
+import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from nanodist.parallel import comm
+
+c10d, funcol = torch.ops.c10d, torch.ops._c10d_functional
+# op -> (kind, payload bytes from (args, group size))
+_nbytes = lambda t: t.numel() * t.element_size()
+_sum = lambda ts: sum(_nbytes(t) for t in ts)
+COLLECTIVES = {
+    c10d.allreduce_: ("all_reduce", lambda a: _sum(a[0])),
+    c10d.allreduce_coalesced_: ("all_reduce", lambda a: _sum(a[0])),
+    c10d._allgather_base_: ("all_gather", lambda a: _nbytes(a[0])),
+    c10d.allgather_into_tensor_coalesced_: ("all_gather", lambda a: _sum(a[0])),
+    c10d._reduce_scatter_base_: ("reduce_scatter", lambda a: _nbytes(a[1])),
+    c10d.reduce_scatter_tensor_coalesced_: ("reduce_scatter", lambda a: _sum(a[1])),
+    c10d.broadcast_: ("broadcast", lambda a: _sum(a[0])),
+    funcol.all_reduce: ("all_reduce", lambda a: _nbytes(a[0])),
+    funcol.all_gather_into_tensor: ("all_gather", lambda a: _nbytes(a[0]) * a[1]),
+    funcol.reduce_scatter_tensor: ("reduce_scatter", lambda a: _nbytes(a[0])),
+    funcol.broadcast: ("broadcast", lambda a: _nbytes(a[0])),
+}
+
+
+def _group_size(func, args) -> int:
+    if func in (funcol.all_gather_into_tensor, funcol.reduce_scatter_tensor):
+        return args[1] if func is funcol.all_gather_into_tensor else args[2]
+    if func in (funcol.all_reduce, funcol.broadcast):
+        return dist.distributed_c10d._resolve_process_group(args[2]).size()
+    group = next(a for a in args if isinstance(a, torch.ScriptObject))
+    return dist.ProcessGroup.unbox(group).size()
+
+
+class TrafficMode(TorchDispatchMode):
+    """`with TrafficMode() as t:` ... `t.counter.summary()` (comm.CommCounter's format)."""
+
+    def __init__(self):
+        super().__init__()
+        self.counter = comm.CommCounter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if any(t is DTensor for t in types):
+            return NotImplemented  # let DTensor lower itself to collectives first
+        packet = getattr(func, "_overloadpacket", None)
+        if packet in COLLECTIVES:
+            kind, payload = COLLECTIVES[packet]
+            n = _group_size(packet, args)
+            if n > 1:
+                self.counter.add(kind, payload(args), n)
+        return func(*args, **(kwargs or {}))
+
+
+def _storages(tensors) -> dict[int, int]:
+    """data_ptr -> bytes of the distinct storages under `tensors` (DTensors: local)."""
+    out = {}
+    for t in tensors:
+        if isinstance(t, DTensor):
+            t = t.to_local()
+        s = t.untyped_storage()
+        if s.nbytes():
+            out[s.data_ptr()] = s.nbytes()
+    return out
+
+
+def state_bytes(model, optimizer) -> dict[str, int]:
+    """Bytes of parameters (the model's and the optimizer's: FSDP steps on shards),
+    gradients and optimizer state, each storage counted once, in that order."""
+    params = [p for g in optimizer.param_groups for p in g["params"]] + list(model.parameters())
+    seen, out = set(), {}
+    for what, tensors in (("params", params),
+                          ("grads", [p.grad for p in params if p.grad is not None]),
+                          ("optimizer", [v for s in optimizer.state.values() for v in s.values()
+                                         if isinstance(v, torch.Tensor) and v.dim() > 0])):
+        storages = {k: v for k, v in _storages(tensors).items() if k not in seen}
+        seen.update(storages)
+        out[what] = sum(storages.values())
+    out["total"] = sum(out.values())
+    return out
+
+
+def _is_param(t: torch.Tensor) -> bool:
+    if isinstance(t, DTensor):
+        t = t.to_local() if not (t.is_leaf and t.requires_grad) else t
+    base = t._base if t._base is not None else t
+    return (t.is_leaf and t.requires_grad) or (base.is_leaf and base.requires_grad)
+
+
+@contextmanager
+def saved_activations():
+    """`with saved_activations() as saved:` ... `sum(saved.values())` bytes saved for
+    backward inside the block (parameters and their views excluded)."""
+    saved = {}
+
+    def pack(t):
+        if not _is_param(t):
+            saved.update(_storages([t]))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        yield saved
+
+
+def peak_tensor_bytes(trainer, step: int) -> int:
+    """Peak bytes of live tensors on this rank during `trainer.train_step(step)`."""
+    device = trainer.mesh.device
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        trainer.train_step(step)
+        return torch.cuda.max_memory_allocated(device)
+    from torch.distributed._tools.mem_tracker import MemTracker
+    tracker = MemTracker()
+    tracker.track_external(trainer.par.model, trainer.optimizer)
+    loss = trainer._loss
+
+    def fresh_module_stats(x, y):  # MemTracker refuses a second forward otherwise
+        tracker.reset_mod_stats()  # (its peak is kept)
+        return loss(x, y)
+    trainer._loss = fresh_module_stats
+    try:
+        with tracker:
+            trainer.train_step(step)
+    finally:
+        del trainer._loss
+    return tracker.get_tracker_snapshot("peak")[device]["Total"]
+
+
+class _LocalWork:
+    def wait(self):
+        return True
+
+
+class _NoComm:
+    """Stands in for torch.distributed inside comm.py: same shapes, local copies."""
+
+    def __getattr__(self, name):
+        return getattr(dist, name)
+
+    @staticmethod
+    def all_reduce(tensor, op=None, group=None, async_op=False):
+        return _LocalWork() if async_op else None
+
+    broadcast = all_reduce
+
+    @staticmethod
+    def all_gather_into_tensor(output, input, group=None, async_op=False):
+        output.view(-1, input.numel()).copy_(input.reshape(1, -1))
+        return _LocalWork() if async_op else None
+
+    @staticmethod
+    def reduce_scatter_tensor(output, input, op=None, group=None, async_op=False):
+        output.copy_(input.reshape(-1, output.numel())[0].view_as(output))
+        return _LocalWork() if async_op else None
+
+
+@contextmanager
+def no_communication():
+    """The custom strategies' collectives (through comm.py) become local copies."""
+    real, comm.dist = comm.dist, _NoComm()
+    try:
+        yield
+    finally:
+        comm.dist = real

@@ -1,0 +1,146 @@
+"""One layout of the benchmark matrix (bench/run.py starts it under torchrun).
+
+    torchrun --standalone --nproc_per_node=N bench/worker.py --layout '{"name": ..}' --out F
+
+Builds one `Trainer` per implementation (custom, pytorch; one process: just one) and,
+for the custom one, a twin whose collectives are local copies ("no comm": the compute
+alone). They take turns step by step (bench/common.py's interleaving) from the same
+initial weights on the same batches, so their losses are the layout's training curve.
+Then, one step each: counted traffic and state memory, one forward's saved
+activations, one step's peak tensor memory. Rank 0 writes everything as JSON.
+"""
+import argparse
+import json
+import os
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from analytic import Layout
+from common import median, paired_speedup, time_interleaved
+from measure import TrafficMode, no_communication, peak_tensor_bytes, saved_activations, state_bytes
+from nanodist.config import parse_args
+from nanodist.metrics import device_peak_flops, flops_per_token
+from nanodist.parallel import comm
+from nanodist.trainer import Trainer
+
+NO_COMM = "custom, no comm"
+
+
+def train_flags(args, layout: Layout, implementation: str) -> list[str]:
+    """Every layout trains on global batches of `ranks_per_batch` micro-batches."""
+    tokens = args.batch_size * args.block_size * args.ranks_per_batch
+    run_dir = tempfile.mkdtemp(prefix="nanodist-bench-")  # TensorBoard events: thrown away
+    return [f"--device={args.device}", f"--model={args.model}", "--dataset=shakespeare_char",
+            f"--data_dir={args.data_dir}", f"--batch_size={args.batch_size}",
+            f"--block_size={args.block_size}", f"--total_batch_size={tokens}",
+            f"--max_steps={args.warmup + args.steps + 3}", "--warmup_steps=2",
+            "--learning_rate=1e-3", "--min_lr=1e-4", f"--dtype={args.dtype}",
+            f"--implementation={implementation}", f"--out_dir={run_dir}", f"--log_dir={run_dir}",
+            *layout.flags()]
+
+
+def measure_one(trainer: Trainer, step: int, custom: bool) -> dict:
+    """Traffic and state of one optimizer step, saved activations of one forward, peak
+    tensor memory of one more step. Each value is this rank's."""
+    state = {}
+    hook = trainer.optimizer.register_step_post_hook(
+        lambda opt, *_: state.update(state_bytes(trainer.par.model, opt)))
+    with TrafficMode() as traffic, comm.counting() as counted:
+        trainer.train_step(step)
+    hook.remove()
+    counted = counted.summary() if custom else None
+
+    x, y = trainer.data.train_batch(0, 0)
+    with trainer.par.loss_context():
+        with saved_activations() as saved:
+            loss = trainer._loss(x, y)
+        loss.backward()
+    trainer.optimizer.zero_grad(set_to_none=True)
+
+    peak = peak_tensor_bytes(trainer, step + 1)
+    return {"traffic": traffic.counter.summary(), "traffic_comm_py": counted, "state": state,
+            "activations": sum(saved.values()), "peak": peak}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--layout", required=True, help="JSON of an analytic.Layout")
+    p.add_argument("--out", required=True)
+    p.add_argument("--data_dir", required=True)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--model", default="tiny")
+    p.add_argument("--batch_size", type=int, default=8)
+    p.add_argument("--block_size", type=int, default=128)
+    p.add_argument("--ranks_per_batch", type=int, default=2, help="global batch in micro-batches")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--steps", type=int, default=6)
+    args = p.parse_args()
+    layout = Layout(**json.loads(args.layout))
+
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if args.device != "cuda" and not torch.cuda.is_available():  # the processes share the cores
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    impls = ["custom", "pytorch"] if world > 1 else ["custom"]
+    trainers = {impl: Trainer(parse_args(train_flags(args, layout, impl))) for impl in impls}
+    if world > 1:
+        trainers[NO_COMM] = Trainer(parse_args(train_flags(args, layout, "custom")))
+    first = trainers["custom"]
+    device = first.mesh.device
+
+    records = {name: [] for name in trainers}
+
+    def stepper(name):
+        def step():
+            if name == NO_COMM:
+                with no_communication():
+                    records[name].append(trainers[name].train_step(len(records[name])))
+            else:
+                records[name].append(trainers[name].train_step(len(records[name])))
+        return step
+
+    times = time_interleaved({name: stepper(name) for name in trainers}, args.warmup, args.steps,
+                             device, dist.barrier if world > 1 else None)
+    next_step = args.warmup + args.steps
+    measured = {impl: measure_one(trainers[impl], next_step, impl == "custom") for impl in impls}
+    if world > 1:  # every rank's memory figures
+        for impl in impls:
+            ranks = [None] * world
+            dist.all_gather_object(ranks, {k: measured[impl][k] for k in ("state", "activations", "peak")})
+            measured[impl]["per_rank"] = ranks
+
+    peak_flops = device_peak_flops(device)
+    fpt = flops_per_token(first.model_cfg, first.n_params)
+    rows = {}
+    for impl in impls:
+        step_s = median(times[impl])
+        tokens_per_s = first.tokens_per_step / step_s
+        rows[impl] = {
+            "step_seconds": times[impl], "median_step_s": step_s, "tokens_per_s": tokens_per_s,
+            "loss": [r["loss"] for r in records[impl]],
+            "mfu": tokens_per_s * fpt / world / peak_flops if peak_flops else None,
+            **measured[impl]}
+    if world > 1:
+        rows["custom"]["compute_s"] = median(times[NO_COMM])
+        rows["custom"]["exposed_comm_s"] = rows["custom"]["median_step_s"] - median(times[NO_COMM])
+        rows["custom"]["custom_over_pytorch"] = paired_speedup(times, "custom", "pytorch")
+    if first.mesh.is_main:
+        result = {"layout": asdict(layout), "world": world, "device": str(device),
+                  "device_name": torch.cuda.get_device_name(device) if device.type == "cuda"
+                  else f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} threads/rank)",
+                  "model": asdict(first.model_cfg), "n_params": first.n_params,
+                  "micro_batch": args.batch_size, "grad_accum": first.grad_accum,
+                  "tokens_per_step": first.tokens_per_step, "flops_per_token": fpt,
+                  "peak_flops": peak_flops, "warmup": args.warmup, "steps": args.steps,
+                  "rows": rows}
+        Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    if world > 1:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
