@@ -4,7 +4,8 @@
 
 Both replicas of the model live in each process and take turns step by step. A step
 is forward + backward + gradient averaging over grad_accum micro-steps (no_sync on all
-but the last); the optimizer is left out (it is the same code for both). Traffic is
+but the last); the optimizer is left out (it is the same code for both). A third variant
+never communicates: the gap to it is what gradient averaging costs. Traffic is
 what the counted comm module saw in one custom step, against the analytic ring
 all-reduce volume 2 (N-1)/N * Psi * 4 bytes per rank (Psi parameters, fp32).
 """
@@ -43,15 +44,16 @@ def main():
     tokens = torch.randint(0, cfg.vocab_size, (args.grad_accum, args.batch_size, cfg.block_size + 1),
                            generator=torch.Generator().manual_seed(mesh.rank)).to(device)
 
-    def step(model, no_sync):
+    def step(model, no_sync, communicate=True):
         for micro in range(args.grad_accum):
-            with (nullcontext() if micro == args.grad_accum - 1 else no_sync()):
+            with (nullcontext() if communicate and micro == args.grad_accum - 1 else no_sync()):
                 x, y = tokens[micro, :, :-1], tokens[micro, :, 1:]
                 (cross_entropy(model(x), y) / args.grad_accum).backward()
         model.zero_grad(set_to_none=True)
 
     variants = {"custom": lambda: step(custom, sync.no_sync),
-                "pytorch": lambda: step(native, native.no_sync)}
+                "pytorch": lambda: step(native, native.no_sync),
+                "no sync (compute only)": lambda: step(custom, sync.no_sync, communicate=False)}
     times = time_interleaved(variants, args.warmup, args.steps, device, dist.barrier)
     with comm.counting() as counted:
         step(custom, sync.no_sync)

@@ -39,7 +39,6 @@ def adamw(model):
 # ---- custom vs PyTorch DDP: bitwise ----
 
 def custom_vs_native(steps: int, accum: int):
-    torch.manual_seed(0)
     mesh = build_mesh(torch.distributed.get_world_size(), 1, CPU)
     custom = GPT(TINY, seed=1 + mesh.rank)  # each rank draws its own: the broadcast decides
     ddp = DataParallel(custom, mesh.dp_group, bucket_cap_mb=0.05)
@@ -68,12 +67,14 @@ def custom_vs_native(steps: int, accum: int):
     return checks, len(ddp.buckets)
 
 
-@pytest.mark.parametrize("world", [2])
-def test_custom_equals_pytorch_ddp_bitwise(world):
+def test_custom_equals_pytorch_ddp_bitwise():
     """fp32, gloo: a 2-rank all-reduce sums a + b in one order whatever the bucket
     layout, and both divide by N before summing: logits, gradients after every
-    micro-step and parameters after every step are bitwise equal (torch.equal)."""
-    for checks, n_buckets in run_distributed(custom_vs_native, world, 3, 2):
+    micro-step and parameters after every step are bitwise equal (torch.equal). (With 4
+    ranks gloo's ring sums each element in an order set by its place in the bucket, so
+    only identical bucket layouts would be bitwise alike: 4 ranks are tested against
+    one process below.)"""
+    for checks, n_buckets in run_distributed(custom_vs_native, 2, 3, 2):
         assert n_buckets > 1  # several buckets exercised
         assert checks["initial"], "replicas must start as DP rank 0 (broadcast)"
         assert all(checks["logits"]) and all(checks["grads"]) and all(checks["params"]), checks
