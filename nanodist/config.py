@@ -14,8 +14,9 @@ class UserError(Exception):
     """Bad flags or inputs. The message says what is wrong and how to fix it."""
 
 
-def flag(default, help: str):
-    return field(default=default, metadata={"help": help})
+def flag(default, help: str, const=None):
+    """A field and its --flag; `const` is the value of the bare flag (a string option)."""
+    return field(default=default, metadata={"help": help, "const": const})
 
 
 @dataclass
@@ -44,8 +45,16 @@ class TrainConfig:
     # evaluation and logging
     eval_interval: int = flag(250, "evaluate every this many steps (and after the last)")
     eval_iters: int = flag(20, "global batches of the validation split per evaluation")
-    log_dir: str = flag("", "TensorBoard run directory, must be new (default: runs/<time>-<layout>)")
-    out_dir: str = flag("out", "checkpoint directory")
+    out_dir: str = flag("", "run directory: checkpoints (and TensorBoard events unless --log_dir); "
+                            "default: a new runs/<time>-<layout>")
+    log_dir: str = flag("", "TensorBoard run directory, must be new (default: --out_dir)")
+    # checkpoints
+    checkpoint_interval: int = flag(0, "checkpoint every K steps and after the last "
+                                       "(0: at each evaluation; -1: never)")
+    keep_checkpoints: int = flag(2, "how many recent checkpoints to keep")
+    resume: str = flag("", "--resume: the latest checkpoint of --out_dir; --resume auto: it if "
+                           "any, else start fresh (for torchrun restarts); --resume DIR: that one",
+                       const="latest")
     # parallel layout
     data_parallel_size: int = flag(0, "DP size (0: world size / tensor parallel size)")
     data_parallel_type: str = flag("ddp", "ddp: replicate the model; fsdp: shard it (ZeRO-3)")
@@ -95,6 +104,9 @@ def build_parser(config_cls=TrainConfig) -> argparse.ArgumentParser:
         if isinstance(default, bool):
             parser.add_argument(f"--{f.name}", type=str2bool, nargs="?", const=True, default=default,
                                 help=help)
+        elif f.metadata.get("const") is not None:
+            parser.add_argument(f"--{f.name}", type=type(default), nargs="?", default=default,
+                                const=f.metadata["const"], help=help)
         else:
             parser.add_argument(f"--{f.name}", type=type(default), default=default,
                                 choices=CHOICES.get(f.name), help=help)

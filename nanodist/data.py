@@ -80,6 +80,7 @@ class TokenData:
     """One split's tokens, memmapped once (not reopened per batch)."""
     tokens: np.memmap  # uint16, one flat stream
     vocab_size: int
+    meta: dict         # meta.json: the tokenizer ("gpt2" or "char" with its itos), counts
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -110,7 +111,7 @@ def load_split(data_dir, split: str, block_size: int, dataset_name: str) -> Toke
     if expected_tokens < block_size + 1:
         raise UserError(f"{bin_path} has {expected_tokens} tokens, fewer than block_size + 1 = "
                         f"{block_size + 1}; lower --block_size or prepare more text")
-    return TokenData(np.memmap(bin_path, dtype=np.uint16, mode="r"), vocab_size)
+    return TokenData(np.memmap(bin_path, dtype=np.uint16, mode="r"), vocab_size, meta)
 
 
 class BatchLoader:
@@ -122,6 +123,8 @@ class BatchLoader:
         self.splits = {split: load_split(data_dir, split, block_size, dataset)
                        for split in ("train", "val")}
         self.vocab_size = self.splits["train"].vocab_size
+        meta = self.splits["train"].meta  # what decodes the tokens: checkpoints must agree
+        self.tokenizer = {"name": meta.get("tokenizer"), "itos": meta.get("itos")}
         self.block_size, self.batch_size, self.grad_accum = block_size, batch_size, grad_accum
         self.dp_size, self.dp_rank, self.seed = dp_size, dp_rank, seed
         self.device = torch.device(device)

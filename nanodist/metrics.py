@@ -46,16 +46,18 @@ def peak_memory_bytes(device: torch.device) -> int:
 class Logger:
     """TensorBoard scalars on the main rank; a no-op elsewhere."""
 
-    def __init__(self, log_dir: str, enabled: bool, resume: bool = False):
+    def __init__(self, log_dir: str, enabled: bool, resume_step: int = 0):
+        """resume_step > 0 continues a run: events logged past it by the run that died
+        are dropped (purge_step), so the curves join up."""
         self.writer = None
         if not enabled:
             return
         path = Path(log_dir)
-        if not resume and any(path.glob("events.out.tfevents.*")):
+        if not resume_step and any(path.glob("events.out.tfevents.*")):
             raise UserError(f"--log_dir {path} already holds a TensorBoard run; pick a new "
-                            f"directory (or omit --log_dir for a fresh runs/<time> one)")
+                            f"directory (or omit it: a fresh runs/<time> one), or --resume it")
         from torch.utils.tensorboard import SummaryWriter  # slow import: only on rank 0
-        self.writer = SummaryWriter(str(path))
+        self.writer = SummaryWriter(str(path), purge_step=resume_step or None)
 
     def scalars(self, step: int, values: dict):
         if self.writer is None:

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from nanodist import checkpoint
 from nanodist.config import TrainConfig, UserError, grad_accum_steps, resolve_layout
 from nanodist.data import BatchLoader
 from nanodist.metrics import Logger, device_peak_flops, flops_per_token, peak_memory_bytes
@@ -70,12 +71,41 @@ class Trainer:
         self.peak_flops = device_peak_flops(device)
 
         layout = (f"dp{mesh.dp_size}-{cfg.data_parallel_type}-tp{mesh.tp_size}-{cfg.implementation}")
-        self.log_dir = cfg.log_dir or str(REPO / "runs" / f"{time.strftime('%Y%m%d-%H%M%S')}-{layout}")
-        self.logger = Logger(self.log_dir, enabled=mesh.is_main)
+        if not cfg.out_dir:  # a fresh run directory; rank 0's clock names it for all
+            cfg.out_dir = self._broadcast(str(REPO / "runs" / f"{time.strftime('%Y%m%d-%H%M%S')}-{layout}"))
+        self.log_dir = cfg.log_dir or cfg.out_dir
+        self.start_step = self._resume()
+        self.logger = Logger(self.log_dir, enabled=mesh.is_main, resume_step=self.start_step)
         self.logger.text("config", "\n".join(f"    {k} = {v}" for k, v in asdict(cfg).items()))
         self.print(f"{layout}: {self.n_params / 1e6:.2f}M parameters, {mesh.world_size} "
                    f"process(es) on {device}, grad_accum {self.grad_accum}, "
-                   f"{self.tokens_per_step} tokens/step, TensorBoard: {self.log_dir}")
+                   f"{self.tokens_per_step} tokens/step, run directory: {cfg.out_dir}"
+                   + (f", resumed at step {self.start_step}" if self.start_step else ""))
+
+    def _broadcast(self, value):
+        if dist.is_initialized():
+            box = [value]
+            dist.broadcast_object_list(box, src=0)
+            value = box[0]
+        return value
+
+    def _resume(self) -> int:
+        """The step to start at: 0, or that of the checkpoint --resume names (loaded)."""
+        found = checkpoint.find(self.cfg.out_dir, self.cfg.resume) if self.cfg.resume else None
+        if found is None:
+            if checkpoint.checkpoints(self.cfg.out_dir):
+                raise UserError(f"--out_dir {self.cfg.out_dir} already holds checkpoints of another "
+                                f"run; continue it with --resume, or pick a new --out_dir")
+            return 0
+        step = checkpoint.load(self, found)
+        self.print(f"resumed from {found}")
+        return step
+
+    def cfg_dict(self) -> dict:
+        return asdict(self.cfg)
+
+    def model_cfg_dict(self) -> dict:
+        return asdict(self.model_cfg)
 
     def print(self, *args):
         if self.mesh.is_main:
@@ -107,9 +137,15 @@ class Trainer:
                 loss.backward()
             loss_sum += loss.detach()
         norm = self.par.clip_grad_norm(self.cfg.max_grad_norm if self.cfg.gradient_clipping else None)
+        loss = self._dp_mean(loss_sum).item()
+        if not (math.isfinite(loss) and math.isfinite(norm.item())):  # before the weights change
+            self.optimizer.zero_grad(set_to_none=True)
+            raise UserError(f"step {step}: the loss is {loss} and the gradient norm {norm.item()}; "
+                            f"stopped before the update, the last checkpoint in {self.cfg.out_dir} is "
+                            f"intact. Lower --learning_rate or enable --gradient_clipping")
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return {"loss": self._dp_mean(loss_sum).item(), "grad_norm": norm.item(), "lr": lr}
+        return {"loss": loss, "grad_norm": norm.item(), "lr": lr}
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -125,7 +161,7 @@ class Trainer:
     def train(self) -> list[dict]:
         """Runs max_steps optimizer steps; returns the per-step records (rank-local)."""
         history = []
-        for step in range(self.cfg.max_steps):
+        for step in range(self.start_step, self.cfg.max_steps):
             t0 = time.perf_counter()
             record = self.train_step(step)
             if self.mesh.device.type == "cuda":
@@ -135,9 +171,6 @@ class Trainer:
                           peak_memory=peak_memory_bytes(self.mesh.device))
             mfu = (self.flops_per_step / dt / self.mesh.world_size / self.peak_flops
                    if self.peak_flops else None)
-            if not math.isfinite(record["loss"]):
-                raise UserError(f"the loss is {record['loss']} at step {step}; lower "
-                                f"--learning_rate or enable --gradient_clipping")
             last = step == self.cfg.max_steps - 1
             if (step + 1) % self.cfg.eval_interval == 0 or last:
                 record["val_loss"] = self.evaluate()
@@ -154,5 +187,8 @@ class Trainer:
                        + (f" | MFU {mfu:.1%}" if mfu else "")
                        + f" | mem {record['peak_memory'] / 2**30:.2f} GiB")
             history.append(record)
+            every = self.cfg.checkpoint_interval or self.cfg.eval_interval
+            if self.cfg.checkpoint_interval >= 0 and ((step + 1) % every == 0 or last):
+                checkpoint.save(self, step + 1)
         self.logger.close()
         return history

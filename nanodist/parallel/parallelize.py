@@ -6,9 +6,12 @@ Each strategy edits the `Parallel` it is given: the trainer only talks to that.
 """
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Callable
 
+import torch
 import torch.nn as nn
+from torch.distributed.tensor import DTensor
 
 from nanodist.config import TrainConfig, UserError
 from nanodist.model import cross_entropy
@@ -17,6 +20,7 @@ from nanodist.parallel.ddp import apply_ddp
 from nanodist.parallel.fsdp import apply_fsdp
 from nanodist.parallel.init import materialize
 from nanodist.parallel.mesh import Mesh
+from nanodist.parallel import tensor_parallel
 from nanodist.parallel.tensor_parallel import apply_tp
 
 
@@ -44,8 +48,13 @@ class Parallel:
     optimizer_params: Callable = None
 
     def __post_init__(self):
+        self.gpt = self.model  # never wrapped: its parameter names are GPT-2's
         if self.optimizer_params is None:
             self.optimizer_params = lambda: split_by_weight_decay(self.model.named_parameters())
+
+    def optimizer_param_list(self) -> list:
+        decay, no_decay = self.optimizer_params()
+        return decay + no_decay
 
     def param_groups(self, weight_decay: float) -> list[dict]:
         decay, no_decay = self.optimizer_params()
@@ -54,8 +63,33 @@ class Parallel:
 
     def clip_grad_norm(self, max_norm: float | None):
         """Norm of the full gradient (over every shard); clips when max_norm is given."""
-        decay, no_decay = self.optimizer_params()
-        return clip_grad_norm_(decay + no_decay, max_norm, self.sharded_over)
+        return clip_grad_norm_(self.optimizer_param_list(), max_norm, self.sharded_over)
+
+    def full_tensors(self, tensors):
+        """(GPT-2 name, full tensor) for `tensors` laid out like the optimizer's params
+        (the params themselves, or Adam's moments), one parameter at a time. Collective."""
+        to_full = partial(tensor_parallel.full_tensor, plan=self.tp_plan, tp_group=self.mesh.tp_group)
+        if self.fsdp is not None:
+            yield from self.fsdp.full_tensors(tensors, to_full)
+            return
+        names = {id(p): name for name, p in self.gpt.named_parameters()}
+        for param, tensor in zip(self.optimizer_param_list(), tensors):
+            name = names[id(param)]
+            yield name, to_full(name, tensor)
+
+    @torch.no_grad()
+    def load_full_tensors(self, full_of: Callable, tensors):
+        """The inverse: fill `tensors` (laid out like the optimizer's params) with this
+        rank's part of `full_of(name)`, asked for one GPT-2 name at a time. Collective."""
+        to_local = partial(tensor_parallel.local_tensor, plan=self.tp_plan, tp_group=self.mesh.tp_group)
+        if self.fsdp is not None:
+            self.fsdp.load_full_tensors(full_of, tensors, to_local)
+            return
+        names = {id(p): name for name, p in self.gpt.named_parameters()}
+        for param, tensor in zip(self.optimizer_param_list(), tensors):
+            name = names[id(param)]
+            local = to_local(name, full_of(name).to(tensor.device), tensor)
+            (tensor.to_local() if isinstance(tensor, DTensor) else tensor).copy_(local)
 
 
 def parallelize(model: nn.Module, cfg: TrainConfig, mesh: Mesh) -> Parallel:

@@ -30,6 +30,7 @@ from torch.distributed.tensor.parallel import loss_parallel
 
 from nanodist.config import UserError
 from nanodist.parallel import comm
+from nanodist.parallel.init import local_slice
 from nanodist.parallel.loss_parallel import dtensor_cross_entropy, vocab_parallel_cross_entropy
 from nanodist.parallel.plan import (Style, full_value, gpt_plan, qkv_from_rank_major,
                                     qkv_to_rank_major, shard_dim)
@@ -233,20 +234,40 @@ def apply_tp(par, cfg):
     par.tp_plan = plan
 
 
+def _style_and_dim(plan: dict, name: str):
+    path, _, leaf = name.rpartition(".")
+    style = plan.get(path)
+    return style, shard_dim(style, leaf) if style else None
+
+
 @torch.no_grad()
+def full_tensor(name: str, local: torch.Tensor, plan: dict, tp_group=None) -> torch.Tensor:
+    """Parameter `name` (or a tensor laid out like it: a gradient, Adam's moments) in
+    GPT-2's layout from this rank's part, from either executor (collective when sharded):
+    TP shards gathered, c_attn rows back in [q; k; v] order."""
+    style, dim = _style_and_dim(plan, name)
+    if isinstance(local, DTensor):
+        local = local.full_tensor()
+    elif dim is not None:
+        local = _all_gather(local.detach(), dim, tp_group)
+    if dim is not None and style.qkv:
+        local = qkv_from_rank_major(local, comm.group_size(tp_group))
+    return local
+
+
+@torch.no_grad()
+def local_tensor(name: str, full: torch.Tensor, like: torch.Tensor, plan: dict, tp_group=None):
+    """The inverse of `full_tensor`: this rank's part of `full`, laid out as `like`."""
+    style, dim = _style_and_dim(plan, name)
+    if dim is None:
+        return local_slice(full, like)
+    tp = comm.group_size(tp_group)
+    if isinstance(like, DTensor):
+        return local_slice(qkv_to_rank_major(full, tp) if style.qkv else full, like)
+    return shard_of(full, style, name.rpartition(".")[2], tp, _rank(tp_group))
+
+
 def full_state_dict(model: nn.Module, plan: dict, tp_group=None) -> dict:
-    """The global state dict in GPT-2's layout, from either executor (collective: call on
-    every rank): TP shards gathered, c_attn rows back in [q; k; v] order."""
-    out = {}
-    for name, value in model.state_dict(keep_vars=True).items():
-        path, _, leaf = name.rpartition(".")
-        style = plan.get(path)
-        dim = shard_dim(style, leaf) if style else None
-        if isinstance(value, DTensor):
-            value = value.full_tensor()
-        elif dim is not None:
-            value = _all_gather(value.detach(), dim, tp_group)
-        if dim is not None and style.qkv:
-            value = qkv_from_rank_major(value, comm.group_size(tp_group))
-        out[name] = value.detach().clone()
-    return out
+    """The global state dict in GPT-2's layout (collective: call on every rank)."""
+    return {name: full_tensor(name, value, plan, tp_group).detach().clone()
+            for name, value in model.state_dict(keep_vars=True).items()}

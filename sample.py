@@ -1,0 +1,97 @@
+"""Generate text from a trained checkpoint, or from published GPT-2 weights.
+
+    python sample.py --out_dir runs/my-run                        the latest checkpoint there
+    python sample.py --checkpoint runs/my-run/step_0000100
+    python sample.py --init_from gpt2-hf-state-dict pytorch_model.bin   Hugging Face GPT-2 weights
+"""
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from nanodist import checkpoint
+from nanodist.config import UserError
+from nanodist.model import GPT, load_hf_state_dict, model_config
+from nanodist.tokenizer import get_gpt2_encoding
+
+
+def load_hf_file(path: str, preset: str) -> GPT:
+    """A GPT2LMHeadModel state dict saved by torch (.bin/.pt) or safetensors."""
+    if not Path(path).exists():
+        raise UserError(f"--init_from: {path} not found")
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+        state = load_file(path)
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)  # data, never code
+    n_positions = state["transformer.wpe.weight"].shape[0]
+    return load_hf_state_dict(GPT(model_config(preset, n_positions, 50257)), state)
+
+
+def codec(tokenizer: dict, bpe_file: str | None):
+    """(encode, decode) of the tokenizer a checkpoint was trained with."""
+    if tokenizer["name"] == "char":
+        itos = tokenizer["itos"]
+        stoi = {ch: i for i, ch in enumerate(itos)}
+        return (lambda s: [stoi[c] for c in s if c in stoi]), (lambda ids: "".join(itos[i] for i in ids))
+    enc = get_gpt2_encoding(bpe_file)
+    return (lambda s: enc.encode(s, allowed_special={"<|endoftext|>"})), enc.decode
+
+
+@torch.no_grad()
+def generate(model: GPT, idx: torch.Tensor, max_new_tokens: int, temperature: float,
+             top_k: int | None, vocab_size: int) -> torch.Tensor:
+    for _ in range(max_new_tokens):
+        logits = model(idx[:, -model.config.block_size:])[:, -1, :vocab_size] / temperature
+        if top_k:
+            kth = torch.topk(logits, min(top_k, vocab_size)).values[:, -1:]
+            logits[logits < kth] = -float("inf")
+        idx = torch.cat([idx, torch.multinomial(torch.softmax(logits, -1), 1)], dim=1)
+    return idx
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out_dir", help="run directory: sample from its latest checkpoint")
+    p.add_argument("--checkpoint", help="a step_N checkpoint directory")
+    p.add_argument("--init_from", nargs=2, metavar=("gpt2-hf-state-dict", "PATH"),
+                   help="published GPT-2 weights (a Hugging Face GPT2LMHeadModel state dict)")
+    p.add_argument("--preset", default="gpt2", help="model preset of --init_from weights")
+    p.add_argument("--start", default="\n", help="prompt text")
+    p.add_argument("--num_samples", type=int, default=2)
+    p.add_argument("--max_new_tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--top_k", type=int, default=200)
+    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--bpe_file", help="local gpt2.tiktoken (offline)")
+    args = p.parse_args(argv)
+    try:
+        if args.init_from:
+            if args.init_from[0] != "gpt2-hf-state-dict":
+                raise UserError("--init_from takes: gpt2-hf-state-dict PATH")
+            model, tokenizer, vocab = load_hf_file(args.init_from[1], args.preset), {"name": "gpt2"}, 50257
+        else:
+            if args.checkpoint:
+                path = checkpoint.find(None, args.checkpoint)
+            elif args.out_dir:
+                path = checkpoint.find(args.out_dir, "latest")
+            else:
+                raise UserError("say what to sample from: --out_dir DIR, --checkpoint DIR or --init_from")
+            model, info = checkpoint.load_model(path)
+            tokenizer = info["tokenizer"]
+            vocab = len(tokenizer["itos"]) if tokenizer["name"] == "char" else 50257
+        encode, decode = codec(tokenizer, args.bpe_file)
+        torch.manual_seed(args.seed)
+        prompt = torch.tensor([encode(args.start) or [0]], dtype=torch.long)
+        for _ in range(args.num_samples):
+            out = generate(model.eval(), prompt, args.max_new_tokens, args.temperature, args.top_k, vocab)
+            print(decode(out[0].tolist()), "\n---------------", flush=True)
+        return 0
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
