@@ -213,7 +213,9 @@ class FSDP:
             self._reduce_grads(unit)
 
     def _reduce_grads(self, unit):
-        """Unit's grads -> one fp32 vector -> reduce-scatter(avg) into shard.grad (async)."""
+        """Unit's grads -> one fp32 vector -> reduce-scatter, async: it overlaps the next
+        unit's backward, which waits for it first (one unit's flat grads in flight)."""
+        self._finish_reductions()
         for f in unit.flats:
             if f.unsharded_grad is None:
                 f.unsharded_grad = torch.zeros(f.full.numel(), device=f.shard.device)
@@ -223,20 +225,25 @@ class FSDP:
                 p.grad = None
             if self.sync_grads:
                 out = torch.empty_like(f.shard)
-                work = comm.reduce_scatter(out, f.unsharded_grad, self.group, "avg", async_op=True)
+                work = comm.reduce_scatter(out, f.unsharded_grad, self.group, async_op=True)
                 self.reductions.append((f, out, work, f.unsharded_grad))
                 f.unsharded_grad = None
         unit.grads_ready = 0
         unit.reshard()
 
+    def _finish_reductions(self):
+        for f, out, work, _ in self.reductions:
+            work.wait()
+            out.div_(comm.group_size(self.group))  # sum -> mean (exact for N = 2^k, as FSDP2's AVG)
+            f.shard.grad = out if f.shard.grad is None else f.shard.grad.add_(out)
+        self.reductions = []
+
     def _finish_backward(self):
         for unit in self.units:  # units some of whose parameters got no gradient
             if unit.grads_ready or unit.gathered:
                 self._reduce_grads(unit)
-        for f, out, work, _ in self.reductions:
-            work.wait()
-            f.shard.grad = out if f.shard.grad is None else f.shard.grad.add_(out)
-        self.reductions, self.backward_started = [], False
+        self._finish_reductions()
+        self.backward_started = False
 
 
 def apply_fsdp(par, cfg):
