@@ -83,8 +83,8 @@ def main():
     layout = Layout(**json.loads(args.layout))
 
     world = int(os.environ.get("WORLD_SIZE", 1))
-    if args.device != "cuda" and not torch.cuda.is_available():  # the processes share the cores
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    if not torch.cuda.is_available():  # one thread per process: a loaded machine makes
+        torch.set_num_threads(1)       # OpenMP threads wait on each other for ages
     impls = ["custom", "pytorch"] if world > 1 else ["custom"]
     trainers = {impl: Trainer(parse_args(train_flags(args, layout, impl))) for impl in impls}
     if world > 1:

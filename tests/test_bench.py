@@ -1,0 +1,108 @@
+"""The benchmark's analytic model against hand-worked examples and the real model, its
+traffic counter against comm.py's, and a smoke run of bench/run.py (schema, not speed)."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from harness import REPO, run_distributed
+
+sys.path.insert(0, str(REPO / "bench"))
+from analytic import (Layout, activation_bytes, param_counts, state_bytes,  # noqa: E402
+                      tp_collectives, traffic_bytes)
+from measure import TrafficMode  # noqa: E402
+from nanodist.model import GPT, GPTConfig  # noqa: E402
+from nanodist.parallel import comm  # noqa: E402
+
+# hand-worked: L=1, C=2, V=4, T=3
+#   root  wte 4*2 = 8, wpe 3*2 = 6, ln_f 2*2 = 4                      -> 18
+#   block c_attn 3*4+6 = 18, attn.c_proj 4+2 = 6, c_fc 4*4+8 = 24,
+#         mlp.c_proj 4*4+2 = 18, ln_1 4, ln_2 4                        -> 74
+#   TP-sharded: wte 8 + c_attn 18 + attn.c_proj.w 4 + c_fc 24 + mlp.c_proj.w 16 = 70
+SMALL = GPTConfig(block_size=3, vocab_size=4, n_layer=1, n_head=1, n_embd=2)
+
+
+def test_param_counts_by_hand_and_against_the_model():
+    assert param_counts(SMALL) == {"blocks": 74, "root": 18, "tp_sharded": 70,
+                                   "replicated": 22, "total": 92}
+    tiny = GPTConfig(block_size=32, vocab_size=128, n_layer=2, n_head=4, n_embd=64)
+    model = GPT(tiny, seed=0)  # tied wte / lm_head: parameters() yields it once
+    assert param_counts(tiny)["total"] == sum(p.numel() for p in model.parameters())
+
+
+def test_state_bytes_follow_zero_16_bytes_per_parameter():
+    assert state_bytes(SMALL, Layout("single")) == {"params": 368, "grads": 368,
+                                                    "optimizer": 736, "total": 1472}
+    assert state_bytes(SMALL, Layout("ddp", dp=2))["total"] == 16 * 92  # replicated
+    assert state_bytes(SMALL, Layout("fsdp", dp=2, dp_type="fsdp"))["total"] == 16 * 46
+    assert state_bytes(SMALL, Layout("zero2", dp=4, dp_type="fsdp", zero3=False))["total"] == 16 * 23
+    assert state_bytes(SMALL, Layout("tp", tp=2))["total"] == 16 * (70 / 2 + 22)
+
+
+def test_traffic_by_hand():
+    # DDP, N=2: all-reduce 2 (N-1)/N * 4 * 92 = 368 bytes of gradients + the 4-byte loss mean
+    assert traffic_bytes(SMALL, Layout("ddp", dp=2), 1, 1) == {"all_reduce": 368 + 4}
+    # ZeRO-3, N=4, 2 micro-steps: gather (2*74 + 18) * 4 bytes * 3/4 per micro-step,
+    # reduce-scatter 92 * 4 * 3/4 once, loss mean + grad norm scalars 2 * 4 * 6/4
+    z3 = traffic_bytes(SMALL, Layout("z3", dp=4, dp_type="fsdp"), 1, 2)
+    assert z3 == {"all_gather": 2 * 166 * 3, "reduce_scatter": 276, "all_reduce": 12}
+    z2 = traffic_bytes(SMALL, Layout("z2", dp=4, dp_type="fsdp", zero3=False), 1, 1)
+    assert z2["all_gather"] == 276 == z2["reduce_scatter"]
+    # TP, B=1: activations B T C * 4 = 24 bytes; L=1 -> 6 all-reduces of them + grad norm,
+    # no loss parallelism: the logits all-gather B T V * 4 = 48 bytes
+    assert tp_collectives(1, 3, 2, 4, 1, sp=False, lp=False) == {"all_reduce": (7, 6 * 24 + 4),
+                                                                 "all_gather": (1, 48)}
+    tp = traffic_bytes(SMALL, Layout("tp", tp=2), 1, 1)
+    assert tp == {"all_reduce": 2 * 0.5 * (6 * 24 + 4), "all_gather": 0.5 * 48}
+
+
+def test_activation_bytes_by_hand():
+    # B=1, T=3, C=2, a=1, V=4: bsh = 6; per layer 4*6 + 12*6 + 3 = 99 floats; head 6 + 6 + 12
+    # floats; ids 3 * 8 bytes
+    assert activation_bytes(SMALL, Layout("single"), 1) == 4 * (99 + 24) + 24
+    # TP 2 + SP + LP: per layer 2*6/2 + 2*6 + 12*6/2 + 3/2 = 55.5; head 3 + 6 + 6
+    layout = Layout("tp", tp=2, loss_parallel=True, sequence_parallel=True)
+    assert activation_bytes(SMALL, layout, 1) == 4 * (55.5 + 15) + 24
+
+
+def _traffic_vs_comm_py():
+    """The dispatch-mode counter sees what comm.py counts, collective by collective."""
+    group = torch.distributed.group.WORLD
+    x, out = torch.ones(10), torch.empty(20)
+    with TrafficMode() as mode, comm.counting() as counted:
+        comm.all_reduce(x, group)
+        comm.all_gather(out, x, group)
+        comm.reduce_scatter(x[:5], out[:10], group)
+        comm.broadcast(x, 0, group)
+    return mode.counter.summary(), counted.summary()
+
+
+def test_traffic_mode_counts_like_comm_py():
+    mode, counted = run_distributed(_traffic_vs_comm_py, 2)[0]
+    assert mode == counted and set(mode) == {"all_reduce", "all_gather", "reduce_scatter", "broadcast"}
+
+
+def test_quick_run_writes_the_report(char_data, tmp_path):
+    """bench/run.py --quick on two layouts: JSON schema, Markdown and plots exist."""
+    done = subprocess.run([sys.executable, str(REPO / "bench" / "run.py"), "--quick", "--out",
+                           str(tmp_path), "--layouts", "single", "fsdp-zero3", "--data_dir", char_data],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    records = json.loads((tmp_path / "results.json").read_text())["records"]
+    assert [(r["layout"], r["implementation"]) for r in records] == [
+        ("single", "custom"), ("fsdp-zero3", "custom"), ("fsdp-zero3", "pytorch")]
+    for r in records:
+        for key in ("tokens_per_s", "step_ms", "state_bytes", "state_analytic_bytes", "state_ratio",
+                    "activation_bytes", "peak_bytes", "comm_bus_bytes", "comm_analytic_bus_bytes",
+                    "traffic", "loss", "flops_per_token"):
+            assert key in r, key
+        assert r["loss"] and all(isinstance(v, float) for v in r["loss"])
+    fsdp = records[1]
+    assert fsdp["compute_ms"] is not None and fsdp["custom_over_pytorch"] > 0
+    assert set(fsdp["traffic"]) >= {"all_gather", "reduce_scatter"}
+    assert fsdp["comm_ratio"] == pytest.approx(1, abs=0.05)  # exact counts; padding only
+    assert fsdp["state_ratio"] == pytest.approx(1, abs=0.1)
+    for name in ("report.md", "throughput.png", "memory.png", "loss.png"):
+        assert (tmp_path / name).stat().st_size > 0, name
