@@ -30,20 +30,22 @@ from nanodist.parallel.parallelize import parallelize
 
 
 class PeakLiveBytes(TorchDispatchMode):
-    """Peak over the ops run inside it of the storage bytes of the tensors alive, those
-    that existed before (`before`) included."""
+    """Peak over the ops run inside it of the storage bytes alive: the tensors made
+    inside, those of `before`, and the model's parameters as they are at that op (both
+    FSDPs regrow gathered storages by resizing them, which no op reports)."""
 
-    def __init__(self, before):
+    def __init__(self, before, model):
         super().__init__()
-        self.refs = {id(t): weakref.ref(t) for t in before}
-        self.peak = 0
+        self.before = list(before)  # held: DTensor.to_local() hands out fresh aliases
+        self.model, self.refs, self.peak = model, {}, 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         for t in tree_leaves(out):
             if isinstance(t, torch.Tensor):
                 self.refs[id(t)] = weakref.ref(t)
-        alive = [_local(t) for r in self.refs.values() if (t := r()) is not None]
+        alive = (self.before + [_local(p) for p in self.model.parameters()]
+                 + [_local(t) for r in self.refs.values() if (t := r()) is not None])
         self.peak = max(self.peak, sum({t.untyped_storage()._cdata: t.untyped_storage().nbytes()
                                         for t in alive}.values()))
         return out
@@ -100,7 +102,7 @@ def main():
         opt.step()
         state = sum(t.numel() * t.element_size() for t in _state_tensors(par, opt))
         opt.zero_grad(set_to_none=True)
-        with PeakLiveBytes(_state_tensors(par, opt)) as peak:
+        with PeakLiveBytes(_state_tensors(par, opt), par.model) as peak:
             step(impl)
         memory[impl] = (state, peak.peak)
     with comm.counting() as counted:

@@ -16,7 +16,8 @@ buffer in the compute dtype whose storage exists only while the unit is gathered
                      (fp32, async) -> shard.grad, free full(i) and the unsharded grads
     traffic per step: all-gather x 2 + reduce-scatter = 3 (N-1)/N Psi   (ZeRO-3)
     reshard_after_forward=False (ZeRO-2) keeps full(i) from forward to backward: 2 (N-1)/N Psi
-The root is gathered from the start of forward to the end of backward (it runs at both).
+The root runs at both ends (embeddings first, head last): it is re-gathered when backward
+reaches the head and stays gathered until the embeddings' gradients are in.
 """
 from collections import defaultdict
 from contextlib import contextmanager
@@ -195,7 +196,7 @@ class FSDP:
     def _post_forward(self, i, output):
         if torch.is_grad_enabled() and output.requires_grad:
             output.register_hook(lambda grad: self._pre_backward(i))
-            if i > 0 and self.reshard_after_forward:  # the root runs again first in backward
+            if self.reshard_after_forward:  # the root too: the loss runs before the head's backward
                 self.units[i].reshard()
         else:  # no backward follows (evaluation)
             self.units[i].reshard()
