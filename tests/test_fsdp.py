@@ -11,7 +11,7 @@ from harness import run_distributed
 from nanodist.config import TrainConfig
 from nanodist.model import GPT, GPTConfig
 from nanodist.parallel import comm
-from nanodist.parallel.fsdp import full_state_dict, load_full_state_dict
+from nanodist.parallel.fsdp import fsdp2_no_sync, full_state_dict, load_full_state_dict
 from nanodist.parallel.mesh import Mesh, build_mesh
 from nanodist.parallel.parallelize import parallelize
 from nanodist.trainer import Trainer
@@ -55,7 +55,8 @@ def _train(mesh, model_cfg=MODEL, steps=STEPS, max_norm=None, defer_sync=False, 
     par = parallelize(model, cfg, mesh)
     opt = torch.optim.AdamW(par.param_groups(0.1), lr=1e-2)
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16")
-    no_sync = (par.fsdp.no_sync if par.fsdp else par.no_sync) if defer_sync else None
+    no_sync = ((par.fsdp.no_sync if par.fsdp else lambda: fsdp2_no_sync(par.model))
+               if defer_sync else None)
     losses, norms = [], []
     for step in range(steps):
         total = 0.0

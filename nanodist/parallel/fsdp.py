@@ -248,7 +248,13 @@ class FSDP:
 
 
 def apply_fsdp(par, cfg):
-    """Shard `par.model` over the DP group (custom or FSDP2, per cfg.implementation)."""
+    """Shard `par.model` over the DP group (custom or FSDP2, per cfg.implementation).
+
+    Gradient accumulation reduce-scatters every micro-step (par.no_sync stays a no-op):
+    holding the unsharded fp32 gradients of the whole model between micro-steps would
+    cost 4 Psi bytes per rank, as much as DDP's, the memory FSDP exists to save; the
+    price is one more reduce-scatter, (N-1)/N Psi, per extra micro-step. Callers who
+    prefer the other trade wrap micro-steps in `par.fsdp.no_sync()` / `fsdp2_no_sync`."""
     compute_dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
     if cfg.implementation == "pytorch":
         return apply_fsdp2(par, cfg.fsdp_reshard_after_forward, compute_dtype)
@@ -298,11 +304,11 @@ def apply_fsdp2(par, reshard_after_forward: bool, compute_dtype):
     dp_mesh = par.mesh.device_mesh["dp"]
     for _, module in reversed(wrap_policy(par.model)):
         fully_shard(module, mesh=dp_mesh, reshard_after_forward=reshard_after_forward, mp_policy=mp)
-    par.no_sync = lambda: _fsdp2_no_sync(par.model)
 
 
 @contextmanager
-def _fsdp2_no_sync(model):
+def fsdp2_no_sync(model):
+    """FSDP2's counterpart of `FSDP.no_sync`: keep unsharded grads, reduce later."""
     model.set_requires_gradient_sync(False)
     try:
         yield
