@@ -56,7 +56,7 @@ def _train(mesh, model_cfg=MODEL, steps=STEPS, max_norm=None, defer_sync=False, 
     opt = torch.optim.AdamW(par.param_groups(0.1), lr=1e-2)
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16")
     no_sync = ((par.fsdp.no_sync if par.fsdp else lambda: fsdp2_no_sync(par.model))
-               if defer_sync else None)
+               if defer_sync and mesh.dp_size > 1 else None)
     losses, norms = [], []
     for step in range(steps):
         total = 0.0
