@@ -5,7 +5,8 @@
 Variants {custom, pytorch} x {TP, TP + sequence parallel}, all with loss parallelism,
 take turns step by step (forward + backward + AdamW step, one batch replicated over TP).
 Traffic: what the counted comm module saw in one custom step, by kind, against the
-analytic count of activation collectives (B T C fp32 each, L layers):
+analytic count of activation collectives (B T C fp32 each, L layers;
+bench/analytic.py `tp_collectives`):
 
     without SP   all-reduce   4 per layer (2 forward: row-parallel outputs; 2 backward:
                               column-parallel inputs) + wte forward + lm_head input backward
@@ -25,29 +26,13 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
+from analytic import tp_collectives
 from common import median, parser, print_table, time_interleaved, write_json
 from nanodist.config import TrainConfig
 from nanodist.model import GPT, model_config
 from nanodist.parallel import comm
 from nanodist.parallel.mesh import build_mesh, init_distributed, pick_device
 from nanodist.parallel.parallelize import parallelize
-
-
-def analytic(B, T, C, V, L, sp: bool, lp: bool) -> dict:
-    """{kind: (calls, payload bytes)} of one forward + backward + norm, fp32."""
-    act = B * T * C * 4
-    if sp:
-        counts = {"all_gather": (4 * L + 2, (4 * L + 2) * act),
-                  "reduce_scatter": (4 * L + 1, (4 * L + 1) * act),
-                  "all_reduce": (1 + 6 * L + 2, act + (6 * L + 2) * C * 4)}
-    else:
-        counts = {"all_reduce": (4 * L + 2, (4 * L + 2) * act)}
-    calls, payload = counts["all_reduce"]
-    counts["all_reduce"] = (calls + 1 + (2 if lp else 0), payload + 4 + (3 * B * T * 4 if lp else 0))
-    if not lp:
-        calls, payload = counts.get("all_gather", (0, 0))
-        counts["all_gather"] = (calls + 1, payload + B * T * V * 4)
-    return counts
 
 
 def main():
@@ -97,7 +82,7 @@ def main():
             with comm.counting() as counted:
                 step()
             measured = counted.summary()
-            for kind, (calls, payload) in analytic(B, T, C, V, L, sp, lp).items():
+            for kind, (calls, payload) in tp_collectives(B, T, C, V, L, sp, lp).items():
                 got = measured.get(kind, {"calls": 0, "payload_bytes": 0, "bus_bytes": 0})
                 rows.append({"variant": f"custom{'+sp' if sp else ''}{'' if lp else ' no-lp'}",
                              "kind": kind, "calls": got["calls"], "analytic calls": calls,
