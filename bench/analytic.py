@@ -22,7 +22,7 @@ Communication per optimizer step, ring bus bytes each rank sends (comm.py's `bus
 
     DDP       all-reduce      2 (N-1)/N * 4 Psi                  (once per step: no_sync)
     ZeRO-3    all-gather      (N-1)/N * 4 (2 Psi_blocks + Psi_root) per micro-step
-              reduce-scatter  (N-1)/N * 4 Psi                    (root stays gathered from
+              reduce-scatter  (N-1)/N * 4 Psi per micro-step     (root stays gathered from
     ZeRO-2    all-gather      (N-1)/N * 4 Psi per micro-step      forward to backward)
     TP        activations of B T C floats, per micro-step (`tp_collectives`)
 plus the scalar all-reduces of the loss mean and the gradient norm (4 bytes each).
@@ -143,7 +143,7 @@ def traffic_bytes(cfg: GPTConfig, layout: Layout, micro_batch: int, accum: int) 
         else:
             gathers = 2 * n["blocks"] + n["root"] if layout.zero3 else n["total"]
             add("all_gather", dp, accum * FP32 * gathers / tp if tp > 1 else accum * FP32 * gathers)
-            add("reduce_scatter", dp, FP32 * local)
+            add("reduce_scatter", dp, accum * FP32 * local)  # every micro-step (fsdp.py)
             add("all_reduce", dp, FP32)  # the squared gradient norm of the shards
     return bus
 
