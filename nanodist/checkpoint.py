@@ -22,6 +22,7 @@ import json
 import os
 import shutil
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -34,8 +35,6 @@ from nanodist.config import UserError
 from nanodist.model import GPT, GPTConfig
 
 ADAM_STATES = ("exp_avg", "exp_avg_sq")
-# one process has no process group, and DCP says so at every call: it is no news here
-warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 
 
 def _world_mesh(device):
@@ -52,6 +51,14 @@ def _dim0_slice(full: torch.Tensor, world, own):
     local = chunks[rank] if rank < len(chunks) else full[:0]
     return DTensor.from_local(own(local), world, [Shard(0)], run_check=False,
                               shape=full.shape, stride=full.stride())
+
+
+@contextmanager
+def _quiet():
+    """One process has no process group, and DCP warns so at every call: no news here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
 
 
 def _barrier():
@@ -99,7 +106,8 @@ def save(trainer, step: int):
     for prefix, tensors in groups.items():
         for name, full in par.full_tensors(tensors):  # one parameter at a time
             state[f"{prefix}/{name}"] = _dim0_slice(full.detach(), world, lambda t: t.clone())
-    dcp.save(state, checkpoint_id=tmp, no_dist=world is None)
+    with _quiet():
+        dcp.save(state, checkpoint_id=tmp, no_dist=world is None)
     rng = {"cpu": torch.get_rng_state()}
     if mesh.device.type == "cuda":
         rng["cuda"] = torch.cuda.get_rng_state(mesh.device)
@@ -133,6 +141,16 @@ def find(out_dir, resume: str) -> Path | None:
     return path
 
 
+def _read(state: dict, path: Path, no_dist: bool):
+    """dcp.load into `state`; damaged files end in one clear message."""
+    try:
+        with _quiet():
+            dcp.load(state, checkpoint_id=path, no_dist=no_dist)
+    except (Exception, dcp.CheckpointException) as e:  # CheckpointException is a BaseException
+        cause = str(e).strip().splitlines()[-1]
+        raise UserError(f"checkpoint {path} could not be read ({cause}); resume from an older one") from e
+
+
 def read_info(path: Path) -> dict:
     try:
         return json.loads((path / "trainer.json").read_text())
@@ -161,17 +179,14 @@ def load(trainer, path: Path) -> int:
     check_compatible(info, trainer, path)
     try:
         metadata = dcp.FileSystemReader(path).read_metadata()
-    except Exception as e:  # noqa: BLE001 - DCP raises various errors for damaged files
+    except Exception as e:  # noqa: BLE001 - damaged files raise all sorts of errors
         raise UserError(f"checkpoint {path} is corrupt ({e}); resume from an older one") from e
     world = _world_mesh(mesh.device)
     shapes = {key: meta.size for key, meta in metadata.state_dict_metadata.items()}
     state = {key: _dim0_slice(torch.empty(shape, device="meta"), world if key != "optim.step" else None,
                               lambda t: torch.empty_like(t, device=mesh.device))
              for key, shape in shapes.items()}
-    try:
-        dcp.load(state, checkpoint_id=path, no_dist=world is None)
-    except Exception as e:  # noqa: BLE001
-        raise UserError(f"checkpoint {path} could not be read ({e}); resume from an older one") from e
+    _read(state, path, no_dist=world is None)
 
     def full_of(key):
         if key not in state:
@@ -203,9 +218,5 @@ def load_model(path) -> tuple[GPT, dict]:
     path = Path(path)
     info = read_info(path)
     model = GPT(GPTConfig(**info["model"]), seed=None)
-    state = {f"model/{name}": param for name, param in model.named_parameters()}
-    try:
-        dcp.load(state, checkpoint_id=path, no_dist=True)
-    except Exception as e:  # noqa: BLE001 - DCP raises various errors for damaged files
-        raise UserError(f"checkpoint {path} could not be read ({e})") from e
+    _read({f"model/{name}": param for name, param in model.named_parameters()}, path, no_dist=True)
     return model, info
