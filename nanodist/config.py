@@ -65,6 +65,9 @@ class TrainConfig:
     deferred_init: bool = flag(False, "build on the meta device, materialise each rank's shard only")
     bucket_cap_mb: float = flag(25.0, "custom DDP gradient bucket size in MiB")
     fsdp_reshard_after_forward: bool = flag(True, "false: keep gathered params until backward (ZeRO-2)")
+    fsdp_reduce_on_last_micro_step: bool = flag(
+        False, "FSDP: reduce-scatter on the last micro-step only (unsharded grads kept: +4 bytes "
+               "per parameter per rank, less traffic)")
     # system
     device: str = flag("auto", "auto: cuda when available, else cpu")
     dtype: str = flag("float32", "compute dtype (bfloat16: mixed precision, fp32 master weights)")

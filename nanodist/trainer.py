@@ -32,6 +32,16 @@ def check_tensor_parallel_fit(model_cfg: GPTConfig, tp: int):
                             f"({tp}); pick a tensor parallel size that divides it")
 
 
+def new_run_dir(runs: Path, layout: str) -> str:
+    """runs/<time>-<layout>, with a suffix when a run started in the same second."""
+    base = runs / f"{time.strftime('%Y%m%d-%H%M%S')}-{layout}"
+    path, n = base, 1
+    while path.exists():
+        path, n = base.with_name(f"{base.name}-{n}"), n + 1
+    path.mkdir(parents=True)
+    return str(path)
+
+
 def lr_at(step: int, cfg: TrainConfig) -> float:
     """Linear warmup to learning_rate, then cosine decay to min_lr at max_steps."""
     warmup = cfg.warmup_steps if cfg.warmup_steps >= 0 else min(715, cfg.max_steps // 10)
@@ -71,8 +81,8 @@ class Trainer:
         self.peak_flops = device_peak_flops(device)
 
         layout = (f"dp{mesh.dp_size}-{cfg.data_parallel_type}-tp{mesh.tp_size}-{cfg.implementation}")
-        if not cfg.out_dir:  # a fresh run directory; rank 0's clock names it for all
-            cfg.out_dir = self._broadcast(str(REPO / "runs" / f"{time.strftime('%Y%m%d-%H%M%S')}-{layout}"))
+        if not cfg.out_dir:  # a fresh run directory, named by rank 0 for all
+            cfg.out_dir = self._broadcast(new_run_dir(REPO / "runs", layout) if mesh.is_main else None)
         self.log_dir = cfg.log_dir or cfg.out_dir
         self.start_step = self._resume()
         self.logger = Logger(self.log_dir, enabled=mesh.is_main, resume_step=self.start_step)

@@ -111,3 +111,18 @@ def run_train(args: list[str], nproc: int = 1, timeout: float = 300, env: dict |
     return subprocess.run(launcher + [str(REPO / "train.py"), *args], cwd=REPO, text=True,
                           capture_output=True, timeout=timeout,
                           env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+
+
+def trainer_records(kwargs: dict):
+    """Rank side (or one process): train with TrainConfig(**kwargs); (loss, grad norm) per step."""
+    from nanodist.config import TrainConfig
+    from nanodist.trainer import Trainer
+    return [(r["loss"], r["grad_norm"]) for r in Trainer(TrainConfig(**kwargs)).train()]
+
+
+def tiny_run(data_dir, out_dir, **overrides) -> dict:
+    """TrainConfig fields of a 3-step tiny run on char-level Shakespeare, AdamW + clipping."""
+    return dict(device="cpu", model="tiny", dataset="shakespeare_char", data_dir=data_dir,
+                block_size=32, batch_size=2, total_batch_size=256, max_steps=3, warmup_steps=1,
+                learning_rate=1e-3, gradient_clipping=True, eval_interval=100, eval_iters=1,
+                out_dir=str(out_dir), **overrides)

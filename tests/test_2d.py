@@ -5,20 +5,7 @@ import re
 
 import pytest
 
-from harness import run_distributed, run_train
-from nanodist.config import TrainConfig
-from nanodist.trainer import Trainer
-
-
-def trainer_records(kwargs: dict):
-    return [(r["loss"], r["grad_norm"]) for r in Trainer(TrainConfig(**kwargs)).train()]
-
-
-def tiny_run(char_data, log_dir, **overrides):
-    return dict(device="cpu", model="tiny", dataset="shakespeare_char", data_dir=char_data,
-                block_size=32, batch_size=2, total_batch_size=256, max_steps=3, warmup_steps=1,
-                learning_rate=1e-3, gradient_clipping=True, eval_interval=100, eval_iters=1,
-                log_dir=str(log_dir), **overrides)
+from harness import run_distributed, run_train, tiny_run, trainer_records
 
 
 EXPERIMENT = dict(enable_loss_parallelism=True, deferred_init=True)  # + clipping (tiny_run)

@@ -7,13 +7,11 @@ import torch
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 
-from harness import run_distributed, run_train
-from nanodist.config import TrainConfig
+from harness import run_distributed, run_train, tiny_run, trainer_records
 from nanodist.model import GPT, GPTConfig, cross_entropy
 from nanodist.parallel import comm
 from nanodist.parallel.ddp import DataParallel, native_ddp
 from nanodist.parallel.mesh import build_mesh
-from nanodist.trainer import Trainer
 
 CPU = torch.device("cpu")
 TINY = GPTConfig(block_size=32, vocab_size=128, n_layer=2, n_head=4, n_embd=64)
@@ -241,17 +239,6 @@ def test_unused_parameters_neither_hang_nor_corrupt():
 
 
 # ---- the trainer, end to end ----
-
-def trainer_records(kwargs: dict):
-    return [(r["loss"], r["grad_norm"]) for r in Trainer(TrainConfig(**kwargs)).train()]
-
-
-def tiny_run(char_data, log_dir, **overrides):
-    return dict(device="cpu", model="tiny", dataset="shakespeare_char", data_dir=char_data,
-                block_size=32, batch_size=2, total_batch_size=256, max_steps=3, warmup_steps=1,
-                learning_rate=1e-3, gradient_clipping=True, eval_interval=100, eval_iters=1,
-                log_dir=str(log_dir), **overrides)
-
 
 def test_trainer_matches_one_process(char_data, tmp_path):
     """Same global batch (one process: 4 micro-steps; DP=2: 2 each), AdamW, clipping on.

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from harness import run_distributed
+from harness import run_distributed, tiny_run, trainer_records
 from nanodist.config import TrainConfig
 from nanodist.model import GPT, GPTConfig
 from nanodist.parallel import comm
@@ -264,19 +264,26 @@ def test_full_state_dict_round_trip(impl):
         assert torch.equal(saved[k], loaded[k]), k
 
 
-def _trainer_records(kwargs):
-    return [r["loss"] for r in Trainer(TrainConfig(**kwargs)).train()]
-
-
-def test_trainer_end_to_end(char_data, tmp_path):
-    """The issue's command, custom and pytorch, against one process (Loss/train)."""
-    run = dict(device="cpu", model="tiny", dataset="shakespeare_char", data_dir=char_data,
-               block_size=32, batch_size=2, total_batch_size=256, max_steps=3, warmup_steps=1,
-               learning_rate=1e-3, gradient_clipping=True, eval_interval=100, eval_iters=1)
-    single = _trainer_records(dict(run, log_dir=str(tmp_path / "single")))
+@pytest.mark.parametrize("reduce_on_last", [False, True])
+def test_trainer_end_to_end(char_data, tmp_path, reduce_on_last):
+    """The issue's command, custom and pytorch, against one process (Loss/train); with
+    --fsdp_reduce_on_last_micro_step the 2 micro-steps of a step reduce-scatter once."""
+    single = trainer_records(tiny_run(char_data, tmp_path / "single"))
     for impl in ("custom", "pytorch"):
-        kwargs = dict(run, data_parallel_size=2, data_parallel_type="fsdp", deferred_init=True,
-                      implementation=impl, log_dir=str(tmp_path / impl))
-        for losses in run_distributed(_trainer_records, 2, kwargs):
+        kwargs = tiny_run(char_data, tmp_path / impl, data_parallel_size=2, data_parallel_type="fsdp",
+                          deferred_init=True, implementation=impl,
+                          fsdp_reduce_on_last_micro_step=reduce_on_last)
+        for records in run_distributed(trainer_records, 2, kwargs):
             # fp32, 3 AdamW steps with clipping: float-order differences only
-            assert losses == pytest.approx(single, abs=1e-5), impl
+            assert [loss for loss, _ in records] == pytest.approx([l for l, _ in single], abs=1e-5), impl
+    calls, flats = run_distributed(_reduce_scatters_per_step, 2, tiny_run(
+        char_data, tmp_path / "count", data_parallel_size=2, data_parallel_type="fsdp",
+        fsdp_reduce_on_last_micro_step=reduce_on_last))[0]
+    assert calls == flats * (1 if reduce_on_last else 2)  # tiny_run: 2 micro-steps per step
+
+
+def _reduce_scatters_per_step(kwargs):
+    trainer = Trainer(TrainConfig(**kwargs))
+    with comm.counting() as counter:
+        trainer.train_step(0)
+    return counter.calls["reduce_scatter"], len(trainer.par.fsdp.flats)

@@ -9,7 +9,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 import train
 from harness import run_train
 from nanodist.config import TrainConfig, UserError, grad_accum_steps, parse_args, resolve_layout
-from nanodist.trainer import Trainer, lr_at
+from nanodist.trainer import Trainer, lr_at, new_run_dir
 
 TINY = ["--device", "cpu", "--model", "tiny", "--batch_size", "4", "--block_size", "64",
         "--warmup_steps", "2", "--eval_iters", "2"]
@@ -56,7 +56,7 @@ def test_single_process_training_loss_falls_and_is_logged(char_data, tmp_path):
     cfg = parse_args(TINY + ["--dataset", "shakespeare_char", "--data_dir", char_data,
                              "--total_batch_size", "512", "--max_steps", "30", "--eval_interval", "15",
                              "--learning_rate", "3e-3", "--gradient_clipping",
-                             "--log_dir", str(tmp_path / "run")])
+                             "--out_dir", str(tmp_path / "run")])
     history = Trainer(cfg).train()
     losses = [r["loss"] for r in history]
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.5
@@ -76,7 +76,7 @@ def test_gradient_accumulation_gives_the_same_step_as_one_big_batch(char_data, t
         cfg = parse_args(TINY[:4] + ["--batch_size", str(batch_size), "--block_size", "32",
                                      "--dataset", "shakespeare_char", "--data_dir", char_data,
                                      "--total_batch_size", "256", "--max_steps", "3",
-                                     "--eval_interval", "100", "--log_dir", str(tmp_path / str(batch_size))])
+                                     "--eval_interval", "100", "--out_dir", str(tmp_path / str(batch_size))])
         return [r["loss"] for r in Trainer(cfg).train()]
     torch.testing.assert_close(run(2), run(8), rtol=1e-5, atol=0)  # fp32 summation order only
 
@@ -86,7 +86,7 @@ def test_train_py_on_bpe_shakespeare_as_in_the_readme(bpe_data, tmp_path):
     result = run_train(["--device", "cpu", "--model", "tiny", "--batch_size", "4",
                         "--block_size", "64", "--total_batch_size", "512", "--max_steps", "20",
                         "--eval_interval", "10", "--data_dir", bpe_data,
-                        "--log_dir", str(tmp_path / "run")])
+                        "--log_dir", str(tmp_path / "run"), "--out_dir", str(tmp_path / "out")])
     assert result.returncode == 0, result.stderr
     losses = [v for _, v in scalars(tmp_path / "run", "Loss/train")]
     assert len(losses) == 20 and sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.3
@@ -126,9 +126,9 @@ def test_missing_or_truncated_data_names_the_prepare_script(char_data, tmp_path,
 
 def test_a_used_log_dir_is_never_mixed_into(char_data, tmp_path, capsys):
     args = TINY + ["--dataset", "shakespeare_char", "--data_dir", char_data, "--total_batch_size",
-                   "256", "--max_steps", "1", "--log_dir", str(tmp_path)]
-    assert train.main(args) == 0
-    assert train.main(args) == 2
+                   "256", "--max_steps", "1", "--log_dir", str(tmp_path / "log")]
+    assert train.main(args + ["--out_dir", str(tmp_path / "a")]) == 0
+    assert train.main(args + ["--out_dir", str(tmp_path / "b")]) == 2
     assert "already holds a TensorBoard run" in capsys.readouterr().err
 
 
@@ -141,3 +141,8 @@ def test_every_rank_exits_cleanly_on_a_bad_layout(char_data):
     assert result.stderr.count("error: n_head (4) is not divisible by --tensor_parallel_size (3)") == 1
     # torchrun reports the failed workers in its own words; none of ours raised a traceback
     assert "train.py\", line" not in result.stderr and "nanodist/" not in result.stderr
+
+
+def test_runs_started_in_the_same_second_get_their_own_directory(tmp_path):
+    first, second = new_run_dir(tmp_path, "dp1"), new_run_dir(tmp_path, "dp1")
+    assert first != second and Path(first).is_dir() and Path(second).is_dir()

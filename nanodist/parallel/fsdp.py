@@ -21,6 +21,7 @@ reaches the head and stays gathered until the embeddings' gradients are in.
 """
 from collections import defaultdict
 from contextlib import contextmanager
+from functools import partial
 
 import torch
 import torch.nn as nn
@@ -250,18 +251,23 @@ class FSDP:
 def apply_fsdp(par, cfg):
     """Shard `par.model` over the DP group (custom or FSDP2, per cfg.implementation).
 
-    Gradient accumulation reduce-scatters every micro-step (par.no_sync stays a no-op):
-    holding the unsharded fp32 gradients of the whole model between micro-steps would
-    cost 4 Psi bytes per rank, as much as DDP's, the memory FSDP exists to save; the
-    price is one more reduce-scatter, (N-1)/N Psi, per extra micro-step. Callers who
-    prefer the other trade wrap micro-steps in `par.fsdp.no_sync()` / `fsdp2_no_sync`."""
+    Gradient accumulation reduce-scatters every micro-step by default (par.no_sync stays
+    a no-op): holding the unsharded fp32 gradients of the whole model between micro-steps
+    costs 4 Psi bytes per rank, as much as DDP's, the memory FSDP exists to save; the
+    price is one more reduce-scatter, (N-1)/N Psi, per extra micro-step.
+    --fsdp_reduce_on_last_micro_step takes the other trade."""
     compute_dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
     if cfg.implementation == "pytorch":
-        return apply_fsdp2(par, cfg.fsdp_reshard_after_forward, compute_dtype)
-    par.fsdp = fsdp = FSDP(par.model, par.mesh, cfg.seed, compute_dtype,
-                           cfg.fsdp_reshard_after_forward, par.sharded_over)
-    par.optimizer_params = fsdp.optimizer_params
-    par.sharded_over.update({f.shard: f.groups for f in fsdp.flats})
+        apply_fsdp2(par, cfg.fsdp_reshard_after_forward, compute_dtype)
+        no_sync = partial(fsdp2_no_sync, par.model)
+    else:
+        par.fsdp = fsdp = FSDP(par.model, par.mesh, cfg.seed, compute_dtype,
+                               cfg.fsdp_reshard_after_forward, par.sharded_over)
+        par.optimizer_params = fsdp.optimizer_params
+        par.sharded_over.update({f.shard: f.groups for f in fsdp.flats})
+        no_sync = fsdp.no_sync
+    if cfg.fsdp_reduce_on_last_micro_step:
+        par.no_sync = no_sync
 
 
 @torch.no_grad()
