@@ -131,14 +131,15 @@ class GPT(nn.Module):
         LayerNorm weights. Drawn on the CPU so CUDA and CPU runs start alike.
         """
         if name.endswith(".bias"):
-            return torch.zeros(shape)
+            return torch.zeros(shape, device="cpu")
         if ".ln_" in name:
-            return torch.ones(shape)
+            return torch.ones(shape, device="cpu")
         std = 0.02
         if name.endswith("c_proj.weight"):
             std /= math.sqrt(2 * self.config.n_layer)
         generator = torch.Generator().manual_seed(parameter_seed(seed, name))
-        return torch.empty(shape).normal_(0.0, std, generator=generator)
+        # device="cpu" even under `with torch.device("cuda")`: the CPU generator draws
+        return torch.empty(shape, device="cpu").normal_(0.0, std, generator=generator)
 
     def num_params(self, non_embedding: bool = True) -> int:
         n = sum(p.numel() for p in self.parameters())
@@ -166,6 +167,8 @@ def load_hf_state_dict(model: GPT, hf_state_dict: dict) -> GPT:
     the checkpoint's stay as initialised; the padding tokens are never targets)."""
     own = model.state_dict()
     for name, tensor in hf_state_dict.items():
+        if not name.startswith(("transformer.", "lm_head.")):
+            name = f"transformer.{name}"  # the hub's gpt2 files hold GPT2Model's keys
         if name.endswith((".attn.bias", ".attn.masked_bias")) or name == "lm_head.weight":
             continue  # causal-mask buffers; lm_head is tied to wte
         if name not in own:

@@ -60,6 +60,17 @@ def test_initialisation_depends_on_seed_and_name_only():
     assert not torch.equal(w0, w1)
 
 
+def test_initial_values_are_drawn_on_the_cpu_whatever_the_default_device():
+    """Under `with torch.device("cuda")` the trainer builds the model; the values must not
+    follow it (a CPU generator cannot draw on CUDA, and CPU and GPU runs must agree).
+    The meta device stands in for CUDA here."""
+    model = GPT(SMALL, seed=2)
+    with torch.device("meta"):
+        values = {name: model.initial_value(name, 2, p.shape) for name, p in model.named_parameters()}
+    for name, p in model.named_parameters():
+        assert values[name].device.type == "cpu" and torch.equal(values[name], p), name
+
+
 def test_deferred_materialisation_equals_eager_init():
     eager = GPT(SMALL, seed=11)
     with torch.device("meta"):
@@ -91,3 +102,7 @@ def test_hugging_face_gpt2_weights_give_the_same_logits():
         got = ours(idx)[..., :100]
     # same fp32 arithmetic up to op order (Conv1D addmm vs Linear): 1e-5 holds
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    # the hub's gpt2 files hold GPT2Model's keys (no "transformer." prefix): the same model
+    bare = load_hf_state_dict(GPT(SMALL), hf.transformer.state_dict())
+    with torch.no_grad():
+        assert torch.equal(bare(idx), ours(idx))
