@@ -66,20 +66,27 @@ def _barrier():
         dist.barrier()
 
 
+def step_of(path: Path) -> int:
+    return int(path.name.split("_")[1])
+
+
 def checkpoints(out_dir) -> list[Path]:
     """Complete checkpoints in `out_dir`, oldest first."""
-    found = [p for p in Path(out_dir).glob("step_*") if (p / "trainer.json").exists()]
-    return sorted(found, key=lambda p: int(p.name.split("_")[1]))
+    return sorted((p for p in Path(out_dir).glob("step_*") if (p / "trainer.json").exists()),
+                  key=step_of)
 
 
-def _optimizer_tensors(optimizer, params, state: str) -> list[torch.Tensor]:
-    """Adam's `state` tensors aligned with `params`, created (zeros) where missing."""
+def _moments(optimizer, params, state: str, create: bool = False) -> list[torch.Tensor]:
+    """Adam's `state` tensors aligned with `params`; zeros where it has not stepped yet,
+    put into the optimizer's state when `create` (to load into)."""
     out = []
     for p in params:
-        s = optimizer.state[p]
-        if state not in s:
-            s[state] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        out.append(s[state])
+        moment = optimizer.state[p].get(state)
+        if moment is None:
+            moment = torch.zeros_like(p)
+            if create:
+                optimizer.state[p][state] = moment
+        out.append(moment)
     return out
 
 
@@ -101,7 +108,7 @@ def save(trainer, step: int):
     world = _world_mesh(mesh.device)
     params = par.optimizer_param_list()
     groups = {"model": params}
-    groups.update({f"optim.{s}": _optimizer_tensors(trainer.optimizer, params, s) for s in ADAM_STATES})
+    groups.update({f"optim.{s}": _moments(trainer.optimizer, params, s) for s in ADAM_STATES})
     state = {"optim.step": _step_count(trainer.optimizer, params)}
     for prefix, tensors in groups.items():
         for name, full in par.full_tensors(tensors):  # one parameter at a time
@@ -160,7 +167,7 @@ def read_info(path: Path) -> dict:
 
 
 def check_compatible(info: dict, trainer, path: Path):
-    ours = trainer.model_cfg_dict()
+    ours = {k: v for k, v in trainer.model_cfg_dict().items() if k != "dropout"}  # shapes only
     diff = {k: (info["model"].get(k), v) for k, v in ours.items() if info["model"].get(k) != v}
     if diff:
         raise UserError(f"checkpoint {path} was written for another model: "
@@ -198,7 +205,7 @@ def load(trainer, path: Path) -> int:
     par.load_full_tensors(lambda name: full_of(f"model/{name}"), params)
     for s in ADAM_STATES:
         par.load_full_tensors(lambda name, s=s: full_of(f"optim.{s}/{name}"),
-                              _optimizer_tensors(trainer.optimizer, params, s))
+                              _moments(trainer.optimizer, params, s, create=True))
     step_count = state["optim.step"].reshape(())
     on_device = trainer.optimizer.defaults.get("fused") or trainer.optimizer.defaults.get("capturable")
     for p in params:  # where AdamW keeps its step count: with the param when fused, else CPU

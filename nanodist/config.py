@@ -8,6 +8,9 @@ Flag names of the original experiments are kept: --tensor_parallel_size,
 import argparse
 import dataclasses
 from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+from nanodist.model import PRESETS
 
 
 class UserError(Exception):
@@ -75,9 +78,10 @@ class TrainConfig:
     seed: int = flag(1337, "seed of initialisation and data order")
 
 
+DATASETS = ("shakespeare", "shakespeare_char", "openwebtext")
 CHOICES = {
-    "dataset": ("shakespeare", "shakespeare_char", "openwebtext"),
-    "model": ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", "tiny"),
+    "dataset": DATASETS,
+    "model": tuple(PRESETS),
     "data_parallel_type": ("ddp", "fsdp"),
     "implementation": ("custom", "pytorch"),
     "device": ("auto", "cpu", "cuda"),
@@ -120,8 +124,25 @@ def parse_args(argv=None) -> TrainConfig:
     return TrainConfig(**vars(build_parser().parse_args(argv)))
 
 
+def check_values(cfg: TrainConfig):
+    """Flags whose bad values would otherwise fail late, deep inside, or silently."""
+    for name in ("max_steps", "total_batch_size", "eval_interval", "eval_iters", "keep_checkpoints"):
+        if getattr(cfg, name) < 1:
+            raise UserError(f"--{name} must be >= 1, got {getattr(cfg, name)}")
+    if cfg.max_grad_norm <= 0:
+        raise UserError(f"--max_grad_norm must be > 0, got {cfg.max_grad_norm}")
+    if cfg.checkpoint_interval < -1:
+        raise UserError("--checkpoint_interval: K >= 1 steps, 0 (at each evaluation) or -1 (never)")
+    if cfg.resume in ("latest", "auto") and not cfg.out_dir:
+        raise UserError(f"--resume {cfg.resume} looks in --out_dir: say which run directory")
+
+
 def resolve_layout(cfg: TrainConfig, world_size: int) -> TrainConfig:
-    """Fill data_parallel_size and check the layout fits the world; returns a new config."""
+    """Check the flags, fill data_parallel_size and out_dir (for --resume DIR: the run
+    the checkpoint belongs to) and check the layout fits the world; returns a new config."""
+    check_values(cfg)
+    if cfg.resume not in ("", "latest", "auto") and not cfg.out_dir:
+        cfg = dataclasses.replace(cfg, out_dir=str(Path(cfg.resume).parent))
     tp = cfg.tensor_parallel_size
     if tp < 1:
         raise UserError(f"--tensor_parallel_size must be >= 1, got {tp}")
@@ -135,6 +156,9 @@ def resolve_layout(cfg: TrainConfig, world_size: int) -> TrainConfig:
         raise UserError("--enable_loss_parallelism needs --tensor_parallel_size > 1")
     if cfg.sequence_parallel and tp == 1:
         raise UserError("--sequence_parallel needs --tensor_parallel_size > 1")
+    if cfg.sequence_parallel and cfg.block_size % tp:
+        raise UserError(f"--sequence_parallel splits the sequence: --block_size ({cfg.block_size}) "
+                        f"must be divisible by --tensor_parallel_size ({tp})")
     return dataclasses.replace(cfg, data_parallel_size=dp)
 
 

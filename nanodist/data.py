@@ -21,9 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from nanodist.config import UserError
+from nanodist.config import DATASETS, UserError
 
-DATASETS = ("shakespeare", "shakespeare_char", "openwebtext")
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 

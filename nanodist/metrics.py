@@ -1,11 +1,9 @@
 """Throughput, MFU, memory, and the TensorBoard writer (rank 0 only)."""
 import resource
 import sys
-from pathlib import Path
 
 import torch
 
-from nanodist.config import UserError
 from nanodist.model import GPTConfig
 
 # Dense bf16 tensor-core peaks (TFLOP/s, no sparsity), from the vendors' data sheets.
@@ -46,18 +44,13 @@ def peak_memory_bytes(device: torch.device) -> int:
 class Logger:
     """TensorBoard scalars on the main rank; a no-op elsewhere."""
 
-    def __init__(self, log_dir: str, enabled: bool, resume_step: int = 0):
-        """resume_step > 0 continues a run: events logged past it by the run that died
-        are dropped (purge_step), so the curves join up."""
+    def __init__(self, log_dir: str, enabled: bool, purge_step: int | None = None):
+        """purge_step: events at or past it (logged by a run that died after its last
+        checkpoint) are dropped, so the curves of a resumed run join up."""
         self.writer = None
-        if not enabled:
-            return
-        path = Path(log_dir)
-        if not resume_step and any(path.glob("events.out.tfevents.*")):
-            raise UserError(f"--log_dir {path} already holds a TensorBoard run; pick a new "
-                            f"directory (or omit it: a fresh runs/<time> one), or --resume it")
-        from torch.utils.tensorboard import SummaryWriter  # slow import: only on rank 0
-        self.writer = SummaryWriter(str(path), purge_step=resume_step or None)
+        if enabled:
+            from torch.utils.tensorboard import SummaryWriter  # slow import: only on rank 0
+            self.writer = SummaryWriter(log_dir, purge_step=purge_step)
 
     def scalars(self, step: int, values: dict):
         if self.writer is None:

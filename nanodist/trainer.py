@@ -84,8 +84,11 @@ class Trainer:
         if not cfg.out_dir:  # a fresh run directory, named by rank 0 for all
             cfg.out_dir = self._broadcast(new_run_dir(REPO / "runs", layout) if mesh.is_main else None)
         self.log_dir = cfg.log_dir or cfg.out_dir
-        self.start_step = self._resume()
-        self.logger = Logger(self.log_dir, enabled=mesh.is_main, resume_step=self.start_step)
+        found = self._decided_by_rank0(self._checkpoint_to_resume)
+        self.start_step = checkpoint.load(self, found) if found else 0
+        # a resumed run drops what the run that died logged past its checkpoint
+        self.logger = Logger(self.log_dir, enabled=mesh.is_main,
+                             purge_step=self.start_step if cfg.resume else None)
         self.logger.text("config", "\n".join(f"    {k} = {v}" for k, v in asdict(cfg).items()))
         self.print(f"{layout}: {self.n_params / 1e6:.2f}M parameters, {mesh.world_size} "
                    f"process(es) on {device}, grad_accum {self.grad_accum}, "
@@ -99,17 +102,40 @@ class Trainer:
             value = box[0]
         return value
 
-    def _resume(self) -> int:
-        """The step to start at: 0, or that of the checkpoint --resume names (loaded)."""
-        found = checkpoint.find(self.cfg.out_dir, self.cfg.resume) if self.cfg.resume else None
-        if found is None:
-            if checkpoint.checkpoints(self.cfg.out_dir):
-                raise UserError(f"--out_dir {self.cfg.out_dir} already holds checkpoints of another "
-                                f"run; continue it with --resume, or pick a new --out_dir")
-            return 0
-        step = checkpoint.load(self, found)
-        self.print(f"resumed from {found}")
-        return step
+    def _decided_by_rank0(self, decide):
+        """Rank 0 reads the run directory and decides for every rank: the same answer, or
+        the same UserError, everywhere (no rank left waiting in a collective)."""
+        verdict = None
+        if self.mesh.is_main:
+            try:
+                verdict = decide()
+            except UserError as error:
+                verdict = error
+        verdict = self._broadcast(verdict)
+        if isinstance(verdict, UserError):
+            raise UserError(str(verdict))
+        return verdict
+
+    def _checkpoint_to_resume(self):
+        """The checkpoint --resume names (None: start fresh), after checking that the run
+        directory holds nothing this run would mix with or silently overwrite."""
+        cfg = self.cfg
+        found = checkpoint.find(cfg.out_dir, cfg.resume) if cfg.resume else None
+        later = [p for p in checkpoint.checkpoints(cfg.out_dir)
+                 if found is None or checkpoint.step_of(p) > checkpoint.step_of(found)]
+        if later and found is None:
+            raise UserError(f"--out_dir {cfg.out_dir} already holds checkpoints of another run; "
+                            f"continue it with --resume, or pick a new --out_dir")
+        if later:
+            raise UserError(f"--out_dir {cfg.out_dir} holds checkpoints past {found.name} "
+                            f"({later[-1].name}): resume the latest, or resume {found.name} into "
+                            f"a new --out_dir")
+        if not cfg.resume and any(Path(self.log_dir).glob("events.out.tfevents.*")):
+            raise UserError(f"--log_dir {self.log_dir} already holds a TensorBoard run; pick a new "
+                            f"directory (or omit it: a fresh runs/<time> one), or --resume it")
+        if found:
+            self.print(f"resuming from {found}")
+        return found
 
     def cfg_dict(self) -> dict:
         return asdict(self.cfg)

@@ -110,6 +110,8 @@ def test_bad_checkpoints_end_with_one_clear_message(char_data, tmp_path, capsys)
     assert train.main(base) == 0
     assert train.main(base) == 2  # a second fresh run would mix into the first
     assert "--resume" in capsys.readouterr().err
+    assert train.main(base + ["--resume", str(tmp_path / "run" / "step_0000003")]) == 2
+    assert "past step_0000003 (step_0000006)" in capsys.readouterr().err  # would fork the run
     assert train.main(base + ["--block_size", "16", "--resume"]) == 2
     assert "block_size 32 there vs 16 here" in capsys.readouterr().err
 
@@ -129,6 +131,13 @@ def test_bad_checkpoints_end_with_one_clear_message(char_data, tmp_path, capsys)
     (latest / "trainer.json").write_text("{not json")
     assert train.main(base + ["--resume"]) == 2
     assert "is corrupt" in capsys.readouterr().err
+
+
+def test_resume_auto_restarts_a_run_that_died_before_its_first_checkpoint(char_data, tmp_path):
+    args = flags(char_data, tmp_path, "--max_steps", "2", "--eval_interval", "2")
+    assert train.main(args + ["--checkpoint_interval", "-1"]) == 0  # events, no checkpoint
+    assert train.main(args + ["--resume", "auto"]) == 0
+    assert [p.name for p in checkpoint.checkpoints(tmp_path)] == ["step_0000002"]
 
 
 def _children(pid: int) -> list[int]:
@@ -166,7 +175,7 @@ def test_a_killed_worker_restarts_and_finishes_like_an_uninterrupted_run(char_da
         with contextlib.suppress(ProcessLookupError):
             os.killpg(launcher.pid, signal.SIGKILL)  # the launcher and any worker left
     assert launcher.returncode == 0, output
-    assert "resumed from" in output
+    assert "resuming from" in output
     final = float(output.split(f"step {steps:5d}/{steps} | loss ")[-1].split()[0])
     reference = train_losses(flags(char_data, tmp_path / "ref", "--max_steps", str(steps),
                                    "--checkpoint_interval", "-1", "--eval_interval", "100"))

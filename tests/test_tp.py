@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 
 from harness import run_distributed
-from nanodist.config import TrainConfig, UserError
+from nanodist.config import TrainConfig
 from nanodist.model import GPT, MLP, Block, CausalSelfAttention, GPTConfig
 from nanodist.parallel.loss_parallel import vocab_parallel_cross_entropy
 from nanodist.parallel.mesh import Mesh, build_mesh
@@ -220,8 +220,3 @@ def _check_deferred_init():
 def test_deferred_init_gives_the_eager_global_weights():
     assert all(run_distributed(_check_deferred_init, 2))
 
-
-def test_sequence_parallel_needs_divisible_block_size():
-    cfg = TrainConfig(tensor_parallel_size=3, block_size=32, sequence_parallel=True)
-    with pytest.raises(UserError, match="block_size"):
-        parallelize(GPT(MODEL, seed=SEED), cfg, Mesh(tp_size=3))

@@ -47,6 +47,8 @@ def test_layout_and_batch_arithmetic():
     assert grad_accum_steps(cfg) == 2048 // (4 * 64 * 2)
     with pytest.raises(UserError, match="nproc_per_node=4"):
         resolve_layout(TrainConfig(tensor_parallel_size=2, data_parallel_size=2), world_size=2)
+    with pytest.raises(UserError, match="block_size"):
+        resolve_layout(TrainConfig(tensor_parallel_size=2, sequence_parallel=True, block_size=63), 2)
     with pytest.raises(UserError, match="divisible"):
         grad_accum_steps(TrainConfig(batch_size=3, block_size=64, total_batch_size=1000,
                                      data_parallel_size=1))
@@ -100,6 +102,9 @@ def test_train_py_on_bpe_shakespeare_as_in_the_readme(bpe_data, tmp_path):
     (["--model", "gpt5"], "invalid choice"),
     (["--device", "cuda"], "CUDA is not available"),
     (["--enable_loss_parallelism"], "tensor_parallel_size > 1"),
+    (["--eval_interval", "0"], "--eval_interval must be >= 1"),
+    (["--keep_checkpoints", "0"], "--keep_checkpoints must be >= 1"),
+    (["--resume"], "say which run directory"),
 ])
 def test_bad_flags_end_with_one_clear_message(flags, message, char_data, capsys):
     if "cuda" in flags and torch.cuda.is_available():

@@ -28,7 +28,6 @@ import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import loss_parallel
 
-from nanodist.config import UserError
 from nanodist.parallel import comm
 from nanodist.parallel.init import local_slice
 from nanodist.parallel.loss_parallel import dtensor_cross_entropy, vocab_parallel_cross_entropy
@@ -219,9 +218,6 @@ def apply_tp(par, cfg):
     """The TP step of `parallelize`: the plan, executed by hand or by DTensor, and the
     loss that goes with it (vocab-parallel cross entropy under loss parallelism)."""
     mesh, model = par.mesh, par.model
-    if cfg.sequence_parallel and cfg.block_size % mesh.tp_size:
-        raise UserError(f"--sequence_parallel splits the sequence: --block_size ({cfg.block_size}) "
-                        f"must be divisible by --tensor_parallel_size ({mesh.tp_size})")
     plan = gpt_plan(model.config.n_layer, cfg.sequence_parallel, cfg.enable_loss_parallelism)
     if cfg.implementation == "pytorch":
         apply_dtensor_tp(model, plan, mesh, cfg.seed)
