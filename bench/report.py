@@ -118,7 +118,7 @@ def markdown(records: list[dict], command: str) -> str:
     first = records[0]
     setup, cfg = first["setup"], first["setup"]["model"]
     on_gpu = first["device"].startswith("cpu") is False
-    out = [f"# nanodist benchmark: what each layout costs\n",
+    out = ["# nanodist benchmark: what each layout costs\n",
            f"Produced by `{command}` on **{first['device']}**, {time.strftime('%Y-%m-%d')}. "
            f"Model `{cfg['n_layer']}` layers x `{cfg['n_embd']}` wide, {cfg['n_head']} heads, "
            f"vocab {cfg['vocab_size']} (char-level tiny Shakespeare), context {cfg['block_size']}, "

@@ -65,19 +65,20 @@ def group_size(group) -> int:
     return 1 if group is None else dist.get_world_size(group)
 
 
+def group_rank(group) -> int:
+    return 0 if group is None else dist.get_rank(group)
+
+
 def _op(op: str):
     return {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op]
 
 
 def all_reduce(tensor: torch.Tensor, group, op: str = "sum", async_op: bool = False):
-    """In place. op: sum | avg | max (avg is sum then divide: every backend has it)."""
+    """In place. op: sum | max (averages: callers scale, where it fuses with a copy)."""
     n = group_size(group)
     if n == 1:
         return _Done() if async_op else None
     counter.add("all_reduce", tensor.numel() * tensor.element_size(), n)
-    if op == "avg":
-        tensor.div_(n)
-        op = "sum"
     return dist.all_reduce(tensor, op=_op(op), group=group, async_op=async_op)
 
 
@@ -91,18 +92,14 @@ def all_gather(output: torch.Tensor, input: torch.Tensor, group, async_op: bool 
     return dist.all_gather_into_tensor(output, input, group=group, async_op=async_op)
 
 
-def reduce_scatter(output: torch.Tensor, input: torch.Tensor, group, op: str = "sum",
-                   async_op: bool = False):
-    """output (k, ...) <- rank r's slice of the sum (or avg) of the inputs (N * k, ...)."""
+def reduce_scatter(output: torch.Tensor, input: torch.Tensor, group, async_op: bool = False):
+    """output (k, ...) <- rank r's slice of the sum of the inputs (N * k, ...)."""
     n = group_size(group)
     if n == 1:
         output.copy_(input)
         return _Done() if async_op else None
     counter.add("reduce_scatter", input.numel() * input.element_size(), n)
-    if op == "avg":
-        input = input / n
-        op = "sum"
-    return dist.reduce_scatter_tensor(output, input, op=_op(op), group=group, async_op=async_op)
+    return dist.reduce_scatter_tensor(output, input, group=group, async_op=async_op)
 
 
 def broadcast(tensor: torch.Tensor, src_group_rank: int, group, async_op: bool = False):

@@ -26,14 +26,16 @@ PyTorch (`native_ddp`): `DistributedDataParallel` on the DP group.
 """
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 import torch.nn as nn
 from torch.autograd import Variable
+from torch.distributed._composable.replicate_with_fsdp import replicate
 from torch.nn.parallel import DistributedDataParallel
 
 from nanodist.parallel import comm
-from nanodist.parallel.tensor_parallel_native import replicate_over_dp
+from nanodist.parallel.fsdp import fsdp2_no_sync
 
 
 @dataclass
@@ -163,6 +165,15 @@ def broadcast_from_first_rank(model: nn.Module, group):
 def native_ddp(model: nn.Module, group, device: torch.device, bucket_cap_mb: float):
     return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
                                    process_group=group, bucket_cap_mb=bucket_cap_mb)
+
+
+def replicate_over_dp(par):
+    """PyTorch DDP for a DTensor-TP model: `DistributedDataParallel` cannot hold DTensor
+    parameters, so the DP dimension uses PyTorch's FSDP2-based `replicate` (DDP
+    semantics: whole replicas, gradients averaged over the "dp" mesh dim in backward)."""
+    par.model = replicate(par.model, mesh=par.mesh.device_mesh["dp"])
+    par.no_sync = partial(fsdp2_no_sync, par.model)
+    return par.model
 
 
 def apply_ddp(par, cfg):

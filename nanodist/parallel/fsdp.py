@@ -27,6 +27,7 @@ import torch
 import torch.nn as nn
 
 from nanodist.parallel import comm
+from nanodist.parallel.init import full_value
 
 
 def wrap_policy(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -62,8 +63,7 @@ class FlatParam:
         unit32 = torch.zeros(self.shard_numel * n, device=device)  # the unit, unsharded, once
         with torch.no_grad():
             for (name, old), value in zip(named_params, self.split(unit32)):
-                value.copy_((model.initial_value(name, seed, old.shape) if old.is_meta
-                             else old).reshape(-1))
+                value.copy_(full_value(model, name, old, seed, device).reshape(-1))
         self.shard = nn.Parameter(unit32.chunk(n)[rank].clone())
         del unit32
         self.full = torch.empty(self.shard_numel * n, dtype=compute_dtype, device=device)
@@ -314,7 +314,8 @@ def apply_fsdp2(par, reshard_after_forward: bool, compute_dtype):
 
 @contextmanager
 def fsdp2_no_sync(model):
-    """FSDP2's counterpart of `FSDP.no_sync`: keep unsharded grads, reduce later."""
+    """FSDP2's counterpart of `FSDP.no_sync` (and of `replicate`, built on FSDP2): keep
+    unsharded grads, reduce later."""
     model.set_requires_gradient_sync(False)
     try:
         yield

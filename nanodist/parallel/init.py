@@ -10,6 +10,14 @@ import torch.nn as nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 
+def full_value(model: nn.Module, name: str, param, seed: int, device) -> torch.Tensor:
+    """The full (global) value of parameter `name`: itself when materialised, else its
+    initial value drawn from (seed, name)."""
+    if param.is_meta:
+        return model.initial_value(name, seed, param.shape).to(device)
+    return param.detach()
+
+
 def local_slice(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """This rank's part of `full` laid out as the (possibly DTensor) parameter `like`."""
     if isinstance(like, DTensor):  # slice locally, no communication (src_data_rank=None)
@@ -37,6 +45,6 @@ def materialize(module: nn.Module, model: nn.Module, seed: int, device: torch.de
     params = dict(module.named_parameters(prefix=prefix.rstrip(".")))
     for name, _ in pending:
         param = params[name]
-        full = model.initial_value(name, seed, param.shape).to(device)
+        full = model.initial_value(name, seed, param.shape).to(device)  # it was on meta
         target = param.to_local() if isinstance(param, DTensor) else param
         target.copy_(local_slice(full, param))

@@ -11,7 +11,6 @@ Custom (`vocab_parallel_cross_entropy`) and DTensor (`dtensor_cross_entropy` und
 `torch.distributed.tensor.parallel.loss_parallel`) side by side.
 """
 import torch
-import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 from nanodist.model import cross_entropy
@@ -23,7 +22,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
     def forward(ctx, logits, targets, group, ignore_index):
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # fp32 at least
         vocab_local = logits.size(-1)
-        start = dist.get_rank(group) * vocab_local if group is not None else 0
+        start = comm.group_rank(group) * vocab_local
         logits_max = logits.max(dim=-1).values
         comm.all_reduce(logits_max, group, op="max")
         shifted = logits - logits_max.unsqueeze(-1)             # <= 0: exp cannot overflow

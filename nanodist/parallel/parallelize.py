@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 from torch.distributed.tensor import DTensor
 
-from nanodist.config import TrainConfig, UserError
+from nanodist.config import TrainConfig
 from nanodist.model import cross_entropy
 from nanodist.parallel.clip import clip_grad_norm_
 from nanodist.parallel.ddp import apply_ddp

@@ -18,7 +18,6 @@ Sharding of the weights (nn.Linear weight is (out, in)):
 from dataclasses import dataclass
 
 import torch
-import torch.nn as nn
 
 
 @dataclass(frozen=True)
@@ -55,14 +54,6 @@ def shard_dim(style: Style, param_name: str) -> int | None:
     if style.kind == "rowwise" and param_name == "weight":
         return 1
     return None
-
-
-def full_value(model: nn.Module, name: str, param, seed: int, device) -> torch.Tensor:
-    """The full (global) value of parameter `name`: itself when materialised, else its
-    initial value drawn from (seed, name) (DESIGN.md invariant 1)."""
-    if param.is_meta:
-        return model.initial_value(name, seed, param.shape).to(device)
-    return param.detach()
 
 
 def qkv_to_rank_major(full: torch.Tensor, tp: int) -> torch.Tensor:

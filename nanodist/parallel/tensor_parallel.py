@@ -22,26 +22,20 @@ Every collective goes through `comm` (counted). The DTensor executor of the same
 from functools import partial
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import loss_parallel
 
 from nanodist.parallel import comm
-from nanodist.parallel.init import local_slice
+from nanodist.parallel.init import full_value, local_slice
 from nanodist.parallel.loss_parallel import dtensor_cross_entropy, vocab_parallel_cross_entropy
-from nanodist.parallel.plan import (Style, full_value, gpt_plan, qkv_from_rank_major,
-                                    qkv_to_rank_major, shard_dim)
+from nanodist.parallel.plan import Style, gpt_plan, qkv_from_rank_major, qkv_to_rank_major, shard_dim
 from nanodist.parallel.tensor_parallel_native import apply_dtensor_tp
 
 
-def _rank(group) -> int:
-    return dist.get_rank(group) if group is not None else 0
-
-
 def _split(x, dim, group):
-    return x.chunk(comm.group_size(group), dim)[_rank(group)].contiguous()
+    return x.chunk(comm.group_size(group), dim)[comm.group_rank(group)].contiguous()
 
 
 def _all_gather(x, dim, group):
@@ -133,7 +127,7 @@ class VocabParallelEmbedding(nn.Module):
         self.weight, self.group = weight, group
 
     def forward(self, idx):
-        start = _rank(self.group) * self.weight.size(0)
+        start = comm.group_rank(self.group) * self.weight.size(0)
         local = idx - start
         outside = (local < 0) | (local >= self.weight.size(0))
         out = F.embedding(local.masked_fill(outside, 0), self.weight)
@@ -260,7 +254,7 @@ def local_tensor(name: str, full: torch.Tensor, like: torch.Tensor, plan: dict, 
     tp = comm.group_size(tp_group)
     if isinstance(like, DTensor):
         return local_slice(qkv_to_rank_major(full, tp) if style.qkv else full, like)
-    return shard_of(full, style, name.rpartition(".")[2], tp, _rank(tp_group))
+    return shard_of(full, style, name.rpartition(".")[2], tp, comm.group_rank(tp_group))
 
 
 def full_state_dict(model: nn.Module, plan: dict, tp_group=None) -> dict:

@@ -14,16 +14,14 @@ that DTensor's contiguous Shard(0) gives rank r its [q_r; k_r; v_r]. Parameters 
 their full values first (the existing tensor, or the initial value when on meta) and
 sliced locally (src_data_rank=None): each rank holds its slice of the global tensor.
 """
-from contextlib import contextmanager
-
 import torch.nn as nn
-from torch.distributed._composable.replicate_with_fsdp import replicate
 from torch.distributed.tensor import Replicate, Shard
 from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput,
                                                RowwiseParallel, SequenceParallel,
                                                parallelize_module)
 
-from nanodist.parallel.plan import Style, full_value, qkv_to_rank_major, shard_dim
+from nanodist.parallel.init import full_value
+from nanodist.parallel.plan import Style, qkv_to_rank_major, shard_dim
 
 
 def dtensor_style(style: Style):
@@ -67,21 +65,3 @@ def apply_dtensor_tp(model: nn.Module, plan: dict, mesh, seed: int):
                 module.register_parameter(name, distributed[id(param)])
             else:
                 distributed[id(param)] = getattr(module, name)
-
-
-def replicate_over_dp(par):
-    """PyTorch DDP for a DTensor-TP model: `DistributedDataParallel` cannot hold DTensor
-    parameters, so the DP dimension uses PyTorch's FSDP2-based `replicate` (DDP
-    semantics: whole replicas, gradients averaged over the "dp" mesh dim in backward)."""
-    par.model = replicate(par.model, mesh=par.mesh.device_mesh["dp"])
-
-    @contextmanager
-    def no_sync():
-        par.model.set_requires_gradient_sync(False)
-        try:
-            yield
-        finally:
-            par.model.set_requires_gradient_sync(True)
-
-    par.no_sync = no_sync
-    return par.model
