@@ -12,7 +12,7 @@ import torch
 
 from nanodist import checkpoint
 from nanodist.config import UserError
-from nanodist.model import GPT, load_hf_state_dict, model_config
+from nanodist.model import GPT, PRESETS, load_hf_state_dict, model_config
 from nanodist.tokenizer import get_gpt2_encoding
 
 
@@ -20,13 +20,18 @@ def load_hf_file(path: str, preset: str) -> GPT:
     """A GPT2LMHeadModel state dict saved by torch (.bin/.pt) or safetensors."""
     if not Path(path).exists():
         raise UserError(f"--init_from: {path} not found")
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-        state = load_file(path)
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True)  # data, never code
-    n_positions = state["transformer.wpe.weight"].shape[0]
-    return load_hf_state_dict(GPT(model_config(preset, n_positions, 50257)), state)
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+            state = load_file(path)
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)  # data, never code
+        wpe = state.get("transformer.wpe.weight", state.get("wpe.weight"))
+        if wpe is None:
+            raise KeyError("no wpe.weight: not a GPT-2 state dict")
+        return load_hf_state_dict(GPT(model_config(preset, wpe.shape[0], 50257)), state)
+    except (KeyError, ValueError, RuntimeError, OSError) as e:
+        raise UserError(f"--init_from {path}: {e}") from e
 
 
 def codec(tokenizer: dict, bpe_file: str | None):
@@ -57,7 +62,8 @@ def main(argv=None) -> int:
     p.add_argument("--checkpoint", help="a step_N checkpoint directory")
     p.add_argument("--init_from", nargs=2, metavar=("gpt2-hf-state-dict", "PATH"),
                    help="published GPT-2 weights (a Hugging Face GPT2LMHeadModel state dict)")
-    p.add_argument("--preset", default="gpt2", help="model preset of --init_from weights")
+    p.add_argument("--preset", default="gpt2", choices=sorted(PRESETS),
+                   help="model preset of --init_from weights")
     p.add_argument("--start", default="\n", help="prompt text")
     p.add_argument("--num_samples", type=int, default=2)
     p.add_argument("--max_new_tokens", type=int, default=200)
@@ -86,7 +92,7 @@ def main(argv=None) -> int:
         prompt = torch.tensor([encode(args.start) or [0]], dtype=torch.long)
         for _ in range(args.num_samples):
             out = generate(model.eval(), prompt, args.max_new_tokens, args.temperature, args.top_k, vocab)
-            print(decode(out[0].tolist()), "\n---------------", flush=True)
+            print(decode(out[0].tolist()), "---------------", sep="\n", flush=True)
         return 0
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)

@@ -1,0 +1,46 @@
+"""sample.py: text from a trained checkpoint, and from Hugging Face GPT-2 weights."""
+import torch
+
+import sample
+import train
+from harness import GPT2_BPE
+from nanodist.model import GPT, model_config
+
+
+def test_samples_from_a_trained_checkpoint_decode_to_its_characters(char_data, tmp_path, capsys):
+    assert train.main(["--device", "cpu", "--model", "tiny", "--dataset", "shakespeare_char",
+                       "--data_dir", char_data, "--out_dir", str(tmp_path), "--batch_size", "4",
+                       "--block_size", "64", "--total_batch_size", "1024", "--max_steps", "30",
+                       "--eval_interval", "30", "--eval_iters", "1", "--learning_rate", "3e-3"]) == 0
+    capsys.readouterr()
+    assert sample.main(["--out_dir", str(tmp_path), "--start", "ROMEO:", "--max_new_tokens", "50",
+                        "--num_samples", "1"]) == 0
+    text = capsys.readouterr().out.split("\n---------------")[0]
+    assert text.startswith("ROMEO:") and len(text) == len("ROMEO:") + 50
+    # 30 steps of training: spaces and lower-case letters dominate, as in the play
+    assert sum(c == " " or c.islower() for c in text[6:]) > 30
+
+
+def test_gpt2_weights_from_hugging_face(tmp_path, capsys):
+    import transformers  # dev extra; a random model stands in for the published weights
+    hf_cfg = transformers.GPT2Config(n_positions=64, n_embd=128, n_layer=4, n_head=4)
+    hf = transformers.GPT2LMHeadModel(hf_cfg)
+    torch.save(hf.transformer.state_dict(), tmp_path / "pytorch_model.bin")  # the hub's key names
+    args = ["--init_from", "gpt2-hf-state-dict", str(tmp_path / "pytorch_model.bin"), "--preset",
+            "tiny", "--bpe_file", str(GPT2_BPE), "--max_new_tokens", "5", "--num_samples", "1",
+            "--start", "Hello"]
+    assert sample.main(args) == 0
+    assert capsys.readouterr().out.startswith("Hello")
+    ours = sample.load_hf_file(str(tmp_path / "pytorch_model.bin"), "tiny")
+    idx = torch.randint(0, 50257, (1, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(idx)[..., :50257], hf.eval()(idx).logits, rtol=1e-5, atol=1e-5)
+    assert isinstance(ours, GPT) and ours.config == model_config("tiny", 64, 50257)
+
+
+def test_bad_inputs_end_with_one_clear_message(tmp_path, capsys):
+    assert sample.main(["--out_dir", str(tmp_path)]) == 2
+    assert "no checkpoint in" in capsys.readouterr().err
+    torch.save({"something": torch.zeros(1)}, tmp_path / "x.bin")
+    assert sample.main(["--init_from", "gpt2-hf-state-dict", str(tmp_path / "x.bin")]) == 2
+    assert "not a GPT-2 state dict" in capsys.readouterr().err
