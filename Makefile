@@ -8,10 +8,16 @@ LOCAL_TEXT := $(wildcard $(SHARED_DATA)/tinyshakespeare/input.txt)
 LOCAL_BPE := $(wildcard $(SHARED_DATA)/gpt2/gpt2.tiktoken)
 export NANODIST_GPT2_BPE ?= $(LOCAL_BPE)
 
-NPROC ?= 4
-DEMO_FLAGS ?= --device cpu --model tiny --batch_size 8 --block_size 128 \
-	--total_batch_size 8192 --max_steps 60 --warmup_steps 10 --learning_rate 1e-3 \
-	--eval_interval 20 --eval_iters 10
+# The original experiment's 2D layout: FSDP x TP = 2 x 2, hand-written, loss parallelism,
+# deferred init, clipping; the tiny preset on GPT-2 BPE Shakespeare, ~2-3 minutes on 2 cores.
+ifndef DEMO_DIR
+DEMO_DIR := runs/demo-$(shell date +%Y%m%d-%H%M%S)
+endif
+DEMO_FLAGS ?= --device cpu --model tiny --batch_size 4 --block_size 64 \
+	--total_batch_size 2048 --max_steps 80 --warmup_steps 8 --learning_rate 2e-3 \
+	--eval_interval 40 --eval_iters 5 --tensor_parallel_size 2 --data_parallel_size 2 \
+	--data_parallel_type fsdp --implementation custom --enable_loss_parallelism \
+	--deferred_init --gradient_clipping
 
 .PHONY: setup demo test data
 setup: $(VENV)/.installed
@@ -29,7 +35,9 @@ data/shakespeare/train.bin: | setup
 	$(PY) data/shakespeare/prepare.py $(if $(LOCAL_TEXT),--input $(LOCAL_TEXT))
 
 demo: setup data
-	$(PY) train.py $(DEMO_FLAGS)
+	OMP_NUM_THREADS=1 $(PY) -m torch.distributed.run --standalone --nproc_per_node=4 \
+		train.py $(DEMO_FLAGS) --out_dir $(DEMO_DIR)
+	$(PY) sample.py --out_dir $(DEMO_DIR) --start "ROMEO:" --max_new_tokens 80 --num_samples 1
 
 test: setup
 	$(PY) -m pytest -q
