@@ -8,13 +8,26 @@ their median step time.
 """
 import argparse
 import json
+import os
 import statistics
 import time
 from pathlib import Path
 
 import torch
 
+from nanodist.parallel.mesh import init_distributed, pick_device
+
 RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def start_processes() -> tuple[torch.device, int]:
+    """Join torchrun's process group (cuda+nccl or cpu+gloo); on CPU the processes share
+    the cores, so each takes its share of threads. Returns (device, world size)."""
+    device = pick_device("auto")
+    _, world = init_distributed(device)
+    if device.type == "cpu":
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    return device, world
 
 
 def parser(name: str, description: str) -> argparse.ArgumentParser:

@@ -9,17 +9,16 @@ never communicates: the gap to it is what gradient averaging costs. Traffic is
 what the counted comm module saw in one custom step, against the analytic ring
 all-reduce volume 2 (N-1)/N * Psi * 4 bytes per rank (Psi parameters, fp32).
 """
-import os
 from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
 
-from common import median, paired_speedup, parser, print_table, time_interleaved, write_json
+from common import median, paired_speedup, parser, print_table, start_processes, time_interleaved, write_json
 from nanodist.model import GPT, cross_entropy, model_config
 from nanodist.parallel import comm
 from nanodist.parallel.ddp import DataParallel, native_ddp
-from nanodist.parallel.mesh import build_mesh, init_distributed, pick_device
+from nanodist.parallel.mesh import build_mesh
 
 
 def main():
@@ -31,10 +30,7 @@ def main():
     p.add_argument("--bucket_cap_mb", type=float, default=25.0)
     args = p.parse_args()
 
-    device = pick_device("auto")
-    _, world = init_distributed(device)
-    if device.type == "cpu":  # the processes share the cores
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    device, world = start_processes()
     mesh = build_mesh(world, 1, device)
     cfg = model_config(args.model, args.block_size, 50257)
     with torch.device(device):

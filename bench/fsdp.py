@@ -12,7 +12,6 @@ forward + backward (gather, reduce-scatter) + AdamW on the shards. Reported per 
 - bytes the custom step all-gathered and reduce-scattered (counted comm) against the
   analytic ring volume 3 (N-1)/N Psi 4 bytes (2 all-gathers + 1 reduce-scatter; ZeRO-2: 2).
 """
-import os
 import weakref
 
 import torch
@@ -21,11 +20,11 @@ from torch.distributed.tensor import DTensor
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from common import median, paired_speedup, parser, print_table, time_interleaved, write_json
+from common import median, paired_speedup, parser, print_table, start_processes, time_interleaved, write_json
 from nanodist.config import TrainConfig
 from nanodist.model import GPT, model_config
 from nanodist.parallel import comm
-from nanodist.parallel.mesh import build_mesh, init_distributed, pick_device
+from nanodist.parallel.mesh import build_mesh
 from nanodist.parallel.parallelize import parallelize
 
 
@@ -69,10 +68,7 @@ def main():
     p.add_argument("--reshard_after_forward", type=int, default=1, help="1: ZeRO-3, 0: ZeRO-2")
     args = p.parse_args()
 
-    device = pick_device("auto")
-    _, world = init_distributed(device)
-    if device.type == "cpu":  # the processes share the cores
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    device, world = start_processes()
     mesh = build_mesh(world, 1, device)
     model_cfg = model_config(args.model, args.block_size, 50257)
     runs = {}

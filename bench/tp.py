@@ -5,33 +5,21 @@
 Variants {custom, pytorch} x {TP, TP + sequence parallel}, all with loss parallelism,
 take turns step by step (forward + backward + AdamW step, one batch replicated over TP).
 Traffic: what the counted comm module saw in one custom step, by kind, against the
-analytic count of activation collectives (B T C fp32 each, L layers;
-bench/analytic.py `tp_collectives`):
-
-    without SP   all-reduce   4 per layer (2 forward: row-parallel outputs; 2 backward:
-                              column-parallel inputs) + wte forward + lm_head input backward
-    with SP      all-gather   4 per layer (2 forward before column, 2 backward after row)
-                              + drop scatter backward + lm_head input forward
-                 reduce-scatter 4 per layer (mirror) + lm_head input backward
-                 all-reduce   wte forward (B T C) + the sequence-sharded replicated
-                              parameters' grads (2 LayerNorms x 2 + 2 row biases per layer,
-                              + ln_f: C each)
-    loss parallel  all-reduce of the max (B T) and of [sum exp, target logit] (2 B T)
-                   instead of an all-gather of the logits (B T V)
-plus one 4-byte all-reduce of the squared gradient norm.
+analytic count of activation collectives (B T C fp32 each, L layers; the call-by-call
+derivation is in bench/analytic.py `tp_collectives`), plus one 4-byte all-reduce of the
+squared gradient norm.
 """
-import os
 
 import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 from analytic import tp_collectives
-from common import median, parser, print_table, time_interleaved, write_json
+from common import median, parser, print_table, start_processes, time_interleaved, write_json
 from nanodist.config import TrainConfig
 from nanodist.model import GPT, model_config
 from nanodist.parallel import comm
-from nanodist.parallel.mesh import build_mesh, init_distributed, pick_device
+from nanodist.parallel.mesh import build_mesh
 from nanodist.parallel.parallelize import parallelize
 
 
@@ -43,10 +31,7 @@ def main():
     p.add_argument("--vocab_size", type=int, default=8192)
     args = p.parse_args()
 
-    device = pick_device("auto")
-    _, world = init_distributed(device)
-    if device.type == "cpu":  # the processes share the cores
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    device, world = start_processes()
     mesh = build_mesh(1, world, device)
     mcfg = model_config(args.model, args.block_size, args.vocab_size)
     B, T, C, V, L = args.batch_size, args.block_size, mcfg.n_embd, mcfg.vocab_size, mcfg.n_layer
