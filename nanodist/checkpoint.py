@@ -23,6 +23,7 @@ import os
 import shutil
 import warnings
 from contextlib import contextmanager
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -102,7 +103,8 @@ def save(trainer, step: int):
     out_dir = Path(cfg.out_dir)
     tmp, final = out_dir / f"tmp-step_{step:07d}", out_dir / f"step_{step:07d}"
     if mesh.is_main:
-        shutil.rmtree(tmp, ignore_errors=True)
+        for debris in out_dir.glob("tmp-step_*"):  # of saves that died before their rename
+            shutil.rmtree(debris, ignore_errors=True)
         tmp.mkdir(parents=True)
     _barrier()
     world = _world_mesh(mesh.device)
@@ -121,7 +123,7 @@ def save(trainer, step: int):
     torch.save(rng, tmp / f"rng_rank{mesh.rank}.pt")
     _barrier()
     if mesh.is_main:
-        info = {"step": step, "config": trainer.cfg_dict(), "model": trainer.model_cfg_dict(),
+        info = {"step": step, "config": asdict(trainer.cfg), "model": asdict(trainer.model_cfg),
                 "tokenizer": trainer.data.tokenizer, "world_size": mesh.world_size}
         (tmp / "trainer.json").write_text(json.dumps(info, indent=1))
         os.replace(tmp, final)  # atomic: a reader sees all of it or none
@@ -167,7 +169,7 @@ def read_info(path: Path) -> dict:
 
 
 def check_compatible(info: dict, trainer, path: Path):
-    ours = {k: v for k, v in trainer.model_cfg_dict().items() if k != "dropout"}  # shapes only
+    ours = {k: v for k, v in asdict(trainer.model_cfg).items() if k != "dropout"}  # shapes only
     diff = {k: (info["model"].get(k), v) for k, v in ours.items() if info["model"].get(k) != v}
     if diff:
         raise UserError(f"checkpoint {path} was written for another model: "

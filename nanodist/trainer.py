@@ -137,12 +137,6 @@ class Trainer:
             self.print(f"resuming from {found}")
         return found
 
-    def cfg_dict(self) -> dict:
-        return asdict(self.cfg)
-
-    def model_cfg_dict(self) -> dict:
-        return asdict(self.model_cfg)
-
     def print(self, *args):
         if self.mesh.is_main:
             print(*args, flush=True)

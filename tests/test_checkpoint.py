@@ -84,7 +84,7 @@ def test_a_crash_between_write_and_rename_leaves_the_previous_checkpoint(char_da
     assert checkpoint.checkpoints(tmp_path) == [good]
     model, info = checkpoint.load_model(good)
     assert info["step"] == 1 and all(torch.isfinite(p).all() for p in model.parameters())
-    assert checkpoint.save(trainer, 2).name == "step_0000002"  # the next save replaces the debris
+    assert checkpoint.save(trainer, 3).name == "step_0000003"  # the next save clears the debris
     assert not (tmp_path / "tmp-step_0000002").exists()
 
 
