@@ -47,8 +47,10 @@ def test_layout_and_batch_arithmetic():
     assert grad_accum_steps(cfg) == 2048 // (4 * 64 * 2)
     with pytest.raises(UserError, match="nproc_per_node=4"):
         resolve_layout(TrainConfig(tensor_parallel_size=2, data_parallel_size=2), world_size=2)
-    with pytest.raises(UserError, match="--compile"):
+    with pytest.raises(UserError, match="--compile cannot trace the custom FSDP"):
         resolve_layout(TrainConfig(data_parallel_type="fsdp", compile=True), 2)
+    with pytest.raises(UserError, match="--compile cannot trace the custom tensor parallel"):
+        resolve_layout(TrainConfig(tensor_parallel_size=2, compile=True), 2)
     with pytest.raises(UserError, match="block_size"):
         resolve_layout(TrainConfig(tensor_parallel_size=2, sequence_parallel=True, block_size=63), 2)
     with pytest.raises(UserError, match="divisible"):
