@@ -155,3 +155,13 @@ def test_every_rank_exits_cleanly_on_a_bad_layout(char_data):
 def test_runs_started_in_the_same_second_get_their_own_directory(tmp_path):
     first, second = new_run_dir(tmp_path, "dp1"), new_run_dir(tmp_path, "dp1")
     assert first != second and Path(first).is_dir() and Path(second).is_dir()
+
+
+def test_compiled_model_trains_like_the_eager_one(char_data, tmp_path):
+    """--compile (inductor on the CPU here): the same losses up to fused-kernel round-off."""
+    def losses(*extra):
+        cfg = parse_args(TINY + ["--dataset", "shakespeare_char", "--data_dir", char_data,
+                                 "--total_batch_size", "256", "--max_steps", "3", "--eval_interval",
+                                 "100", "--out_dir", str(tmp_path / str(len(extra))), *extra])
+        return [r["loss"] for r in Trainer(cfg).train()]
+    assert losses("--compile") == pytest.approx(losses(), rel=1e-5)
