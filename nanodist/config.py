@@ -156,9 +156,6 @@ def resolve_layout(cfg: TrainConfig, world_size: int) -> TrainConfig:
         raise UserError("--enable_loss_parallelism needs --tensor_parallel_size > 1")
     if cfg.sequence_parallel and tp == 1:
         raise UserError("--sequence_parallel needs --tensor_parallel_size > 1")
-    if cfg.compile and cfg.implementation == "custom" and tp > 1:
-        raise UserError("--compile cannot trace the custom tensor parallel layers (dynamo fails "
-                        "inside their autograd functions); use --implementation pytorch with --compile")
     if cfg.compile and cfg.data_parallel_type == "fsdp" and cfg.implementation == "custom" and dp > 1:
         raise UserError("--compile cannot trace the custom FSDP (it frees and regrows parameter "
                         "storage between the ops); use --implementation pytorch with --compile")

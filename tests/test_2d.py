@@ -53,3 +53,12 @@ def test_2x2_command_line(char_data, tmp_path, single):
     assert result.returncode == 0, result.stderr
     losses = [float(x) for x in re.findall(r"\| loss (\S+)", result.stdout)]
     assert losses == pytest.approx([loss for loss, _ in single], abs=1e-4)  # printed to 4 decimals
+
+
+def test_compiled_custom_tp_matches_one_process(char_data, tmp_path, single):
+    """--compile with the hand-written TP layers: the collectives run eagerly (comm.py
+    keeps them out of the graph), the compute between them is compiled."""
+    kwargs = tiny_run(char_data, tmp_path, tensor_parallel_size=2, sequence_parallel=True,
+                      compile=True, **EXPERIMENT)
+    for records in run_distributed(trainer_records, 2, kwargs):
+        assert_matches(records, single, "tp2 custom compiled")

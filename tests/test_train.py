@@ -49,8 +49,6 @@ def test_layout_and_batch_arithmetic():
         resolve_layout(TrainConfig(tensor_parallel_size=2, data_parallel_size=2), world_size=2)
     with pytest.raises(UserError, match="--compile cannot trace the custom FSDP"):
         resolve_layout(TrainConfig(data_parallel_type="fsdp", compile=True), 2)
-    with pytest.raises(UserError, match="--compile cannot trace the custom tensor parallel"):
-        resolve_layout(TrainConfig(tensor_parallel_size=2, compile=True), 2)
     with pytest.raises(UserError, match="block_size"):
         resolve_layout(TrainConfig(tensor_parallel_size=2, sequence_parallel=True, block_size=63), 2)
     with pytest.raises(UserError, match="divisible"):

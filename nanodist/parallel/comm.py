@@ -10,7 +10,9 @@ per call: `payload` (bytes of the full tensor the collective is about) and `bus`
     broadcast       bus =             payload
 
 All functions are no-ops on a group of one (or None), so strategies need no special
-case for one process. `async_op=True` returns a work handle to `.wait()` on.
+case for one process. `async_op=True` returns a work handle to `.wait()` on. Under
+`--compile` they run eagerly (`torch.compiler.disable`): the graph breaks around each
+collective and the compute between them is compiled.
 """
 from collections import defaultdict
 from contextlib import contextmanager
@@ -73,6 +75,7 @@ def _op(op: str):
     return {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op]
 
 
+@torch.compiler.disable
 def all_reduce(tensor: torch.Tensor, group, op: str = "sum", async_op: bool = False):
     """In place. op: sum | max (averages: callers scale, where it fuses with a copy)."""
     n = group_size(group)
@@ -82,6 +85,7 @@ def all_reduce(tensor: torch.Tensor, group, op: str = "sum", async_op: bool = Fa
     return dist.all_reduce(tensor, op=_op(op), group=group, async_op=async_op)
 
 
+@torch.compiler.disable
 def all_gather(output: torch.Tensor, input: torch.Tensor, group, async_op: bool = False):
     """output (N * k, ...) <- the inputs (k, ...) of the N ranks, in rank order."""
     n = group_size(group)
@@ -92,6 +96,7 @@ def all_gather(output: torch.Tensor, input: torch.Tensor, group, async_op: bool 
     return dist.all_gather_into_tensor(output, input, group=group, async_op=async_op)
 
 
+@torch.compiler.disable
 def reduce_scatter(output: torch.Tensor, input: torch.Tensor, group, async_op: bool = False):
     """output (k, ...) <- rank r's slice of the sum of the inputs (N * k, ...)."""
     n = group_size(group)
@@ -102,6 +107,7 @@ def reduce_scatter(output: torch.Tensor, input: torch.Tensor, group, async_op: b
     return dist.reduce_scatter_tensor(output, input, group=group, async_op=async_op)
 
 
+@torch.compiler.disable
 def broadcast(tensor: torch.Tensor, src_group_rank: int, group, async_op: bool = False):
     """In place, from the rank of index `src_group_rank` within `group`."""
     n = group_size(group)
