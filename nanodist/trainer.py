@@ -70,7 +70,10 @@ class Trainer:
             model = GPT(self.model_cfg, seed=None if cfg.deferred_init else cfg.seed)
         self.n_params = sum(p.numel() for p in model.parameters())
         self.par = parallelize(model, cfg, mesh)
-        self.model = torch.compile(self.par.model) if cfg.compile else self.par.model
+        if cfg.compile:  # block by block, as torchtitan: FSDP2 and DTensor compose with it
+            for block in self.par.gpt.transformer.h:
+                block.compile()
+        self.model = self.par.model
         self.optimizer = torch.optim.AdamW(self.par.param_groups(cfg.weight_decay),
                                            lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2),
                                            fused=device.type == "cuda")
