@@ -149,6 +149,9 @@ class FSDP:
     def flats(self):
         return [f for unit in self.units for f in unit.flats]
 
+    def _flats_in_optimizer_order(self):
+        return [f for f in self.flats if f.decay] + [f for f in self.flats if not f.decay]
+
     def optimizer_params(self):
         """(decay shards, no-decay shards): what AdamW steps on, and keeps state for."""
         return ([f.shard for f in self.flats if f.decay],
@@ -158,10 +161,7 @@ class FSDP:
         """(GPT-2 name, full tensor) for `tensors` laid out like the optimizer's params (the
         shards, or AdamW's moments), one flat parameter gathered at a time. Collective.
         `to_full(name, tensor)` undoes what TP did to a parameter (identity without TP)."""
-        decay, no_decay = self.optimizer_params()
-        flat_of = {id(f.shard): f for f in self.flats}
-        for shard, tensor in zip(decay + no_decay, tensors):
-            f = flat_of[id(shard)]
+        for f, tensor in zip(self._flats_in_optimizer_order(), tensors):
             full = torch.empty(f.full.numel(), dtype=tensor.dtype, device=tensor.device)
             comm.all_gather(full, tensor.detach(), f.group)
             for name, p, value in zip(f.names, f.params, f.split(full)):
@@ -171,10 +171,7 @@ class FSDP:
     def load_full_tensors(self, full_of, tensors, to_local=lambda name, full, like: full):
         """The inverse: fill `tensors` (laid out like the optimizer's params) with this rank's
         shard of the full tensors `full_of(name)`; `to_local` takes TP's slice first."""
-        decay, no_decay = self.optimizer_params()
-        flat_of = {id(f.shard): f for f in self.flats}
-        for shard, tensor in zip(decay + no_decay, tensors):
-            f = flat_of[id(shard)]
+        for f, tensor in zip(self._flats_in_optimizer_order(), tensors):
             full = torch.zeros(f.full.numel(), dtype=tensor.dtype, device=tensor.device)
             for name, p, value in zip(f.names, f.params, f.split(full)):
                 value.copy_(to_local(name, full_of(name).to(tensor.device), p).reshape(-1))
