@@ -1,4 +1,4 @@
-"""Train GPT-2 with any layout.
+"""Train GPT-2 with any layout (the same as `python -m nanodist.train`).
 
     python train.py --device cpu --model tiny ...                        one process
     torchrun --standalone --nproc_per_node=4 train.py \\
@@ -6,27 +6,9 @@
 
 See `python train.py --help` for every flag and the README for recipes.
 """
-import os
 import sys
 
-import torch.distributed as dist
-
-from nanodist.config import UserError, parse_args
-from nanodist.trainer import Trainer
-
-
-def main(argv=None) -> int:
-    try:
-        Trainer(parse_args(argv)).train()
-        return 0
-    except UserError as error:  # bad flags or inputs: one line, no traceback, exit 2
-        if os.environ.get("RANK", "0") == "0":
-            print(f"error: {error}", file=sys.stderr, flush=True)
-        return 2
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
+from nanodist.train import main
 
 if __name__ == "__main__":
     sys.exit(main())

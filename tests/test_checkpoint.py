@@ -11,9 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-import train
 from harness import REPO, run_distributed
-from nanodist import checkpoint
+from nanodist import checkpoint, train
 from nanodist.config import UserError, parse_args
 from nanodist.trainer import Trainer
 

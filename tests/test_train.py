@@ -6,8 +6,8 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-import train
 from harness import run_train
+from nanodist import train
 from nanodist.config import TrainConfig, UserError, grad_accum_steps, parse_args, resolve_layout
 from nanodist.trainer import Trainer, lr_at, new_run_dir
 
