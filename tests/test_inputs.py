@@ -1,6 +1,7 @@
 """Bad flags and bad files: each ends in one clear line (`error: ...`, exit 2), never a raw
 traceback or a silently wrong run. The checks fire before any training, so these are fast."""
 import json
+import os
 import shutil
 from dataclasses import fields
 from pathlib import Path
@@ -86,7 +87,7 @@ def test_run_directory_that_is_a_file(flag, under_a_file, tmp_path, capsys):
 
 def test_unwritable_run_directory(tmp_path, capsys, monkeypatch):
     # as root every directory is writable: deny the one write-permission query of this run
-    locked, access = tmp_path / "locked", __import__("os").access
+    locked, access = tmp_path / "locked", os.access
     locked.mkdir()
     monkeypatch.setattr("nanodist.trainer.os.access",
                         lambda path, mode: Path(path) != locked and access(path, mode))
