@@ -55,12 +55,16 @@ def losses(stdout: str) -> list[float]:
     return [float(x) for x in re.findall(r"\| loss (\S+)", stdout)]
 
 
-def check_layouts(layouts, device: str, data_dir: str) -> bool:
+def check_layouts(layouts, device: str, data_dir: str, runs: str) -> bool:
     env = {"NVIDIA_TF32_OVERRIDE": "0", "OMP_NUM_THREADS": "1"}
     run = lambda name, flags, n: losses(train(
         TRAIN + [f"--device={device}", f"--data_dir={data_dir}",
-                 f"--out_dir={tempfile.mkdtemp(prefix=f'gpu-check-{name}-')}", *flags], n, env))
-    reference = run("single", [], 1)
+                 f"--out_dir={tempfile.mkdtemp(prefix=f'{name}-', dir=runs)}", *flags], n, env))
+    try:
+        reference = run("single", [], 1)
+    except RuntimeError as error:
+        print(f"FAIL one process (the reference): {error}")
+        return False
     print(f"one process: losses {reference}")
     ok = True
     for layout in layouts:
@@ -78,7 +82,7 @@ def check_layouts(layouts, device: str, data_dir: str) -> bool:
     return ok
 
 
-def check_mfu(steps: int) -> bool:
+def check_mfu(steps: int, runs: str) -> bool:
     bpe_dir = REPO / "data" / "shakespeare"
     if not (bpe_dir / "train.bin").exists():
         subprocess.run([sys.executable, str(bpe_dir / "prepare.py")], check=True)
@@ -86,7 +90,7 @@ def check_mfu(steps: int) -> bool:
                  "--batch_size=16", "--block_size=1024", "--total_batch_size=16384",
                  f"--max_steps={steps}", "--eval_interval=1000", "--eval_iters=1",
                  "--checkpoint_interval=-1",
-                 f"--out_dir={tempfile.mkdtemp(prefix='gpu-check-mfu-')}"], 1)
+                 f"--out_dir={runs}/mfu"], 1)
     mfus = [float(x) / 100 for x in re.findall(r"\| MFU (\S+)%", out)]
     if not mfus:
         print(f"FAIL mfu: no MFU logged (unknown GPU: {torch.cuda.get_device_name()}?)")
@@ -112,9 +116,10 @@ def main():
     if skipped:
         print(f"skipped (more processes than the {torch.cuda.device_count()} GPUs): "
               + ", ".join(l.name for l in skipped))
-    ok = check_layouts(layouts, args.device, prepare_data(args.data_dir))
-    if args.device != "cpu" and torch.cuda.is_available():
-        ok &= check_mfu(args.mfu_steps)
+    with tempfile.TemporaryDirectory(prefix="gpu-check-") as runs:  # run directories: thrown away
+        ok = check_layouts(layouts, args.device, prepare_data(args.data_dir), runs)
+        if args.device != "cpu" and torch.cuda.is_available():
+            ok &= check_mfu(args.mfu_steps, runs)
     sys.exit(0 if ok else 1)
 
 
