@@ -17,7 +17,8 @@ import torch.distributed as dist
 from nanodist import checkpoint
 from nanodist.config import TrainConfig, UserError, grad_accum_steps, resolve_layout
 from nanodist.data import BatchLoader
-from nanodist.metrics import Logger, device_peak_flops, flops_per_token, peak_memory_bytes
+from nanodist.metrics import (Logger, device_peak_flops, enable_tf32, flops_per_token,
+                              peak_memory_bytes, reset_peak_memory)
 from nanodist.model import GPT, GPTConfig, model_config
 from nanodist.parallel.mesh import build_mesh, init_distributed, pick_device
 from nanodist.parallel.parallelize import parallelize
@@ -98,7 +99,8 @@ class Trainer:
                          if cfg.dtype == "bfloat16" else nullcontext())
         self.tokens_per_step = cfg.total_batch_size
         self.flops_per_step = flops_per_token(self.model_cfg, self.n_params) * self.tokens_per_step
-        self.peak_flops = device_peak_flops(device)
+        tf32 = enable_tf32(device, cfg.dtype)
+        self.peak_flops = device_peak_flops(device, cfg.dtype)
 
         layout = (f"dp{mesh.dp_size}-{cfg.data_parallel_type}-tp{mesh.tp_size}-{cfg.implementation}")
         if not cfg.out_dir:  # a fresh run directory, named by rank 0 for all
@@ -111,7 +113,7 @@ class Trainer:
                              purge_step=self.start_step if cfg.resume else None)
         self.logger.text("config", "\n".join(f"    {k} = {v}" for k, v in asdict(cfg).items()))
         self.print(f"{layout}: {self.n_params / 1e6:.2f}M parameters, {mesh.world_size} "
-                   f"process(es) on {device}, grad_accum {self.grad_accum}, "
+                   f"process(es) on {device}{' (fp32 matmuls in TF32)' if tf32 else ''}, grad_accum {self.grad_accum}, "
                    f"{self.tokens_per_step} tokens/step, run directory: {cfg.out_dir}"
                    + (f", resumed at step {self.start_step}" if self.start_step else ""))
         if cfg.warmup_steps > cfg.max_steps:
@@ -217,6 +219,7 @@ class Trainer:
         """Runs max_steps optimizer steps; returns the per-step records (rank-local)."""
         history = []
         for step in range(self.start_step, self.cfg.max_steps):
+            reset_peak_memory(self.mesh.device)
             t0 = time.perf_counter()
             record = self.train_step(step)
             if self.mesh.device.type == "cuda":
