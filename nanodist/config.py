@@ -74,7 +74,8 @@ class TrainConfig:
                "per parameter per rank, less traffic)")
     # system
     device: str = flag("auto", "auto: cuda when available, else cpu")
-    dtype: str = flag("float32", "compute dtype (bfloat16: mixed precision, fp32 master weights)")
+    dtype: str = flag("float32", "compute dtype (bfloat16: mixed precision, fp32 master weights; "
+                                 "float64: reference precision for numerics checks, no autocast)")
     compile: bool = flag(False, "torch.compile the model")
     seed: int = flag(1337, "seed of initialisation and data order")
 
@@ -86,7 +87,7 @@ CHOICES = {
     "data_parallel_type": ("ddp", "fsdp"),
     "implementation": ("custom", "pytorch"),
     "device": ("auto", "cpu", "cuda"),
-    "dtype": ("float32", "bfloat16"),
+    "dtype": ("float32", "bfloat16", "float64"),
 }
 
 

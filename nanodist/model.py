@@ -152,8 +152,9 @@ def parameter_seed(seed: int, name: str) -> int:
 
 
 def cross_entropy(logits, targets, ignore_index: int = -1):
-    """Mean next-token loss in fp32 over all non-ignored positions."""
-    return F.cross_entropy(logits.flatten(0, -2).float(), targets.flatten(),
+    """Mean next-token loss in fp32 (fp64 for fp64 logits) over all non-ignored positions."""
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    return F.cross_entropy(logits.flatten(0, -2), targets.flatten(),
                            ignore_index=ignore_index)
 
 

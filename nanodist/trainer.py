@@ -86,6 +86,8 @@ class Trainer:
 
         with torch.device("meta" if cfg.deferred_init else device):
             model = GPT(self.model_cfg, seed=None if cfg.deferred_init else cfg.seed)
+        if cfg.dtype == "float64":  # fp32 initial values cast exactly: every layout starts alike
+            model.to(torch.float64)
         self.n_params = sum(p.numel() for p in model.parameters())
         self.par = parallelize(model, cfg, mesh)
         if cfg.compile:  # block by block, as torchtitan: FSDP2 and DTensor compose with it

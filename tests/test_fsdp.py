@@ -38,7 +38,7 @@ def _full_grads(par) -> dict:
     names = {id(p): name for name, p in par.model.named_parameters()}
     grads = {}
     for f in par.fsdp.flats:
-        full = torch.empty(f.full.numel())
+        full = torch.empty(f.full.numel(), dtype=f.shard.dtype)
         comm.all_gather(full, f.shard.grad, f.group)
         for p, value in zip(f.params, f.split(full)):
             grads[names[id(p)]] = value.view(p.shape).clone()
@@ -52,6 +52,8 @@ def _train(mesh, model_cfg=MODEL, steps=STEPS, max_norm=None, defer_sync=False, 
                       device="cpu", **flags)
     with torch.device("meta" if cfg.deferred_init else "cpu"):
         model = GPT(model_cfg, seed=None if cfg.deferred_init else SEED)
+    if cfg.dtype == "float64":
+        model.to(torch.float64)
     par = parallelize(model, cfg, mesh)
     opt = torch.optim.AdamW(par.param_groups(0.1), lr=1e-2)
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16")
@@ -72,7 +74,7 @@ def _train(mesh, model_cfg=MODEL, steps=STEPS, max_norm=None, defer_sync=False, 
         grads = _full_grads(par)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        losses.append(torch.tensor(total))
+        losses.append(torch.tensor(total, dtype=torch.float64))
     if mesh.dp_size > 1:
         losses = [torch.distributed.all_reduce(l) or l / mesh.dp_size for l in losses]
     return dict(loss=torch.stack(losses), norm=torch.tensor(norms), grads=grads,
@@ -104,29 +106,40 @@ def _both(dp, kwargs):
     return [_rank_train(dp, dict(kwargs, implementation=impl)) for impl in ("custom", "pytorch")]
 
 
-# one process vs N: the same sums in another order; AdamW (lr 1e-2) divides tiny bias
-# gradients by their own root mean square, which lifts float-order noise to ~1e-5 there
-ONE_PROCESS_TOL = dict(rtol=1e-4, atol=5e-5)
+def _custom64(dp, kwargs):
+    return _rank_train(dp, dict(kwargs, implementation="custom", dtype="float64"))
+
+
+# One process vs N ranks, in float64: the same sums in another order. A float64 sum of
+# k terms differs between orders by at most k*u*sum|terms| (u = 1.1e-16); the tiny
+# model's gradient sums have k <= 1024 terms of size <= 1, so delta <= 1e-13. AdamW's
+# update lr*m/(sqrt(v)+eps) moves by at most lr*delta/eps for a gradient noise delta
+# (its slope in g is at most 1/eps, eps = 1e-8), so after S = 3 steps at lr 1e-2 the
+# parameters differ by at most S*lr*delta/eps = 3e-7 — on any CPU. (In float32 the
+# same bound is 3*1e-2*1e-4/1e-8: no bound at all; hence float64.)
+ONE_PROCESS_TOL = dict(rtol=0, atol=STEPS * 1e-2 * 1e-13 / 1e-8)
 
 
 @pytest.mark.parametrize("reshard, deferred", [(True, False), (False, True)], ids=["zero3", "zero2-deferred"])
 def test_two_ranks_match_fsdp2_bitwise_and_one_process(reshard, deferred):
     flags = dict(fsdp_reshard_after_forward=reshard, deferred_init=deferred)
     custom, native = run_distributed(_both, 2, 2, flags)[0]
-    # same per-parameter arithmetic, sums of two values commute: bitwise (the norm sums
+    # fp32, same per-parameter arithmetic, sums of two values commute: bitwise (the norm sums
     # squares over differently cut shards: float order)
     for what in ("grads", "params"):
         for k in custom[what]:
             assert torch.equal(custom[what][k], native[what][k]), (what, k)
     assert torch.equal(custom["loss"], native["loss"])
     torch.testing.assert_close(custom["norm"], native["norm"], rtol=1e-6, atol=0)
-    _assert_close(custom, _single(deferred_init=deferred), **ONE_PROCESS_TOL)
+    custom64 = run_distributed(_custom64, 2, 2, flags)[0]
+    _assert_close(custom64, _single(deferred_init=deferred, dtype="float64"), **ONE_PROCESS_TOL)
 
 
 def test_four_ranks_padding_deferred_sync_and_clipping():
     """4 ranks, flats that need padding, grads kept unsharded over micro-steps (no_sync),
     clipping active every step: the clipped gradient is the one-process clipped gradient."""
-    flags = dict(model_cfg=ODD_MODEL, defer_sync=True, max_norm=0.3, deferred_init=True)
+    flags = dict(model_cfg=ODD_MODEL, defer_sync=True, max_norm=0.3, deferred_init=True,
+                 dtype="float64")
     custom, native = run_distributed(_both, 4, 4, flags)[0]
     ref = _single(**flags)
     assert (ref["norm"] > 0.3).all()  # clipping did act

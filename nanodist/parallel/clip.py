@@ -25,10 +25,15 @@ def _local_and_groups(grad, param, sharded_over):
     return grad, sharded_over.get(param, ())
 
 
+def _accumulate_dtype(grad):
+    return torch.promote_types(grad.dtype, torch.float32)  # fp32 at least
+
+
 @torch.no_grad()
 def clip_grad_norm_(params, max_norm: float | None, sharded_over: dict | None = None) -> torch.Tensor:
     """Global L2 norm of the gradients of `params`; scales them to at most `max_norm`
-    (None: only measure). Returns the norm before clipping, as a float32 scalar."""
+    (None: only measure). Returns the norm before clipping, as a float32 scalar (float64
+    for float64 gradients)."""
     sharded_over = sharded_over or {}
     squares: dict[tuple, torch.Tensor] = {}
     grads = []
@@ -37,9 +42,10 @@ def clip_grad_norm_(params, max_norm: float | None, sharded_over: dict | None = 
             continue
         local, groups = _local_and_groups(param.grad, param, sharded_over)
         grads.append(local)
-        sq = torch.linalg.vector_norm(local, dtype=torch.float32) ** 2
+        sq = torch.linalg.vector_norm(local, dtype=_accumulate_dtype(local)) ** 2
         squares[groups] = squares[groups] + sq if groups in squares else sq
-    total = torch.zeros((), dtype=torch.float32, device=grads[0].device if grads else "cpu")
+    total = (torch.zeros((), dtype=_accumulate_dtype(grads[0]), device=grads[0].device) if grads
+             else torch.zeros(()))
     for groups, sq in sorted(squares.items(), key=lambda item: len(item[0])):
         for group in groups:  # same order on every rank: keys sort by count, then insertion
             comm.all_reduce(sq, group)

@@ -60,12 +60,13 @@ class FlatParam:
         self.numels = [p.numel() for _, p in named_params]
         n = comm.group_size(group)
         self.shard_numel = -(-sum(self.numels) // n)
-        unit32 = torch.zeros(self.shard_numel * n, device=device)  # the unit, unsharded, once
+        # the unit, unsharded, once, in the master dtype (the parameters': fp32 or fp64)
+        unit = torch.zeros(self.shard_numel * n, dtype=named_params[0][1].dtype, device=device)
         with torch.no_grad():
-            for (name, old), value in zip(named_params, self.split(unit32)):
+            for (name, old), value in zip(named_params, self.split(unit)):
                 value.copy_(full_value(model, name, old, seed, device).reshape(-1))
-        self.shard = nn.Parameter(unit32.chunk(n)[rank].clone())
-        del unit32
+        self.shard = nn.Parameter(unit.chunk(n)[rank].clone())
+        del unit
         self.full = torch.empty(self.shard_numel * n, dtype=compute_dtype, device=device)
         self.params = []
         for (_, old), view in zip(named_params, self.split(self.full)):
@@ -74,7 +75,7 @@ class FlatParam:
                 module._parameters[attr] = new
             self.params.append(new)
         _free(self.full)
-        self.unsharded_grad = None  # fp32; lives across micro-steps only under no_sync
+        self.unsharded_grad = None  # master dtype; lives across micro-steps only under no_sync
 
     def split(self, flat: torch.Tensor) -> list[torch.Tensor]:
         """The per-parameter (flattened) views of a padded flat vector."""
@@ -220,10 +221,10 @@ class FSDP:
         self._finish_reductions()
         for f in unit.flats:
             if f.unsharded_grad is None:
-                f.unsharded_grad = torch.zeros(f.full.numel(), device=f.shard.device)
+                f.unsharded_grad = torch.zeros(f.full.numel(), dtype=f.shard.dtype, device=f.shard.device)
             for view, p in zip(f.split(f.unsharded_grad), f.params):
                 if p.grad is not None:
-                    view.add_(p.grad.reshape(-1))  # compute dtype -> fp32
+                    view.add_(p.grad.reshape(-1))  # compute dtype -> master dtype
                 p.grad = None
             if self.sync_grads:
                 out = torch.empty_like(f.shard)
@@ -256,9 +257,10 @@ def apply_fsdp(par, cfg):
     costs 4 Psi bytes per rank, as much as DDP's, the memory FSDP exists to save; the
     price is one more reduce-scatter, (N-1)/N Psi, per extra micro-step.
     --fsdp_reduce_on_last_micro_step takes the other trade."""
-    compute_dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
+    master_dtype = next(par.model.parameters()).dtype  # fp32, or fp64 under --dtype float64
+    compute_dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else master_dtype
     if cfg.implementation == "pytorch":
-        apply_fsdp2(par, cfg.fsdp_reshard_after_forward, compute_dtype)
+        apply_fsdp2(par, cfg.fsdp_reshard_after_forward, compute_dtype, master_dtype)
         no_sync = partial(fsdp2_no_sync, par.model)
     else:
         par.fsdp = fsdp = FSDP(par.model, par.mesh, cfg.seed, compute_dtype,
@@ -302,12 +304,12 @@ def load_full_state_dict(par, state_dict: dict):
 
 # ---------------------------------------------------------------- PyTorch FSDP2
 
-def apply_fsdp2(par, reshard_after_forward: bool, compute_dtype):
+def apply_fsdp2(par, reshard_after_forward: bool, compute_dtype, reduce_dtype):
     """FSDP2: fully_shard every unit of the wrap policy (blocks first, then the root)
     on the DP mesh dimension. Parameters become DTensors sharded on dim 0 (the optimizer
     and clip.py read that); meta parameters are materialised later by `materialize`."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-    mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
+    mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=reduce_dtype)
     dp_mesh = par.mesh.device_mesh["dp"]
     for _, module in reversed(wrap_policy(par.model)):
         fully_shard(module, mesh=dp_mesh, reshard_after_forward=reshard_after_forward, mp_policy=mp)

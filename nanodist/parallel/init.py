@@ -14,7 +14,7 @@ def full_value(model: nn.Module, name: str, param, seed: int, device) -> torch.T
     """The full (global) value of parameter `name`: itself when materialised, else its
     initial value drawn from (seed, name)."""
     if param.is_meta:
-        return model.initial_value(name, seed, param.shape).to(device)
+        return model.initial_value(name, seed, param.shape).to(device, param.dtype)
     return param.detach()
 
 
