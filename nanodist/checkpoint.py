@@ -191,10 +191,10 @@ def load(trainer, path: Path) -> int:
     except Exception as e:  # noqa: BLE001 - damaged files raise all sorts of errors
         raise UserError(f"checkpoint {path} is corrupt ({e}); resume from an older one") from e
     world = _world_mesh(mesh.device)
-    shapes = {key: meta.size for key, meta in metadata.state_dict_metadata.items()}
-    state = {key: _dim0_slice(torch.empty(shape, device="meta"), world if key != "optim.step" else None,
+    state = {key: _dim0_slice(torch.empty(meta.size, dtype=meta.properties.dtype, device="meta"),
+                              world if key != "optim.step" else None,
                               lambda t: torch.empty_like(t, device=mesh.device))
-             for key, shape in shapes.items()}
+             for key, meta in metadata.state_dict_metadata.items()}
     _read(state, path, no_dist=world is None)
 
     def full_of(key):

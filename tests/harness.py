@@ -18,6 +18,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import torch.multiprocessing as mp
+from pytest import approx
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -120,8 +121,63 @@ def trainer_records(kwargs: dict):
     return [(r["loss"], r["grad_norm"]) for r in Trainer(TrainConfig(**kwargs)).train()]
 
 
+# Runs compared after AdamW steps are compared in float64, which makes the tolerance an
+# argument that holds on any CPU: a float64 sum of k <= 1e3 terms whose magnitudes add up
+# to <= 1 (a mean loss's gradient) differs between orders by delta <= k*u*1 ~ 1e-13
+# (u = 1.1e-16). AdamW's update lr*m/(sqrt(v)+eps) has slope at most 1/eps in g, so it
+# lifts delta to at most lr*delta/eps per step (in float32, delta ~ 1e-10 on a near-zero
+# gradient gives lr*1e-2: no bound; hence float64).
+FLOAT64_GRAD_NOISE = 1e-13
+
+
+def adamw_param_bound(steps: int, lr: float, eps: float = 1e-8) -> float:
+    """Max difference of two float64 layouts' parameters after `steps` AdamW steps."""
+    return steps * lr * FLOAT64_GRAD_NOISE / eps
+
+
+def tiny_params_bound() -> int:
+    """Parameters of the tiny model on char data (vocabulary <= 128, blocks <= 64): a bound."""
+    import torch
+    from nanodist.model import GPT, model_config
+    with torch.device("meta"):
+        return sum(p.numel() for p in GPT(model_config("tiny", 64, 128)).parameters())
+
+
+def relative_drift(step: int, lr: float = 1e-3, n_params: int | None = None) -> float:
+    """Step `step` of two float64 layouts runs on parameters at most B =
+    adamw_param_bound(step, lr) apart, so its loss differs by at most ||grad||_1 * B <=
+    sqrt(P) * ||grad||_2 * B (P parameters): sqrt(P) * B relative to the grad norm."""
+    return (n_params or tiny_params_bound()) ** 0.5 * adamw_param_bound(step, lr)
+
+
+def loss_tolerances(reference, lr: float = 1e-3) -> list[float]:
+    """Per step, the bound on a float64 layout's loss difference from `reference` (loss, norm)."""
+    return [relative_drift(step, lr) * norm for step, (_, norm) in enumerate(reference)]
+
+
+def assert_records_match(records, reference, what="", lr: float = 1e-3):
+    """(loss, grad norm) per step of a float64 tiny run against the reference run's:
+    losses within `loss_tolerances`, grad norms within the same relative drift (this
+    assumes the Hessian's scale is the gradient's); 1e-10 relative covers float64 order
+    noise of the sums themselves (<= 1e6 terms)."""
+    for step, ((loss, norm), (loss_1, norm_1), tol) in enumerate(
+            zip(records, reference, loss_tolerances(reference, lr))):
+        assert loss == approx(loss_1, rel=1e-10, abs=tol), f"{what}: loss at step {step}"
+        assert norm == approx(norm_1, rel=1e-10 + relative_drift(step, lr)), f"{what}: grad norm at step {step}"
+
+
+def assert_printed_losses_match(stdout: str, reference):
+    """train.py prints losses with 4 decimals: rounding (5e-5) plus the float64 bound."""
+    import re
+    losses = [float(x) for x in re.findall(r"\| loss (\S+)", stdout)]
+    assert len(losses) == len(reference), stdout
+    for step, (loss, (loss_1, _), tol) in enumerate(zip(losses, reference, loss_tolerances(reference))):
+        assert loss == approx(loss_1, abs=5e-5 + tol), f"printed loss at step {step}"
+
+
 def tiny_run(data_dir, out_dir, **overrides) -> dict:
-    """TrainConfig fields of a 3-step tiny run on char-level Shakespeare, AdamW + clipping."""
+    """TrainConfig fields of a 3-step tiny run on char-level Shakespeare, AdamW (lr 1e-3,
+    the default of `assert_records_match`) + clipping."""
     return dict(device="cpu", model="tiny", dataset="shakespeare_char", data_dir=data_dir,
                 block_size=32, batch_size=2, total_batch_size=256, max_steps=3, warmup_steps=1,
                 learning_rate=1e-3, gradient_clipping=True, eval_interval=100, eval_iters=1,

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from harness import run_distributed, tiny_run, trainer_records
+from harness import assert_records_match, run_distributed, tiny_run, trainer_records
 from nanodist.config import TrainConfig
 from nanodist.model import GPT, GPTConfig
 from nanodist.parallel import comm
@@ -281,14 +281,14 @@ def test_full_state_dict_round_trip(impl):
 def test_trainer_end_to_end(char_data, tmp_path, reduce_on_last):
     """The issue's command, custom and pytorch, against one process (Loss/train); with
     --fsdp_reduce_on_last_micro_step the 2 micro-steps of a step reduce-scatter once."""
-    single = trainer_records(tiny_run(char_data, tmp_path / "single"))
+    single = trainer_records(tiny_run(char_data, tmp_path / "single", dtype="float64"))
     for impl in ("custom", "pytorch"):
         kwargs = tiny_run(char_data, tmp_path / impl, data_parallel_size=2, data_parallel_type="fsdp",
-                          deferred_init=True, implementation=impl,
+                          deferred_init=True, implementation=impl, dtype="float64",
                           fsdp_reduce_on_last_micro_step=reduce_on_last)
         for records in run_distributed(trainer_records, 2, kwargs):
-            # fp32, 3 AdamW steps with clipping: float-order differences only
-            assert [loss for loss, _ in records] == pytest.approx([l for l, _ in single], abs=1e-5), impl
+            # float64: the bound of harness.assert_records_match holds on any CPU
+            assert_records_match(records, single, impl)
     calls, flats = run_distributed(_reduce_scatters_per_step, 2, tiny_run(
         char_data, tmp_path / "count", data_parallel_size=2, data_parallel_type="fsdp",
         fsdp_reduce_on_last_micro_step=reduce_on_last))[0]
