@@ -185,14 +185,14 @@ class Trainer:
         lr = lr_at(step, self.cfg)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        loss_sum = torch.zeros((), device=self.mesh.device)
+        loss_sum = 0.0  # becomes a tensor of the loss's dtype (fp64 under --dtype float64)
         for micro in range(self.grad_accum):
             x, y = self.data.train_batch(step, micro)
             last = micro == self.grad_accum - 1
             with (nullcontext() if last else self.par.no_sync()), self.par.loss_context():
                 loss = self._loss(x, y) / self.grad_accum
                 loss.backward()
-            loss_sum += loss.detach()
+            loss_sum = loss_sum + loss.detach()
         norm = self.par.clip_grad_norm(self.cfg.max_grad_norm if self.cfg.gradient_clipping else None)
         loss = self._dp_mean(loss_sum).item()
         if not (math.isfinite(loss) and math.isfinite(norm.item())):  # before the weights change
@@ -209,12 +209,12 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> float:
         self.model.eval()
-        loss_sum = torch.zeros((), device=self.mesh.device)
+        loss_sum = 0.0  # as in train_step
         for i in range(self.cfg.eval_iters):  # whole global batches: the same set for every layout
             for micro in range(self.grad_accum):
                 x, y = self.data.val_batch(i, micro)
                 with self.par.loss_context():
-                    loss_sum += self._loss(x, y)
+                    loss_sum = loss_sum + self._loss(x, y)
         return self._dp_mean(loss_sum / (self.cfg.eval_iters * self.grad_accum)).item()
 
     def train(self) -> list[dict]:
