@@ -162,13 +162,14 @@ def _verify(path: Path, no_dist: bool):
     """Every file of checkpoint `path` against its manifest; the same verdict on all ranks."""
     try:
         expected = json.loads((path / MANIFEST).read_text())["crc32"]
-        assert isinstance(expected, dict), "no file list"
+        if not isinstance(expected, dict):
+            raise TypeError("no file list")
     except FileNotFoundError:
         if no_dist or dist.get_rank() == 0:
             print(f"warning: checkpoint {path} has no {MANIFEST} (it predates them): its files "
                   f"are not checked for damage", file=sys.stderr, flush=True)
         return
-    except (OSError, ValueError, KeyError, TypeError, AssertionError) as e:
+    except (OSError, ValueError, KeyError, TypeError) as e:
         raise UserError(f"checkpoint {path} is corrupt ({MANIFEST}: {e}); resume from an older one") from e
     found = _checksums(path, expected, no_dist)
     bad = [name for name in sorted(expected) if found[name] != expected[name]]
@@ -219,11 +220,13 @@ class _Reader(dcp.FileSystemReader):
         except Exception as e:  # noqa: BLE001 - damaged files raise all sorts of errors
             raise UserError(f"checkpoint {path} is corrupt (.metadata: {_cause(e)}); resume from "
                             f"an older one") from e
-        if not isinstance(metadata, Metadata) or not all(
-                isinstance(m, TensorStorageMetadata) for m in metadata.state_dict_metadata.values()):
+        index = getattr(metadata, "state_dict_metadata", None) if isinstance(metadata, Metadata) else None
+        if not isinstance(index, dict) or not all(isinstance(m, TensorStorageMetadata) and
+                                                  isinstance(getattr(m, "size", None), torch.Size)
+                                                  for m in index.values()):
             raise UserError(f"checkpoint {path} is corrupt (.metadata is not this project's DCP "
                             f"index); resume from an older one")
-        metadata.storage_meta = metadata.storage_meta or StorageMeta()
+        metadata.storage_meta = getattr(metadata, "storage_meta", None) or StorageMeta()  # older DCPs
         metadata.storage_meta.load_id = self.load_id  # as DCP's own read_metadata does
         self.metadata = metadata
 
