@@ -5,7 +5,7 @@ root for the rest (embeddings, final norm, the head; wte and lm_head are one tie
 parameter, counted once). Each unit flattens its parameters, one flat vector per class
 (decay / no-decay x the groups they are already sharded over, e.g. TP), padded to N:
 
-    flat    [ c_attn.w | c_proj.w | c_fc.w | ... | pad ]   numel = k * N, fp32
+    flat    [ c_attn.w | c_proj.w | c_fc.w | ... | pad ]   numel = k * N, fp32 (fp64: --dtype float64)
     shards  [ rank 0 ][ rank 1 ] ... [ rank N-1 ]           rank r keeps shard r (k values):
                                                             master weights, grad, AdamW state
 The model keeps its parameters (names, shapes, state_dict keys) as views of `full`, a
@@ -13,7 +13,7 @@ buffer in the compute dtype whose storage exists only while the unit is gathered
 
     forward  unit i: wait all-gather(i), start all-gather(i+1) | compute | free full(i)
     backward unit i: wait all-gather(i), start all-gather(i-1) | grads  | reduce-scatter
-                     (fp32, async) -> shard.grad, free full(i) and the unsharded grads
+                     (master dtype, async) -> shard.grad, free full(i) and the unsharded grads
     traffic per step: all-gather x 2 + reduce-scatter = 3 (N-1)/N Psi   (ZeRO-3)
     reshard_after_forward=False (ZeRO-2) keeps full(i) from forward to backward: 2 (N-1)/N Psi
 The root runs at both ends (embeddings first, head last): it is re-gathered when backward
@@ -46,7 +46,7 @@ def _allocate(t: torch.Tensor):
 
 
 class FlatParam:
-    """Parameters of one unit and one class as one fp32 vector, sharded over the DP group.
+    """Parameters of one unit and one class as one master-dtype (fp32, or fp64) vector, sharded over the DP group.
 
     `named_params` holds the model's current parameters (real, or on the meta device
     under --deferred_init: then values come from `model.initial_value`, DESIGN.md
@@ -216,7 +216,7 @@ class FSDP:
             self._reduce_grads(unit)
 
     def _reduce_grads(self, unit):
-        """Unit's grads -> one fp32 vector -> reduce-scatter, async: it overlaps the next
+        """Unit's grads -> one master-dtype vector -> reduce-scatter, async: it overlaps the next
         unit's backward, which waits for it first (one unit's flat grads in flight)."""
         self._finish_reductions()
         for f in unit.flats:
