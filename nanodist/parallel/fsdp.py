@@ -46,7 +46,8 @@ def _allocate(t: torch.Tensor):
 
 
 class FlatParam:
-    """Parameters of one unit and one class as one master-dtype (fp32, or fp64) vector, sharded over the DP group.
+    """Parameters of one unit and one class as one master-dtype (fp32, or fp64) vector,
+    sharded over the DP group.
 
     `named_params` holds the model's current parameters (real, or on the meta device
     under --deferred_init: then values come from `model.initial_value`, DESIGN.md
