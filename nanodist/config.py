@@ -76,6 +76,8 @@ class TrainConfig:
     dtype: str = flag("float32", "compute dtype (bfloat16: mixed precision, fp32 master weights)")
     compile: bool = flag(False, "torch.compile the model")
     seed: int = flag(1337, "seed of initialisation and data order")
+    dist_timeout: float = flag(300.0, "seconds joining the process group or one collective may wait "
+                                      "for the other ranks before the run ends with an error")
 
 
 DATASETS = ("shakespeare", "shakespeare_char", "openwebtext")
@@ -129,6 +131,8 @@ def check_values(cfg: TrainConfig):
     for name in ("max_steps", "total_batch_size", "eval_interval", "eval_iters", "keep_checkpoints"):
         if getattr(cfg, name) < 1:
             raise UserError(f"--{name} must be >= 1, got {getattr(cfg, name)}")
+    if cfg.dist_timeout <= 0:
+        raise UserError(f"--dist_timeout must be > 0 seconds, got {cfg.dist_timeout}")
     if cfg.max_grad_norm <= 0:
         raise UserError(f"--max_grad_norm must be > 0, got {cfg.max_grad_norm}")
     if cfg.checkpoint_interval < -1:
