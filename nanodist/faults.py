@@ -38,8 +38,9 @@ class StopRequest:
     every rank stop at the same step. The launcher is watched by polling the parent pid:
     Linux's PR_SET_PDEATHSIG would follow the launcher's *thread*, and is Linux only."""
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, launcher: int | None = None):
         self.device = device
+        self.launcher = launcher
         self.signal = 0  # the first signal received; 0: none
         self._previous = {}
         self._done = threading.Event()
@@ -48,8 +49,8 @@ class StopRequest:
         if threading.current_thread() is threading.main_thread():  # where handlers can go
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 self._previous[sig] = signal.signal(sig, self._note)
-        if "TORCHELASTIC_RUN_ID" in os.environ:  # started by torchrun
-            threading.Thread(target=self._watch_launcher, args=(os.getppid(),), daemon=True).start()
+        if self.launcher:
+            threading.Thread(target=self._watch_launcher, args=(self.launcher,), daemon=True).start()
         return self
 
     def __exit__(self, *exc):
@@ -69,6 +70,11 @@ class StopRequest:
                           f"within {LAUNCHER_GRACE_S} s; killed", flush=True)
                     os._exit(128 + signal.SIGKILL)
                 return
+
+    @staticmethod
+    def find_launcher() -> int | None:
+        """The torchrun launcher's pid: our parent, while it lives (None without torchrun)."""
+        return os.getppid() if "TORCHELASTIC_RUN_ID" in os.environ else None
 
     def agreed(self) -> int:
         """Collective: the signal any rank received (0: none)."""

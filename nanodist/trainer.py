@@ -56,6 +56,7 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 class Trainer:
     def __init__(self, cfg: TrainConfig):
+        self.launcher = faults.StopRequest.find_launcher()  # before it can die unnoticed
         device = pick_device(cfg.device)
         # no failure of another rank becomes a silent hang (a bad value: resolve_layout says so)
         timeout = timedelta(seconds=cfg.dist_timeout) if cfg.dist_timeout > 0 else None
@@ -214,7 +215,7 @@ class Trainer:
         SIGTERM, SIGINT or a dead launcher stop every rank after the same step, which is
         saved first (faults.Stopped)."""
         try:
-            with faults.StopRequest(self.mesh.device) as self.stop:
+            with faults.StopRequest(self.mesh.device, self.launcher) as self.stop:
                 return self._train()
         finally:
             self.logger.close()
