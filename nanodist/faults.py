@@ -32,8 +32,8 @@ class Stopped(Exception):
 
 
 class StopRequest:
-    """While in use (`with`), SIGTERM and SIGINT only set a flag, and under torchrun a
-    thread turns the death of the launcher into SIGHUP (a worker whose launcher died
+    """While in use (`with`), SIGTERM, SIGINT and SIGHUP only set a flag, and under torchrun
+    a thread turns the death of the launcher into SIGHUP (a worker whose launcher died
     would otherwise train on unsupervised). `agreed()` is the collective that makes
     every rank stop at the same step. The launcher is watched by polling the parent pid:
     Linux's PR_SET_PDEATHSIG would follow the launcher's *thread*, and is Linux only."""
@@ -67,7 +67,7 @@ class StopRequest:
                 self._note(signal.SIGHUP, None)
                 if not self._done.wait(LAUNCHER_GRACE_S):  # stuck: end as torchrun would have
                     print(f"error: the launcher (pid {launcher}) died and this worker did not stop "
-                          f"within {LAUNCHER_GRACE_S} s; killed", flush=True)
+                          f"within {LAUNCHER_GRACE_S} s; ending it", flush=True)
                     os._exit(128 + signal.SIGKILL)
                 return
 
