@@ -78,6 +78,8 @@ class TrainConfig:
                                  "float64: reference precision for numerics checks, no autocast)")
     compile: bool = flag(False, "torch.compile the model")
     seed: int = flag(1337, "seed of initialisation and data order")
+    dist_timeout: float = flag(300.0, "seconds joining the process group or one collective may wait "
+                                      "for the other ranks before the run ends with an error")
 
 
 DATASETS = ("shakespeare", "shakespeare_char", "openwebtext")
@@ -130,7 +132,7 @@ def parse_args(argv=None) -> TrainConfig:
 RANGES = (
     (("block_size", "batch_size", "total_batch_size", "max_steps", "eval_interval", "eval_iters",
       "keep_checkpoints", "tensor_parallel_size"), lambda v: v >= 1, ">= 1"),
-    (("learning_rate", "max_grad_norm", "bucket_cap_mb"), lambda v: v > 0, "> 0"),
+    (("learning_rate", "max_grad_norm", "bucket_cap_mb", "dist_timeout"), lambda v: v > 0, "> 0"),
     (("min_lr", "weight_decay"), lambda v: v >= 0, ">= 0"),
     (("dropout", "beta1", "beta2"), lambda v: 0 <= v < 1, "in [0, 1)"),
     (("warmup_steps",), lambda v: v >= -1, ">= 0 (or -1: GPT-2's 715, at most 10% of max_steps)"),

@@ -9,12 +9,13 @@ import os
 import time
 from contextlib import nullcontext
 from dataclasses import asdict
+from datetime import timedelta
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from nanodist import checkpoint
+from nanodist import checkpoint, faults
 from nanodist.config import TrainConfig, UserError, grad_accum_steps, resolve_layout
 from nanodist.data import BatchLoader
 from nanodist.metrics import (Logger, device_peak_flops, enable_tf32, flops_per_token,
@@ -72,11 +73,14 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 class Trainer:
     def __init__(self, cfg: TrainConfig):
+        self.launcher = faults.StopRequest.find_launcher()  # before it can die unnoticed
         device = pick_device(cfg.device)
-        _, world_size = init_distributed(device)
+        # no failure of another rank becomes a silent hang (a bad value: resolve_layout says so)
+        timeout = timedelta(seconds=cfg.dist_timeout) if cfg.dist_timeout > 0 else None
+        _, world_size = init_distributed(device, timeout)
         self.cfg = cfg = resolve_layout(cfg, world_size)
         self.grad_accum = grad_accum_steps(cfg)
-        self.mesh = mesh = build_mesh(cfg.data_parallel_size, cfg.tensor_parallel_size, device)
+        self.mesh = mesh = build_mesh(cfg.data_parallel_size, cfg.tensor_parallel_size, device, timeout)
         self._decided_by_rank0(lambda: check_writable_dirs(cfg))  # before any work is lost
         self.data = BatchLoader(cfg.data_dir or REPO / "data" / cfg.dataset, cfg.dataset,
                                 cfg.block_size, cfg.batch_size, self.grad_accum,
@@ -108,11 +112,17 @@ class Trainer:
         if not cfg.out_dir:  # a fresh run directory, named by rank 0 for all
             cfg.out_dir = self._decided_by_rank0(lambda: new_run_dir(REPO / "runs", layout))
         self.log_dir = cfg.log_dir or cfg.out_dir
-        found = self._decided_by_rank0(self._checkpoint_to_resume)
-        self.start_step = checkpoint.load(self, found) if found else 0
-        # a resumed run drops what the run that died logged past its checkpoint
-        self.logger = Logger(self.log_dir, enabled=mesh.is_main,
-                             purge_step=self.start_step if cfg.resume else None)
+        self.run_lock = None  # rank 0's, from here to the end of train()
+        try:
+            found = self._decided_by_rank0(self._claim_run_dir)
+            self.start_step = checkpoint.load(self, found) if found else 0
+            # a resumed run drops what the run that died logged past its checkpoint
+            self.logger = Logger(self.log_dir, enabled=mesh.is_main,
+                                 purge_step=self.start_step if cfg.resume else None)
+        except BaseException:
+            self._release_run_dir()
+            raise
+        self.last_checkpoint = found
         self.logger.text("config", "\n".join(f"    {k} = {v}" for k, v in asdict(cfg).items()))
         self.print(f"{layout}: {self.n_params / 1e6:.2f}M parameters, {mesh.world_size} "
                    f"process(es) on {device}{' (fp32 matmuls in TF32)' if tf32 else ''}, grad_accum {self.grad_accum}, "
@@ -142,6 +152,15 @@ class Trainer:
         if isinstance(verdict, UserError):
             raise UserError(str(verdict))
         return verdict
+
+    def _claim_run_dir(self):
+        """Rank 0: lock the run directory against a second job, then pick the checkpoint."""
+        self.run_lock = faults.RunLock(self.cfg.out_dir)
+        return self._checkpoint_to_resume()
+
+    def _release_run_dir(self):
+        if self.run_lock:
+            self.run_lock.release()
 
     def _checkpoint_to_resume(self):
         """The checkpoint --resume names (None: start fresh), after checking that the run
@@ -219,7 +238,27 @@ class Trainer:
         return self._dp_mean(loss_sum / (self.cfg.eval_iters * self.grad_accum)).item()
 
     def train(self) -> list[dict]:
-        """Runs max_steps optimizer steps; returns the per-step records (rank-local)."""
+        """Runs max_steps optimizer steps; returns the per-step records (rank-local).
+        SIGTERM, SIGINT or a dead launcher stop every rank after the same step, which is
+        saved first (faults.Stopped)."""
+        try:
+            with faults.StopRequest(self.mesh.device, self.launcher) as self.stop:
+                return self._train()
+        finally:
+            self.logger.close()
+            self._release_run_dir()
+
+    def _stop(self, step: int, signum: int):
+        """Every rank agreed to stop after `step`: save it unless saved (or never to be)."""
+        saves = self.cfg.checkpoint_interval >= 0
+        if saves and not (self.last_checkpoint and checkpoint.step_of(self.last_checkpoint) == step):
+            self.last_checkpoint = checkpoint.save(self, step)
+        kept = (f"checkpoint {self.last_checkpoint}: continue with --resume" if saves
+                else "no checkpoint (--checkpoint_interval -1)")
+        raise faults.Stopped(f"stopped by {faults.describe(signum)} after step {step}; {kept}",
+                             exit_code=128 + signum)
+
+    def _train(self) -> list[dict]:
         history = []
         for step in range(self.start_step, self.cfg.max_steps):
             reset_peak_memory(self.mesh.device)
@@ -250,6 +289,7 @@ class Trainer:
             history.append(record)
             every = self.cfg.checkpoint_interval or self.cfg.eval_interval
             if self.cfg.checkpoint_interval >= 0 and ((step + 1) % every == 0 or last):
-                checkpoint.save(self, step + 1)
-        self.logger.close()
+                self.last_checkpoint = checkpoint.save(self, step + 1)
+            if signum := self.stop.agreed():
+                self._stop(step + 1, signum)
         return history

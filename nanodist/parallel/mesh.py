@@ -10,12 +10,15 @@ One process started without torchrun runs with no process group at all.
 """
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+from torch._C._distributed_c10d import Backend as C10dBackend
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from nanodist.config import UserError
+from nanodist.faults import check_restartable
 
 
 @dataclass
@@ -70,24 +73,42 @@ def pick_device(preference: str = "auto") -> torch.device:
     return torch.device("cuda", local_rank)
 
 
-def init_distributed(device: torch.device) -> tuple[int, int]:
-    """Join the process group torchrun describes (nccl on CUDA, gloo on CPU).
+def init_distributed(device: torch.device, timeout: timedelta | None = None) -> tuple[int, int]:
+    """Join the process group torchrun describes (nccl on CUDA, gloo on CPU); joining and
+    every collective on it give up after `timeout` (None: PyTorch's 10/30 minutes).
     Returns (rank, world_size); (0, 1) with no group when not launched by torchrun
     (an already initialised group, as in the tests, is used as it is)."""
     if not dist.is_initialized():
         if "WORLD_SIZE" not in os.environ:
             return 0, 1
+        check_restartable()
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
+        dist.init_process_group(backend, device_id=device if device.type == "cuda" else None,
+                                timeout=timeout)
     return dist.get_rank(), dist.get_world_size()
 
 
-def build_mesh(dp_size: int, tp_size: int, device: torch.device) -> Mesh:
-    """The DP x TP mesh over the already initialised process group (or one process)."""
+def _group_options(timeout: timedelta):
+    """Options that carry `timeout` to the mesh's sub-groups (DeviceMesh would give them
+    PyTorch's default, not the world group's)."""
+    if dist.get_backend() == "nccl":
+        options = dist.ProcessGroupNCCL.Options()
+    else:
+        options = C10dBackend.Options(dist.get_backend())
+    options._timeout = timeout
+    return options
+
+
+def build_mesh(dp_size: int, tp_size: int, device: torch.device,
+               timeout: timedelta | None = None) -> Mesh:
+    """The DP x TP mesh over the already initialised process group (or one process);
+    its groups give up after `timeout` (None: PyTorch's default)."""
     if not dist.is_initialized():
         if dp_size * tp_size != 1:
             raise UserError(f"a layout of dp={dp_size} x tp={tp_size} needs "
                             f"torchrun --nproc_per_node={dp_size * tp_size}")
         return Mesh(device=device)
-    device_mesh = init_device_mesh(device.type, (dp_size, tp_size), mesh_dim_names=("dp", "tp"))
+    override = {dim: _group_options(timeout) for dim in ("dp", "tp")} if timeout else None
+    device_mesh = init_device_mesh(device.type, (dp_size, tp_size), mesh_dim_names=("dp", "tp"),
+                                   backend_override=override)
     return Mesh(dp_size, tp_size, dist.get_rank(), device, device_mesh)
