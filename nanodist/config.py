@@ -32,6 +32,8 @@ class TrainConfig:
     model: str = flag("gpt2", "model preset (tiny: 4 layers, 4 heads, 128 wide, for CPUs)")
     block_size: int = flag(1024, "context length in tokens")
     dropout: float = flag(0.0, "dropout probability")
+    init_from: str = flag("", "start from Hugging Face GPT-2 weights: a from_pretrained directory "
+                              "(config.json, model.safetensors or pytorch_model.bin)")
     # batch
     batch_size: int = flag(16, "micro-batch per DP rank, in sequences")
     total_batch_size: int = flag(524288, "tokens per optimizer step over all DP ranks (GPT-2: 2**19); "

@@ -17,6 +17,7 @@ import torch.distributed as dist
 from nanodist import checkpoint
 from nanodist.config import TrainConfig, UserError, grad_accum_steps, resolve_layout
 from nanodist.data import BatchLoader
+from nanodist.hf import pretrained_tensors
 from nanodist.metrics import (Logger, device_peak_flops, enable_tf32, flops_per_token,
                               peak_memory_bytes, reset_peak_memory)
 from nanodist.model import GPT, GPTConfig, model_config
@@ -108,6 +109,10 @@ class Trainer:
         self.log_dir = cfg.log_dir or cfg.out_dir
         found = self._decided_by_rank0(self._checkpoint_to_resume)
         self.start_step = checkpoint.load(self, found) if found else 0
+        if cfg.init_from and not found:  # each rank keeps its part of each full tensor
+            full_of = pretrained_tensors(cfg.init_from, self.model_cfg, self.data.vocab_size)
+            with torch.no_grad():
+                self.par.load_full_tensors(full_of, self.par.optimizer_param_list())
         # a resumed run drops what the run that died logged past its checkpoint
         self.logger = Logger(self.log_dir, enabled=mesh.is_main,
                              purge_step=self.start_step if cfg.resume else None)
