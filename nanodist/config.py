@@ -27,7 +27,7 @@ def flag(default, help: str, const=None):
 class TrainConfig:
     # data
     dataset: str = flag("shakespeare", "which prepared dataset to train on")
-    data_dir: str = flag("", "folder with train.bin/val.bin/meta.json (default: data/<dataset>)")
+    data_dir: str = flag("", "folder with train.bin/val.bin/meta.json (default: ./data/<dataset>)")
     # model
     model: str = flag("gpt2", "model preset (tiny: 4 layers, 4 heads, 128 wide, for CPUs)")
     block_size: int = flag(1024, "context length in tokens")
@@ -52,7 +52,7 @@ class TrainConfig:
     eval_interval: int = flag(250, "evaluate every this many steps (and after the last)")
     eval_iters: int = flag(20, "global batches of the validation split per evaluation")
     out_dir: str = flag("", "run directory: checkpoints (and TensorBoard events unless --log_dir); "
-                            "default: a new runs/<time>-<layout>")
+                            "default: a new ./runs/<time>-<layout>")
     log_dir: str = flag("", "TensorBoard run directory, must be new (default: --out_dir)")
     # checkpoints
     checkpoint_interval: int = flag(0, "checkpoint every K steps and after the last "

@@ -24,8 +24,6 @@ from nanodist.model import GPT, GPTConfig, model_config
 from nanodist.parallel.mesh import build_mesh, init_distributed, pick_device
 from nanodist.parallel.parallelize import parallelize
 
-REPO = Path(__file__).resolve().parents[1]
-
 
 def check_tensor_parallel_fit(model_cfg: GPTConfig, tp: int):
     for what, size in (("n_head", model_cfg.n_head), ("n_embd", model_cfg.n_embd),
@@ -79,7 +77,7 @@ class Trainer:
         self.grad_accum = grad_accum_steps(cfg)
         self.mesh = mesh = build_mesh(cfg.data_parallel_size, cfg.tensor_parallel_size, device)
         self._decided_by_rank0(lambda: check_writable_dirs(cfg))  # before any work is lost
-        self.data = BatchLoader(cfg.data_dir or REPO / "data" / cfg.dataset, cfg.dataset,
+        self.data = BatchLoader(cfg.data_dir or Path("data", cfg.dataset), cfg.dataset,
                                 cfg.block_size, cfg.batch_size, self.grad_accum,
                                 mesh.dp_size, mesh.dp_rank, cfg.seed, device)
         self.model_cfg = model_config(cfg.model, cfg.block_size, self.data.vocab_size, cfg.dropout)
@@ -105,7 +103,7 @@ class Trainer:
 
         layout = (f"dp{mesh.dp_size}-{cfg.data_parallel_type}-tp{mesh.tp_size}-{cfg.implementation}")
         if not cfg.out_dir:  # a fresh run directory, named by rank 0 for all
-            cfg.out_dir = self._decided_by_rank0(lambda: new_run_dir(REPO / "runs", layout))
+            cfg.out_dir = self._decided_by_rank0(lambda: new_run_dir(Path("runs"), layout))
         self.log_dir = cfg.log_dir or cfg.out_dir
         found = self._decided_by_rank0(self._checkpoint_to_resume)
         self.start_step = checkpoint.load(self, found) if found else 0
