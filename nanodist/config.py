@@ -54,6 +54,8 @@ class TrainConfig:
     out_dir: str = flag("", "run directory: checkpoints (and TensorBoard events unless --log_dir); "
                             "default: a new ./runs/<time>-<layout>")
     log_dir: str = flag("", "TensorBoard run directory, must be new (default: --out_dir)")
+    profile_steps: str = flag("", "A:B: torch.profiler traces of steps A to B on every rank, "
+                                  "in <out_dir>/profile (Chrome/Perfetto and TensorBoard format)")
     # checkpoints
     checkpoint_interval: int = flag(0, "checkpoint every K steps and after the last "
                                        "(0: at each evaluation; -1: never)")

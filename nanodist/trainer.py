@@ -23,6 +23,7 @@ from nanodist.metrics import (Logger, device_peak_flops, enable_tf32, flops_per_
 from nanodist.model import GPT, GPTConfig, model_config
 from nanodist.parallel.mesh import build_mesh, init_distributed, pick_device
 from nanodist.parallel.parallelize import parallelize
+from nanodist.profiling import StepProfiler, parse_steps
 
 
 def check_tensor_parallel_fit(model_cfg: GPTConfig, tp: int):
@@ -82,6 +83,7 @@ class Trainer:
                                 mesh.dp_size, mesh.dp_rank, cfg.seed, device)
         self.model_cfg = model_config(cfg.model, cfg.block_size, self.data.vocab_size, cfg.dropout)
         check_tensor_parallel_fit(self.model_cfg, mesh.tp_size)
+        parse_steps(cfg.profile_steps)  # a bad value fails before any work
 
         with torch.device("meta" if cfg.deferred_init else device):
             model = GPT(self.model_cfg, seed=None if cfg.deferred_init else cfg.seed)
@@ -221,13 +223,16 @@ class Trainer:
     def train(self) -> list[dict]:
         """Runs max_steps optimizer steps; returns the per-step records (rank-local)."""
         history = []
+        profiler = StepProfiler(self.cfg.profile_steps, self.cfg.out_dir, self.mesh.rank, self.mesh.device)
         for step in range(self.start_step, self.cfg.max_steps):
+            profiler.before(step)
             reset_peak_memory(self.mesh.device)
             t0 = time.perf_counter()
             record = self.train_step(step)
             if self.mesh.device.type == "cuda":
                 torch.cuda.synchronize()
             dt = time.perf_counter() - t0
+            profiler.after(step)
             record.update(step=step, step_time=dt, tokens_per_sec=self.tokens_per_step / dt,
                           peak_memory=peak_memory_bytes(self.mesh.device))
             mfu = (self.flops_per_step / dt / self.mesh.world_size / self.peak_flops
