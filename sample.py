@@ -2,9 +2,11 @@
 
     python sample.py --out_dir runs/my-run                        the latest checkpoint there
     python sample.py --checkpoint runs/my-run/step_0000100
-    python sample.py --init_from gpt2-hf-state-dict pytorch_model.bin   Hugging Face GPT-2 weights
+    python sample.py --init_from gpt2-dir                        a from_pretrained directory
+    python sample.py --init_from gpt2-hf-state-dict pytorch_model.bin   a bare GPT-2 state dict
 """
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -12,6 +14,7 @@ import torch
 
 from nanodist import checkpoint
 from nanodist.config import UserError, check_ranges
+from nanodist.hf import pretrained_tensors
 from nanodist.model import GPT, PRESETS, load_hf_state_dict, model_config
 from nanodist.tokenizer import get_gpt2_encoding
 
@@ -37,6 +40,28 @@ def load_hf_file(path: str, preset: str) -> GPT:
         return load_hf_state_dict(GPT(model_config(preset, wpe.shape[0], 50257)), state)
     except (KeyError, ValueError, RuntimeError) as e:
         raise UserError(f"--init_from {path}: {e}") from e
+
+
+def load_pretrained_dir(directory: str) -> tuple[GPT, dict, int]:
+    """(model, tokenizer, vocabulary size) of a from_pretrained directory; a vocabulary
+    other than GPT-2's is a char run exported by nanodist.export (itos not included)."""
+    config = Path(directory) / "config.json"
+    try:
+        hf = json.loads(config.read_text())
+        preset = next(name for name, shape in PRESETS.items()
+                      if all(hf[k] == v for k, v in shape.items()))
+        vocab, block = hf["vocab_size"], hf["n_positions"]
+    except (OSError, ValueError, KeyError, StopIteration) as e:
+        raise UserError(f"--init_from {directory}: no config.json of a GPT-2 preset ({e!r})") from e
+    if vocab != 50257:
+        raise UserError(f"--init_from {directory}: vocabulary of {vocab}, not GPT-2's: sample "
+                        f"from the nanodist checkpoint it was exported from")
+    model = GPT(model_config(preset, block, vocab), seed=None)
+    full_of = pretrained_tensors(directory, model.config, vocab)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            param.copy_(full_of(name))
+    return model, {"name": "gpt2"}, vocab
 
 
 def codec(tokenizer: dict, bpe_file: str | None):
@@ -75,8 +100,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out_dir", help="run directory: sample from its latest checkpoint")
     p.add_argument("--checkpoint", help="a step_N checkpoint directory")
-    p.add_argument("--init_from", nargs=2, metavar=("gpt2-hf-state-dict", "PATH"),
-                   help="published GPT-2 weights (a Hugging Face GPT2LMHeadModel state dict)")
+    p.add_argument("--init_from", nargs="+", metavar="DIR",
+                   help="Hugging Face GPT-2 weights: a from_pretrained directory (as nanodist.export "
+                        "writes), or gpt2-hf-state-dict PATH with --preset")
     p.add_argument("--preset", default="gpt2", choices=sorted(PRESETS),
                    help="model preset of --init_from weights")
     p.add_argument("--start", default="\n", help="prompt text")
@@ -89,9 +115,11 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     try:
         check_ranges(args, SAMPLING_RANGES)
-        if args.init_from:
-            if args.init_from[0] != "gpt2-hf-state-dict":
-                raise UserError("--init_from takes: gpt2-hf-state-dict PATH")
+        if args.init_from and len(args.init_from) == 1:
+            model, tokenizer, vocab = load_pretrained_dir(args.init_from[0])
+        elif args.init_from:
+            if args.init_from[0] != "gpt2-hf-state-dict" or len(args.init_from) != 2:
+                raise UserError("--init_from takes: DIR, or gpt2-hf-state-dict PATH")
             model, tokenizer, vocab = load_hf_file(args.init_from[1], args.preset), {"name": "gpt2"}, 50257
         else:
             if args.checkpoint:

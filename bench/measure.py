@@ -174,12 +174,12 @@ class _NoComm:
     broadcast = all_reduce
 
     @staticmethod
-    def all_gather_into_tensor(output, input, group=None, async_op=False):
+    def all_gather_single(output, input, group=None, async_op=False):
         output.view(-1, input.numel()).copy_(input.reshape(1, -1))
         return _LocalWork() if async_op else None
 
     @staticmethod
-    def reduce_scatter_tensor(output, input, op=None, group=None, async_op=False):
+    def reduce_scatter_single(output, input, op=None, group=None, async_op=False):
         output.copy_(input.reshape(-1, output.numel())[0].view_as(output))
         return _LocalWork() if async_op else None
 

@@ -27,11 +27,13 @@ def flag(default, help: str, const=None):
 class TrainConfig:
     # data
     dataset: str = flag("shakespeare", "which prepared dataset to train on")
-    data_dir: str = flag("", "folder with train.bin/val.bin/meta.json (default: data/<dataset>)")
+    data_dir: str = flag("", "folder with train.bin/val.bin/meta.json (default: ./data/<dataset>)")
     # model
     model: str = flag("gpt2", "model preset (tiny: 4 layers, 4 heads, 128 wide, for CPUs)")
     block_size: int = flag(1024, "context length in tokens")
     dropout: float = flag(0.0, "dropout probability")
+    init_from: str = flag("", "start from Hugging Face GPT-2 weights: a from_pretrained directory "
+                              "(config.json, model.safetensors or pytorch_model.bin)")
     # batch
     batch_size: int = flag(16, "micro-batch per DP rank, in sequences")
     total_batch_size: int = flag(524288, "tokens per optimizer step over all DP ranks (GPT-2: 2**19); "
@@ -50,8 +52,10 @@ class TrainConfig:
     eval_interval: int = flag(250, "evaluate every this many steps (and after the last)")
     eval_iters: int = flag(20, "global batches of the validation split per evaluation")
     out_dir: str = flag("", "run directory: checkpoints (and TensorBoard events unless --log_dir); "
-                            "default: a new runs/<time>-<layout>")
+                            "default: a new ./runs/<time>-<layout>")
     log_dir: str = flag("", "TensorBoard run directory, must be new (default: --out_dir)")
+    profile_steps: str = flag("", "A:B: torch.profiler traces of steps A to B on every rank, "
+                                  "in <out_dir>/profile (Chrome/Perfetto and TensorBoard format)")
     # checkpoints
     checkpoint_interval: int = flag(0, "checkpoint every K steps and after the last "
                                        "(0: at each evaluation; -1: never)")

@@ -18,13 +18,13 @@ import torch.distributed as dist
 from nanodist import checkpoint, faults
 from nanodist.config import TrainConfig, UserError, grad_accum_steps, resolve_layout
 from nanodist.data import BatchLoader
+from nanodist.hf import pretrained_tensors
 from nanodist.metrics import (Logger, device_peak_flops, enable_tf32, flops_per_token,
                               peak_memory_bytes, reset_peak_memory)
 from nanodist.model import GPT, GPTConfig, model_config
 from nanodist.parallel.mesh import build_mesh, init_distributed, pick_device
 from nanodist.parallel.parallelize import parallelize
-
-REPO = Path(__file__).resolve().parents[1]
+from nanodist.profiling import StepProfiler, parse_steps
 
 
 def check_tensor_parallel_fit(model_cfg: GPTConfig, tp: int):
@@ -82,11 +82,12 @@ class Trainer:
         self.grad_accum = grad_accum_steps(cfg)
         self.mesh = mesh = build_mesh(cfg.data_parallel_size, cfg.tensor_parallel_size, device, timeout)
         self._decided_by_rank0(lambda: check_writable_dirs(cfg))  # before any work is lost
-        self.data = BatchLoader(cfg.data_dir or REPO / "data" / cfg.dataset, cfg.dataset,
+        self.data = BatchLoader(cfg.data_dir or Path("data", cfg.dataset), cfg.dataset,
                                 cfg.block_size, cfg.batch_size, self.grad_accum,
                                 mesh.dp_size, mesh.dp_rank, cfg.seed, device)
         self.model_cfg = model_config(cfg.model, cfg.block_size, self.data.vocab_size, cfg.dropout)
         check_tensor_parallel_fit(self.model_cfg, mesh.tp_size)
+        parse_steps(cfg.profile_steps)  # a bad value fails before any work
 
         with torch.device("meta" if cfg.deferred_init else device):
             model = GPT(self.model_cfg, seed=None if cfg.deferred_init else cfg.seed)
@@ -110,12 +111,16 @@ class Trainer:
 
         layout = (f"dp{mesh.dp_size}-{cfg.data_parallel_type}-tp{mesh.tp_size}-{cfg.implementation}")
         if not cfg.out_dir:  # a fresh run directory, named by rank 0 for all
-            cfg.out_dir = self._decided_by_rank0(lambda: new_run_dir(REPO / "runs", layout))
+            cfg.out_dir = self._decided_by_rank0(lambda: new_run_dir(Path("runs"), layout))
         self.log_dir = cfg.log_dir or cfg.out_dir
         self.run_lock = None  # rank 0's, from here to the end of train()
         try:
             found = self._decided_by_rank0(self._claim_run_dir)
             self.start_step = checkpoint.load(self, found) if found else 0
+            if cfg.init_from and not found:  # each rank keeps its part of each full tensor
+                full_of = pretrained_tensors(cfg.init_from, self.model_cfg, self.data.vocab_size)
+                with torch.no_grad():
+                    self.par.load_full_tensors(full_of, self.par.optimizer_param_list())
             # a resumed run drops what the run that died logged past its checkpoint
             self.logger = Logger(self.log_dir, enabled=mesh.is_main,
                                  purge_step=self.start_step if cfg.resume else None)
@@ -260,13 +265,16 @@ class Trainer:
 
     def _train(self) -> list[dict]:
         history = []
+        profiler = StepProfiler(self.cfg.profile_steps, self.cfg.out_dir, self.mesh.rank, self.mesh.device)
         for step in range(self.start_step, self.cfg.max_steps):
+            profiler.before(step)
             reset_peak_memory(self.mesh.device)
             t0 = time.perf_counter()
             record = self.train_step(step)
             if self.mesh.device.type == "cuda":
                 torch.cuda.synchronize()
             dt = time.perf_counter() - t0
+            profiler.after(step)
             record.update(step=step, step_time=dt, tokens_per_sec=self.tokens_per_step / dt,
                           peak_memory=peak_memory_bytes(self.mesh.device))
             mfu = (self.flops_per_step / dt / self.mesh.world_size / self.peak_flops

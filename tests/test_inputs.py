@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import sample
-from harness import GPT2_BPE, REPO, run_train
+from harness import GPT2_BPE, run_train
 from nanodist import train
 from nanodist.checkpoint import checkpoints
 from nanodist.config import RANGES, TrainConfig

@@ -93,7 +93,7 @@ def all_gather(output: torch.Tensor, input: torch.Tensor, group, async_op: bool 
         output.copy_(input)
         return _Done() if async_op else None
     counter.add("all_gather", output.numel() * output.element_size(), n)
-    return dist.all_gather_into_tensor(output, input, group=group, async_op=async_op)
+    return dist.all_gather_single(output, input, group=group, async_op=async_op)
 
 
 @torch.compiler.disable
@@ -104,7 +104,7 @@ def reduce_scatter(output: torch.Tensor, input: torch.Tensor, group, async_op: b
         output.copy_(input)
         return _Done() if async_op else None
     counter.add("reduce_scatter", input.numel() * input.element_size(), n)
-    return dist.reduce_scatter_tensor(output, input, group=group, async_op=async_op)
+    return dist.reduce_scatter_single(output, input, group=group, async_op=async_op)
 
 
 @torch.compiler.disable

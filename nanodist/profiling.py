@@ -1,0 +1,47 @@
+"""`--profile_steps A:B`: torch.profiler traces of steps A to B (as printed, inclusive) on
+every rank, in the run directory:
+
+    <out_dir>/profile/rank{r}.<time>.pt.trace.json     Chrome / Perfetto trace, also what
+                                                        TensorBoard's profiler plugin reads
+
+Open one at https://ui.perfetto.dev (or chrome://tracing), or all with
+`tensorboard --logdir <out_dir>/profile` (pip install torch-tb-profiler).
+"""
+from pathlib import Path
+
+from torch.profiler import ProfilerActivity, profile, tensorboard_trace_handler
+
+from nanodist.config import UserError
+
+
+def parse_steps(text: str) -> tuple[int, int] | None:
+    if not text:
+        return None
+    try:
+        first, last = (int(x) for x in text.split(":"))
+    except ValueError:
+        first = last = 0
+    if not 1 <= first <= last:
+        raise UserError(f"--profile_steps takes A:B with 1 <= A <= B (steps as printed), got {text!r}")
+    return first, last
+
+
+class StepProfiler:
+    """Starts torch.profiler before step `first` and writes the trace after step `last`."""
+
+    def __init__(self, steps: str, out_dir, rank: int, device):
+        self.steps = parse_steps(steps)
+        self.out_dir, self.rank, self.device = Path(out_dir) / "profile", rank, device
+        self.profiler = None
+
+    def before(self, step: int):  # step: 0-based, printed as step + 1
+        if self.steps and step + 1 == self.steps[0]:
+            activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device.type == "cuda" else [])
+            self.profiler = profile(activities=activities, record_shapes=True,
+                                    on_trace_ready=tensorboard_trace_handler(str(self.out_dir), f"rank{self.rank}"))
+            self.profiler.start()
+
+    def after(self, step: int):
+        if self.profiler is not None and step + 1 == self.steps[1]:
+            self.profiler.stop()  # calls the trace handler: writes the file
+            self.profiler = None
