@@ -148,9 +148,18 @@ def traffic_bytes(cfg: GPTConfig, layout: Layout, micro_batch: int, accum: int) 
     return bus
 
 
-def activation_bytes(cfg: GPTConfig, layout: Layout, micro_batch: int) -> float:
-    """Bytes one rank keeps saved for backward after one micro-step's forward (fp32, no
-    dropout, flash attention: no T x T matrix). Per layer, b s h = B T C floats, t = TP:
+def activation_bytes(cfg: GPTConfig, layout: Layout, micro_batch: int,
+                     checkpointing: str = "none", ac_every: int = 1) -> float:
+    """Bytes one rank keeps for backward after one micro-step's forward (fp32, no dropout).
+
+    Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large Transformer
+    Models", Table 2) count s b h (34 + 5 a s / h) bytes per layer for fp16 activations,
+    1-byte dropout masks and the a s^2 attention scores, softmax and its dropout; tensor
+    parallelism leaves s b h (10 + 24/t + 5 a s/(h t)), sequence parallelism s b h (34/t +
+    5 a s/(h t)), full recomputation 2 s b h. This model stores fp32 (4 bytes), has no
+    dropout, and SDPA (flash / memory-efficient) never keeps the a s^2 matrices, only a
+    logsumexp of a s floats per sequence: the 34 becomes 16 floats, the 5as/h term a/h.
+    Per layer, in floats, with b s h = B T C and t = TP:
 
         replicated (no SP)   ln_1 input, c_attn input, ln_2 input, c_fc input   4 b s h
         under SP             LayerNorm inputs sharded (2 b s h / t); column-parallel
@@ -158,13 +167,31 @@ def activation_bytes(cfg: GPTConfig, layout: Layout, micro_batch: int) -> float:
         sharded by heads     q k v (3), attention output = c_proj input (1),
                              gelu input (4), mlp.c_proj input (4)                12 b s h / t
                              + the attention logsumexp                            b s a / t
-    head: ln_f and lm_head inputs (2 b s h; ln_f's / t under SP), the log-softmax of the
-    logits (b s V, / t with loss parallelism), the token ids (int64).
+        LayerNorm statistics mean and 1/std of ln_1 and ln_2                     4 b s (/ t SP)
+    = 16 b s h + b s a + 4 b s without TP, as Korthikanti's 34 -> 16 says.
+
+    checkpointing (activation_checkpoint.py):
+        full       a checkpointed block keeps its input only: b s h (/ t under SP);
+                   with ac_every K, blocks 0, K, 2K, ... are checkpointed, the rest as above
+        selective  the block input, and the outputs of the matmuls and of attention:
+                   c_attn 3 b s h / t, attention b s h / t + b s a / t, c_fc 4 b s h / t,
+                   the two row-parallel matmuls b s h each (before their reduction)
+    head: ln_f input and statistics (/ t under SP), lm_head input (b s h), the log-softmax
+    of the logits (b s V, / t with loss parallelism) and nll_loss's total weight (one
+    float); int64 token ids and positions.
     """
     b, s, h, a, V, L = micro_batch, cfg.block_size, cfg.n_embd, cfg.n_head, cfg.vocab_size, cfg.n_layer
     t, sp = layout.tp, layout.sequence_parallel
-    bsh = b * s * h
+    bsh, seq_split = b * s * h, (t if sp else 1)
     replicated = 2 * bsh / t + 2 * bsh if sp else 4 * bsh
-    per_layer = replicated + 12 * bsh / t + b * s * a / t
-    head = (bsh / t if sp else bsh) + bsh + b * s * V / (t if layout.loss_parallel else 1)
-    return FP32 * (L * per_layer + head) + 8 * b * s
+    attention = bsh / t + b * s * a / t
+    layer = {"none": replicated + 12 * bsh / t + b * s * a / t + 4 * b * s / seq_split,
+             "full": bsh / seq_split,
+             "selective": bsh / seq_split + 3 * bsh / t + attention + 4 * bsh / t + 2 * bsh}
+    if checkpointing == "full":
+        checkpointed = len(range(0, L, ac_every))
+        layers = checkpointed * layer["full"] + (L - checkpointed) * layer["none"]
+    else:
+        layers = L * layer[checkpointing]
+    head = (bsh + 2 * b * s) / seq_split + bsh + b * s * V / (t if layout.loss_parallel else 1)
+    return FP32 * (layers + head + 1) + 8 * (b * s + s)

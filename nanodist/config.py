@@ -62,11 +62,17 @@ class TrainConfig:
     data_parallel_size: int = flag(0, "DP size (0: world size / tensor parallel size)")
     data_parallel_type: str = flag("ddp", "ddp: replicate the model; fsdp: shard it (ZeRO-3)")
     tensor_parallel_size: int = flag(1, "TP size; TP ranks are contiguous")
+    context_parallel_size: int = flag(1, "CP size: each sequence split over this many ranks (ring "
+                                         "attention, zigzag); they read the same batch")
     enable_loss_parallelism: bool = flag(False, "vocab-parallel loss: full logits never on one rank")
     sequence_parallel: bool = flag(False, "shard norms and residuals along the sequence under TP")
     implementation: str = flag("custom", "custom: hand-written on collectives; pytorch: DDP, FSDP2, DTensor")
     deferred_init: bool = flag(False, "build on the meta device, materialise each rank's shard only")
     bucket_cap_mb: float = flag(25.0, "custom DDP gradient bucket size in MiB")
+    activation_checkpointing: str = flag("none", "none | full: blocks keep only their input and "
+                                                 "recompute the rest | selective: keep matmul "
+                                                 "outputs, recompute element-wise ops")
+    ac_every: int = flag(1, "--activation_checkpointing full: checkpoint every K-th block")
     fsdp_reshard_after_forward: bool = flag(True, "false: keep gathered params until backward (ZeRO-2)")
     fsdp_reduce_on_last_micro_step: bool = flag(
         False, "FSDP: reduce-scatter on the last micro-step only (unsharded grads kept: +4 bytes "
@@ -86,6 +92,7 @@ CHOICES = {
     "implementation": ("custom", "pytorch"),
     "device": ("auto", "cpu", "cuda"),
     "dtype": ("float32", "bfloat16"),
+    "activation_checkpointing": ("none", "full", "selective"),
 }
 
 
@@ -133,6 +140,11 @@ def check_values(cfg: TrainConfig):
         raise UserError(f"--max_grad_norm must be > 0, got {cfg.max_grad_norm}")
     if cfg.checkpoint_interval < -1:
         raise UserError("--checkpoint_interval: K >= 1 steps, 0 (at each evaluation) or -1 (never)")
+    if cfg.activation_checkpointing not in CHOICES["activation_checkpointing"]:
+        raise UserError(f"unknown --activation_checkpointing {cfg.activation_checkpointing!r}; "
+                        f"choose from {', '.join(CHOICES['activation_checkpointing'])}")
+    if cfg.ac_every < 1:
+        raise UserError(f"--ac_every must be >= 1, got {cfg.ac_every}")
     if cfg.resume in ("latest", "auto") and not cfg.out_dir:
         raise UserError(f"--resume {cfg.resume} looks in --out_dir: say which run directory")
 
@@ -146,12 +158,23 @@ def resolve_layout(cfg: TrainConfig, world_size: int) -> TrainConfig:
     tp = cfg.tensor_parallel_size
     if tp < 1:
         raise UserError(f"--tensor_parallel_size must be >= 1, got {tp}")
-    dp = cfg.data_parallel_size or max(world_size // tp, 1)
-    if dp * tp != world_size:
+    cp = cfg.context_parallel_size
+    if cp < 1:
+        raise UserError(f"--context_parallel_size must be >= 1, got {cp}")
+    dp = cfg.data_parallel_size or max(world_size // (tp * cp), 1)
+    if dp * cp * tp != world_size:
         raise UserError(
-            f"--tensor_parallel_size ({tp}) x --data_parallel_size ({dp}) = {dp * tp} processes, "
-            f"but {world_size} were launched: launch with torchrun --nproc_per_node={dp * tp} "
-            f"or change the sizes so that their product is {world_size}")
+            f"--tensor_parallel_size ({tp}) x --context_parallel_size ({cp}) x "
+            f"--data_parallel_size ({dp}) = {dp * cp * tp} processes, but {world_size} were "
+            f"launched: launch with torchrun --nproc_per_node={dp * cp * tp} or change the sizes "
+            f"so that their product is {world_size}")
+    if cp > 1 and cfg.block_size % (2 * cp * (tp if cfg.sequence_parallel else 1)):
+        raise UserError(f"--context_parallel_size {cp} splits each sequence into 2 x {cp} zigzag "
+                        f"chunks{' (each split again by --sequence_parallel)' if cfg.sequence_parallel else ''}: "
+                        f"--block_size ({cfg.block_size}) must be divisible by "
+                        f"{2 * cp * (tp if cfg.sequence_parallel else 1)}")
+    if cp > 1 and cfg.dropout > 0:
+        raise UserError("--context_parallel_size > 1 runs attention without dropout: use --dropout 0")
     if cfg.enable_loss_parallelism and tp == 1:
         raise UserError("--enable_loss_parallelism needs --tensor_parallel_size > 1")
     if cfg.sequence_parallel and tp == 1:
