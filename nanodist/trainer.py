@@ -59,7 +59,8 @@ class Trainer:
         _, world_size = init_distributed(device)
         self.cfg = cfg = resolve_layout(cfg, world_size)
         self.grad_accum = grad_accum_steps(cfg)
-        self.mesh = mesh = build_mesh(cfg.data_parallel_size, cfg.tensor_parallel_size, device)
+        self.mesh = mesh = build_mesh(cfg.data_parallel_size, cfg.tensor_parallel_size, device,
+                                      cp_size=cfg.context_parallel_size)
         self.data = BatchLoader(cfg.data_dir or REPO / "data" / cfg.dataset, cfg.dataset,
                                 cfg.block_size, cfg.batch_size, self.grad_accum,
                                 mesh.dp_size, mesh.dp_rank, cfg.seed, device)
@@ -83,7 +84,8 @@ class Trainer:
         self.flops_per_step = flops_per_token(self.model_cfg, self.n_params) * self.tokens_per_step
         self.peak_flops = device_peak_flops(device)
 
-        layout = (f"dp{mesh.dp_size}-{cfg.data_parallel_type}-tp{mesh.tp_size}-{cfg.implementation}")
+        layout = (f"dp{mesh.dp_size}-{cfg.data_parallel_type}-tp{mesh.tp_size}-{cfg.implementation}"
+                  + (f"-cp{mesh.cp_size}" if mesh.cp_size > 1 else ""))
         if not cfg.out_dir:  # a fresh run directory, named by rank 0 for all
             cfg.out_dir = self._broadcast(new_run_dir(REPO / "runs", layout) if mesh.is_main else None)
         self.log_dir = cfg.log_dir or cfg.out_dir
@@ -145,10 +147,11 @@ class Trainer:
             print(*args, flush=True)
 
     def _dp_mean(self, value: torch.Tensor) -> torch.Tensor:
-        """Mean over DP ranks (TP ranks of one DP group already agree)."""
-        if self.mesh.dp_size > 1:
-            dist.all_reduce(value, group=self.mesh.dp_group)
-            value /= self.mesh.dp_size
+        """Mean over DP x CP ranks (TP ranks of one DP group already agree; CP ranks hold
+        the mean of equally many tokens each)."""
+        if self.mesh.dp_cp_size > 1:
+            dist.all_reduce(value, group=self.mesh.dp_cp_group)
+            value /= self.mesh.dp_cp_size
         return value
 
     def _loss(self, x, y) -> torch.Tensor:
