@@ -7,7 +7,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from harness import run_distributed, run_train, tiny_run, trainer_records
+from harness import run_distributed, tiny_run, trainer_records
 from nanodist.config import TrainConfig, UserError, resolve_layout
 from nanodist.parallel import comm
 from nanodist.parallel.context_parallel import RingAttention, attention_blocks, split_sequence
@@ -57,3 +57,68 @@ def test_zigzag_balances_the_causal_work():
         assert sum(zigzag) == sum(contiguous) == total
         assert max(zigzag) == min(zigzag)
         assert max(contiguous) / min(contiguous) == 2 * cp - 1
+
+
+def assert_matches(records, single, what):
+    """fp32, 3 AdamW steps with clipping, as tests/test_2d.py argues: loss within 1e-5
+    (of ~4.5) and grad norm within 1e-5 relative."""
+    for step, ((loss, norm), (loss_1, norm_1)) in enumerate(zip(records, single)):
+        assert loss == pytest.approx(loss_1, abs=1e-5), f"{what}: loss at step {step}"
+        assert norm == pytest.approx(norm_1, rel=1e-5), f"{what}: grad norm at step {step}"
+
+
+@pytest.fixture(scope="module")
+def single(char_data, tmp_path_factory):
+    return trainer_records(tiny_run(char_data, tmp_path_factory.mktemp("single")))
+
+
+@pytest.mark.parametrize("cp", [2, 4])
+def test_cp_matches_one_process(char_data, tmp_path, single, cp):
+    kwargs = tiny_run(char_data, tmp_path, context_parallel_size=cp)
+    for records in run_distributed(trainer_records, cp, kwargs):
+        assert_matches(records, single, f"cp{cp}")
+
+
+@pytest.mark.parametrize("layout", [
+    dict(data_parallel_size=2, data_parallel_type="ddp"),
+    dict(data_parallel_size=2, data_parallel_type="fsdp"),
+    dict(tensor_parallel_size=2, sequence_parallel=True, enable_loss_parallelism=True),
+], ids=["dp2-ddp", "dp2-fsdp", "tp2-sp-lp"])
+def test_cp2_composes_on_4_processes(char_data, tmp_path, single, layout):
+    """CP ranks sit between DP and TP (rank = (dp * cp + cp_rank) * tp + tp_rank); DDP and
+    FSDP reduce over the flattened dp x cp group."""
+    kwargs = tiny_run(char_data, tmp_path, context_parallel_size=2, deferred_init=True, **layout)
+    for records in run_distributed(trainer_records, 4, kwargs):
+        assert_matches(records, single, f"cp2 x {layout}")
+
+
+@pytest.mark.parametrize("policy", ["full", "selective"])
+def test_cp_with_activation_checkpointing(char_data, tmp_path, policy):
+    """The recompute runs the ring again, on every rank in the same order: bitwise the
+    same steps as CP without checkpointing."""
+    runs = [run_distributed(trainer_records, 2, tiny_run(char_data, tmp_path / p, context_parallel_size=2,
+                                                         activation_checkpointing=p))
+            for p in ("none", policy)]
+    assert runs[0] == runs[1]
+
+
+def test_bad_cp_flags(char_data, tmp_path):
+    with pytest.raises(UserError, match="block_size.*divisible by 8"):
+        resolve_layout(TrainConfig(context_parallel_size=4, block_size=100), 4)
+    with pytest.raises(UserError, match="dropout"):
+        resolve_layout(TrainConfig(context_parallel_size=2, dropout=0.1), 2)
+    with pytest.raises(UserError, match="x --data_parallel_size"):
+        resolve_layout(TrainConfig(context_parallel_size=2, data_parallel_size=2), 2)
+    # PyTorch's CP has no CPU kernel rule: the same one clear message on every rank
+    kwargs = tiny_run(char_data, tmp_path, context_parallel_size=2, implementation="pytorch")
+    for message in run_distributed(_user_error, 2, kwargs):
+        assert "CUDA only" in message and "--implementation custom" in message
+
+
+def _user_error(kwargs) -> str:
+    from nanodist.trainer import Trainer
+    try:
+        Trainer(TrainConfig(**kwargs))
+    except UserError as error:
+        return str(error)
+    return "no error"
