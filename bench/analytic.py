@@ -25,6 +25,9 @@ Communication per optimizer step, ring bus bytes each rank sends (comm.py's `bus
               reduce-scatter  (N-1)/N * 4 Psi per micro-step     (root stays gathered from
     ZeRO-2    all-gather      (N-1)/N * 4 Psi per micro-step      forward to backward)
     TP        activations of B T C floats, per micro-step (`tp_collectives`)
+    CP        sends of K/V blocks, (3 cp - 2) L x 2 B T/cp C/tp floats per micro-step
+              (`ring_attention_sends`); DDP / FSDP then run over N = dp x cp ranks and
+              TP's activations are T/cp tokens long
 plus the scalar all-reduces of the loss mean and the gradient norm (4 bytes each).
 """
 from dataclasses import dataclass
@@ -45,10 +48,11 @@ class Layout:
     zero3: bool = True
     loss_parallel: bool = False
     sequence_parallel: bool = False
+    cp: int = 1
 
     @property
     def world(self) -> int:
-        return self.dp * self.tp
+        return self.dp * self.cp * self.tp
 
     def flags(self) -> list[str]:
         """The train.py flags of this layout."""
@@ -56,7 +60,8 @@ class Layout:
                 f"--data_parallel_type={self.dp_type}",
                 f"--fsdp_reshard_after_forward={self.zero3}",
                 f"--enable_loss_parallelism={self.loss_parallel}",
-                f"--sequence_parallel={self.sequence_parallel}"]
+                f"--sequence_parallel={self.sequence_parallel}",
+                f"--context_parallel_size={self.cp}"]
 
 
 def param_counts(cfg: GPTConfig) -> dict[str, int]:
@@ -118,12 +123,22 @@ def tp_collectives(B: int, T: int, C: int, V: int, L: int, sp: bool, lp: bool) -
 
 
 BUS_FACTOR = {"all_reduce": lambda n: 2 * (n - 1) / n, "all_gather": lambda n: (n - 1) / n,
-              "reduce_scatter": lambda n: (n - 1) / n, "broadcast": lambda n: 1.0}
+              "reduce_scatter": lambda n: (n - 1) / n, "broadcast": lambda n: 1.0,
+              "send": lambda n: 1.0}
+
+
+def ring_attention_sends(B: int, T: int, C: int, L: int, cp: int) -> tuple[int, int]:
+    """(sends, payload bytes) of ring attention in one forward + backward per rank: per
+    layer cp-1 K/V blocks forward, cp-1 K/V and cp dK/dV blocks backward, each K and V of
+    B x T/cp tokens x C (C: the local width, n_embd / TP) floats."""
+    sends = L * (3 * cp - 2)
+    return sends, sends * 2 * B * T * C // cp * FP32
 
 
 def traffic_bytes(cfg: GPTConfig, layout: Layout, micro_batch: int, accum: int) -> dict[str, float]:
     """{kind: bus bytes one rank sends per optimizer step}; kinds with no traffic left out."""
-    n, dp, tp = param_counts(cfg), layout.dp, layout.tp
+    n, dp, tp = param_counts(cfg), layout.dp * layout.cp, layout.tp  # gradients: over DP x CP
+    T = cfg.block_size // layout.cp  # tokens of a sequence on one rank
     bus: dict[str, float] = {}
 
     def add(kind, group_size, payload):
@@ -131,12 +146,16 @@ def traffic_bytes(cfg: GPTConfig, layout: Layout, micro_batch: int, accum: int) 
             bus[kind] = bus.get(kind, 0.0) + BUS_FACTOR[kind](group_size) * payload
 
     if tp > 1:
-        for kind, (_, payload) in tp_collectives(micro_batch, cfg.block_size, cfg.n_embd,
+        for kind, (_, payload) in tp_collectives(micro_batch, T, cfg.n_embd,
                                                  cfg.vocab_size, cfg.n_layer,
                                                  layout.sequence_parallel, layout.loss_parallel).items():
             add(kind, tp, accum * payload)
+    if layout.cp > 1:
+        _, payload = ring_attention_sends(micro_batch, cfg.block_size, cfg.n_embd // tp,
+                                          cfg.n_layer, layout.cp)
+        add("send", layout.cp, accum * payload)
     if dp > 1:
-        add("all_reduce", dp, FP32)  # the trainer's mean of the loss over DP
+        add("all_reduce", dp, FP32)  # the trainer's mean of the loss over DP x CP
         local = n["tp_sharded"] / tp + n["replicated"]
         if layout.dp_type == "ddp":
             add("all_reduce", dp, FP32 * local)

@@ -2,12 +2,14 @@
 sequence (CP = 2 and 4, zigzag and contiguous, float64 and float32, forward and
 backward), the zigzag balance, and CP training against one process (alone and with DP,
 TP, FSDP), and the refusals."""
+import sys
+
 import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from harness import run_distributed, tiny_run, trainer_records
+from harness import REPO, run_distributed, tiny_run, trainer_records
 from nanodist.config import TrainConfig, UserError, resolve_layout
 from nanodist.parallel import comm
 from nanodist.parallel.context_parallel import RingAttention, attention_blocks, split_sequence
@@ -122,3 +124,22 @@ def _user_error(kwargs) -> str:
     except UserError as error:
         return str(error)
     return "no error"
+
+
+def _sends_of_one_step(kwargs):
+    from nanodist.trainer import Trainer
+    trainer = Trainer(TrainConfig(**kwargs))
+    with comm.counting() as counted:
+        trainer.train_step(0)
+    return counted.calls["send"], counted.bus_bytes["send"], trainer.model_cfg, trainer.grad_accum
+
+
+def test_kv_bytes_sent_per_step_are_analytic(char_data, tmp_path):
+    """What comm.py counts in one optimizer step = bench/analytic.py's ring traffic."""
+    sys.path.insert(0, str(REPO / "bench"))
+    from analytic import Layout, ring_attention_sends, traffic_bytes
+    kwargs = tiny_run(char_data, tmp_path, context_parallel_size=2, tensor_parallel_size=2)
+    for calls, bus, cfg, accum in run_distributed(_sends_of_one_step, 4, kwargs):
+        sends, payload = ring_attention_sends(2, cfg.block_size, cfg.n_embd // 2, cfg.n_layer, 2)
+        assert (calls, bus) == (accum * sends, accum * payload)
+        assert bus == traffic_bytes(cfg, Layout("cp2-tp2", tp=2, cp=2), 2, accum)["send"]
