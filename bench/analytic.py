@@ -195,16 +195,22 @@ def activation_bytes(cfg: GPTConfig, layout: Layout, micro_batch: int,
         selective  the block input, and the outputs of the matmuls and of attention:
                    c_attn 3 b s h / t, attention b s h / t + b s a / t, c_fc 4 b s h / t,
                    the two row-parallel matmuls b s h each (before their reduction)
+    context parallel: every s above is s / cp (this rank's tokens), and ring attention
+        returns its output in (B, heads, T, d) order, copied once more for c_proj: + b s h / t
+        per layer (none). Selective checkpointing under CP is not modelled: the policy
+        also caches the matmuls inside the ring (its (s/2cp)^2 score blocks).
     head: ln_f input and statistics (/ t under SP), lm_head input (b s h), the log-softmax
     of the logits (b s V, / t with loss parallelism) and nll_loss's total weight (one
-    float); int64 token ids and positions.
+    float); int64 token ids, targets and positions.
     """
-    b, s, h, a, V, L = micro_batch, cfg.block_size, cfg.n_embd, cfg.n_head, cfg.vocab_size, cfg.n_layer
+    b, h, a, V, L = micro_batch, cfg.n_embd, cfg.n_head, cfg.vocab_size, cfg.n_layer
+    s = cfg.block_size // layout.cp
     t, sp = layout.tp, layout.sequence_parallel
     bsh, seq_split = b * s * h, (t if sp else 1)
     replicated = 2 * bsh / t + 2 * bsh if sp else 4 * bsh
     attention = bsh / t + b * s * a / t
-    layer = {"none": replicated + 12 * bsh / t + b * s * a / t + 4 * b * s / seq_split,
+    ring_copy = bsh / t if layout.cp > 1 else 0
+    layer = {"none": replicated + 12 * bsh / t + b * s * a / t + 4 * b * s / seq_split + ring_copy,
              "full": bsh / seq_split,
              "selective": bsh / seq_split + 3 * bsh / t + attention + 4 * bsh / t + 2 * bsh}
     if checkpointing == "full":
@@ -213,4 +219,4 @@ def activation_bytes(cfg: GPTConfig, layout: Layout, micro_batch: int,
     else:
         layers = L * layer[checkpointing]
     head = (bsh + 2 * b * s) / seq_split + bsh + b * s * V / (t if layout.loss_parallel else 1)
-    return FP32 * (layers + head + 1) + 8 * (b * s + s)
+    return FP32 * (layers + head + 1) + 8 * (2 * b * s + s)

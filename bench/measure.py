@@ -119,8 +119,10 @@ class _NewStorages(TorchDispatchMode):
             return NotImplemented
         out = func(*args, **(kwargs or {}))
         if not func._schema.is_mutable:  # in-place ops and collectives fill old storages
-            for t in tree_leaves(out):
-                if isinstance(t, torch.Tensor) and not isinstance(t, DTensor):
+            inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs))
+                      if isinstance(t, torch.Tensor)}
+            for t in tree_leaves(out):  # views share their input's storage: not new
+                if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs:
                     self.refs.append(weakref.ref(t.untyped_storage()))
         return out
 

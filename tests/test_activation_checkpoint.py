@@ -24,10 +24,10 @@ def _forward_backward(policy, every):
     model = GPT(MODEL, seed=0)
     if policy != "none":
         apply_activation_checkpointing(model, policy, every)
-    idx = torch.randint(0, MODEL.vocab_size, (2, MODEL.block_size),
-                        generator=torch.Generator().manual_seed(0))
+    idx, targets = torch.randint(0, MODEL.vocab_size, (2, 2, MODEL.block_size),
+                                 generator=torch.Generator().manual_seed(0))
     with saved_activations(model.parameters()) as kept:
-        loss = cross_entropy(model(idx), idx)
+        loss = cross_entropy(model(idx), targets)
     kept.pop(loss.untyped_storage().data_ptr())  # the caller's own result
     loss.backward()
     return loss, dict(model.named_parameters()), sum(kept.values())

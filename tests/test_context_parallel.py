@@ -143,3 +143,25 @@ def test_kv_bytes_sent_per_step_are_analytic(char_data, tmp_path):
         sends, payload = ring_attention_sends(2, cfg.block_size, cfg.n_embd // 2, cfg.n_layer, 2)
         assert (calls, bus) == (accum * sends, accum * payload)
         assert bus == traffic_bytes(cfg, Layout("cp2-tp2", tp=2, cp=2), 2, accum)["send"]
+
+
+def _kept_for_backward(kwargs):
+    from measure import saved_activations
+    from nanodist.trainer import Trainer
+    trainer = Trainer(TrainConfig(**kwargs))
+    x, y = trainer.data.train_batch(0, 0)
+    with saved_activations(trainer.par.model.parameters()) as kept:
+        loss = trainer.par.loss_fn(trainer.model(x), y)
+    kept.pop(loss.untyped_storage().data_ptr())
+    loss.backward()
+    return sum(kept.values()), trainer.model_cfg
+
+
+@pytest.mark.parametrize("policy", ["none", "full"])
+def test_activation_bytes_per_rank_are_analytic(char_data, tmp_path, policy):
+    """CP = 2: each rank keeps the activations of half of every sequence, as analytic.py says."""
+    sys.path.insert(0, str(REPO / "bench"))
+    from analytic import Layout, activation_bytes
+    kwargs = tiny_run(char_data, tmp_path, context_parallel_size=2, activation_checkpointing=policy)
+    for kept, cfg in run_distributed(_kept_for_backward, 2, kwargs):
+        assert kept == activation_bytes(cfg, Layout("cp2", cp=2), 2, policy)
