@@ -197,8 +197,8 @@ def activation_bytes(cfg: GPTConfig, layout: Layout, micro_batch: int,
                    the two row-parallel matmuls b s h each (before their reduction)
     context parallel: every s above is s / cp (this rank's tokens), and ring attention
         returns its output in (B, heads, T, d) order, copied once more for c_proj: + b s h / t
-        per layer (none). Selective checkpointing under CP is not modelled: the policy
-        also caches the matmuls inside the ring (its (s/2cp)^2 score blocks).
+        per layer (none). Selective keeps nothing of it (an autograd Function: its
+        insides are not cached) and recomputes it, ring included.
     head: ln_f input and statistics (/ t under SP), lm_head input (b s h), the log-softmax
     of the logits (b s V, / t with loss parallelism) and nll_loss's total weight (one
     float); int64 token ids, targets and positions.
@@ -208,7 +208,7 @@ def activation_bytes(cfg: GPTConfig, layout: Layout, micro_batch: int,
     t, sp = layout.tp, layout.sequence_parallel
     bsh, seq_split = b * s * h, (t if sp else 1)
     replicated = 2 * bsh / t + 2 * bsh if sp else 4 * bsh
-    attention = bsh / t + b * s * a / t
+    attention = bsh / t + b * s * a / t if layout.cp == 1 else 0  # CP: the ring is recomputed
     ring_copy = bsh / t if layout.cp > 1 else 0
     layer = {"none": replicated + 12 * bsh / t + b * s * a / t + 4 * b * s / seq_split + ring_copy,
              "full": bsh / seq_split,

@@ -157,7 +157,7 @@ def _kept_for_backward(kwargs):
     return sum(kept.values()), trainer.model_cfg
 
 
-@pytest.mark.parametrize("policy", ["none", "full"])
+@pytest.mark.parametrize("policy", ["none", "full", "selective"])
 def test_activation_bytes_per_rank_are_analytic(char_data, tmp_path, policy):
     """CP = 2: each rank keeps the activations of half of every sequence, as analytic.py says."""
     sys.path.insert(0, str(REPO / "bench"))

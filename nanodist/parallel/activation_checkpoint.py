@@ -7,7 +7,8 @@
                blocks 0, K, 2K, ... and leaves the others as they are
     selective  torchtitan's op-level policy: the outputs of the matmuls and of attention
                are kept (expensive to recompute), the cheap element-wise ops between them
-               (LayerNorm, GELU, residual adds, views) are recomputed in backward
+               (LayerNorm, GELU, residual adds, views) are recomputed in backward; ring
+               attention (context parallel) is recomputed whole, its sends included
 
     block i forward:   x_i ──[ln_1 attn + ln_2 mlp + ]──> x_i+1     full: only x_i is saved
     block i backward:  rerun forward(x_i) under grad, then backward through it
@@ -40,7 +41,11 @@ POLICIES = ("none", "full", "selective")
 
 
 def _save_matmuls(ctx, op, *args, **kwargs):
-    return CheckpointPolicy.MUST_SAVE if op in SAVE else CheckpointPolicy.PREFER_RECOMPUTE
+    # ops that run without grad inside a forward under grad are the insides of an autograd
+    # Function (ring attention): it keeps what its backward needs, their results are not
+    if op in SAVE and torch.is_grad_enabled():
+        return CheckpointPolicy.MUST_SAVE
+    return CheckpointPolicy.PREFER_RECOMPUTE
 
 
 def selective_context():
