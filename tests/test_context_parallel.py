@@ -13,6 +13,11 @@ from harness import REPO, run_distributed, tiny_run, trainer_records
 from nanodist.config import TrainConfig, UserError, resolve_layout
 from nanodist.parallel import comm
 from nanodist.parallel.context_parallel import RingAttention, attention_blocks, split_sequence
+from nanodist.trainer import Trainer
+
+sys.path.insert(0, str(REPO / "bench"))
+from analytic import Layout, activation_bytes, ring_attention_sends, traffic_bytes  # noqa: E402
+from measure import saved_activations  # noqa: E402
 
 B, HEADS, T, D = 2, 3, 32, 8
 
@@ -118,7 +123,6 @@ def test_bad_cp_flags(char_data, tmp_path):
 
 
 def _user_error(kwargs) -> str:
-    from nanodist.trainer import Trainer
     try:
         Trainer(TrainConfig(**kwargs))
     except UserError as error:
@@ -127,7 +131,6 @@ def _user_error(kwargs) -> str:
 
 
 def _sends_of_one_step(kwargs):
-    from nanodist.trainer import Trainer
     trainer = Trainer(TrainConfig(**kwargs))
     with comm.counting() as counted:
         trainer.train_step(0)
@@ -136,8 +139,6 @@ def _sends_of_one_step(kwargs):
 
 def test_kv_bytes_sent_per_step_are_analytic(char_data, tmp_path):
     """What comm.py counts in one optimizer step = bench/analytic.py's ring traffic."""
-    sys.path.insert(0, str(REPO / "bench"))
-    from analytic import Layout, ring_attention_sends, traffic_bytes
     kwargs = tiny_run(char_data, tmp_path, context_parallel_size=2, tensor_parallel_size=2)
     for calls, bus, cfg, accum in run_distributed(_sends_of_one_step, 4, kwargs):
         sends, payload = ring_attention_sends(2, cfg.block_size, cfg.n_embd // 2, cfg.n_layer, 2)
@@ -146,8 +147,6 @@ def test_kv_bytes_sent_per_step_are_analytic(char_data, tmp_path):
 
 
 def _kept_for_backward(kwargs):
-    from measure import saved_activations
-    from nanodist.trainer import Trainer
     trainer = Trainer(TrainConfig(**kwargs))
     x, y = trainer.data.train_batch(0, 0)
     with saved_activations(trainer.par.model.parameters()) as kept:
@@ -160,8 +159,6 @@ def _kept_for_backward(kwargs):
 @pytest.mark.parametrize("policy", ["none", "full", "selective"])
 def test_activation_bytes_per_rank_are_analytic(char_data, tmp_path, policy):
     """CP = 2: each rank keeps the activations of half of every sequence, as analytic.py says."""
-    sys.path.insert(0, str(REPO / "bench"))
-    from analytic import Layout, activation_bytes
     kwargs = tiny_run(char_data, tmp_path, context_parallel_size=2, activation_checkpointing=policy)
     for kept, cfg in run_distributed(_kept_for_backward, 2, kwargs):
         assert kept == activation_bytes(cfg, Layout("cp2", cp=2), 2, policy)
