@@ -168,11 +168,9 @@ def resolve_layout(cfg: TrainConfig, world_size: int) -> TrainConfig:
             f"--data_parallel_size ({dp}) = {dp * cp * tp} processes, but {world_size} were "
             f"launched: launch with torchrun --nproc_per_node={dp * cp * tp} or change the sizes "
             f"so that their product is {world_size}")
-    if cp > 1 and cfg.block_size % (2 * cp * (tp if cfg.sequence_parallel else 1)):
-        raise UserError(f"--context_parallel_size {cp} splits each sequence into 2 x {cp} zigzag "
-                        f"chunks{' (each split again by --sequence_parallel)' if cfg.sequence_parallel else ''}: "
-                        f"--block_size ({cfg.block_size}) must be divisible by "
-                        f"{2 * cp * (tp if cfg.sequence_parallel else 1)}")
+    if cp > 1 and cfg.block_size % (2 * cp):
+        raise UserError(f"--context_parallel_size {cp} cuts each sequence into {2 * cp} zigzag "
+                        f"chunks: --block_size ({cfg.block_size}) must be divisible by {2 * cp}")
     if cp > 1 and cfg.dropout > 0:
         raise UserError("--context_parallel_size > 1 runs attention without dropout: use --dropout 0")
     if cfg.enable_loss_parallelism and tp == 1:
@@ -182,9 +180,10 @@ def resolve_layout(cfg: TrainConfig, world_size: int) -> TrainConfig:
     if cfg.compile and cfg.data_parallel_type == "fsdp" and cfg.implementation == "custom" and dp > 1:
         raise UserError("--compile cannot trace the custom FSDP (it frees and regrows parameter "
                         "storage between the ops); use --implementation pytorch with --compile")
-    if cfg.sequence_parallel and cfg.block_size % tp:
-        raise UserError(f"--sequence_parallel splits the sequence: --block_size ({cfg.block_size}) "
-                        f"must be divisible by --tensor_parallel_size ({tp})")
+    if cfg.sequence_parallel and (cfg.block_size // cp) % tp:
+        raise UserError(f"--sequence_parallel splits the sequence (of one CP rank: block_size / "
+                        f"context_parallel_size = {cfg.block_size // cp} tokens): it must be "
+                        f"divisible by --tensor_parallel_size ({tp})")
     return dataclasses.replace(cfg, data_parallel_size=dp)
 
 

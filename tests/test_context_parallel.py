@@ -110,8 +110,11 @@ def test_cp_with_activation_checkpointing(char_data, tmp_path, policy):
 
 
 def test_bad_cp_flags(char_data, tmp_path):
-    with pytest.raises(UserError, match="block_size.*divisible by 8"):
+    with pytest.raises(UserError, match="8 zigzag chunks: --block_size \\(100\\) must be divisible by 8"):
         resolve_layout(TrainConfig(context_parallel_size=4, block_size=100), 4)
+    with pytest.raises(UserError, match="12 tokens.*--tensor_parallel_size \\(8\\)"):
+        resolve_layout(TrainConfig(context_parallel_size=2, tensor_parallel_size=8, block_size=24,
+                                   sequence_parallel=True), 16)
     with pytest.raises(UserError, match="dropout"):
         resolve_layout(TrainConfig(context_parallel_size=2, dropout=0.1), 2)
     with pytest.raises(UserError, match="x --data_parallel_size"):
