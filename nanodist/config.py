@@ -181,9 +181,10 @@ def resolve_layout(cfg: TrainConfig, world_size: int) -> TrainConfig:
         raise UserError("--compile cannot trace the custom FSDP (it frees and regrows parameter "
                         "storage between the ops); use --implementation pytorch with --compile")
     if cfg.sequence_parallel and (cfg.block_size // cp) % tp:
-        raise UserError(f"--sequence_parallel splits the sequence (of one CP rank: block_size / "
-                        f"context_parallel_size = {cfg.block_size // cp} tokens): it must be "
-                        f"divisible by --tensor_parallel_size ({tp})")
+        what = (f"--block_size ({cfg.block_size})" if cp == 1 else f"the {cfg.block_size // cp} "
+                f"tokens of a CP rank (--block_size / --context_parallel_size)")
+        raise UserError(f"--sequence_parallel splits the sequence: {what} must be divisible by "
+                        f"--tensor_parallel_size ({tp})")
     return dataclasses.replace(cfg, data_parallel_size=dp)
 
 

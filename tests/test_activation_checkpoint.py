@@ -65,6 +65,15 @@ def test_every_layout_trains_bitwise_as_without(char_data, tmp_path, layout):
     assert runs["full"] == runs["none"] and runs["selective"] == runs["none"]
 
 
+def test_compiled_checkpointed_blocks_train_like_eager(char_data, tmp_path):
+    """--compile traces the checkpointed blocks: the eager losses up to fused-kernel
+    round-off (the tolerance of test_train's compile test)."""
+    eager = trainer_records(tiny_run(char_data, tmp_path / "eager"))
+    compiled = trainer_records(tiny_run(char_data, tmp_path / "compiled", compile=True,
+                                        activation_checkpointing="full"))
+    assert [loss for loss, _ in compiled] == pytest.approx([loss for loss, _ in eager], rel=1e-5)
+
+
 def test_bad_flags():
     with pytest.raises(UserError, match="activation_checkpointing 'some'"):
         resolve_layout(TrainConfig(activation_checkpointing="some"), 1)

@@ -21,8 +21,7 @@ recompute runs inside the block's backward, after the unit's pre-backward hook g
 it again (FSDP) and in the same order on every rank (TP recomputes its collectives).
 """
 import torch
-from torch.utils.checkpoint import (CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts,
-                                    noop_context_fn)
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 aten = torch.ops.aten
 _c10d = torch.ops._c10d_functional
@@ -55,10 +54,11 @@ def selective_context():
 def checkpoint_module(module: torch.nn.Module, selective: bool = False):
     """Make `module` recompute its forward in backward (in place; names unchanged)."""
     forward = module.forward  # the class's forward, bound to the module
-    context_fn = selective_context if selective else noop_context_fn
+    # full passes no context_fn at all: --compile (dynamo) traces checkpoint only so
+    options = dict(use_reentrant=False, **({"context_fn": selective_context} if selective else {}))
 
     def checkpointed_forward(*args, **kwargs):
-        return checkpoint(forward, *args, use_reentrant=False, context_fn=context_fn, **kwargs)
+        return checkpoint(forward, *args, **options, **kwargs)
 
     module.forward = checkpointed_forward
 
