@@ -26,6 +26,9 @@ Communication per optimizer step, ring bus bytes each rank sends (comm.py's `bus
               reduce-scatter  (N-1)/N * 4 Psi per micro-step     (root stays gathered from
     ZeRO-2    all-gather      (N-1)/N * 4 Psi per micro-step      forward to backward)
     TP        activations of B T C floats, per micro-step (`tp_collectives`)
+    CP        sends of K/V blocks, (3 cp - 2) L x 2 B T/cp C/tp floats per micro-step
+              (`ring_attention_sends`); DDP / FSDP then run over N = dp x cp ranks and
+              TP's activations are T/cp tokens long
 plus the scalar all-reduces of the loss mean and the gradient norm (4 bytes each).
 """
 from dataclasses import dataclass
@@ -47,10 +50,11 @@ class Layout:
     zero3: bool = True
     loss_parallel: bool = False
     sequence_parallel: bool = False
+    cp: int = 1
 
     @property
     def world(self) -> int:
-        return self.dp * self.tp
+        return self.dp * self.cp * self.tp
 
     def flags(self) -> list[str]:
         """The train.py flags of this layout."""
@@ -58,7 +62,8 @@ class Layout:
                 f"--data_parallel_type={self.dp_type}",
                 f"--fsdp_reshard_after_forward={self.zero3}",
                 f"--enable_loss_parallelism={self.loss_parallel}",
-                f"--sequence_parallel={self.sequence_parallel}"]
+                f"--sequence_parallel={self.sequence_parallel}",
+                f"--context_parallel_size={self.cp}"]
 
 
 def param_counts(cfg: GPTConfig, tp: int = 1) -> dict[str, float]:
@@ -146,15 +151,28 @@ def tp_collectives(B: int, T: int, C: int, V: int, L: int, sp: bool, lp: bool,
 
 
 BUS_FACTOR = {"all_reduce": lambda n: 2 * (n - 1) / n, "all_gather": lambda n: (n - 1) / n,
-              "reduce_scatter": lambda n: (n - 1) / n, "broadcast": lambda n: 1.0}
+              "reduce_scatter": lambda n: (n - 1) / n, "broadcast": lambda n: 1.0,
+              "send": lambda n: 1.0}
+
+
+def ring_attention_sends(B: int, T: int, C: int, L: int, cp: int,
+                         value_bytes: int = FP32) -> tuple[int, int]:
+    """(sends, payload bytes) of ring attention in one forward + backward per rank: per
+    layer cp-1 K/V blocks forward, cp-1 K/V and cp dK/dV blocks backward, each K and V of
+    B x T/cp tokens x C (C: the local width, n_embd / TP) values."""
+    sends = L * (3 * cp - 2)
+    return sends, sends * 2 * B * T * C // cp * value_bytes
 
 
 def traffic_bytes(cfg: GPTConfig, layout: Layout, micro_batch: int, accum: int,
                   dtype: str = "float32", device_type: str = "cpu") -> dict[str, float]:
     """{kind: bus bytes one rank sends per optimizer step}; kinds with no traffic left out.
     `dtype` bfloat16: FSDP gathers bf16 parameters and reduces fp32 gradients, TP carries
-    what `value_bytes` says; DDP's gradients and the scalars stay fp32."""
-    n, dp, tp, compute_bytes = param_counts(cfg, layout.tp), layout.dp, layout.tp, DTYPE_BYTES[dtype]
+    what `value_bytes` says, ring attention bf16 K/V; DDP's gradients and the scalars stay
+    fp32. Under CP, DDP / FSDP run over the dp x cp ranks and TP's activations are T/cp long."""
+    n, tp, compute_bytes = param_counts(cfg, layout.tp), layout.tp, DTYPE_BYTES[dtype]
+    dp = layout.dp * layout.cp  # the ranks that hold the same parameters
+    T = cfg.block_size // layout.cp  # tokens of a sequence on one rank
     fsdp = layout.dp_type == "fsdp" and dp > 1
     bus: dict[str, float] = {}
 
@@ -163,15 +181,19 @@ def traffic_bytes(cfg: GPTConfig, layout: Layout, micro_batch: int, accum: int,
             bus[kind] = bus.get(kind, 0.0) + BUS_FACTOR[kind](group_size) * payload
 
     if tp > 1:
-        for kind, (_, payload) in tp_collectives(micro_batch, cfg.block_size, cfg.n_embd,
+        for kind, (_, payload) in tp_collectives(micro_batch, T, cfg.n_embd,
                                                  cfg.vocab_size, cfg.n_layer,
                                                  layout.sequence_parallel, layout.loss_parallel,
                                                  value_bytes(dtype, fsdp, device_type),
                                                  grad_norm=False).items():
             add(kind, tp, accum * payload)
         add("all_reduce", tp, FP32)  # the squared gradient norm, once a step
+    if layout.cp > 1:
+        _, payload = ring_attention_sends(micro_batch, cfg.block_size, cfg.n_embd // tp,
+                                          cfg.n_layer, layout.cp, compute_bytes)
+        add("send", layout.cp, accum * payload)
     if dp > 1:
-        add("all_reduce", dp, FP32)  # the trainer's mean of the loss over DP
+        add("all_reduce", dp, FP32)  # the trainer's mean of the loss over DP x CP
         if not fsdp:
             add("all_reduce", dp, FP32 * n["total"])
         else:  # this TP rank's parameters
@@ -184,9 +206,18 @@ def traffic_bytes(cfg: GPTConfig, layout: Layout, micro_batch: int, accum: int,
     return bus
 
 
-def activation_bytes(cfg: GPTConfig, layout: Layout, micro_batch: int) -> float:
-    """Bytes one rank keeps saved for backward after one micro-step's forward (fp32, no
-    dropout, flash attention: no T x T matrix). Per layer, b s h = B T C floats, t = TP:
+def activation_bytes(cfg: GPTConfig, layout: Layout, micro_batch: int,
+                     checkpointing: str = "none", ac_every: int = 1) -> float:
+    """Bytes one rank keeps for backward after one micro-step's forward (fp32, no dropout).
+
+    Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large Transformer
+    Models", Table 2) count s b h (34 + 5 a s / h) bytes per layer for fp16 activations,
+    1-byte dropout masks and the a s^2 attention scores, softmax and its dropout; tensor
+    parallelism leaves s b h (10 + 24/t + 5 a s/(h t)), sequence parallelism s b h (34/t +
+    5 a s/(h t)), full recomputation 2 s b h. This model stores fp32 (4 bytes), has no
+    dropout, and SDPA (flash / memory-efficient) never keeps the a s^2 matrices, only a
+    logsumexp of a s floats per sequence: the 34 becomes 16 floats, the 5as/h term a/h.
+    Per layer, in floats, with b s h = B T C and t = TP:
 
         replicated (no SP)   ln_1 input, c_attn input, ln_2 input, c_fc input   4 b s h
         under SP             LayerNorm inputs sharded (2 b s h / t); column-parallel
@@ -194,13 +225,37 @@ def activation_bytes(cfg: GPTConfig, layout: Layout, micro_batch: int) -> float:
         sharded by heads     q k v (3), attention output = c_proj input (1),
                              gelu input (4), mlp.c_proj input (4)                12 b s h / t
                              + the attention logsumexp                            b s a / t
-    head: ln_f and lm_head inputs (2 b s h; ln_f's / t under SP), the log-softmax of the
-    logits (b s V, / t with loss parallelism), the token ids (int64).
+        LayerNorm statistics mean and 1/std of ln_1 and ln_2                     4 b s (/ t SP)
+    = 16 b s h + b s a + 4 b s without TP, as Korthikanti's 34 -> 16 says.
+
+    checkpointing (activation_checkpoint.py):
+        full       a checkpointed block keeps its input only: b s h (/ t under SP);
+                   with ac_every K, blocks 0, K, 2K, ... are checkpointed, the rest as above
+        selective  the block input, and the outputs of the matmuls and of attention:
+                   c_attn 3 b s h / t, attention b s h / t + b s a / t, c_fc 4 b s h / t,
+                   the two row-parallel matmuls b s h each (before their reduction)
+    context parallel: every s above is s / cp (this rank's tokens), and ring attention
+        returns its output in (B, heads, T, d) order, copied once more for c_proj: + b s h / t
+        per layer (none). Selective keeps nothing of it (an autograd Function: its
+        insides are not cached) and recomputes it, ring included.
+    head: ln_f input and statistics (/ t under SP), lm_head input (b s h), the log-softmax
+    of the logits (b s V, / t with loss parallelism) and nll_loss's total weight (one
+    float); int64 token ids, targets and positions.
     """
-    b, s, h, a, V, L = micro_batch, cfg.block_size, cfg.n_embd, cfg.n_head, cfg.vocab_size, cfg.n_layer
+    b, h, a, V, L = micro_batch, cfg.n_embd, cfg.n_head, cfg.vocab_size, cfg.n_layer
+    s = cfg.block_size // layout.cp
     t, sp = layout.tp, layout.sequence_parallel
-    bsh = b * s * h
+    bsh, seq_split = b * s * h, (t if sp else 1)
     replicated = 2 * bsh / t + 2 * bsh if sp else 4 * bsh
-    per_layer = replicated + 12 * bsh / t + b * s * a / t
-    head = (bsh / t if sp else bsh) + bsh + b * s * V / (t if layout.loss_parallel else 1)
-    return FP32 * (L * per_layer + head) + 8 * b * s
+    attention = bsh / t + b * s * a / t if layout.cp == 1 else 0  # CP: the ring is recomputed
+    ring_copy = bsh / t if layout.cp > 1 else 0
+    layer = {"none": replicated + 12 * bsh / t + b * s * a / t + 4 * b * s / seq_split + ring_copy,
+             "full": bsh / seq_split,
+             "selective": bsh / seq_split + 3 * bsh / t + attention + 4 * bsh / t + 2 * bsh}
+    if checkpointing == "full":
+        checkpointed = len(range(0, L, ac_every))
+        layers = checkpointed * layer["full"] + (L - checkpointed) * layer["none"]
+    else:
+        layers = L * layer[checkpointing]
+    head = (bsh + 2 * b * s) / seq_split + bsh + b * s * V / (t if layout.loss_parallel else 1)
+    return FP32 * (layers + head + 1) + 8 * (2 * b * s + s)

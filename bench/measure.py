@@ -5,8 +5,9 @@
                      adds its bytes per kind, with comm.py's payload/bus rules
     state memory     unique storages of parameters, gradients and optimizer state, taken
                      right after optimizer.step() (before zero_grad)
-    activations      unique storages saved for backward by one forward (saved-tensor hooks),
-                     parameters left out
+    activations      unique storages kept for backward by one forward (saved-tensor hooks,
+                     and new storages still alive after it: selective checkpointing's
+                     cache), parameters left out
     peak memory      CUDA: the rise of max_memory_allocated over the step plus this
                      trainer's state at rest (the worker's other trainers left out);
                      CPU: live tensor storage tracked by torch's MemTracker (not the
@@ -15,12 +16,14 @@
     no communication collectives replaced by local copies of the same shapes: the step's
                      compute alone, for the compute / exposed-communication split
 """
+import weakref
 from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from nanodist.parallel import comm
 
@@ -106,10 +109,37 @@ def _is_param(t: torch.Tensor) -> bool:
     return (t.is_leaf and t.requires_grad) or (base.is_leaf and base.requires_grad)
 
 
+class _NewStorages(TorchDispatchMode):
+    """Weak references to the storages that functional ops create inside the mode."""
+
+    def __init__(self):
+        super().__init__()
+        self.refs = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if any(t is DTensor for t in types):
+            return NotImplemented
+        out = func(*args, **(kwargs or {}))
+        if not func._schema.is_mutable:  # in-place ops and collectives fill old storages
+            inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs))
+                      if isinstance(t, torch.Tensor)}
+            for t in tree_leaves(out):  # views share their input's storage: not new
+                if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs:
+                    self.refs.append(weakref.ref(t.untyped_storage()))
+        return out
+
+    def alive(self) -> list[torch.UntypedStorage]:
+        return [s for s in (ref() for ref in self.refs) if s is not None]
+
+
 @contextmanager
-def saved_activations():
-    """`with saved_activations() as saved:` ... `sum(saved.values())` bytes saved for
-    backward inside the block (parameters and their views excluded)."""
+def saved_activations(params=()):
+    """`with saved_activations(model.parameters()) as saved:` ... `sum(saved.values())`
+    bytes kept for backward by the block (parameters and their views excluded): the
+    tensors saved for backward (saved-tensor hooks), and the storages created inside that
+    are still alive at its end (what selective checkpointing caches outside those hooks,
+    FSDP's gathered parameters unless `params` names them, the block's own result if the
+    caller keeps it)."""
     saved = {}
 
     def pack(t):
@@ -117,8 +147,12 @@ def saved_activations():
             saved.update(_storages([t]))
         return t
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), _NewStorages() as new:
         yield saved
+    excluded = _storages(params)
+    for storage in new.alive():
+        if storage.nbytes() and storage.data_ptr() not in excluded:
+            saved[storage.data_ptr()] = storage.nbytes()
 
 
 def peak_tensor_bytes(trainer, step: int) -> int:

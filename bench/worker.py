@@ -56,7 +56,7 @@ def measure_one(trainer: Trainer, step: int, custom: bool) -> dict:
 
     x, y = trainer.data.train_batch(0, 0)
     with trainer.par.loss_context():
-        with saved_activations() as saved:
+        with saved_activations(trainer.par.model.parameters()) as saved:
             loss = trainer._loss(x, y)
         loss.backward()
     trainer.optimizer.zero_grad(set_to_none=True)

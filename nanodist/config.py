@@ -67,11 +67,17 @@ class TrainConfig:
     data_parallel_size: int = flag(0, "DP size (0: world size / tensor parallel size)")
     data_parallel_type: str = flag("ddp", "ddp: replicate the model; fsdp: shard it (ZeRO-3)")
     tensor_parallel_size: int = flag(1, "TP size; TP ranks are contiguous")
+    context_parallel_size: int = flag(1, "CP size: each sequence split over this many ranks (ring "
+                                         "attention, zigzag); they read the same batch")
     enable_loss_parallelism: bool = flag(False, "vocab-parallel loss: full logits never on one rank")
     sequence_parallel: bool = flag(False, "shard norms and residuals along the sequence under TP")
     implementation: str = flag("custom", "custom: hand-written on collectives; pytorch: DDP, FSDP2, DTensor")
     deferred_init: bool = flag(False, "build on the meta device, materialise each rank's shard only")
     bucket_cap_mb: float = flag(25.0, "custom DDP gradient bucket size in MiB")
+    activation_checkpointing: str = flag("none", "none | full: blocks keep only their input and "
+                                                 "recompute the rest | selective: keep matmul "
+                                                 "outputs, recompute element-wise ops")
+    ac_every: int = flag(1, "--activation_checkpointing full: checkpoint every K-th block")
     fsdp_reshard_after_forward: bool = flag(True, "false: keep gathered params until backward (ZeRO-2)")
     fsdp_reduce_on_last_micro_step: bool = flag(
         False, "FSDP: reduce-scatter on the last micro-step only (unsharded grads kept: +4 bytes "
@@ -94,6 +100,7 @@ CHOICES = {
     "implementation": ("custom", "pytorch"),
     "device": ("auto", "cpu", "cuda"),
     "dtype": ("float32", "bfloat16", "float64"),
+    "activation_checkpointing": ("none", "full", "selective"),
 }
 
 
@@ -135,7 +142,8 @@ def parse_args(argv=None) -> TrainConfig:
 # (flags, test, what their values must be): every number of TrainConfig has its range
 RANGES = (
     (("block_size", "batch_size", "total_batch_size", "max_steps", "eval_interval", "eval_iters",
-      "keep_checkpoints", "tensor_parallel_size"), lambda v: v >= 1, ">= 1"),
+      "keep_checkpoints", "tensor_parallel_size", "context_parallel_size", "ac_every"),
+     lambda v: v >= 1, ">= 1"),
     (("learning_rate", "max_grad_norm", "bucket_cap_mb", "dist_timeout"), lambda v: v > 0, "> 0"),
     (("min_lr", "weight_decay"), lambda v: v >= 0, ">= 0"),
     (("dropout", "beta1", "beta2"), lambda v: 0 <= v < 1, "in [0, 1)"),
@@ -161,6 +169,9 @@ def check_values(cfg: TrainConfig):
     if cfg.min_lr > cfg.learning_rate:
         raise UserError(f"--min_lr ({cfg.min_lr}) must be <= --learning_rate ({cfg.learning_rate}): "
                         f"the cosine decays from the one to the other")
+    if cfg.activation_checkpointing not in CHOICES["activation_checkpointing"]:
+        raise UserError(f"unknown --activation_checkpointing {cfg.activation_checkpointing!r}; "
+                        f"choose from {', '.join(CHOICES['activation_checkpointing'])}")
     if cfg.resume in ("latest", "auto") and not cfg.out_dir:
         raise UserError(f"--resume {cfg.resume} looks in --out_dir: say which run directory")
 
@@ -172,12 +183,19 @@ def resolve_layout(cfg: TrainConfig, world_size: int) -> TrainConfig:
     if cfg.resume not in ("", "latest", "auto") and not cfg.out_dir:
         cfg = dataclasses.replace(cfg, out_dir=str(Path(cfg.resume).parent))
     tp = cfg.tensor_parallel_size
-    dp = cfg.data_parallel_size or max(world_size // tp, 1)
-    if dp * tp != world_size:
+    cp = cfg.context_parallel_size
+    dp = cfg.data_parallel_size or max(world_size // (tp * cp), 1)
+    if dp * cp * tp != world_size:
         raise UserError(
-            f"--tensor_parallel_size ({tp}) x --data_parallel_size ({dp}) = {dp * tp} processes, "
-            f"but {world_size} were launched: launch with torchrun --nproc_per_node={dp * tp} "
-            f"or change the sizes so that their product is {world_size}")
+            f"--tensor_parallel_size ({tp}) x --context_parallel_size ({cp}) x "
+            f"--data_parallel_size ({dp}) = {dp * cp * tp} processes, but {world_size} were "
+            f"launched: launch with torchrun --nproc_per_node={dp * cp * tp} or change the sizes "
+            f"so that their product is {world_size}")
+    if cp > 1 and cfg.block_size % (2 * cp):
+        raise UserError(f"--context_parallel_size {cp} cuts each sequence into {2 * cp} zigzag "
+                        f"chunks: --block_size ({cfg.block_size}) must be divisible by {2 * cp}")
+    if cp > 1 and cfg.dropout > 0:
+        raise UserError("--context_parallel_size > 1 runs attention without dropout: use --dropout 0")
     if cfg.enable_loss_parallelism and tp == 1:
         raise UserError("--enable_loss_parallelism needs --tensor_parallel_size > 1")
     if cfg.sequence_parallel and tp == 1:
@@ -185,9 +203,11 @@ def resolve_layout(cfg: TrainConfig, world_size: int) -> TrainConfig:
     if cfg.compile and cfg.data_parallel_type == "fsdp" and cfg.implementation == "custom" and dp > 1:
         raise UserError("--compile cannot trace the custom FSDP (it frees and regrows parameter "
                         "storage between the ops); use --implementation pytorch with --compile")
-    if cfg.sequence_parallel and cfg.block_size % tp:
-        raise UserError(f"--sequence_parallel splits the sequence: --block_size ({cfg.block_size}) "
-                        f"must be divisible by --tensor_parallel_size ({tp})")
+    if cfg.sequence_parallel and (cfg.block_size // cp) % tp:
+        what = (f"--block_size ({cfg.block_size})" if cp == 1 else f"the {cfg.block_size // cp} "
+                f"tokens of a CP rank (--block_size / --context_parallel_size)")
+        raise UserError(f"--sequence_parallel splits the sequence: {what} must be divisible by "
+                        f"--tensor_parallel_size ({tp})")
     return dataclasses.replace(cfg, data_parallel_size=dp)
 
 

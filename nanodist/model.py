@@ -8,6 +8,8 @@ Two details let tensor parallelism shard the model without changing it:
 - attention reads its head count from the width of its input (heads split across
   ranks leave fewer local heads), and sequence length from the c_attn output (under
   sequence parallelism the block input is a slice of the sequence);
+- the attention core (`sdpa`) is a module of its own and `forward` takes the tokens'
+  positions: context parallelism swaps the one for ring attention and passes the other;
 - initialisation draws every parameter from a generator seeded by (seed, name), so any
   slice of any parameter can be reproduced alone (DESIGN.md invariant 1).
 """
@@ -52,20 +54,32 @@ def model_config(preset: str, block_size: int, vocab_size: int, dropout: float =
                      dropout=dropout, **PRESETS[preset])
 
 
+class ScaledDotProductAttention(nn.Module):
+    """softmax(q k^T / sqrt(d), causal) v, (B, heads, T, d) -> (B, heads, T, d). A module
+    of its own, without parameters, so that context parallelism can swap it."""
+
+    def __init__(self, dropout: float = 0.0):
+        super().__init__()
+        self.dropout = dropout
+
+    def forward(self, q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                              dropout_p=self.dropout if self.training else 0.0)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.head_dim = config.n_embd // config.n_head
-        self.dropout = config.dropout
+        self.sdpa = ScaledDotProductAttention(config.dropout)
 
     def forward(self, x):
         qkv = self.c_attn(x)
         B, T, _ = qkv.shape
         q, k, v = (t.view(B, T, -1, self.head_dim).transpose(1, 2) for t in qkv.chunk(3, dim=-1))
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
-                                           dropout_p=self.dropout if self.training else 0.0)
+        y = self.sdpa(q, k, v)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -110,9 +124,10 @@ class GPT(nn.Module):
         if seed is not None:
             self.init_weights(seed)
 
-    def forward(self, idx):
-        """idx (B, T) token ids -> logits (B, T, vocab_size)."""
-        pos = torch.arange(idx.size(1), device=idx.device)
+    def forward(self, idx, positions=None):
+        """idx (B, T) token ids -> logits (B, T, vocab_size). `positions` (T,): the tokens'
+        places in their sequences (default 0..T-1; context parallelism passes its chunks')."""
+        pos = torch.arange(idx.size(1), device=idx.device) if positions is None else positions
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
         for block in self.transformer.h:
             x = block(x)

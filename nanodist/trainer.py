@@ -80,7 +80,8 @@ class Trainer:
         _, world_size = init_distributed(device, timeout)
         self.cfg = cfg = resolve_layout(cfg, world_size)
         self.grad_accum = grad_accum_steps(cfg)
-        self.mesh = mesh = build_mesh(cfg.data_parallel_size, cfg.tensor_parallel_size, device, timeout)
+        self.mesh = mesh = build_mesh(cfg.data_parallel_size, cfg.tensor_parallel_size, device,
+                                      timeout, cp_size=cfg.context_parallel_size)
         self._decided_by_rank0(lambda: check_writable_dirs(cfg))  # before any work is lost
         self.data = BatchLoader(cfg.data_dir or Path("data", cfg.dataset), cfg.dataset,
                                 cfg.block_size, cfg.batch_size, self.grad_accum,
@@ -109,7 +110,8 @@ class Trainer:
         tf32 = enable_tf32(device, cfg.dtype)
         self.peak_flops = device_peak_flops(device, cfg.dtype)
 
-        layout = (f"dp{mesh.dp_size}-{cfg.data_parallel_type}-tp{mesh.tp_size}-{cfg.implementation}")
+        layout = (f"dp{mesh.dp_size}-{cfg.data_parallel_type}-tp{mesh.tp_size}-{cfg.implementation}"
+                  + (f"-cp{mesh.cp_size}" if mesh.cp_size > 1 else ""))
         if not cfg.out_dir:  # a fresh run directory, named by rank 0 for all
             cfg.out_dir = self._decided_by_rank0(lambda: new_run_dir(Path("runs"), layout))
         self.log_dir = cfg.log_dir or cfg.out_dir
@@ -194,10 +196,11 @@ class Trainer:
             print(*args, flush=True)
 
     def _dp_mean(self, value: torch.Tensor) -> torch.Tensor:
-        """Mean over DP ranks (TP ranks of one DP group already agree)."""
-        if self.mesh.dp_size > 1:
-            dist.all_reduce(value, group=self.mesh.dp_group)
-            value /= self.mesh.dp_size
+        """Mean over DP x CP ranks (TP ranks of one DP group already agree; CP ranks hold
+        the mean of equally many tokens each)."""
+        if self.mesh.dp_cp_size > 1:
+            dist.all_reduce(value, group=self.mesh.dp_cp_group)
+            value /= self.mesh.dp_cp_size
         return value
 
     def _loss(self, x, y) -> torch.Tensor:

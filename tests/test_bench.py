@@ -60,12 +60,17 @@ def test_traffic_by_hand():
 
 
 def test_activation_bytes_by_hand():
-    # B=1, T=3, C=2, a=1, V=4: bsh = 6; per layer 4*6 + 12*6 + 3 = 99 floats; head 6 + 6 + 12
-    # floats; ids 3 * 8 bytes
-    assert activation_bytes(SMALL, Layout("single"), 1) == 4 * (99 + 24) + 24
-    # TP 2 + SP + LP: per layer 2*6/2 + 2*6 + 12*6/2 + 3/2 = 55.5; head 3 + 6 + 6
+    # B=1, T=3, C=2, a=1, V=4: bsh = 6; per layer 4*6 + 12*6 + 3 + LayerNorm stats 4*3 = 111
+    # floats; head ln_f 6 + 6 + lm_head 6 + log-softmax 12 + total weight 1; ids, targets
+    # and positions 3 * 3 * 8 bytes
+    assert activation_bytes(SMALL, Layout("single"), 1) == 4 * (111 + 31) + 72
+    # TP 2 + SP + LP: per layer 2*6/2 + 2*6 + 12*6/2 + 3/2 + 12/2 = 61.5; head 6 + 6 + 6 + 1
     layout = Layout("tp", tp=2, loss_parallel=True, sequence_parallel=True)
-    assert activation_bytes(SMALL, layout, 1) == 4 * (55.5 + 15) + 24
+    assert activation_bytes(SMALL, layout, 1) == 4 * (61.5 + 19) + 72
+    # full checkpointing keeps the block input (6); selective also c_attn 18, attention
+    # 6 + 3, c_fc 24, the two row matmuls 12
+    assert activation_bytes(SMALL, Layout("single"), 1, "full") == 4 * (6 + 31) + 72
+    assert activation_bytes(SMALL, Layout("single"), 1, "selective") == 4 * (69 + 31) + 72
 
 
 def _traffic_vs_comm_py():

@@ -172,15 +172,15 @@ def replicate_over_dp(par):
     """PyTorch DDP for a DTensor-TP model: `DistributedDataParallel` cannot hold DTensor
     parameters, so the DP dimension uses PyTorch's FSDP2-based `replicate` (DDP
     semantics: whole replicas, gradients averaged over the "dp" mesh dim in backward)."""
-    par.model = replicate(par.model, mesh=par.mesh.device_mesh["dp"])
+    par.model = replicate(par.model, mesh=par.mesh.dp_cp_mesh)
     par.no_sync = partial(fsdp2_no_sync, par.model)
     return par.model
 
 
 def apply_ddp(par, cfg):
-    """Data parallel over the DP group of `par.mesh`, for either implementation.
+    """Data parallel over the DP (x CP) group of `par.mesh`, for either implementation.
     The model must be materialised (broadcast and buckets need real tensors)."""
-    group = par.mesh.dp_group
+    group = par.mesh.dp_cp_group
     if cfg.implementation == "pytorch" and par.mesh.tp_size > 1:
         return replicate_over_dp(par)  # DDP cannot hold DTensor (TP) parameters
     if cfg.implementation == "pytorch":

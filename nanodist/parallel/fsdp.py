@@ -124,7 +124,8 @@ class FSDP:
 
     def __init__(self, model: nn.Module, mesh, seed: int, compute_dtype=torch.float32,
                  reshard_after_forward: bool = True, sharded_over: dict | None = None):
-        self.group, self.rank, self.reshard_after_forward = mesh.dp_group, mesh.dp_rank, reshard_after_forward
+        self.group, self.rank = mesh.dp_cp_group, mesh.dp_cp_rank  # DP x CP: same parameters
+        self.reshard_after_forward = reshard_after_forward
         self.sync_grads, self.backward_started, self.reductions = True, False, []
         sharded_over = sharded_over or {}
         owners = defaultdict(list)  # id(param) -> (module, attr) holding it (tied: several)
@@ -139,7 +140,7 @@ class FSDP:
                 if id(p) not in claimed:
                     claimed.add(id(p))
                     classes[(p.dim() >= 2, sharded_over.get(p, ()))].append((pname, p))
-            flats = [FlatParam(params, owners, model, seed, self.group, mesh.dp_rank,
+            flats = [FlatParam(params, owners, model, seed, self.group, self.rank,
                                compute_dtype, mesh.device, (self.group,) + groups)
                      for (_, groups), params in classes.items()]
             self.units.insert(0, Unit(module, flats))
@@ -251,7 +252,7 @@ class FSDP:
 
 
 def apply_fsdp(par, cfg):
-    """Shard `par.model` over the DP group (custom or FSDP2, per cfg.implementation).
+    """Shard `par.model` over the DP (x CP) group (custom or FSDP2, per cfg.implementation).
 
     Gradient accumulation reduce-scatters every micro-step by default (par.no_sync stays
     a no-op): holding the unsharded fp32 gradients of the whole model between micro-steps
@@ -282,7 +283,7 @@ def full_state_dict(par) -> dict:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
         return get_model_state_dict(par.model, options=StateDictOptions(full_state_dict=True,
                                                                         cpu_offload=True))
-    main, shards = par.mesh.dp_rank == 0, par.fsdp.optimizer_params()
+    main, shards = par.mesh.dp_cp_rank == 0, par.fsdp.optimizer_params()
     values = {name: t.to("cpu", copy=True)  # every rank gathers, rank 0 keeps
               for name, t in par.fsdp.full_tensors(shards[0] + shards[1]) if main}
     names = {id(p): name for name, p in par.model.named_parameters()}  # tied: the first name
@@ -311,7 +312,7 @@ def apply_fsdp2(par, reshard_after_forward: bool, compute_dtype, reduce_dtype):
     and clip.py read that); meta parameters are materialised later by `materialize`."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=reduce_dtype)
-    dp_mesh = par.mesh.device_mesh["dp"]
+    dp_mesh = par.mesh.dp_cp_mesh
     for _, module in reversed(wrap_policy(par.model)):
         fully_shard(module, mesh=dp_mesh, reshard_after_forward=reshard_after_forward, mp_policy=mp)
 

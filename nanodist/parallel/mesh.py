@@ -1,10 +1,18 @@
-"""The DP x TP layout of the processes, built once and passed explicitly (no global).
+"""The DP x CP x TP layout of the processes, built once and passed explicitly (no global).
 
-    world = dp x tp, TP ranks contiguous (TP traffic is the heaviest: keep it in a node)
+    world = dp x cp x tp, TP ranks contiguous (TP traffic is the heaviest: keep it in a
+    node), then CP (a ring of K/V blocks every layer), DP outermost
 
-        tp ->   0   1          rank = dp_rank * tp + tp_rank
+        tp ->   0   1          rank = (dp_rank * cp + cp_rank) * tp + tp_rank
     dp   0    [ 0 | 1 ]        tp_group: a row    {0,1} {2,3}
-         1    [ 2 | 3 ]        dp_group: a column {0,2} {1,3}
+         1    [ 2 | 3 ]        dp_group: a column {0,2} {1,3}        (here cp = 1)
+
+    dp=1 x cp=2 x tp=2: cp_group {0,2} {1,3}; dp=2 x cp=2 x tp=1: cp_group {0,1} {2,3},
+    dp_group {0,2} {1,3}
+
+CP ranks hold the same parameters and different tokens of the same sequences, so
+gradients are reduced over DP x CP: `dp_cp_group` (custom strategies) and `dp_cp_mesh`
+(the flattened "dp_cp" dimension for PyTorch's), the DP ones when cp = 1.
 
 One process started without torchrun runs with no process group at all.
 """
@@ -27,27 +35,53 @@ class Mesh:
     tp_size: int = 1
     rank: int = 0
     device: torch.device = torch.device("cpu")
-    device_mesh: DeviceMesh | None = None   # dims ("dp", "tp"); None for one process
+    device_mesh: DeviceMesh | None = None   # dims ("dp", "cp", "tp"); None for one process
+    cp_size: int = 1
+    dp_cp_mesh: DeviceMesh | None = None    # 1-D: "dp", or "dp" x "cp" flattened (DDP, FSDP run on it)
 
     @property
     def world_size(self) -> int:
-        return self.dp_size * self.tp_size
+        return self.dp_size * self.cp_size * self.tp_size
 
     @property
     def dp_rank(self) -> int:
-        return self.rank // self.tp_size
+        return self.rank // (self.cp_size * self.tp_size)
+
+    @property
+    def cp_rank(self) -> int:
+        return self.rank // self.tp_size % self.cp_size
 
     @property
     def tp_rank(self) -> int:
         return self.rank % self.tp_size
 
+    def group(self, dim: str):
+        return self.device_mesh.get_group(dim) if self.device_mesh is not None else None
+
     @property
     def dp_group(self):
-        return self.device_mesh.get_group("dp") if self.device_mesh is not None else None
+        return self.group("dp")
+
+    @property
+    def cp_group(self):
+        return self.group("cp")
 
     @property
     def tp_group(self):
-        return self.device_mesh.get_group("tp") if self.device_mesh is not None else None
+        return self.group("tp")
+
+    @property
+    def dp_cp_size(self) -> int:
+        """Ranks that hold the same parameters (DP replicas or FSDP shards, x CP)."""
+        return self.dp_size * self.cp_size
+
+    @property
+    def dp_cp_rank(self) -> int:
+        return self.dp_rank * self.cp_size + self.cp_rank
+
+    @property
+    def dp_cp_group(self):
+        return self.dp_cp_mesh.get_group() if self.dp_cp_mesh is not None else None
 
     @property
     def is_main(self) -> bool:
@@ -100,15 +134,18 @@ def _group_options(timeout: timedelta):
 
 
 def build_mesh(dp_size: int, tp_size: int, device: torch.device,
-               timeout: timedelta | None = None) -> Mesh:
-    """The DP x TP mesh over the already initialised process group (or one process);
+               timeout: timedelta | None = None, cp_size: int = 1) -> Mesh:
+    """The DP x CP x TP mesh over the already initialised process group (or one process);
     its groups give up after `timeout` (None: PyTorch's default)."""
+    world = dp_size * cp_size * tp_size
     if not dist.is_initialized():
-        if dp_size * tp_size != 1:
-            raise UserError(f"a layout of dp={dp_size} x tp={tp_size} needs "
-                            f"torchrun --nproc_per_node={dp_size * tp_size}")
+        if world != 1:
+            raise UserError(f"a layout of dp={dp_size} x cp={cp_size} x tp={tp_size} needs "
+                            f"torchrun --nproc_per_node={world}")
         return Mesh(device=device)
-    override = {dim: _group_options(timeout) for dim in ("dp", "tp")} if timeout else None
-    device_mesh = init_device_mesh(device.type, (dp_size, tp_size), mesh_dim_names=("dp", "tp"),
+    dims = ("dp", "cp", "tp")
+    override = {dim: _group_options(timeout) for dim in dims} if timeout else None
+    device_mesh = init_device_mesh(device.type, (dp_size, cp_size, tp_size), mesh_dim_names=dims,
                                    backend_override=override)
-    return Mesh(dp_size, tp_size, dist.get_rank(), device, device_mesh)
+    dp_cp_mesh = device_mesh["dp", "cp"]._flatten("dp_cp") if cp_size > 1 else device_mesh["dp"]
+    return Mesh(dp_size, tp_size, dist.get_rank(), device, device_mesh, cp_size, dp_cp_mesh)

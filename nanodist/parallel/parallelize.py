@@ -1,7 +1,8 @@
 """One entry point for every layout: `parallelize(model, cfg, mesh) -> Parallel`.
 
 Order is fixed for both implementations (torchtitan's): tensor parallel first, then
-DDP or FSDP over the DP dimension, then materialise what is still on the meta device.
+context parallel, activation checkpointing, then DDP or FSDP over the DP (x CP) ranks,
+then materialise what is still on the meta device.
 Each strategy edits the `Parallel` it is given: the trainer only talks to that.
 """
 from contextlib import nullcontext
@@ -15,7 +16,9 @@ from torch.distributed.tensor import DTensor
 
 from nanodist.config import TrainConfig
 from nanodist.model import cross_entropy
+from nanodist.parallel.activation_checkpoint import apply_activation_checkpointing
 from nanodist.parallel.clip import clip_grad_norm_
+from nanodist.parallel.context_parallel import apply_cp
 from nanodist.parallel.ddp import apply_ddp
 from nanodist.parallel.fsdp import apply_fsdp
 from nanodist.parallel.init import materialize
@@ -96,9 +99,13 @@ def parallelize(model: nn.Module, cfg: TrainConfig, mesh: Mesh) -> Parallel:
     par = Parallel(model, mesh)
     if mesh.tp_size > 1:
         apply_tp(par, cfg)
-    if mesh.dp_size > 1 and cfg.data_parallel_type == "fsdp":
+    if mesh.cp_size > 1:
+        apply_cp(par, cfg)
+    if cfg.activation_checkpointing != "none":
+        apply_activation_checkpointing(model, cfg.activation_checkpointing, cfg.ac_every)
+    if mesh.dp_cp_size > 1 and cfg.data_parallel_type == "fsdp":
         apply_fsdp(par, cfg)  # before materialize: shards meta units one at a time
     materialize(par.model, model, cfg.seed, mesh.device)
-    if mesh.dp_size > 1 and cfg.data_parallel_type == "ddp":
+    if mesh.dp_cp_size > 1 and cfg.data_parallel_type == "ddp":
         apply_ddp(par, cfg)  # after materialize: it broadcasts and buckets real tensors
     return par

@@ -1,0 +1,72 @@
+"""Activation checkpointing: memory kept for backward against step time, on one process.
+
+    python bench/ac.py [--model tiny --block_size 256 --batch_size 8]
+
+Variants none, full, full every 2nd block, selective take turns step by step (forward +
+backward + AdamW step on the same batch). Memory: the bytes one forward keeps for
+backward (bench/measure.py `saved_activations`) against bench/analytic.py's
+`activation_bytes`; time: median step and its ratio to no checkpointing.
+"""
+import torch
+
+from analytic import Layout, activation_bytes
+from common import median, parser, print_table, time_interleaved, write_json
+from measure import saved_activations
+from nanodist.config import TrainConfig
+from nanodist.model import GPT, model_config
+from nanodist.parallel.mesh import Mesh, pick_device
+from nanodist.parallel.parallelize import parallelize
+
+VARIANTS = {"none": ("none", 1), "full": ("full", 1), "full, every 2nd": ("full", 2),
+            "selective": ("selective", 1)}
+
+
+def main():
+    p = parser("ac", __doc__.splitlines()[0])
+    p.add_argument("--model", default="tiny")
+    p.add_argument("--block_size", type=int, default=256)
+    p.add_argument("--batch_size", type=int, default=8)
+    p.add_argument("--vocab_size", type=int, default=8192)
+    args = p.parse_args()
+
+    device = pick_device("auto")
+    mcfg = model_config(args.model, args.block_size, args.vocab_size)
+    x, y = torch.randint(0, mcfg.vocab_size, (2, args.batch_size, args.block_size),
+                         generator=torch.Generator().manual_seed(0)).to(device)
+
+    def build(policy, every):
+        cfg = TrainConfig(block_size=args.block_size, activation_checkpointing=policy, ac_every=every)
+        with torch.device(device):
+            par = parallelize(GPT(mcfg, seed=1), cfg, Mesh(device=device))
+        optimizer = torch.optim.AdamW(par.param_groups(0.1), lr=1e-4)
+
+        def step():
+            par.loss_fn(par.model(x), y).backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        with saved_activations(par.model.parameters()) as kept:
+            loss = par.loss_fn(par.model(x), y)
+        kept.pop(loss.untyped_storage().data_ptr())  # the loss itself
+        loss.backward()
+        optimizer.zero_grad(set_to_none=True)
+        return step, sum(kept.values())
+
+    built = {name: build(*spec) for name, spec in VARIANTS.items()}
+    times = time_interleaved({name: step for name, (step, _) in built.items()},
+                             args.warmup, args.steps, device)
+    rows = []
+    for name, (policy, every) in VARIANTS.items():
+        kept, analytic = built[name][1], activation_bytes(mcfg, Layout("single"), args.batch_size,
+                                                          policy, every)
+        rows.append({"checkpointing": name, "kept MiB": kept / 2**20, "analytic MiB": analytic / 2**20,
+                     "ratio": kept / analytic, "step ms": median(times[name]) * 1e3,
+                     "time / none": median(times[name]) / median(times["none"])})
+    print(f"model {args.model}: L={mcfg.n_layer} C={mcfg.n_embd} V={mcfg.vocab_size}, "
+          f"batch {args.batch_size}x{args.block_size} on {device}")
+    print_table(rows, "\nactivation memory against step time (median of interleaved steps)")
+    write_json(args.out, {"args": vars(args), "rows": rows})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,206 @@
+"""Context parallelism: each sequence split across the C ranks of the CP group; ring
+attention by hand, and PyTorch's (CUDA only), side by side.
+
+Everything but attention is local to its tokens, so a rank runs the model on its part
+of every sequence (global positions for wpe, its own targets for the loss). The sequence
+is cut into 2C chunks; with the causal mask a contiguous split leaves the first rank
+almost idle and the last one busy, the zigzag split pairs an early chunk with a late one:
+
+    2C = 8 chunks     0  1  2  3  4  5  6  7
+    contiguous        r0 r0 r1 r1 r2 r2 r3 r3      rank r: chunks 2r, 2r+1
+    zigzag            r0 r1 r2 r3 r3 r2 r1 r0      rank r: chunks r, 2C-1-r
+
+Ring attention: the K/V of every rank travel around the ring (point-to-point through
+comm.py, counted) while each rank attends with its queries to the block it holds; the
+partial results merge through their log-sum-exp (online softmax), so the result is the
+full causal attention. A query chunk i sees a key chunk j fully when j < i, causally
+(the diagonal) when j = i, not at all when j > i:
+
+    step s:  rank r holds K/V of rank r-s;  out_i, lse_i <- merge(out_i, lse_i, attn(q_i, k_j, v_j))
+             merge(o, l, o', l') = (e^(l-L) o + e^(l'-L) o', L)   with L = log(e^l + e^l')
+    backward: the K/V ring again, and dK/dV accumulators travel with them: after C steps
+             every accumulator holds the contributions of every rank, one more send brings
+             it home. dQ stays local.
+
+Per rank and step: C-1 sends of K and V forward, C-1 of K and V plus C of dK and dV in
+backward (B x heads x T/C x head_dim floats each). Zigzag does the same number of
+attention blocks on every rank; contiguous does 2C-1 times more on the last than the first
+(`attention_blocks`).
+
+PyTorch (`apply_native_cp`): `_ContextParallel` on each attention core turns q, k, v into
+DTensors sharded on the sequence, and DTensor's CP dispatcher runs its ring attention
+(head-tail load balancing = the zigzag split above). It has no rule for the CPU attention
+ops: CUDA only.
+"""
+from functools import partial
+
+import torch
+import torch.nn as nn
+
+from nanodist.config import UserError
+from nanodist.parallel import comm
+
+
+def chunk_ids(rank: int, cp: int, zigzag: bool) -> tuple[int, int]:
+    """The two (of 2C) sequence chunks rank `rank` holds, in its local order."""
+    return (rank, 2 * cp - 1 - rank) if zigzag else (2 * rank, 2 * rank + 1)
+
+
+def split_sequence(x: torch.Tensor, dim: int, rank: int, cp: int, zigzag: bool = True):
+    """This rank's part of `x` along `dim` (the sequence): its two chunks, concatenated."""
+    chunks = x.chunk(2 * cp, dim)
+    return torch.cat([chunks[i] for i in chunk_ids(rank, cp, zigzag)], dim)
+
+
+def attention_blocks(rank: int, cp: int, zigzag: bool) -> float:
+    """Chunk-by-chunk attention work of one rank (a causal diagonal block counts 1/2)."""
+    return sum(1.0 if j < i else 0.5 for src in range(cp) for i in chunk_ids(rank, cp, zigzag)
+               for j in chunk_ids(src, cp, zigzag) if j <= i)
+
+
+def _ring_pass(tensor: torch.Tensor, group):
+    """Send `tensor` to the next rank of the ring, receive the previous one's (async)."""
+    n, rank = comm.group_size(group), comm.group_rank(group)
+    received = torch.empty_like(tensor)
+    works = comm.send_recv([(tensor, (rank + 1) % n)], [(received, (rank - 1) % n)], group,
+                           async_op=True)
+    return received, works
+
+
+def _wait(works):
+    for work in works:
+        work.wait()
+
+
+def _scores(q, k, causal: bool, scale: float):
+    s = (q @ k.transpose(-2, -1)) * scale
+    if causal:  # the diagonal block: same positions on both sides
+        s = s.masked_fill(torch.ones_like(s, dtype=torch.bool).triu(1), float("-inf"))
+    return s
+
+
+class _RingAttention(torch.autograd.Function):
+    """softmax(q k^T / sqrt(d), causal) v of local q, k, v (B, heads, T/C, d)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, group, zigzag):
+        cp, rank, scale = comm.group_size(group), comm.group_rank(group), q.size(-1) ** -0.5
+        q_chunks, q_ids = q.chunk(2, dim=2), chunk_ids(rank, cp, zigzag)
+        out = [torch.zeros_like(c) for c in q_chunks]
+        lse = [torch.full(c.shape[:-1], float("-inf"), dtype=c.dtype, device=c.device)
+               for c in q_chunks]
+        kv = torch.stack([k, v])
+        for step in range(cp):
+            if step + 1 < cp:
+                next_kv, works = _ring_pass(kv, group)  # overlaps this step's compute
+            k_chunks, v_chunks = kv[0].chunk(2, dim=2), kv[1].chunk(2, dim=2)
+            for i, qi in enumerate(q_ids):
+                for j, kj in enumerate(chunk_ids((rank - step) % cp, cp, zigzag)):
+                    if kj > qi:
+                        continue
+                    s = _scores(q_chunks[i], k_chunks[j], kj == qi, scale)
+                    block_lse = s.logsumexp(-1)
+                    new_lse = torch.logaddexp(lse[i], block_lse)
+                    out[i] = ((lse[i] - new_lse).exp().unsqueeze(-1) * out[i]
+                              + (s - new_lse.unsqueeze(-1)).exp() @ v_chunks[j])
+                    lse[i] = new_lse
+            if step + 1 < cp:
+                _wait(works)
+                kv = next_kv
+        out, lse = torch.cat(out, dim=2), torch.cat(lse, dim=2)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.group, ctx.zigzag = group, zigzag
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse = ctx.saved_tensors
+        group, zigzag = ctx.group, ctx.zigzag
+        cp, rank, scale = comm.group_size(group), comm.group_rank(group), q.size(-1) ** -0.5
+        dq = torch.zeros_like(q)
+        q_ids = chunk_ids(rank, cp, zigzag)
+        q_chunks, dq_chunks, dout_chunks = q.chunk(2, 2), dq.chunk(2, 2), dout.chunk(2, 2)
+        lse_chunks = lse.chunk(2, 2)
+        delta_chunks = (dout * out).sum(-1).chunk(2, 2)  # rowsum(dO o O) = rowsum(P o dP)
+        kv, arriving = torch.stack([k, v]), None
+        for step in range(cp):
+            if step + 1 < cp:
+                next_kv, works = _ring_pass(kv, group)
+            k_chunks, v_chunks = kv[0].chunk(2, 2), kv[1].chunk(2, 2)
+            dkv = torch.zeros_like(kv)  # this step's part of the dK, dV of rank r-step
+            dk_chunks, dv_chunks = dkv[0].chunk(2, 2), dkv[1].chunk(2, 2)
+            for i, qi in enumerate(q_ids):
+                for j, kj in enumerate(chunk_ids((rank - step) % cp, cp, zigzag)):
+                    if kj > qi:
+                        continue
+                    p = (_scores(q_chunks[i], k_chunks[j], kj == qi, scale)
+                         - lse_chunks[i].unsqueeze(-1)).exp()
+                    dv_chunks[j].add_(p.transpose(-2, -1) @ dout_chunks[i])
+                    ds = p * (dout_chunks[i] @ v_chunks[j].transpose(-2, -1)
+                              - delta_chunks[i].unsqueeze(-1))
+                    dq_chunks[i].add_(ds @ k_chunks[j], alpha=scale)
+                    dk_chunks[j].add_(ds.transpose(-2, -1) @ q_chunks[i], alpha=scale)
+            if arriving is not None:  # the accumulator of rank r-step, from the previous rank
+                _wait(arriving[1])
+                dkv += arriving[0]
+            arriving = _ring_pass(dkv, group)
+            if step + 1 < cp:
+                _wait(works)
+                kv = next_kv
+        _wait(arriving[1])  # after C steps, one more pass: our own dK, dV come home
+        dk, dv = arriving[0]
+        return dq, dk, dv, None, None
+
+
+class RingAttention(nn.Module):
+    """Drop-in for the model's attention core (q, k, v (B, heads, T/C, d) -> out)."""
+
+    def __init__(self, group, zigzag: bool = True):
+        super().__init__()
+        self.group, self.zigzag = group, zigzag
+
+    def forward(self, q, k, v):
+        return _RingAttention.apply(q, k, v, self.group, self.zigzag)
+
+
+def _shard_inputs(module, args, kwargs, mesh):
+    """Forward pre-hook of the GPT: keep this CP rank's chunks of the tokens, and pass
+    their global positions (every CP rank of a DP group read the same batch)."""
+    (idx,) = args
+    positions = torch.arange(idx.size(1), device=idx.device)
+    split = partial(split_sequence, rank=mesh.cp_rank, cp=mesh.cp_size)
+    return (split(idx, 1),), {**kwargs, "positions": split(positions, 0)}
+
+
+def _local_loss(logits, targets, loss_fn, mesh):
+    """The mean loss of this rank's tokens: equal counts on every CP rank, so the mean over
+    DP x CP (what DDP/FSDP average gradients over) is the mean of the global batch."""
+    return loss_fn(logits, split_sequence(targets, 1, mesh.cp_rank, mesh.cp_size))
+
+
+def apply_native_cp(model: nn.Module, mesh):
+    """PyTorch's ring attention on every attention core (CUDA only: no CPU sharding rule)."""
+    from torch.distributed.tensor.experimental._context_parallel import (
+        _ContextParallel, _cp_options, _enable_context_parallel_dispatcher)
+    from torch.distributed.tensor.parallel import parallelize_module
+    if mesh.device.type != "cuda":
+        raise UserError("--implementation pytorch --context_parallel_size > 1 runs on CUDA only "
+                        "(PyTorch's context parallel has no CPU attention kernel rule); use "
+                        "--implementation custom (ring attention by hand) on CPU")
+    _cp_options.enable_load_balance = True  # head-tail: the zigzag split of the inputs
+    _enable_context_parallel_dispatcher()
+    style = _ContextParallel(seq_dim=2, attention_type=_ContextParallel.AttentionType.SDPA)
+    for block in model.transformer.h:
+        parallelize_module(block.attn.sdpa, mesh.device_mesh["cp"], style)
+
+
+def apply_cp(par, cfg):
+    """The CP step of `parallelize` (after TP, before checkpointing and DDP/FSDP)."""
+    model, mesh = par.gpt, par.mesh
+    if cfg.implementation == "pytorch":
+        apply_native_cp(model, mesh)
+    else:
+        for block in model.transformer.h:
+            block.attn.sdpa = RingAttention(mesh.cp_group)
+    model.register_forward_pre_hook(partial(_shard_inputs, mesh=mesh), with_kwargs=True)
+    par.loss_fn = partial(_local_loss, loss_fn=par.loss_fn, mesh=mesh)

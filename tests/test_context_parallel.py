@@ -1,0 +1,167 @@
+"""Context parallelism: ring attention against scaled_dot_product_attention on the whole
+sequence (CP = 2 and 4, zigzag and contiguous, float64 and float32, forward and
+backward), the zigzag balance, and CP training against one process (alone and with DP,
+TP, FSDP), and the refusals."""
+import sys
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from harness import REPO, run_distributed, tiny_run, trainer_records
+from nanodist.config import TrainConfig, UserError, resolve_layout
+from nanodist.parallel import comm
+from nanodist.parallel.context_parallel import RingAttention, attention_blocks, split_sequence
+from nanodist.trainer import Trainer
+
+sys.path.insert(0, str(REPO / "bench"))
+from analytic import Layout, activation_bytes, ring_attention_sends, traffic_bytes  # noqa: E402
+from measure import saved_activations  # noqa: E402
+
+B, HEADS, T, D = 2, 3, 32, 8
+
+
+def _ring_vs_sdpa(zigzag: bool, dtype):
+    """Max |difference| of out, dq, dk, dv (this rank's tokens) against SDPA on the full
+    sequence, and the K/V bytes this rank sent."""
+    cp, rank = dist.get_world_size(), dist.get_rank()
+    gen = torch.Generator().manual_seed(0)  # the same full tensors on every rank
+    q, k, v, probe = (torch.randn(B, HEADS, T, D, generator=gen, dtype=dtype) for _ in range(4))
+    for t in (q, k, v):
+        t.requires_grad_()
+    out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    out.backward(probe)
+    local = [split_sequence(t.detach(), 2, rank, cp, zigzag).requires_grad_() for t in (q, k, v)]
+    with comm.counting() as counted:
+        out_cp = RingAttention(dist.group.WORLD, zigzag)(*local)
+        out_cp.backward(split_sequence(probe, 2, rank, cp, zigzag))
+    mine = lambda t: split_sequence(t, 2, rank, cp, zigzag)
+    diffs = [(out_cp - mine(out)).abs().max().item()] + \
+            [(t.grad - mine(ref.grad)).abs().max().item() for t, ref in zip(local, (q, k, v))]
+    return diffs, counted.payload_bytes["send"]
+
+
+@pytest.mark.parametrize("cp", [2, 4])
+def test_ring_attention_matches_sdpa(cp):
+    """float64: only the summation order differs (blockwise log-sum-exp against one
+    softmax), values O(1) summed over <= 32 keys: 1e-12 absolute is ~5000 ulp of margin.
+    float32: the same argument at its epsilon (1.2e-7): 1e-5."""
+    kv_block = 2 * B * HEADS * (T // cp) * D  # K and V of one rank
+    for zigzag in (True, False):
+        for dtype, tol in ((torch.float64, 1e-12), (torch.float32, 1e-5)):
+            for diffs, sent in run_distributed(_ring_vs_sdpa, cp, zigzag, dtype):
+                assert max(diffs) < tol, (zigzag, dtype, diffs)
+                # forward C-1 K/V passes; backward C-1 K/V and C dK/dV passes
+                assert sent == (3 * cp - 2) * kv_block * dtype.itemsize
+
+
+def test_zigzag_balances_the_causal_work():
+    for cp in (2, 4, 8):
+        zigzag = [attention_blocks(r, cp, True) for r in range(cp)]
+        contiguous = [attention_blocks(r, cp, False) for r in range(cp)]
+        total = (2 * cp) * (2 * cp + 1) / 2 - cp  # the causal triangle of 2C chunks, diagonal 1/2
+        assert sum(zigzag) == sum(contiguous) == total
+        assert max(zigzag) == min(zigzag)
+        assert max(contiguous) / min(contiguous) == 2 * cp - 1
+
+
+def assert_matches(records, single, what):
+    """fp32, 3 AdamW steps with clipping, as tests/test_2d.py argues: loss within 1e-5
+    (of ~4.5) and grad norm within 1e-5 relative."""
+    for step, ((loss, norm), (loss_1, norm_1)) in enumerate(zip(records, single)):
+        assert loss == pytest.approx(loss_1, abs=1e-5), f"{what}: loss at step {step}"
+        assert norm == pytest.approx(norm_1, rel=1e-5), f"{what}: grad norm at step {step}"
+
+
+@pytest.fixture(scope="module")
+def single(char_data, tmp_path_factory):
+    return trainer_records(tiny_run(char_data, tmp_path_factory.mktemp("single")))
+
+
+@pytest.mark.parametrize("cp", [2, 4])
+def test_cp_matches_one_process(char_data, tmp_path, single, cp):
+    kwargs = tiny_run(char_data, tmp_path, context_parallel_size=cp)
+    for records in run_distributed(trainer_records, cp, kwargs):
+        assert_matches(records, single, f"cp{cp}")
+
+
+@pytest.mark.parametrize("layout", [
+    dict(data_parallel_size=2, data_parallel_type="ddp"),
+    dict(data_parallel_size=2, data_parallel_type="fsdp"),
+    dict(tensor_parallel_size=2, sequence_parallel=True, enable_loss_parallelism=True),
+], ids=["dp2-ddp", "dp2-fsdp", "tp2-sp-lp"])
+def test_cp2_composes_on_4_processes(char_data, tmp_path, single, layout):
+    """CP ranks sit between DP and TP (rank = (dp * cp + cp_rank) * tp + tp_rank); DDP and
+    FSDP reduce over the flattened dp x cp group."""
+    kwargs = tiny_run(char_data, tmp_path, context_parallel_size=2, deferred_init=True, **layout)
+    for records in run_distributed(trainer_records, 4, kwargs):
+        assert_matches(records, single, f"cp2 x {layout}")
+
+
+@pytest.mark.parametrize("policy", ["full", "selective"])
+def test_cp_with_activation_checkpointing(char_data, tmp_path, policy):
+    """The recompute runs the ring again, on every rank in the same order: bitwise the
+    same steps as CP without checkpointing."""
+    runs = [run_distributed(trainer_records, 2, tiny_run(char_data, tmp_path / p, context_parallel_size=2,
+                                                         activation_checkpointing=p))
+            for p in ("none", policy)]
+    assert runs[0] == runs[1]
+
+
+def test_bad_cp_flags(char_data, tmp_path):
+    with pytest.raises(UserError, match="8 zigzag chunks: --block_size \\(100\\) must be divisible by 8"):
+        resolve_layout(TrainConfig(context_parallel_size=4, block_size=100), 4)
+    with pytest.raises(UserError, match="12 tokens.*--tensor_parallel_size \\(8\\)"):
+        resolve_layout(TrainConfig(context_parallel_size=2, tensor_parallel_size=8, block_size=24,
+                                   sequence_parallel=True), 16)
+    with pytest.raises(UserError, match="dropout"):
+        resolve_layout(TrainConfig(context_parallel_size=2, dropout=0.1), 2)
+    with pytest.raises(UserError, match="x --data_parallel_size"):
+        resolve_layout(TrainConfig(context_parallel_size=2, data_parallel_size=2), 2)
+    # PyTorch's CP has no CPU kernel rule: the same one clear message on every rank
+    kwargs = tiny_run(char_data, tmp_path, context_parallel_size=2, implementation="pytorch")
+    for message in run_distributed(_user_error, 2, kwargs):
+        assert "CUDA only" in message and "--implementation custom" in message
+
+
+def _user_error(kwargs) -> str:
+    try:
+        Trainer(TrainConfig(**kwargs))
+    except UserError as error:
+        return str(error)
+    return "no error"
+
+
+def _sends_of_one_step(kwargs):
+    trainer = Trainer(TrainConfig(**kwargs))
+    with comm.counting() as counted:
+        trainer.train_step(0)
+    return counted.calls["send"], counted.bus_bytes["send"], trainer.model_cfg, trainer.grad_accum
+
+
+def test_kv_bytes_sent_per_step_are_analytic(char_data, tmp_path):
+    """What comm.py counts in one optimizer step = bench/analytic.py's ring traffic."""
+    kwargs = tiny_run(char_data, tmp_path, context_parallel_size=2, tensor_parallel_size=2)
+    for calls, bus, cfg, accum in run_distributed(_sends_of_one_step, 4, kwargs):
+        sends, payload = ring_attention_sends(2, cfg.block_size, cfg.n_embd // 2, cfg.n_layer, 2)
+        assert (calls, bus) == (accum * sends, accum * payload)
+        assert bus == traffic_bytes(cfg, Layout("cp2-tp2", tp=2, cp=2), 2, accum)["send"]
+
+
+def _kept_for_backward(kwargs):
+    trainer = Trainer(TrainConfig(**kwargs))
+    x, y = trainer.data.train_batch(0, 0)
+    with saved_activations(trainer.par.model.parameters()) as kept:
+        loss = trainer.par.loss_fn(trainer.model(x), y)
+    kept.pop(loss.untyped_storage().data_ptr())
+    loss.backward()
+    return sum(kept.values()), trainer.model_cfg
+
+
+@pytest.mark.parametrize("policy", ["none", "full", "selective"])
+def test_activation_bytes_per_rank_are_analytic(char_data, tmp_path, policy):
+    """CP = 2: each rank keeps the activations of half of every sequence, as analytic.py says."""
+    kwargs = tiny_run(char_data, tmp_path, context_parallel_size=2, activation_checkpointing=policy)
+    for kept, cfg in run_distributed(_kept_for_backward, 2, kwargs):
+        assert kept == activation_bytes(cfg, Layout("cp2", cp=2), 2, policy)
