@@ -1,10 +1,16 @@
-"""The DP x TP layout of the processes, built once and passed explicitly (no global).
+"""The layout of the processes, built once and passed explicitly (no global).
 
-    world = dp x tp, TP ranks contiguous (TP traffic is the heaviest: keep it in a node)
+Named dimensions, outermost to innermost: pp, dp, tp (any of them may be 1). TP ranks
+are contiguous (TP traffic is the heaviest: keep it in a node); PP is outermost
+(point-to-point only, it tolerates the slowest links).
 
-        tp ->   0   1          rank = dp_rank * tp + tp_rank
-    dp   0    [ 0 | 1 ]        tp_group: a row    {0,1} {2,3}
-         1    [ 2 | 3 ]        dp_group: a column {0,2} {1,3}
+    rank = (pp_rank * dp + dp_rank) * tp + tp_rank         e.g. pp=2 x dp=2 x tp=2:
+
+              tp ->  0   1                  tp_group: a row          {0,1} {2,3} ...
+    pp 0  dp 0    [  0 | 1 ]                dp_group: a column       {0,2} {1,3} {4,6} {5,7}
+          dp 1    [  2 | 3 ]                pp_group: one (dp, tp)   {0,4} {1,5} {2,6} {3,7}
+    pp 1  dp 0    [  4 | 5 ]                          across stages
+          dp 1    [  6 | 7 ]
 
 One process started without torchrun runs with no process group at all.
 """
@@ -24,27 +30,39 @@ class Mesh:
     tp_size: int = 1
     rank: int = 0
     device: torch.device = torch.device("cpu")
-    device_mesh: DeviceMesh | None = None   # dims ("dp", "tp"); None for one process
+    device_mesh: DeviceMesh | None = None   # dims ("pp", "dp", "tp"); None for one process
+    pp_size: int = 1
 
     @property
     def world_size(self) -> int:
-        return self.dp_size * self.tp_size
+        return self.pp_size * self.dp_size * self.tp_size
+
+    @property
+    def pp_rank(self) -> int:
+        return self.rank // (self.dp_size * self.tp_size)
 
     @property
     def dp_rank(self) -> int:
-        return self.rank // self.tp_size
+        return self.rank // self.tp_size % self.dp_size
 
     @property
     def tp_rank(self) -> int:
         return self.rank % self.tp_size
 
+    def group(self, dim: str):
+        return self.device_mesh.get_group(dim) if self.device_mesh is not None else None
+
+    @property
+    def pp_group(self):
+        return self.group("pp")
+
     @property
     def dp_group(self):
-        return self.device_mesh.get_group("dp") if self.device_mesh is not None else None
+        return self.group("dp")
 
     @property
     def tp_group(self):
-        return self.device_mesh.get_group("tp") if self.device_mesh is not None else None
+        return self.group("tp")
 
     @property
     def is_main(self) -> bool:
@@ -75,12 +93,14 @@ def init_distributed(device: torch.device) -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
-def build_mesh(dp_size: int, tp_size: int, device: torch.device) -> Mesh:
-    """The DP x TP mesh over the already initialised process group (or one process)."""
+def build_mesh(dp_size: int, tp_size: int, device: torch.device, pp_size: int = 1) -> Mesh:
+    """The PP x DP x TP mesh over the already initialised process group (or one process)."""
+    world = pp_size * dp_size * tp_size
     if not dist.is_initialized():
-        if dp_size * tp_size != 1:
-            raise UserError(f"a layout of dp={dp_size} x tp={tp_size} needs "
-                            f"torchrun --nproc_per_node={dp_size * tp_size}")
+        if world != 1:
+            raise UserError(f"a layout of pp={pp_size} x dp={dp_size} x tp={tp_size} needs "
+                            f"torchrun --nproc_per_node={world}")
         return Mesh(device=device)
-    device_mesh = init_device_mesh(device.type, (dp_size, tp_size), mesh_dim_names=("dp", "tp"))
-    return Mesh(dp_size, tp_size, dist.get_rank(), device, device_mesh)
+    device_mesh = init_device_mesh(device.type, (pp_size, dp_size, tp_size),
+                                   mesh_dim_names=("pp", "dp", "tp"))
+    return Mesh(dp_size, tp_size, dist.get_rank(), device, device_mesh, pp_size=pp_size)
