@@ -62,6 +62,11 @@ class TrainConfig:
     data_parallel_size: int = flag(0, "DP size (0: world size / tensor parallel size)")
     data_parallel_type: str = flag("ddp", "ddp: replicate the model; fsdp: shard it (ZeRO-3)")
     tensor_parallel_size: int = flag(1, "TP size; TP ranks are contiguous")
+    pipeline_parallel_size: int = flag(1, "PP size: pipeline stages (the outermost mesh dimension)")
+    pipeline_schedule: str = flag("1f1b", "gpipe | 1f1b | interleaved_1f1b (| zero_bubble: "
+                                          "--implementation pytorch); micro-batches = the "
+                                          "gradient accumulation steps M")
+    virtual_stages: int = flag(1, "model chunks per pipeline rank (interleaved_1f1b, zero_bubble)")
     enable_loss_parallelism: bool = flag(False, "vocab-parallel loss: full logits never on one rank")
     sequence_parallel: bool = flag(False, "shard norms and residuals along the sequence under TP")
     implementation: str = flag("custom", "custom: hand-written on collectives; pytorch: DDP, FSDP2, DTensor")
@@ -83,6 +88,7 @@ CHOICES = {
     "dataset": DATASETS,
     "model": tuple(PRESETS),
     "data_parallel_type": ("ddp", "fsdp"),
+    "pipeline_schedule": ("gpipe", "1f1b", "interleaved_1f1b", "zero_bubble"),
     "implementation": ("custom", "pytorch"),
     "device": ("auto", "cpu", "cuda"),
     "dtype": ("float32", "bfloat16"),
@@ -143,15 +149,21 @@ def resolve_layout(cfg: TrainConfig, world_size: int) -> TrainConfig:
     check_values(cfg)
     if cfg.resume not in ("", "latest", "auto") and not cfg.out_dir:
         cfg = dataclasses.replace(cfg, out_dir=str(Path(cfg.resume).parent))
-    tp = cfg.tensor_parallel_size
-    if tp < 1:
-        raise UserError(f"--tensor_parallel_size must be >= 1, got {tp}")
-    dp = cfg.data_parallel_size or max(world_size // tp, 1)
-    if dp * tp != world_size:
+    tp, pp = cfg.tensor_parallel_size, cfg.pipeline_parallel_size
+    for name in ("tensor_parallel_size", "pipeline_parallel_size", "virtual_stages"):
+        if getattr(cfg, name) < 1:
+            raise UserError(f"--{name} must be >= 1, got {getattr(cfg, name)}")
+    dp = cfg.data_parallel_size or max(world_size // (tp * pp), 1)
+    if pp * dp * tp != world_size:
         raise UserError(
-            f"--tensor_parallel_size ({tp}) x --data_parallel_size ({dp}) = {dp * tp} processes, "
-            f"but {world_size} were launched: launch with torchrun --nproc_per_node={dp * tp} "
-            f"or change the sizes so that their product is {world_size}")
+            f"--pipeline_parallel_size ({pp}) x --data_parallel_size ({dp}) x "
+            f"--tensor_parallel_size ({tp}) = {pp * dp * tp} processes, but {world_size} were "
+            f"launched: launch with torchrun --nproc_per_node={pp * dp * tp} or change the sizes "
+            f"so that their product is {world_size}")
+    if pp > 1 and cfg.data_parallel_type == "fsdp" and cfg.implementation == "custom" and dp > 1:
+        raise UserError("the custom FSDP does not compose with pipeline stages yet (the tied "
+                        "embedding's gradient lives in a flat shard); use --data_parallel_type ddp "
+                        "or --implementation pytorch")
     if cfg.enable_loss_parallelism and tp == 1:
         raise UserError("--enable_loss_parallelism needs --tensor_parallel_size > 1")
     if cfg.sequence_parallel and tp == 1:

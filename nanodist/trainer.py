@@ -1,7 +1,8 @@
 """The training loop: one Trainer for every layout.
 
     build mesh -> data -> model (on meta with --deferred_init) -> parallelize -> AdamW
-    each step: grad_accum micro-steps (gradient sync on the last only), clip, step,
+    each step: the layout runs the M micro-steps of one global batch (gradient sync on
+    the last; a pipeline runs them as its micro-batches), clip, step,
     log the loss over the whole global batch; evaluate every eval_interval steps.
 """
 import math
@@ -59,7 +60,8 @@ class Trainer:
         _, world_size = init_distributed(device)
         self.cfg = cfg = resolve_layout(cfg, world_size)
         self.grad_accum = grad_accum_steps(cfg)
-        self.mesh = mesh = build_mesh(cfg.data_parallel_size, cfg.tensor_parallel_size, device)
+        self.mesh = mesh = build_mesh(cfg.data_parallel_size, cfg.tensor_parallel_size, device,
+                                      pp_size=cfg.pipeline_parallel_size)
         self.data = BatchLoader(cfg.data_dir or REPO / "data" / cfg.dataset, cfg.dataset,
                                 cfg.block_size, cfg.batch_size, self.grad_accum,
                                 mesh.dp_size, mesh.dp_rank, cfg.seed, device)
@@ -70,9 +72,6 @@ class Trainer:
             model = GPT(self.model_cfg, seed=None if cfg.deferred_init else cfg.seed)
         self.n_params = sum(p.numel() for p in model.parameters())
         self.par = parallelize(model, cfg, mesh)
-        if cfg.compile:  # block by block, as torchtitan: FSDP2 and DTensor compose with it
-            for block in self.par.gpt.transformer.h:
-                block.compile()
         self.model = self.par.model
         self.optimizer = torch.optim.AdamW(self.par.param_groups(cfg.weight_decay),
                                            lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2),
@@ -83,7 +82,8 @@ class Trainer:
         self.flops_per_step = flops_per_token(self.model_cfg, self.n_params) * self.tokens_per_step
         self.peak_flops = device_peak_flops(device)
 
-        layout = (f"dp{mesh.dp_size}-{cfg.data_parallel_type}-tp{mesh.tp_size}-{cfg.implementation}")
+        layout = (f"dp{mesh.dp_size}-{cfg.data_parallel_type}-tp{mesh.tp_size}-{cfg.implementation}"
+                  + (f"-pp{mesh.pp_size}-{cfg.pipeline_schedule}" if mesh.pp_size > 1 else ""))
         if not cfg.out_dir:  # a fresh run directory, named by rank 0 for all
             cfg.out_dir = self._broadcast(new_run_dir(REPO / "runs", layout) if mesh.is_main else None)
         self.log_dir = cfg.log_dir or cfg.out_dir
@@ -94,7 +94,7 @@ class Trainer:
                              purge_step=self.start_step if cfg.resume else None)
         self.logger.text("config", "\n".join(f"    {k} = {v}" for k, v in asdict(cfg).items()))
         self.print(f"{layout}: {self.n_params / 1e6:.2f}M parameters, {mesh.world_size} "
-                   f"process(es) on {device}, grad_accum {self.grad_accum}, "
+                   f"process(es) on {device}, M = {self.grad_accum} micro-steps (micro-batches) per step, "
                    f"{self.tokens_per_step} tokens/step, run directory: {cfg.out_dir}"
                    + (f", resumed at step {self.start_step}" if self.start_step else ""))
 
@@ -151,24 +151,13 @@ class Trainer:
             value /= self.mesh.dp_size
         return value
 
-    def _loss(self, x, y) -> torch.Tensor:
-        with self.autocast:
-            logits = self.model(x)
-        return self.par.loss_fn(logits, y)
-
     def train_step(self, step: int) -> dict:
         self.model.train()
         lr = lr_at(step, self.cfg)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        loss_sum = torch.zeros((), device=self.mesh.device)
-        for micro in range(self.grad_accum):
-            x, y = self.data.train_batch(step, micro)
-            last = micro == self.grad_accum - 1
-            with (nullcontext() if last else self.par.no_sync()), self.par.loss_context():
-                loss = self._loss(x, y) / self.grad_accum
-                loss.backward()
-            loss_sum += loss.detach()
+        batches = [self.data.train_batch(step, micro) for micro in range(self.grad_accum)]
+        loss_sum = self.par.forward_backward(batches, self.autocast)
         norm = self.par.clip_grad_norm(self.cfg.max_grad_norm if self.cfg.gradient_clipping else None)
         loss = self._dp_mean(loss_sum).item()
         if not (math.isfinite(loss) and math.isfinite(norm.item())):  # before the weights change
@@ -185,11 +174,9 @@ class Trainer:
         self.model.eval()
         loss_sum = torch.zeros((), device=self.mesh.device)
         for i in range(self.cfg.eval_iters):  # whole global batches: the same set for every layout
-            for micro in range(self.grad_accum):
-                x, y = self.data.val_batch(i, micro)
-                with self.par.loss_context():
-                    loss_sum += self._loss(x, y)
-        return self._dp_mean(loss_sum / (self.cfg.eval_iters * self.grad_accum)).item()
+            batches = [self.data.val_batch(i, micro) for micro in range(self.grad_accum)]
+            loss_sum += self.par.eval_loss(batches, self.autocast)
+        return self._dp_mean(loss_sum / self.cfg.eval_iters).item()
 
     def train(self) -> list[dict]:
         """Runs max_steps optimizer steps; returns the per-step records (rank-local)."""

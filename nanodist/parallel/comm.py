@@ -8,6 +8,7 @@ per call: `payload` (bytes of the full tensor the collective is about) and `bus`
     all_gather      bus =   (N-1)/N * payload    (payload = the gathered tensor)
     reduce_scatter  bus =   (N-1)/N * payload    (payload = the unreduced input)
     broadcast       bus =             payload
+    send            bus =             payload    (point-to-point, counted by the sender)
 
 All functions are no-ops on a group of one (or None), so strategies need no special
 case for one process. `async_op=True` returns a work handle to `.wait()` on. Under
@@ -36,7 +37,7 @@ class CommCounter:
         factor = {"all_reduce": 2 * (group_size - 1) / group_size,
                   "all_gather": (group_size - 1) / group_size,
                   "reduce_scatter": (group_size - 1) / group_size,
-                  "broadcast": 1.0}[kind]
+                  "broadcast": 1.0, "send": 1.0}[kind]
         self.calls[kind] += 1
         self.payload_bytes[kind] += payload
         self.bus_bytes[kind] += factor * payload
@@ -115,3 +116,18 @@ def broadcast(tensor: torch.Tensor, src_group_rank: int, group, async_op: bool =
         return _Done() if async_op else None
     counter.add("broadcast", tensor.numel() * tensor.element_size(), n)
     return dist.broadcast(tensor, group_src=src_group_rank, group=group, async_op=async_op)
+
+
+@torch.compiler.disable
+def send_recv(sends, recvs, group):
+    """Point-to-point, batched: `sends` and `recvs` are lists of (tensor, peer), peers as
+    ranks within `group`; recvs fill their tensors. Returns when all are done. One batch
+    (`batch_isend_irecv`) posts sends and receives together, so two ranks that send to
+    each other at the same time do not deadlock (NCCL serialises p2p calls otherwise)."""
+    ops = [dist.P2POp(dist.isend, t, group=group, group_peer=peer) for t, peer in sends]
+    ops += [dist.P2POp(dist.irecv, t, group=group, group_peer=peer) for t, peer in recvs]
+    for tensor, _ in sends:
+        counter.add("send", tensor.numel() * tensor.element_size(), group_size(group))
+    if ops:
+        for work in dist.batch_isend_irecv(ops):
+            work.wait()
