@@ -160,6 +160,9 @@ def resolve_layout(cfg: TrainConfig, world_size: int) -> TrainConfig:
             f"--tensor_parallel_size ({tp}) = {pp * dp * tp} processes, but {world_size} were "
             f"launched: launch with torchrun --nproc_per_node={pp * dp * tp} or change the sizes "
             f"so that their product is {world_size}")
+    if pp > 1 and tp > 1 and cfg.implementation == "pytorch":
+        raise UserError("torch.distributed.pipelining x DTensor TP is not wired up here yet; use "
+                        "--implementation custom for PP x TP")
     if pp > 1 and cfg.data_parallel_type == "fsdp" and cfg.implementation == "custom" and dp > 1:
         raise UserError("the custom FSDP does not compose with pipeline stages yet (the tied "
                         "embedding's gradient lives in a flat shard); use --data_parallel_type ddp "

@@ -96,6 +96,8 @@ def test_world_must_be_pp_x_dp_x_tp():
                                    data_parallel_size=2), world_size=4)
     cfg = resolve_layout(TrainConfig(pipeline_parallel_size=2, tensor_parallel_size=2), world_size=8)
     assert cfg.data_parallel_size == 2
+    with pytest.raises(UserError, match="custom FSDP does not compose with pipeline"):
+        resolve_layout(TrainConfig(pipeline_parallel_size=2, data_parallel_type="fsdp"), world_size=4)
 
 
 def test_bad_layout_ends_in_one_message_on_every_rank(char_data, tmp_path):
@@ -136,14 +138,28 @@ def test_pp4_matches_one_process(char_data, tmp_path, single, schedule):
         assert_matches(records, single, f"pp4 {schedule}")
 
 
-@pytest.mark.parametrize("implementation", ["custom", "pytorch"])
-@pytest.mark.parametrize("other", [dict(data_parallel_size=2),
-                                   dict(tensor_parallel_size=2, sequence_parallel=True)])
+@pytest.mark.parametrize("implementation, other", [
+    ("custom", dict(data_parallel_size=2)),
+    ("pytorch", dict(data_parallel_size=2)),                              # replicate
+    ("pytorch", dict(data_parallel_size=2, data_parallel_type="fsdp")),   # FSDP2
+    ("custom", dict(tensor_parallel_size=2, sequence_parallel=True, enable_loss_parallelism=True)),
+])
 def test_pp2_x_dp_or_tp_matches_one_process(char_data, tmp_path, single, implementation, other):
     kwargs = tiny_run(char_data, tmp_path, pipeline_parallel_size=2, pipeline_schedule="1f1b",
                       implementation=implementation, deferred_init=True, **other)
     for records in run_distributed(trainer_records, 4, kwargs):
         assert_matches(records, single, f"pp2 x {other} {implementation}")
+
+
+@pytest.mark.parametrize("P, schedule, V", [(2, "gpipe", 1), (2, "1f1b", 1), (4, "1f1b", 1),
+                                            (2, "interleaved_1f1b", 2), (2, "zero_bubble", 2)])
+def test_native_pipeline_matches_one_process(char_data, tmp_path, single, P, schedule, V):
+    """torch.distributed.pipelining on the same stage split (custom and native of one
+    schedule then agree with each other through the one-process reference)."""
+    kwargs = tiny_run(char_data, tmp_path, pipeline_parallel_size=P, pipeline_schedule=schedule,
+                      virtual_stages=V, implementation="pytorch")
+    for records in run_distributed(trainer_records, P, kwargs):
+        assert_matches(records, single, f"native pp{P} {schedule}")
 
 
 def _grads_and_tied(kwargs):
@@ -183,3 +199,34 @@ def test_pp_weights_gradients_and_tied_embedding(char_data, tmp_path):
                                    rtol=1e-5, atol=1e-7)
     first, last = results[0][2], results[2][2]   # pp rank 0 / 1, tp rank 0
     assert first is not None and torch.equal(first, last)
+
+
+# ------------------------------------------------------------------ checkpoints, 3D
+
+@pytest.mark.parametrize("write, read", [
+    ((2, ["--pipeline_parallel_size", "2"]), (1, [])),
+    ((2, ["--pipeline_parallel_size", "2", "--pipeline_schedule", "interleaved_1f1b",
+          "--virtual_stages", "2"]), (2, ["--tensor_parallel_size", "2"])),
+    ((2, ["--pipeline_parallel_size", "2", "--implementation", "pytorch"]),
+     (2, ["--data_parallel_size", "2"])),
+    ((4, ["--pipeline_parallel_size", "2", "--data_parallel_size", "2"]),
+     (4, ["--data_parallel_type", "fsdp"])),
+    ((2, ["--data_parallel_type", "fsdp"]), (2, ["--pipeline_parallel_size", "2"])),
+], ids=["pp2-to-1", "pp2v2-to-tp2", "native-pp2-to-ddp2", "pp2xdp2-to-fsdp4", "fsdp2-to-pp2"])
+def test_a_pipeline_checkpoint_resumes_in_another_layout(write, read, char_data, tmp_path):
+    """The layout-free format across PP: the stages hand every GPT-2 name on in one order."""
+    from test_checkpoint import flags, run
+    (w_world, w_flags), (r_world, r_flags) = write, read
+    full = run(w_world, flags(char_data, tmp_path / "a", *w_flags))
+    resumed = run(r_world, flags(char_data, tmp_path / "b", *r_flags,
+                                 "--resume", str(tmp_path / "a" / "step_0000003")))
+    # another reduction order: fp32 round-off only, over 3 steps (as test_checkpoint)
+    torch.testing.assert_close(resumed, full[3:], rtol=2e-5, atol=0)
+
+
+def test_3d_pp_dp_tp_matches_one_process(char_data, tmp_path, single):
+    """PP x DP x TP = 2 x 2 x 2 on 8 processes (mesh order pp, dp, tp)."""
+    kwargs = tiny_run(char_data, tmp_path, pipeline_parallel_size=2, data_parallel_size=2,
+                      tensor_parallel_size=2, sequence_parallel=True, deferred_init=True)
+    for records in run_distributed(trainer_records, 8, kwargs, timeout=400):
+        assert_matches(records, single, "pp2 x dp2 x tp2")

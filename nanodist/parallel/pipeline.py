@@ -258,11 +258,16 @@ class PipelineParallel(Parallel):
         comm.all_reduce(loss_sum, group)  # from the last stage to every rank
         return loss_sum
 
-    def forward_backward(self, batches, autocast) -> torch.Tensor:
-        loss = self._run(self.train_slots, batches, autocast, train=True)
-        if self.tied is not None and self.tied.grad is not None:  # one value on both copies
+    def sum_tied_grads(self):
+        """The tied wte / lm_head: the first and last stage add their gradients (both
+        copies then take the same step)."""
+        if self.tied is not None and self.tied.grad is not None:
             grad = self.tied.grad
             comm.all_reduce(grad.to_local() if isinstance(grad, DTensor) else grad, self.embedding_group)
+
+    def forward_backward(self, batches, autocast) -> torch.Tensor:
+        loss = self._run(self.train_slots, batches, autocast, train=True)
+        self.sum_tied_grads()
         return loss
 
     @torch.no_grad()
@@ -365,6 +370,12 @@ def apply_pp(model: nn.Module, cfg, mesh, parallelize_stage) -> PipelineParallel
             dict(stages[-1].gpt.named_parameters()).get(TIED_ON_LAST))
     tp_split = mesh.tp_size if cfg.sequence_parallel else 1
     act_shape = (cfg.batch_size, cfg.block_size // tp_split, model.config.n_embd)
-    schedule = SCHEDULES[cfg.pipeline_schedule](P, M, V)
-    return PipelineParallel(stages, mesh, schedule, S, act_shape, wire_dtype, tied,
-                            embedding_group(mesh), stage_names)
+    # zero_bubble (native only) has no hand-written schedule; the native steps do not read it
+    schedule = SCHEDULES.get(cfg.pipeline_schedule, interleaved_1f1b)(P, M, V)
+    args = (stages, mesh, schedule, S, act_shape, wire_dtype, tied, embedding_group(mesh), stage_names)
+    if cfg.implementation == "pytorch":
+        from nanodist.parallel.pipeline_native import NativePipelineParallel  # builds on this file
+        return NativePipelineParallel(*args, schedule_name=cfg.pipeline_schedule, n_micro=M,
+                                      batch=(cfg.batch_size, cfg.block_size),
+                                      vocab=model.config.vocab_size)
+    return PipelineParallel(*args)
