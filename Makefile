@@ -19,7 +19,7 @@ DEMO_FLAGS ?= --device cpu --model tiny --batch_size 4 --block_size 64 \
 	--data_parallel_type fsdp --implementation custom --enable_loss_parallelism \
 	--deferred_init --gradient_clipping
 
-.PHONY: setup demo test data
+.PHONY: setup demo test data gpu-check
 setup: $(VENV)/.installed
 
 # torch first and pinned, so pip never resolves a multi-GB CUDA build on a CPU machine.
@@ -41,3 +41,8 @@ demo: setup data
 
 test: setup
 	$(PY) -m pytest -q
+
+# The first run on GPUs (README "First run on GPUs"): NCCL correctness of every layout
+# that fits the GPU count, custom and pytorch vs one process, then gpt2 bf16 MFU.
+gpu-check: setup data
+	$(PY) bench/gpu_check.py

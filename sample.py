@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from nanodist import checkpoint
-from nanodist.config import UserError
+from nanodist.config import UserError, check_ranges
 from nanodist.model import GPT, PRESETS, load_hf_state_dict, model_config
 from nanodist.tokenizer import get_gpt2_encoding
 
@@ -26,11 +26,16 @@ def load_hf_file(path: str, preset: str) -> GPT:
             state = load_file(path)
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)  # data, never code
-        wpe = state.get("transformer.wpe.weight", state.get("wpe.weight"))
-        if wpe is None:
-            raise KeyError("no wpe.weight: not a GPT-2 state dict")
+    except Exception as e:  # noqa: BLE001 - damaged files raise all sorts of errors
+        raise UserError(f"--init_from {path} is not a torch or safetensors file ({type(e).__name__}); "
+                        f"pass a GPT2LMHeadModel state dict") from e
+    tensors = isinstance(state, dict) and all(isinstance(v, torch.Tensor) for v in state.values())
+    wpe = state.get("transformer.wpe.weight", state.get("wpe.weight")) if tensors else None
+    if wpe is None or wpe.dim() != 2:
+        raise UserError(f"--init_from {path}: no 2-D wpe.weight, not a GPT-2 state dict")
+    try:
         return load_hf_state_dict(GPT(model_config(preset, wpe.shape[0], 50257)), state)
-    except (KeyError, ValueError, RuntimeError, OSError) as e:
+    except (KeyError, ValueError, RuntimeError) as e:
         raise UserError(f"--init_from {path}: {e}") from e
 
 
@@ -44,15 +49,25 @@ def codec(tokenizer: dict, bpe_file: str | None):
     return (lambda s: enc.encode(s, allowed_special={"<|endoftext|>"})), enc.decode
 
 
+SAMPLING_RANGES = ((("num_samples", "max_new_tokens"), lambda v: v >= 1, ">= 1"),
+                   (("temperature",), lambda v: v >= 0, ">= 0 (0: greedy)"),
+                   (("top_k",), lambda v: v >= 0, ">= 0 (0: no cut)"))
+
+
 @torch.no_grad()
 def generate(model: GPT, idx: torch.Tensor, max_new_tokens: int, temperature: float,
              top_k: int | None, vocab_size: int) -> torch.Tensor:
     for _ in range(max_new_tokens):
-        logits = model(idx[:, -model.config.block_size:])[:, -1, :vocab_size] / temperature
-        if top_k:
-            kth = torch.topk(logits, min(top_k, vocab_size)).values[:, -1:]
-            logits[logits < kth] = -float("inf")
-        idx = torch.cat([idx, torch.multinomial(torch.softmax(logits, -1), 1)], dim=1)
+        logits = model(idx[:, -model.config.block_size:])[:, -1, :vocab_size]
+        if temperature == 0:  # the limit of a falling temperature: the likeliest token
+            next_id = logits.argmax(-1, keepdim=True)
+        else:
+            logits = logits / temperature
+            if top_k:
+                kth = torch.topk(logits, min(top_k, vocab_size)).values[:, -1:]
+                logits[logits < kth] = -float("inf")
+            next_id = torch.multinomial(torch.softmax(logits, -1), 1)
+        idx = torch.cat([idx, next_id], dim=1)
     return idx
 
 
@@ -67,12 +82,13 @@ def main(argv=None) -> int:
     p.add_argument("--start", default="\n", help="prompt text")
     p.add_argument("--num_samples", type=int, default=2)
     p.add_argument("--max_new_tokens", type=int, default=200)
-    p.add_argument("--temperature", type=float, default=0.8)
-    p.add_argument("--top_k", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=0.8, help="0: greedy (the likeliest token)")
+    p.add_argument("--top_k", type=int, default=200, help="sample among the k likeliest (0: all)")
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--bpe_file", help="local gpt2.tiktoken (offline)")
     args = p.parse_args(argv)
     try:
+        check_ranges(args, SAMPLING_RANGES)
         if args.init_from:
             if args.init_from[0] != "gpt2-hf-state-dict":
                 raise UserError("--init_from takes: gpt2-hf-state-dict PATH")

@@ -1,5 +1,6 @@
 """The analytic model of what each layout costs per rank, beside which the benchmark
-puts its measurements. fp32 everywhere (the bench trains in float32); Psi = parameters.
+puts its measurements. Psi = parameters; state is fp32 (master weights), traffic follows
+the dtype each collective carries (`--dtype bfloat16`: see `traffic_bytes`).
 
 Parameters of GPT-2 (L layers, width C, padded vocab V, context T, biases on; the tied
 wte/lm_head matrix counted once), split by what tensor parallelism does to them:
@@ -32,6 +33,7 @@ from dataclasses import dataclass
 from nanodist.model import GPTConfig
 
 FP32 = 4
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2}
 ADAM_STATES = 2  # exp_avg, exp_avg_sq
 
 
@@ -59,12 +61,13 @@ class Layout:
                 f"--sequence_parallel={self.sequence_parallel}"]
 
 
-def param_counts(cfg: GPTConfig) -> dict[str, int]:
-    """Parameters by role: blocks / root (FSDP units), tp_sharded / replicated, total."""
+def param_counts(cfg: GPTConfig, tp: int = 1) -> dict[str, float]:
+    """Parameters by role: blocks / root (FSDP units), tp_sharded / replicated, total;
+    as one rank of `tp` holds them (TP-sharded ones / tp)."""
     L, C, V, T = cfg.n_layer, cfg.n_embd, cfg.vocab_size, cfg.block_size
-    block_sharded = 3 * C * C + 3 * C + C * C + 4 * C * C + 4 * C + 4 * C * C
+    block_sharded = (3 * C * C + 3 * C + C * C + 4 * C * C + 4 * C + 4 * C * C) / tp
     block_replicated = 2 * C + 2 * C + C + C
-    root_sharded, root_replicated = V * C, T * C + 2 * C
+    root_sharded, root_replicated = V * C / tp, T * C + 2 * C
     return {"blocks": L * (block_sharded + block_replicated),
             "root": root_sharded + root_replicated,
             "tp_sharded": L * block_sharded + root_sharded,
@@ -74,8 +77,7 @@ def param_counts(cfg: GPTConfig) -> dict[str, int]:
 
 def local_params(cfg: GPTConfig, layout: Layout) -> float:
     """Parameters one rank keeps between steps (FSDP padding ignored: < N per flat)."""
-    n = param_counts(cfg)
-    local = n["tp_sharded"] / layout.tp + n["replicated"]
+    local = param_counts(cfg, layout.tp)["total"]
     return local / layout.dp if layout.dp_type == "fsdp" and layout.dp > 1 else local
 
 
@@ -87,9 +89,32 @@ def state_bytes(cfg: GPTConfig, layout: Layout) -> dict[str, float]:
     return state
 
 
-def tp_collectives(B: int, T: int, C: int, V: int, L: int, sp: bool, lp: bool) -> dict:
+FP32_EVERYWHERE = {"matmul": FP32, "residual": FP32, "norm": FP32}
+
+
+def value_bytes(dtype: str, fsdp: bool, device_type: str) -> dict[str, int]:
+    """Bytes per value of what the TP collectives carry, by what produced it (measured
+    with comm.py on CPU; CUDA's autocast differs in LayerNorm only):
+
+        matmul    matmul outputs (row-parallel outputs, logits) and their grads: the
+                  compute dtype (bf16 under autocast)
+        residual  the parameters' dtype, fp32, or bf16 under FSDP's mixed precision
+                  (it gathers bf16 parameters): the embeddings, hence the residual stream
+                  (bf16 matmul outputs + it), and the parameters' grads
+        norm      LayerNorm outputs (the column-parallel inputs) and their grads: CUDA
+                  autocast runs LayerNorm in fp32, CPU autocast keeps its input's dtype
+    """
+    matmul = DTYPE_BYTES[dtype]
+    residual = matmul if fsdp else FP32
+    return {"matmul": matmul, "residual": residual,
+            "norm": FP32 if device_type == "cuda" else residual}
+
+
+def tp_collectives(B: int, T: int, C: int, V: int, L: int, sp: bool, lp: bool,
+                   sizes: dict = FP32_EVERYWHERE, grad_norm: bool = True) -> dict:
     """{kind: (calls, payload bytes)} of the TP collectives of one forward + backward
-    (custom executor), plus the 4-byte all-reduce of the squared gradient norm.
+    (custom executor), plus (grad_norm) the 4-byte all-reduce of the squared gradient
+    norm. `sizes`: bytes per value of each kind of activation (`value_bytes`).
 
     without SP   all-reduce   4 per layer (2 forward: row-parallel outputs; 2 backward:
                               column-parallel inputs) + wte forward + lm_head input backward
@@ -99,21 +124,24 @@ def tp_collectives(B: int, T: int, C: int, V: int, L: int, sp: bool, lp: bool) -
                  all-reduce   wte forward (B T C) + the sequence-sharded replicated
                               parameters' grads (2 LayerNorms x 2 + 2 row biases per layer,
                               + ln_f: C each)
-    loss parallel  all-reduce of the max (B T) and of [sum exp, target logit] (2 B T)
-                   instead of an all-gather of the logits (B T V)
+    loss parallel  all-reduce of the max (B T) and of [sum exp, target logit] (2 B T),
+                   fp32, instead of an all-gather of the logits (B T V)
     """
-    act = B * T * C * FP32
+    act = {what: B * T * C * size for what, size in sizes.items()}
+    # per layer: 2 LayerNorm outputs (or their grads) and 2 matmul outputs (or their grads)
+    layers = 2 * L * (act["norm"] + act["matmul"])
     if sp:
-        counts = {"all_gather": (4 * L + 2, (4 * L + 2) * act),
-                  "reduce_scatter": (4 * L + 1, (4 * L + 1) * act),
-                  "all_reduce": (1 + 6 * L + 2, act + (6 * L + 2) * C * FP32)}
+        counts = {"all_gather": (4 * L + 2, layers + act["residual"] + act["norm"]),
+                  "reduce_scatter": (4 * L + 1, layers + act["norm"]),
+                  "all_reduce": (1 + 6 * L + 2, act["residual"] + (6 * L + 2) * C * sizes["residual"])}
     else:
-        counts = {"all_reduce": (4 * L + 2, (4 * L + 2) * act)}
+        counts = {"all_reduce": (4 * L + 2, layers + act["residual"] + act["norm"])}
     calls, payload = counts["all_reduce"]
-    counts["all_reduce"] = (calls + 1 + (2 if lp else 0), payload + FP32 + (3 * B * T * FP32 if lp else 0))
+    counts["all_reduce"] = (calls + grad_norm + (2 if lp else 0),
+                            payload + FP32 * grad_norm + (3 * B * T * FP32 if lp else 0))
     if not lp:
         calls, payload = counts.get("all_gather", (0, 0))
-        counts["all_gather"] = (calls + 1, payload + B * T * V * FP32)
+        counts["all_gather"] = (calls + 1, payload + B * T * V * sizes["matmul"])
     return counts
 
 
@@ -121,9 +149,13 @@ BUS_FACTOR = {"all_reduce": lambda n: 2 * (n - 1) / n, "all_gather": lambda n: (
               "reduce_scatter": lambda n: (n - 1) / n, "broadcast": lambda n: 1.0}
 
 
-def traffic_bytes(cfg: GPTConfig, layout: Layout, micro_batch: int, accum: int) -> dict[str, float]:
-    """{kind: bus bytes one rank sends per optimizer step}; kinds with no traffic left out."""
-    n, dp, tp = param_counts(cfg), layout.dp, layout.tp
+def traffic_bytes(cfg: GPTConfig, layout: Layout, micro_batch: int, accum: int,
+                  dtype: str = "float32", device_type: str = "cpu") -> dict[str, float]:
+    """{kind: bus bytes one rank sends per optimizer step}; kinds with no traffic left out.
+    `dtype` bfloat16: FSDP gathers bf16 parameters and reduces fp32 gradients, TP carries
+    what `value_bytes` says; DDP's gradients and the scalars stay fp32."""
+    n, dp, tp, compute_bytes = param_counts(cfg, layout.tp), layout.dp, layout.tp, DTYPE_BYTES[dtype]
+    fsdp = layout.dp_type == "fsdp" and dp > 1
     bus: dict[str, float] = {}
 
     def add(kind, group_size, payload):
@@ -133,18 +165,22 @@ def traffic_bytes(cfg: GPTConfig, layout: Layout, micro_batch: int, accum: int) 
     if tp > 1:
         for kind, (_, payload) in tp_collectives(micro_batch, cfg.block_size, cfg.n_embd,
                                                  cfg.vocab_size, cfg.n_layer,
-                                                 layout.sequence_parallel, layout.loss_parallel).items():
+                                                 layout.sequence_parallel, layout.loss_parallel,
+                                                 value_bytes(dtype, fsdp, device_type),
+                                                 grad_norm=False).items():
             add(kind, tp, accum * payload)
+        add("all_reduce", tp, FP32)  # the squared gradient norm, once a step
     if dp > 1:
         add("all_reduce", dp, FP32)  # the trainer's mean of the loss over DP
-        local = n["tp_sharded"] / tp + n["replicated"]
-        if layout.dp_type == "ddp":
-            add("all_reduce", dp, FP32 * local)
-        else:
+        if not fsdp:
+            add("all_reduce", dp, FP32 * n["total"])
+        else:  # this TP rank's parameters
             gathers = 2 * n["blocks"] + n["root"] if layout.zero3 else n["total"]
-            add("all_gather", dp, accum * FP32 * gathers / tp if tp > 1 else accum * FP32 * gathers)
-            add("reduce_scatter", dp, accum * FP32 * local)  # every micro-step (fsdp.py)
-            add("all_reduce", dp, FP32)  # the squared gradient norm of the shards
+            add("all_gather", dp, accum * compute_bytes * gathers)
+            add("reduce_scatter", dp, accum * FP32 * n["total"])  # every micro-step (fsdp.py)
+            # the squared gradient norm of the shards: one per class of flat (replicated
+            # over TP, sharded over TP)
+            add("all_reduce", dp, FP32 * (2 if tp > 1 else 1))
     return bus
 
 

@@ -7,9 +7,11 @@
                      right after optimizer.step() (before zero_grad)
     activations      unique storages saved for backward by one forward (saved-tensor hooks),
                      parameters left out
-    peak memory      CUDA: max_memory_allocated; CPU: live tensor storage tracked by
-                     torch's MemTracker (not the process RSS: allocator caches, the
-                     interpreter and gloo's buffers are no tensors)
+    peak memory      CUDA: the rise of max_memory_allocated over the step plus this
+                     trainer's state at rest (the worker's other trainers left out);
+                     CPU: live tensor storage tracked by torch's MemTracker (not the
+                     process RSS: allocator caches, the interpreter and gloo's buffers
+                     are no tensors)
     no communication collectives replaced by local copies of the same shapes: the step's
                      compute alone, for the compute / exposed-communication split
 """
@@ -123,9 +125,7 @@ def peak_tensor_bytes(trainer, step: int) -> int:
     """Peak bytes of live tensors on this rank during `trainer.train_step(step)`."""
     device = trainer.mesh.device
     if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        trainer.train_step(step)
-        return torch.cuda.max_memory_allocated(device)
+        return _cuda_peak_bytes(trainer, step)
     from torch.distributed._tools.mem_tracker import MemTracker
     tracker = MemTracker()
     tracker.track_external(trainer.par.model, trainer.optimizer)
@@ -141,6 +141,19 @@ def peak_tensor_bytes(trainer, step: int) -> int:
     finally:
         del trainer._loss
     return tracker.get_tracker_snapshot("peak")[device]["Total"]
+
+
+def _cuda_peak_bytes(trainer, step: int) -> int:
+    """The allocator's peak counts every tensor of the process, other Trainers' states
+    too (the worker holds several): the rise over what was allocated before the step,
+    plus this trainer's own state at rest (parameters, AdamW moments; grads are None)."""
+    device = trainer.mesh.device
+    own = state_bytes(trainer.par.model, trainer.optimizer)["total"]
+    torch.cuda.synchronize(device)
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    trainer.train_step(step)
+    return torch.cuda.max_memory_allocated(device) - before + own
 
 
 class _LocalWork:

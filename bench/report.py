@@ -4,7 +4,7 @@ import time
 from pathlib import Path
 
 from analytic import Layout, activation_bytes, state_bytes, traffic_bytes
-from nanodist.metrics import PEAK_BF16_TFLOPS
+from nanodist.metrics import PEAK_TFLOPS
 from nanodist.model import GPTConfig
 
 MiB = 2**20
@@ -57,7 +57,8 @@ def analyse(results: list[dict]) -> list[dict]:
     for res in results:
         cfg, layout = GPTConfig(**res["model"]), Layout(**res["layout"])
         state_an = state_bytes(cfg, layout)
-        traffic_an = traffic_bytes(cfg, layout, res["micro_batch"], res["grad_accum"])
+        traffic_an = traffic_bytes(cfg, layout, res["micro_batch"], res["grad_accum"],
+                                   res["dtype"], res["device"].split(":")[0])
         act_an = activation_bytes(cfg, layout, res["micro_batch"])
         family = "tp" if layout.tp > 1 else layout.dp_type if layout.dp > 1 else None
         for impl, row in res["rows"].items():
@@ -204,8 +205,10 @@ def markdown(records: list[dict], command: str) -> str:
                "**6N + 12·L·T·C**, N = all parameters except the position embeddings, the tied "
                "wte/lm_head matrix counted **once** (as lm_head it is a matmul; the embedding "
                f"lookup is free); here {first['flops_per_token']:.4g} FLOPs per token. Device "
-               "peaks (dense bf16, no sparsity, vendor data sheets; metrics.PEAK_BF16_TFLOPS):\n")
-    out.append(_table(["GPU", "bf16 TFLOP/s"], [[k, v] for k, v in PEAK_BF16_TFLOPS.items()]))
+               "peaks (dense, no sparsity, vendor data sheets; metrics.PEAK_TFLOPS; float32 runs "
+               "use TF32, which the trainer turns on for them on CUDA):\n")
+    out.append(_table(["GPU", "bf16 TFLOP/s", "TF32 TFLOP/s"],
+                      [[k, bf16, tf32] for k, (bf16, tf32) in PEAK_TFLOPS.items()]))
     out.append("\nOn a CUDA machine the same command runs every layout with NCCL and fills the MFU "
                "column: `python bench/run.py --out docs/bench-gpu` (add `--model gpt2 --block_size "
                "1024 --batch_size 8 --dtype bfloat16` for GPT-2 sizes). The single-GPU reference MFU "

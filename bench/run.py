@@ -6,7 +6,8 @@ beside the analytic model, written as JSON, a Markdown report and PNG plots.
     python bench/run.py --out DIR --layouts ddp tp+lp
 
 Each layout runs as its own `torchrun --standalone --nproc_per_node=N bench/worker.py`
-(one process: plain python), on CUDA with NCCL when there is a GPU, else CPU with gloo.
+(one process: plain python), on CUDA with NCCL when there is a GPU (layouts with more
+processes than GPUs are skipped, and listed), else CPU with gloo.
 Inside a worker the implementations take turns step by step, so their ratio is
 measured under the same machine load; layouts run one after another.
 """
@@ -19,6 +20,7 @@ import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
+import torch
 from tqdm import tqdm
 
 from analytic import Layout
@@ -37,6 +39,14 @@ MATRIX = [
     Layout("tp+lp+sp", tp=2, loss_parallel=True, sequence_parallel=True),
     Layout("dp2xtp2", dp=2, tp=2, loss_parallel=True),
 ]
+
+
+def layouts_that_fit(layouts: list[Layout], device: str) -> tuple[list[Layout], list[Layout]]:
+    """(to run, skipped): on GPUs one process per GPU, so a layout needs `world` of them."""
+    if device == "cpu" or not torch.cuda.is_available():
+        return layouts, []
+    gpus = torch.cuda.device_count()
+    return [l for l in layouts if l.world <= gpus], [l for l in layouts if l.world > gpus]
 
 
 def prepare_data(data_dir: str | None) -> str:
@@ -90,6 +100,11 @@ def main():
     layouts = [l for l in MATRIX if not args.layouts or l.name in args.layouts]
     if args.layouts and len(layouts) != len(args.layouts):
         p.error(f"--layouts: choose from {[l.name for l in MATRIX]}")
+
+    layouts, skipped = layouts_that_fit(layouts, args.device)
+    if skipped:
+        print(f"skipped (more processes than the {torch.cuda.device_count()} GPUs): "
+              + ", ".join(f"{l.name} ({l.world})" for l in skipped), file=sys.stderr)
 
     out_dir = Path(args.out)
     (out_dir / "raw").mkdir(parents=True, exist_ok=True)

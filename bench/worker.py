@@ -113,7 +113,7 @@ def main():
             dist.all_gather_object(ranks, {k: measured[impl][k] for k in ("state", "activations", "peak")})
             measured[impl]["per_rank"] = ranks
 
-    peak_flops = device_peak_flops(device)
+    peak_flops = device_peak_flops(device, args.dtype)
     fpt = flops_per_token(first.model_cfg, first.n_params)
     rows = {}
     for impl in impls:
@@ -133,7 +133,7 @@ def main():
                   "device_name": torch.cuda.get_device_name(device) if device.type == "cuda"
                   else f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} threads/rank)",
                   "model": asdict(first.model_cfg), "n_params": first.n_params,
-                  "micro_batch": args.batch_size, "grad_accum": first.grad_accum,
+                  "dtype": args.dtype, "micro_batch": args.batch_size, "grad_accum": first.grad_accum,
                   "tokens_per_step": first.tokens_per_step, "flops_per_token": fpt,
                   "peak_flops": peak_flops, "warmup": args.warmup, "steps": args.steps,
                   "rows": rows}

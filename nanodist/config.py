@@ -7,6 +7,7 @@ Flag names of the original experiments are kept: --tensor_parallel_size,
 """
 import argparse
 import dataclasses
+import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -130,15 +131,37 @@ def parse_args(argv=None) -> TrainConfig:
     return TrainConfig(**vars(build_parser().parse_args(argv)))
 
 
+# (flags, test, what their values must be): every number of TrainConfig has its range
+RANGES = (
+    (("block_size", "batch_size", "total_batch_size", "max_steps", "eval_interval", "eval_iters",
+      "keep_checkpoints", "tensor_parallel_size", "pipeline_parallel_size", "virtual_stages"),
+     lambda v: v >= 1, ">= 1"),
+    (("learning_rate", "max_grad_norm", "bucket_cap_mb"), lambda v: v > 0, "> 0"),
+    (("min_lr", "weight_decay"), lambda v: v >= 0, ">= 0"),
+    (("dropout", "beta1", "beta2"), lambda v: 0 <= v < 1, "in [0, 1)"),
+    (("warmup_steps",), lambda v: v >= -1, ">= 0 (or -1: GPT-2's 715, at most 10% of max_steps)"),
+    (("checkpoint_interval",), lambda v: v >= -1, "K >= 1 steps, 0 (at each evaluation) or -1 (never)"),
+    (("data_parallel_size",), lambda v: v >= 0, ">= 1 (or 0: world size / (tensor x pipeline "
+                                                "parallel size))"),
+    (("seed",), lambda v: 0 <= v < 2**64, "in [0, 2**64)"),
+)
+
+
+def check_ranges(args, ranges):
+    """Each flag named in `ranges` (flags, test, what their values must be) within its range."""
+    for names, valid, what in ranges:
+        for name in names:
+            value = getattr(args, name)
+            if not (math.isfinite(value) and valid(value)):  # NaN fails every comparison
+                raise UserError(f"--{name} must be {what}, got {value}")
+
+
 def check_values(cfg: TrainConfig):
     """Flags whose bad values would otherwise fail late, deep inside, or silently."""
-    for name in ("max_steps", "total_batch_size", "eval_interval", "eval_iters", "keep_checkpoints"):
-        if getattr(cfg, name) < 1:
-            raise UserError(f"--{name} must be >= 1, got {getattr(cfg, name)}")
-    if cfg.max_grad_norm <= 0:
-        raise UserError(f"--max_grad_norm must be > 0, got {cfg.max_grad_norm}")
-    if cfg.checkpoint_interval < -1:
-        raise UserError("--checkpoint_interval: K >= 1 steps, 0 (at each evaluation) or -1 (never)")
+    check_ranges(cfg, RANGES)
+    if cfg.min_lr > cfg.learning_rate:
+        raise UserError(f"--min_lr ({cfg.min_lr}) must be <= --learning_rate ({cfg.learning_rate}): "
+                        f"the cosine decays from the one to the other")
     if cfg.resume in ("latest", "auto") and not cfg.out_dir:
         raise UserError(f"--resume {cfg.resume} looks in --out_dir: say which run directory")
 
@@ -150,9 +173,6 @@ def resolve_layout(cfg: TrainConfig, world_size: int) -> TrainConfig:
     if cfg.resume not in ("", "latest", "auto") and not cfg.out_dir:
         cfg = dataclasses.replace(cfg, out_dir=str(Path(cfg.resume).parent))
     tp, pp = cfg.tensor_parallel_size, cfg.pipeline_parallel_size
-    for name in ("tensor_parallel_size", "pipeline_parallel_size", "virtual_stages"):
-        if getattr(cfg, name) < 1:
-            raise UserError(f"--{name} must be >= 1, got {getattr(cfg, name)}")
     dp = cfg.data_parallel_size or max(world_size // (tp * pp), 1)
     if pp * dp * tp != world_size:
         raise UserError(
@@ -183,8 +203,6 @@ def resolve_layout(cfg: TrainConfig, world_size: int) -> TrainConfig:
 def grad_accum_steps(cfg: TrainConfig) -> int:
     """Micro-steps per optimizer step so that every DP size sees the same global batch."""
     per_micro = cfg.batch_size * cfg.block_size * cfg.data_parallel_size
-    if cfg.batch_size < 1 or cfg.block_size < 1:
-        raise UserError("--batch_size and --block_size must be >= 1")
     if cfg.total_batch_size % per_micro:
         raise UserError(
             f"--total_batch_size ({cfg.total_batch_size}) must be divisible by batch_size x "

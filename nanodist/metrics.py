@@ -6,9 +6,13 @@ import torch
 
 from nanodist.model import GPTConfig
 
-# Dense bf16 tensor-core peaks (TFLOP/s, no sparsity), from the vendors' data sheets.
-PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0,
-                    "A10": 125.0, "RTX 4090": 165.2, "RTX 3090": 71.0}
+# Dense tensor-core peaks (TFLOP/s, no sparsity) as (bf16, tf32), from the vendors' data
+# sheets; the first key found in the device name wins, so SKUs come before their family
+# (an "NVIDIA H100 PCIe" is not an SXM part).
+PEAK_TFLOPS = {"H100 PCIe": (756.0, 378.0), "H100 NVL": (835.0, 417.5),
+               "H200 NVL": (835.0, 417.5), "H100": (989.0, 494.5), "H200": (989.0, 494.5),
+               "A100": (312.0, 156.0), "L40S": (362.0, 183.0), "A10": (125.0, 62.5),
+               "RTX 4090": (165.2, 82.6), "RTX 3090": (71.0, 35.6)}
 
 
 def flops_per_token(cfg: GPTConfig, n_params: int) -> float:
@@ -22,15 +26,29 @@ def flops_per_token(cfg: GPTConfig, n_params: int) -> float:
     return 6 * n + 12 * cfg.n_layer * cfg.block_size * cfg.n_embd
 
 
-def device_peak_flops(device: torch.device) -> float | None:
-    """bf16 peak of the GPU in FLOP/s, or None where unknown (CPUs)."""
+def device_peak_flops(device: torch.device, dtype: str) -> float | None:
+    """Peak FLOP/s of the GPU for the matmuls of a `dtype` run: bf16, or fp32 run as TF32
+    (when enabled: `enable_tf32`); None where unknown (CPUs, other GPUs, plain fp32)."""
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    for key, tflops in PEAK_BF16_TFLOPS.items():
-        if key in name:
-            return tflops * 1e12
+    tf32 = dtype == "float32"
+    if tf32 and torch.get_float32_matmul_precision() == "highest":
+        return None  # fp32 on the CUDA cores: no tensor-core figure applies
+    name = torch.cuda.get_device_name(device).lower()
+    for key, (bf16_tflops, tf32_tflops) in PEAK_TFLOPS.items():
+        if key.lower() in name:
+            return (tf32_tflops if tf32 else bf16_tflops) * 1e12
     return None
+
+
+def enable_tf32(device: torch.device, dtype: str) -> bool:
+    """fp32 on CUDA: matmuls on the tensor cores in TF32 (fp32 range, 10-bit mantissa
+    products, fp32 sums; nanoGPT's setting), several times the fp32 FLOP/s. Returns
+    whether it is on."""
+    if device.type != "cuda" or dtype != "float32":
+        return False
+    torch.set_float32_matmul_precision("high")
+    return True
 
 
 def peak_memory_bytes(device: torch.device) -> int:
@@ -39,6 +57,13 @@ def peak_memory_bytes(device: torch.device) -> int:
         return torch.cuda.max_memory_allocated(device)
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss if sys.platform == "darwin" else rss * 1024
+
+
+def reset_peak_memory(device: torch.device):
+    """Start a step's peak afresh on CUDA (else it holds initialisation, checkpoint loading
+    and every earlier step)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
 
 
 class Logger:

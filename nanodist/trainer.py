@@ -6,6 +6,7 @@
     log the loss over the whole global batch; evaluate every eval_interval steps.
 """
 import math
+import os
 import time
 from contextlib import nullcontext
 from dataclasses import asdict
@@ -17,7 +18,8 @@ import torch.distributed as dist
 from nanodist import checkpoint
 from nanodist.config import TrainConfig, UserError, grad_accum_steps, resolve_layout
 from nanodist.data import BatchLoader
-from nanodist.metrics import Logger, device_peak_flops, flops_per_token, peak_memory_bytes
+from nanodist.metrics import (Logger, device_peak_flops, enable_tf32, flops_per_token,
+                              peak_memory_bytes, reset_peak_memory)
 from nanodist.model import GPT, GPTConfig, model_config
 from nanodist.parallel.mesh import build_mesh, init_distributed, pick_device
 from nanodist.parallel.parallelize import parallelize
@@ -39,8 +41,23 @@ def new_run_dir(runs: Path, layout: str) -> str:
     path, n = base, 1
     while path.exists():
         path, n = base.with_name(f"{base.name}-{n}"), n + 1
-    path.mkdir(parents=True)
+    try:
+        path.mkdir(parents=True)
+    except OSError as e:
+        raise UserError(f"cannot create a run directory in {runs} ({e.strerror}); pass --out_dir") from e
     return str(path)
+
+
+def check_writable_dirs(cfg: TrainConfig):
+    """--out_dir and --log_dir: a directory that exists, or can be created, and is writable."""
+    for flag in ("out_dir", "log_dir"):
+        given = getattr(cfg, flag)
+        path = Path(given).absolute()
+        existing = next(p for p in (path, *path.parents) if p.exists())  # / at the latest
+        problem = ("is a file, not a directory" if not existing.is_dir() else
+                   "is not writable" if not os.access(existing, os.W_OK | os.X_OK) else None)
+        if given and problem:
+            raise UserError(f"--{flag} {given}: {existing} {problem}; pick another --{flag}")
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -62,6 +79,7 @@ class Trainer:
         self.grad_accum = grad_accum_steps(cfg)
         self.mesh = mesh = build_mesh(cfg.data_parallel_size, cfg.tensor_parallel_size, device,
                                       pp_size=cfg.pipeline_parallel_size)
+        self._decided_by_rank0(lambda: check_writable_dirs(cfg))  # before any work is lost
         self.data = BatchLoader(cfg.data_dir or REPO / "data" / cfg.dataset, cfg.dataset,
                                 cfg.block_size, cfg.batch_size, self.grad_accum,
                                 mesh.dp_size, mesh.dp_rank, cfg.seed, device)
@@ -80,12 +98,13 @@ class Trainer:
                          if cfg.dtype == "bfloat16" else nullcontext())
         self.tokens_per_step = cfg.total_batch_size
         self.flops_per_step = flops_per_token(self.model_cfg, self.n_params) * self.tokens_per_step
-        self.peak_flops = device_peak_flops(device)
+        tf32 = enable_tf32(device, cfg.dtype)
+        self.peak_flops = device_peak_flops(device, cfg.dtype)
 
         layout = (f"dp{mesh.dp_size}-{cfg.data_parallel_type}-tp{mesh.tp_size}-{cfg.implementation}"
                   + (f"-pp{mesh.pp_size}-{cfg.pipeline_schedule}" if mesh.pp_size > 1 else ""))
         if not cfg.out_dir:  # a fresh run directory, named by rank 0 for all
-            cfg.out_dir = self._broadcast(new_run_dir(REPO / "runs", layout) if mesh.is_main else None)
+            cfg.out_dir = self._decided_by_rank0(lambda: new_run_dir(REPO / "runs", layout))
         self.log_dir = cfg.log_dir or cfg.out_dir
         found = self._decided_by_rank0(self._checkpoint_to_resume)
         self.start_step = checkpoint.load(self, found) if found else 0
@@ -94,9 +113,13 @@ class Trainer:
                              purge_step=self.start_step if cfg.resume else None)
         self.logger.text("config", "\n".join(f"    {k} = {v}" for k, v in asdict(cfg).items()))
         self.print(f"{layout}: {self.n_params / 1e6:.2f}M parameters, {mesh.world_size} "
-                   f"process(es) on {device}, M = {self.grad_accum} micro-steps (micro-batches) per step, "
+                   f"process(es) on {device}{' (fp32 matmuls in TF32)' if tf32 else ''}, "
+                   f"M = {self.grad_accum} micro-steps (micro-batches) per step, "
                    f"{self.tokens_per_step} tokens/step, run directory: {cfg.out_dir}"
                    + (f", resumed at step {self.start_step}" if self.start_step else ""))
+        if cfg.warmup_steps > cfg.max_steps:
+            self.print(f"warning: --warmup_steps ({cfg.warmup_steps}) > --max_steps ({cfg.max_steps}):"
+                       f" the learning rate never reaches --learning_rate")
 
     def _broadcast(self, value):
         if dist.is_initialized():
@@ -162,9 +185,11 @@ class Trainer:
         loss = self._dp_mean(loss_sum).item()
         if not (math.isfinite(loss) and math.isfinite(norm.item())):  # before the weights change
             self.optimizer.zero_grad(set_to_none=True)
-            raise UserError(f"step {step}: the loss is {loss} and the gradient norm {norm.item()}; "
-                            f"stopped before the update, the last checkpoint in {self.cfg.out_dir} is "
-                            f"intact. Lower --learning_rate or enable --gradient_clipping")
+            saved = checkpoint.checkpoints(self.cfg.out_dir)
+            kept = f"the last checkpoint, {saved[-1]}, is intact" if saved else "no checkpoint yet"
+            raise UserError(f"step {step + 1}: the loss is {loss} and the gradient norm {norm.item()}; "
+                            f"stopped before the update, {kept}. Lower --learning_rate or enable "
+                            f"--gradient_clipping")
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return {"loss": loss, "grad_norm": norm.item(), "lr": lr}
@@ -182,6 +207,7 @@ class Trainer:
         """Runs max_steps optimizer steps; returns the per-step records (rank-local)."""
         history = []
         for step in range(self.start_step, self.cfg.max_steps):
+            reset_peak_memory(self.mesh.device)
             t0 = time.perf_counter()
             record = self.train_step(step)
             if self.mesh.device.type == "cuda":

@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run without installing nanodist
 from nanodist.config import UserError
-from nanodist.data import prepare_out_dir, write_meta
+from nanodist.data import check_split_sizes, prepare_out_dir, write_meta
 from nanodist.tokenizer import EOT, get_gpt2_encoding
 
 # local formats: a .txt file is one document; the others hold one document per record
@@ -44,6 +44,8 @@ def load_documents(args):
     if not files or len(builders) != 1 or None in builders:
         raise UserError(f"--input {path}: expected a file or directory of one format, "
                         f"{', '.join(FORMATS)}")
+    if all(p.stat().st_size == 0 for p in files):
+        raise UserError(f"--input {path} is empty: nothing to tokenize")
     builder = builders.pop()
     options = {"sample_by": "document"} if builder == "text" else {}
     documents = load_dataset(builder, data_files=[str(p) for p in files], split="train", **options)
@@ -53,9 +55,12 @@ def load_documents(args):
     return documents
 
 
-def write_bin(dset, filename):
+def count_tokens(dset) -> int:
+    return int(np.sum(dset.with_format("numpy")["len"], dtype=np.uint64))
+
+
+def write_bin(dset, filename, n_tokens):
     """Concatenate the tokens of all documents into one uint16 memmap, in sharded batches."""
-    n_tokens = int(np.sum(dset.with_format("numpy")["len"], dtype=np.uint64))
     tokens = np.memmap(filename, dtype=np.uint16, mode="w+", shape=(n_tokens,))
     n_batches = min(1024, len(dset))
     index = 0
@@ -65,7 +70,6 @@ def write_bin(dset, filename):
         tokens[index:index + len(ids)] = ids
         index += len(ids)
     tokens.flush()
-    return n_tokens
 
 
 def prepare(args):
@@ -84,9 +88,12 @@ def prepare(args):
 
     tokenized = splits.map(tokenize, remove_columns=documents.column_names, desc="tokenizing",
                            num_proc=args.num_proc)
+    sizes = {split: count_tokens(dset) for split, dset in tokenized.items()}
+    check_split_sizes(f"--input {args.input}" if args.input else args.dataset_name, sizes)
     out_dir = prepare_out_dir(args.out_dir)
-    counts = {f"{split}_tokens": write_bin(dset, out_dir / f"{split}.bin")
-              for split, dset in tokenized.items()}
+    for split, dset in tokenized.items():
+        write_bin(dset, out_dir / f"{split}.bin", sizes[split])
+    counts = {f"{split}_tokens": n for split, n in sizes.items()}
     for split, dset in tokenized.items():
         print(f"{split}: {len(dset):,} documents, {counts[f'{split}_tokens']:,} tokens")
     write_meta(out_dir, vocab_size=enc.n_vocab, tokenizer="gpt2", **counts)

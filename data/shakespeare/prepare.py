@@ -8,18 +8,20 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run without installing nanodist
 from nanodist.config import UserError
-from nanodist.data import (SHAKESPEARE_URL, prepare_out_dir, read_text, split_text, write_meta,
-                           write_split)
+from nanodist.data import (SHAKESPEARE_URL, check_split_sizes, prepare_out_dir, read_text,
+                           split_text, write_meta, write_split)
 from nanodist.tokenizer import get_gpt2_encoding
 
 
 def prepare(input_path, out_dir, bpe_file):
     enc = get_gpt2_encoding(bpe_file)  # first: offline, it fails before the download would
     text = read_text(input_path, SHAKESPEARE_URL)
+    train, val = (enc.encode_ordinary(part) for part in split_text(text))
+    check_split_sizes(input_path or SHAKESPEARE_URL, {"train": len(train), "val": len(val)})
     out_dir = prepare_out_dir(out_dir)
     counts = {}
-    for split, part in zip(("train", "val"), split_text(text)):
-        counts[f"{split}_tokens"] = write_split(out_dir, split, enc.encode_ordinary(part))
+    for split, ids in (("train", train), ("val", val)):
+        counts[f"{split}_tokens"] = write_split(out_dir, split, ids)
         print(f"{split}: {counts[f'{split}_tokens']:,} tokens")
     write_meta(out_dir, vocab_size=enc.n_vocab, tokenizer="gpt2", **counts)
 

@@ -9,18 +9,20 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run without installing nanodist
 from nanodist.config import UserError
-from nanodist.data import (SHAKESPEARE_URL, prepare_out_dir, read_text, split_text, write_meta,
-                           write_split)
+from nanodist.data import (SHAKESPEARE_URL, check_split_sizes, prepare_out_dir, read_text,
+                           split_text, write_meta, write_split)
 
 
 def prepare(input_path, out_dir):
     text = read_text(input_path, SHAKESPEARE_URL)
     itos = sorted(set(text))
     stoi = {ch: i for i, ch in enumerate(itos)}
+    train, val = ([stoi[ch] for ch in part] for part in split_text(text))
+    check_split_sizes(input_path or SHAKESPEARE_URL, {"train": len(train), "val": len(val)})
     out_dir = prepare_out_dir(out_dir)
     counts = {}
-    for split, part in zip(("train", "val"), split_text(text)):
-        counts[f"{split}_tokens"] = write_split(out_dir, split, [stoi[ch] for ch in part])
+    for split, ids in (("train", train), ("val", val)):
+        counts[f"{split}_tokens"] = write_split(out_dir, split, ids)
         print(f"{split}: {counts[f'{split}_tokens']:,} tokens")
     print(f"vocab: {len(itos)} characters")
     write_meta(out_dir, vocab_size=len(itos), tokenizer="char", itos=itos, **counts)

@@ -148,10 +148,11 @@ class DataParallel:
             self._launch(self.next_bucket)
         for work in self.works:
             work.wait()
-        for b, i in self.unused_here:  # used on another rank: take the average there
-            bucket = self.buckets[b]
-            if bucket.used[i].item() > 0:
-                bucket.params[i].grad = bucket.grads[i]
+        # used on another rank: take the average there (one host sync per bucket)
+        used = {b: self.buckets[b].used.tolist() for b, _ in self.unused_here}
+        for b, i in self.unused_here:
+            if used[b][i] > 0:
+                self.buckets[b].params[i].grad = self.buckets[b].grads[i]
         self._new_backward()
 
 

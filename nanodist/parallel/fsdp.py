@@ -108,6 +108,9 @@ class Unit:
         self.in_flight, self.gathered = [], True
 
     def reshard(self):
+        # one compute stream: a unit is freed only after its all-gather was waited for
+        if self.in_flight:
+            raise RuntimeError("FSDP unit resharded while its all-gather is in flight")
         if self.gathered:
             for f in self.flats:
                 _free(f.full)
@@ -262,7 +265,8 @@ def apply_fsdp(par, cfg):
         par.fsdp = fsdp = FSDP(par.model, par.mesh, cfg.seed, compute_dtype,
                                cfg.fsdp_reshard_after_forward, par.sharded_over)
         par.optimizer_params = fsdp.optimizer_params
-        par.sharded_over.update({f.shard: f.groups for f in fsdp.flats})
+        # rebuilt, not updated: TP's entries are the replaced parameters (kept alive otherwise)
+        par.sharded_over = {f.shard: f.groups for f in fsdp.flats}
         no_sync = fsdp.no_sync
     if cfg.fsdp_reduce_on_last_micro_step:
         par.no_sync = no_sync

@@ -70,13 +70,20 @@ class Mesh:
 
 
 def pick_device(preference: str = "auto") -> torch.device:
-    """cuda when present (or asked for), else cpu; the local rank picks the GPU."""
+    """cuda when present (or asked for), else cpu; the local rank picks the GPU, one
+    GPU per process of this machine."""
     if preference == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda was asked for but CUDA is not available here; "
                         "use --device cpu (or auto)")
     if preference == "cpu" or not torch.cuda.is_available():
         return torch.device("cpu")
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", local_rank + 1))
+    gpus = torch.cuda.device_count()
+    if max(local_world, local_rank + 1) > gpus:  # NCCL: "invalid device ordinal" / "Duplicate GPU"
+        raise UserError(f"{local_world} processes on this machine need one GPU each, but "
+                        f"{gpus} visible; use --nproc_per_node={gpus} (a smaller layout) or "
+                        f"--device cpu")
     torch.cuda.set_device(local_rank)
     return torch.device("cuda", local_rank)
 
