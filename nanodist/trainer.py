@@ -146,6 +146,7 @@ class Trainer:
         """The checkpoint --resume names (None: start fresh), after checking that the run
         directory holds nothing this run would mix with or silently overwrite."""
         cfg = self.cfg
+        checkpoint.remove_debris(cfg.out_dir)  # saves that died mid-write (the run lock keeps other jobs out)
         found = checkpoint.find(cfg.out_dir, cfg.resume) if cfg.resume else None
         later = [p for p in checkpoint.checkpoints(cfg.out_dir)
                  if found is None or checkpoint.step_of(p) > checkpoint.step_of(found)]
