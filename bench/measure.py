@@ -163,17 +163,21 @@ def peak_tensor_bytes(trainer, step: int) -> int:
     from torch.distributed._tools.mem_tracker import MemTracker
     tracker = MemTracker()
     tracker.track_external(trainer.par.model, trainer.optimizer)
-    loss = trainer._loss
+    autocast = trainer.autocast
 
-    def fresh_module_stats(x, y):  # MemTracker refuses a second forward otherwise
-        tracker.reset_mod_stats()  # (its peak is kept)
-        return loss(x, y)
-    trainer._loss = fresh_module_stats
+    class FreshModuleStats:  # entered before each micro-step's forward: MemTracker refuses
+        def __enter__(self):  # a second forward otherwise (its peak is kept)
+            tracker.reset_mod_stats()
+            return autocast.__enter__()
+
+        def __exit__(self, *exc):
+            return autocast.__exit__(*exc)
+    trainer.autocast = FreshModuleStats()
     try:
         with tracker:
             trainer.train_step(step)
     finally:
-        del trainer._loss
+        trainer.autocast = autocast
     return tracker.get_tracker_snapshot("peak")[device]["Total"]
 
 

@@ -56,8 +56,8 @@ def measure_one(trainer: Trainer, step: int, custom: bool) -> dict:
 
     x, y = trainer.data.train_batch(0, 0)
     with trainer.par.loss_context():
-        with saved_activations(trainer.par.model.parameters()) as saved:
-            loss = trainer._loss(x, y)
+        with saved_activations(trainer.par.model.parameters()) as saved, trainer.autocast:
+            loss = trainer.par.loss_fn(trainer.model(x), y)
         loss.backward()
     trainer.optimizer.zero_grad(set_to_none=True)
 

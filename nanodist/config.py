@@ -64,9 +64,14 @@ class TrainConfig:
                            "any, else start fresh (for torchrun restarts); --resume DIR: that one",
                        const="latest")
     # parallel layout
-    data_parallel_size: int = flag(0, "DP size (0: world size / tensor parallel size)")
+    data_parallel_size: int = flag(0, "DP size (0: world size / (PP x CP x TP))")
     data_parallel_type: str = flag("ddp", "ddp: replicate the model; fsdp: shard it (ZeRO-3)")
     tensor_parallel_size: int = flag(1, "TP size; TP ranks are contiguous")
+    pipeline_parallel_size: int = flag(1, "PP size: pipeline stages (the outermost mesh dimension)")
+    pipeline_schedule: str = flag("1f1b", "gpipe | 1f1b | interleaved_1f1b (| zero_bubble: "
+                                          "--implementation pytorch); micro-batches = the "
+                                          "gradient accumulation steps M")
+    virtual_stages: int = flag(1, "model chunks per pipeline rank (interleaved_1f1b, zero_bubble)")
     context_parallel_size: int = flag(1, "CP size: each sequence split over this many ranks (ring "
                                          "attention, zigzag); they read the same batch")
     enable_loss_parallelism: bool = flag(False, "vocab-parallel loss: full logits never on one rank")
@@ -97,6 +102,7 @@ CHOICES = {
     "dataset": DATASETS,
     "model": tuple(PRESETS),
     "data_parallel_type": ("ddp", "fsdp"),
+    "pipeline_schedule": ("gpipe", "1f1b", "interleaved_1f1b", "zero_bubble"),
     "implementation": ("custom", "pytorch"),
     "device": ("auto", "cpu", "cuda"),
     "dtype": ("float32", "bfloat16", "float64"),
@@ -142,14 +148,15 @@ def parse_args(argv=None) -> TrainConfig:
 # (flags, test, what their values must be): every number of TrainConfig has its range
 RANGES = (
     (("block_size", "batch_size", "total_batch_size", "max_steps", "eval_interval", "eval_iters",
-      "keep_checkpoints", "tensor_parallel_size", "context_parallel_size", "ac_every"),
-     lambda v: v >= 1, ">= 1"),
+      "keep_checkpoints", "tensor_parallel_size", "context_parallel_size", "ac_every",
+      "pipeline_parallel_size", "virtual_stages"), lambda v: v >= 1, ">= 1"),
     (("learning_rate", "max_grad_norm", "bucket_cap_mb", "dist_timeout"), lambda v: v > 0, "> 0"),
     (("min_lr", "weight_decay"), lambda v: v >= 0, ">= 0"),
     (("dropout", "beta1", "beta2"), lambda v: 0 <= v < 1, "in [0, 1)"),
     (("warmup_steps",), lambda v: v >= -1, ">= 0 (or -1: GPT-2's 715, at most 10% of max_steps)"),
     (("checkpoint_interval",), lambda v: v >= -1, "K >= 1 steps, 0 (at each evaluation) or -1 (never)"),
-    (("data_parallel_size",), lambda v: v >= 0, ">= 1 (or 0: world size / tensor parallel size)"),
+    (("data_parallel_size",), lambda v: v >= 0, ">= 1 (or 0: world size / (tensor x pipeline "
+                                                "parallel size))"),
     (("seed",), lambda v: 0 <= v < 2**64, "in [0, 2**64)"),
 )
 
@@ -182,20 +189,29 @@ def resolve_layout(cfg: TrainConfig, world_size: int) -> TrainConfig:
     check_values(cfg)
     if cfg.resume not in ("", "latest", "auto") and not cfg.out_dir:
         cfg = dataclasses.replace(cfg, out_dir=str(Path(cfg.resume).parent))
-    tp = cfg.tensor_parallel_size
-    cp = cfg.context_parallel_size
-    dp = cfg.data_parallel_size or max(world_size // (tp * cp), 1)
-    if dp * cp * tp != world_size:
+    tp, cp, pp = cfg.tensor_parallel_size, cfg.context_parallel_size, cfg.pipeline_parallel_size
+    dp = cfg.data_parallel_size or max(world_size // (pp * cp * tp), 1)
+    if pp * dp * cp * tp != world_size:
         raise UserError(
-            f"--tensor_parallel_size ({tp}) x --context_parallel_size ({cp}) x "
-            f"--data_parallel_size ({dp}) = {dp * cp * tp} processes, but {world_size} were "
-            f"launched: launch with torchrun --nproc_per_node={dp * cp * tp} or change the sizes "
-            f"so that their product is {world_size}")
+            f"--pipeline_parallel_size ({pp}) x --data_parallel_size ({dp}) x "
+            f"--context_parallel_size ({cp}) x --tensor_parallel_size ({tp}) = {pp * dp * cp * tp} "
+            f"processes, but {world_size} were launched: launch with torchrun "
+            f"--nproc_per_node={pp * dp * cp * tp} or change the sizes so that their product is {world_size}")
     if cp > 1 and cfg.block_size % (2 * cp):
         raise UserError(f"--context_parallel_size {cp} cuts each sequence into {2 * cp} zigzag "
                         f"chunks: --block_size ({cfg.block_size}) must be divisible by {2 * cp}")
     if cp > 1 and cfg.dropout > 0:
         raise UserError("--context_parallel_size > 1 runs attention without dropout: use --dropout 0")
+    if cp > 1 and pp > 1:
+        raise UserError("context parallel x pipeline stages is not wired up yet; use one of "
+                        "--context_parallel_size and --pipeline_parallel_size")
+    if pp > 1 and tp > 1 and cfg.implementation == "pytorch":
+        raise UserError("torch.distributed.pipelining x DTensor TP is not wired up here yet; use "
+                        "--implementation custom for PP x TP")
+    if pp > 1 and cfg.data_parallel_type == "fsdp" and cfg.implementation == "custom" and dp > 1:
+        raise UserError("the custom FSDP does not compose with pipeline stages yet (the tied "
+                        "embedding's gradient lives in a flat shard); use --data_parallel_type ddp "
+                        "or --implementation pytorch")
     if cfg.enable_loss_parallelism and tp == 1:
         raise UserError("--enable_loss_parallelism needs --tensor_parallel_size > 1")
     if cfg.sequence_parallel and tp == 1:

@@ -126,12 +126,17 @@ class GPT(nn.Module):
 
     def forward(self, idx, positions=None):
         """idx (B, T) token ids -> logits (B, T, vocab_size). `positions` (T,): the tokens'
-        places in their sequences (default 0..T-1; context parallelism passes its chunks')."""
-        pos = torch.arange(idx.size(1), device=idx.device) if positions is None else positions
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
-        for block in self.transformer.h:
+        places in their sequences (default 0..T-1; context parallelism passes its chunks').
+
+        A part of the model runs too (torchtitan's way of pipeline stages): without wte
+        the input is already the residual stream (B, T, C), without lm_head so is the output."""
+        t, x = self.transformer, idx
+        if t.wte is not None:
+            pos = torch.arange(idx.size(1), device=idx.device) if positions is None else positions
+            x = t.drop(t.wte(idx) + t.wpe(pos))
+        for block in t.h:
             x = block(x)
-        return self.lm_head(self.transformer.ln_f(x))
+        return x if self.lm_head is None else self.lm_head(t.ln_f(x))
 
     @torch.no_grad()
     def init_weights(self, seed: int):
@@ -145,6 +150,8 @@ class GPT(nn.Module):
         the projections that write into the residual stream, zeros for biases, ones for
         LayerNorm weights. Drawn on the CPU so CUDA and CPU runs start alike.
         """
+        if name == "lm_head.weight":  # tied: one value under either name
+            name = "transformer.wte.weight"
         if name.endswith(".bias"):
             return torch.zeros(shape, device="cpu")
         if ".ln_" in name:

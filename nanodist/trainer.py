@@ -1,7 +1,8 @@
 """The training loop: one Trainer for every layout.
 
     build mesh -> data -> model (on meta with --deferred_init) -> parallelize -> AdamW
-    each step: grad_accum micro-steps (gradient sync on the last only), clip, step,
+    each step: the layout runs the M micro-steps of one global batch (gradient sync on
+    the last; a pipeline runs them as its micro-batches), clip, step,
     log the loss over the whole global batch; evaluate every eval_interval steps.
 """
 import math
@@ -81,7 +82,8 @@ class Trainer:
         self.cfg = cfg = resolve_layout(cfg, world_size)
         self.grad_accum = grad_accum_steps(cfg)
         self.mesh = mesh = build_mesh(cfg.data_parallel_size, cfg.tensor_parallel_size, device,
-                                      timeout, cp_size=cfg.context_parallel_size)
+                                      timeout, pp_size=cfg.pipeline_parallel_size,
+                                      cp_size=cfg.context_parallel_size)
         self._decided_by_rank0(lambda: check_writable_dirs(cfg))  # before any work is lost
         self.data = BatchLoader(cfg.data_dir or Path("data", cfg.dataset), cfg.dataset,
                                 cfg.block_size, cfg.batch_size, self.grad_accum,
@@ -96,9 +98,6 @@ class Trainer:
             model.to(torch.float64)
         self.n_params = sum(p.numel() for p in model.parameters())
         self.par = parallelize(model, cfg, mesh)
-        if cfg.compile:  # block by block, as torchtitan: FSDP2 and DTensor compose with it
-            for block in self.par.gpt.transformer.h:
-                block.compile()
         self.model = self.par.model
         self.optimizer = torch.optim.AdamW(self.par.param_groups(cfg.weight_decay),
                                            lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2),
@@ -111,6 +110,7 @@ class Trainer:
         self.peak_flops = device_peak_flops(device, cfg.dtype)
 
         layout = (f"dp{mesh.dp_size}-{cfg.data_parallel_type}-tp{mesh.tp_size}-{cfg.implementation}"
+                  + (f"-pp{mesh.pp_size}-{cfg.pipeline_schedule}" if mesh.pp_size > 1 else "")
                   + (f"-cp{mesh.cp_size}" if mesh.cp_size > 1 else ""))
         if not cfg.out_dir:  # a fresh run directory, named by rank 0 for all
             cfg.out_dir = self._decided_by_rank0(lambda: new_run_dir(Path("runs"), layout))
@@ -132,7 +132,8 @@ class Trainer:
         self.last_checkpoint = found
         self.logger.text("config", "\n".join(f"    {k} = {v}" for k, v in asdict(cfg).items()))
         self.print(f"{layout}: {self.n_params / 1e6:.2f}M parameters, {mesh.world_size} "
-                   f"process(es) on {device}{' (fp32 matmuls in TF32)' if tf32 else ''}, grad_accum {self.grad_accum}, "
+                   f"process(es) on {device}{' (fp32 matmuls in TF32)' if tf32 else ''}, "
+                   f"M = {self.grad_accum} micro-steps (micro-batches) per step, "
                    f"{self.tokens_per_step} tokens/step, run directory: {cfg.out_dir}"
                    + (f", resumed at step {self.start_step}" if self.start_step else ""))
         if cfg.warmup_steps > cfg.max_steps:
@@ -203,24 +204,13 @@ class Trainer:
             value /= self.mesh.dp_cp_size
         return value
 
-    def _loss(self, x, y) -> torch.Tensor:
-        with self.autocast:
-            logits = self.model(x)
-        return self.par.loss_fn(logits, y)
-
     def train_step(self, step: int) -> dict:
         self.model.train()
         lr = lr_at(step, self.cfg)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        loss_sum = 0.0  # becomes a tensor of the loss's dtype (fp64 under --dtype float64)
-        for micro in range(self.grad_accum):
-            x, y = self.data.train_batch(step, micro)
-            last = micro == self.grad_accum - 1
-            with (nullcontext() if last else self.par.no_sync()), self.par.loss_context():
-                loss = self._loss(x, y) / self.grad_accum
-                loss.backward()
-            loss_sum = loss_sum + loss.detach()
+        batches = [self.data.train_batch(step, micro) for micro in range(self.grad_accum)]
+        loss_sum = self.par.forward_backward(batches, self.autocast)
         norm = self.par.clip_grad_norm(self.cfg.max_grad_norm if self.cfg.gradient_clipping else None)
         loss = self._dp_mean(loss_sum).item()
         if not (math.isfinite(loss) and math.isfinite(norm.item())):  # before the weights change
@@ -237,13 +227,11 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> float:
         self.model.eval()
-        loss_sum = 0.0  # as in train_step
+        loss_sum = 0.0  # a tensor of the loss's dtype after the first add (fp64 under --dtype float64)
         for i in range(self.cfg.eval_iters):  # whole global batches: the same set for every layout
-            for micro in range(self.grad_accum):
-                x, y = self.data.val_batch(i, micro)
-                with self.par.loss_context():
-                    loss_sum = loss_sum + self._loss(x, y)
-        return self._dp_mean(loss_sum / (self.cfg.eval_iters * self.grad_accum)).item()
+            batches = [self.data.val_batch(i, micro) for micro in range(self.grad_accum)]
+            loss_sum += self.par.eval_loss(batches, self.autocast)
+        return self._dp_mean(loss_sum / self.cfg.eval_iters).item()
 
     def train(self) -> list[dict]:
         """Runs max_steps optimizer steps; returns the per-step records (rank-local).

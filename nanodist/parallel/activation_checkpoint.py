@@ -66,7 +66,9 @@ def checkpoint_module(module: torch.nn.Module, selective: bool = False):
 def apply_activation_checkpointing(model: torch.nn.Module, policy: str, every: int = 1):
     """The AC step of `parallelize` (after TP, before FSDP/DDP): `policy` on the blocks of
     `model` (a GPT), every `every`-th block under `full`."""
-    for i, block in enumerate(model.transformer.h):
+    for i, block in enumerate(model.transformer.h):  # i: the block's index in the whole model
+        if isinstance(block, torch.nn.Identity):  # a block another pipeline stage holds
+            continue
         if policy == "selective" or (policy == "full" and i % every == 0):
             checkpoint_module(block, selective=policy == "selective")
 

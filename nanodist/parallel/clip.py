@@ -30,29 +30,45 @@ def _accumulate_dtype(grad):
 
 
 @torch.no_grad()
-def clip_grad_norm_(params, max_norm: float | None, sharded_over: dict | None = None) -> torch.Tensor:
-    """Global L2 norm of the gradients of `params`; scales them to at most `max_norm`
-    (None: only measure). Returns the norm before clipping, as a float32 scalar (float64
-    for float64 gradients)."""
+def grad_norm(params, sharded_over: dict | None = None, across=None) -> torch.Tensor:
+    """Global L2 norm of the gradients of `params` (float32 scalar; float64 for float64
+    gradients). `across`: a group whose ranks hold different parameters altogether
+    (pipeline stages): summed over too."""
     sharded_over = sharded_over or {}
     squares: dict[tuple, torch.Tensor] = {}
-    grads = []
+    device, dtype = "cpu", torch.float32
     for param in params:
         if param.grad is None:
             continue
         local, groups = _local_and_groups(param.grad, param, sharded_over)
-        grads.append(local)
-        sq = torch.linalg.vector_norm(local, dtype=_accumulate_dtype(local)) ** 2
+        device, dtype = local.device, _accumulate_dtype(local)
+        sq = torch.linalg.vector_norm(local, dtype=dtype) ** 2
         squares[groups] = squares[groups] + sq if groups in squares else sq
-    total = (torch.zeros((), dtype=_accumulate_dtype(grads[0]), device=grads[0].device) if grads
-             else torch.zeros(()))
+    total = torch.zeros((), dtype=dtype, device=device)
     for groups, sq in sorted(squares.items(), key=lambda item: len(item[0])):
         for group in groups:  # same order on every rank: keys sort by count, then insertion
             comm.all_reduce(sq, group)
         total += sq
-    norm = total.sqrt()
-    if max_norm is not None:
-        scale = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
-        for grad in grads:
+    comm.all_reduce(total, across)
+    return total.sqrt()
+
+
+@torch.no_grad()
+def scale_grads_(params, norm: torch.Tensor, max_norm: float):
+    """Scale the gradients of `params` so that their global norm `norm` is <= max_norm."""
+    scale = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+    for param in params:
+        if param.grad is not None:
+            grad = param.grad.to_local() if isinstance(param.grad, DTensor) else param.grad
             grad.mul_(scale.to(grad.dtype))
+
+
+def clip_grad_norm_(params, max_norm: float | None, sharded_over: dict | None = None) -> torch.Tensor:
+    """Global L2 norm of the gradients of `params`; scales them to at most `max_norm`
+    (None: only measure). Returns the norm before clipping, as a float32 scalar (float64
+    for float64 gradients)."""
+    params = list(params)
+    norm = grad_norm(params, sharded_over)
+    if max_norm is not None:
+        scale_grads_(params, norm, max_norm)
     return norm

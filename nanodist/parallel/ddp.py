@@ -169,9 +169,11 @@ def native_ddp(model: nn.Module, group, device: torch.device, bucket_cap_mb: flo
 
 
 def replicate_over_dp(par):
-    """PyTorch DDP for a DTensor-TP model: `DistributedDataParallel` cannot hold DTensor
-    parameters, so the DP dimension uses PyTorch's FSDP2-based `replicate` (DDP
-    semantics: whole replicas, gradients averaged over the "dp" mesh dim in backward)."""
+    """PyTorch DDP for a DTensor-TP model or a pipeline stage: `DistributedDataParallel`
+    cannot hold DTensor parameters, and its no_sync must wrap a forward and its backward
+    together (a pipeline schedule interleaves micro-batches), so the DP dimension uses
+    PyTorch's FSDP2-based `replicate` (DDP semantics: whole replicas, gradients averaged
+    over the "dp" (x "cp") mesh dims in backward; no_sync is decided at backward)."""
     par.model = replicate(par.model, mesh=par.mesh.dp_cp_mesh)
     par.no_sync = partial(fsdp2_no_sync, par.model)
     return par.model
@@ -181,8 +183,8 @@ def apply_ddp(par, cfg):
     """Data parallel over the DP (x CP) group of `par.mesh`, for either implementation.
     The model must be materialised (broadcast and buckets need real tensors)."""
     group = par.mesh.dp_cp_group
-    if cfg.implementation == "pytorch" and par.mesh.tp_size > 1:
-        return replicate_over_dp(par)  # DDP cannot hold DTensor (TP) parameters
+    if cfg.implementation == "pytorch" and (par.mesh.tp_size > 1 or par.mesh.pp_size > 1):
+        return replicate_over_dp(par)  # DDP cannot hold DTensor (TP) params nor run a schedule
     if cfg.implementation == "pytorch":
         par.model = native_ddp(par.model, group, par.mesh.device, cfg.bucket_cap_mb)
         par.no_sync = par.model.no_sync

@@ -33,7 +33,8 @@ from nanodist.parallel.init import full_value
 def wrap_policy(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """FSDP units as (name, module) in execution order: the root, then every module
     held in an nn.ModuleList (the transformer blocks)."""
-    in_lists = {id(child) for m in model.modules() if isinstance(m, nn.ModuleList) for child in m}
+    in_lists = {id(child) for m in model.modules() if isinstance(m, nn.ModuleList) for child in m
+                if any(True for _ in child.parameters())}  # not the blocks of other pipeline stages
     return [("", model)] + [(name, m) for name, m in model.named_modules() if id(m) in in_lists]
 
 

@@ -1,11 +1,18 @@
-"""The DP x CP x TP layout of the processes, built once and passed explicitly (no global).
+"""The layout of the processes, built once and passed explicitly (no global).
 
-    world = dp x cp x tp, TP ranks contiguous (TP traffic is the heaviest: keep it in a
-    node), then CP (a ring of K/V blocks every layer), DP outermost
+Named dimensions, outermost to innermost: pp, dp, cp, tp (any of them may be 1). TP ranks
+are contiguous (TP traffic is the heaviest: keep it in a node), then CP (a ring of K/V
+blocks every layer), then DP; PP is outermost (point-to-point only, it tolerates the
+slowest links).
 
-        tp ->   0   1          rank = (dp_rank * cp + cp_rank) * tp + tp_rank
-    dp   0    [ 0 | 1 ]        tp_group: a row    {0,1} {2,3}
-         1    [ 2 | 3 ]        dp_group: a column {0,2} {1,3}        (here cp = 1)
+    rank = ((pp_rank * dp + dp_rank) * cp + cp_rank) * tp + tp_rank
+
+    e.g. pp=2 x dp=2 x tp=2 (cp=1):
+              tp ->  0   1                  tp_group: a row          {0,1} {2,3} ...
+    pp 0  dp 0    [  0 | 1 ]                dp_group: a column       {0,2} {1,3} {4,6} {5,7}
+          dp 1    [  2 | 3 ]                pp_group: one (dp, tp)   {0,4} {1,5} {2,6} {3,7}
+    pp 1  dp 0    [  4 | 5 ]                          across stages
+          dp 1    [  6 | 7 ]
 
     dp=1 x cp=2 x tp=2: cp_group {0,2} {1,3}; dp=2 x cp=2 x tp=1: cp_group {0,1} {2,3},
     dp_group {0,2} {1,3}
@@ -35,17 +42,22 @@ class Mesh:
     tp_size: int = 1
     rank: int = 0
     device: torch.device = torch.device("cpu")
-    device_mesh: DeviceMesh | None = None   # dims ("dp", "cp", "tp"); None for one process
+    device_mesh: DeviceMesh | None = None   # dims ("pp", "dp", "cp", "tp"); None for one process
     cp_size: int = 1
     dp_cp_mesh: DeviceMesh | None = None    # 1-D: "dp", or "dp" x "cp" flattened (DDP, FSDP run on it)
+    pp_size: int = 1
 
     @property
     def world_size(self) -> int:
-        return self.dp_size * self.cp_size * self.tp_size
+        return self.pp_size * self.dp_size * self.cp_size * self.tp_size
+
+    @property
+    def pp_rank(self) -> int:
+        return self.rank // (self.dp_size * self.cp_size * self.tp_size)
 
     @property
     def dp_rank(self) -> int:
-        return self.rank // (self.cp_size * self.tp_size)
+        return self.rank // (self.cp_size * self.tp_size) % self.dp_size
 
     @property
     def cp_rank(self) -> int:
@@ -57,6 +69,10 @@ class Mesh:
 
     def group(self, dim: str):
         return self.device_mesh.get_group(dim) if self.device_mesh is not None else None
+
+    @property
+    def pp_group(self):
+        return self.group("pp")
 
     @property
     def dp_group(self):
@@ -134,18 +150,18 @@ def _group_options(timeout: timedelta):
 
 
 def build_mesh(dp_size: int, tp_size: int, device: torch.device,
-               timeout: timedelta | None = None, cp_size: int = 1) -> Mesh:
-    """The DP x CP x TP mesh over the already initialised process group (or one process);
+               timeout: timedelta | None = None, pp_size: int = 1, cp_size: int = 1) -> Mesh:
+    """The PP x DP x CP x TP mesh over the already initialised process group (or one process);
     its groups give up after `timeout` (None: PyTorch's default)."""
-    world = dp_size * cp_size * tp_size
+    world = pp_size * dp_size * cp_size * tp_size
     if not dist.is_initialized():
         if world != 1:
-            raise UserError(f"a layout of dp={dp_size} x cp={cp_size} x tp={tp_size} needs "
+            raise UserError(f"a layout of pp={pp_size} x dp={dp_size} x cp={cp_size} x tp={tp_size} needs "
                             f"torchrun --nproc_per_node={world}")
         return Mesh(device=device)
-    dims = ("dp", "cp", "tp")
+    dims = ("pp", "dp", "cp", "tp")
     override = {dim: _group_options(timeout) for dim in dims} if timeout else None
-    device_mesh = init_device_mesh(device.type, (dp_size, cp_size, tp_size), mesh_dim_names=dims,
+    device_mesh = init_device_mesh(device.type, (pp_size, dp_size, cp_size, tp_size), mesh_dim_names=dims,
                                    backend_override=override)
     dp_cp_mesh = device_mesh["dp", "cp"]._flatten("dp_cp") if cp_size > 1 else device_mesh["dp"]
-    return Mesh(dp_size, tp_size, dist.get_rank(), device, device_mesh, cp_size, dp_cp_mesh)
+    return Mesh(dp_size, tp_size, dist.get_rank(), device, device_mesh, cp_size, dp_cp_mesh, pp_size)

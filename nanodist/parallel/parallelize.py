@@ -1,9 +1,10 @@
 """One entry point for every layout: `parallelize(model, cfg, mesh) -> Parallel`.
 
-Order is fixed for both implementations (torchtitan's): tensor parallel first, then
-context parallel, activation checkpointing, then DDP or FSDP over the DP (x CP) ranks,
-then materialise what is still on the meta device.
-Each strategy edits the `Parallel` it is given: the trainer only talks to that.
+Order is fixed for both implementations (torchtitan's): the pipeline split first (each
+stage is then a model of its own), then per stage tensor parallel, context parallel,
+activation checkpointing, FSDP over the DP (x CP) ranks, materialise what is still on
+the meta device, compile, DDP. Each strategy edits the `Parallel` it is given: the
+trainer only talks to that.
 """
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -64,6 +65,31 @@ class Parallel:
         return [{"params": decay, "weight_decay": weight_decay},
                 {"params": no_decay, "weight_decay": 0.0}]
 
+    def forward_backward(self, batches, autocast) -> torch.Tensor:
+        """Forward and backward of the micro-steps [(x, y), ...] of one global batch
+        (gradients reduced on the last); returns the mean of their losses."""
+        loss_sum = torch.zeros((), device=self.mesh.device)
+        for micro, (x, y) in enumerate(batches):
+            last = micro == len(batches) - 1
+            with (nullcontext() if last else self.no_sync()), self.loss_context():
+                with autocast:
+                    logits = self.model(x)
+                loss = self.loss_fn(logits, y) / len(batches)
+                loss.backward()
+            loss_sum += loss.detach()
+        return loss_sum
+
+    @torch.no_grad()
+    def eval_loss(self, batches, autocast) -> torch.Tensor:
+        """The mean loss of the micro-steps of one global batch, forward only."""
+        loss_sum = torch.zeros((), device=self.mesh.device)
+        for x, y in batches:
+            with self.loss_context():
+                with autocast:
+                    logits = self.model(x)
+                loss_sum += self.loss_fn(logits, y) / len(batches)
+        return loss_sum
+
     def clip_grad_norm(self, max_norm: float | None):
         """Norm of the full gradient (over every shard); clips when max_norm is given."""
         return clip_grad_norm_(self.optimizer_param_list(), max_norm, self.sharded_over)
@@ -95,7 +121,9 @@ class Parallel:
             (tensor.to_local() if isinstance(tensor, DTensor) else tensor).copy_(local)
 
 
-def parallelize(model: nn.Module, cfg: TrainConfig, mesh: Mesh) -> Parallel:
+def parallelize_stage(model: nn.Module, cfg: TrainConfig, mesh: Mesh) -> Parallel:
+    """TP -> CP -> checkpointing -> FSDP -> materialise -> compile -> DDP on one model
+    (or pipeline stage)."""
     par = Parallel(model, mesh)
     if mesh.tp_size > 1:
         apply_tp(par, cfg)
@@ -106,6 +134,17 @@ def parallelize(model: nn.Module, cfg: TrainConfig, mesh: Mesh) -> Parallel:
     if mesh.dp_cp_size > 1 and cfg.data_parallel_type == "fsdp":
         apply_fsdp(par, cfg)  # before materialize: shards meta units one at a time
     materialize(par.model, model, cfg.seed, mesh.device)
+    if cfg.compile:  # block by block, as torchtitan: FSDP2 and DTensor compose with it
+        for block in model.transformer.h:
+            if not isinstance(block, nn.Identity):  # a block another pipeline stage holds
+                block.compile()
     if mesh.dp_cp_size > 1 and cfg.data_parallel_type == "ddp":
         apply_ddp(par, cfg)  # after materialize: it broadcasts and buckets real tensors
     return par
+
+
+def parallelize(model: nn.Module, cfg: TrainConfig, mesh: Mesh) -> Parallel:
+    if mesh.pp_size > 1:
+        from nanodist.parallel.pipeline import apply_pp  # it builds on Parallel (this file)
+        return apply_pp(model, cfg, mesh, parallelize_stage)
+    return parallelize_stage(model, cfg, mesh)

@@ -213,6 +213,7 @@ def apply_tp(par, cfg):
     loss that goes with it (vocab-parallel cross entropy under loss parallelism)."""
     mesh, model = par.mesh, par.model
     plan = gpt_plan(model.config.n_layer, cfg.sequence_parallel, cfg.enable_loss_parallelism)
+    plan = {path: style for path, style in plan.items() if _holds(model, path)}  # a pipeline stage
     if cfg.implementation == "pytorch":
         apply_dtensor_tp(model, plan, mesh, cfg.seed)
         if cfg.enable_loss_parallelism:
@@ -222,6 +223,14 @@ def apply_tp(par, cfg):
         if cfg.enable_loss_parallelism:
             par.loss_fn = partial(vocab_parallel_cross_entropy, group=mesh.tp_group)
     par.tp_plan = plan
+
+
+def _holds(model: nn.Module, path: str) -> bool:
+    try:
+        model.get_submodule(path)
+        return True
+    except AttributeError:
+        return False
 
 
 def _style_and_dim(plan: dict, name: str):

@@ -1,0 +1,226 @@
+"""Pipeline parallelism: the schedules as data (valid, deadlock-free, the textbook bubble),
+and the trainer with PP = 2 and 4 (alone, x DDP, x TP, custom and PyTorch) against one
+process on the same global batch; the tied embedding, deferred init, bad layouts."""
+import pytest
+import torch
+
+from harness import run_distributed, run_train, tiny_run, trainer_records
+from nanodist.config import TrainConfig, UserError, resolve_layout
+from nanodist.parallel.pipeline import (SCHEDULES, check_layout, one_f_one_b, simulate,
+                                        split_layers, timeline)
+from test_2d import assert_matches
+
+
+# ------------------------------------------------------------------ schedules as data
+
+def _layouts():
+    for P in range(2, 6):
+        for M in range(1, 3 * P + 1):
+            yield "gpipe", P, M, 1
+            yield "1f1b", P, M, 1
+            if M % P == 0:
+                for V in (1, 2, 3):
+                    yield "interleaved_1f1b", P, M, V
+
+
+def test_every_schedule_is_valid():
+    """Each rank runs F and B of every (micro-batch, chunk) exactly once, F before its B;
+    the timeline exists (`simulate` raises on an action waiting for one that never comes)."""
+    for name, P, M, V in _layouts():
+        schedule = SCHEDULES[name](P, M, V)
+        expected = sorted((kind, m, v) for kind in "BF" for m in range(M) for v in range(V))
+        for rank, actions in enumerate(schedule):
+            assert sorted(map(tuple, actions)) == expected, (name, P, M, V, rank)
+            forward_at = {(a.micro, a.chunk): i for i, a in enumerate(actions) if a.kind == "F"}
+            assert all(forward_at[a.micro, a.chunk] < i for i, a in enumerate(actions) if a.kind == "B")
+        slots = simulate(schedule)
+        assert [len(row) for row in slots] == [2 * M * V] * P
+        assert all(len({t for t, _ in row}) == len(row) for row in slots)  # one action a slot
+
+
+def test_bubble_and_memory_are_the_textbook_ones():
+    """Unit-time F and B (a chunk's, 1/V of a stage's): idle fraction (P-1)/(M+P-1) for
+    GPipe and 1F1B, (P-1)/(V M+P-1) interleaved (Narayanan et al. 2021); micro-batches in
+    flight on rank r: M for GPipe, min(P - r, M) for 1F1B (why 1F1B exists)."""
+    for name, P, M, V in _layouts():
+        slots = simulate(SCHEDULES[name](P, M, V))
+        end = max(t for row in slots for t, _ in row) + 1
+        idle = sum(end - len(row) for row in slots) / (P * end)
+        assert idle == pytest.approx((P - 1) / (V * M + P - 1)), (name, P, M, V)
+        if name == "interleaved_1f1b":
+            continue
+        for rank, row in enumerate(slots):
+            in_flight = peak = 0
+            for _, a in row:
+                in_flight += 1 if a.kind == "F" else -1
+                peak = max(peak, in_flight)
+            assert peak == (M if name == "gpipe" else min(P - rank, M)), (name, P, M, rank)
+
+
+def test_timeline_prints_the_docstring_diagram():
+    import nanodist.parallel.pipeline as pipeline
+    for line in timeline(one_f_one_b(4, 4)).splitlines():
+        assert line in pipeline.__doc__
+
+
+def test_split_layers_gives_earlier_stages_the_extra_block():
+    assert split_layers(4, 2) == [range(0, 2), range(2, 4)]
+    assert split_layers(7, 3) == [range(0, 3), range(3, 5), range(5, 7)]
+    assert [len(r) for r in split_layers(12, 8)] == [2, 2, 2, 2, 1, 1, 1, 1]
+
+
+# ------------------------------------------------------------------ bad layouts
+
+@pytest.mark.parametrize("args, match", [
+    ((4, 5, 1, 8, "1f1b", "custom"), "larger than the model's n_layer"),
+    ((4, 2, 3, 8, "interleaved_1f1b", "custom"), "2 x 3 = 6 chunks"),
+    ((4, 2, 2, 3, "interleaved_1f1b", "custom"), "multiple of the 2 stages"),
+    ((4, 2, 2, 4, "1f1b", "custom"), "needs --pipeline_schedule interleaved_1f1b"),
+    ((4, 2, 1, 4, "zero_bubble", "custom"), "--implementation pytorch only"),
+    ((4, 4, 1, 2, "1f1b", "pytorch"), "at least M = P = 4"),
+])
+def test_bad_pipeline_layouts_are_refused(args, match):
+    with pytest.raises(UserError, match=match):
+        check_layout(*args)
+
+
+def test_world_must_be_pp_x_dp_x_tp():
+    with pytest.raises(UserError, match=r"= 8 processes, but 4 were launched"):
+        resolve_layout(TrainConfig(pipeline_parallel_size=2, tensor_parallel_size=2,
+                                   data_parallel_size=2), world_size=4)
+    cfg = resolve_layout(TrainConfig(pipeline_parallel_size=2, tensor_parallel_size=2), world_size=8)
+    assert cfg.data_parallel_size == 2
+    with pytest.raises(UserError, match="custom FSDP does not compose with pipeline"):
+        resolve_layout(TrainConfig(pipeline_parallel_size=2, data_parallel_type="fsdp"), world_size=4)
+
+
+def test_bad_layout_ends_in_one_message_on_every_rank(char_data, tmp_path):
+    """Interleaved with M = 3 micro-batches on 2 stages: every rank stops before any
+    communication; torchrun exits 2 with one line (no hang: the test has a timeout)."""
+    kwargs = {**tiny_run(char_data, tmp_path, pipeline_parallel_size=2, virtual_stages=2,
+                         pipeline_schedule="interleaved_1f1b"), "total_batch_size": 192}
+    result = run_train([f"--{k}={v}" for k, v in kwargs.items()], nproc=2, timeout=120)
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "multiple of the 2 stages" in errors[0], result.stderr[-2000:]
+    # torchrun reports the failed workers in its own words; none of ours raised a traceback
+    assert "nanodist/" not in result.stderr
+
+
+# ------------------------------------------------------------------ against one process
+
+@pytest.fixture(scope="module")
+def single(char_data, tmp_path_factory):
+    return trainer_records(tiny_run(char_data, tmp_path_factory.mktemp("single")))
+
+
+CUSTOM_SCHEDULES = [("gpipe", 1), ("1f1b", 1), ("interleaved_1f1b", 2)]
+
+
+@pytest.mark.parametrize("schedule, V", CUSTOM_SCHEDULES)
+def test_pp2_matches_one_process(char_data, tmp_path, single, schedule, V):
+    kwargs = tiny_run(char_data, tmp_path, pipeline_parallel_size=2, pipeline_schedule=schedule,
+                      virtual_stages=V)
+    for records in run_distributed(trainer_records, 2, kwargs):
+        assert_matches(records, single, f"pp2 {schedule}")
+
+
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b", "interleaved_1f1b"])
+def test_pp4_matches_one_process(char_data, tmp_path, single, schedule):
+    kwargs = tiny_run(char_data, tmp_path, pipeline_parallel_size=4, pipeline_schedule=schedule)
+    for records in run_distributed(trainer_records, 4, kwargs):
+        assert_matches(records, single, f"pp4 {schedule}")
+
+
+@pytest.mark.parametrize("implementation, other", [
+    ("custom", dict(data_parallel_size=2)),
+    ("pytorch", dict(data_parallel_size=2)),                              # replicate
+    ("pytorch", dict(data_parallel_size=2, data_parallel_type="fsdp")),   # FSDP2
+    ("custom", dict(tensor_parallel_size=2, sequence_parallel=True, enable_loss_parallelism=True)),
+])
+def test_pp2_x_dp_or_tp_matches_one_process(char_data, tmp_path, single, implementation, other):
+    kwargs = tiny_run(char_data, tmp_path, pipeline_parallel_size=2, pipeline_schedule="1f1b",
+                      implementation=implementation, deferred_init=True, **other)
+    for records in run_distributed(trainer_records, 4, kwargs):
+        assert_matches(records, single, f"pp2 x {other} {implementation}")
+
+
+@pytest.mark.parametrize("P, schedule, V", [(2, "gpipe", 1), (2, "1f1b", 1), (4, "1f1b", 1),
+                                            (2, "interleaved_1f1b", 2), (2, "zero_bubble", 2)])
+def test_native_pipeline_matches_one_process(char_data, tmp_path, single, P, schedule, V):
+    """torch.distributed.pipelining on the same stage split (custom and native of one
+    schedule then agree with each other through the one-process reference)."""
+    kwargs = tiny_run(char_data, tmp_path, pipeline_parallel_size=P, pipeline_schedule=schedule,
+                      virtual_stages=V, implementation="pytorch")
+    for records in run_distributed(trainer_records, P, kwargs):
+        assert_matches(records, single, f"native pp{P} {schedule}")
+
+
+def _grads_and_tied(kwargs):
+    """Rank side: deferred-init weights and the gradients of step 0 by GPT-2 name (full,
+    before any optimizer step); then the tied weight of this rank after 3 steps."""
+    from nanodist.trainer import Trainer
+    trainer = Trainer(TrainConfig(**kwargs))
+    par = trainer.par
+    params = par.optimizer_param_list()
+    weights = {name: t.detach().clone() for name, t in par.full_tensors(params)}
+    batches = [trainer.data.train_batch(0, m) for m in range(trainer.grad_accum)]
+    par.forward_backward(batches, trainer.autocast)
+    grads = {name: t.detach().clone() for name, t in par.full_tensors([p.grad for p in params])}
+    trainer.optimizer.zero_grad(set_to_none=True)
+    trainer.train()
+    tied = getattr(par, "tied", None)
+    return weights, grads, None if tied is None else tied.detach().clone()
+
+
+def test_pp_weights_gradients_and_tied_embedding(char_data, tmp_path):
+    """Deferred init under PP=2 x TP=2 gives the one-process weights bitwise (invariant 1).
+    The gradients of step 0 are the one-process ones within fp32 rounding (TP sums partial
+    products in another order; the tied wte/lm_head adds its two stages' sums in one
+    all-reduce). After 3 steps both copies of the tied weight are bitwise equal."""
+    base = tiny_run(char_data, tmp_path / "one")
+    weights_1, grads_1, _ = _grads_and_tied(base)
+    kwargs = tiny_run(char_data, tmp_path / "pp", pipeline_parallel_size=2,
+                      data_parallel_size=1, tensor_parallel_size=2, deferred_init=True)
+    results = run_distributed(_grads_and_tied, 4, kwargs)
+    for weights, grads, _ in results:
+        assert weights.keys() == weights_1.keys()
+        for name in weights_1:
+            assert torch.equal(weights[name], weights_1[name]), name
+            if name != "transformer.wte.weight":
+                torch.testing.assert_close(grads[name], grads_1[name], rtol=1e-5, atol=1e-7, msg=name)
+        torch.testing.assert_close(grads["transformer.wte.weight"], grads_1["transformer.wte.weight"],
+                                   rtol=1e-5, atol=1e-7)
+    first, last = results[0][2], results[2][2]   # pp rank 0 / 1, tp rank 0
+    assert first is not None and torch.equal(first, last)
+
+
+# ------------------------------------------------------------------ checkpoints, 3D
+
+@pytest.mark.parametrize("write, read", [
+    ((2, ["--pipeline_parallel_size", "2"]), (1, [])),
+    ((2, ["--pipeline_parallel_size", "2", "--pipeline_schedule", "interleaved_1f1b",
+          "--virtual_stages", "2"]), (2, ["--tensor_parallel_size", "2"])),
+    ((2, ["--pipeline_parallel_size", "2", "--implementation", "pytorch"]),
+     (2, ["--data_parallel_size", "2"])),
+    ((4, ["--pipeline_parallel_size", "2", "--data_parallel_size", "2"]),
+     (4, ["--data_parallel_type", "fsdp"])),
+    ((2, ["--data_parallel_type", "fsdp"]), (2, ["--pipeline_parallel_size", "2"])),
+], ids=["pp2-to-1", "pp2v2-to-tp2", "native-pp2-to-ddp2", "pp2xdp2-to-fsdp4", "fsdp2-to-pp2"])
+def test_a_pipeline_checkpoint_resumes_in_another_layout(write, read, char_data, tmp_path):
+    """The layout-free format across PP: the stages hand every GPT-2 name on in one order."""
+    from test_checkpoint import flags, run
+    (w_world, w_flags), (r_world, r_flags) = write, read
+    full = run(w_world, flags(char_data, tmp_path / "a", *w_flags))
+    resumed = run(r_world, flags(char_data, tmp_path / "b", *r_flags,
+                                 "--resume", str(tmp_path / "a" / "step_0000003")))
+    # another reduction order: fp32 round-off only, over 3 steps (as test_checkpoint)
+    torch.testing.assert_close(resumed, full[3:], rtol=2e-5, atol=0)
+
+
+def test_3d_pp_dp_tp_matches_one_process(char_data, tmp_path, single):
+    """PP x DP x TP = 2 x 2 x 2 on 8 processes (mesh order pp, dp, tp)."""
+    kwargs = tiny_run(char_data, tmp_path, pipeline_parallel_size=2, data_parallel_size=2,
+                      tensor_parallel_size=2, sequence_parallel=True, deferred_init=True)
+    for records in run_distributed(trainer_records, 8, kwargs, timeout=400):
+        assert_matches(records, single, "pp2 x dp2 x tp2")
