@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from harness import REPO, run_distributed, tiny_run, trainer_records
+from harness import REPO, assert_records_match, run_distributed, tiny_run, trainer_records
 from nanodist.config import TrainConfig, UserError, resolve_layout
 from nanodist.model import GPT, GPTConfig, cross_entropy
 from nanodist.parallel.activation_checkpoint import apply_activation_checkpointing
@@ -66,12 +66,12 @@ def test_every_layout_trains_bitwise_as_without(char_data, tmp_path, layout):
 
 
 def test_compiled_checkpointed_blocks_train_like_eager(char_data, tmp_path):
-    """--compile traces the checkpointed blocks: the eager losses up to fused-kernel
-    round-off (the tolerance of test_train's compile test)."""
-    eager = trainer_records(tiny_run(char_data, tmp_path / "eager"))
+    """--compile traces the checkpointed blocks: the eager run's arithmetic fused in another
+    order; in float64 the bound of harness.assert_records_match holds on any CPU."""
+    eager = trainer_records(tiny_run(char_data, tmp_path / "eager", dtype="float64"))
     compiled = trainer_records(tiny_run(char_data, tmp_path / "compiled", compile=True,
-                                        activation_checkpointing="full"))
-    assert [loss for loss, _ in compiled] == pytest.approx([loss for loss, _ in eager], rel=1e-5)
+                                        activation_checkpointing="full", dtype="float64"))
+    assert_records_match(compiled, eager, "compiled + checkpointed")
 
 
 def test_bad_flags():

@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from harness import REPO, run_distributed, tiny_run, trainer_records
+from harness import REPO, assert_records_match, run_distributed, tiny_run, trainer_records
 from nanodist.config import TrainConfig, UserError, resolve_layout
 from nanodist.parallel import comm
 from nanodist.parallel.context_parallel import RingAttention, attention_blocks, split_sequence
@@ -66,24 +66,17 @@ def test_zigzag_balances_the_causal_work():
         assert max(contiguous) / min(contiguous) == 2 * cp - 1
 
 
-def assert_matches(records, single, what):
-    """fp32, 3 AdamW steps with clipping, as tests/test_2d.py argues: loss within 1e-5
-    (of ~4.5) and grad norm within 1e-5 relative."""
-    for step, ((loss, norm), (loss_1, norm_1)) in enumerate(zip(records, single)):
-        assert loss == pytest.approx(loss_1, abs=1e-5), f"{what}: loss at step {step}"
-        assert norm == pytest.approx(norm_1, rel=1e-5), f"{what}: grad norm at step {step}"
-
-
+# float64 (harness.assert_records_match): the bound after AdamW steps holds on any CPU
 @pytest.fixture(scope="module")
 def single(char_data, tmp_path_factory):
-    return trainer_records(tiny_run(char_data, tmp_path_factory.mktemp("single")))
+    return trainer_records(tiny_run(char_data, tmp_path_factory.mktemp("single"), dtype="float64"))
 
 
 @pytest.mark.parametrize("cp", [2, 4])
 def test_cp_matches_one_process(char_data, tmp_path, single, cp):
-    kwargs = tiny_run(char_data, tmp_path, context_parallel_size=cp)
+    kwargs = tiny_run(char_data, tmp_path, context_parallel_size=cp, dtype="float64")
     for records in run_distributed(trainer_records, cp, kwargs):
-        assert_matches(records, single, f"cp{cp}")
+        assert_records_match(records, single, f"cp{cp}")
 
 
 @pytest.mark.parametrize("layout", [
@@ -94,9 +87,10 @@ def test_cp_matches_one_process(char_data, tmp_path, single, cp):
 def test_cp2_composes_on_4_processes(char_data, tmp_path, single, layout):
     """CP ranks sit between DP and TP (rank = (dp * cp + cp_rank) * tp + tp_rank); DDP and
     FSDP reduce over the flattened dp x cp group."""
-    kwargs = tiny_run(char_data, tmp_path, context_parallel_size=2, deferred_init=True, **layout)
+    kwargs = tiny_run(char_data, tmp_path, context_parallel_size=2, deferred_init=True, dtype="float64",
+                      **layout)
     for records in run_distributed(trainer_records, 4, kwargs):
-        assert_matches(records, single, f"cp2 x {layout}")
+        assert_records_match(records, single, f"cp2 x {layout}")
 
 
 @pytest.mark.parametrize("policy", ["full", "selective"])

@@ -38,11 +38,12 @@ def test_from_pretrained_gives_nanodists_logits(exported):
     assert not any(loading.values()), loading  # no missing, unexpected or mismatched weights
     ours, _ = checkpoint.load_model(checkpoint.find(run, "latest"))
     idx = torch.randint(0, 65, (2, 32), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        expected, got = ours.eval()(idx)[..., :65], hf.eval()(idx).logits
-    # the same fp32 weights and ops; Conv1D's addmm vs Linear's matmul and HF's attention
-    # path reorder the sums: ~1e-6 relative on logits of size ~1 over 4 layers of width 128
-    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():  # float64 (the fp32 weights cast exactly): an argument on any CPU
+        expected, got = ours.double().eval()(idx)[..., :65], hf.double().eval()(idx).logits
+    # the same weights and ops; Conv1D's addmm vs Linear's matmul and HF's attention path
+    # reorder sums of <= 512 terms of size <= ~1 over 4 layers: k*u ~ 1e-13 each, far
+    # below 1e-10 (a wrong orientation or a missing weight differs by ~1)
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
 
 
 @pytest.mark.parametrize("world", [1, 2])

@@ -68,7 +68,7 @@ class Parallel:
     def forward_backward(self, batches, autocast) -> torch.Tensor:
         """Forward and backward of the micro-steps [(x, y), ...] of one global batch
         (gradients reduced on the last); returns the mean of their losses."""
-        loss_sum = torch.zeros((), device=self.mesh.device)
+        loss_sum = 0.0  # a tensor of the loss's dtype after the first add
         for micro, (x, y) in enumerate(batches):
             last = micro == len(batches) - 1
             with (nullcontext() if last else self.no_sync()), self.loss_context():
@@ -76,18 +76,18 @@ class Parallel:
                     logits = self.model(x)
                 loss = self.loss_fn(logits, y) / len(batches)
                 loss.backward()
-            loss_sum += loss.detach()
+            loss_sum = loss_sum + loss.detach()
         return loss_sum
 
     @torch.no_grad()
     def eval_loss(self, batches, autocast) -> torch.Tensor:
         """The mean loss of the micro-steps of one global batch, forward only."""
-        loss_sum = torch.zeros((), device=self.mesh.device)
+        loss_sum = 0.0
         for x, y in batches:
             with self.loss_context():
                 with autocast:
                     logits = self.model(x)
-                loss_sum += self.loss_fn(logits, y) / len(batches)
+                loss_sum = loss_sum + self.loss_fn(logits, y) / len(batches)
         return loss_sum
 
     def clip_grad_norm(self, max_norm: float | None):

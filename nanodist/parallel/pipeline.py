@@ -193,6 +193,7 @@ class PipelineParallel(Parallel):
         self.eval_slots = simulate([sorted((a for a in row if a.kind == "F"), key=lambda a: a[::-1])
                                     for row in schedule])
         self.act_shape, self.wire_dtype = act_shape, wire_dtype
+        self.loss_dtype = torch.promote_types(wire_dtype, torch.float32)  # as cross_entropy's
         self.tied, self.embedding_group = tied, embedding_group  # None off the first/last stage
         self.stage_names = stage_names  # per global chunk: [(name, full shape)], optimizer order
         self.optimizer_params = lambda: tuple(
@@ -218,7 +219,7 @@ class PipelineParallel(Parallel):
         last_backward = {a.chunk: a.micro for _, a in slots[rank] if a.kind == "B"}
         neighbours = sorted({(rank - 1) % self.mesh.pp_size, (rank + 1) % self.mesh.pp_size})
         inbox, inputs, outputs, outbox = {}, {}, {}, []
-        loss_sum = torch.zeros((), device=self.mesh.device)
+        loss_sum = torch.zeros((), dtype=self.loss_dtype, device=self.mesh.device)
         for t in range(end + 1):
             recvs = []
             for q in neighbours:

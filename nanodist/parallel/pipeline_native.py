@@ -56,7 +56,7 @@ class NativePipelineParallel(PipelineParallel):
         with autocast, (self.stages[-1].loss_context() if self.holds_last else nullcontext()):
             run(x, target=y, losses=losses, return_outputs=False)
         loss_sum = (torch.stack([loss.detach() for loss in losses]).sum() / len(batches)
-                    if losses else torch.zeros((), device=self.mesh.device))
+                    if losses else torch.zeros((), dtype=self.loss_dtype, device=self.mesh.device))
         comm.all_reduce(loss_sum, self.mesh.pp_group)  # from the last stage to every rank
         return loss_sum
 
