@@ -208,10 +208,6 @@ def resolve_layout(cfg: TrainConfig, world_size: int) -> TrainConfig:
     if pp > 1 and tp > 1 and cfg.implementation == "pytorch":
         raise UserError("torch.distributed.pipelining x DTensor TP is not wired up here yet; use "
                         "--implementation custom for PP x TP")
-    if pp > 1 and cfg.data_parallel_type == "fsdp" and cfg.implementation == "custom" and dp > 1:
-        raise UserError("the custom FSDP does not compose with pipeline stages yet (the tied "
-                        "embedding's gradient lives in a flat shard); use --data_parallel_type ddp "
-                        "or --implementation pytorch")
     if cfg.enable_loss_parallelism and tp == 1:
         raise UserError("--enable_loss_parallelism needs --tensor_parallel_size > 1")
     if cfg.sequence_parallel and tp == 1:

@@ -107,6 +107,10 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
+# the two names of the one tied weight (a pipeline's first and last stage each hold one)
+TIED_NAMES = ("transformer.wte.weight", "lm_head.weight")
+
+
 class GPT(nn.Module):
     def __init__(self, config: GPTConfig, seed: int | None = 0):
         """seed=None leaves parameters uninitialised (for meta-device construction)."""

@@ -89,8 +89,8 @@ def test_world_must_be_pp_x_dp_x_tp():
                                    data_parallel_size=2), world_size=4)
     cfg = resolve_layout(TrainConfig(pipeline_parallel_size=2, tensor_parallel_size=2), world_size=8)
     assert cfg.data_parallel_size == 2
-    with pytest.raises(UserError, match="custom FSDP does not compose with pipeline"):
-        resolve_layout(TrainConfig(pipeline_parallel_size=2, data_parallel_type="fsdp"), world_size=4)
+    with pytest.raises(UserError, match="context parallel x pipeline stages"):
+        resolve_layout(TrainConfig(pipeline_parallel_size=2, context_parallel_size=2), world_size=4)
 
 
 def test_bad_layout_ends_in_one_message_on_every_rank(char_data, tmp_path):
@@ -138,6 +138,7 @@ def test_pp4_matches_one_process(char_data, tmp_path, single, schedule):
 @pytest.mark.parametrize("implementation, other", [
     ("custom", dict(data_parallel_size=2)),
     ("pytorch", dict(data_parallel_size=2)),                              # replicate
+    ("custom", dict(data_parallel_size=2, data_parallel_type="fsdp")),    # ZeRO-3 by hand
     ("pytorch", dict(data_parallel_size=2, data_parallel_type="fsdp")),   # FSDP2
     ("custom", dict(tensor_parallel_size=2, sequence_parallel=True, enable_loss_parallelism=True)),
 ])
@@ -222,8 +223,8 @@ def test_a_pipeline_checkpoint_resumes_in_another_layout(write, read, char_data,
 
 
 def test_3d_pp_dp_tp_matches_one_process(char_data, tmp_path, single):
-    """PP x DP x TP = 2 x 2 x 2 on 8 processes (mesh order pp, dp, tp)."""
+    """PP x DP x TP = 2 x 2 x 2 on 8 processes (mesh order pp, dp, tp), the custom FSDP."""
     kwargs = tiny_run(char_data, tmp_path, pipeline_parallel_size=2, data_parallel_size=2,
-                      tensor_parallel_size=2, sequence_parallel=True, deferred_init=True, **F64)
+                      data_parallel_type="fsdp", tensor_parallel_size=2, sequence_parallel=True, deferred_init=True, **F64)
     for records in run_distributed(trainer_records, 8, kwargs, timeout=400):
         assert_records_match(records, single, "pp2 x dp2 x tp2")

@@ -3,7 +3,8 @@
 Units (the wrap policy): every module held in an nn.ModuleList (GPT's blocks), plus the
 root for the rest (embeddings, final norm, the head; wte and lm_head are one tied
 parameter, counted once). Each unit flattens its parameters, one flat vector per class
-(decay / no-decay x the groups they are already sharded over, e.g. TP), padded to N:
+(decay / no-decay x the groups they are already sharded over, e.g. TP; the tied weight
+alone, so that a pipeline's first and last stage shard it alike), padded to N:
 
     flat    [ c_attn.w | c_proj.w | c_fc.w | ... | pad ]   numel = k * N, fp32 (fp64: --dtype float64)
     shards  [ rank 0 ][ rank 1 ] ... [ rank N-1 ]           rank r keeps shard r (k values):
@@ -26,6 +27,7 @@ from functools import partial
 import torch
 import torch.nn as nn
 
+from nanodist.model import TIED_NAMES
 from nanodist.parallel import comm
 from nanodist.parallel.init import full_value
 
@@ -140,10 +142,11 @@ class FSDP:
             for pname, p in module.named_parameters(prefix=name):
                 if id(p) not in claimed:
                     claimed.add(id(p))
-                    classes[(p.dim() >= 2, sharded_over.get(p, ()))].append((pname, p))
+                    tied = pname in TIED_NAMES
+                    classes[(p.dim() >= 2, sharded_over.get(p, ()), tied)].append((pname, p))
             flats = [FlatParam(params, owners, model, seed, self.group, self.rank,
                                compute_dtype, mesh.device, (self.group,) + groups)
-                     for (_, groups), params in classes.items()]
+                     for (_, groups, _), params in classes.items()]
             self.units.insert(0, Unit(module, flats))
             claimed.update(id(p) for p in self.units[0].params)
         for i, unit in enumerate(self.units):
@@ -156,7 +159,7 @@ class FSDP:
     def flats(self):
         return [f for unit in self.units for f in unit.flats]
 
-    def _flats_in_optimizer_order(self):
+    def flats_in_optimizer_order(self):
         return [f for f in self.flats if f.decay] + [f for f in self.flats if not f.decay]
 
     def optimizer_params(self):
@@ -168,7 +171,7 @@ class FSDP:
         """(GPT-2 name, full tensor) for `tensors` laid out like the optimizer's params (the
         shards, or AdamW's moments), one flat parameter gathered at a time. Collective.
         `to_full(name, tensor)` undoes what TP did to a parameter (identity without TP)."""
-        for f, tensor in zip(self._flats_in_optimizer_order(), tensors):
+        for f, tensor in zip(self.flats_in_optimizer_order(), tensors):
             full = torch.empty(f.full.numel(), dtype=tensor.dtype, device=tensor.device)
             comm.all_gather(full, tensor.detach(), f.group)
             for name, p, value in zip(f.names, f.params, f.split(full)):
@@ -178,7 +181,7 @@ class FSDP:
     def load_full_tensors(self, full_of, tensors, to_local=lambda name, full, like: full):
         """The inverse: fill `tensors` (laid out like the optimizer's params) with this rank's
         shard of the full tensors `full_of(name)`; `to_local` takes TP's slice first."""
-        for f, tensor in zip(self._flats_in_optimizer_order(), tensors):
+        for f, tensor in zip(self.flats_in_optimizer_order(), tensors):
             full = torch.zeros(f.full.numel(), dtype=tensor.dtype, device=tensor.device)
             for name, p, value in zip(f.names, f.params, f.split(full)):
                 value.copy_(to_local(name, full_of(name).to(tensor.device), p).reshape(-1))

@@ -94,6 +94,13 @@ class Parallel:
         """Norm of the full gradient (over every shard); clips when max_norm is given."""
         return clip_grad_norm_(self.optimizer_param_list(), max_norm, self.sharded_over)
 
+    def param_names(self) -> list[list[str]]:
+        """Per optimizer parameter, in order, the GPT-2 names it holds (FSDP: a flat's)."""
+        if self.fsdp is not None:
+            return [f.names for f in self.fsdp.flats_in_optimizer_order()]
+        names = {id(p): name for name, p in self.gpt.named_parameters()}
+        return [[names[id(p)]] for p in self.optimizer_param_list()]
+
     def full_tensors(self, tensors):
         """(GPT-2 name, full tensor) for `tensors` laid out like the optimizer's params
         (the params themselves, or Adam's moments), one parameter at a time. Collective."""
@@ -101,9 +108,7 @@ class Parallel:
         if self.fsdp is not None:
             yield from self.fsdp.full_tensors(tensors, to_full)
             return
-        names = {id(p): name for name, p in self.gpt.named_parameters()}
-        for param, tensor in zip(self.optimizer_param_list(), tensors):
-            name = names[id(param)]
+        for [name], tensor in zip(self.param_names(), tensors):
             yield name, to_full(name, tensor)
 
     @torch.no_grad()
@@ -114,9 +119,7 @@ class Parallel:
         if self.fsdp is not None:
             self.fsdp.load_full_tensors(full_of, tensors, to_local)
             return
-        names = {id(p): name for name, p in self.gpt.named_parameters()}
-        for param, tensor in zip(self.optimizer_param_list(), tensors):
-            name = names[id(param)]
+        for [name], tensor in zip(self.param_names(), tensors):
             local = to_local(name, full_of(name).to(tensor.device), tensor)
             (tensor.to_local() if isinstance(tensor, DTensor) else tensor).copy_(local)
 

@@ -40,12 +40,13 @@ import torch.nn as nn
 from torch.distributed.tensor import DTensor
 
 from nanodist.config import UserError, grad_accum_steps
+from nanodist.model import TIED_NAMES
 from nanodist.parallel import comm
 from nanodist.parallel.clip import grad_norm, scale_grads_
 from nanodist.parallel.parallelize import Parallel
 
 Action = namedtuple("Action", "kind micro chunk")  # kind "F" | "B"; chunk: local index v
-TIED, TIED_ON_LAST = "transformer.wte.weight", "lm_head.weight"
+TIED, TIED_ON_LAST = TIED_NAMES
 
 
 # ------------------------------------------------------------------ the stage split
@@ -347,6 +348,13 @@ def embedding_group(mesh):
     return mine
 
 
+def _holder(stage: Parallel, name: str):
+    """The optimizer parameter that holds GPT-2 parameter `name` alone (the custom FSDP
+    gives the tied weight a flat of its own), or None."""
+    return next((p for p, held in zip(stage.optimizer_param_list(), stage.param_names())
+                 if held == [name]), None)
+
+
 def apply_pp(model: nn.Module, cfg, mesh, parallelize_stage) -> PipelineParallel:
     """Split `model` into this rank's chunks, parallelise each as a model of its own
     (torchtitan's order: split first, then TP, FSDP/DDP per stage)."""
@@ -361,14 +369,13 @@ def apply_pp(model: nn.Module, cfg, mesh, parallelize_stage) -> PipelineParallel
     for v in range(V):
         c = v * P + mesh.pp_rank
         par = parallelize_stage(stage_model(model, blocks[c], c == 0, c == S - 1), cfg, mesh)
-        name_of = {id(p): name for name, p in par.gpt.named_parameters()}
-        names.append([(name_of[id(p)], shapes[name_of[id(p)]]) for p in par.optimizer_param_list()])
+        names.append([(name, shapes[name]) for held in par.param_names() for name in held])
         stages.append(par)
     gathered = [None] * P
     dist.all_gather_object(gathered, names, group=mesh.pp_group)
     stage_names = [gathered[c % P][c // P] for c in range(S)]
-    tied = (dict(stages[0].gpt.named_parameters()).get(TIED) if mesh.pp_rank == 0 else
-            dict(stages[-1].gpt.named_parameters()).get(TIED_ON_LAST))
+    tied = (_holder(stages[0], TIED) if mesh.pp_rank == 0 else
+            _holder(stages[-1], TIED_ON_LAST) if mesh.pp_rank == P - 1 else None)
     tp_split = mesh.tp_size if cfg.sequence_parallel else 1
     act_shape = (cfg.batch_size, cfg.block_size // tp_split, model.config.n_embd)
     # zero_bubble (native only) has no hand-written schedule; the native steps do not read it
