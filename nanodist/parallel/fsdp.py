@@ -93,6 +93,7 @@ class Unit:
         self.module, self.flats = module, flats
         self.params = [p for f in flats for p in f.params]
         self.gathered, self.in_flight, self.grads_ready = False, [], 0
+        self.reduced = False  # this backward's gradients are reduced (no more gathers needed)
 
     def unshard(self):
         """Start the all-gathers (async); nothing to do if gathered or already started."""
@@ -214,7 +215,8 @@ class FSDP:
             self.backward_started = True
             torch.autograd.Variable._execution_engine.queue_callback(self._finish_backward)
         self.units[i].wait()
-        self.units[i - 1].unshard()  # prefetch the unit backward reaches next (root: last block)
+        if not self.units[i - 1].reduced:  # a pipeline's last stage is done with its head early
+            self.units[i - 1].unshard()  # prefetch the unit backward reaches next (root: last block)
 
     def _grad_ready(self, unit):
         unit.grads_ready += 1
@@ -237,7 +239,7 @@ class FSDP:
                 work = comm.reduce_scatter(out, f.unsharded_grad, self.group, async_op=True)
                 self.reductions.append((f, out, work, f.unsharded_grad))
                 f.unsharded_grad = None
-        unit.grads_ready = 0
+        unit.grads_ready, unit.reduced = 0, True
         unit.reshard()
 
     def _finish_reductions(self):
@@ -253,6 +255,8 @@ class FSDP:
                 self._reduce_grads(unit)
         self._finish_reductions()
         self.backward_started = False
+        for unit in self.units:
+            unit.reduced = False
 
 
 def apply_fsdp(par, cfg):
