@@ -259,3 +259,12 @@ def activation_bytes(cfg: GPTConfig, layout: Layout, micro_batch: int,
         layers = L * layer[checkpointing]
     head = (bsh + 2 * b * s) / seq_split + bsh + b * s * V / (t if layout.loss_parallel else 1)
     return FP32 * (layers + head + 1) + 8 * (2 * b * s + s)
+
+
+def pipeline_sends(act_bytes: int, P: int, V: int, M: int, rank: int) -> int:
+    """Bytes pp rank `rank` sends per step: each of its chunks s = v P + rank sends every
+    micro-batch's activations forward unless it is the last chunk, their gradients
+    backward unless it is the first (`act_bytes`: one micro-batch's B x T x C, wire dtype)."""
+    chunks = [v * P + rank for v in range(V)]
+    boundaries = sum(s < P * V - 1 for s in chunks) + sum(s > 0 for s in chunks)
+    return boundaries * M * act_bytes

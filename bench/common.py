@@ -85,6 +85,13 @@ def print_table(rows: list[dict], title: str = ""):
         print(" | ".join(v.ljust(w) for v, w in zip(r, widths)))
 
 
+def markdown_table(rows: list[dict]) -> str:
+    """The rows of `print_table` as a Markdown table."""
+    cells = [[f"{v:.4g}" if isinstance(v, float) else str(v) for v in row.values()] for row in rows]
+    lines = ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in cells])
+
+
 def write_json(path: str, payload: dict):
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps(payload, indent=2) + "\n")

@@ -155,6 +155,26 @@ def saved_activations(params=()):
             saved[storage.data_ptr()] = storage.nbytes()
 
 
+@contextmanager
+def peak_saved_bytes():
+    """`with peak_saved_bytes() as peak:` ... `peak["bytes"]`: the most bytes of tensors
+    saved for backward (parameters excluded) alive at one time inside, as autograd frees
+    them (a pipeline's micro-batches in flight)."""
+    live, peak = {}, {"bytes": 0}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        key = storage.data_ptr()
+        if not _is_param(t) and storage.nbytes() and key not in live:
+            live[key] = storage.nbytes()
+            weakref.finalize(storage, live.pop, key, None)  # when autograd lets it go
+            peak["bytes"] = max(peak["bytes"], sum(live.values()))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        yield peak
+
+
 def peak_tensor_bytes(trainer, step: int) -> int:
     """Peak bytes of live tensors on this rank during `trainer.train_step(step)`."""
     device = trainer.mesh.device

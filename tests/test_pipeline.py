@@ -4,10 +4,11 @@ process on the same global batch; the tied embedding, deferred init, bad layouts
 import pytest
 import torch
 
-from harness import assert_records_match, run_distributed, run_train, tiny_run, trainer_records
+from harness import REPO, assert_records_match, run_distributed, run_train, tiny_run, trainer_records
 from nanodist.config import TrainConfig, UserError, resolve_layout
-from nanodist.parallel.pipeline import (SCHEDULES, check_layout, one_f_one_b, simulate,
-                                        split_layers, timeline)
+from nanodist.parallel.pipeline import split_layers
+from nanodist.parallel.schedules import (SCHEDULES, bubble_fraction, check_layout, one_f_one_b,
+                                         simulate, timeline)
 
 
 # ------------------------------------------------------------------ schedules as data
@@ -45,7 +46,7 @@ def test_bubble_and_memory_are_the_textbook_ones():
         slots = simulate(SCHEDULES[name](P, M, V))
         end = max(t for row in slots for t, _ in row) + 1
         idle = sum(end - len(row) for row in slots) / (P * end)
-        assert idle == pytest.approx((P - 1) / (V * M + P - 1)), (name, P, M, V)
+        assert idle == pytest.approx(bubble_fraction(P, M, V)), (name, P, M, V)
         if name == "interleaved_1f1b":
             continue
         for rank, row in enumerate(slots):
@@ -57,9 +58,9 @@ def test_bubble_and_memory_are_the_textbook_ones():
 
 
 def test_timeline_prints_the_docstring_diagram():
-    import nanodist.parallel.pipeline as pipeline
+    import nanodist.parallel.schedules as schedules
     for line in timeline(one_f_one_b(4, 4)).splitlines():
-        assert line in pipeline.__doc__
+        assert line in schedules.__doc__
 
 
 def test_split_layers_gives_earlier_stages_the_extra_block():
@@ -228,3 +229,28 @@ def test_3d_pp_dp_tp_matches_one_process(char_data, tmp_path, single):
                       data_parallel_type="fsdp", tensor_parallel_size=2, sequence_parallel=True, deferred_init=True, **F64)
     for records in run_distributed(trainer_records, 8, kwargs, timeout=400):
         assert_records_match(records, single, "pp2 x dp2 x tp2")
+
+
+# ------------------------------------------------------------------ what bench/pp.py measures
+
+def _bench_measure(schedule):
+    """Rank side: bench/pp.py's measurement of one schedule, P = 2, M = 4 (tiny model)."""
+    import sys
+    from types import SimpleNamespace
+    sys.path.insert(0, str(REPO / "bench"))
+    from pp import measure
+    from nanodist.parallel.mesh import build_mesh
+    args = SimpleNamespace(model="tiny", n_layer=4, block_size=32, batch_size=2, vocab_size=128,
+                           warmup=0, steps=1)
+    got = measure(args, build_mesh(1, 1, torch.device("cpu"), pp_size=2), schedule, 1, 4)
+    return got["sent"], got["sent_analytic"], got["in_flight"]
+
+
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
+def test_sends_and_micro_batches_in_flight_are_the_analytic_ones(schedule):
+    """p2p bytes counted by comm.py = analytic.pipeline_sends, exactly; the peak of bytes
+    saved for backward is M micro-batches' (GPipe) or min(P - r, M) (1F1B): measured as a
+    multiple of one micro-batch's, up to the few scalars (the loss) a step adds."""
+    for rank, (sent, analytic, in_flight) in enumerate(run_distributed(_bench_measure, 2, schedule)):
+        assert sent == analytic > 0
+        assert round(in_flight) == (4 if schedule == "gpipe" else min(2 - rank, 4)), in_flight

@@ -15,23 +15,15 @@ same initial value (GPT.initial_value); after every backward their gradients are
 over a 2-rank group (Megatron's embedding group), so both copies take the same step. The
 gradient norm counts it once (on the first stage).
 
-A schedule is data: per rank, a list of actions F(m, v) / B(m, v) (forward / backward
-of micro-batch m on local chunk v); the sends and receives follow from them. `simulate`
-places each action in a time slot (as soon as its input can be there); one runner
-executes that timeline: before slot t every rank exchanges, in one batch through `comm`
-(counted), what slot t-1 produced, so every message is sent and received in the same
-round on both sides and no schedule can deadlock on the order of its messages.
-
-    1F1B, P=4, M=4 (`timeline`):   rank 0 | F0 F1 F2 F3 .  .  .  B0 .  B1 .  B2 .  B3
-                                   rank 1 | .  F0 F1 F2 .  .  B0 F3 B1 .  B2 .  B3 .
-                                   rank 2 | .  .  F0 F1 .  B0 F2 B1 F3 B2 .  B3 .  .
-                                   rank 3 | .  .  .  F0 B0 F1 B1 F2 B2 F3 B3 .  .  .
-    bubble (idle fraction) (P-1)/(M+P-1) for GPipe and 1F1B, (P-1)/(V M+P-1) interleaved.
+Schedules are data (`schedules.py`); one runner here executes any of them: before time
+slot t every rank exchanges, in one batch through `comm` (counted), what slot t-1
+produced, so every message is sent and received in the same round on both sides and no
+schedule can deadlock on the order of its messages.
 
 Micro-batches are the gradient-accumulation micro-steps of one global batch, so the
 pipeline follows the one-process trajectory; the loss is computed on the last stage.
 """
-from collections import namedtuple
+import time
 from contextlib import nullcontext
 
 import torch
@@ -39,13 +31,13 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed.tensor import DTensor
 
-from nanodist.config import UserError, grad_accum_steps
+from nanodist.config import grad_accum_steps
 from nanodist.model import TIED_NAMES
 from nanodist.parallel import comm
 from nanodist.parallel.clip import grad_norm, scale_grads_
 from nanodist.parallel.parallelize import Parallel
+from nanodist.parallel.schedules import SCHEDULES, Action, check_layout, interleaved_1f1b, simulate
 
-Action = namedtuple("Action", "kind micro chunk")  # kind "F" | "B"; chunk: local index v
 TIED, TIED_ON_LAST = TIED_NAMES
 
 
@@ -72,115 +64,6 @@ def stage_model(model: nn.Module, blocks: range, first: bool, last: bool) -> nn.
     return stage
 
 
-# ------------------------------------------------------------------ schedules (data)
-
-def gpipe(P: int, M: int, V: int = 1) -> list[list[Action]]:
-    """All forwards, then all backwards (GPipe, picotron's AFAB): M micro-batches in flight."""
-    return [[Action("F", m, v) for v in range(V) for m in range(M)]
-            + [Action("B", m, v) for v in reversed(range(V)) for m in range(M)] for _ in range(P)]
-
-
-def one_f_one_b(P: int, M: int, V: int = 1) -> list[list[Action]]:
-    """Rank r runs P-1-r warm-up forwards, then alternates F and B, then drains the Bs:
-    at most P - r micro-batches in flight (PipeDream-flush, Megatron, picotron)."""
-    schedule = []
-    for r in range(P):
-        warmup = min(P - 1 - r, M)
-        actions = [Action("F", m, 0) for m in range(warmup)]
-        for i in range(M - warmup):
-            actions += [Action("F", warmup + i, 0), Action("B", i, 0)]
-        schedule.append(actions + [Action("B", m, 0) for m in range(M - warmup, M)])
-    return schedule
-
-
-def interleaved_1f1b(P: int, M: int, V: int) -> list[list[Action]]:
-    """Megatron's virtual stages: 1F1B over the V chunks of each rank, micro-batches in
-    groups of P (M a multiple of P); the k-th forward runs chunk (k // P) % V."""
-    total = M * V
-
-    def action(kind, k):
-        v = (k // P) % V
-        return Action(kind, k // (P * V) * P + k % P, V - 1 - v if kind == "B" else v)
-
-    schedule = []
-    for r in range(P):
-        warmup = total if M == P else min((P - r - 1) * 2 + (V - 1) * P, total)
-        actions = [action("F", k) for k in range(warmup)]
-        for k in range(total - warmup):
-            actions += [action("F", warmup + k), action("B", k)]
-        schedule.append(actions + [action("B", k) for k in range(total - warmup, total)])
-    return schedule
-
-
-SCHEDULES = {"gpipe": gpipe, "1f1b": one_f_one_b, "interleaved_1f1b": interleaved_1f1b}
-
-
-def check_layout(n_layer: int, P: int, V: int, M: int, schedule: str, implementation: str):
-    """Layouts no schedule can run, refused with one message before any communication."""
-    if P > n_layer:
-        raise UserError(f"--pipeline_parallel_size ({P}) is larger than the model's n_layer "
-                        f"({n_layer}): every stage needs a block; use at most {n_layer} stages")
-    if P * V > n_layer:
-        raise UserError(f"--pipeline_parallel_size x --virtual_stages = {P} x {V} = {P * V} chunks, "
-                        f"but the model has {n_layer} blocks; lower --virtual_stages")
-    if V > 1 and schedule not in ("interleaved_1f1b", "zero_bubble"):
-        raise UserError(f"--virtual_stages {V} needs --pipeline_schedule interleaved_1f1b "
-                        f"(or zero_bubble with --implementation pytorch)")
-    if schedule == "zero_bubble" and implementation != "pytorch":
-        raise UserError("--pipeline_schedule zero_bubble exists with --implementation pytorch only")
-    where = (f"M = {M} micro-batches (the gradient accumulation steps: --total_batch_size / "
-             f"(batch_size x block_size x data_parallel_size))")
-    if schedule in ("interleaved_1f1b", "zero_bubble") and M % P:
-        raise UserError(f"--pipeline_schedule {schedule} needs M to be a multiple of the "
-                        f"{P} stages, got {where}; raise --total_batch_size or lower --batch_size")
-    if schedule == "1f1b" and implementation == "pytorch" and M < P:
-        raise UserError(f"PyTorch's 1F1B needs at least M = P = {P} micro-batches, got {where}")
-
-
-def simulate(schedule: list[list[Action]]) -> list[list[tuple[int, Action]]]:
-    """(time slot, action) per rank, each action one slot, as soon as its input is there
-    (F(m) on stage s needs F(m) of s-1; B(m) of s needs B(m) of s+1). Raises on a
-    schedule that cannot run (an action waiting on one that never comes)."""
-    P = len(schedule)
-    S = P * (1 + max(a.chunk for a in schedule[0]))
-    done, clock, next_index = {}, [0] * P, [0] * P
-    out = [[] for _ in range(P)]
-    while any(i < len(a) for i, a in zip(next_index, schedule)):
-        progressed = False
-        for r in range(P):
-            if next_index[r] == len(schedule[r]):
-                continue
-            a = schedule[r][next_index[r]]
-            s = a.chunk * P + r
-            need = ((("F", a.micro, s - 1),) if a.kind == "F" and s > 0 else
-                    (("B", a.micro, s + 1),) if a.kind == "B" and s < S - 1 else ()) + \
-                   ((("F", a.micro, s),) if a.kind == "B" else ())
-            if all(n in done for n in need):
-                start = max([clock[r]] + [done[n] for n in need])
-                out[r].append((start, a))
-                done[(a.kind, a.micro, s)] = clock[r] = start + 1
-                next_index[r] += 1
-                progressed = True
-        if not progressed:
-            raise ValueError(f"schedule deadlocks: ranks wait at {next_index}")
-    return out
-
-
-def timeline(schedule: list[list[Action]]) -> str:
-    """The schedule as text, one row per rank ('.' = idle), e.g. for the docstring above."""
-    slots = simulate(schedule)
-    end = max(t for row in slots for t, _ in row) + 1
-    multi = any(a.chunk for row in schedule for a in row)
-    lines = []
-    for r, row in enumerate(slots):
-        cells = ["."] * end
-        for t, a in row:
-            cells[t] = f"{a.kind}{a.micro}" + (f"v{a.chunk}" if multi else "")
-        width = max(len(c) for c in cells)
-        lines.append(f"rank {r} | " + " ".join(c.ljust(width) for c in cells).rstrip())
-    return "\n".join(lines)
-
-
 # ------------------------------------------------------------------ the runner
 
 class PipelineParallel(Parallel):
@@ -197,6 +80,7 @@ class PipelineParallel(Parallel):
         self.loss_dtype = torch.promote_types(wire_dtype, torch.float32)  # as cross_entropy's
         self.tied, self.embedding_group = tied, embedding_group  # None off the first/last stage
         self.stage_names = stage_names  # per global chunk: [(name, full shape)], optimizer order
+        self.trace = None  # a list to record (kind, micro, chunk, start s, end s) in: bench/pp.py
         self.optimizer_params = lambda: tuple(
             [p for s in stages for p in s.optimizer_params()[i]] for i in (0, 1))
         self.sharded_over = {p: g for s in stages for p, g in s.sharded_over.items()}
@@ -229,13 +113,16 @@ class PipelineParallel(Parallel):
                     inbox[message[0]] = torch.empty(self.act_shape, dtype=self.wire_dtype,
                                                     device=self.mesh.device)
                     recvs.append((inbox[message[0]], q))
+            start = self._now()
             comm.send_recv(outbox, recvs, group)
+            self._record("p2p", -1, -1, start)
             outbox = []
             if (rank, t) not in at:
                 continue
             a = at[rank, t]
             s, key = a.chunk * self.mesh.pp_size + rank, (a.micro, a.chunk)
             stage, is_last, message = self.stages[a.chunk], s == self.S - 1, self._message(a, rank)
+            start = self._now()
             if a.kind == "F":
                 x = batches[a.micro][0] if s == 0 else inbox.pop(("F", a.micro, s)).requires_grad_(train)
                 with torch.set_grad_enabled(train), (stage.loss_context() if is_last else nullcontext()):
@@ -257,8 +144,18 @@ class PipelineParallel(Parallel):
                     torch.autograd.backward(out, grad)
                 if message is not None:
                     outbox.append((x.grad, message[1]))
+            self._record(a.kind, a.micro, a.chunk, start)
         comm.all_reduce(loss_sum, group)  # from the last stage to every rank
         return loss_sum
+
+    def _now(self) -> float:
+        if self.trace is not None and self.mesh.device.type == "cuda":
+            torch.cuda.synchronize(self.mesh.device)  # GPU work done: times are the kernels'
+        return time.perf_counter()
+
+    def _record(self, kind: str, micro: int, chunk: int, start: float):
+        if self.trace is not None:
+            self.trace.append((kind, micro, chunk, start, self._now()))
 
     def sum_tied_grads(self):
         """The tied wte / lm_head: the first and last stage add their gradients (both

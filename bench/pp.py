@@ -1,0 +1,176 @@
+"""Pipeline parallelism measured: the bubble, micro-batches in flight, point-to-point
+bytes, and the hand-written runner against torch.distributed.pipelining.
+
+    torchrun --standalone --nproc_per_node=2 bench/pp.py [--model tiny --block_size 128]
+    torchrun --standalone --nproc_per_node=4 bench/pp.py --micro 4 --timeline
+
+Per schedule and M (micro-batches = P, 2P, 4P, 8P), the same global-batch step on the
+PP ranks alone: the runner records every action's start and end (`PipelineParallel.trace`)
+and the bubble is the measured idle fraction of the step (1 - time in forwards and
+backwards / step time, mean over ranks) against `schedules.bubble_fraction`. Micro-batches
+in flight: the peak bytes saved for backward (measure.peak_saved_bytes) over one
+micro-batch's, against M (GPipe) and min(P - r, M) (1F1B); interleaved: the peak bytes. Traffic: comm.py's count of
+sends against analytic.pipeline_sends. Custom vs native: tokens/s of both runners on
+the same step, taking turns. --docs DIR: also DIR/pp_P{P}.md with the tables and
+DIR/pp_timeline_P{P}.png, what each rank did when (1F1B and interleaved, the largest M).
+On a CPU with fewer cores than processes the ranks share cores: the measured bubble
+then reads low (an idle rank's core works for another).
+"""
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from analytic import pipeline_sends
+from common import (markdown_table, median, parser, print_table, start_processes,
+                    time_interleaved, write_json)
+from measure import peak_saved_bytes
+from nanodist.config import TrainConfig
+from nanodist.model import GPT, model_config
+from nanodist.parallel import comm
+from nanodist.parallel.mesh import build_mesh
+from nanodist.parallel.parallelize import parallelize
+from nanodist.parallel.schedules import bubble_fraction
+
+SCHEDULES = [("gpipe", 1), ("1f1b", 1), ("interleaved_1f1b", 2)]
+
+
+def build(args, mesh, schedule, V, M, implementation="custom"):
+    cfg = TrainConfig(pipeline_parallel_size=mesh.pp_size, pipeline_schedule=schedule,
+                      virtual_stages=V, data_parallel_size=1, batch_size=args.batch_size,
+                      block_size=args.block_size, total_batch_size=M * args.batch_size * args.block_size,
+                      implementation=implementation)
+    mcfg = replace(model_config(args.model, args.block_size, args.vocab_size), n_layer=args.n_layer)
+    par = parallelize(GPT(mcfg, seed=1).to(mesh.device), cfg, mesh)
+    batches = [tuple(torch.randint(0, mcfg.vocab_size, (2, args.batch_size, args.block_size),
+                                   generator=torch.Generator().manual_seed(m)).to(mesh.device))
+               for m in range(M)]
+    autocast = torch.autocast(mesh.device.type, enabled=False)
+
+    def step():
+        par.forward_backward(batches, autocast)
+        for p in par.optimizer_param_list():
+            p.grad = None
+    return par, step, mcfg
+
+
+def measure(args, mesh, schedule, V, M) -> dict:
+    """This rank's bubble, peak in flight and sends for one schedule and M (custom)."""
+    par, step, mcfg = build(args, mesh, schedule, V, M)
+    for _ in range(args.warmup):
+        step()
+    idle, traces = [], []
+    for _ in range(args.steps):
+        dist.barrier()
+        par.trace = []
+        step()
+        trace, par.trace = par.trace, None
+        busy = sum(end - start for kind, *_, start, end in trace if kind != "p2p")
+        idle.append(1 - busy / (trace[-1][-1] - trace[0][-2]))
+        traces.append(trace)
+    with peak_saved_bytes() as one:  # one micro-batch alone (the same split as V = 1)
+        build(args, mesh, "gpipe", 1, 1)[1]()
+    with peak_saved_bytes() as peak, comm.counting() as counted:
+        step()
+    act = args.batch_size * args.block_size * mcfg.n_embd * 4
+    return {"idle": median(idle), "in_flight": peak["bytes"] / one["bytes"] if V == 1 else None,
+            "peak_saved": peak["bytes"], "sent": counted.payload_bytes["send"],
+            "sent_analytic": pipeline_sends(act, mesh.pp_size, V, M, mesh.pp_rank),
+            "trace": traces[len(traces) // 2]}
+
+
+def draw_timelines(traces: dict, path):
+    """One panel per schedule: per rank, forwards, backwards and p2p as bars in time."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    colours = {"F": "tab:blue", "B": "tab:orange", "p2p": "tab:gray"}
+    fig, axes = plt.subplots(len(traces), 1, figsize=(11, 1 + 0.6 * len(traces) * 4), squeeze=False)
+    for ax, (name, per_rank) in zip(axes[:, 0], traces.items()):
+        t0 = min(trace[0][-2] for trace in per_rank)
+        for rank, trace in enumerate(per_rank):
+            for kind, micro, chunk, start, end in trace:
+                ax.barh(rank, (end - start) * 1e3, left=(start - t0) * 1e3, color=colours[kind],
+                        edgecolor="white", linewidth=0.3)
+                if kind != "p2p" and end - start > 0:
+                    ax.text((start + end - 2 * t0) / 2 * 1e3, rank, f"{kind}{micro}" + (f"v{chunk}" if "interleaved" in name else ""),
+                            ha="center", va="center", fontsize=6, color="white")
+        ax.set_yticks(range(len(per_rank)), [f"rank {r}" for r in range(len(per_rank))])
+        ax.invert_yaxis()
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("ms (measured)")
+    fig.legend([plt.Rectangle((0, 0), 1, 1, color=c) for c in colours.values()],
+               ["forward", "backward", "send/recv (incl. waiting)"], loc="upper right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    print(f"timeline written to {path}")
+
+
+def write_docs(args, P, device, rows, speed, traces):
+    docs = Path(args.docs)
+    docs.mkdir(parents=True, exist_ok=True)
+    biggest = max(row["M"] for row in rows)
+    draw_timelines({k: v for k, v in traces.items() if f"M={biggest} " in k + " " and "gpipe" not in k},
+                   docs / f"pp_timeline_P{P}.png")
+    (docs / f"pp_P{P}.md").write_text(
+        f"# Pipeline parallelism, P = {P} on {device}\n\n`{' '.join(sys.argv)}` "
+        f"(model {args.model} with {args.n_layer} blocks, micro-batch {args.batch_size}x{args.block_size})\n\n"
+        f"Bubble (median over steps and ranks), micro-batches in flight on rank 0, sends:\n\n"
+        f"{markdown_table(rows)}\n\nThe hand-written runner against torch.distributed.pipelining "
+        f"(same step, taking turns):\n\n{markdown_table(speed)}\n\n"
+        f"![timeline](pp_timeline_P{P}.png)\n")
+    print(f"tables and timeline written to {docs}")
+
+
+def main():
+    p = parser("pp", __doc__.splitlines()[0])
+    p.add_argument("--model", default="tiny")
+    p.add_argument("--block_size", type=int, default=128)
+    p.add_argument("--batch_size", type=int, default=2)
+    p.add_argument("--vocab_size", type=int, default=512)
+    p.add_argument("--n_layer", type=int, default=8, help="blocks (the preset's width): P x V chunks")
+    p.add_argument("--micro", type=int, nargs="*", help="micro-batch counts M (default P, 2P, 4P, 8P)")
+    p.add_argument("--docs", help="write the tables (Markdown) and the timeline PNG here")
+    args = p.parse_args()
+    device, P = start_processes()
+    mesh = build_mesh(1, 1, device, pp_size=P)
+    rows, traces = [], {}
+    for M in args.micro or [P, 2 * P, 4 * P, 8 * P]:
+        for schedule, V in SCHEDULES:
+            got = measure(args, mesh, schedule, V, M)
+            everyone = [None] * P
+            dist.all_gather_object(everyone, got)
+            traces[f"{schedule} P={P} M={M}" + (f" V={V}" if V > 1 else "")] = [g.pop("trace") for g in everyone]
+            in_flight_expected = [M if schedule == "gpipe" else min(P - r, M) for r in range(P)]
+            rows.append({"schedule": schedule, "M": M, "bubble measured": median([g["idle"] for g in everyone]),
+                         "bubble analytic": bubble_fraction(P, M, V),
+                         "in flight r0": everyone[0]["in_flight"] or "-",
+                         "expected r0": in_flight_expected[0] if V == 1 else "-",
+                         "saved MiB r0": everyone[0]["peak_saved"] / 2**20,
+                         "sent MiB r0": everyone[0]["sent"] / 2**20,
+                         "sent = analytic": all(g["sent"] == g["sent_analytic"] for g in everyone)})
+    speed = []
+    for schedule, V in SCHEDULES[:2]:  # the schedules both runners have
+        M = 4 * P
+        steps = {impl: build(args, mesh, schedule, V, M, impl)[1] for impl in ("custom", "pytorch")}
+        times = time_interleaved(steps, args.warmup, args.steps, device, dist.barrier)
+        tokens = M * args.batch_size * args.block_size
+        speed.append({"schedule": schedule, "M": M,
+                      "custom tok/s": tokens / median(times["custom"]),
+                      "native tok/s": tokens / median(times["pytorch"]),
+                      "custom / native": median(times["pytorch"]) / median(times["custom"])})
+    if dist.get_rank() == 0:
+        print(f"PP={P} on {device}, model {args.model} with {args.n_layer} blocks, "
+              f"micro-batch {args.batch_size}x{args.block_size}")
+        print_table(rows, "\nbubble (median over steps and ranks), micro-batches in flight on rank 0, sends")
+        print_table(speed, "\nhand-written runner against torch.distributed.pipelining (same step)")
+        write_json(args.out, {"args": vars(args), "P": P, "rows": rows, "speed": speed})
+        if args.docs:
+            write_docs(args, P, device, rows, speed, traces)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
