@@ -202,9 +202,9 @@ def resolve_layout(cfg: TrainConfig, world_size: int) -> TrainConfig:
                         f"chunks: --block_size ({cfg.block_size}) must be divisible by {2 * cp}")
     if cp > 1 and cfg.dropout > 0:
         raise UserError("--context_parallel_size > 1 runs attention without dropout: use --dropout 0")
-    if cp > 1 and pp > 1:
-        raise UserError("context parallel x pipeline stages is not wired up yet; use one of "
-                        "--context_parallel_size and --pipeline_parallel_size")
+    if cp > 1 and pp > 1 and cfg.implementation == "pytorch":
+        raise UserError("torch.distributed.pipelining x PyTorch's context parallel is not wired "
+                        "up here; use --implementation custom for PP x CP")
     if pp > 1 and tp > 1 and cfg.implementation == "pytorch":
         raise UserError("torch.distributed.pipelining x DTensor TP is not wired up here yet; use "
                         "--implementation custom for PP x TP")

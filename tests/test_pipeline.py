@@ -90,8 +90,9 @@ def test_world_must_be_pp_x_dp_x_tp():
                                    data_parallel_size=2), world_size=4)
     cfg = resolve_layout(TrainConfig(pipeline_parallel_size=2, tensor_parallel_size=2), world_size=8)
     assert cfg.data_parallel_size == 2
-    with pytest.raises(UserError, match="context parallel x pipeline stages"):
-        resolve_layout(TrainConfig(pipeline_parallel_size=2, context_parallel_size=2), world_size=4)
+    with pytest.raises(UserError, match="pipelining x PyTorch's context parallel"):
+        resolve_layout(TrainConfig(pipeline_parallel_size=2, context_parallel_size=2,
+                                   implementation="pytorch"), world_size=4)
 
 
 def test_bad_layout_ends_in_one_message_on_every_rank(char_data, tmp_path):
@@ -142,6 +143,7 @@ def test_pp4_matches_one_process(char_data, tmp_path, single, schedule):
     ("custom", dict(data_parallel_size=2, data_parallel_type="fsdp")),    # ZeRO-3 by hand
     ("pytorch", dict(data_parallel_size=2, data_parallel_type="fsdp")),   # FSDP2
     ("custom", dict(tensor_parallel_size=2, sequence_parallel=True, enable_loss_parallelism=True)),
+    ("custom", dict(context_parallel_size=2)),                            # ring attention per stage
 ])
 def test_pp2_x_dp_or_tp_matches_one_process(char_data, tmp_path, single, implementation, other):
     kwargs = tiny_run(char_data, tmp_path, pipeline_parallel_size=2, pipeline_schedule="1f1b",

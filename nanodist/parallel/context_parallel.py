@@ -191,7 +191,8 @@ def apply_native_cp(model: nn.Module, mesh):
     _enable_context_parallel_dispatcher()
     style = _ContextParallel(seq_dim=2, attention_type=_ContextParallel.AttentionType.SDPA)
     for block in model.transformer.h:
-        parallelize_module(block.attn.sdpa, mesh.device_mesh["cp"], style)
+        if not isinstance(block, nn.Identity):
+            parallelize_module(block.attn.sdpa, mesh.device_mesh["cp"], style)
 
 
 def apply_cp(par, cfg):
@@ -201,6 +202,8 @@ def apply_cp(par, cfg):
         apply_native_cp(model, mesh)
     else:
         for block in model.transformer.h:
-            block.attn.sdpa = RingAttention(mesh.cp_group)
-    model.register_forward_pre_hook(partial(_shard_inputs, mesh=mesh), with_kwargs=True)
+            if not isinstance(block, nn.Identity):  # a block another pipeline stage holds
+                block.attn.sdpa = RingAttention(mesh.cp_group)
+    if model.transformer.wte is not None:  # token ids come in (later pipeline stages: CP's chunks)
+        model.register_forward_pre_hook(partial(_shard_inputs, mesh=mesh), with_kwargs=True)
     par.loss_fn = partial(_local_loss, loss_fn=par.loss_fn, mesh=mesh)

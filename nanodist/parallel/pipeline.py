@@ -273,8 +273,8 @@ def apply_pp(model: nn.Module, cfg, mesh, parallelize_stage) -> PipelineParallel
     stage_names = [gathered[c % P][c // P] for c in range(S)]
     tied = (_holder(stages[0], TIED) if mesh.pp_rank == 0 else
             _holder(stages[-1], TIED_ON_LAST) if mesh.pp_rank == P - 1 else None)
-    tp_split = mesh.tp_size if cfg.sequence_parallel else 1
-    act_shape = (cfg.batch_size, cfg.block_size // tp_split, model.config.n_embd)
+    seq_split = mesh.cp_size * (mesh.tp_size if cfg.sequence_parallel else 1)  # tokens a rank holds
+    act_shape = (cfg.batch_size, cfg.block_size // seq_split, model.config.n_embd)
     # zero_bubble (native only) has no hand-written schedule; the native steps do not read it
     schedule = SCHEDULES.get(cfg.pipeline_schedule, interleaved_1f1b)(P, M, V)
     args = (stages, mesh, schedule, S, act_shape, wire_dtype, tied, embedding_group(mesh), stage_names)
