@@ -8,14 +8,38 @@ rank (`context_parallel.attention_blocks`, a causal diagonal counts 1/2) max / m
 zigzag, 2C-1 contiguous; the ring waits for its slowest rank, so the step time follows
 the max. Traffic: what comm.py counted per rank against bench/analytic.py's
 `ring_attention_sends` (one layer, B x T x heads x head_dim).
+
+Long context (--model tiny, --context 2048, 8x the tests' tiny runs): the bytes the whole
+model keeps for backward per rank, one process against CP (measure.saved_activations),
+plus the fp32 state (16 bytes a parameter), against a stated per-rank budget --budget_mib:
+which of the two fits.
 """
 import torch
 import torch.distributed as dist
 
 from analytic import ring_attention_sends
 from common import median, parser, print_table, start_processes, time_interleaved, write_json
+from measure import saved_activations
+from nanodist.config import TrainConfig
+from nanodist.model import GPT, model_config
 from nanodist.parallel import comm
 from nanodist.parallel.context_parallel import RingAttention, attention_blocks, split_sequence
+from nanodist.parallel.mesh import Mesh, build_mesh
+from nanodist.parallel.parallelize import parallelize
+
+
+def kept_per_rank(args, mesh, cp: int) -> tuple[int, int]:
+    """(bytes kept for backward by one micro-batch of the whole model, state bytes) per rank."""
+    mcfg = model_config(args.model, args.context, args.vocab_size)
+    cfg = TrainConfig(block_size=args.context, context_parallel_size=cp, dropout=0.0)
+    par = parallelize(GPT(mcfg, seed=1).to(mesh.device), cfg, mesh)
+    x, y = torch.randint(0, mcfg.vocab_size, (2, args.batch_size, args.context),
+                         generator=torch.Generator().manual_seed(0)).to(mesh.device)
+    with saved_activations(par.model.parameters()) as kept:
+        loss = par.loss_fn(par.model(x), y)
+    kept.pop(loss.untyped_storage().data_ptr())  # the loss itself
+    loss.backward()
+    return sum(kept.values()), 16 * sum(p.numel() for p in par.gpt.parameters())
 
 
 def main():
@@ -24,6 +48,10 @@ def main():
     p.add_argument("--batch_size", type=int, default=1)
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--head_dim", type=int, default=64)
+    p.add_argument("--model", default="tiny")
+    p.add_argument("--context", type=int, default=2048, help="long-context block size")
+    p.add_argument("--vocab_size", type=int, default=512)
+    p.add_argument("--budget_mib", type=float, default=64, help="memory a rank may use")
     args = p.parse_args()
 
     device, cp = start_processes()
@@ -47,14 +75,22 @@ def main():
         blocks = [attention_blocks(r, cp, zigzag) for r in range(cp)]
         rows.append({"split": name, "blocks max": max(blocks), "blocks min": min(blocks),
                      "max / min": max(blocks) / min(blocks), "step ms": median(times[name]) * 1e3})
+    memory = []
+    for name, mesh in (("one process", Mesh(device=device)), (f"CP={cp}", build_mesh(1, 1, device, cp_size=cp))):
+        kept, state = kept_per_rank(args, mesh, mesh.cp_size)
+        memory.append({"layout": name, "activations MiB": kept / 2**20, "state MiB": state / 2**20,
+                       "total MiB": (kept + state) / 2**20,
+                       f"fits {args.budget_mib:g} MiB": (kept + state) / 2**20 <= args.budget_mib})
     if rank == 0:
         print(f"ring attention: B={B} heads={H} T={T} head_dim={D}, CP={cp} on {device}")
         print_table(rows, "\nper-rank attention work and step time (median of interleaved steps)")
         sent = counted.payload_bytes["send"]
         print(f"\nK/V sent per rank and step: {sent / 2**20:.3f} MiB counted, "
               f"{analytic / 2**20:.3f} MiB analytic ((3 CP - 2) x 2 B T/CP heads head_dim fp32)")
+        print_table(memory, f"\nlong context: {args.model}, {args.batch_size} x {args.context} tokens, "
+                            f"per rank (activations kept for backward + fp32 AdamW state)")
         write_json(args.out, {"args": vars(args), "rows": rows, "sent_bytes": sent,
-                              "analytic_bytes": analytic})
+                              "analytic_bytes": analytic, "memory": memory})
     dist.destroy_process_group()
 
 

@@ -23,12 +23,9 @@ import torch.distributed as dist
 
 
 class CommCounter:
-    """Calls and bytes per collective kind since the last reset."""
+    """Calls and bytes per collective kind."""
 
     def __init__(self):
-        self.reset()
-
-    def reset(self):
         self.calls = defaultdict(int)
         self.payload_bytes = defaultdict(int)
         self.bus_bytes = defaultdict(float)
@@ -52,9 +49,13 @@ counter = CommCounter()
 
 @contextmanager
 def counting():
-    """`with counting() as c:` counts only the collectives inside the block."""
-    counter.reset()
-    yield counter
+    """`with counting() as c:` counts into c the collectives inside the block, and only those."""
+    global counter
+    outside, counter = counter, CommCounter()
+    try:
+        yield counter
+    finally:
+        counter = outside
 
 
 class _Done:
