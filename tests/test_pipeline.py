@@ -143,7 +143,7 @@ def test_pp4_matches_one_process(char_data, tmp_path, single, schedule):
     ("custom", dict(data_parallel_size=2, data_parallel_type="fsdp")),    # ZeRO-3 by hand
     ("pytorch", dict(data_parallel_size=2, data_parallel_type="fsdp")),   # FSDP2
     ("custom", dict(tensor_parallel_size=2, sequence_parallel=True, enable_loss_parallelism=True)),
-    ("custom", dict(context_parallel_size=2)),                            # ring attention per stage
+    ("custom", dict(context_parallel_size=2, activation_checkpointing="full")),  # + recompute
 ])
 def test_pp2_x_dp_or_tp_matches_one_process(char_data, tmp_path, single, implementation, other):
     kwargs = tiny_run(char_data, tmp_path, pipeline_parallel_size=2, pipeline_schedule="1f1b",
