@@ -6,13 +6,13 @@ Forward + backward of causal attention over the CP ring, B x heads x T x head_di
 across the ranks, the two splits taking turns step by step. Work: attention blocks per
 rank (`context_parallel.attention_blocks`, a causal diagonal counts 1/2) max / min = 1 with
 zigzag, 2C-1 contiguous; the ring waits for its slowest rank, so the step time follows
-the max. Traffic: what comm.py counted per rank against bench/analytic.py's
+the max. Traffic: what comm.py counted per rank against nanodist/cost.py's
 `ring_attention_sends` (one layer, B x T x heads x head_dim).
 """
 import torch
 import torch.distributed as dist
 
-from analytic import ring_attention_sends
+from nanodist.cost import ring_attention_sends
 from common import median, parser, print_table, start_processes, time_interleaved, write_json
 from nanodist.parallel import comm
 from nanodist.parallel.context_parallel import RingAttention, attention_blocks, split_sequence

@@ -22,9 +22,9 @@ moments per parameter, = 16 Psi on one rank, and per rank:
 Communication per optimizer step, ring bus bytes each rank sends (comm.py's `bus`):
 
     DDP       all-reduce      2 (N-1)/N * 4 Psi                  (once per step: no_sync)
-    ZeRO-3    all-gather      (N-1)/N * 4 (2 Psi_blocks + Psi_root) per micro-step
-              reduce-scatter  (N-1)/N * 4 Psi per micro-step     (root stays gathered from
-    ZeRO-2    all-gather      (N-1)/N * 4 Psi per micro-step      forward to backward)
+    ZeRO-3    all-gather      (N-1)/N * 4 * 2 Psi per micro-step  (every unit twice, the root
+              reduce-scatter  (N-1)/N * 4 Psi per micro-step       too: fsdp.py reshards it
+    ZeRO-2    all-gather      (N-1)/N * 4 Psi per micro-step       after forward)
     TP        activations of B T C floats, per micro-step (`tp_collectives`)
     CP        sends of K/V blocks, (3 cp - 2) L x 2 B T/cp C/tp floats per micro-step
               (`ring_attention_sends`); DDP / FSDP then run over N = dp x cp ranks and
@@ -197,7 +197,7 @@ def traffic_bytes(cfg: GPTConfig, layout: Layout, micro_batch: int, accum: int,
         if not fsdp:
             add("all_reduce", dp, FP32 * n["total"])
         else:  # this TP rank's parameters
-            gathers = 2 * n["blocks"] + n["root"] if layout.zero3 else n["total"]
+            gathers = 2 * n["total"] if layout.zero3 else n["total"]
             add("all_gather", dp, accum * compute_bytes * gathers)
             add("reduce_scatter", dp, accum * FP32 * n["total"])  # every micro-step (fsdp.py)
             # the squared gradient norm of the shards: one per class of flat (replicated
