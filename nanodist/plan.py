@@ -184,7 +184,11 @@ def plan(args) -> list[dict]:
         raise UserError(f"no layout of {args.model} runs on {args.gpus} GPUs with --block_size "
                         f"{args.block_size} and --total_batch_size {args.total_batch_size}: the batch "
                         f"must divide into micro-batches x block_size x data parallel ranks")
-    return (sorted((r for r in rows if r["fits"]), key=lambda r: (r["step_time_s"], r["memory_gib"]))
+    # ties (the model prices neither element-wise recomputation nor small matmuls' lower
+    # efficiency): no checkpointing first, then larger micro-batches, then less memory
+    return (sorted((r for r in rows if r["fits"]), key=lambda r: (
+                round(r["step_time_s"], 9), r["activation_checkpointing"] != "none",
+                -r["micro_batch_size"], r["memory_gib"]))
             + sorted((r for r in rows if not r["fits"]), key=lambda r: r["memory_gib"]))
 
 
@@ -219,6 +223,9 @@ def build_parser() -> _Parser:
     p.add_argument("--top", type=int, default=10)
     p.add_argument("--json", action="store_true", help="print the whole ranking as JSON")
     p.add_argument("--validate", action="store_true", help="check the predictions against measurement")
+    p.add_argument("--data_dir", default="data/shakespeare_char", help="--validate: prepared char data")
+    p.add_argument("--out", default="docs/plan", help="--validate: report directory")
+    p.add_argument("--layouts", nargs="*", help="--validate: a subset (validate.py LAYOUTS)")
     return p
 
 
@@ -227,7 +234,7 @@ def main(argv=None) -> int:
         args = build_parser().parse_args(argv)
         if args.validate:
             from nanodist.validate import main as validate  # starts processes: only when asked
-            return validate()
+            return validate(args.data_dir, args.out, args.layouts)
         if args.micro_batch_size != "auto" and not args.micro_batch_size.isdigit():
             raise UserError(f"--micro_batch_size must be auto or a number, got {args.micro_batch_size!r}")
         rows = plan(args)

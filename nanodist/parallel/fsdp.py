@@ -130,6 +130,10 @@ class FSDP:
         self.group, self.rank = mesh.dp_cp_group, mesh.dp_cp_rank  # DP x CP: same parameters
         self.reshard_after_forward = reshard_after_forward
         self.sync_grads, self.backward_started, self.reductions = True, False, []
+        # the root's backward runs after the blocks' only where it holds the embeddings (on
+        # a pipeline's last stage ln_f and the head are done first: prefetching the root
+        # again cost an all-gather and kept it gathered through the optimizer step)
+        self.root_after_blocks = getattr(model.transformer, "wte", None) is not None
         sharded_over = sharded_over or {}
         owners = defaultdict(list)  # id(param) -> (module, attr) holding it (tied: several)
         for module in model.modules():
@@ -214,7 +218,8 @@ class FSDP:
             self.backward_started = True
             torch.autograd.Variable._execution_engine.queue_callback(self._finish_backward)
         self.units[i].wait()
-        self.units[i - 1].unshard()  # prefetch the unit backward reaches next (root: last block)
+        if i != 1 or self.root_after_blocks:  # prefetch the unit backward reaches next (root: last block)
+            self.units[i - 1].unshard()
 
     def _grad_ready(self, unit):
         unit.grads_ready += 1
