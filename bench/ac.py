@@ -4,14 +4,14 @@
 
 Variants none, full, full every 2nd block, selective take turns step by step (forward +
 backward + AdamW step on the same batch). Memory: the bytes one forward keeps for
-backward (bench/measure.py `saved_activations`) against bench/analytic.py's
+backward (nanodist/measure.py `saved_activations`) against nanodist/cost.py's
 `activation_bytes`; time: median step and its ratio to no checkpointing.
 """
 import torch
 
-from analytic import Layout, activation_bytes
+from nanodist.cost import Layout, activation_bytes
 from common import median, parser, print_table, time_interleaved, write_json
-from measure import saved_activations
+from nanodist.measure import saved_activations
 from nanodist.config import TrainConfig
 from nanodist.model import GPT, model_config
 from nanodist.parallel.mesh import Mesh, pick_device

@@ -6,22 +6,22 @@ Forward + backward of causal attention over the CP ring, B x heads x T x head_di
 across the ranks, the two splits taking turns step by step. Work: attention blocks per
 rank (`context_parallel.attention_blocks`, a causal diagonal counts 1/2) max / min = 1 with
 zigzag, 2C-1 contiguous; the ring waits for its slowest rank, so the step time follows
-the max. Traffic: what comm.py counted per rank against bench/analytic.py's
+the max. Traffic: what comm.py counted per rank against nanodist/cost.py's
 `ring_attention_sends` (one layer, B x T x heads x head_dim).
 
 Long context (--model tiny, --context 2048, 8x the tests' tiny runs): the bytes the whole
-model keeps for backward per rank, one process against CP (measure.saved_activations),
-plus the fp32 state (16 bytes a parameter), against a stated per-rank budget --budget_mib:
+model keeps for backward per rank (nanodist/measure.py), one process against CP, plus the
+fp32 state (16 bytes a parameter), against a stated per-rank budget --budget_mib:
 which of the two fits.
 """
 import torch
 import torch.distributed as dist
 
-from analytic import ring_attention_sends
 from common import median, parser, print_table, start_processes, time_interleaved, write_json
-from measure import saved_activations
 from nanodist.config import TrainConfig
+from nanodist.cost import ring_attention_sends
 from nanodist.model import GPT, model_config
+from nanodist.measure import saved_activations
 from nanodist.parallel import comm
 from nanodist.parallel.context_parallel import RingAttention, attention_blocks, split_sequence
 from nanodist.parallel.mesh import Mesh, build_mesh

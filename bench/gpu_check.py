@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from analytic import Layout
+from nanodist.cost import Layout
 from run import MATRIX, layouts_that_fit, prepare_data
 
 REPO = Path(__file__).resolve().parents[1]

@@ -7,10 +7,10 @@ bytes, and the hand-written runner against torch.distributed.pipelining.
 Per schedule and M (micro-batches = P, 2P, 4P, 8P), the same global-batch step on the
 PP ranks alone: the runner records every action's start and end (`PipelineParallel.trace`)
 and the bubble is the measured idle fraction of the step (1 - time in forwards and
-backwards / step time, mean over ranks) against `schedules.bubble_fraction`. Micro-batches
-in flight: the peak bytes saved for backward (measure.peak_saved_bytes) over one
+backwards / step time, mean over ranks) against `cost.bubble`. Micro-batches
+in flight: the peak bytes saved for backward (nanodist/measure.py) over one
 micro-batch's, against M (GPipe) and min(P - r, M) (1F1B); interleaved: the peak bytes. Traffic: comm.py's count of
-sends against analytic.pipeline_sends. Custom vs native: tokens/s of both runners on
+sends against nanodist/cost.py's ("pp", "send") traffic. Custom vs native: tokens/s of both runners on
 the same step, taking turns. --docs DIR: also DIR/pp_P{P}.md with the tables and
 DIR/pp_timeline_P{P}.png, what each rank did when (1F1B and interleaved, the largest M).
 On a CPU with fewer cores than processes the ranks share cores: the measured bubble
@@ -23,16 +23,15 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from analytic import pipeline_sends
 from common import (markdown_table, median, parser, print_table, start_processes,
                     time_interleaved, write_json)
-from measure import peak_saved_bytes
 from nanodist.config import TrainConfig
+from nanodist.cost import Layout, bubble, traffic_by_group
+from nanodist.measure import peak_saved_bytes
 from nanodist.model import GPT, model_config
 from nanodist.parallel import comm
 from nanodist.parallel.mesh import build_mesh
 from nanodist.parallel.parallelize import parallelize
-from nanodist.parallel.schedules import bubble_fraction
 
 SCHEDULES = [("gpipe", 1), ("1f1b", 1), ("interleaved_1f1b", 2)]
 
@@ -74,10 +73,11 @@ def measure(args, mesh, schedule, V, M) -> dict:
         build(args, mesh, "gpipe", 1, 1)[1]()
     with peak_saved_bytes() as peak, comm.counting() as counted:
         step()
-    act = args.batch_size * args.block_size * mcfg.n_embd * 4
+    layout = Layout("pp", pp=mesh.pp_size, pp_schedule=schedule, virtual_stages=V)
     return {"idle": median(idle), "in_flight": peak["bytes"] / one["bytes"] if V == 1 else None,
             "peak_saved": peak["bytes"], "sent": counted.payload_bytes["send"],
-            "sent_analytic": pipeline_sends(act, mesh.pp_size, V, M, mesh.pp_rank),
+            "sent_analytic": traffic_by_group(mcfg, layout, args.batch_size, M,
+                                              pp_rank=mesh.pp_rank)["pp", "send"],
             "trace": traces[len(traces) // 2]}
 
 
@@ -145,7 +145,7 @@ def main():
             traces[f"{schedule} P={P} M={M}" + (f" V={V}" if V > 1 else "")] = [g.pop("trace") for g in everyone]
             in_flight_expected = [M if schedule == "gpipe" else min(P - r, M) for r in range(P)]
             rows.append({"schedule": schedule, "M": M, "bubble measured": median([g["idle"] for g in everyone]),
-                         "bubble analytic": bubble_fraction(P, M, V),
+                         "bubble analytic": bubble(Layout("pp", pp=P, virtual_stages=V), M),
                          "in flight r0": everyone[0]["in_flight"] or "-",
                          "expected r0": in_flight_expected[0] if V == 1 else "-",
                          "saved MiB r0": everyone[0]["peak_saved"] / 2**20,

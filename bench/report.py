@@ -3,7 +3,7 @@ import json
 import time
 from pathlib import Path
 
-from analytic import Layout, activation_bytes, state_bytes, traffic_bytes
+from nanodist.cost import Layout, activation_bytes, state_bytes, traffic_bytes
 from nanodist.metrics import PEAK_TFLOPS
 from nanodist.model import GPTConfig
 
@@ -24,9 +24,8 @@ NOTES = """Reading the numbers:
   a few percent either side of 1.0. The custom path does per-parameter Python hooks and a
   copy of each gradient into its bucket (scaled on the way) where PyTorch's reducer is
   C++; that is the only systematic cost, a few ms per step.
-- FSDP2 with reshard_after_forward also reshards the root after forward and gathers it
-  again for backward (all-gather 1.3% above the model, which keeps the root gathered
-  from forward to backward as the custom FSDP does).
+- ZeRO-3 (reshard_after_forward), custom and FSDP2 alike, reshards the root after
+  forward too and gathers it again for backward: every unit is gathered twice.
 - DTensor TP keeps ~7% more bytes saved for backward than the custom executor (extra
   redistributed copies); the analytic count is the custom executor's.
 - The TP rows with loss parallelism move fewer bytes (no B·T·V logits all-gather) in
@@ -135,7 +134,7 @@ def markdown(records: list[dict], command: str) -> str:
                    "here (see *MFU and the GPU run* below for how to produce them).\n")
     out.append("## Throughput and time split\n")
     out.append("`compute` is the custom implementation's step with its collectives replaced by "
-               "local copies of the same shapes (bench/measure.py `no_communication`), interleaved "
+               "local copies of the same shapes (nanodist/measure.py `no_communication`), interleaved "
                "with the real steps; `exposed comm` = step − compute, the communication the "
                "step did not hide (negative: within the noise). Not measured for PyTorch's "
                "implementations (their collectives are not ours to replace). `custom/pytorch` is "
@@ -151,7 +150,7 @@ def markdown(records: list[dict], command: str) -> str:
     out.append("## Memory per rank: measured / analytic\n")
     out.append("`state` = parameters + gradients + AdamW moments (unique storages, right after "
                "`optimizer.step()`), analytic 4 + 4 + 8 bytes per local parameter (ZeRO paper; "
-               "bench/analytic.py). `activations` = storages saved for backward by one micro-step's "
+               "nanodist/cost.py). `activations` = storages saved for backward by one micro-step's "
                "forward (saved-tensor hooks, parameters excluded). `peak` = live tensor bytes at "
                "the peak of one step (CUDA: max_memory_allocated; CPU: torch's MemTracker; not "
                "the process RSS). Largest rank shown.\n")
@@ -168,7 +167,7 @@ def markdown(records: list[dict], command: str) -> str:
     out.append("Bus bytes each rank sends (ring algorithm: all-reduce 2(N−1)/N × payload, "
                "all-gather and reduce-scatter (N−1)/N × payload), counted for *every* "
                "implementation by a dispatch mode that sees each c10d collective "
-               "(bench/measure.py `TrafficMode`): the custom comm.py calls, DDP's reducer, FSDP2 "
+               "(nanodist/measure.py `TrafficMode`): the custom comm.py calls, DDP's reducer, FSDP2 "
                "and DTensor alike. Includes the trainer's loss-mean and grad-norm scalars.\n")
     rows = []
     for r in records:

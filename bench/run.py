@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from analytic import Layout
+from nanodist.cost import Layout
 from report import analyse, write_report
 
 REPO = Path(__file__).resolve().parents[1]

@@ -6,7 +6,7 @@ Variants {custom, pytorch} x {TP, TP + sequence parallel}, all with loss paralle
 take turns step by step (forward + backward + AdamW step, one batch replicated over TP).
 Traffic: what the counted comm module saw in one custom step, by kind, against the
 analytic count of activation collectives (B T C fp32 each, L layers; the call-by-call
-derivation is in bench/analytic.py `tp_collectives`), plus one 4-byte all-reduce of the
+derivation is in nanodist/cost.py `tp_collectives`), plus one 4-byte all-reduce of the
 squared gradient norm.
 """
 
@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
-from analytic import tp_collectives
+from nanodist.cost import tp_collectives
 from common import median, parser, print_table, start_processes, time_interleaved, write_json
 from nanodist.config import TrainConfig
 from nanodist.model import GPT, model_config

@@ -19,9 +19,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from analytic import Layout
+from nanodist.cost import Layout
 from common import median, paired_speedup, time_interleaved
-from measure import TrafficMode, no_communication, peak_tensor_bytes, saved_activations, state_bytes
+from nanodist.measure import TrafficMode, no_communication, peak_tensor_bytes, saved_activations, state_bytes
 from nanodist.config import parse_args
 from nanodist.metrics import device_peak_flops, flops_per_token
 from nanodist.parallel import comm
@@ -68,7 +68,7 @@ def measure_one(trainer: Trainer, step: int, custom: bool) -> dict:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--layout", required=True, help="JSON of an analytic.Layout")
+    p.add_argument("--layout", required=True, help="JSON of an cost.Layout")
     p.add_argument("--out", required=True)
     p.add_argument("--data_dir", required=True)
     p.add_argument("--device", default="auto")

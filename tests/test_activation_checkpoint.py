@@ -1,20 +1,18 @@
 """Activation checkpointing (full, every K-th block, selective) changes memory, never
 the numbers: gradients and trained trajectories bitwise equal to no checkpointing (the
 recompute is the same arithmetic on the same values), on one process and under every
-layout on 2 ranks; the bytes kept for backward are those bench/analytic.py predicts."""
-import sys
+layout on 2 ranks; the bytes kept for backward are those nanodist/cost.py predicts."""
 
 import pytest
 import torch
 
-from harness import REPO, assert_records_match, run_distributed, tiny_run, trainer_records
+from harness import assert_records_match, run_distributed, tiny_run, trainer_records
 from nanodist.config import TrainConfig, UserError, resolve_layout
 from nanodist.model import GPT, GPTConfig, cross_entropy
 from nanodist.parallel.activation_checkpoint import apply_activation_checkpointing
+from nanodist.cost import Layout, activation_bytes
+from nanodist.measure import saved_activations
 
-sys.path.insert(0, str(REPO / "bench"))
-from analytic import Layout, activation_bytes  # noqa: E402
-from measure import saved_activations  # noqa: E402
 
 MODEL = GPTConfig(block_size=32, vocab_size=128, n_layer=3, n_head=4, n_embd=64)
 POLICIES = [("full", 1), ("full", 2), ("selective", 1)]

@@ -10,9 +10,9 @@ import torch
 from harness import REPO, run_distributed
 
 sys.path.insert(0, str(REPO / "bench"))
-from analytic import (Layout, activation_bytes, param_counts, state_bytes,  # noqa: E402
+from nanodist.cost import (Layout, activation_bytes, param_counts, state_bytes,  # noqa: E402
                       tp_collectives, traffic_bytes)
-from measure import TrafficMode  # noqa: E402
+from nanodist.measure import TrafficMode  # noqa: E402
 from nanodist.model import GPT, GPTConfig  # noqa: E402
 from nanodist.parallel import comm  # noqa: E402
 
@@ -44,11 +44,11 @@ def test_state_bytes_follow_zero_16_bytes_per_parameter():
 def test_traffic_by_hand():
     # DDP, N=2: all-reduce 2 (N-1)/N * 4 * 92 = 368 bytes of gradients + the 4-byte loss mean
     assert traffic_bytes(SMALL, Layout("ddp", dp=2), 1, 1) == {"all_reduce": 368 + 4}
-    # ZeRO-3, N=4, 2 micro-steps: gather (2*74 + 18) * 4 bytes * 3/4 per micro-step,
+    # ZeRO-3, N=4, 2 micro-steps: gather every unit twice, 2 * 92 * 4 bytes * 3/4 per micro-step,
     # reduce-scatter 92 * 4 * 3/4 per micro-step (the trainer's FSDP reduces each one),
     # loss mean + grad norm scalars 2 * 4 * 6/4
     z3 = traffic_bytes(SMALL, Layout("z3", dp=4, dp_type="fsdp"), 1, 2)
-    assert z3 == {"all_gather": 2 * 166 * 3, "reduce_scatter": 2 * 276, "all_reduce": 12}
+    assert z3 == {"all_gather": 2 * 184 * 3, "reduce_scatter": 2 * 276, "all_reduce": 12}
     z2 = traffic_bytes(SMALL, Layout("z2", dp=4, dp_type="fsdp", zero3=False), 1, 1)
     assert z2["all_gather"] == 276 == z2["reduce_scatter"]
     # TP, B=1: activations B T C * 4 = 24 bytes; L=1 -> 6 all-reduces of them + grad norm,

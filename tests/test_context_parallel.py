@@ -2,22 +2,20 @@
 sequence (CP = 2 and 4, zigzag and contiguous, float64 and float32, forward and
 backward), the zigzag balance, and CP training against one process (alone and with DP,
 TP, FSDP), and the refusals."""
-import sys
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from harness import REPO, assert_records_match, run_distributed, tiny_run, trainer_records
+from harness import assert_records_match, run_distributed, tiny_run, trainer_records
 from nanodist.config import TrainConfig, UserError, resolve_layout
 from nanodist.parallel import comm
 from nanodist.parallel.context_parallel import RingAttention, attention_blocks, split_sequence
 from nanodist.trainer import Trainer
+from nanodist.cost import Layout, activation_bytes, ring_attention_sends, traffic_bytes
+from nanodist.measure import saved_activations
 
-sys.path.insert(0, str(REPO / "bench"))
-from analytic import Layout, activation_bytes, ring_attention_sends, traffic_bytes  # noqa: E402
-from measure import saved_activations  # noqa: E402
 
 B, HEADS, T, D = 2, 3, 32, 8
 
@@ -135,7 +133,7 @@ def _sends_of_one_step(kwargs):
 
 
 def test_kv_bytes_sent_per_step_are_analytic(char_data, tmp_path):
-    """What comm.py counts in one optimizer step = bench/analytic.py's ring traffic."""
+    """What comm.py counts in one optimizer step = nanodist/cost.py's ring traffic."""
     kwargs = tiny_run(char_data, tmp_path, context_parallel_size=2, tensor_parallel_size=2)
     for calls, bus, cfg, accum in run_distributed(_sends_of_one_step, 4, kwargs):
         sends, payload = ring_attention_sends(2, cfg.block_size, cfg.n_embd // 2, cfg.n_layer, 2)

@@ -27,8 +27,8 @@ from nanodist.parallel.parallelize import Parallel
 from nanodist.parallel.tensor_parallel import apply_tp
 
 sys.path.insert(0, str(REPO / "bench"))
-from analytic import Layout, traffic_bytes  # noqa: E402
-from measure import TrafficMode, peak_tensor_bytes  # noqa: E402
+from nanodist.cost import Layout, traffic_bytes  # noqa: E402
+from nanodist.measure import TrafficMode, peak_tensor_bytes  # noqa: E402
 from run import MATRIX, layouts_that_fit  # noqa: E402
 
 MODEL = GPTConfig(block_size=32, vocab_size=128, n_layer=2, n_head=4, n_embd=64)
@@ -180,7 +180,7 @@ def _traffic_one_step(argv):
     Layout("2x2-ddp", dp=2, tp=2)], ids=lambda l: l.name)
 def test_analytic_traffic_in_bf16_is_the_counted_traffic(char_data, tmp_path, layout):
     """Every collective's bytes follow from shapes and dtypes: bf16 parameters under FSDP
-    make the residual stream bf16, DDP keeps it fp32 (bench/analytic.py `value_bytes`).
+    make the residual stream bf16, DDP keeps it fp32 (nanodist/cost.py `value_bytes`).
     Exact but for the custom DDP's "used" flags (one fp32 per parameter tensor, 208 bytes
     in 2.6 MB: rel 1e-4, asserted within 1e-3; bf16 vs fp32 differ by > 10%). The tiny
     model's flats divide by 2 (no padding). ZeRO-2: the custom ZeRO-3 re-gathers the root

@@ -6,9 +6,9 @@ import torch
 
 from harness import REPO, assert_records_match, run_distributed, run_train, tiny_run, trainer_records
 from nanodist.config import TrainConfig, UserError, resolve_layout
+from nanodist.cost import Layout, bubble
 from nanodist.parallel.pipeline import split_layers
-from nanodist.parallel.schedules import (SCHEDULES, bubble_fraction, check_layout, one_f_one_b,
-                                         simulate, timeline)
+from nanodist.parallel.schedules import SCHEDULES, check_layout, one_f_one_b, simulate, timeline
 
 
 # ------------------------------------------------------------------ schedules as data
@@ -40,13 +40,15 @@ def test_every_schedule_is_valid():
 
 def test_bubble_and_memory_are_the_textbook_ones():
     """Unit-time F and B (a chunk's, 1/V of a stage's): idle fraction (P-1)/(M+P-1) for
-    GPipe and 1F1B, (P-1)/(V M+P-1) interleaved (Narayanan et al. 2021); micro-batches in
+    GPipe and 1F1B, (P-1)/(V M+P-1) interleaved (Narayanan et al. 2021; the cost model's
+    `bubble`); micro-batches in
     flight on rank r: M for GPipe, min(P - r, M) for 1F1B (why 1F1B exists)."""
     for name, P, M, V in _layouts():
         slots = simulate(SCHEDULES[name](P, M, V))
         end = max(t for row in slots for t, _ in row) + 1
         idle = sum(end - len(row) for row in slots) / (P * end)
-        assert idle == pytest.approx(bubble_fraction(P, M, V)), (name, P, M, V)
+        layout = Layout("pp", pp=P, pp_schedule=name, virtual_stages=V)
+        assert idle == pytest.approx(bubble(layout, M)) == (P - 1) / (V * M + P - 1), (name, P, M, V)
         if name == "interleaved_1f1b":
             continue
         for rank, row in enumerate(slots):
@@ -250,7 +252,7 @@ def _bench_measure(schedule):
 
 @pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
 def test_sends_and_micro_batches_in_flight_are_the_analytic_ones(schedule):
-    """p2p bytes counted by comm.py = analytic.pipeline_sends, exactly; the peak of bytes
+    """p2p bytes counted by comm.py = nanodist/cost.py's, exactly; the peak of bytes
     saved for backward is M micro-batches' (GPipe) or min(P - r, M) (1F1B): measured as a
     multiple of one micro-batch's, up to the few scalars (the loss) a step adds."""
     for rank, (sent, analytic, in_flight) in enumerate(run_distributed(_bench_measure, 2, schedule)):

@@ -131,6 +131,9 @@ class FSDP:
         self.group, self.rank = mesh.dp_cp_group, mesh.dp_cp_rank  # DP x CP: same parameters
         self.reshard_after_forward = reshard_after_forward
         self.sync_grads, self.backward_started, self.reductions = True, False, []
+        # the root's backward runs after the blocks' only where it holds the embeddings (on
+        # a pipeline's last stage ln_f and the head are done first: prefetching the root
+        # again cost an all-gather and kept it gathered through the optimizer step)
         sharded_over = sharded_over or {}
         owners = defaultdict(list)  # id(param) -> (module, attr) holding it (tied: several)
         for module in model.modules():

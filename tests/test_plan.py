@@ -1,0 +1,109 @@
+"""The layout planner: the cost model's pipeline terms against the real stage split and
+the schedules (its bubble: tests/test_pipeline.py), the command line (ranking, JSON, runnable command, bad inputs),
+and a fast subset of --validate (predicted = measured per rank on real processes)."""
+import json
+
+import pytest
+import torch
+
+from harness import run_distributed
+from nanodist import plan, validate
+from nanodist.config import parse_args, resolve_layout
+from nanodist.cost import (Layout, activation_bytes, activations_in_flight, chunks,
+                           fsdp_gathers, param_counts, schedule, stage_params)
+from nanodist.model import GPT, GPTConfig
+from nanodist.parallel.pipeline import stage_model
+
+CFG = GPTConfig(block_size=16, vocab_size=64, n_layer=5, n_head=2, n_embd=8)
+
+
+@pytest.mark.parametrize("pp,V", [(2, 1), (2, 2), (5, 1)])
+def test_stage_params_are_what_each_stage_holds(pp, V):
+    """Per pp rank, the parameters of its chunks of the real model; over all ranks the
+    model plus the last stage's copy of the tied wte / lm_head."""
+    with torch.device("meta"):
+        model = GPT(CFG)
+    layout = Layout("pp", pp=pp, pp_schedule="interleaved_1f1b" if V > 1 else "1f1b", virtual_stages=V)
+    total = 0
+    for r in range(pp):
+        held = sum(p.numel() for blocks, first, last in chunks(CFG, layout, r)
+                   for p in stage_model(model, blocks, first, last).parameters())
+        assert stage_params(CFG, layout, r)["total"] == held
+        total += held
+    assert total == param_counts(CFG)["total"] + CFG.vocab_size * CFG.n_embd
+
+
+def test_activations_in_flight_follow_the_schedule():
+    """GPipe keeps all M micro-batches of a stage, 1F1B at most P - r; without PP one."""
+    M = 4
+    per = [activation_bytes(CFG, Layout("pp", pp=2), 1, None, 1, *c)
+           for r in range(2) for c in chunks(CFG, Layout("pp", pp=2), r)]
+    assert activations_in_flight(CFG, Layout("g", pp=2, pp_schedule="gpipe"), 1, M, 0) == M * per[0]
+    assert activations_in_flight(CFG, Layout("1f1b", pp=2), 1, M, 0) == 2 * per[0]
+    assert activations_in_flight(CFG, Layout("1f1b", pp=2), 1, M, 1) == per[1]
+    assert activations_in_flight(CFG, Layout("one"), 1, M) == activation_bytes(CFG, Layout("one"), 1)
+
+
+def test_fsdp_gathers_per_unit():
+    """ZeRO-3 gathers for every forward and backward; ZeRO-2 once per micro-step alone,
+    and under 1F1B only where a backward released the unit before a forward."""
+    assert fsdp_gathers(schedule(1, "1f1b", 1, 3)[0], 0, zero3=True) == 6
+    assert fsdp_gathers(schedule(1, "1f1b", 1, 3)[0], 0, zero3=False) == 3
+    # P=2, M=4, rank 0: F0 F1 B0 F2 B1 F3 B2 B3 -> gathers at F0, F2, F3, B3
+    assert fsdp_gathers(schedule(2, "1f1b", 1, 4)[0], 0, zero3=False) == 4
+
+
+def _plan(capsys, *argv):
+    code = plan.main(["--model=gpt2", "--micro_batch_size=4", *argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_json_ranks_runnable_layouts(capsys):
+    code, out, _ = _plan(capsys, "--gpus=8", "--json")
+    rows = json.loads(out)
+    assert code == 0 and rows
+    keys = {"dp", "dp_type", "tp", "pp", "pp_schedule", "cp", "activation_checkpointing",
+            "micro_batch_size", "fits", "memory_gib", "state_gib", "activation_gib",
+            "comm_bytes_per_step", "step_time_s", "mfu", "command"}
+    assert keys <= set(rows[0])
+    fits = [r["fits"] for r in rows]
+    assert fits == sorted(fits, reverse=True)  # fitting first
+    times = [r["step_time_s"] for r in rows if r["fits"]]
+    assert times == sorted(times)
+    for r in rows[:: max(len(rows) // 20, 1)]:  # the command is one train.py accepts
+        argv = r["command"].split(" train.py ")[1].split()
+        cfg = resolve_layout(parse_args(argv), 8)
+        assert (cfg.data_parallel_size, cfg.tensor_parallel_size, cfg.pipeline_parallel_size,
+                cfg.context_parallel_size) == (r["dp"], r["tp"], r["pp"], r["cp"])
+        assert r["memory_gib"] == pytest.approx(r["state_gib"] + r["activation_gib"] + r["buffer_gib"])
+
+
+def test_table_and_multi_node_command(capsys):
+    code, out, _ = _plan(capsys, "--gpus=16", "--top=3")
+    assert code == 0
+    assert len([line for line in out.splitlines() if line.strip()[:2] in ("1 ", "2 ", "3 ")]) == 3
+    assert "torchrun --nnodes=2 --nproc_per_node=8" in out.splitlines()[-1]
+
+
+@pytest.mark.parametrize("argv,says", [
+    (["--gpu=v100"], "unknown --gpu"),
+    (["--gpus=12", "--gpus_per_node=8"], "whole nodes"),
+    (["--model=gpt9"], "invalid choice"),
+    (["--total_batch_size=1000"], "no layout"),
+    (["--model=gpt2-xl", "--gpus=1", "--gpu_memory_gib=4"], "no layout fits"),
+])
+def test_bad_inputs_are_one_line(capsys, argv, says):
+    code, out, err = _plan(capsys, *argv)
+    assert code == 2 and out == "" and says in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("name", ["pp2-1f1b", "zero2"])
+def test_predicted_state_and_traffic_are_measured(char_data, tmp_path, name):
+    """--validate's check on 2 processes: every rank's state and bus bytes per kind."""
+    layout = next(l for l in validate.LAYOUTS if l.name == name)
+    measured = run_distributed(validate.measure, layout.world,
+                               validate.run_argv(layout, char_data, str(tmp_path)))
+    rows = validate.compare(layout, measured)
+    assert {r["what"] for r in rows} >= {"state", "all_reduce"}
+    assert all(r["ok"] for r in rows), [r for r in rows if not r["ok"]]
