@@ -2,9 +2,14 @@
 
 `run_distributed(fn, world_size, *args)` runs `fn(*args)` on `world_size` gloo
 processes and returns their results, rank by rank. The processes are started once per
-world size and kept for the session (starting torch costs seconds per process); a
-failure or a timeout on any rank tears the pool down, so the next test starts clean and
-a hang can only cost its own timeout. `fn` must be a module-level function.
+world size and reused (starting torch costs seconds per process); a failure or a
+timeout on any rank tears the pool down, so the next test starts clean and a hang can
+only cost its own timeout. `fn` must be a module-level function.
+
+Every device mesh a test builds leaves gloo process groups behind, each with threads of
+its own, and they cannot be destroyed while DTensor's caches still refer to them: a
+worker that has gathered many is slow, so a pool is replaced once its workers hold more
+than MAX_GROUPS.
 """
 import atexit
 import os
@@ -32,18 +37,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+MAX_GROUPS = 48
+
+
 def _worker(rank, world_size, port, tasks, results):
     import torch
     import torch.distributed as dist
+    from torch.distributed.distributed_c10d import _world
     torch.set_num_threads(1)  # N processes share 2 cores
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=world_size, timeout=timedelta(seconds=120))
     while (task := tasks.get()) is not None:
         fn, args = task
         try:
-            results.put((rank, True, fn(*args)))
+            results.put((rank, True, fn(*args), len(_world.pg_map)))
         except BaseException:
-            results.put((rank, False, traceback.format_exc()))
+            results.put((rank, False, traceback.format_exc(), len(_world.pg_map)))
     dist.destroy_process_group()
 
 
@@ -52,6 +61,7 @@ class _Pool:
         ctx = mp.get_context("spawn")
         port = free_port()
         self.world_size = world_size
+        self.groups = 0  # process groups held by the busiest worker
         self.tasks = [ctx.Queue() for _ in range(world_size)]
         self.results = ctx.Queue()
         self.procs = [ctx.Process(target=_worker, daemon=True,
@@ -66,13 +76,14 @@ class _Pool:
         results, deadline = {}, time.monotonic() + timeout
         while len(results) < self.world_size:
             try:
-                rank, ok, value = self.results.get(timeout=max(deadline - time.monotonic(), 0.1))
+                rank, ok, value, groups = self.results.get(timeout=max(deadline - time.monotonic(), 0.1))
             except queue.Empty:
                 raise TimeoutError(f"{fn.__name__} on {self.world_size} processes did not finish "
                                    f"in {timeout} s (ranks done: {sorted(results)})") from None
             if not ok:
                 raise RuntimeError(f"rank {rank} of {self.world_size} failed:\n{value}")
             results[rank] = value
+            self.groups = max(self.groups, groups)
         return [results[r] for r in range(self.world_size)]
 
     def close(self):
@@ -90,12 +101,18 @@ _pools: dict[int, _Pool] = {}
 def run_distributed(fn, world_size: int, *args, timeout: float = 240):
     pool = _pools.get(world_size) or _pools.setdefault(world_size, _Pool(world_size))
     try:
-        return pool.run(fn, args, timeout)
+        results = pool.run(fn, args, timeout)
     except BaseException:
-        _pools.pop(world_size)
-        for p in pool.procs:  # ranks may be stuck in a collective: do not wait for them
-            p.kill()
+        _discard(world_size)
         raise
+    if pool.groups > MAX_GROUPS:
+        _discard(world_size)
+    return results
+
+
+def _discard(world_size):
+    for p in _pools.pop(world_size).procs:  # ranks may be stuck in a collective: no waiting
+        p.kill()
 
 
 @atexit.register
