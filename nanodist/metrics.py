@@ -1,10 +1,16 @@
 """Throughput, MFU, memory, and the TensorBoard writer (rank 0 only)."""
+import ctypes
 import resource
 import sys
+from contextlib import contextmanager
+from pathlib import Path
 
 import torch
+from torch._C._profiler import _ExtraFields_Allocation
+from torch.profiler import ProfilerActivity
 
 from nanodist.model import GPTConfig
+from nanodist.profiling import quiet_profile
 
 # Dense tensor-core peaks (TFLOP/s, no sparsity) as (bf16, tf32), from the vendors' data
 # sheets; the first key found in the device name wins, so SKUs come before their family
@@ -51,19 +57,64 @@ def enable_tf32(device: torch.device, dtype: str) -> bool:
     return True
 
 
-def peak_memory_bytes(device: torch.device) -> int:
-    """Peak allocated tensor memory on CUDA; the process's peak resident size on CPU."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device)
+def rss_peak_bytes() -> int:
+    """The process's peak resident set size: what the OS gave it, freed blocks that the C
+    allocator keeps included (so on CPU it hides much of what sharding saves)."""
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss if sys.platform == "darwin" else rss * 1024
 
 
-def reset_peak_memory(device: torch.device):
-    """Start a step's peak afresh on CUDA (else it holds initialisation, checkpoint loading
-    and every earlier step)."""
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+def _count_cpu_tensor_bytes() -> bool:
+    """Makes c10's CPU allocator keep a running total of its live bytes, which the profiler
+    then reports with every allocation: the c10 flag caffe2_report_cpu_memory_usage, which
+    torch does not expose to Python. False where this torch build lacks it."""
+    name = "libc10.dylib" if sys.platform == "darwin" else "libc10.so"
+    try:
+        lib = ctypes.CDLL(str(Path(torch.__file__).parent / "lib" / name))
+        ctypes.c_bool.in_dll(lib, "FLAGS_caffe2_report_cpu_memory_usage").value = True
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+class StepMemory:
+    """Peak live tensor bytes of one training step, the same quantity on CPU as on CUDA.
+
+    CUDA: the caching allocator's peak, reset before the step. CPU: torch keeps no such
+    statistic, so the step runs under torch.profiler with profile_memory, whose allocation
+    events carry the allocator's running total; that makes the step slower (per-op
+    records), so CPU steps are measured only when asked (`measure`), and `peak` is None
+    otherwise, or where the profiler cannot be used (another one is running).
+    """
+
+    def __init__(self, device: torch.device):
+        self.device, self.peak, self.at_start = device, None, None
+        self.cpu_counts = device.type == "cpu" and _count_cpu_tensor_bytes()
+
+    @contextmanager
+    def step(self, measure: bool):
+        self.peak = self.at_start = None
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            yield
+            self.peak = torch.cuda.max_memory_allocated(self.device)
+        elif measure and self.cpu_counts:
+            with quiet_profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+                yield
+            events = sorted((node.start_time_ns, node.extra_fields) for node in
+                            _walk(prof.profiler.kineto_results.experimental_event_tree())
+                            if isinstance(node.extra_fields, _ExtraFields_Allocation))
+            if events:  # totals after each (de)allocation: before the first one, the start
+                self.at_start = events[0][1].total_allocated - events[0][1].alloc_size
+                self.peak = max(fields.total_allocated for _, fields in events)
+        else:
+            yield
+
+
+def _walk(nodes):
+    for node in nodes:
+        yield node
+        yield from _walk(node.children)
 
 
 class Logger:

@@ -7,6 +7,7 @@ every rank, in the run directory:
 Open one at https://ui.perfetto.dev (or chrome://tracing), or all with
 `tensorboard --logdir <out_dir>/profile` (pip install torch-tb-profiler).
 """
+import os
 from pathlib import Path
 
 from torch.profiler import ProfilerActivity, profile, tensorboard_trace_handler
@@ -26,6 +27,12 @@ def parse_steps(text: str) -> tuple[int, int] | None:
     return first, last
 
 
+def quiet_profile(**kwargs) -> profile:
+    """torch.profiler.profile, without the lines kineto prints to stderr at start and stop."""
+    os.environ.setdefault("KINETO_LOG_LEVEL", "6")  # read when the profiler starts
+    return profile(**kwargs)
+
+
 class StepProfiler:
     """Starts torch.profiler before step `first` and writes the trace after step `last`."""
 
@@ -37,9 +44,12 @@ class StepProfiler:
     def before(self, step: int):  # step: 0-based, printed as step + 1
         if self.steps and step + 1 == self.steps[0]:
             activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device.type == "cuda" else [])
-            self.profiler = profile(activities=activities, record_shapes=True,
-                                    on_trace_ready=tensorboard_trace_handler(str(self.out_dir), f"rank{self.rank}"))
+            self.profiler = quiet_profile(activities=activities, record_shapes=True,
+                                          on_trace_ready=tensorboard_trace_handler(str(self.out_dir), f"rank{self.rank}"))
             self.profiler.start()
+
+    def covers(self, step: int) -> bool:
+        return bool(self.steps) and self.steps[0] <= step + 1 <= self.steps[1]
 
     def after(self, step: int):
         if self.profiler is not None and step + 1 == self.steps[1]:

@@ -21,7 +21,7 @@ from nanodist.config import TrainConfig, UserError, grad_accum_steps, resolve_la
 from nanodist.data import BatchLoader
 from nanodist.hf import pretrained_tensors
 from nanodist.metrics import (Logger, device_peak_flops, enable_tf32, flops_per_token,
-                              peak_memory_bytes, reset_peak_memory)
+                              rss_peak_bytes, StepMemory)
 from nanodist.model import GPT, GPTConfig, model_config
 from nanodist.parallel.mesh import build_mesh, init_distributed, pick_device
 from nanodist.parallel.parallelize import parallelize
@@ -76,6 +76,7 @@ class Trainer:
     def __init__(self, cfg: TrainConfig):
         self.launcher = faults.StopRequest.find_launcher()  # before it can die unnoticed
         device = pick_device(cfg.device)
+        self.memory = StepMemory(device)  # on CPU it counts the tensors made from here on
         # no failure of another rank becomes a silent hang (a bad value: resolve_layout says so)
         timeout = timedelta(seconds=cfg.dist_timeout) if cfg.dist_timeout > 0 else None
         _, world_size = init_distributed(device, timeout)
@@ -257,34 +258,39 @@ class Trainer:
     def _train(self) -> list[dict]:
         history = []
         profiler = StepProfiler(self.cfg.profile_steps, self.cfg.out_dir, self.mesh.rank, self.mesh.device)
+        memory = self.memory
         for step in range(self.start_step, self.cfg.max_steps):
+            last = step == self.cfg.max_steps - 1
+            evaluates = (step + 1) % self.cfg.eval_interval == 0 or last
             profiler.before(step)
-            reset_peak_memory(self.mesh.device)
-            t0 = time.perf_counter()
-            record = self.train_step(step)
-            if self.mesh.device.type == "cuda":
-                torch.cuda.synchronize()
-            dt = time.perf_counter() - t0
+            # CPU memory is measured on the first step and the evaluated ones (it slows a step)
+            with memory.step(measure=(step == self.start_step or evaluates) and not profiler.covers(step)):
+                t0 = time.perf_counter()
+                record = self.train_step(step)
+                if self.mesh.device.type == "cuda":
+                    torch.cuda.synchronize()
+                dt = time.perf_counter() - t0
             profiler.after(step)
             record.update(step=step, step_time=dt, tokens_per_sec=self.tokens_per_step / dt,
-                          peak_memory=peak_memory_bytes(self.mesh.device))
+                          peak_memory=memory.peak, rss_peak=rss_peak_bytes())
             mfu = (self.flops_per_step / dt / self.mesh.world_size / self.peak_flops
                    if self.peak_flops else None)
-            last = step == self.cfg.max_steps - 1
-            if (step + 1) % self.cfg.eval_interval == 0 or last:
+            if evaluates:
                 record["val_loss"] = self.evaluate()
             self.logger.scalars(step, {
                 "Loss/train": record["loss"], "Loss/val": record.get("val_loss"),
                 "GradNorm/train": record["grad_norm"] if self.cfg.gradient_clipping else None,
                 "LR": record["lr"], "Throughput/tokens_per_sec": record["tokens_per_sec"],
-                "Time/step_ms": dt * 1e3, "Memory/peak_GiB": record["peak_memory"] / 2**30,
-                "MFU": mfu})
+                "Time/step_ms": dt * 1e3, "MFU": mfu,
+                "Memory/peak_GiB": memory.peak / 2**30 if memory.peak is not None else None,
+                "Memory/rss_peak_GiB": record["rss_peak"] / 2**30})
             self.print(f"step {step + 1:5d}/{self.cfg.max_steps} | loss {record['loss']:.4f}"
                        + (f" | val {record['val_loss']:.4f}" if "val_loss" in record else "")
                        + f" | lr {record['lr']:.2e} | norm {record['grad_norm']:.3f}"
                        f" | {dt * 1e3:.0f} ms | {record['tokens_per_sec']:,.0f} tok/s"
                        + (f" | MFU {mfu:.1%}" if mfu else "")
-                       + f" | mem {record['peak_memory'] / 2**30:.2f} GiB")
+                       + (f" | mem {memory.peak / 2**30:.2f} GiB" if memory.peak is not None else "")
+                       + f" | rss {record['rss_peak'] / 2**30:.2f} GiB")
             history.append(record)
             every = self.cfg.checkpoint_interval or self.cfg.eval_interval
             if self.cfg.checkpoint_interval >= 0 and ((step + 1) % every == 0 or last):

@@ -126,17 +126,18 @@ def test_peak_flops_by_sku_and_dtype(monkeypatch, name, bf16, tf32):
 
 # ---- 4. GPU memory figures ----
 
-def test_trainer_resets_the_cuda_peak_every_step(monkeypatch, char_data, tmp_path):
-    from nanodist import trainer as trainer_module
-    resets = []
+def test_the_cuda_peak_is_reset_before_every_step(monkeypatch):
+    resets, peaks = [], iter([100, 40])
     monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", resets.append)
-    metrics.reset_peak_memory(torch.device("cuda", 0))
-    metrics.reset_peak_memory(CPU)
-    assert resets == [torch.device("cuda", 0)]
-    steps = []
-    monkeypatch.setattr(trainer_module, "reset_peak_memory", steps.append)
-    trainer_module.Trainer(TrainConfig(**dict(tiny_run(char_data, tmp_path), max_steps=2))).train()
-    assert steps == [CPU, CPU]  # before each step: init and checkpoints stay out of the peak
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: next(peaks))
+    cuda = torch.device("cuda", 0)
+    memory = metrics.StepMemory(cuda)
+    seen = []
+    for measure in (True, False):  # CUDA measures every step: it costs nothing
+        with memory.step(measure):
+            assert memory.peak is None and len(resets) == len(seen) + 1
+        seen.append(memory.peak)
+    assert seen == [100, 40] and resets == [cuda, cuda]  # init and checkpoints stay out
 
 
 def test_bench_cuda_peak_leaves_the_other_trainers_out(monkeypatch):
