@@ -103,6 +103,8 @@ def state_bytes(model, optimizer) -> dict[str, int]:
 
 
 def _is_param(t: torch.Tensor) -> bool:
+    if not isinstance(t, (DTensor, torch.nn.Parameter)) and t._base is None and t.is_leaf:
+        return False  # a leaf that needs a gradient yet no parameter: a pipeline stage's input
     if isinstance(t, DTensor):
         t = t.to_local() if not (t.is_leaf and t.requires_grad) else t
     base = t._base if t._base is not None else t
