@@ -111,6 +111,15 @@ def _is_param(t: torch.Tensor) -> bool:
     return (t.is_leaf and t.requires_grad) or (base.is_leaf and base.requires_grad)
 
 
+def _data_ptr(t) -> int | None:
+    """Of a tensor's storage; None for no tensor, or one whose storage is gone (a functional
+    collective's output before its wait)."""
+    try:
+        return t.untyped_storage().data_ptr() if isinstance(t, torch.Tensor) else None
+    except RuntimeError:
+        return None
+
+
 class _NewStorages(TorchDispatchMode):
     """Weak references to the storages that functional ops create inside the mode."""
 
@@ -123,10 +132,9 @@ class _NewStorages(TorchDispatchMode):
             return NotImplemented
         out = func(*args, **(kwargs or {}))
         if not func._schema.is_mutable:  # in-place ops and collectives fill old storages
-            inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs))
-                      if isinstance(t, torch.Tensor)}
+            inputs = {_data_ptr(t) for t in tree_leaves((args, kwargs))}
             for t in tree_leaves(out):  # views share their input's storage: not new
-                if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs:
+                if (ptr := _data_ptr(t)) is not None and ptr not in inputs:
                     self.refs.append(weakref.ref(t.untyped_storage()))
         return out
 
