@@ -39,6 +39,7 @@ the first chunk holds wte and wpe, the last ln_f and its own copy of the tied lm
 What a rank holds and sends, and the activations it keeps in flight (GPipe: M
 micro-batches, 1F1B: at most P - r), follow from walking its schedule (`schedule`).
 """
+import math
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -228,53 +229,68 @@ def fsdp_gathers(actions: list[Action], chunk: int, zero3: bool) -> int:
     return count
 
 
-def traffic_by_group(cfg: GPTConfig, layout: Layout, micro_batch: int, accum: int,
-                     dtype: str = "float32", device_type: str = "cpu",
-                     pp_rank: int = 0) -> dict[tuple[str, str], float]:
-    """{(group, kind): bus bytes one rank sends per optimizer step}; groups: tp, cp, dp
-    (the dp x cp ranks that hold the same parameters), pp (stage to stage) and embedding
-    (the first and last stage). `dtype` bfloat16: FSDP gathers bf16 parameters and
-    reduces fp32 gradients, TP carries what `value_bytes` says, ring attention bf16 K/V;
-    DDP's gradients, the pipeline's activations and the scalars stay fp32. Under CP, TP's
-    activations are T/cp long."""
+def collectives(cfg: GPTConfig, layout: Layout, micro_batch: int, accum: int,
+                dtype: str = "float32", device_type: str = "cpu",
+                pp_rank: int = 0) -> dict[tuple[str, str], tuple[int, float]]:
+    """{(group, kind): (calls, bus bytes)} one rank sends per optimizer step; groups: tp,
+    cp, dp (the dp x cp ranks that hold the same parameters), pp (stage to stage) and
+    embedding (the first and last stage). `dtype` bfloat16: FSDP gathers bf16 parameters
+    and reduces fp32 gradients, TP carries what `value_bytes` says, ring attention bf16
+    K/V; DDP's gradients, the pipeline's activations and the scalars stay fp32. Under CP,
+    TP's activations are T/cp long. The bytes are exact (--validate); the calls (for the
+    latency of each) count an FSDP unit (a block, the root) and a DDP bucket as one."""
     tp, cp, P, C, V = layout.tp, layout.cp, layout.pp, cfg.n_embd, cfg.vocab_size
     dp, T, compute_bytes = layout.dp * cp, cfg.block_size // cp, DTYPE_BYTES[dtype]
     sp = layout.sequence_parallel
     actions = schedule(P, layout.pp_schedule, layout.virtual_stages, accum)[pp_rank]
-    bus: dict[tuple[str, str], float] = {}
+    out: dict[tuple[str, str], tuple[int, float]] = {}
 
-    def add(group, kind, group_size, payload):
+    def add(group, kind, group_size, payload, calls=1):
         if group_size > 1:
-            bus[group, kind] = bus.get((group, kind), 0.0) + BUS_FACTOR[kind](group_size) * payload
+            n, bus = out.get((group, kind), (0, 0.0))
+            out[group, kind] = n + calls, bus + BUS_FACTOR[kind](group_size) * payload
 
     for v, (blocks, first, last) in enumerate(chunks(cfg, layout, pp_rank)):
         n = param_counts(cfg, tp, blocks, first, last)  # this TP rank's parameters
         if tp > 1:
-            for kind, (_, payload) in tp_collectives(
+            for kind, (calls, payload) in tp_collectives(
                     micro_batch, T, C, V, len(blocks), sp, layout.loss_parallel,
                     value_bytes(dtype, layout.fsdp, device_type), False, first, last).items():
-                add("tp", kind, tp, accum * payload)
+                add("tp", kind, tp, accum * payload, accum * calls)
         if cp > 1:
-            _, payload = ring_attention_sends(micro_batch, cfg.block_size, C // tp, len(blocks),
-                                              cp, compute_bytes)
-            add("cp", "send", cp, accum * payload)
+            sends, payload = ring_attention_sends(micro_batch, cfg.block_size, C // tp, len(blocks),
+                                                  cp, compute_bytes)
+            add("cp", "send", cp, accum * payload, accum * sends)
         if P > 1:  # activations to the next chunk, their gradients back (master dtype)
             boundary = micro_batch * (T // tp if sp else T) * C * FP32
-            add("pp", "send", P, accum * boundary * ((not last) + (not first)))
+            hops = (not last) + (not first)
+            add("pp", "send", P, accum * boundary * hops, accum * hops)
             if first or last:  # the tied weight's gradient (its shard under FSDP)
                 add("embedding", "all_reduce", 2, FP32 * V * C / tp / (dp if layout.fsdp else 1))
         if layout.fsdp:
-            add("dp", "all_gather", dp, fsdp_gathers(actions, v, layout.zero3) * compute_bytes * n["total"])
-            add("dp", "reduce_scatter", dp, accum * FP32 * n["total"])  # every micro-step (fsdp.py)
+            units = len(blocks) + (first or last)
+            gathers = fsdp_gathers(actions, v, layout.zero3)
+            add("dp", "all_gather", dp, gathers * compute_bytes * n["total"], gathers * units)
+            add("dp", "reduce_scatter", dp, accum * FP32 * n["total"], accum * units)  # every micro-step
         else:
-            add("dp", "all_reduce", dp, FP32 * n["total"])
+            buckets = math.ceil(FP32 * n["total"] / (25 * 2**20))  # --bucket_cap_mb's default
+            add("dp", "all_reduce", dp, FP32 * n["total"], buckets)
     # scalars, once a step: the squared gradient norm (one all-reduce per class of
     # sharded gradient: over TP; under FSDP over DP and over DP x TP), the trainer's mean
     # of the loss over DP x CP, and across stages the loss and the norm
     add("tp", "all_reduce", tp, FP32)
-    add("dp", "all_reduce", dp, FP32 * (1 + layout.fsdp * (2 if tp > 1 else 1)))
-    add("pp", "all_reduce", P, 2 * FP32)
-    return bus
+    scalars = 1 + layout.fsdp * (2 if tp > 1 else 1)
+    add("dp", "all_reduce", dp, FP32 * scalars, scalars)
+    add("pp", "all_reduce", P, 2 * FP32, 2)
+    return out
+
+
+def traffic_by_group(cfg: GPTConfig, layout: Layout, micro_batch: int, accum: int,
+                     dtype: str = "float32", device_type: str = "cpu",
+                     pp_rank: int = 0) -> dict[tuple[str, str], float]:
+    """{(group, kind): bus bytes one rank sends per optimizer step} (`collectives`)."""
+    return {key: bus for key, (_, bus) in collectives(cfg, layout, micro_batch, accum, dtype,
+                                                      device_type, pp_rank).items()}
 
 
 def traffic_bytes(cfg: GPTConfig, layout: Layout, micro_batch: int, accum: int,

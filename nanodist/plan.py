@@ -20,7 +20,8 @@ by nanodist/cost.py, the model the benchmark and --validate hold to measurement.
              stage's share of the blocks), at --compute_efficiency of the GPU's peak;
              a pipeline stretches it by 1 / (1 - bubble).
     traffic  bus bytes / bandwidth of the link the group spans (mesh order pp, dp, cp, tp:
-             a group of ranks within gpus_per_node consecutive ones stays inside a node).
+             a group of ranks within gpus_per_node consecutive ones stays inside a node),
+             plus a latency per collective call (LATENCY_S: TP's many small ones add up).
              DDP's all-reduce hides behind the last micro-step's backward, FSDP's gathers
              and reduce-scatters behind each micro-step's compute; what sticks out is
              exposed. TP, CP and PP traffic is on the critical path.
@@ -33,7 +34,7 @@ import sys
 
 from nanodist.config import TrainConfig, UserError, _Parser, build_parser as train_parser, grad_accum_steps, resolve_layout
 from nanodist.cost import (DTYPE_BYTES, Layout, activations_in_flight, bubble, chunks, local_params,
-                           param_counts, stage_params, traffic_by_group)
+                           param_counts, stage_params, collectives)
 from nanodist.metrics import PEAK_TFLOPS, flops_per_token
 from nanodist.model import PRESETS, model_config
 from nanodist.parallel.pipeline import check_layout
@@ -45,6 +46,9 @@ USABLE_MEMORY = 0.9
 # PCIe 4.0 x16), across-node GB/s per GPU (one 400 / 200 Gb/s NIC each))
 GPUS = {"h100": ("H100", 80, 450, 50), "h200": ("H200", 141, 450, 50),
         "a100": ("A100", 80, 300, 25), "l40s": ("L40S", 48, 32, 25)}
+# the time of a small NCCL collective (nccl-tests' all-reduce of a few bytes): in a node
+# over NVLink, across nodes over InfiniBand / RoCE
+LATENCY_S = {"intra_node": 15e-6, "inter_node": 30e-6}
 SCHEDULES = [("gpipe", 1), ("1f1b", 1), ("interleaved_1f1b", 2), ("interleaved_1f1b", 4)]
 TRAIN_PARSER = train_parser()  # train.py's flags (built once: thousands of layouts are parsed)
 ZERO = {"ddp": ("ddp", True), "fsdp-zero3": ("fsdp", True), "fsdp-zero2": ("fsdp", False)}
@@ -110,18 +114,28 @@ def spans(layout: Layout) -> dict[str, int]:
     return {"tp": tp, "cp": cp * tp, "dp": dp * cp * tp, "pp": layout.world, "embedding": layout.world}
 
 
-def cost(args, model_cfg, layout: Layout, micro_batch: int, M: int) -> dict:
-    """One row of the ranking: memory, traffic, time of `layout` (see the module doc)."""
-    key, _, intra_gbs, inter_gbs = GPUS[args.gpu]
-    peak = PEAK_TFLOPS[key][0 if args.dtype == "bfloat16" else 1] * 1e12
-    intra, inter = (args.intra_node_gb_s or intra_gbs) * 1e9, (args.inter_node_gb_s or inter_gbs) * 1e9
+def cost(args, model_cfg, layout: Layout, micro_batch: int, M: int,
+         speed: tuple[float, float, float, float] | None = None) -> dict:
+    """One row of the ranking: memory, traffic, time of `layout` (see the module doc).
+    speed: (FLOP/s reached, in-node and across-node bytes/s, seconds a collective takes
+    whatever its size) where measured (--validate); by default the GPU's peak at
+    --compute_efficiency, its links and LATENCY_S."""
+    latency = LATENCY_S
+    if speed is None:
+        key, _, intra_gbs, inter_gbs = GPUS[args.gpu]
+        peak = PEAK_TFLOPS[key][0 if args.dtype == "bfloat16" else 1] * 1e12
+        flop_s = peak * args.compute_efficiency
+        intra, inter = (args.intra_node_gb_s or intra_gbs) * 1e9, (args.inter_node_gb_s or inter_gbs) * 1e9
+    else:
+        flop_s, intra, inter, alpha = speed
+        peak, latency = flop_s, {"intra_node": alpha, "inter_node": alpha}
     compute_bytes = DTYPE_BYTES[args.dtype]
     n_params = param_counts(model_cfg)["total"]
     flops_per_step = flops_per_token(model_cfg, n_params) * args.total_batch_size
     recompute = 1 + (layout.checkpointing == "full") / 3  # one more forward: 2 of the 6 N
     largest = max(sum(len(b) for b, _, _ in chunks(model_cfg, layout, r)) for r in range(layout.pp))
     imbalance = largest * layout.pp / model_cfg.n_layer
-    t_compute = flops_per_step * recompute * imbalance / layout.world / (peak * args.compute_efficiency)
+    t_compute = flops_per_step * recompute * imbalance / layout.world / flop_s
     frac = bubble(layout, M)
     ranks = sorted({0, layout.pp - 1})
     state = max(16 * local_params(model_cfg, layout, r) for r in ranks)
@@ -135,14 +149,15 @@ def cost(args, model_cfg, layout: Layout, micro_batch: int, M: int) -> dict:
     links, exposed = {"intra_node": 0.0, "inter_node": 0.0}, 0.0
     for r in ranks:
         by_group = {}
-        for (group, _), bus in traffic_by_group(model_cfg, layout, micro_batch, M, args.dtype,
-                                                "cuda", r).items():
-            by_group[group] = by_group.get(group, 0.0) + bus
+        for (group, _), (calls, bus) in collectives(model_cfg, layout, micro_batch, M, args.dtype,
+                                                    "cuda", r).items():
+            n, total = by_group.get(group, (0, 0.0))
+            by_group[group] = n + calls, total + bus
         rank_links, rank_exposed = {"intra_node": 0.0, "inter_node": 0.0}, 0.0
-        for group, bus in by_group.items():
-            inside = spans(layout)[group] <= args.gpus_per_node
-            rank_links["intra_node" if inside else "inter_node"] += bus
-            seconds = bus / (intra if inside else inter)
+        for group, (calls, bus) in by_group.items():
+            link = "intra_node" if spans(layout)[group] <= args.gpus_per_node else "inter_node"
+            rank_links[link] += bus
+            seconds = bus / (intra if link == "intra_node" else inter) + calls * latency[link]
             if group == "dp":
                 hidden = t_compute if layout.fsdp else 2 / 3 * t_compute / M
                 seconds = max(0.0, seconds - hidden)
