@@ -13,8 +13,8 @@ micro-batch's, against M (GPipe) and min(P - r, M) (1F1B); interleaved: the peak
 sends against nanodist/cost.py's ("pp", "send") traffic. Custom vs native: tokens/s of both runners on
 the same step, taking turns. --docs DIR: also DIR/pp_P{P}.md with the tables and
 DIR/pp_timeline_P{P}.png, what each rank did when (1F1B and interleaved, the largest M).
-On a CPU with fewer cores than processes the ranks share cores: the measured bubble
-then reads low (an idle rank's core works for another).
+On a CPU with fewer cores than processes the ranks take turns on the cores: the measured
+bubble then holds the waits for a core too (P = 4 on 2 cores: about 0.5 whatever M).
 """
 import sys
 from dataclasses import replace
