@@ -101,12 +101,13 @@ class StepMemory:
         elif measure and self.cpu_counts:
             with quiet_profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
                 yield
-            events = sorted((node.start_time_ns, node.extra_fields) for node in
-                            _walk(prof.profiler.kineto_results.experimental_event_tree())
-                            if isinstance(node.extra_fields, _ExtraFields_Allocation))
+            events = sorted((node for node in _walk(prof.profiler.kineto_results.experimental_event_tree())
+                             if isinstance(node.extra_fields, _ExtraFields_Allocation)),
+                            key=lambda node: node.start_time_ns)
             if events:  # totals after each (de)allocation: before the first one, the start
-                self.at_start = events[0][1].total_allocated - events[0][1].alloc_size
-                self.peak = max(fields.total_allocated for _, fields in events)
+                first = events[0].extra_fields
+                self.at_start = first.total_allocated - first.alloc_size
+                self.peak = max(node.extra_fields.total_allocated for node in events)
         else:
             yield
 

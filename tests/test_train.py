@@ -68,8 +68,10 @@ def test_single_process_training_loss_falls_and_is_logged(char_data, tmp_path):
     assert [s for s, _ in logged] == list(range(30))
     assert [v for _, v in logged] == pytest.approx(losses, rel=1e-6)
     assert [s for s, _ in scalars(tmp_path / "run", "Loss/val")] == [14, 29]
-    for tag in ("GradNorm/train", "LR", "Throughput/tokens_per_sec", "Time/step_ms", "Memory/peak_GiB"):
+    for tag in ("GradNorm/train", "LR", "Throughput/tokens_per_sec", "Time/step_ms", "Memory/rss_peak_GiB"):
         assert len(scalars(tmp_path / "run", tag)) == 30
+    # live tensor bytes: on CPU measured on the first and the evaluated steps
+    assert [s for s, _ in scalars(tmp_path / "run", "Memory/peak_GiB")] == [0, 14, 29]
     # the first loss is that of a model that knows nothing: ln(vocabulary padded to 128)
     assert abs(losses[0] - math.log(128)) < 0.1
 
