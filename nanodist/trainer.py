@@ -21,7 +21,7 @@ from nanodist.config import TrainConfig, UserError, grad_accum_steps, resolve_la
 from nanodist.data import BatchLoader
 from nanodist.hf import pretrained_tensors
 from nanodist.metrics import (Logger, device_peak_flops, enable_tf32, flops_per_token,
-                              rss_peak_bytes, StepMemory)
+                              StepMemory, rss_peak_bytes)
 from nanodist.model import GPT, GPTConfig, model_config
 from nanodist.parallel.mesh import build_mesh, init_distributed, pick_device
 from nanodist.parallel.parallelize import parallelize
@@ -258,7 +258,7 @@ class Trainer:
     def _train(self) -> list[dict]:
         history = []
         profiler = StepProfiler(self.cfg.profile_steps, self.cfg.out_dir, self.mesh.rank, self.mesh.device)
-        memory = self.memory
+        memory = self.memory  # on CPU counting from __init__ on: the model's tensors included
         for step in range(self.start_step, self.cfg.max_steps):
             last = step == self.cfg.max_steps - 1
             evaluates = (step + 1) % self.cfg.eval_interval == 0 or last

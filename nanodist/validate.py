@@ -21,9 +21,14 @@ docs/plan/validation.md and validation.json; exits 1 when a prediction is off.
 
 A simulated cluster (SIMULATED): one process plays one rank of a layout of 64 or 512
 ranks over torch's fake process group (collectives return at once and move nothing) and
-runs the same real code on gpt2-large and gpt2-xl (block 64, one micro-batch of 1), held
-to the same predictions. Values do not matter there: parameters start at zero (no
-1.5e9 random draws; the loss stays finite) and the played rank decides about its run directory alone.
+runs the same real code on gpt2-medium to gpt2-xl (block 64, one micro-batch of 1), held
+to the same predictions. Values do not matter there: parameters start at zero (no 1.5e9
+random draws; the loss stays finite) and the played rank decides about its run directory
+alone.
+
+Step time: plan.cost's prediction at this machine's calibrated speeds (`calibrate`)
+against the median of TIMED_STEPS measured steps of each real layout, compared as orders
+(Spearman's rho, at least RHO_MIN): a CPU's absolute times say little about a GPU's.
 """
 import json
 import os
