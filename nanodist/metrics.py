@@ -6,8 +6,12 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from torch._C._profiler import _ExtraFields_Allocation
 from torch.profiler import ProfilerActivity
+
+try:  # the profiler's allocation events (private: a torch without them logs RSS only)
+    from torch._C._profiler import _ExtraFields_Allocation
+except ImportError:
+    _ExtraFields_Allocation = None
 
 from nanodist.model import GPTConfig
 from nanodist.profiling import quiet_profile
@@ -67,8 +71,10 @@ def rss_peak_bytes() -> int:
 def _count_cpu_tensor_bytes() -> bool:
     """Makes c10's CPU allocator keep a running total of its live bytes, which the profiler
     then reports with every allocation: the c10 flag caffe2_report_cpu_memory_usage, which
-    torch does not expose to Python. False where this torch build lacks it."""
+    torch does not expose to Python. False where this torch build lacks it or the events."""
     name = "libc10.dylib" if sys.platform == "darwin" else "libc10.so"
+    if _ExtraFields_Allocation is None:
+        return False
     try:
         lib = ctypes.CDLL(str(Path(torch.__file__).parent / "lib" / name))
         ctypes.c_bool.in_dll(lib, "FLAGS_caffe2_report_cpu_memory_usage").value = True

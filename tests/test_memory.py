@@ -30,6 +30,15 @@ def test_a_cpu_step_peak_is_the_bytes_it_allocates_over_what_lives():
     del kept, b, c, d
 
 
+def test_a_torch_without_the_allocation_events_logs_no_cpu_peak(monkeypatch):
+    from nanodist import metrics
+    monkeypatch.setattr(metrics, "_ExtraFields_Allocation", None)
+    memory = StepMemory(CPU)
+    with memory.step(measure=True):
+        torch.empty(2**20)
+    assert not memory.cpu_counts and memory.peak is None
+
+
 def test_the_trainer_measures_cpu_memory_on_the_first_and_the_evaluated_steps(char_data, tmp_path):
     records = Trainer(TrainConfig(**{**tiny_run(char_data, tmp_path), "max_steps": 4, "eval_interval": 3})).train()
     assert [r["peak_memory"] is not None for r in records] == [True, False, True, True]
