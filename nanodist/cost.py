@@ -43,6 +43,7 @@ import math
 from dataclasses import dataclass
 from functools import lru_cache
 
+from nanodist.config import TrainConfig
 from nanodist.model import GPTConfig
 from nanodist.parallel.pipeline import split_layers
 from nanodist.parallel.schedules import SCHEDULES, Action, bubble_fraction
@@ -273,7 +274,7 @@ def collectives(cfg: GPTConfig, layout: Layout, micro_batch: int, accum: int,
             add("dp", "all_gather", dp, gathers * compute_bytes * n["total"], gathers * units)
             add("dp", "reduce_scatter", dp, accum * FP32 * n["total"], accum * units)  # every micro-step
         else:
-            buckets = math.ceil(FP32 * n["total"] / (25 * 2**20))  # --bucket_cap_mb's default
+            buckets = math.ceil(FP32 * n["total"] / (TrainConfig.bucket_cap_mb * 2**20))
             add("dp", "all_reduce", dp, FP32 * n["total"], buckets)
     # scalars, once a step: the squared gradient norm (one all-reduce per class of
     # sharded gradient: over TP; under FSDP over DP and over DP x TP), the trainer's mean

@@ -89,8 +89,9 @@ class StepMemory:
     CUDA: the caching allocator's peak, reset before the step. CPU: torch keeps no such
     statistic, so the step runs under torch.profiler with profile_memory, whose allocation
     events carry the allocator's running total; that makes the step slower (per-op
-    records), so CPU steps are measured only when asked (`measure`), and `peak` is None
-    otherwise, or where the profiler cannot be used (another one is running).
+    records), so CPU steps are measured only when asked (`measure`; not while another
+    profiler runs: the trainer does not ask during --profile_steps), `peak` None otherwise
+    or where this torch cannot count (`_count_cpu_tensor_bytes`).
     """
 
     def __init__(self, device: torch.device):
@@ -107,8 +108,8 @@ class StepMemory:
         elif measure and self.cpu_counts:
             with quiet_profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
                 yield
-            events = sorted((node for node in _walk(prof.profiler.kineto_results.experimental_event_tree())
-                             if isinstance(node.extra_fields, _ExtraFields_Allocation)),
+            nodes = _walk(prof.profiler.kineto_results.experimental_event_tree())
+            events = sorted((node for node in nodes if isinstance(node.extra_fields, _ExtraFields_Allocation)),
                             key=lambda node: node.start_time_ns)
             if events:  # totals after each (de)allocation: before the first one, the start
                 first = events[0].extra_fields

@@ -258,21 +258,22 @@ class Trainer:
     def _train(self) -> list[dict]:
         history = []
         profiler = StepProfiler(self.cfg.profile_steps, self.cfg.out_dir, self.mesh.rank, self.mesh.device)
-        memory = self.memory  # on CPU counting from __init__ on: the model's tensors included
         for step in range(self.start_step, self.cfg.max_steps):
             last = step == self.cfg.max_steps - 1
             evaluates = (step + 1) % self.cfg.eval_interval == 0 or last
             profiler.before(step)
             # CPU memory is measured on the first step and the evaluated ones (it slows a step)
-            with memory.step(measure=(step == self.start_step or evaluates) and not profiler.covers(step)):
+            measure = (step == self.start_step or evaluates) and not profiler.covers(step)
+            with self.memory.step(measure):
                 t0 = time.perf_counter()
                 record = self.train_step(step)
                 if self.mesh.device.type == "cuda":
                     torch.cuda.synchronize()
                 dt = time.perf_counter() - t0
             profiler.after(step)
+            peak = self.memory.peak  # None on CPU steps not measured
             record.update(step=step, step_time=dt, tokens_per_sec=self.tokens_per_step / dt,
-                          peak_memory=memory.peak, rss_peak=rss_peak_bytes())
+                          peak_memory=peak, rss_peak=rss_peak_bytes())
             mfu = (self.flops_per_step / dt / self.mesh.world_size / self.peak_flops
                    if self.peak_flops else None)
             if evaluates:
@@ -282,14 +283,14 @@ class Trainer:
                 "GradNorm/train": record["grad_norm"] if self.cfg.gradient_clipping else None,
                 "LR": record["lr"], "Throughput/tokens_per_sec": record["tokens_per_sec"],
                 "Time/step_ms": dt * 1e3, "MFU": mfu,
-                "Memory/peak_GiB": memory.peak / 2**30 if memory.peak is not None else None,
+                "Memory/peak_GiB": peak / 2**30 if peak is not None else None,
                 "Memory/rss_peak_GiB": record["rss_peak"] / 2**30})
             self.print(f"step {step + 1:5d}/{self.cfg.max_steps} | loss {record['loss']:.4f}"
                        + (f" | val {record['val_loss']:.4f}" if "val_loss" in record else "")
                        + f" | lr {record['lr']:.2e} | norm {record['grad_norm']:.3f}"
                        f" | {dt * 1e3:.0f} ms | {record['tokens_per_sec']:,.0f} tok/s"
                        + (f" | MFU {mfu:.1%}" if mfu else "")
-                       + (f" | mem {memory.peak / 2**30:.2f} GiB" if memory.peak is not None else "")
+                       + (f" | mem {peak / 2**30:.2f} GiB" if peak is not None else "")
                        + f" | rss {record['rss_peak'] / 2**30:.2f} GiB")
             history.append(record)
             every = self.cfg.checkpoint_interval or self.cfg.eval_interval
