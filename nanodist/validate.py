@@ -114,11 +114,11 @@ def measure(argv: list[str], timed_steps: int = 0) -> dict:
         start = time.perf_counter()
         trainer.train_step(step)
         times.append(time.perf_counter() - start)
-    return {"step_s": statistics.median(times) if times else None,
-            "flops_per_step": trainer.flops_per_step, "rank": trainer.mesh.rank, "pp_rank": trainer.mesh.pp_rank, "state": state["total"],
-            "traffic": bus, "micro_batch": trainer.cfg.batch_size,
-            "activations": saved["bytes"],
-            "grad_accum": trainer.grad_accum, "model": asdict(trainer.model_cfg)}
+    return {"rank": trainer.mesh.rank, "pp_rank": trainer.mesh.pp_rank, "state": state["total"],
+            "traffic": bus, "activations": saved["bytes"], "micro_batch": trainer.cfg.batch_size,
+            "grad_accum": trainer.grad_accum, "model": asdict(trainer.model_cfg),
+            "step_s": statistics.median(times) if times else None,
+            "flops_per_step": trainer.flops_per_step}
 
 
 def compare(layout: Layout, measured: list[dict]) -> list[dict]:
@@ -209,11 +209,13 @@ def predicted_step_s(layout: Layout, m: dict, speed: tuple) -> float:
 
 
 def spearman(xs: list[float], ys: list[float]) -> float:
-    """Rank correlation: Pearson's r of the ranks (no ties among measured times)."""
-    rank = lambda v: {i: r for r, i in enumerate(sorted(range(len(v)), key=v.__getitem__))}
-    rx, ry = rank(xs), rank(ys)
-    n = len(xs)
-    return 1 - 6 * sum((rx[i] - ry[i]) ** 2 for i in range(n)) / (n * (n * n - 1))
+    """Rank correlation: Pearson's r of the ranks, equal values sharing their mean rank
+    (the model predicts the same time for layouts it cannot tell apart, e.g. DDP and
+    FSDP on 2 ranks)."""
+    def ranks(values):
+        order = sorted(values)
+        return [order.index(v) + (order.count(v) - 1) / 2 for v in values]
+    return statistics.correlation(ranks(xs), ranks(ys))
 
 
 def _play_rank(_, world: int, rank: int, argv: list[str], out_file: str):
