@@ -13,9 +13,10 @@ from pathlib import Path
 import torch
 
 from nanodist import checkpoint
-from nanodist.config import UserError, check_ranges
-from nanodist.hf import pretrained_tensors
-from nanodist.model import GPT, PRESETS, load_hf_state_dict, model_config
+from nanodist.config import check_ranges
+from nanodist.errors import UserError
+from nanodist.hf import load_hf_state_dict, pretrained_tensors
+from nanodist.model import GPT, PRESETS, model_config
 from nanodist.tokenizer import get_gpt2_encoding
 
 

@@ -4,21 +4,22 @@
 
 Variants none, full, full every 2nd block, selective take turns step by step (forward +
 backward + AdamW step on the same batch). Memory: the bytes one forward keeps for
-backward (nanodist/measure.py `saved_activations`) against nanodist/cost.py's
+backward (nanodist_tools/measure.py `saved_activations`) against nanodist_tools/cost.py's
 `activation_bytes`; time: median step and its ratio to no checkpointing.
 """
 import torch
 
-from nanodist.cost import Layout, activation_bytes
 from common import median, parser, print_table, time_interleaved, write_json
-from nanodist.measure import saved_activations
-from nanodist.config import TrainConfig
+from nanodist.launch import pick_device
 from nanodist.model import GPT, model_config
-from nanodist.parallel.mesh import Mesh, pick_device
-from nanodist.parallel.parallelize import parallelize
+from nanodist.parallel.layout import Layout, Mesh
+from nanodist.parallel.parallelize import Setup, parallelize
+from nanodist_tools.cost import activation_bytes
+from nanodist_tools.measure import saved_activations
 
-VARIANTS = {"none": ("none", 1), "full": ("full", 1), "full, every 2nd": ("full", 2),
-            "selective": ("selective", 1)}
+VARIANTS = {"none": Layout(), "full": Layout(checkpointing="full"),
+            "full, every 2nd": Layout(checkpointing="full", ac_every=2),
+            "selective": Layout(checkpointing="selective")}
 
 
 def main():
@@ -34,31 +35,30 @@ def main():
     x, y = torch.randint(0, mcfg.vocab_size, (2, args.batch_size, args.block_size),
                          generator=torch.Generator().manual_seed(0)).to(device)
 
-    def build(policy, every):
-        cfg = TrainConfig(block_size=args.block_size, activation_checkpointing=policy, ac_every=every)
+    def build(layout):
         with torch.device(device):
-            par = parallelize(GPT(mcfg, seed=1), cfg, Mesh(device=device))
-        optimizer = torch.optim.AdamW(par.param_groups(0.1), lr=1e-4)
+            parallel = parallelize(GPT(mcfg, seed=1), Setup(Mesh.alone(device, layout=layout), seed=1))
+        stage = parallel.stages[0]
+        optimizer = torch.optim.AdamW(parallel.params.param_groups(0.1), lr=1e-4)
 
         def step():
-            par.loss_fn(par.model(x), y).backward()
+            stage.loss_fn(stage.module(x), y).backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
-        with saved_activations(par.model.parameters()) as kept:
-            loss = par.loss_fn(par.model(x), y)
+        with saved_activations(stage.module.parameters()) as kept:
+            loss = stage.loss_fn(stage.module(x), y)
         kept.pop(loss.untyped_storage().data_ptr())  # the loss itself
         loss.backward()
         optimizer.zero_grad(set_to_none=True)
         return step, sum(kept.values())
 
-    built = {name: build(*spec) for name, spec in VARIANTS.items()}
+    built = {name: build(layout) for name, layout in VARIANTS.items()}
     times = time_interleaved({name: step for name, (step, _) in built.items()},
                              args.warmup, args.steps, device)
     rows = []
-    for name, (policy, every) in VARIANTS.items():
-        kept, analytic = built[name][1], activation_bytes(mcfg, Layout("single"), args.batch_size,
-                                                          policy, every)
+    for name, layout in VARIANTS.items():
+        kept, analytic = built[name][1], activation_bytes(mcfg, layout, args.batch_size)
         rows.append({"checkpointing": name, "kept MiB": kept / 2**20, "analytic MiB": analytic / 2**20,
                      "ratio": kept / analytic, "step ms": median(times[name]) * 1e3,
                      "time / none": median(times[name]) / median(times["none"])})

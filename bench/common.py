@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from nanodist.parallel.mesh import init_distributed, pick_device
+from nanodist.launch import init_distributed, pick_device
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

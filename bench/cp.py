@@ -6,40 +6,37 @@ Forward + backward of causal attention over the CP ring, B x heads x T x head_di
 across the ranks, the two splits taking turns step by step. Work: attention blocks per
 rank (`context_parallel.attention_blocks`, a causal diagonal counts 1/2) max / min = 1 with
 zigzag, 2C-1 contiguous; the ring waits for its slowest rank, so the step time follows
-the max. Traffic: what comm.py counted per rank against nanodist/cost.py's
-`ring_attention_sends` (one layer, B x T x heads x head_dim).
+the max. Traffic: what the mesh's Comm counted per rank against
+nanodist_tools/traffic.py's `ring_attention_sends` (one layer, B x T x heads x head_dim).
 
 Long context (--model tiny, --context 2048, 8x the tests' tiny runs): the bytes the whole
-model keeps for backward per rank (nanodist/measure.py), one process against CP, plus the
-fp32 state (16 bytes a parameter), against a stated per-rank budget --budget_mib:
-which of the two fits.
+model keeps for backward per rank (nanodist_tools/measure.py), one process against CP,
+plus the fp32 state (16 bytes a parameter), against a stated per-rank budget
+--budget_mib: which of the two fits.
 """
 import torch
 import torch.distributed as dist
 
 from common import median, parser, print_table, start_processes, time_interleaved, write_json
-from nanodist.config import TrainConfig
-from nanodist.cost import ring_attention_sends
 from nanodist.model import GPT, model_config
-from nanodist.measure import saved_activations
-from nanodist.parallel import comm
 from nanodist.parallel.context_parallel import RingAttention, attention_blocks, split_sequence
-from nanodist.parallel.mesh import Mesh, build_mesh
-from nanodist.parallel.parallelize import parallelize
+from nanodist.parallel.layout import Layout, Mesh, build_mesh
+from nanodist.parallel.parallelize import Setup, parallelize
+from nanodist_tools.measure import saved_activations
+from nanodist_tools.traffic import ring_attention_sends
 
 
-def kept_per_rank(args, mesh, cp: int) -> tuple[int, int]:
+def kept_per_rank(args, mesh) -> tuple[int, int]:
     """(bytes kept for backward by one micro-batch of the whole model, state bytes) per rank."""
-    mcfg = model_config(args.model, args.context, args.vocab_size)
-    cfg = TrainConfig(block_size=args.context, context_parallel_size=cp, dropout=0.0)
-    par = parallelize(GPT(mcfg, seed=1).to(mesh.device), cfg, mesh)
+    mcfg = model_config(args.model, args.context, args.vocab_size)  # no dropout: CP has none
+    stage = parallelize(GPT(mcfg, seed=1).to(mesh.device), Setup(mesh, seed=1)).stages[0]
     x, y = torch.randint(0, mcfg.vocab_size, (2, args.batch_size, args.context),
                          generator=torch.Generator().manual_seed(0)).to(mesh.device)
-    with saved_activations(par.model.parameters()) as kept:
-        loss = par.loss_fn(par.model(x), y)
+    with saved_activations(stage.module.parameters()) as kept:
+        loss = stage.loss_fn(stage.module(x), y)
     kept.pop(loss.untyped_storage().data_ptr())  # the loss itself
     loss.backward()
-    return sum(kept.values()), 16 * sum(p.numel() for p in par.gpt.parameters())
+    return sum(kept.values()), 16 * sum(p.numel() for p in stage.gpt.parameters())
 
 
 def main():
@@ -55,19 +52,20 @@ def main():
     args = p.parse_args()
 
     device, cp = start_processes()
-    rank, group = dist.get_rank(), dist.group.WORLD
+    mesh = build_mesh(Layout(cp=cp), device)
+    rank = mesh.cp.rank
     B, H, T, D = args.batch_size, args.heads, args.block_size, args.head_dim
     q, k, v, probe = torch.randn(4, B, H, T, D, generator=torch.Generator().manual_seed(0)).to(device)
 
     def variant(zigzag):
         local = [split_sequence(t, 2, rank, cp, zigzag).requires_grad_() for t in (q, k, v)]
         grad = split_sequence(probe, 2, rank, cp, zigzag)
-        attention = RingAttention(group, zigzag)
+        attention = RingAttention(mesh.cp, zigzag)
         return lambda: attention(*local).backward(grad)
 
     steps = {"zigzag": variant(True), "contiguous": variant(False)}
     times = time_interleaved(steps, args.warmup, args.steps, device, dist.barrier)
-    with comm.counting() as counted:
+    with mesh.comm.counting() as counted:
         steps["zigzag"]()
     _, analytic = ring_attention_sends(B, T, H * D, 1, cp)
     rows = []
@@ -76,8 +74,8 @@ def main():
         rows.append({"split": name, "blocks max": max(blocks), "blocks min": min(blocks),
                      "max / min": max(blocks) / min(blocks), "step ms": median(times[name]) * 1e3})
     memory = []
-    for name, mesh in (("one process", Mesh(device=device)), (f"CP={cp}", build_mesh(1, 1, device, cp_size=cp))):
-        kept, state = kept_per_rank(args, mesh, mesh.cp_size)
+    for name, layout_mesh in (("one process", Mesh.alone(device)), (f"CP={cp}", mesh)):
+        kept, state = kept_per_rank(args, layout_mesh)
         memory.append({"layout": name, "activations MiB": kept / 2**20, "state MiB": state / 2**20,
                        "total MiB": (kept + state) / 2**20,
                        f"fits {args.budget_mib:g} MiB": (kept + state) / 2**20 <= args.budget_mib})

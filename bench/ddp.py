@@ -6,7 +6,7 @@ Both replicas of the model live in each process and take turns step by step. A s
 is forward + backward + gradient averaging over grad_accum micro-steps (no_sync on all
 but the last); the optimizer is left out (it is the same code for both). A third variant
 never communicates: the gap to it is what gradient averaging costs. Traffic is
-what the counted comm module saw in one custom step, against the analytic ring
+what the mesh's Comm counted in one custom step, against the analytic ring
 all-reduce volume 2 (N-1)/N * Psi * 4 bytes per rank (Psi parameters, fp32).
 """
 from contextlib import nullcontext
@@ -16,9 +16,8 @@ import torch.distributed as dist
 
 from common import median, paired_speedup, parser, print_table, start_processes, time_interleaved, write_json
 from nanodist.model import GPT, cross_entropy, model_config
-from nanodist.parallel import comm
 from nanodist.parallel.ddp import DataParallel, native_ddp
-from nanodist.parallel.mesh import build_mesh
+from nanodist.parallel.layout import Layout, build_mesh
 
 
 def main():
@@ -31,12 +30,12 @@ def main():
     args = p.parse_args()
 
     device, world = start_processes()
-    mesh = build_mesh(world, 1, device)
+    mesh = build_mesh(Layout(dp=world), device)
     cfg = model_config(args.model, args.block_size, 50257)
     with torch.device(device):
         custom = GPT(cfg, seed=1)
-        sync = DataParallel(custom, mesh.dp_group, args.bucket_cap_mb)
-        native = native_ddp(GPT(cfg, seed=1), mesh.dp_group, device, args.bucket_cap_mb)
+        sync = DataParallel(custom, mesh.dp, args.bucket_cap_mb)
+        native = native_ddp(GPT(cfg, seed=1), mesh.dp, device, args.bucket_cap_mb)
     tokens = torch.randint(0, cfg.vocab_size, (args.grad_accum, args.batch_size, cfg.block_size + 1),
                            generator=torch.Generator().manual_seed(mesh.rank)).to(device)
 
@@ -51,7 +50,7 @@ def main():
                 "pytorch": lambda: step(native, native.no_sync),
                 "no sync (compute only)": lambda: step(custom, sync.no_sync, communicate=False)}
     times = time_interleaved(variants, args.warmup, args.steps, device, dist.barrier)
-    with comm.counting() as counted:
+    with mesh.comm.counting() as counted:
         step(custom, sync.no_sync)
     traffic = counted.summary()["all_reduce"]
 

@@ -9,26 +9,25 @@ forward + backward (gather, reduce-scatter) + AdamW on the shards. Reported per 
   16 Psi / N bytes (fp32 weights 4, grads 4, moments 8);
 - peak live tensor bytes during one step, counted op by op (CPU has no allocator
   statistics), custom / FSDP2;
-- bytes the custom step all-gathered and reduce-scattered (counted comm) against the
-  analytic ring volume 3 (N-1)/N Psi 4 bytes (2 all-gathers + 1 reduce-scatter; ZeRO-2: 2).
+- bytes the custom step all-gathered and reduce-scattered (counted by the mesh's Comm)
+  against the analytic ring volume 3 (N-1)/N Psi 4 bytes (2 all-gathers + 1
+  reduce-scatter; ZeRO-2: 2).
 """
 import weakref
+from dataclasses import replace
 
 import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
 from common import median, paired_speedup, parser, print_table, start_processes, time_interleaved, write_json
-from nanodist.config import TrainConfig
+from nanodist import compat
 from nanodist.model import GPT, model_config
-from nanodist.parallel import comm
-from nanodist.parallel.mesh import build_mesh
-from nanodist.parallel.parallelize import parallelize
+from nanodist.parallel.layout import Layout, build_mesh
+from nanodist.parallel.parallelize import Setup, parallelize
 
 
-class PeakLiveBytes(TorchDispatchMode):
+class PeakLiveBytes(compat.TorchDispatchMode):
     """Peak over the ops run inside it of the storage bytes alive: the tensors made
     inside, those of `before`, and the model's parameters as they are at that op (both
     FSDPs regrow gathered storages by resizing them, which no op reports)."""
@@ -40,7 +39,7 @@ class PeakLiveBytes(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        for t in tree_leaves(out):
+        for t in compat.tree_leaves(out):
             if isinstance(t, torch.Tensor):
                 self.refs[id(t)] = weakref.ref(t)
         alive = (self.before + [_local(p) for p in self.model.parameters()]
@@ -54,7 +53,7 @@ def _local(t):
     return t.to_local() if isinstance(t, DTensor) else t
 
 
-def _state_tensors(par, opt):
+def _state_tensors(opt):
     params = [p for group in opt.param_groups for p in group["params"]]
     return ([_local(p) for p in params] + [_local(p.grad) for p in params if p.grad is not None]
             + [_local(t) for s in opt.state.values() for t in s.values() if t.dim() > 0])
@@ -69,39 +68,38 @@ def main():
     args = p.parse_args()
 
     device, world = start_processes()
-    mesh = build_mesh(world, 1, device)
+    mesh = build_mesh(Layout(dp=world, dp_type="fsdp",
+                             reshard_after_forward=bool(args.reshard_after_forward)), device)
     model_cfg = model_config(args.model, args.block_size, 50257)
     runs = {}
     for impl in ("custom", "pytorch"):
-        cfg = TrainConfig(data_parallel_size=world, data_parallel_type="fsdp", implementation=impl,
-                          fsdp_reshard_after_forward=bool(args.reshard_after_forward), seed=1,
-                          deferred_init=True)
-        with torch.device("meta"):
+        with torch.device("meta"):  # deferred init: each rank materialises its shards only
             model = GPT(model_cfg, seed=None)
-        par = parallelize(model, cfg, mesh)
-        runs[impl] = (par, torch.optim.AdamW(par.param_groups(0.1), lr=1e-4))
+        layout = replace(mesh.layout, implementation=impl)
+        parallel = parallelize(model, Setup(mesh.with_layout(layout), seed=1))
+        runs[impl] = (parallel.stages[0], torch.optim.AdamW(parallel.params.param_groups(0.1), lr=1e-4))
     tokens = torch.randint(0, model_cfg.vocab_size, (args.batch_size, model_cfg.block_size + 1),
                            generator=torch.Generator().manual_seed(mesh.rank)).to(device)
 
     def step(impl):
-        par, opt = runs[impl]
-        par.loss_fn(par.model(tokens[:, :-1]), tokens[:, 1:]).backward()
+        stage, opt = runs[impl]
+        stage.loss_fn(stage.module(tokens[:, :-1]), tokens[:, 1:]).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
     times = time_interleaved({impl: (lambda impl=impl: step(impl)) for impl in runs},
                              args.warmup, args.steps, device, dist.barrier)
-    n_params = sum(sum(f.numels) for f in runs["custom"][0].fsdp.flats)  # tied wte once
+    n_params = sum(sum(f.numels) for f in runs["custom"][0].params.fsdp.flats)  # tied wte once
     memory = {}
-    for impl, (par, opt) in runs.items():
-        par.loss_fn(par.model(tokens[:, :-1]), tokens[:, 1:]).backward()
+    for impl, (stage, opt) in runs.items():
+        stage.loss_fn(stage.module(tokens[:, :-1]), tokens[:, 1:]).backward()
         opt.step()
-        state = sum(t.numel() * t.element_size() for t in _state_tensors(par, opt))
+        state = sum(t.numel() * t.element_size() for t in _state_tensors(opt))
         opt.zero_grad(set_to_none=True)
-        with PeakLiveBytes(_state_tensors(par, opt), par.model) as peak:
+        with PeakLiveBytes(_state_tensors(opt), stage.module) as peak:
             step(impl)
         memory[impl] = (state, peak.peak)
-    with comm.counting() as counted:
+    with mesh.comm.counting() as counted:
         step("custom")
     traffic = counted.summary()
     gathered = traffic["all_gather"]["bus_bytes"]

@@ -1,12 +1,13 @@
 """The first run on GPUs as a checklist: `make gpu-check` (on 1, 2, 4 or 8 GPUs).
 
-    python bench/gpu_check.py                            # every layout that fits, then MFU
-    python bench/gpu_check.py --device cpu --layouts ddp # the correctness part on CPU
+    python bench/gpu_check.py                             # every layout that fits, then MFU
+    python bench/gpu_check.py --device cpu --layouts ddp2 # the correctness part on CPU
 
-1. Correctness over NCCL: each layout that fits the GPU count trains the tiny model for
-   a few steps, custom and pytorch, as users launch it (torchrun + train.py), against
-   one process on the same global batches: PASS when every logged loss matches. fp32
-   with TF32 off (NVIDIA_TF32_OVERRIDE=0), so only the order of float sums differs.
+1. Correctness over NCCL: each layout of GPU_CHECK (nanodist_tools/layouts.py) that fits
+   the GPU count trains the tiny model for a few steps, custom and pytorch, as users
+   launch it (torchrun + train.py), against one process on the same global batches:
+   PASS when every logged loss matches. fp32 with TF32 off (NVIDIA_TF32_OVERRIDE=0), so
+   only the order of float sums differs.
 2. MFU (CUDA only): GPT-2 small on one GPU, bf16, --compile; the median MFU of the
    last steps against the 45% target.
 Exit status 1 when anything fails.
@@ -18,17 +19,15 @@ import statistics
 import subprocess
 import sys
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-from nanodist.cost import Layout
-from run import MATRIX, layouts_that_fit, prepare_data
+from nanodist_tools.layouts import GPU_CHECK, LAYOUTS, select
+from run import layouts_that_fit, prepare_data
 
 REPO = Path(__file__).resolve().parents[1]
-LAYOUTS = [l for l in MATRIX if l.world > 1] + [
-    Layout("fsdp-dp8", dp=8, dp_type="fsdp"),
-    Layout("dp4xtp2-sp", dp=4, tp=2, dp_type="fsdp", loss_parallel=True, sequence_parallel=True)]
 STEPS, MICRO_BATCH, BLOCK = 4, 2, 32
 # every layout trains on the same global batch: 8 micro-batches (8 DP ranks at most)
 TRAIN = ["--model=tiny", "--dataset=shakespeare_char", f"--block_size={BLOCK}",
@@ -55,7 +54,7 @@ def losses(stdout: str) -> list[float]:
     return [float(x) for x in re.findall(r"\| loss (\S+)", stdout)]
 
 
-def check_layouts(layouts, device: str, data_dir: str, runs: str) -> bool:
+def check_layouts(names: list[str], device: str, data_dir: str, runs: str) -> bool:
     env = {"NVIDIA_TF32_OVERRIDE": "0", "OMP_NUM_THREADS": "1"}
     run = lambda name, flags, n: losses(train(
         TRAIN + [f"--device={device}", f"--data_dir={data_dir}",
@@ -67,17 +66,18 @@ def check_layouts(layouts, device: str, data_dir: str, runs: str) -> bool:
         return False
     print(f"one process: losses {reference}")
     ok = True
-    for layout in layouts:
+    for name in names:
+        layout = LAYOUTS[name]
         for impl in ("custom", "pytorch"):
             try:
-                got = run(layout.name, layout.flags() + [f"--implementation={impl}"], layout.world)
+                got = run(name, replace(layout, implementation=impl).flags(), layout.world)
                 worst = max(abs(a - b) for a, b in zip(got, reference)) if len(got) == STEPS else None
                 passed = worst is not None and worst <= LOSS_TOLERANCE
                 detail = f"max |loss - one process| {worst:.1e}" if worst is not None else f"losses {got}"
             except RuntimeError as error:
                 passed, detail = False, str(error)
             ok &= passed
-            print(f"{'PASS' if passed else 'FAIL'} {layout.name} {impl} ({layout.world} processes): "
+            print(f"{'PASS' if passed else 'FAIL'} {name} {impl} ({layout.world} processes): "
                   f"{detail}", flush=True)
     return ok
 
@@ -105,19 +105,20 @@ def check_mfu(steps: int, runs: str) -> bool:
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--layouts", nargs="*", help=f"subset of {[l.name for l in LAYOUTS]}")
+    p.add_argument("--layouts", nargs="*", help=f"subset of {GPU_CHECK}")
     p.add_argument("--data_dir", help="prepared shakespeare_char (default: prepare one)")
     p.add_argument("--mfu_steps", type=int, default=30)
     args = p.parse_args()
-    layouts = [l for l in LAYOUTS if not args.layouts or l.name in args.layouts]
-    if args.layouts and len(layouts) != len(args.layouts):
-        p.error(f"--layouts: choose from {[l.name for l in LAYOUTS]}")
-    layouts, skipped = layouts_that_fit(layouts, args.device)
+    try:
+        names = select(args.layouts, GPU_CHECK)
+    except ValueError as error:
+        p.error(f"--layouts: {error}")
+    names, skipped = layouts_that_fit(names, args.device)
     if skipped:
         print(f"skipped (more processes than the {torch.cuda.device_count()} GPUs): "
-              + ", ".join(l.name for l in skipped))
+              + ", ".join(skipped))
     with tempfile.TemporaryDirectory(prefix="gpu-check-") as runs:  # run directories: thrown away
-        ok = check_layouts(layouts, args.device, prepare_data(args.data_dir), runs)
+        ok = check_layouts(names, args.device, prepare_data(args.data_dir), runs)
         if args.device != "cpu" and torch.cuda.is_available():
             ok &= check_mfu(args.mfu_steps, runs)
     sys.exit(0 if ok else 1)

@@ -28,8 +28,9 @@ def run_layout(args, dp_type: str, implementation: str) -> dict:
     with tempfile.TemporaryDirectory() as out_dir:
         argv = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                 f"--nproc_per_node={args.nproc}", str(REPO / "train.py"), "--device=cpu",
-                f"--model={args.model}", f"--dataset={args.dataset}", f"--block_size={args.block_size}",
-                "--batch_size=1", f"--total_batch_size={args.block_size * args.nproc}",
+                f"--model={args.model}", f"--dataset={args.dataset}", f"--data_dir={args.data_dir}",
+                f"--block_size={args.block_size}", "--batch_size=1",
+                f"--total_batch_size={args.block_size * args.nproc}",
                 f"--max_steps={args.steps}", f"--eval_interval={args.steps}", "--eval_iters=1",
                 f"--data_parallel_type={dp_type}", f"--implementation={implementation}",
                 "--checkpoint_interval=-1", f"--out_dir={out_dir}"]
@@ -48,6 +49,7 @@ def main():
     p.set_defaults(steps=3)
     p.add_argument("--model", default="gpt2")
     p.add_argument("--dataset", default="shakespeare")
+    p.add_argument("--data_dir", default="", help="the prepared --dataset (default: data/DATASET)")
     p.add_argument("--nproc", type=int, default=2)
     p.add_argument("--block_size", type=int, default=256)
     args = p.parse_args()

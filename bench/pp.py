@@ -2,17 +2,18 @@
 bytes, and the hand-written runner against torch.distributed.pipelining.
 
     torchrun --standalone --nproc_per_node=2 bench/pp.py [--model tiny --block_size 128]
-    torchrun --standalone --nproc_per_node=4 bench/pp.py --micro 4 --timeline
+    torchrun --standalone --nproc_per_node=4 bench/pp.py --micro 4 --docs docs/bench
 
 Per schedule and M (micro-batches = P, 2P, 4P, 8P), the same global-batch step on the
-PP ranks alone: the runner records every action's start and end (`PipelineParallel.trace`)
+PP ranks alone: the runner records every action's start and end (`PipelineRunner.trace`)
 and the bubble is the measured idle fraction of the step (1 - time in forwards and
-backwards / step time, mean over ranks) against `cost.bubble`. Micro-batches
-in flight: the peak bytes saved for backward (nanodist/measure.py) over one
-micro-batch's, against M (GPipe) and min(P - r, M) (1F1B); interleaved: the peak bytes. Traffic: comm.py's count of
-sends against nanodist/cost.py's ("pp", "send") traffic. Custom vs native: tokens/s of both runners on
-the same step, taking turns. --docs DIR: also DIR/pp_P{P}.md with the tables and
-DIR/pp_timeline_P{P}.png, what each rank did when (1F1B and interleaved, the largest M).
+backwards / step time, mean over ranks) against `cost.bubble`. Micro-batches in flight:
+the peak bytes saved for backward (nanodist_tools/measure.py) over one micro-batch's,
+against M (GPipe) and min(P - r, M) (1F1B); interleaved: the peak bytes. Traffic: the
+mesh's Comm count of sends against nanodist_tools/traffic.py's ("pp", "send") traffic.
+Custom vs native: tokens/s of both runners on the same step, taking turns. --docs DIR:
+also DIR/pp_P{P}.md with the tables and DIR/pp_timeline_P{P}.png, what each rank did
+when (1F1B and interleaved, the largest M).
 On a CPU with fewer cores than processes the ranks take turns on the cores: the measured
 bubble then holds the waits for a core too (P = 4 on 2 cores: about 0.5 whatever M).
 """
@@ -25,59 +26,61 @@ import torch.distributed as dist
 
 from common import (markdown_table, median, parser, print_table, start_processes,
                     time_interleaved, write_json)
-from nanodist.config import TrainConfig
-from nanodist.cost import Layout, bubble, traffic_by_group
-from nanodist.measure import peak_saved_bytes
 from nanodist.model import GPT, model_config
-from nanodist.parallel import comm
-from nanodist.parallel.mesh import build_mesh
-from nanodist.parallel.parallelize import parallelize
+from nanodist.parallel.layout import Layout, build_mesh
+from nanodist.parallel.parallelize import Setup, parallelize
+from nanodist_tools.cost import bubble
+from nanodist_tools.measure import peak_saved_bytes
+from nanodist_tools.traffic import traffic_by_group
 
 SCHEDULES = [("gpipe", 1), ("1f1b", 1), ("interleaved_1f1b", 2)]
 
 
 def build(args, mesh, schedule, V, M, implementation="custom"):
-    cfg = TrainConfig(pipeline_parallel_size=mesh.pp_size, pipeline_schedule=schedule,
-                      virtual_stages=V, data_parallel_size=1, batch_size=args.batch_size,
-                      block_size=args.block_size, total_batch_size=M * args.batch_size * args.block_size,
-                      implementation=implementation)
+    """The pipeline of `mesh` (its pp ranks) with this schedule, V chunks a rank and M
+    micro-batches: (the Parallelized, one step, the model config)."""
+    layout = replace(mesh.layout, pp_schedule=schedule, virtual_stages=V,
+                     implementation=implementation)
     mcfg = replace(model_config(args.model, args.block_size, args.vocab_size), n_layer=args.n_layer)
-    par = parallelize(GPT(mcfg, seed=1).to(mesh.device), cfg, mesh)
+    setup = Setup(mesh.with_layout(layout), seed=1, micro_batch=(args.batch_size, args.block_size),
+                  micro_steps=M)
+    parallel = parallelize(GPT(mcfg, seed=1).to(mesh.device), setup)
     batches = [tuple(torch.randint(0, mcfg.vocab_size, (2, args.batch_size, args.block_size),
                                    generator=torch.Generator().manual_seed(m)).to(mesh.device))
                for m in range(M)]
     autocast = torch.autocast(mesh.device.type, enabled=False)
 
     def step():
-        par.forward_backward(batches, autocast)
-        for p in par.optimizer_param_list():
+        parallel.runner.forward_backward(batches, autocast)
+        for p in parallel.params.param_list():
             p.grad = None
-    return par, step, mcfg
+    return parallel, step, mcfg
 
 
 def measure(args, mesh, schedule, V, M) -> dict:
     """This rank's bubble, peak in flight and sends for one schedule and M (custom)."""
-    par, step, mcfg = build(args, mesh, schedule, V, M)
+    parallel, step, mcfg = build(args, mesh, schedule, V, M)
+    runner = parallel.runner
     for _ in range(args.warmup):
         step()
     idle, traces = [], []
     for _ in range(args.steps):
         dist.barrier()
-        par.trace = []
+        runner.trace = []
         step()
-        trace, par.trace = par.trace, None
+        trace, runner.trace = runner.trace, None
         busy = sum(end - start for kind, *_, start, end in trace if kind != "p2p")
         idle.append(1 - busy / (trace[-1][-1] - trace[0][-2]))
         traces.append(trace)
     with peak_saved_bytes() as one:  # one micro-batch alone (the same split as V = 1)
         build(args, mesh, "gpipe", 1, 1)[1]()
-    with peak_saved_bytes() as peak, comm.counting() as counted:
+    with peak_saved_bytes() as peak, mesh.comm.counting() as counted:
         step()
-    layout = Layout("pp", pp=mesh.pp_size, pp_schedule=schedule, virtual_stages=V)
+    layout = replace(mesh.layout, pp_schedule=schedule, virtual_stages=V)
     return {"idle": median(idle), "in_flight": peak["bytes"] / one["bytes"] if V == 1 else None,
             "peak_saved": peak["bytes"], "sent": counted.payload_bytes["send"],
             "sent_analytic": traffic_by_group(mcfg, layout, args.batch_size, M,
-                                              pp_rank=mesh.pp_rank)["pp", "send"],
+                                              pp_rank=mesh.pp.rank)["pp", "send"],
             "trace": traces[len(traces) // 2]}
 
 
@@ -135,7 +138,7 @@ def main():
     p.add_argument("--docs", help="write the tables (Markdown) and the timeline PNG here")
     args = p.parse_args()
     device, P = start_processes()
-    mesh = build_mesh(1, 1, device, pp_size=P)
+    mesh = build_mesh(Layout(pp=P), device)
     rows, traces = [], {}
     for M in args.micro or [P, 2 * P, 4 * P, 8 * P]:
         for schedule, V in SCHEDULES:
@@ -145,7 +148,7 @@ def main():
             traces[f"{schedule} P={P} M={M}" + (f" V={V}" if V > 1 else "")] = [g.pop("trace") for g in everyone]
             in_flight_expected = [M if schedule == "gpipe" else min(P - r, M) for r in range(P)]
             rows.append({"schedule": schedule, "M": M, "bubble measured": median([g["idle"] for g in everyone]),
-                         "bubble analytic": bubble(Layout("pp", pp=P, virtual_stages=V), M),
+                         "bubble analytic": bubble(Layout(pp=P, virtual_stages=V), M),
                          "in flight r0": everyone[0]["in_flight"] or "-",
                          "expected r0": in_flight_expected[0] if V == 1 else "-",
                          "saved MiB r0": everyone[0]["peak_saved"] / 2**20,

@@ -3,9 +3,11 @@ import json
 import time
 from pathlib import Path
 
-from nanodist.cost import Layout, activation_bytes, state_bytes, traffic_bytes
 from nanodist.metrics import PEAK_TFLOPS
 from nanodist.model import GPTConfig
+from nanodist.parallel.layout import Layout
+from nanodist_tools.cost import activation_bytes, state_bytes
+from nanodist_tools.traffic import traffic_bytes
 
 MiB = 2**20
 # custom / pytorch throughput each layout family should reach
@@ -54,7 +56,7 @@ def analyse(results: list[dict]) -> list[dict]:
     reference_loss = single["rows"]["custom"]["loss"] if single else None
     records = []
     for res in results:
-        cfg, layout = GPTConfig(**res["model"]), Layout(**res["layout"])
+        cfg, layout = GPTConfig(**res["model"]), Layout(**res["layout_fields"])
         state_an = state_bytes(cfg, layout)
         traffic_an = traffic_bytes(cfg, layout, res["micro_batch"], res["grad_accum"],
                                    res["dtype"], res["device"].split(":")[0])
@@ -69,7 +71,7 @@ def analyse(results: list[dict]) -> list[dict]:
             comm_an = sum(traffic_an.values())
             state_meas = _max_over_ranks(row, "state")
             rec = {
-                "layout": layout.name, "implementation": impl, "world": res["world"],
+                "layout": res["layout"], "implementation": impl, "world": res["world"],
                 "dp": layout.dp, "tp": layout.tp, "device": res["device_name"],
                 "tokens_per_s": row["tokens_per_s"], "step_ms": row["median_step_s"] * 1e3,
                 "compute_ms": _ms(row.get("compute_s", row["median_step_s"] if res["world"] == 1 else None)),
@@ -134,9 +136,9 @@ def markdown(records: list[dict], command: str) -> str:
                    "here (see *MFU and the GPU run* below for how to produce them).\n")
     out.append("## Throughput and time split\n")
     out.append("`compute` is the custom implementation's step with its collectives replaced by "
-               "local copies of the same shapes (nanodist/measure.py `no_communication`), interleaved "
-               "with the real steps; `exposed comm` = step − compute, the communication the "
-               "step did not hide (negative: within the noise). Not measured for PyTorch's "
+               "local copies of the same shapes (nanodist_tools/measure.py `LocalCopies`), "
+               "interleaved with the real steps; `exposed comm` = step − compute, the communication "
+               "the step did not hide (negative: within the noise). Not measured for PyTorch's "
                "implementations (their collectives are not ours to replace). `custom/pytorch` is "
                "the median over rounds of the paired step-time ratio (> 1: custom faster).\n")
     out.append(_table(
@@ -150,8 +152,8 @@ def markdown(records: list[dict], command: str) -> str:
     out.append("## Memory per rank: measured / analytic\n")
     out.append("`state` = parameters + gradients + AdamW moments (unique storages, right after "
                "`optimizer.step()`), analytic 4 + 4 + 8 bytes per local parameter (ZeRO paper; "
-               "nanodist/cost.py). `activations` = storages saved for backward by one micro-step's "
-               "forward (saved-tensor hooks, parameters excluded). `peak` = live tensor bytes at "
+               "nanodist_tools/cost.py). `activations` = storages saved for backward by one "
+               "micro-step's forward (saved-tensor hooks, parameters excluded). `peak` = live tensor bytes at "
                "the peak of one step (CUDA: max_memory_allocated; CPU: torch's MemTracker; not "
                "the process RSS). Largest rank shown.\n")
     out.append(_table(
@@ -167,8 +169,8 @@ def markdown(records: list[dict], command: str) -> str:
     out.append("Bus bytes each rank sends (ring algorithm: all-reduce 2(N−1)/N × payload, "
                "all-gather and reduce-scatter (N−1)/N × payload), counted for *every* "
                "implementation by a dispatch mode that sees each c10d collective "
-               "(nanodist/measure.py `TrafficMode`): the custom comm.py calls, DDP's reducer, FSDP2 "
-               "and DTensor alike. Includes the trainer's loss-mean and grad-norm scalars.\n")
+               "(nanodist_tools/measure.py `TrafficMode`): the custom comm.py calls, DDP's reducer, "
+               "FSDP2 and DTensor alike. Includes the trainer's loss-mean and grad-norm scalars.\n")
     rows = []
     for r in records:
         for kind, t in r["traffic"].items():

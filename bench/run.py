@@ -3,11 +3,13 @@ beside the analytic model, written as JSON, a Markdown report and PNG plots.
 
     python bench/run.py                 # the default matrix (~10 min on 2 CPU cores)
     python bench/run.py --quick         # tiny smoke run
-    python bench/run.py --out DIR --layouts ddp tp+lp
+    python bench/run.py --out DIR --layouts ddp2 tp2-lp
 
-Each layout runs as its own `torchrun --standalone --nproc_per_node=N bench/worker.py`
-(one process: plain python), on CUDA with NCCL when there is a GPU (layouts with more
-processes than GPUs are skipped, and listed), else CPU with gloo.
+The layouts are nanodist_tools/layouts.py's BENCH. Each runs as its own `torchrun
+--standalone --nproc_per_node=N bench/worker.py` (one process: plain python), on CUDA
+with NCCL when there is a GPU (layouts with more processes than GPUs are skipped, and
+listed), else CPU with gloo. The workers' logs go to bench/results/logs/ (gitignored:
+they hold this machine's paths).
 Inside a worker the implementations take turns step by step, so their ratio is
 measured under the same machine load; layouts run one after another.
 """
@@ -17,36 +19,28 @@ import os
 import subprocess
 import sys
 import tempfile
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from nanodist.cost import Layout
+from common import RESULTS
+from nanodist_tools.layouts import BENCH, LAYOUTS, select
 from report import analyse, write_report
 
 REPO = Path(__file__).resolve().parents[1]
 SHAKESPEARE = REPO.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
-
-MATRIX = [
-    Layout("single"),
-    Layout("ddp", dp=2),
-    Layout("fsdp-zero3", dp=2, dp_type="fsdp"),
-    Layout("fsdp-zero2", dp=2, dp_type="fsdp", zero3=False),
-    Layout("tp", tp=2),
-    Layout("tp+lp", tp=2, loss_parallel=True),
-    Layout("tp+lp+sp", tp=2, loss_parallel=True, sequence_parallel=True),
-    Layout("dp2xtp2", dp=2, tp=2, loss_parallel=True),
-]
+LOGS = RESULTS / "logs"
 
 
-def layouts_that_fit(layouts: list[Layout], device: str) -> tuple[list[Layout], list[Layout]]:
-    """(to run, skipped): on GPUs one process per GPU, so a layout needs `world` of them."""
+def layouts_that_fit(names: list[str], device: str) -> tuple[list[str], list[str]]:
+    """(to run, skipped) of the layouts `names`: on GPUs one process per GPU, so a layout
+    needs `world` of them."""
     if device == "cpu" or not torch.cuda.is_available():
-        return layouts, []
+        return names, []
     gpus = torch.cuda.device_count()
-    return [l for l in layouts if l.world <= gpus], [l for l in layouts if l.world > gpus]
+    return ([name for name in names if LAYOUTS[name].world <= gpus],
+            [name for name in names if LAYOUTS[name].world > gpus])
 
 
 def prepare_data(data_dir: str | None) -> str:
@@ -61,23 +55,23 @@ def prepare_data(data_dir: str | None) -> str:
     return str(out)
 
 
-def run_layout(layout: Layout, args, data_dir: str, out_dir: Path) -> dict:
-    result = out_dir / "raw" / f"{layout.name}.json"
-    launcher = ([sys.executable] if layout.world == 1 else
+def run_layout(name: str, args, data_dir: str, out_dir: Path) -> dict:
+    result, world = out_dir / "raw" / f"{name}.json", LAYOUTS[name].world
+    launcher = ([sys.executable] if world == 1 else
                 [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                 f"--nproc_per_node={layout.world}"])
-    cmd = launcher + [str(REPO / "bench" / "worker.py"), "--layout", json.dumps(asdict(layout)),
+                 f"--nproc_per_node={world}"])
+    cmd = launcher + [str(REPO / "bench" / "worker.py"), "--layout", name,
                       "--out", str(result), "--data_dir", data_dir, "--device", args.device,
                       "--model", args.model, "--batch_size", str(args.batch_size),
                       "--block_size", str(args.block_size), "--dtype", args.dtype,
                       "--warmup", str(args.warmup), "--steps", str(args.steps)]
-    log = out_dir / "raw" / f"{layout.name}.log"
+    log = LOGS / f"{name}.log"
     with open(log, "w") as f:
         done = subprocess.run(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT,
                               env={**os.environ, "OMP_NUM_THREADS": "1"})
     if done.returncode:
         tail = "".join(log.read_text().splitlines(True)[-30:])
-        raise SystemExit(f"layout {layout.name} failed (exit {done.returncode}); {log}:\n{tail}")
+        raise SystemExit(f"layout {name} failed (exit {done.returncode}); {log}:\n{tail}")
     return json.loads(result.read_text())
 
 
@@ -85,7 +79,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default=str(REPO / "docs" / "bench"), help="report directory")
     p.add_argument("--quick", action="store_true", help="1 warm-up + 1 timed step, small batch")
-    p.add_argument("--layouts", nargs="*", help=f"subset of {[l.name for l in MATRIX]}")
+    p.add_argument("--layouts", nargs="*", help=f"subset of {BENCH}")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--model", default="tiny")
     p.add_argument("--batch_size", type=int, default=8, help="micro-batch per DP rank")
@@ -97,22 +91,24 @@ def main():
     args = p.parse_args()
     if args.quick:
         args.warmup, args.steps, args.batch_size, args.block_size = 1, 1, 2, 32
-    layouts = [l for l in MATRIX if not args.layouts or l.name in args.layouts]
-    if args.layouts and len(layouts) != len(args.layouts):
-        p.error(f"--layouts: choose from {[l.name for l in MATRIX]}")
+    try:
+        names = select(args.layouts, BENCH)
+    except ValueError as error:
+        p.error(f"--layouts: {error}")
 
-    layouts, skipped = layouts_that_fit(layouts, args.device)
+    names, skipped = layouts_that_fit(names, args.device)
     if skipped:
         print(f"skipped (more processes than the {torch.cuda.device_count()} GPUs): "
-              + ", ".join(f"{l.name} ({l.world})" for l in skipped), file=sys.stderr)
+              + ", ".join(f"{name} ({LAYOUTS[name].world})" for name in skipped), file=sys.stderr)
 
     out_dir = Path(args.out)
     (out_dir / "raw").mkdir(parents=True, exist_ok=True)
+    LOGS.mkdir(parents=True, exist_ok=True)
     data_dir = prepare_data(args.data_dir)
     results = []
-    for layout in (bar := tqdm(layouts, desc="layouts", unit="layout")):
-        bar.set_postfix_str(f"{layout.name} on {layout.world} process(es)")
-        results.append(run_layout(layout, args, data_dir, out_dir))
+    for name in (bar := tqdm(names, desc="layouts", unit="layout")):
+        bar.set_postfix_str(f"{name} on {LAYOUTS[name].world} process(es)")
+        results.append(run_layout(name, args, data_dir, out_dir))
     command = "python bench/run.py " + " ".join(sys.argv[1:])
     write_report(analyse(results), out_dir, command.strip())
 

@@ -4,23 +4,22 @@
 
 Variants {custom, pytorch} x {TP, TP + sequence parallel}, all with loss parallelism,
 take turns step by step (forward + backward + AdamW step, one batch replicated over TP).
-Traffic: what the counted comm module saw in one custom step, by kind, against the
+Traffic: what the mesh's Comm counted in one custom step, by kind, against the
 analytic count of activation collectives (B T C fp32 each, L layers; the call-by-call
-derivation is in nanodist/cost.py `tp_collectives`), plus one 4-byte all-reduce of the
-squared gradient norm.
+derivation is in nanodist_tools/traffic.py `tp_collectives`), plus one 4-byte all-reduce
+of the squared gradient norm.
 """
+from dataclasses import replace
 
 import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
-from nanodist.cost import tp_collectives
 from common import median, parser, print_table, start_processes, time_interleaved, write_json
-from nanodist.config import TrainConfig
 from nanodist.model import GPT, model_config
-from nanodist.parallel import comm
-from nanodist.parallel.mesh import build_mesh
-from nanodist.parallel.parallelize import parallelize
+from nanodist.parallel.layout import Layout, build_mesh
+from nanodist.parallel.parallelize import Setup, parallelize
+from nanodist_tools.traffic import tp_collectives
 
 
 def main():
@@ -32,27 +31,27 @@ def main():
     args = p.parse_args()
 
     device, world = start_processes()
-    mesh = build_mesh(1, world, device)
+    mesh = build_mesh(Layout(tp=world), device)
     mcfg = model_config(args.model, args.block_size, args.vocab_size)
     B, T, C, V, L = args.batch_size, args.block_size, mcfg.n_embd, mcfg.vocab_size, mcfg.n_layer
     gen = torch.Generator().manual_seed(0)
     x, y = torch.randint(0, V, (2, B, T), generator=gen).to(device)
 
-    def build(implementation, sp, lp=True, tp_mesh=mesh):
-        cfg = TrainConfig(tensor_parallel_size=tp_mesh.tp_size, data_parallel_size=1,
-                          block_size=T, implementation=implementation, sequence_parallel=sp,
-                          enable_loss_parallelism=lp, seed=1)
+    def build(implementation, sp, lp=True):
+        layout = replace(mesh.layout, implementation=implementation, sequence_parallel=sp,
+                         loss_parallel=lp)
         with torch.device(device):
-            par = parallelize(GPT(mcfg, seed=1), cfg, tp_mesh)
-        optimizer = torch.optim.AdamW(par.param_groups(0.1), lr=1e-4)
+            parallel = parallelize(GPT(mcfg, seed=1), Setup(mesh.with_layout(layout), seed=1))
+        stage = parallel.stages[0]
+        optimizer = torch.optim.AdamW(parallel.params.param_groups(0.1), lr=1e-4)
 
         def step():
-            with par.loss_context():
-                par.loss_fn(par.model(x), y).backward()
-            par.clip_grad_norm(None)
+            with stage.loss_context():
+                stage.loss_fn(stage.module(x), y).backward()
+            parallel.params.clip_grad_norm(None)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-        return par, step
+        return stage, step
 
     variants = {f"{impl}{'+sp' if sp else ''}": build(impl, sp)
                 for sp in (False, True) for impl in ("custom", "pytorch")}
@@ -64,7 +63,7 @@ def main():
         for lp in (True, False):
             step = variants[f"custom{'+sp' if sp else ''}"][1] if lp else build("custom", sp, lp)[1]
             step()  # warm (a fresh optimizer's first step allocates its state)
-            with comm.counting() as counted:
+            with mesh.comm.counting() as counted:
                 step()
             measured = counted.summary()
             for kind, (calls, payload) in tp_collectives(B, T, C, V, L, sp, lp).items():
@@ -87,9 +86,9 @@ def main():
         return sum((p.to_local() if isinstance(p, DTensor) else p).numel() * 4
                    for p in model.parameters())
     one = sum(p.numel() * 4 for p in GPT(mcfg, seed=None).parameters())
-    memory_rows = [{"variant": name, "param MiB/rank": local_bytes(par.model) / 2**20,
-                    "TP=1 MiB": one / 2**20, "ratio": local_bytes(par.model) / one}
-                   for name, (par, _) in variants.items()]
+    memory_rows = [{"variant": name, "param MiB/rank": local_bytes(stage.module) / 2**20,
+                    "TP=1 MiB": one / 2**20, "ratio": local_bytes(stage.module) / one}
+                   for name, (stage, _) in variants.items()]
 
     if mesh.is_main:
         print(f"model {args.model}: L={L} C={C} V={V}, batch {B}x{T}, TP={world} on {device}")

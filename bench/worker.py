@@ -1,11 +1,12 @@
 """One layout of the benchmark matrix (bench/run.py starts it under torchrun).
 
-    torchrun --standalone --nproc_per_node=N bench/worker.py --layout '{"name": ..}' --out F
+    torchrun --standalone --nproc_per_node=N bench/worker.py --layout NAME --out F
 
-Builds one `Trainer` per implementation (custom, pytorch; one process: just one) and,
-for the custom one, a twin whose collectives are local copies ("no comm": the compute
-alone). They take turns step by step (bench/common.py's interleaving) from the same
-initial weights on the same batches, so their losses are the layout's training curve.
+NAME: one of nanodist_tools/layouts.py. Builds one `Trainer` per implementation (custom,
+pytorch; one process: just one) and, for the custom one, a twin whose collectives are
+local copies (`Comm(LocalCopies())`, "no comm": the compute alone). They take turns
+step by step (bench/common.py's interleaving) from the same initial weights on the
+same batches, so their losses are the layout's training curve.
 Then, one step each: counted traffic and state memory, one forward's saved
 activations, one step's peak tensor memory. Rank 0 writes everything as JSON.
 """
@@ -13,19 +14,20 @@ import argparse
 import json
 import os
 import tempfile
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from nanodist.cost import Layout
 from common import median, paired_speedup, time_interleaved
-from nanodist.measure import TrafficMode, no_communication, peak_tensor_bytes, saved_activations, state_bytes
 from nanodist.config import parse_args
 from nanodist.metrics import device_peak_flops, flops_per_token
-from nanodist.parallel import comm
+from nanodist.parallel.comm import Comm
+from nanodist.parallel.layout import Layout
 from nanodist.trainer import Trainer
+from nanodist_tools.layouts import LAYOUTS
+from nanodist_tools.measure import LocalCopies, TrafficMode, peak_tensor_bytes, saved_activations, state_bytes
 
 NO_COMM = "custom, no comm"
 
@@ -39,25 +41,25 @@ def train_flags(args, layout: Layout, implementation: str) -> list[str]:
             f"--block_size={args.block_size}", f"--total_batch_size={tokens}",
             f"--max_steps={args.warmup + args.steps + 3}", "--warmup_steps=2",
             "--learning_rate=1e-3", "--min_lr=1e-4", f"--dtype={args.dtype}",
-            f"--implementation={implementation}", f"--out_dir={run_dir}", f"--log_dir={run_dir}",
-            *layout.flags()]
+            f"--out_dir={run_dir}", f"--log_dir={run_dir}",
+            *replace(layout, implementation=implementation).flags()]
 
 
 def measure_one(trainer: Trainer, step: int, custom: bool) -> dict:
     """Traffic and state of one optimizer step, saved activations of one forward, peak
     tensor memory of one more step. Each value is this rank's."""
     state = {}
-    hook = trainer.optimizer.register_step_post_hook(
-        lambda opt, *_: state.update(state_bytes(trainer.par.model, opt)))
-    with TrafficMode() as traffic, comm.counting() as counted:
+    hook = trainer.optimizer.register_step_post_hook(lambda *_: state.update(state_bytes(trainer)))
+    with TrafficMode() as traffic, trainer.comm.counting() as counted:
         trainer.train_step(step)
     hook.remove()
     counted = counted.summary() if custom else None
 
     x, y = trainer.data.train_batch(0, 0)
-    with trainer.par.loss_context():
-        with saved_activations(trainer.par.model.parameters()) as saved, trainer.autocast:
-            loss = trainer.par.loss_fn(trainer.model(x), y)
+    stage = trainer.parallel.stages[0]
+    with stage.loss_context():
+        with saved_activations(stage.module.parameters()) as saved, trainer.autocast:
+            loss = stage.loss_fn(stage.module(x), y)
         loss.backward()
     trainer.optimizer.zero_grad(set_to_none=True)
 
@@ -68,7 +70,8 @@ def measure_one(trainer: Trainer, step: int, custom: bool) -> dict:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--layout", required=True, help="JSON of an cost.Layout")
+    p.add_argument("--layout", required=True, choices=list(LAYOUTS),
+                   help="a name of nanodist_tools/layouts.py")
     p.add_argument("--out", required=True)
     p.add_argument("--data_dir", required=True)
     p.add_argument("--device", default="auto")
@@ -80,7 +83,7 @@ def main():
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--steps", type=int, default=6)
     args = p.parse_args()
-    layout = Layout(**json.loads(args.layout))
+    layout = LAYOUTS[args.layout]
 
     world = int(os.environ.get("WORLD_SIZE", 1))
     if not torch.cuda.is_available():  # one thread per process: a loaded machine makes
@@ -88,20 +91,15 @@ def main():
     impls = ["custom", "pytorch"] if world > 1 else ["custom"]
     trainers = {impl: Trainer(parse_args(train_flags(args, layout, impl))) for impl in impls}
     if world > 1:
-        trainers[NO_COMM] = Trainer(parse_args(train_flags(args, layout, "custom")))
+        trainers[NO_COMM] = Trainer(parse_args(train_flags(args, layout, "custom")),
+                                    comm=Comm(LocalCopies()))
     first = trainers["custom"]
     device = first.mesh.device
 
     records = {name: [] for name in trainers}
 
     def stepper(name):
-        def step():
-            if name == NO_COMM:
-                with no_communication():
-                    records[name].append(trainers[name].train_step(len(records[name])))
-            else:
-                records[name].append(trainers[name].train_step(len(records[name])))
-        return step
+        return lambda: records[name].append(trainers[name].train_step(len(records[name])))
 
     times = time_interleaved({name: stepper(name) for name in trainers}, args.warmup, args.steps,
                              device, dist.barrier if world > 1 else None)
@@ -129,11 +127,12 @@ def main():
         rows["custom"]["exposed_comm_s"] = rows["custom"]["median_step_s"] - median(times[NO_COMM])
         rows["custom"]["custom_over_pytorch"] = paired_speedup(times, "custom", "pytorch")
     if first.mesh.is_main:
-        result = {"layout": asdict(layout), "world": world, "device": str(device),
+        result = {"layout": args.layout, "layout_fields": asdict(layout), "world": world,
+                  "device": str(device),
                   "device_name": torch.cuda.get_device_name(device) if device.type == "cuda"
                   else f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} threads/rank)",
                   "model": asdict(first.model_cfg), "n_params": first.n_params,
-                  "dtype": args.dtype, "micro_batch": args.batch_size, "grad_accum": first.grad_accum,
+                  "dtype": args.dtype, "micro_batch": args.batch_size, "grad_accum": first.micro_steps,
                   "tokens_per_step": first.tokens_per_step, "flops_per_token": fpt,
                   "peak_flops": peak_flops, "warmup": args.warmup, "steps": args.steps,
                   "rows": rows}

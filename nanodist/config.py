@@ -4,6 +4,9 @@ bad flags into one clear message (a `UserError`) instead of a traceback or a han
 Flag names of the original experiments are kept: --tensor_parallel_size,
 --enable_loss_parallelism, --data_parallel_size, --data_parallel_type,
 --implementation, --deferred_init, --gradient_clipping, --eval_interval, --dataset.
+The parallel flags become a `Layout` (parallel/layout.py: its FLAGS table names them),
+whose own rules decide whether it runs: `resolve` before anything is built, `fit` once
+the dataset's vocabulary is known.
 """
 import argparse
 import dataclasses
@@ -11,11 +14,12 @@ import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from nanodist.model import PRESETS
+from nanodist.errors import UserError
+from nanodist.model import PRESETS, GPTConfig, model_config
+from nanodist.parallel.layout import CHOICES as LAYOUT_CHOICES, FLAGS as LAYOUT_FLAGS, Layout
 
 
-class UserError(Exception):
-    """Bad flags or inputs. The message says what is wrong and how to fix it."""
+LAYOUT = Layout()  # the defaults of the parallel flags are the Layout's
 
 
 def flag(default, help: str, const=None):
@@ -64,34 +68,34 @@ class TrainConfig:
                            "any, else start fresh (for torchrun restarts); --resume DIR: that one",
                        const="latest")
     # parallel layout
-    data_parallel_size: int = flag(0, "DP size (0: world size / (PP x CP x TP))")
-    data_parallel_type: str = flag("ddp", "ddp: replicate the model; fsdp: shard it (ZeRO-3)")
-    tensor_parallel_size: int = flag(1, "TP size; TP ranks are contiguous")
-    pipeline_parallel_size: int = flag(1, "PP size: pipeline stages (the outermost mesh dimension)")
-    pipeline_schedule: str = flag("1f1b", "gpipe | 1f1b | interleaved_1f1b (| zero_bubble: "
+    data_parallel_size: int = flag(0, "DP size (0: the world size / (PP x CP x TP))")
+    data_parallel_type: str = flag(LAYOUT.dp_type, "ddp: replicate the model; fsdp: shard it (ZeRO-3)")
+    tensor_parallel_size: int = flag(LAYOUT.tp, "TP size; TP ranks are contiguous")
+    pipeline_parallel_size: int = flag(LAYOUT.pp, "PP size: pipeline stages (the outermost mesh dimension)")
+    pipeline_schedule: str = flag(LAYOUT.pp_schedule, "gpipe | 1f1b | interleaved_1f1b (| zero_bubble: "
                                           "--implementation pytorch); micro-batches = the "
                                           "gradient accumulation steps M")
-    virtual_stages: int = flag(1, "model chunks per pipeline rank (interleaved_1f1b, zero_bubble)")
-    context_parallel_size: int = flag(1, "CP size: each sequence split over this many ranks (ring "
+    virtual_stages: int = flag(LAYOUT.virtual_stages, "model chunks per pipeline rank (interleaved_1f1b, zero_bubble)")
+    context_parallel_size: int = flag(LAYOUT.cp, "CP size: each sequence split over this many ranks (ring "
                                          "attention, zigzag); they read the same batch")
-    enable_loss_parallelism: bool = flag(False, "vocab-parallel loss: full logits never on one rank")
-    sequence_parallel: bool = flag(False, "shard norms and residuals along the sequence under TP")
-    implementation: str = flag("custom", "custom: hand-written on collectives; pytorch: DDP, FSDP2, DTensor")
+    enable_loss_parallelism: bool = flag(LAYOUT.loss_parallel, "vocab-parallel loss: full logits never on one rank")
+    sequence_parallel: bool = flag(LAYOUT.sequence_parallel, "shard norms and residuals along the sequence under TP")
+    implementation: str = flag(LAYOUT.implementation, "custom: hand-written on collectives; pytorch: DDP, FSDP2, DTensor")
     deferred_init: bool = flag(False, "build on the meta device, materialise each rank's shard only")
-    bucket_cap_mb: float = flag(25.0, "custom DDP gradient bucket size in MiB")
-    activation_checkpointing: str = flag("none", "none | full: blocks keep only their input and "
+    bucket_cap_mb: float = flag(LAYOUT.bucket_cap_mb, "custom DDP gradient bucket size in MiB")
+    activation_checkpointing: str = flag(LAYOUT.checkpointing, "none | full: blocks keep only their input and "
                                                  "recompute the rest | selective: keep matmul "
                                                  "outputs, recompute element-wise ops")
-    ac_every: int = flag(1, "--activation_checkpointing full: checkpoint every K-th block")
-    fsdp_reshard_after_forward: bool = flag(True, "false: keep gathered params until backward (ZeRO-2)")
+    ac_every: int = flag(LAYOUT.ac_every, "--activation_checkpointing full: checkpoint every K-th block")
+    fsdp_reshard_after_forward: bool = flag(LAYOUT.reshard_after_forward, "false: keep gathered params until backward (ZeRO-2)")
     fsdp_reduce_on_last_micro_step: bool = flag(
-        False, "FSDP: reduce-scatter on the last micro-step only (unsharded grads kept: +4 bytes "
+        LAYOUT.reduce_on_last_micro_step, "FSDP: reduce-scatter on the last micro-step only (unsharded grads kept: +4 bytes "
                "per parameter per rank, less traffic)")
     # system
     device: str = flag("auto", "auto: cuda when available, else cpu")
     dtype: str = flag("float32", "compute dtype (bfloat16: mixed precision, fp32 master weights; "
                                  "float64: reference precision for numerics checks, no autocast)")
-    compile: bool = flag(False, "torch.compile the model")
+    compile: bool = flag(LAYOUT.compile, "torch.compile the model")
     seed: int = flag(1337, "seed of initialisation and data order")
     dist_timeout: float = flag(300.0, "seconds joining the process group or one collective may wait "
                                       "for the other ranks before the run ends with an error")
@@ -101,12 +105,9 @@ DATASETS = ("shakespeare", "shakespeare_char", "openwebtext")
 CHOICES = {
     "dataset": DATASETS,
     "model": tuple(PRESETS),
-    "data_parallel_type": ("ddp", "fsdp"),
-    "pipeline_schedule": ("gpipe", "1f1b", "interleaved_1f1b", "zero_bubble"),
-    "implementation": ("custom", "pytorch"),
     "device": ("auto", "cpu", "cuda"),
     "dtype": ("float32", "bfloat16", "float64"),
-    "activation_checkpointing": ("none", "full", "selective"),
+    **{LAYOUT_FLAGS[name]: allowed for name, allowed in LAYOUT_CHOICES.items()},
 }
 
 
@@ -118,17 +119,22 @@ def str2bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
-class _Parser(argparse.ArgumentParser):
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose errors are one UserError line naming --help (exit code 2)."""
+
     def error(self, message):  # one line naming the fix, exit code 2
         raise UserError(f"{message} (see --help)")
 
 
 def build_parser(config_cls=TrainConfig) -> argparse.ArgumentParser:
     """Every dataclass field becomes --name; booleans accept `--flag` or `--flag false`."""
-    parser = _Parser(description="Train GPT-2 with any DP x TP layout.")
+    parser = OneLineParser(description="Train GPT-2 with any parallel layout: PP x DP (DDP or FSDP) "
+                                 "x CP x TP, hand-written or PyTorch's.")
     for f in fields(config_cls):
         default = f.default
-        help = f.metadata.get("help", "") + " (default: %(default)s)"
+        help = f.metadata.get("help", "")
+        if default != "" and "default" not in help:  # a help that says its default keeps it
+            help += " (default: %(default)s)"
         if isinstance(default, bool):
             parser.add_argument(f"--{f.name}", type=str2bool, nargs="?", const=True, default=default,
                                 help=help)
@@ -155,8 +161,8 @@ RANGES = (
     (("dropout", "beta1", "beta2"), lambda v: 0 <= v < 1, "in [0, 1)"),
     (("warmup_steps",), lambda v: v >= -1, ">= 0 (or -1: GPT-2's 715, at most 10% of max_steps)"),
     (("checkpoint_interval",), lambda v: v >= -1, "K >= 1 steps, 0 (at each evaluation) or -1 (never)"),
-    (("data_parallel_size",), lambda v: v >= 0, ">= 1 (or 0: world size / (tensor x pipeline "
-                                                "parallel size))"),
+    (("data_parallel_size",), lambda v: v >= 0, ">= 1 (or 0: the world size / (pipeline x "
+                                                "context x tensor parallel size))"),
     (("seed",), lambda v: 0 <= v < 2**64, "in [0, 2**64)"),
 )
 
@@ -176,60 +182,34 @@ def check_values(cfg: TrainConfig):
     if cfg.min_lr > cfg.learning_rate:
         raise UserError(f"--min_lr ({cfg.min_lr}) must be <= --learning_rate ({cfg.learning_rate}): "
                         f"the cosine decays from the one to the other")
-    if cfg.activation_checkpointing not in CHOICES["activation_checkpointing"]:
-        raise UserError(f"unknown --activation_checkpointing {cfg.activation_checkpointing!r}; "
-                        f"choose from {', '.join(CHOICES['activation_checkpointing'])}")
     if cfg.resume in ("latest", "auto") and not cfg.out_dir:
         raise UserError(f"--resume {cfg.resume} looks in --out_dir: say which run directory")
 
 
-def resolve_layout(cfg: TrainConfig, world_size: int) -> TrainConfig:
-    """Check the flags, fill data_parallel_size and out_dir (for --resume DIR: the run
-    the checkpoint belongs to) and check the layout fits the world; returns a new config."""
+def layout_of(cfg: TrainConfig, world_size: int) -> Layout:
+    """The Layout the flags describe; --data_parallel_size 0 takes what the world leaves."""
+    layout = Layout(**{name: getattr(cfg, flag) for name, flag in LAYOUT_FLAGS.items()})
+    if layout.dp == 0:
+        layout = dataclasses.replace(layout, dp=max(world_size // (layout.pp * layout.cp * layout.tp), 1))
+    return layout
+
+
+def resolve(cfg: TrainConfig, world_size: int, device_type: str) -> tuple[TrainConfig, Layout, int]:
+    """Check the flags and the layout's rules that need no data; fill data_parallel_size and
+    out_dir (for --resume DIR: the run the checkpoint belongs to). Returns the new config,
+    its layout and the micro-steps of one optimizer step."""
     check_values(cfg)
     if cfg.resume not in ("", "latest", "auto") and not cfg.out_dir:
         cfg = dataclasses.replace(cfg, out_dir=str(Path(cfg.resume).parent))
-    tp, cp, pp = cfg.tensor_parallel_size, cfg.context_parallel_size, cfg.pipeline_parallel_size
-    dp = cfg.data_parallel_size or max(world_size // (pp * cp * tp), 1)
-    if pp * dp * cp * tp != world_size:
-        raise UserError(
-            f"--pipeline_parallel_size ({pp}) x --data_parallel_size ({dp}) x "
-            f"--context_parallel_size ({cp}) x --tensor_parallel_size ({tp}) = {pp * dp * cp * tp} "
-            f"processes, but {world_size} were launched: launch with torchrun "
-            f"--nproc_per_node={pp * dp * cp * tp} or change the sizes so that their product is {world_size}")
-    if cp > 1 and cfg.block_size % (2 * cp):
-        raise UserError(f"--context_parallel_size {cp} cuts each sequence into {2 * cp} zigzag "
-                        f"chunks: --block_size ({cfg.block_size}) must be divisible by {2 * cp}")
-    if cp > 1 and cfg.dropout > 0:
-        raise UserError("--context_parallel_size > 1 runs attention without dropout: use --dropout 0")
-    if cp > 1 and pp > 1 and cfg.implementation == "pytorch":
-        raise UserError("torch.distributed.pipelining x PyTorch's context parallel is not wired "
-                        "up here; use --implementation custom for PP x CP")
-    if pp > 1 and tp > 1 and cfg.implementation == "pytorch":
-        raise UserError("torch.distributed.pipelining x DTensor TP is not wired up here yet; use "
-                        "--implementation custom for PP x TP")
-    if cfg.enable_loss_parallelism and tp == 1:
-        raise UserError("--enable_loss_parallelism needs --tensor_parallel_size > 1")
-    if cfg.sequence_parallel and tp == 1:
-        raise UserError("--sequence_parallel needs --tensor_parallel_size > 1")
-    if cfg.compile and cfg.data_parallel_type == "fsdp" and cfg.implementation == "custom" and dp > 1:
-        raise UserError("--compile cannot trace the custom FSDP (it frees and regrows parameter "
-                        "storage between the ops); use --implementation pytorch with --compile")
-    if cfg.sequence_parallel and (cfg.block_size // cp) % tp:
-        what = (f"--block_size ({cfg.block_size})" if cp == 1 else f"the {cfg.block_size // cp} "
-                f"tokens of a CP rank (--block_size / --context_parallel_size)")
-        raise UserError(f"--sequence_parallel splits the sequence: {what} must be divisible by "
-                        f"--tensor_parallel_size ({tp})")
-    return dataclasses.replace(cfg, data_parallel_size=dp)
+    layout = layout_of(cfg, world_size)
+    layout.check(world_size, device_type, cfg.block_size, cfg.dropout)
+    micro_steps = layout.micro_steps(cfg.total_batch_size, cfg.batch_size, cfg.block_size)
+    return dataclasses.replace(cfg, data_parallel_size=layout.dp), layout, micro_steps
 
 
-def grad_accum_steps(cfg: TrainConfig) -> int:
-    """Micro-steps per optimizer step so that every DP size sees the same global batch."""
-    per_micro = cfg.batch_size * cfg.block_size * cfg.data_parallel_size
-    if cfg.total_batch_size % per_micro:
-        raise UserError(
-            f"--total_batch_size ({cfg.total_batch_size}) must be divisible by batch_size x "
-            f"block_size x data_parallel_size = {cfg.batch_size} x {cfg.block_size} x "
-            f"{cfg.data_parallel_size} = {per_micro}; pick e.g. --total_batch_size "
-            f"{per_micro * max(cfg.total_batch_size // per_micro, 1)}")
-    return cfg.total_batch_size // per_micro
+def fit(cfg: TrainConfig, layout: Layout, micro_steps: int, vocab_size: int, device_type: str) -> GPTConfig:
+    """The model of `cfg` on a dataset of `vocab_size` tokens, after the rest of the
+    layout's rules (the model's shape, the pipeline's micro-batches)."""
+    model = model_config(cfg.model, cfg.block_size, vocab_size, cfg.dropout)
+    layout.check(layout.world, device_type, cfg.block_size, cfg.dropout, model, micro_steps)
+    return model

@@ -21,7 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from nanodist.config import DATASETS, UserError
+from nanodist.config import DATASETS
+from nanodist.errors import UserError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
@@ -140,6 +141,15 @@ class BatchLoader:
         self.block_size, self.batch_size, self.grad_accum = block_size, batch_size, grad_accum
         self.dp_size, self.dp_rank, self.seed = dp_size, dp_rank, seed
         self.device = torch.device(device)
+
+    def state_dict(self) -> dict:
+        """The data position: the batches of a step follow from (seed, split, step) and the
+        global batch size alone, so with the checkpoint's step this is all of it."""
+        return {"seed": self.seed, "sequences_per_step": self.grad_accum * self.dp_size * self.batch_size}
+
+    def load_state_dict(self, position: dict):
+        """A resumed run continues the data order of the run it resumes (its seed)."""
+        self.seed = int(position["seed"])
 
     def train_batch(self, step: int, micro_step: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self._batch("train", step, micro_step)

@@ -14,8 +14,8 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
-from nanodist import checkpoint
-from nanodist.config import UserError
+from nanodist import checkpoint, compat
+from nanodist.errors import UserError
 from nanodist.hf import hf_config, to_hf
 from nanodist.tokenizer import EOT, get_gpt2_encoding
 
@@ -38,7 +38,7 @@ def _merge_pair(token: bytes, ranks: dict[bytes, int]) -> tuple[bytes, bytes]:
 
 def write_gpt2_tokenizer(to: Path, bpe_file: str | None):
     """vocab.json and merges.txt of GPT-2, from tiktoken's ranks (rank = merge order)."""
-    ranks = get_gpt2_encoding(bpe_file)._mergeable_ranks
+    ranks = compat.mergeable_ranks(get_gpt2_encoding(bpe_file))
     chars = _bytes_to_unicode()
     text = lambda b: "".join(chars[x] for x in b)  # noqa: E731
     vocab = {text(token): rank for token, rank in ranks.items()} | {"<|endoftext|>": EOT}

@@ -5,7 +5,7 @@
                                  exit 128 + signal (SIGTERM 143, SIGINT 130, SIGHUP 129)
     a second job, same dir    -> refused, naming the job that holds the directory (RunLock)
     a peer that died or hangs -> "lost the connection to another rank", exit 1 (lost_peer)
-    torchrun --max-restarts   -> needs TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (check_restartable)
+    torchrun --max-restarts   -> needs TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (launch.check_restartable)
 """
 import fcntl
 import os
@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from nanodist.config import UserError
+from nanodist.errors import UserError
 
 LAUNCHER_GRACE_S = 30  # what torchrun gives its workers between SIGTERM and SIGKILL
 
@@ -117,17 +117,6 @@ class RunLock:
 
     def release(self):
         self.file.close()
-
-
-def check_restartable():
-    """torchrun --max-restarts shares its rendezvous store with the workers, and after a
-    restart the store still holds the previous round's addresses (pytorch/pytorch#135712):
-    gloo groups connect to dead peers, hang or fail. Only the launcher can avoid it."""
-    if (int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0
-            and os.environ.get("TORCH_DISABLE_SHARE_RDZV_TCP_STORE") != "1"):
-        raise UserError("torchrun --max-restarts needs TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in its "
-                        "environment, or a restart can hang (pytorch/pytorch#135712): run "
-                        "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 torchrun ...")
 
 
 def lost_peer(error: BaseException, timeout_s: float) -> str | None:

@@ -6,18 +6,33 @@ what `train.py --init_from DIR` / `sample.py --init_from DIR` start from.
                              to wte, so absent
 
 Names are GPT-2's on both sides; Hugging Face keeps the four projection matrices as
-Conv1D (in x out) where nanodist's nn.Linear keeps out x in (`_HF_CONV1D`). nanodist pads
-the vocabulary to a multiple of 64; the directory holds the real vocabulary only.
+Conv1D (in x out) where nanodist's nn.Linear keeps out x in (`CONV1D`). nanodist pads
+the vocabulary to a multiple of 64; the directory holds the real vocabulary only. The
+hub's own gpt2 files hold GPT2Model's keys (no "transformer." prefix): both are read.
 """
 import json
 from pathlib import Path
 
 import torch
 
-from nanodist.config import UserError
-from nanodist.model import _HF_CONV1D, GPTConfig
+from nanodist.errors import UserError
+from nanodist.model import GPT, GPTConfig
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
+
+def hf_key(name: str, keys) -> str | None:
+    """The key of nanodist parameter `name` among a Hugging Face file's `keys`, or None."""
+    for key in (name, name.removeprefix("transformer.")):
+        if key in keys:
+            return key
+    return None
+
+
+def from_hf(name: str, tensor: torch.Tensor) -> torch.Tensor:
+    """A Hugging Face tensor in nanodist's orientation (the real vocabulary rows only)."""
+    return tensor.t() if name.endswith(CONV1D) else tensor
 
 
 def hf_config(model_cfg: GPTConfig, vocab_size: int) -> dict:
@@ -32,7 +47,7 @@ def hf_config(model_cfg: GPTConfig, vocab_size: int) -> dict:
 
 def to_hf(name: str, tensor: torch.Tensor, vocab_size: int) -> tuple[str, torch.Tensor]:
     """One nanodist tensor as Hugging Face stores it (real vocabulary rows only)."""
-    if name.endswith(_HF_CONV1D):
+    if name.endswith(CONV1D):
         tensor = tensor.t()
     if name == "transformer.wte.weight":
         tensor = tensor[:vocab_size]
@@ -76,15 +91,34 @@ def pretrained_tensors(directory, model_cfg: GPTConfig, vocab_size: int):
                         f"--block_size must be at most that")
 
     def full_of(name: str) -> torch.Tensor:
-        key = name if name in keys else name.removeprefix("transformer.")  # the hub's GPT2Model keys
-        if key not in keys:
+        key = hf_key(name, keys)
+        if key is None:
             raise UserError(f"--init_from {directory}: no tensor {name!r}")
-        tensor = read(key)
-        if name.endswith(_HF_CONV1D):
-            tensor = tensor.t()
+        tensor = from_hf(name, read(key))
         if name == "transformer.wpe.weight":
             tensor = tensor[:model_cfg.block_size]
         if name == "transformer.wte.weight":
             tensor = torch.cat([tensor, tensor.new_zeros(model_cfg.vocab_size - vocab_size, tensor.shape[1])])
         return tensor.float().contiguous()
     return full_of
+
+
+@torch.no_grad()
+def load_hf_state_dict(model: GPT, hf_state_dict: dict) -> GPT:
+    """Copy a Hugging Face GPT2LMHeadModel (or GPT2Model) state dict into `model` (vocab
+    rows beyond the checkpoint's stay as initialised; the padding tokens are never targets)."""
+    ours = model.state_dict()
+    for name, target in ours.items():
+        if name == "lm_head.weight":
+            continue  # tied to wte
+        key = hf_key(name, hf_state_dict)
+        if key is None:
+            raise KeyError(f"no {name!r} in the GPT-2 state dict")
+        tensor = from_hf(name, hf_state_dict[key])
+        if name == "transformer.wte.weight":
+            target = target[: tensor.shape[0]]
+        if target.shape != tensor.shape:
+            raise ValueError(f"{name}: checkpoint shape {tuple(tensor.shape)} vs model "
+                             f"{tuple(target.shape)}; build the model with the checkpoint's preset")
+        target.copy_(tensor)
+    return model

@@ -1,18 +1,12 @@
 """Throughput, MFU, memory, and the TensorBoard writer (rank 0 only)."""
-import ctypes
 import resource
 import sys
 from contextlib import contextmanager
-from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity
 
-try:  # the profiler's allocation events (private: a torch without them logs RSS only)
-    from torch._C._profiler import _ExtraFields_Allocation
-except ImportError:
-    _ExtraFields_Allocation = None
-
+from nanodist import compat
 from nanodist.model import GPTConfig
 from nanodist.profiling import quiet_profile
 
@@ -68,21 +62,6 @@ def rss_peak_bytes() -> int:
     return rss if sys.platform == "darwin" else rss * 1024
 
 
-def _count_cpu_tensor_bytes() -> bool:
-    """Makes c10's CPU allocator keep a running total of its live bytes, which the profiler
-    then reports with every allocation: the c10 flag caffe2_report_cpu_memory_usage, which
-    torch does not expose to Python. False where this torch build lacks it or the events."""
-    name = "libc10.dylib" if sys.platform == "darwin" else "libc10.so"
-    if _ExtraFields_Allocation is None:
-        return False
-    try:
-        lib = ctypes.CDLL(str(Path(torch.__file__).parent / "lib" / name))
-        ctypes.c_bool.in_dll(lib, "FLAGS_caffe2_report_cpu_memory_usage").value = True
-    except (OSError, ValueError):
-        return False
-    return True
-
-
 class StepMemory:
     """Peak live tensor bytes of one training step, the same quantity on CPU as on CUDA.
 
@@ -91,12 +70,12 @@ class StepMemory:
     events carry the allocator's running total; that makes the step slower (per-op
     records), so CPU steps are measured only when asked (`measure`; not while another
     profiler runs: the trainer does not ask during --profile_steps), `peak` None otherwise
-    or where this torch cannot count (`_count_cpu_tensor_bytes`).
+    or where this torch cannot count (compat.count_cpu_allocations).
     """
 
     def __init__(self, device: torch.device):
         self.device, self.peak, self.at_start = device, None, None
-        self.cpu_counts = device.type == "cpu" and _count_cpu_tensor_bytes()
+        self.cpu_counts = device.type == "cpu" and compat.count_cpu_allocations()
 
     @contextmanager
     def step(self, measure: bool):
@@ -108,21 +87,12 @@ class StepMemory:
         elif measure and self.cpu_counts:
             with quiet_profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
                 yield
-            nodes = _walk(prof.profiler.kineto_results.experimental_event_tree())
-            events = sorted((node for node in nodes if isinstance(node.extra_fields, _ExtraFields_Allocation)),
-                            key=lambda node: node.start_time_ns)
+            events = compat.allocation_events(prof)
             if events:  # totals after each (de)allocation: before the first one, the start
-                first = events[0].extra_fields
-                self.at_start = first.total_allocated - first.alloc_size
-                self.peak = max(node.extra_fields.total_allocated for node in events)
+                self.at_start = events[0].total_allocated - events[0].alloc_size
+                self.peak = max(event.total_allocated for event in events)
         else:
             yield
-
-
-def _walk(nodes):
-    for node in nodes:
-        yield node
-        yield from _walk(node.children)
 
 
 class Logger:

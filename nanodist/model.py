@@ -2,12 +2,12 @@
 
 Learned position embeddings, pre-LayerNorm blocks, tanh-GELU MLP (4x), causal
 self-attention through scaled_dot_product_attention, lm_head tied to wte. The state
-dict uses GPT-2's names, so published weights load (`load_hf_state_dict`).
+dict uses GPT-2's names, so published weights load (hf.py).
 
-Two details let tensor parallelism shard the model without changing it:
-- attention reads its head count from the width of its input (heads split across
-  ranks leave fewer local heads), and sequence length from the c_attn output (under
-  sequence parallelism the block input is a slice of the sequence);
+Three details let the parallel strategies transform the model without changing it:
+- attention takes its head count and sequence length from the c_attn output (heads
+  split across TP ranks leave fewer local heads; under sequence parallelism the block
+  input is a slice of the sequence, gathered by c_attn);
 - the attention core (`sdpa`) is a module of its own and `forward` takes the tokens'
   positions: context parallelism swaps the one for ring attention and passes the other;
 - initialisation draws every parameter from a generator seeded by (seed, name), so any
@@ -182,31 +182,3 @@ def cross_entropy(logits, targets, ignore_index: int = -1):
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     return F.cross_entropy(logits.flatten(0, -2), targets.flatten(),
                            ignore_index=ignore_index)
-
-
-# Hugging Face's GPT2LMHeadModel uses Conv1D (weight stored in x out), nn.Linear out x in.
-_HF_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-
-
-@torch.no_grad()
-def load_hf_state_dict(model: GPT, hf_state_dict: dict) -> GPT:
-    """Copy a Hugging Face GPT2LMHeadModel state dict into `model` (vocab rows beyond
-    the checkpoint's stay as initialised; the padding tokens are never targets)."""
-    own = model.state_dict()
-    for name, tensor in hf_state_dict.items():
-        if not name.startswith(("transformer.", "lm_head.")):
-            name = f"transformer.{name}"  # the hub's gpt2 files hold GPT2Model's keys
-        if name.endswith((".attn.bias", ".attn.masked_bias")) or name == "lm_head.weight":
-            continue  # causal-mask buffers; lm_head is tied to wte
-        if name not in own:
-            raise KeyError(f"unexpected key {name!r} in the GPT-2 state dict")
-        if name.endswith(_HF_CONV1D):
-            tensor = tensor.t()
-        target = own[name]
-        if name == "transformer.wte.weight":
-            target = target[: tensor.shape[0]]
-        if target.shape != tensor.shape:
-            raise ValueError(f"{name}: checkpoint shape {tuple(tensor.shape)} vs model "
-                             f"{tuple(target.shape)}; build the model with the checkpoint's preset")
-        target.copy_(tensor)
-    return model

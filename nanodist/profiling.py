@@ -12,7 +12,7 @@ from pathlib import Path
 
 from torch.profiler import ProfilerActivity, profile, tensorboard_trace_handler
 
-from nanodist.config import UserError
+from nanodist.errors import UserError
 
 
 def parse_steps(text: str) -> tuple[int, int] | None:

@@ -10,7 +10,7 @@ import tiktoken
 from tiktoken.load import load_tiktoken_bpe
 from tiktoken_ext.openai_public import r50k_pat_str  # GPT-2's split regex, as tiktoken's gpt2 uses
 
-from nanodist.config import UserError
+from nanodist.errors import UserError
 
 EOT = 50256  # <|endoftext|>: GPT-2's one special token, after the 50256 BPE ranks
 # sha256 of GPT-2's ranks file. tiktoken caches even local files, keyed by path; with a

@@ -15,7 +15,8 @@ import sys
 import torch.distributed as dist
 
 from nanodist import faults
-from nanodist.config import UserError, parse_args
+from nanodist.config import parse_args
+from nanodist.errors import UserError
 from nanodist.trainer import Trainer
 
 

@@ -51,3 +51,12 @@ def test_compiled_custom_tp_matches_one_process(char_data, tmp_path, single):
                       compile=True, **EXPERIMENT)
     for records in run_distributed(trainer_records, 2, kwargs):
         assert_records_match(records, single, "tp2 custom compiled")
+
+
+def test_compiled_fsdp2_matches_one_process(char_data, tmp_path, single):
+    """--compile with FSDP2 in torchtitan's order: each block compiled before fully_shard,
+    FSDP2's gathers and reduce-scatters around the compiled blocks."""
+    kwargs = tiny_run(char_data, tmp_path, data_parallel_size=2, data_parallel_type="fsdp",
+                      implementation="pytorch", compile=True, deferred_init=True, dtype="float64")
+    for records in run_distributed(trainer_records, 2, kwargs):
+        assert_records_match(records, single, "fsdp2 compiled")

@@ -1,17 +1,20 @@
 """Activation checkpointing (full, every K-th block, selective) changes memory, never
 the numbers: gradients and trained trajectories bitwise equal to no checkpointing (the
 recompute is the same arithmetic on the same values), on one process and under every
-layout on 2 ranks; the bytes kept for backward are those nanodist/cost.py predicts."""
+layout on 2 ranks; the bytes kept for backward are those the cost model predicts
+(nanodist_tools/cost.py)."""
 
 import pytest
 import torch
 
 from harness import assert_records_match, run_distributed, tiny_run, trainer_records
-from nanodist.config import TrainConfig, UserError, resolve_layout
+from nanodist.config import TrainConfig, resolve
+from nanodist.errors import UserError
 from nanodist.model import GPT, GPTConfig, cross_entropy
 from nanodist.parallel.activation_checkpoint import apply_activation_checkpointing
-from nanodist.cost import Layout, activation_bytes
-from nanodist.measure import saved_activations
+from nanodist.parallel.layout import Layout
+from nanodist_tools.cost import activation_bytes
+from nanodist_tools.measure import saved_activations
 
 
 MODEL = GPTConfig(block_size=32, vocab_size=128, n_layer=3, n_head=4, n_embd=64)
@@ -39,8 +42,8 @@ def test_gradients_bitwise_and_bytes_as_analytic(policy, every):
     assert torch.equal(loss, loss_ref)
     for name, p in params.items():
         assert torch.equal(p.grad, params_ref[name].grad), name
-    assert kept_ref == activation_bytes(MODEL, Layout("single"), 2)
-    assert kept == activation_bytes(MODEL, Layout("single"), 2, policy, every)
+    assert kept_ref == activation_bytes(MODEL, Layout(), 2)
+    assert kept == activation_bytes(MODEL, Layout(), 2, policy, every)
     assert kept < kept_ref
 
 
@@ -75,6 +78,6 @@ def test_compiled_checkpointed_blocks_train_like_eager(char_data, tmp_path):
 
 def test_bad_flags():
     with pytest.raises(UserError, match="activation_checkpointing 'some'"):
-        resolve_layout(TrainConfig(activation_checkpointing="some"), 1)
+        resolve(TrainConfig(activation_checkpointing="some"), 1, "cpu")
     with pytest.raises(UserError, match="ac_every"):
-        resolve_layout(TrainConfig(ac_every=0), 1)
+        resolve(TrainConfig(ac_every=0), 1, "cpu")

@@ -1,5 +1,6 @@
-"""The benchmark's analytic model against hand-worked examples and the real model, its
-traffic counter against comm.py's, and a smoke run of bench/run.py (schema, not speed)."""
+"""The cost model (nanodist_tools/cost.py, traffic.py) against hand-worked examples and
+the real model, the benchmark's traffic counter against comm.py's, and a smoke run of
+bench/run.py (schema, not speed)."""
 import json
 import subprocess
 import sys
@@ -9,12 +10,12 @@ import torch
 
 from harness import REPO, run_distributed
 
-sys.path.insert(0, str(REPO / "bench"))
-from nanodist.cost import (Layout, activation_bytes, param_counts, state_bytes,  # noqa: E402
-                      tp_collectives, traffic_bytes)
-from nanodist.measure import TrafficMode  # noqa: E402
-from nanodist.model import GPT, GPTConfig  # noqa: E402
-from nanodist.parallel import comm  # noqa: E402
+from nanodist.model import GPT, GPTConfig
+from nanodist.parallel.comm import Comm
+from nanodist.parallel.layout import Layout
+from nanodist_tools.cost import activation_bytes, param_counts, state_bytes
+from nanodist_tools.measure import TrafficMode
+from nanodist_tools.traffic import tp_collectives, traffic_bytes
 
 # hand-worked: L=1, C=2, V=4, T=3
 #   root  wte 4*2 = 8, wpe 3*2 = 6, ln_f 2*2 = 4                      -> 18
@@ -33,29 +34,29 @@ def test_param_counts_by_hand_and_against_the_model():
 
 
 def test_state_bytes_follow_zero_16_bytes_per_parameter():
-    assert state_bytes(SMALL, Layout("single")) == {"params": 368, "grads": 368,
-                                                    "optimizer": 736, "total": 1472}
-    assert state_bytes(SMALL, Layout("ddp", dp=2))["total"] == 16 * 92  # replicated
-    assert state_bytes(SMALL, Layout("fsdp", dp=2, dp_type="fsdp"))["total"] == 16 * 46
-    assert state_bytes(SMALL, Layout("zero2", dp=4, dp_type="fsdp", zero3=False))["total"] == 16 * 23
-    assert state_bytes(SMALL, Layout("tp", tp=2))["total"] == 16 * (70 / 2 + 22)
+    assert state_bytes(SMALL, Layout()) == {"params": 368, "grads": 368,
+                                            "optimizer": 736, "total": 1472}
+    assert state_bytes(SMALL, Layout(dp=2))["total"] == 16 * 92  # replicated
+    assert state_bytes(SMALL, Layout(dp=2, dp_type="fsdp"))["total"] == 16 * 46
+    assert state_bytes(SMALL, Layout(dp=4, dp_type="fsdp", reshard_after_forward=False))["total"] == 16 * 23
+    assert state_bytes(SMALL, Layout(tp=2))["total"] == 16 * (70 / 2 + 22)
 
 
 def test_traffic_by_hand():
     # DDP, N=2: all-reduce 2 (N-1)/N * 4 * 92 = 368 bytes of gradients + the 4-byte loss mean
-    assert traffic_bytes(SMALL, Layout("ddp", dp=2), 1, 1) == {"all_reduce": 368 + 4}
+    assert traffic_bytes(SMALL, Layout(dp=2), 1, 1) == {"all_reduce": 368 + 4}
     # ZeRO-3, N=4, 2 micro-steps: gather every unit twice, 2 * 92 * 4 bytes * 3/4 per micro-step,
     # reduce-scatter 92 * 4 * 3/4 per micro-step (the trainer's FSDP reduces each one),
     # loss mean + grad norm scalars 2 * 4 * 6/4
-    z3 = traffic_bytes(SMALL, Layout("z3", dp=4, dp_type="fsdp"), 1, 2)
+    z3 = traffic_bytes(SMALL, Layout(dp=4, dp_type="fsdp"), 1, 2)
     assert z3 == {"all_gather": 2 * 184 * 3, "reduce_scatter": 2 * 276, "all_reduce": 12}
-    z2 = traffic_bytes(SMALL, Layout("z2", dp=4, dp_type="fsdp", zero3=False), 1, 1)
+    z2 = traffic_bytes(SMALL, Layout(dp=4, dp_type="fsdp", reshard_after_forward=False), 1, 1)
     assert z2["all_gather"] == 276 == z2["reduce_scatter"]
     # TP, B=1: activations B T C * 4 = 24 bytes; L=1 -> 6 all-reduces of them + grad norm,
     # no loss parallelism: the logits all-gather B T V * 4 = 48 bytes
     assert tp_collectives(1, 3, 2, 4, 1, sp=False, lp=False) == {"all_reduce": (7, 6 * 24 + 4),
                                                                  "all_gather": (1, 48)}
-    tp = traffic_bytes(SMALL, Layout("tp", tp=2), 1, 1)
+    tp = traffic_bytes(SMALL, Layout(tp=2), 1, 1)
     assert tp == {"all_reduce": 2 * 0.5 * (6 * 24 + 4), "all_gather": 0.5 * 48}
 
 
@@ -63,25 +64,26 @@ def test_activation_bytes_by_hand():
     # B=1, T=3, C=2, a=1, V=4: bsh = 6; per layer 4*6 + 12*6 + 3 + LayerNorm stats 4*3 = 111
     # floats; head ln_f 6 + 6 + lm_head 6 + log-softmax 12 + total weight 1; ids, targets
     # and positions 3 * 3 * 8 bytes
-    assert activation_bytes(SMALL, Layout("single"), 1) == 4 * (111 + 31) + 72
+    assert activation_bytes(SMALL, Layout(), 1) == 4 * (111 + 31) + 72
     # TP 2 + SP + LP: per layer 2*6/2 + 2*6 + 12*6/2 + 3/2 + 12/2 = 61.5; head 6 + 6 + 6 + 1
-    layout = Layout("tp", tp=2, loss_parallel=True, sequence_parallel=True)
+    layout = Layout(tp=2, loss_parallel=True, sequence_parallel=True)
     assert activation_bytes(SMALL, layout, 1) == 4 * (61.5 + 19) + 72
     # full checkpointing keeps the block input (6); selective also c_attn 18, attention
     # 6 + 3, c_fc 24, the two row matmuls 12
-    assert activation_bytes(SMALL, Layout("single"), 1, "full") == 4 * (6 + 31) + 72
-    assert activation_bytes(SMALL, Layout("single"), 1, "selective") == 4 * (69 + 31) + 72
+    assert activation_bytes(SMALL, Layout(), 1, "full") == 4 * (6 + 31) + 72
+    assert activation_bytes(SMALL, Layout(), 1, "selective") == 4 * (69 + 31) + 72
 
 
 def _traffic_vs_comm_py():
     """The dispatch-mode counter sees what comm.py counts, collective by collective."""
-    group = torch.distributed.group.WORLD
+    comm = Comm()
+    group = comm.group(torch.distributed.group.WORLD)
     x, out = torch.ones(10), torch.empty(20)
     with TrafficMode() as mode, comm.counting() as counted:
-        comm.all_reduce(x, group)
-        comm.all_gather(out, x, group)
-        comm.reduce_scatter(x[:5], out[:10], group)
-        comm.broadcast(x, 0, group)
+        group.all_reduce(x)
+        group.all_gather(out, x)
+        group.reduce_scatter(x[:5], out[:10])
+        group.broadcast(x, 0)
     return mode.counter.summary(), counted.summary()
 
 
@@ -93,12 +95,12 @@ def test_traffic_mode_counts_like_comm_py():
 def test_quick_run_writes_the_report(char_data, tmp_path):
     """bench/run.py --quick on two layouts: JSON schema, Markdown and plots exist."""
     done = subprocess.run([sys.executable, str(REPO / "bench" / "run.py"), "--quick", "--out",
-                           str(tmp_path), "--layouts", "single", "fsdp-zero3", "--data_dir", char_data],
+                           str(tmp_path), "--layouts", "single", "fsdp2", "--data_dir", char_data],
                           cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     records = json.loads((tmp_path / "results.json").read_text())["records"]
     assert [(r["layout"], r["implementation"]) for r in records] == [
-        ("single", "custom"), ("fsdp-zero3", "custom"), ("fsdp-zero3", "pytorch")]
+        ("single", "custom"), ("fsdp2", "custom"), ("fsdp2", "pytorch")]
     for r in records:
         for key in ("tokens_per_s", "step_ms", "state_bytes", "state_analytic_bytes", "state_ratio",
                     "activation_bytes", "peak_bytes", "comm_bus_bytes", "comm_analytic_bus_bytes",

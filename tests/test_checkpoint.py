@@ -13,7 +13,8 @@ import torch
 
 from harness import REPO, assert_records_match, loss_tolerances, run_distributed
 from nanodist import checkpoint, train
-from nanodist.config import UserError, parse_args
+from nanodist.config import parse_args
+from nanodist.errors import UserError
 from nanodist.trainer import Trainer
 
 STEPS = 6
@@ -76,21 +77,21 @@ def test_a_checkpoint_resumes_in_another_layout(write, read, char_data, tmp_path
 def test_a_crash_between_write_and_rename_leaves_the_previous_checkpoint(char_data, tmp_path, monkeypatch):
     trainer = Trainer(parse_args(flags(char_data, tmp_path, "--checkpoint_interval", "-1")))
     trainer.train_step(0)
-    good = checkpoint.save(trainer, 1)
+    good = trainer.save(1)
     trainer.train_step(1)
 
     def crash(*args):
         raise KeyboardInterrupt("killed between write and rename")
-    monkeypatch.setattr(checkpoint.os, "replace", crash)
+    monkeypatch.setattr(checkpoint.format.os, "replace", crash)
     with pytest.raises(KeyboardInterrupt):
-        checkpoint.save(trainer, 2)
+        trainer.save(2)
     monkeypatch.undo()
     debris = list(tmp_path.glob("tmp-step_0000002-*"))
     assert len(debris) == 1
     assert checkpoint.checkpoints(tmp_path) == [good]
     model, info = checkpoint.load_model(good)
     assert info["step"] == 1 and all(torch.isfinite(p).all() for p in model.parameters())
-    assert checkpoint.save(trainer, 3).name == "step_0000003"
+    assert trainer.save(3).name == "step_0000003"
     assert debris[0].exists()  # a save removes nothing of others: the next run does (its lock)
     checkpoint.remove_debris(tmp_path)
     assert not debris[0].exists() and len(checkpoint.checkpoints(tmp_path)) == 2
@@ -99,13 +100,14 @@ def test_a_crash_between_write_and_rename_leaves_the_previous_checkpoint(char_da
 def test_a_nan_loss_stops_before_the_update_and_keeps_the_checkpoint(char_data, tmp_path):
     trainer = Trainer(parse_args(flags(char_data, tmp_path, "--checkpoint_interval", "-1")))
     trainer.train_step(0)
-    saved = checkpoint.save(trainer, 1)
+    saved = trainer.save(1)
+    gpt = trainer.parallel.stages[0].gpt
     with torch.no_grad():
-        trainer.par.gpt.transformer.ln_f.bias.fill_(float("nan"))
-    before = [p.detach().clone() for p in trainer.par.gpt.parameters()]
+        gpt.transformer.ln_f.bias.fill_(float("nan"))
+    before = [p.detach().clone() for p in gpt.parameters()]
     with pytest.raises(UserError, match=f"step 2: the loss is nan.*the last checkpoint, {saved}, is intact"):
         trainer.train_step(1)  # the second step, printed as step 2
-    after = list(trainer.par.gpt.parameters())
+    after = list(gpt.parameters())
     assert all(torch.equal(a, b) or (a.isnan() == b.isnan()).all() for a, b in zip(before, after))
     model, _ = checkpoint.load_model(saved)
     assert all(torch.isfinite(p).all() for p in model.parameters())

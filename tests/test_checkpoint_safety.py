@@ -20,7 +20,8 @@ from torch.distributed.checkpoint.filesystem import FileSystem
 import sample
 from harness import run_distributed
 from nanodist import checkpoint, train
-from nanodist.config import UserError, parse_args
+from nanodist.config import parse_args
+from nanodist.errors import UserError
 from nanodist.trainer import Trainer
 
 
@@ -241,7 +242,7 @@ def test_a_save_hands_dcp_cpu_tensors_only(char_data, tmp_path, monkeypatch):
     """The layout's full tensors live on a GPU (fake CUDA tensors: shapes without data);
     every slice DCP receives must already be in CPU memory (issue 15, item 5)."""
     trainer = Trainer(parse_args(flags(char_data, tmp_path)))
-    gathered = trainer.par.full_tensors
+    gathered = trainer.params.full_tensors
 
     fake = FakeTensorMode()
 
@@ -250,12 +251,12 @@ def test_a_save_hands_dcp_cpu_tensors_only(char_data, tmp_path, monkeypatch):
             with fake:
                 on_device = torch.empty(full.shape, device="cuda")
             yield name, on_device
-    monkeypatch.setattr(trainer.par, "full_tensors", on_gpu)
-    real_save, devices = checkpoint.dcp.save, set()
+    monkeypatch.setattr(trainer.params, "full_tensors", on_gpu)
+    real_save, devices = checkpoint.format.dcp.save, set()
 
     def save(state, **kwargs):  # record, then write zeros of the same shapes
         devices.update(t.device.type for t in state.values())
         return real_save({k: torch.zeros(t.shape) for k, t in state.items()}, **kwargs)
-    monkeypatch.setattr(checkpoint.dcp, "save", save)
-    checkpoint.save(trainer, 1)
+    monkeypatch.setattr(checkpoint.format.dcp, "save", save)
+    trainer.save(1)
     assert devices == {"cpu"}

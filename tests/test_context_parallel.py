@@ -9,12 +9,15 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from harness import assert_records_match, run_distributed, tiny_run, trainer_records
-from nanodist.config import TrainConfig, UserError, resolve_layout
-from nanodist.parallel import comm
+from nanodist.config import TrainConfig, resolve
+from nanodist.errors import UserError
+from nanodist.parallel.comm import Comm
 from nanodist.parallel.context_parallel import RingAttention, attention_blocks, split_sequence
+from nanodist.parallel.layout import Layout
 from nanodist.trainer import Trainer
-from nanodist.cost import Layout, activation_bytes, ring_attention_sends, traffic_bytes
-from nanodist.measure import saved_activations
+from nanodist_tools.cost import activation_bytes
+from nanodist_tools.measure import saved_activations
+from nanodist_tools.traffic import ring_attention_sends, traffic_bytes
 
 
 B, HEADS, T, D = 2, 3, 32, 8
@@ -31,8 +34,9 @@ def _ring_vs_sdpa(zigzag: bool, dtype):
     out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
     out.backward(probe)
     local = [split_sequence(t.detach(), 2, rank, cp, zigzag).requires_grad_() for t in (q, k, v)]
+    comm = Comm()
     with comm.counting() as counted:
-        out_cp = RingAttention(dist.group.WORLD, zigzag)(*local)
+        out_cp = RingAttention(comm.group(dist.group.WORLD), zigzag)(*local)
         out_cp.backward(split_sequence(probe, 2, rank, cp, zigzag))
     mine = lambda t: split_sequence(t, 2, rank, cp, zigzag)
     diffs = [(out_cp - mine(out)).abs().max().item()] + \
@@ -103,14 +107,14 @@ def test_cp_with_activation_checkpointing(char_data, tmp_path, policy):
 
 def test_bad_cp_flags(char_data, tmp_path):
     with pytest.raises(UserError, match="8 zigzag chunks: --block_size \\(100\\) must be divisible by 8"):
-        resolve_layout(TrainConfig(context_parallel_size=4, block_size=100), 4)
+        resolve(TrainConfig(context_parallel_size=4, block_size=100), 4, "cpu")
     with pytest.raises(UserError, match="12 tokens.*--tensor_parallel_size \\(8\\)"):
-        resolve_layout(TrainConfig(context_parallel_size=2, tensor_parallel_size=8, block_size=24,
-                                   sequence_parallel=True), 16)
+        resolve(TrainConfig(context_parallel_size=2, tensor_parallel_size=8, block_size=24,
+                            sequence_parallel=True), 16, "cpu")
     with pytest.raises(UserError, match="dropout"):
-        resolve_layout(TrainConfig(context_parallel_size=2, dropout=0.1), 2)
+        resolve(TrainConfig(context_parallel_size=2, dropout=0.1), 2, "cpu")
     with pytest.raises(UserError, match="x --data_parallel_size"):
-        resolve_layout(TrainConfig(context_parallel_size=2, data_parallel_size=2), 2)
+        resolve(TrainConfig(context_parallel_size=2, data_parallel_size=2), 2, "cpu")
     # PyTorch's CP has no CPU kernel rule: the same one clear message on every rank
     kwargs = tiny_run(char_data, tmp_path, context_parallel_size=2, implementation="pytorch")
     for message in run_distributed(_user_error, 2, kwargs):
@@ -127,25 +131,26 @@ def _user_error(kwargs) -> str:
 
 def _sends_of_one_step(kwargs):
     trainer = Trainer(TrainConfig(**kwargs))
-    with comm.counting() as counted:
+    with trainer.comm.counting() as counted:
         trainer.train_step(0)
-    return counted.calls["send"], counted.bus_bytes["send"], trainer.model_cfg, trainer.grad_accum
+    return counted.calls["send"], counted.bus_bytes["send"], trainer.model_cfg, trainer.micro_steps
 
 
 def test_kv_bytes_sent_per_step_are_analytic(char_data, tmp_path):
-    """What comm.py counts in one optimizer step = nanodist/cost.py's ring traffic."""
+    """What comm.py counts in one optimizer step = the cost model's ring traffic (traffic.py)."""
     kwargs = tiny_run(char_data, tmp_path, context_parallel_size=2, tensor_parallel_size=2)
     for calls, bus, cfg, accum in run_distributed(_sends_of_one_step, 4, kwargs):
         sends, payload = ring_attention_sends(2, cfg.block_size, cfg.n_embd // 2, cfg.n_layer, 2)
         assert (calls, bus) == (accum * sends, accum * payload)
-        assert bus == traffic_bytes(cfg, Layout("cp2-tp2", tp=2, cp=2), 2, accum)["send"]
+        assert bus == traffic_bytes(cfg, Layout(tp=2, cp=2), 2, accum)["send"]
 
 
 def _kept_for_backward(kwargs):
     trainer = Trainer(TrainConfig(**kwargs))
+    stage = trainer.parallel.stages[0]
     x, y = trainer.data.train_batch(0, 0)
-    with saved_activations(trainer.par.model.parameters()) as kept:
-        loss = trainer.par.loss_fn(trainer.model(x), y)
+    with saved_activations(stage.module.parameters()) as kept:
+        loss = stage.loss_fn(stage.module(x), y)
     kept.pop(loss.untyped_storage().data_ptr())
     loss.backward()
     return sum(kept.values()), trainer.model_cfg
@@ -156,4 +161,4 @@ def test_activation_bytes_per_rank_are_analytic(char_data, tmp_path, policy):
     """CP = 2: each rank keeps the activations of half of every sequence, as analytic.py says."""
     kwargs = tiny_run(char_data, tmp_path, context_parallel_size=2, activation_checkpointing=policy)
     for kept, cfg in run_distributed(_kept_for_backward, 2, kwargs):
-        assert kept == activation_bytes(cfg, Layout("cp2", cp=2), 2, policy)
+        assert kept == activation_bytes(cfg, Layout(cp=2), 2, policy)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from nanodist.config import UserError
+from nanodist.errors import UserError
 from nanodist.data import BatchLoader, load_split, split_text, write_meta, write_split
 from nanodist.tokenizer import EOT, get_gpt2_encoding
 

@@ -9,9 +9,9 @@ from torch.nn.parallel import DistributedDataParallel
 from harness import (assert_printed_losses_match, assert_records_match, run_distributed, run_train,
                      tiny_run, trainer_records)
 from nanodist.model import GPT, GPTConfig, cross_entropy
-from nanodist.parallel import comm
+from nanodist.parallel.comm import Comm
 from nanodist.parallel.ddp import DataParallel, native_ddp
-from nanodist.parallel.mesh import build_mesh
+from nanodist.parallel.layout import Layout, build_mesh
 
 CPU = torch.device("cpu")
 TINY = GPTConfig(block_size=32, vocab_size=128, n_layer=2, n_head=4, n_embd=64)
@@ -37,10 +37,10 @@ def adamw(model):
 # ---- custom vs PyTorch DDP: bitwise ----
 
 def custom_vs_native(steps: int, accum: int):
-    mesh = build_mesh(torch.distributed.get_world_size(), 1, CPU)
+    mesh = build_mesh(Layout(dp=torch.distributed.get_world_size()), CPU)
     custom = GPT(TINY, seed=1 + mesh.rank)  # each rank draws its own: the broadcast decides
-    ddp = DataParallel(custom, mesh.dp_group, bucket_cap_mb=0.05)
-    native = native_ddp(GPT(TINY, seed=1 + mesh.rank), mesh.dp_group, CPU, bucket_cap_mb=25)
+    ddp = DataParallel(custom, mesh.dp, bucket_cap_mb=0.05)
+    native = native_ddp(GPT(TINY, seed=1 + mesh.rank), mesh.dp, CPU, bucket_cap_mb=25)
     reference = GPT(TINY, seed=1)
     checks = {"initial": all(torch.equal(a, b) and torch.equal(a, c) for a, b, c in zip(
         custom.parameters(), native.module.parameters(), reference.parameters())),
@@ -48,7 +48,7 @@ def custom_vs_native(steps: int, accum: int):
     opt_c, opt_n = adamw(custom), adamw(native)
     for step in range(steps):
         for micro in range(accum):
-            x, y = micro_batch(step, micro, accum, mesh.dp_size, mesh.dp_rank)
+            x, y = micro_batch(step, micro, accum, mesh.dp.size, mesh.dp.rank)
             logits = []
             for model, no_sync in ((custom, ddp.no_sync), (native, native.no_sync)):
                 with (nullcontext() if micro == accum - 1 else no_sync()):
@@ -81,31 +81,31 @@ def test_custom_equals_pytorch_ddp_bitwise():
 # ---- DP = N against one process with the same global batch ----
 
 def against_one_process(steps: int, accum: int, implementation: str):
-    mesh = build_mesh(torch.distributed.get_world_size(), 1, CPU)
+    mesh = build_mesh(Layout(dp=torch.distributed.get_world_size()), CPU)
     single = GPT(TINY, seed=1)
     model = GPT(TINY, seed=1)
     if implementation == "custom":
-        no_sync = DataParallel(model, mesh.dp_group, bucket_cap_mb=0.05).no_sync
+        no_sync = DataParallel(model, mesh.dp, bucket_cap_mb=0.05).no_sync
     else:
-        model = native_ddp(model, mesh.dp_group, CPU, bucket_cap_mb=25)
+        model = native_ddp(model, mesh.dp, CPU, bucket_cap_mb=25)
         no_sync = model.no_sync
     # SGD: AdamW would blow up the last-bit differences of near-zero gradients to ~lr
     opt_s, opt_d = (torch.optim.SGD(m.parameters(), lr=0.5) for m in (single, model))
     losses, grad_diff = [], 0.0
     for step in range(steps):
-        x, y = global_batch(step, 2 * accum * mesh.dp_size)
+        x, y = global_batch(step, 2 * accum * mesh.dp.size)
         loss_s = cross_entropy(single(x), y)
         loss_s.backward()
         loss_d = 0.0
         for micro in range(accum):
-            xm, ym = micro_batch(step, micro, accum, mesh.dp_size, mesh.dp_rank)
+            xm, ym = micro_batch(step, micro, accum, mesh.dp.size, mesh.dp.rank)
             with (nullcontext() if micro == accum - 1 else no_sync()):
                 loss = cross_entropy(model(xm), ym) / accum
                 loss.backward()
             loss_d += loss.item()
         loss_d = torch.tensor(loss_d)
         torch.distributed.all_reduce(loss_d)
-        losses.append((loss_s.item(), loss_d.item() / mesh.dp_size))
+        losses.append((loss_s.item(), loss_d.item() / mesh.dp.size))
         grad_diff = max(grad_diff, max((a.grad - b.grad).abs().max().item()
                                        for a, b in zip(single.parameters(), model.parameters())))
         for opt in (opt_s, opt_d):
@@ -128,37 +128,44 @@ def test_matches_one_process(world, implementation):
 
 # ---- buckets, one all-reduce per bucket per step, overlap with backward ----
 
+class RecordingTransport:
+    """torch.distributed, with each all-reduce's tensor noted first (Comm's transport)."""
+
+    def __init__(self, seen):
+        self.seen = seen
+
+    def __getattr__(self, name):
+        return getattr(torch.distributed, name)
+
+    def all_reduce(self, tensor, *args, **kwargs):
+        self.seen(tensor)
+        return torch.distributed.all_reduce(tensor, *args, **kwargs)
+
+
 def buckets_and_overlap(cap_mb: float, steps: int, accum: int):
-    mesh = build_mesh(torch.distributed.get_world_size(), 1, CPU)
+    events = []
+    record = lambda tensor: events.append(  # noqa: E731
+        f"all_reduce {[b.buffer is tensor for b in ddp.buckets].index(True)}")
+    mesh = build_mesh(Layout(dp=torch.distributed.get_world_size()), CPU, Comm(RecordingTransport(record)))
     model = GPT(TINY, seed=1)
-    ddp = DataParallel(model, mesh.dp_group, bucket_cap_mb=cap_mb)
+    ddp = DataParallel(model, mesh.dp, bucket_cap_mb=cap_mb)
     index = {p: i for i, p in enumerate(model.parameters())}
     layout = [[index[p] for p in bucket.params] for bucket in ddp.buckets]
     sizes = [sum(p.numel() * p.element_size() for p in bucket.params) for bucket in ddp.buckets]
-    events, launch = [], comm.all_reduce
-
-    def recording_all_reduce(tensor, *args, **kwargs):
-        events.append(f"all_reduce {[b.buffer is tensor for b in ddp.buckets].index(True)}")
-        return launch(tensor, *args, **kwargs)
-
     model.transformer.h[0].register_full_backward_pre_hook(
         lambda *_: events.append("backward reaches h.0"))
-    comm.all_reduce = recording_all_reduce
     calls, views = [], []
-    try:
-        for step in range(steps):
-            for micro in range(accum):
-                x, y = micro_batch(step, micro, accum, mesh.dp_size, mesh.dp_rank)
-                with comm.counting() as counter, (nullcontext() if micro == accum - 1 else ddp.no_sync()):
-                    events.append(f"step {step} micro {micro}")
-                    cross_entropy(model(x), y).backward()
-                    events.append("backward returned")
-                calls.append((counter.calls["all_reduce"], counter.payload_bytes["all_reduce"]))
-            views.append(all(p.grad.untyped_storage().data_ptr() == b.buffer.untyped_storage().data_ptr()
-                             for b in ddp.buckets for p in b.params))
-            model.zero_grad(set_to_none=True)
-    finally:
-        comm.all_reduce = launch
+    for step in range(steps):
+        for micro in range(accum):
+            x, y = micro_batch(step, micro, accum, mesh.dp.size, mesh.dp.rank)
+            with mesh.comm.counting() as counter, (nullcontext() if micro == accum - 1 else ddp.no_sync()):
+                events.append(f"step {step} micro {micro}")
+                cross_entropy(model(x), y).backward()
+                events.append("backward returned")
+            calls.append((counter.calls["all_reduce"], counter.payload_bytes["all_reduce"]))
+        views.append(all(p.grad.untyped_storage().data_ptr() == b.buffer.untyped_storage().data_ptr()
+                         for b in ddp.buckets for p in b.params))
+        model.zero_grad(set_to_none=True)
     buffer_bytes = sum(b.buffer.numel() * b.buffer.element_size() for b in ddp.buckets)
     return layout, sizes, events, calls, views, buffer_bytes, len(index)
 
@@ -201,10 +208,10 @@ class Branchy(nn.Module):
 
 
 def unused_parameters(steps: int):
-    mesh = build_mesh(torch.distributed.get_world_size(), 1, CPU)
+    mesh = build_mesh(Layout(dp=torch.distributed.get_world_size()), CPU)
     custom, native = Branchy(), Branchy()
-    ddp = DataParallel(custom, mesh.dp_group)
-    native = DistributedDataParallel(native, process_group=mesh.dp_group, find_unused_parameters=True)
+    ddp = DataParallel(custom, mesh.dp)
+    native = DistributedDataParallel(native, process_group=mesh.dp.process_group, find_unused_parameters=True)
     opt_c, opt_n = adamw(custom), adamw(native)
     grads_equal, params_equal, b_grad, never_grad = [], [], [], []
     for step in range(steps):

@@ -10,7 +10,8 @@ from harness import GPT2_BPE, run_distributed, tiny_run
 from nanodist import checkpoint
 from nanodist.export import main as export_main
 from nanodist.trainer import Trainer
-from nanodist.config import TrainConfig, UserError
+from nanodist.config import TrainConfig
+from nanodist.errors import UserError
 
 transformers = pytest.importorskip("transformers")  # a dev dependency
 
@@ -27,7 +28,7 @@ def exported(char_data, tmp_path_factory):
 def _weights_of(cfg_kwargs) -> dict:
     """Rank side: the full GPT-2 tensors a trainer starts from (before any step)."""
     trainer = Trainer(TrainConfig(**cfg_kwargs))
-    return {name: full.clone() for name, full in trainer.par.full_tensors(trainer.par.optimizer_param_list())}
+    return {name: full.clone() for name, full in trainer.params.full_tensors(trainer.params.param_list())}
 
 
 def test_from_pretrained_gives_nanodists_logits(exported):

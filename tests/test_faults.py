@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from harness import REPO, run_distributed
-from nanodist import checkpoint, faults, train
-from nanodist.config import UserError
+from nanodist import checkpoint, faults, launch, train
+from nanodist.errors import UserError
 from test_checkpoint import _children, flags, train_losses
 
 DDP2 = ["--data_parallel_size", "2"]
@@ -177,10 +177,10 @@ def test_torchrun_restarts_without_their_workaround_are_refused(char_data, tmp_p
     assert train.main(flags(char_data, tmp_path)) == 2  # before joining any process group
     assert "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 torchrun" in capsys.readouterr().err
     monkeypatch.setenv("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
-    faults.check_restartable()
+    launch.check_restartable()
     monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", "0")
     monkeypatch.delenv("TORCH_DISABLE_SHARE_RDZV_TCP_STORE")
-    faults.check_restartable()
+    launch.check_restartable()
 
 
 def test_a_bad_dist_timeout_is_refused(char_data, tmp_path):

@@ -5,21 +5,22 @@ from contextlib import nullcontext
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from harness import assert_records_match, run_distributed, tiny_run, trainer_records
+from nanodist import compat
 from nanodist.config import TrainConfig
 from nanodist.model import GPT, GPTConfig
-from nanodist.parallel import comm
-from nanodist.parallel.fsdp import fsdp2_no_sync, full_state_dict, load_full_state_dict
-from nanodist.parallel.mesh import Mesh, build_mesh
-from nanodist.parallel.parallelize import parallelize
+from nanodist.parallel.fsdp import FlatParams, fsdp2_no_sync
+from nanodist.parallel.layout import Layout, Mesh, build_mesh
+from nanodist.parallel.parallelize import Setup, parallelize
+from nanodist.parallel.params import full_state_dict
 from nanodist.trainer import Trainer
 
 MODEL = GPTConfig(block_size=32, vocab_size=128, n_layer=2, n_head=4, n_embd=64)
 # n_embd 42: each block's no-decay flat (546 values) needs padding on 4 ranks
 ODD_MODEL = GPTConfig(block_size=32, vocab_size=128, n_layer=2, n_head=2, n_embd=42)
 GLOBAL_BATCH, ACCUM, STEPS, SEED = 8, 2, 3, 1234
+CPU = torch.device("cpu")
 
 
 def _batch(step, micro, dp_size, dp_rank, model_cfg):
@@ -30,66 +31,77 @@ def _batch(step, micro, dp_size, dp_rank, model_cfg):
     return rows[:, :-1], rows[:, 1:]
 
 
-def _full_grads(par) -> dict:
+def _fsdp_mesh(dp, **layout) -> Mesh:
+    return build_mesh(Layout(dp=dp, dp_type="fsdp", **layout), CPU)
+
+
+def _shard(mesh, model_cfg, deferred_init=False, dtype="float32", seed=SEED):
+    """GPT(model_cfg) laid out by `mesh`'s layout: its one Stage."""
+    with torch.device("meta" if deferred_init else "cpu"):
+        model = GPT(model_cfg, seed=None if deferred_init else seed)
+    if dtype == "float64":
+        model.to(torch.float64)
+    compute = torch.bfloat16 if dtype == "bfloat16" else None
+    return parallelize(model, Setup(mesh, seed, compute)).stages[0]
+
+
+def _full_grads(stage) -> dict:
     """name -> the full (unsharded) gradient, gathered; every rank gets it."""
-    if par.fsdp is None:
+    if not isinstance(stage.params, FlatParams):
         return {name: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).clone()
-                for name, p in par.model.named_parameters()}
-    names = {id(p): name for name, p in par.model.named_parameters()}
+                for name, p in stage.gpt.named_parameters()}
+    names = {id(p): name for name, p in stage.gpt.named_parameters()}
     grads = {}
-    for f in par.fsdp.flats:
+    for f in stage.params.fsdp.flats:
         full = torch.empty(f.full.numel(), dtype=f.shard.dtype)
-        comm.all_gather(full, f.shard.grad, f.group)
+        f.group.all_gather(full, f.shard.grad)
         for p, value in zip(f.params, f.split(full)):
             grads[names[id(p)]] = value.view(p.shape).clone()
     return grads
 
 
-def _train(mesh, model_cfg=MODEL, steps=STEPS, max_norm=None, defer_sync=False, **flags):
+def _train(mesh, model_cfg=MODEL, steps=STEPS, max_norm=None, defer_sync=False, deferred_init=False,
+           dtype="float32"):
     """`steps` optimizer steps of ACCUM micro-steps; losses, last step's (clipped) full
-    gradients, and the final full state dict (rank 0 / one process)."""
-    cfg = TrainConfig(data_parallel_size=mesh.dp_size, data_parallel_type="fsdp", seed=SEED,
-                      device="cpu", **flags)
-    with torch.device("meta" if cfg.deferred_init else "cpu"):
-        model = GPT(model_cfg, seed=None if cfg.deferred_init else SEED)
-    if cfg.dtype == "float64":
-        model.to(torch.float64)
-    par = parallelize(model, cfg, mesh)
-    opt = torch.optim.AdamW(par.param_groups(0.1), lr=1e-2)
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16")
-    no_sync = ((par.fsdp.no_sync if par.fsdp else lambda: fsdp2_no_sync(par.model))
-               if defer_sync and mesh.dp_size > 1 else None)
+    gradients, and the final full state dict."""
+    stage = _shard(mesh, model_cfg, deferred_init, dtype)
+    opt = torch.optim.AdamW(stage.params.param_groups(0.1), lr=1e-2)
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16")
+    dp = mesh.dp
+    no_sync = ((stage.params.fsdp.no_sync if isinstance(stage.params, FlatParams)
+                else lambda: fsdp2_no_sync(stage.module)) if defer_sync and dp.size > 1 else None)
     losses, norms = [], []
     for step in range(steps):
         total = 0.0
         for micro in range(ACCUM):
-            x, y = _batch(step, micro, mesh.dp_size, mesh.dp_rank, model_cfg)
+            x, y = _batch(step, micro, dp.size, dp.rank, model_cfg)
             with (no_sync() if no_sync and micro < ACCUM - 1 else nullcontext()):
                 with autocast:
-                    logits = par.model(x)
-                loss = par.loss_fn(logits, y) / ACCUM
+                    logits = stage.module(x)
+                loss = stage.loss_fn(logits, y) / ACCUM
                 loss.backward()
             total += loss.item()
-        norms.append(par.clip_grad_norm(max_norm).item())
-        grads = _full_grads(par)
+        norms.append(stage.params.clip_grad_norm(max_norm).item())
+        grads = _full_grads(stage)
         opt.step()
         opt.zero_grad(set_to_none=True)
         losses.append(torch.tensor(total, dtype=torch.float64))
-    if mesh.dp_size > 1:
-        losses = [torch.distributed.all_reduce(l) or l / mesh.dp_size for l in losses]
+    if dp.size > 1:
+        losses = [torch.distributed.all_reduce(l) or l / dp.size for l in losses]
     return dict(loss=torch.stack(losses), norm=torch.tensor(norms), grads=grads,
-                params=full_state_dict(par) if mesh.dp_size > 1 else
-                {k: v.clone() for k, v in par.model.state_dict().items()})
+                params=full_state_dict(stage.params, stage.gpt))
+
+
+LAYOUT_FLAGS = ("implementation", "reshard_after_forward")
 
 
 def _rank_train(dp, kwargs):
-    return _train(build_mesh(dp, 1, torch.device("cpu")), **kwargs)
+    layout = {k: v for k, v in kwargs.items() if k in LAYOUT_FLAGS}
+    return _train(_fsdp_mesh(dp, **layout), **{k: v for k, v in kwargs.items() if k not in LAYOUT_FLAGS})
 
 
 def _single(**kwargs):
-    kwargs.pop("implementation", None)
-    kwargs.pop("fsdp_reshard_after_forward", None)
-    return _train(Mesh(), **kwargs)
+    return _train(Mesh.alone(), **{k: v for k, v in kwargs.items() if k not in LAYOUT_FLAGS})
 
 
 def _assert_close(a, b, **tol):
@@ -122,7 +134,7 @@ ONE_PROCESS_TOL = dict(rtol=0, atol=STEPS * 1e-2 * 1e-13 / 1e-8)
 
 @pytest.mark.parametrize("reshard, deferred", [(True, False), (False, True)], ids=["zero3", "zero2-deferred"])
 def test_two_ranks_match_fsdp2_bitwise_and_one_process(reshard, deferred):
-    flags = dict(fsdp_reshard_after_forward=reshard, deferred_init=deferred)
+    flags = dict(reshard_after_forward=reshard, deferred_init=deferred)
     custom, native = run_distributed(_both, 2, 2, flags)[0]
     # fp32, same per-parameter arithmetic, sums of two values commute: bitwise (the norm sums
     # squares over differently cut shards: float order)
@@ -165,12 +177,8 @@ def test_bf16_mixed_precision():
 
 
 def _deferred_state(dp, impl, model_cfg):
-    mesh = build_mesh(dp, 1, torch.device("cpu"))
-    cfg = TrainConfig(data_parallel_size=dp, data_parallel_type="fsdp", seed=SEED, device="cpu",
-                      implementation=impl, deferred_init=True)
-    with torch.device("meta"):
-        model = GPT(model_cfg, seed=None)
-    return full_state_dict(parallelize(model, cfg, mesh))
+    stage = _shard(_fsdp_mesh(dp, implementation=impl), model_cfg, deferred_init=True)
+    return full_state_dict(stage.params, stage.gpt)
 
 
 @pytest.mark.parametrize("impl", ["custom", "pytorch"])
@@ -184,7 +192,7 @@ def test_deferred_init_gives_the_single_process_weights(impl):
         assert torch.equal(state[k], expected[k]), k
 
 
-class LiveBytes(TorchDispatchMode):
+class LiveBytes(compat.TorchDispatchMode):
     """Counts the storage bytes of the tensors created inside it that are still alive,
     after every op (CPU has no allocator statistics): `peak`, and `probe()` the largest
     value of a user function sampled at every op."""
@@ -199,7 +207,7 @@ class LiveBytes(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        for t in torch.utils._pytree.tree_leaves(out):
+        for t in compat.tree_leaves(out):
             if isinstance(t, torch.Tensor):
                 self.tensors[id(t)] = weakref.ref(t)
         self.peak = max(self.peak, self.live())
@@ -214,26 +222,24 @@ def _nbytes(tensors) -> int:
 
 def _memory(dp, model_cfg):
     """ZeRO-3 on `dp` ranks, deferred init: bytes while initialising, during a step, between steps."""
-    mesh = build_mesh(dp, 1, torch.device("cpu"))
-    cfg = TrainConfig(data_parallel_size=dp, data_parallel_type="fsdp", seed=SEED, device="cpu",
-                      deferred_init=True)
+    mesh = _fsdp_mesh(dp)
     with torch.device("meta"):
         model = GPT(model_cfg, seed=None)
-    with LiveBytes() as init:
-        par = parallelize(model, cfg, mesh)
-    fsdp = par.fsdp
+    with LiveBytes() as init:  # (meta tensors count their logical bytes: made outside)
+        stage = parallelize(model, Setup(mesh, SEED)).stages[0]
+    fsdp, dp_rank = stage.params.fsdp, stage.params.mesh.dp.rank
     unit_bytes = [_nbytes(f.full for f in unit.flats) for unit in fsdp.units]
     gathered = lambda: sum(f.full.untyped_storage().nbytes() for f in fsdp.flats)
-    opt = torch.optim.AdamW(par.param_groups(0.1), lr=1e-3)
+    opt = torch.optim.AdamW(stage.params.param_groups(0.1), lr=1e-3)
     for step in range(2):
-        x, y = _batch(step, 0, dp, mesh.dp_rank, model_cfg)
+        x, y = _batch(step, 0, dp, dp_rank, model_cfg)
         with LiveBytes(gathered) as during:
-            par.loss_fn(par.model(x), y).backward()
+            stage.loss_fn(stage.module(x), y).backward()
         opt.step()
         shards = [f.shard for f in fsdp.flats]
         state = _nbytes(shards) + _nbytes(s.grad for s in shards) + _nbytes(
             t for s in opt.state.values() for t in s.values() if t.dim() > 0)
-        model_storage = sum(p.untyped_storage().nbytes() for p in par.model.parameters())
+        model_storage = sum(p.untyped_storage().nbytes() for p in stage.gpt.parameters())
         opt.zero_grad(set_to_none=True)
     return dict(init_peak=init.peak, shard_bytes=_nbytes(f.shard for f in fsdp.flats),
                 unit_bytes=unit_bytes, gathered_peak=during.probe_peak, state=state,
@@ -259,14 +265,11 @@ def test_memory_is_sharded():
 def _state_dict_round_trip(dp, impl):
     """Train a step, gather the full state dict, load it into a differently seeded model."""
     run = _rank_train(dp, dict(implementation=impl, steps=1))
-    mesh = build_mesh(dp, 1, torch.device("cpu"))
-    cfg = TrainConfig(data_parallel_size=dp, data_parallel_type="fsdp", seed=SEED + 1,
-                      device="cpu", implementation=impl)
-    par = parallelize(GPT(MODEL, seed=SEED + 1), cfg, mesh)
+    stage = _shard(_fsdp_mesh(dp, implementation=impl), MODEL, seed=SEED + 1)
     state = [run["params"]]
     torch.distributed.broadcast_object_list(state, src=0)  # the full state dict, on every rank
-    load_full_state_dict(par, state[0])
-    return run["params"], full_state_dict(par)
+    stage.params.load_full_tensors(state[0].__getitem__, stage.params.param_list())
+    return run["params"], full_state_dict(stage.params, stage.gpt)
 
 
 @pytest.mark.parametrize("impl", ["custom", "pytorch"])
@@ -297,6 +300,6 @@ def test_trainer_end_to_end(char_data, tmp_path, reduce_on_last):
 
 def _reduce_scatters_per_step(kwargs):
     trainer = Trainer(TrainConfig(**kwargs))
-    with comm.counting() as counter:
+    with trainer.comm.counting() as counter:
         trainer.train_step(0)
-    return counter.calls["reduce_scatter"], len(trainer.par.fsdp.flats)
+    return counter.calls["reduce_scatter"], len(trainer.params.fsdp.flats)

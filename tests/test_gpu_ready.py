@@ -12,24 +12,26 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn as nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from harness import REPO, run_distributed, tiny_run
-from nanodist import metrics
-from nanodist.config import TrainConfig, UserError
+from nanodist import compat, metrics
+from nanodist.config import TrainConfig
+from nanodist.errors import UserError
+from nanodist.launch import pick_device
 from nanodist.model import GPT, GPTConfig
-from nanodist.parallel import comm
+from nanodist.parallel.comm import Comm
 from nanodist.parallel.ddp import DataParallel
 from nanodist.parallel.fsdp import FSDP, apply_fsdp
-from nanodist.parallel.init import materialize
-from nanodist.parallel.mesh import Mesh, build_mesh, pick_device
-from nanodist.parallel.parallelize import Parallel
+from nanodist.parallel.layout import Layout, Mesh, build_mesh
+from nanodist.parallel.parallelize import Setup, Stage, apply_materialize
+from nanodist.parallel.params import ModuleParams
 from nanodist.parallel.tensor_parallel import apply_tp
+from nanodist_tools.layouts import BENCH
+from nanodist_tools.measure import TrafficMode, peak_tensor_bytes
+from nanodist_tools.traffic import traffic_bytes
 
 sys.path.insert(0, str(REPO / "bench"))
-from nanodist.cost import Layout, traffic_bytes  # noqa: E402
-from nanodist.measure import TrafficMode, peak_tensor_bytes  # noqa: E402
-from run import MATRIX, layouts_that_fit  # noqa: E402
+from run import layouts_that_fit  # noqa: E402
 
 MODEL = GPTConfig(block_size=32, vocab_size=128, n_layer=2, n_head=4, n_embd=64)
 CPU = torch.device("cpu")
@@ -39,20 +41,17 @@ CPU = torch.device("cpu")
 
 def _stale_tp_params(deferred: bool):
     """2 x 2, custom: parallelize's steps with weakrefs to the TP parameters FSDP replaces."""
-    mesh = build_mesh(2, 2, CPU)
-    cfg = TrainConfig(data_parallel_size=2, tensor_parallel_size=2, data_parallel_type="fsdp",
-                      sequence_parallel=True, device="cpu", deferred_init=deferred)
+    setup = Setup(build_mesh(Layout(dp=2, tp=2, dp_type="fsdp", sequence_parallel=True), CPU), seed=0)
     with torch.device("meta" if deferred else "cpu"):
         model = GPT(MODEL, seed=None if deferred else 0)
-    par = Parallel(model, mesh)
-    apply_tp(par, cfg)
-    before = [weakref.ref(p) for p in par.model.parameters()]
-    apply_fsdp(par, cfg)
-    materialize(par.model, model, cfg.seed, mesh.device)
+    stage = apply_tp(Stage(model, model, ModuleParams(model, setup.mesh)), setup)
+    before = [weakref.ref(p) for p in stage.gpt.parameters()]
+    stage = apply_materialize(apply_fsdp(stage, setup), setup)
     gc.collect()
-    optimizer_params = {id(p) for p in par.optimizer_param_list()}
+    optimizer_params = {id(p) for p in stage.params.param_list()}
+    sharded_over = stage.params.sharded_over
     return (sum(ref() is not None for ref in before),
-            all(id(p) in optimizer_params for p in par.sharded_over), len(par.sharded_over))
+            all(id(p) in optimizer_params for p in sharded_over), len(sharded_over))
 
 
 @pytest.mark.parametrize("deferred", [False, True], ids=["eager", "deferred"])
@@ -87,9 +86,9 @@ def test_pick_device_wants_one_gpu_per_local_process(monkeypatch):
 
 def test_bench_skips_layouts_larger_than_the_gpu_count(monkeypatch):
     _fake_gpus(monkeypatch, 2)
-    run, skipped = layouts_that_fit(MATRIX, "auto")
-    assert [l.name for l in skipped] == ["dp2xtp2"] and len(run) == len(MATRIX) - 1
-    assert layouts_that_fit(MATRIX, "cpu") == (MATRIX, [])  # CPU processes share the cores
+    run, skipped = layouts_that_fit(BENCH, "auto")
+    assert skipped == ["dp2xtp2-lp"] and len(run) == len(BENCH) - 1
+    assert layouts_that_fit(BENCH, "cpu") == (BENCH, [])  # CPU processes share the cores
 
 
 # ---- 3. TF32 and the MFU peak by SKU and dtype ----
@@ -158,8 +157,8 @@ def test_bench_cuda_peak_leaves_the_other_trainers_out(monkeypatch):
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: allocated["now"])
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: allocated["peak"])
     trainer = SimpleNamespace(mesh=SimpleNamespace(device=torch.device("cuda", 0)),
-                              par=SimpleNamespace(model=model), optimizer=optimizer,
-                              train_step=train_step)
+                              parallel=SimpleNamespace(stages=[SimpleNamespace(module=model)]),
+                              optimizer=optimizer, train_step=train_step)
     assert peak_tensor_bytes(trainer, 0) == own + step_rise
 
 
@@ -172,22 +171,22 @@ def _traffic_one_step(argv):
     with TrafficMode() as traffic:
         trainer.train_step(0)
     return {kind: v["bus_bytes"] for kind, v in traffic.counter.summary().items()}, \
-        trainer.model_cfg, trainer.grad_accum
+        trainer.model_cfg, trainer.micro_steps
 
 
 @pytest.mark.parametrize("layout", [
-    Layout("2x2-zero2-sp-lp", dp=2, tp=2, dp_type="fsdp", zero3=False, loss_parallel=True,
+    Layout(dp=2, tp=2, dp_type="fsdp", reshard_after_forward=False, loss_parallel=True,
            sequence_parallel=True),
-    Layout("2x2-ddp", dp=2, tp=2)], ids=lambda l: l.name)
+    Layout(dp=2, tp=2)], ids=["2x2-zero2-sp-lp", "2x2-ddp"])
 def test_analytic_traffic_in_bf16_is_the_counted_traffic(char_data, tmp_path, layout):
     """Every collective's bytes follow from shapes and dtypes: bf16 parameters under FSDP
-    make the residual stream bf16, DDP keeps it fp32 (nanodist/cost.py `value_bytes`).
+    make the residual stream bf16, DDP keeps it fp32 (nanodist_tools/traffic.py `value_bytes`).
     Exact but for the custom DDP's "used" flags (one fp32 per parameter tensor, 208 bytes
     in 2.6 MB: rel 1e-4, asserted within 1e-3; bf16 vs fp32 differ by > 10%). The tiny
     model's flats divide by 2 (no padding). ZeRO-2: the custom ZeRO-3 re-gathers the root
     for backward, which FSDP2 and the model do not."""
     run = tiny_run(char_data, tmp_path, dtype="bfloat16", implementation="custom")
-    argv = [f"--{k}={v}" for k, v in run.items()] + layout.flags()
+    argv = [f"--{k}={v}" for k, v in run.items() if k != "implementation"] + layout.flags()
     for counted, model_cfg, accum in run_distributed(_traffic_one_step, 4, argv):
         analytic = traffic_bytes(model_cfg, layout, run["batch_size"], accum, "bfloat16", "cpu")
         assert counted == pytest.approx(analytic, rel=1e-3)
@@ -197,7 +196,7 @@ def test_analytic_traffic_in_bf16_is_the_counted_traffic(char_data, tmp_path, la
 
 # ---- 7. DDP: one host sync per bucket for the parameters a rank did not use ----
 
-class HostSyncs(TorchDispatchMode):
+class HostSyncs(compat.TorchDispatchMode):
     """Counts the reads of a tensor's value by the host (`.item()`: a CUDA sync each)."""
 
     def __init__(self):
@@ -210,9 +209,9 @@ class HostSyncs(TorchDispatchMode):
 
 
 def _ddp_host_syncs():
-    mesh = build_mesh(torch.distributed.get_world_size(), 1, CPU)
+    mesh = build_mesh(Layout(dp=torch.distributed.get_world_size()), CPU)
     model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8))
-    ddp = DataParallel(model, mesh.dp_group)
+    ddp = DataParallel(model, mesh.dp)
     with HostSyncs() as syncs:
         model[0](torch.ones(2, 8)).sum().backward()  # 4 parameters without gradient
     return syncs.count, len(ddp.buckets)
@@ -236,27 +235,21 @@ def _overlaps(a, b) -> bool:
     return a[0] == b[0] and a[1] < b[2] and b[1] < a[2]
 
 
-class CollectiveAudit(TorchDispatchMode):
-    """Records each async collective of comm.py from launch to wait(): its inputs and
-    outputs. Any op that touches a pending output, or writes a pending input, is a
-    violation (on CUDA, NCCL's stream may not have read / written them yet); so is
-    anything still pending when `backward()` returns."""
+class CollectiveAudit(compat.TorchDispatchMode):
+    """Records each async collective of comm.py from launch to wait() (its transport is an
+    `AuditedTransport` of this audit): its inputs and outputs. Any op that touches a pending
+    output, or writes a pending input, is a violation (on CUDA, NCCL's stream may not have
+    read / written them yet); so is anything still pending when `backward()` returns."""
 
     def __init__(self):
         super().__init__()
         self.pending, self.violations, self.launched = {}, [], 0
 
-    def _audited(self, kind, collective):
-        def call(*args, async_op=False, **kwargs):
-            work = collective(*args, async_op=async_op, **kwargs)
-            if async_op:
-                output, input = (args[0], args[0]) if kind in ("all_reduce", "broadcast") else args[:2]
-                key, self.launched = object(), self.launched + 1
-                self.pending[key] = (kind, _span(input), _span(output))
-                wait = work.wait
-                work = SimpleNamespace(wait=lambda: (self.pending.pop(key, None), wait())[1])
-            return work
-        return call
+    def launch(self, kind, output, input, work):
+        key, self.launched = object(), self.launched + 1
+        self.pending[key] = (kind, _span(input), _span(output))
+        wait = work.wait
+        return SimpleNamespace(wait=lambda: (self.pending.pop(key, None), wait())[1])
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -264,7 +257,7 @@ class CollectiveAudit(TorchDispatchMode):
             for i, arg in enumerate(func._schema.arguments):
                 value = args[i] if i < len(args) else kwargs.get(arg.name)
                 writes = arg.alias_info is not None and arg.alias_info.is_write
-                for t in torch.utils._pytree.tree_leaves(value):
+                for t in compat.tree_leaves(value):
                     if not isinstance(t, torch.Tensor) or t.device.type == "meta":
                         continue
                     for kind, input, output in self.pending.values():
@@ -274,9 +267,6 @@ class CollectiveAudit(TorchDispatchMode):
         return func(*args, **kwargs)
 
     def __enter__(self):
-        self.saved = {k: getattr(comm, k) for k in ("all_reduce", "all_gather", "reduce_scatter", "broadcast")}
-        for kind, collective in self.saved.items():
-            setattr(comm, kind, self._audited(kind, collective))
         self.backward = torch.Tensor.backward
 
         def backward(tensor, *args, **kwargs):
@@ -288,22 +278,45 @@ class CollectiveAudit(TorchDispatchMode):
 
     def __exit__(self, *exc):
         torch.Tensor.backward = self.backward
-        for kind, collective in self.saved.items():
-            setattr(comm, kind, collective)
         return super().__exit__(*exc)
+
+
+class AuditedTransport:
+    """torch.distributed for comm.Comm, each async collective reported to `audit`."""
+    KINDS = {"all_reduce": "all_reduce", "broadcast": "broadcast",
+             "all_gather_single": "all_gather", "reduce_scatter_single": "reduce_scatter"}
+
+    def __init__(self, audit: CollectiveAudit):
+        self.audit = audit
+
+    def __getattr__(self, name):
+        collective = getattr(torch.distributed, name)
+        if name not in self.KINDS:
+            return collective
+
+        def call(*args, async_op=False, **kwargs):
+            work = collective(*args, async_op=async_op, **kwargs)
+            if not async_op:
+                return work
+            output, input = (args[0], args[0]) if name in ("all_reduce", "broadcast") else args[:2]
+            return self.audit.launch(self.KINDS[name], output, input, work)
+        return call
 
 
 def _audit(layouts):
     from nanodist.trainer import Trainer
-    with CollectiveAudit() as planted:  # the auditor sees a planted read of a pending output
+    planted = CollectiveAudit()  # the auditor sees a planted read of a pending output
+    group = Comm(AuditedTransport(planted)).group(torch.distributed.group.WORLD)
+    with planted:
         x = torch.ones(4)
-        work = comm.all_reduce(x, torch.distributed.group.WORLD, async_op=True)
+        work = group.all_reduce(x, async_op=True)
         x.sum()
         work.wait()
     results = {"planted": planted.violations}
     for name, kwargs in layouts.items():
-        trainer = Trainer(TrainConfig(**kwargs))
-        with CollectiveAudit() as audit:
+        audit = CollectiveAudit()
+        trainer = Trainer(TrainConfig(**kwargs), comm=Comm(AuditedTransport(audit)))
+        with audit:
             for step in range(2):  # the second gathers what the first optimizer step wrote
                 trainer.train_step(step)
         results[name] = (audit.violations, audit.launched)
@@ -333,7 +346,8 @@ def test_no_access_to_a_pending_collective_s_buffers(char_data, tmp_path):
 
 def test_fsdp_never_frees_a_unit_whose_all_gather_is_in_flight():
     """The custom FSDP runs on one compute stream: a unit is freed after wait() only."""
-    fsdp = FSDP(GPT(MODEL, seed=0), Mesh(), seed=0)
+    mesh = Mesh.alone()
+    fsdp = FSDP(GPT(MODEL, seed=0), mesh.dp_cp, mesh.device, seed=0)
     unit = fsdp.units[1]
     unit.unshard()
     with pytest.raises(RuntimeError, match="in flight"):
@@ -348,7 +362,7 @@ def test_fsdp_never_frees_a_unit_whose_all_gather_is_in_flight():
 def test_gpu_check_runs_on_cpu(char_data):
     """bench/gpu_check.py's correctness part (make gpu-check), its smallest subset."""
     done = subprocess.run([sys.executable, str(REPO / "bench" / "gpu_check.py"), "--device", "cpu",
-                           "--layouts", "ddp", "--data_dir", char_data],
+                           "--layouts", "ddp2", "--data_dir", char_data],
                           cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "PASS ddp custom" in done.stdout and "PASS ddp pytorch" in done.stdout
+    assert "PASS ddp2 custom" in done.stdout and "PASS ddp2 pytorch" in done.stdout

@@ -89,7 +89,7 @@ def test_unwritable_run_directory(tmp_path, capsys, monkeypatch):
     # as root every directory is writable: deny the one write-permission query of this run
     locked, access = tmp_path / "locked", os.access
     locked.mkdir()
-    monkeypatch.setattr("nanodist.trainer.os.access",
+    monkeypatch.setattr("nanodist.run_dir.os.access",
                         lambda path, mode: Path(path) != locked and access(path, mode))
     assert train.main(TINY + ["--data_dir", str(tmp_path), "--out_dir", str(locked / "run")]) == 2
     one_clear_line(capsys, f"--out_dir {locked / 'run'}: {locked} is not writable")

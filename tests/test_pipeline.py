@@ -5,10 +5,13 @@ import pytest
 import torch
 
 from harness import REPO, assert_records_match, run_distributed, run_train, tiny_run, trainer_records
-from nanodist.config import TrainConfig, UserError, resolve_layout
-from nanodist.cost import Layout, bubble
+from nanodist.config import TrainConfig, resolve
+from nanodist.errors import UserError
+from nanodist.model import GPTConfig
+from nanodist.parallel.layout import Layout
 from nanodist.parallel.pipeline import split_layers
-from nanodist.parallel.schedules import SCHEDULES, check_layout, one_f_one_b, simulate, timeline
+from nanodist.parallel.schedules import SCHEDULES, one_f_one_b, simulate, timeline
+from nanodist_tools.cost import bubble
 
 
 # ------------------------------------------------------------------ schedules as data
@@ -47,7 +50,7 @@ def test_bubble_and_memory_are_the_textbook_ones():
         slots = simulate(SCHEDULES[name](P, M, V))
         end = max(t for row in slots for t, _ in row) + 1
         idle = sum(end - len(row) for row in slots) / (P * end)
-        layout = Layout("pp", pp=P, pp_schedule=name, virtual_stages=V)
+        layout = Layout(pp=P, pp_schedule=name, virtual_stages=V)
         assert idle == pytest.approx(bubble(layout, M)) == (P - 1) / (V * M + P - 1), (name, P, M, V)
         if name == "interleaved_1f1b":
             continue
@@ -73,28 +76,29 @@ def test_split_layers_gives_earlier_stages_the_extra_block():
 
 # ------------------------------------------------------------------ bad layouts
 
-@pytest.mark.parametrize("args, match", [
-    ((4, 5, 1, 8, "1f1b", "custom"), "larger than the model's n_layer"),
-    ((4, 2, 3, 8, "interleaved_1f1b", "custom"), "2 x 3 = 6 chunks"),
-    ((4, 2, 2, 3, "interleaved_1f1b", "custom"), "multiple of the 2 stages"),
-    ((4, 2, 2, 4, "1f1b", "custom"), "needs --pipeline_schedule interleaved_1f1b"),
-    ((4, 2, 1, 4, "zero_bubble", "custom"), "--implementation pytorch only"),
-    ((4, 4, 1, 2, "1f1b", "pytorch"), "at least M = P = 4"),
+@pytest.mark.parametrize("n_layer, P, V, M, schedule, implementation, match", [
+    (4, 5, 1, 8, "1f1b", "custom", "larger than the model's n_layer"),
+    (4, 2, 3, 8, "interleaved_1f1b", "custom", "2 x 3 = 6 chunks"),
+    (4, 2, 2, 3, "interleaved_1f1b", "custom", "multiple of the 2 stages"),
+    (4, 2, 2, 4, "1f1b", "custom", "needs --pipeline_schedule interleaved_1f1b"),
+    (4, 2, 1, 4, "zero_bubble", "custom", "--implementation pytorch only"),
+    (4, 4, 1, 2, "1f1b", "pytorch", "at least M = P = 4"),
 ])
-def test_bad_pipeline_layouts_are_refused(args, match):
+def test_bad_pipeline_layouts_are_refused(n_layer, P, V, M, schedule, implementation, match):
+    layout = Layout(pp=P, virtual_stages=V, pp_schedule=schedule, implementation=implementation)
+    model = GPTConfig(block_size=32, vocab_size=128, n_layer=n_layer, n_head=4, n_embd=64)
     with pytest.raises(UserError, match=match):
-        check_layout(*args)
+        layout.check(P, "cpu", 32, model=model, micro_steps=M)
 
 
 def test_world_must_be_pp_x_dp_x_tp():
     with pytest.raises(UserError, match=r"= 8 processes, but 4 were launched"):
-        resolve_layout(TrainConfig(pipeline_parallel_size=2, tensor_parallel_size=2,
-                                   data_parallel_size=2), world_size=4)
-    cfg = resolve_layout(TrainConfig(pipeline_parallel_size=2, tensor_parallel_size=2), world_size=8)
-    assert cfg.data_parallel_size == 2
+        resolve(TrainConfig(pipeline_parallel_size=2, tensor_parallel_size=2, data_parallel_size=2), 4, "cpu")
+    cfg, layout, _ = resolve(TrainConfig(pipeline_parallel_size=2, tensor_parallel_size=2), 8, "cpu")
+    assert cfg.data_parallel_size == layout.dp == 2
     with pytest.raises(UserError, match="pipelining x PyTorch's context parallel"):
-        resolve_layout(TrainConfig(pipeline_parallel_size=2, context_parallel_size=2,
-                                   implementation="pytorch"), world_size=4)
+        resolve(TrainConfig(pipeline_parallel_size=2, context_parallel_size=2, implementation="pytorch"),
+                4, "cuda")
 
 
 def test_bad_layout_ends_in_one_message_on_every_rank(char_data, tmp_path):
@@ -170,15 +174,15 @@ def _grads_and_tied(kwargs):
     before any optimizer step); then the tied weight of this rank after 3 steps."""
     from nanodist.trainer import Trainer
     trainer = Trainer(TrainConfig(**kwargs))
-    par = trainer.par
-    params = par.optimizer_param_list()
-    weights = {name: t.detach().clone() for name, t in par.full_tensors(params)}
-    batches = [trainer.data.train_batch(0, m) for m in range(trainer.grad_accum)]
-    par.forward_backward(batches, trainer.autocast)
-    grads = {name: t.detach().clone() for name, t in par.full_tensors([p.grad for p in params])}
+    params = trainer.params.param_list()
+    weights = {name: t.detach().clone() for name, t in trainer.params.full_tensors(params)}
+    batches = [trainer.data.train_batch(0, m) for m in range(trainer.micro_steps)]
+    trainer.runner.forward_backward(batches, trainer.autocast)
+    grads = {name: t.detach().clone() for name, t in trainer.params.full_tensors([p.grad for p in params])}
     trainer.optimizer.zero_grad(set_to_none=True)
     trainer.train()
-    tied = getattr(par, "tied", None)
+    split = getattr(trainer.runner, "split", None)  # one process: no pipeline
+    tied = split.tied if split else None
     return weights, grads, None if tied is None else tied.detach().clone()
 
 
@@ -243,16 +247,16 @@ def _bench_measure(schedule):
     from types import SimpleNamespace
     sys.path.insert(0, str(REPO / "bench"))
     from pp import measure
-    from nanodist.parallel.mesh import build_mesh
+    from nanodist.parallel.layout import build_mesh
     args = SimpleNamespace(model="tiny", n_layer=4, block_size=32, batch_size=2, vocab_size=128,
                            warmup=0, steps=1)
-    got = measure(args, build_mesh(1, 1, torch.device("cpu"), pp_size=2), schedule, 1, 4)
+    got = measure(args, build_mesh(Layout(pp=2), torch.device("cpu")), schedule, 1, 4)
     return got["sent"], got["sent_analytic"], got["in_flight"]
 
 
 @pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
 def test_sends_and_micro_batches_in_flight_are_the_analytic_ones(schedule):
-    """p2p bytes counted by comm.py = nanodist/cost.py's, exactly; the peak of bytes
+    """p2p bytes counted by comm.py = the cost model's (traffic.py), exactly; the peak of bytes
     saved for backward is M micro-batches' (GPipe) or min(P - r, M) (1F1B): measured as a
     multiple of one micro-batch's, up to the few scalars (the loss) a step adds."""
     for rank, (sent, analytic, in_flight) in enumerate(run_distributed(_bench_measure, 2, schedule)):

@@ -5,7 +5,8 @@ import json
 import pytest
 
 from harness import REPO, run_distributed, tiny_run, trainer_records
-from nanodist.config import TrainConfig, UserError
+from nanodist.config import TrainConfig
+from nanodist.errors import UserError
 from nanodist.trainer import Trainer
 
 

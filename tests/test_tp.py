@@ -11,13 +11,13 @@ import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 
 from harness import adamw_param_bound, relative_drift, run_distributed
-from nanodist.config import TrainConfig
 from nanodist.model import GPT, MLP, Block, CausalSelfAttention, GPTConfig
+from nanodist.parallel.layout import Layout, Mesh, build_mesh
 from nanodist.parallel.loss_parallel import vocab_parallel_cross_entropy
-from nanodist.parallel.mesh import Mesh, build_mesh
-from nanodist.parallel.parallelize import parallelize
-from nanodist.parallel.plan import Style
-from nanodist.parallel.tensor_parallel import apply_custom_tp, full_state_dict, shard_of
+from nanodist.parallel.parallelize import Setup, parallelize
+from nanodist.parallel.params import full_state_dict
+from nanodist.parallel.tensor_parallel import apply_custom_tp
+from nanodist.parallel.tp_plan import Style, shard_of
 
 MODEL = GPTConfig(block_size=32, vocab_size=128, n_layer=2, n_head=4, n_embd=64)
 SEED = 3
@@ -60,14 +60,14 @@ def _layer_cases():
 def _check_layers():
     tp = dist.get_world_size()
     torch.manual_seed(0)
-    mesh = build_mesh(1, tp, torch.device("cpu"))
-    rank, group = mesh.tp_rank, mesh.tp_group
+    mesh = build_mesh(Layout(tp=tp), torch.device("cpu"))
+    rank, group = mesh.tp.rank, mesh.tp
     for name, ref, plan, seq_sharded, vocab_sharded in _layer_cases():
         for p in ref.parameters():  # biases and LayerNorms away from 0 and 1
             nn.init.normal_(p, std=0.5)
         ref = ref.double()
         sharded = copy.deepcopy(ref)
-        apply_custom_tp(sharded, plan, mesh, SEED)
+        apply_custom_tp(sharded, plan, mesh.tp, SEED, mesh.device)
         forward = (lambda m, x: m.wte(x)) if name == "embedding" else (
             (lambda m, x: m.lm_head(x)) if name.startswith("head") else (lambda m, x: m(x)))
         if name == "embedding":
@@ -100,7 +100,7 @@ def _check_layers():
                 expected = shard_of(expected, plan[path], leaf, tp, rank)
             torch.testing.assert_close(p.grad, expected, rtol=1e-12, atol=1e-12,
                                        msg=lambda m: f"{name}: grad of {pname}\n{m}")
-    return dist.get_world_size(group)
+    return group.size
 
 
 @pytest.mark.parametrize("tp", [2, 4])
@@ -112,7 +112,7 @@ def test_layers_match_unsharded_modules(tp):
 
 def _check_cross_entropy():
     tp = dist.get_world_size()
-    mesh = build_mesh(1, tp, torch.device("cpu"))
+    mesh = build_mesh(Layout(tp=tp), torch.device("cpu"))
     for dtype, tol in ((torch.float32, 1e-6), (torch.float64, 1e-13)):  # ~10 ulp
         gen = torch.Generator().manual_seed(1)
         logits = (torch.randn(3, 10, MODEL.vocab_size, generator=gen) * 8).to(dtype)
@@ -122,12 +122,12 @@ def _check_cross_entropy():
         full = logits.clone().requires_grad_()
         expected = F.cross_entropy(full.flatten(0, 1), targets.flatten(), ignore_index=-1)
         expected.backward()
-        local = logits.chunk(tp, -1)[mesh.tp_rank].clone().requires_grad_()
-        loss = vocab_parallel_cross_entropy(local, targets, mesh.tp_group, ignore_index=-1)
+        local = logits.chunk(tp, -1)[mesh.tp.rank].clone().requires_grad_()
+        loss = vocab_parallel_cross_entropy(local, targets, mesh.tp, ignore_index=-1)
         loss.backward()
         assert loss.dtype == dtype
         torch.testing.assert_close(loss, expected, rtol=tol, atol=tol)
-        torch.testing.assert_close(local.grad, full.grad.chunk(tp, -1)[mesh.tp_rank],
+        torch.testing.assert_close(local.grad, full.grad.chunk(tp, -1)[mesh.tp.rank],
                                    rtol=tol, atol=tol)
     return True
 
@@ -139,39 +139,38 @@ def test_vocab_parallel_cross_entropy(tp):
 
 # ---- whole GPT against one process ----
 
-def train_tiny(cfg: TrainConfig, mesh: Mesh, steps: int = 3):
-    """AdamW steps with clipping on fixed random batches, as the trainer does them.
-    Returns the losses, grad norms and the global GPT-2 state dict."""
-    with torch.device("meta" if cfg.deferred_init else "cpu"):
-        model = GPT(MODEL, seed=None if cfg.deferred_init else SEED)
-    if cfg.dtype == "float64":
+def train_tiny(mesh: Mesh, deferred: bool = False, dtype: str = "float32", steps: int = 3):
+    """AdamW steps with clipping on fixed random batches, as the trainer does them, in the
+    layout of `mesh`. Returns the losses, grad norms and the global GPT-2 state dict."""
+    with torch.device("meta" if deferred else "cpu"):
+        model = GPT(MODEL, seed=None if deferred else SEED)
+    if dtype == "float64":
         model.to(torch.float64)
-    par = parallelize(model, cfg, mesh)
-    optimizer = torch.optim.AdamW(par.param_groups(0.1), lr=LR)
+    stage = parallelize(model, Setup(mesh, SEED)).stages[0]
+    optimizer = torch.optim.AdamW(stage.params.param_groups(0.1), lr=LR)
     gen = torch.Generator().manual_seed(0)
     losses, norms = [], []
     for _ in range(steps):
         x, y = torch.randint(0, MODEL.vocab_size, (2, 4, MODEL.block_size), generator=gen)
-        with par.loss_context():
-            loss = par.loss_fn(par.model(x), y)
+        with stage.loss_context():
+            loss = stage.loss_fn(stage.module(x), y)
             loss.backward()
-        norms.append(par.clip_grad_norm(0.5).item())
+        norms.append(stage.params.clip_grad_norm(0.5).item())
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.item())
-    return losses, norms, full_state_dict(par.model, par.tp_plan, mesh.tp_group)
+    return losses, norms, full_state_dict(stage.params, stage.gpt)
 
 
-def _tp_config(tp, implementation, sp, lp, deferred, dtype="float32"):
-    return TrainConfig(tensor_parallel_size=tp, data_parallel_size=1, block_size=MODEL.block_size,
-                       implementation=implementation, sequence_parallel=sp,
-                       enable_loss_parallelism=lp, deferred_init=deferred, seed=SEED, dtype=dtype)
+def _tp_mesh(mesh: Mesh, implementation: str, sp: bool, lp: bool) -> Mesh:
+    return mesh.with_layout(Layout(tp=mesh.tp.size, implementation=implementation,
+                                   sequence_parallel=sp, loss_parallel=lp))
 
 
 def _check_whole_gpt():
     tp = dist.get_world_size()
-    mesh = build_mesh(1, tp, torch.device("cpu"))
-    ref_losses, ref_norms, ref_state = train_tiny(_tp_config(1, "custom", False, False, False, "float64"), Mesh())
+    mesh = build_mesh(Layout(tp=tp), torch.device("cpu"))
+    ref_losses, ref_norms, ref_state = train_tiny(Mesh.alone(), dtype="float64")
     # float64 makes the bounds hold on any CPU (harness.adamw_param_bound): after s AdamW
     # steps the weights differ by <= B(s), the loss of step s by <= sqrt(P) * norm * B(s)
     n_params = sum(v.numel() for k, v in ref_state.items() if k != "lm_head.weight")  # tied
@@ -182,8 +181,8 @@ def _check_whole_gpt():
             runs = {}
             for implementation in ("custom", "pytorch"):
                 deferred = sp  # both init paths, each with and without loss parallelism
-                cfg = _tp_config(tp, implementation, sp, lp, deferred, "float64")
-                runs[implementation] = losses, norms, state = train_tiny(cfg, mesh)
+                runs[implementation] = losses, norms, state = train_tiny(
+                    _tp_mesh(mesh, implementation, sp, lp), deferred, "float64")
                 what = f"tp={tp} {implementation} sp={sp} lp={lp} deferred={deferred}"
                 assert (torch.tensor(losses) - torch.tensor(ref_losses)).abs().le(loss_tol + 1e-10).all(), what
                 torch.testing.assert_close(norms, ref_norms, rtol=norm_rtol, atol=0, msg=what)
@@ -207,21 +206,21 @@ def test_whole_gpt_matches_one_process(tp):
 
 def _check_deferred_init():
     tp = dist.get_world_size()
-    mesh = build_mesh(1, tp, torch.device("cpu"))
+    mesh = build_mesh(Layout(tp=tp), torch.device("cpu"))
     expected = GPT(MODEL, seed=SEED).state_dict()
     for implementation in ("custom", "pytorch"):
         for deferred in (False, True):
             with torch.device("meta" if deferred else "cpu"):
                 model = GPT(MODEL, seed=None if deferred else SEED)
-            par = parallelize(model, _tp_config(tp, implementation, True, True, deferred), mesh)
-            state = full_state_dict(par.model, par.tp_plan, mesh.tp_group)
+            stage = parallelize(model, Setup(_tp_mesh(mesh, implementation, True, True), SEED)).stages[0]
+            state = full_state_dict(stage.params, stage.gpt)
             assert state.keys() == expected.keys()
             for name, value in expected.items():  # bitwise: the same draws, only sliced
                 assert torch.equal(state[name], value), f"{implementation} {deferred} {name}"
-            shard = par.model.transformer.h[0].mlp.c_fc.weight  # distinct shards per rank
+            shard = stage.gpt.transformer.h[0].mlp.c_fc.weight  # distinct shards per rank
             shard = shard.to_local() if isinstance(shard, DTensor) else shard
-            assert torch.equal(shard, expected["transformer.h.0.mlp.c_fc.weight"].chunk(tp)[mesh.tp_rank])
-            assert par.model.lm_head.weight is par.model.transformer.wte.weight
+            assert torch.equal(shard, expected["transformer.h.0.mlp.c_fc.weight"].chunk(tp)[mesh.tp.rank])
+            assert stage.gpt.lm_head.weight is stage.gpt.transformer.wte.weight
     return True
 
 

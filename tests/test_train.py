@@ -1,5 +1,6 @@
 """The trainer on one process, the command line, and its bad-input errors."""
 import math
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
@@ -8,8 +9,10 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from harness import assert_records_match, run_train
 from nanodist import train
-from nanodist.config import TrainConfig, UserError, grad_accum_steps, parse_args, resolve_layout
-from nanodist.trainer import Trainer, lr_at, new_run_dir
+from nanodist.config import TrainConfig, parse_args, resolve
+from nanodist.errors import UserError
+from nanodist.run_dir import new_run_dir
+from nanodist.trainer import Trainer, lr_at
 
 TINY = ["--device", "cpu", "--model", "tiny", "--batch_size", "4", "--block_size", "64",
         "--warmup_steps", "2", "--eval_iters", "2"]
@@ -41,19 +44,31 @@ def test_flags_keep_the_original_names_and_booleans_take_both_forms():
 
 
 def test_layout_and_batch_arithmetic():
-    cfg = resolve_layout(TrainConfig(tensor_parallel_size=2, batch_size=4, block_size=64,
-                                     total_batch_size=2048), world_size=4)
-    assert cfg.data_parallel_size == 2
-    assert grad_accum_steps(cfg) == 2048 // (4 * 64 * 2)
+    cfg, layout, micro_steps = resolve(TrainConfig(tensor_parallel_size=2, batch_size=4, block_size=64,
+                                                   total_batch_size=2048), 4, "cpu")
+    assert cfg.data_parallel_size == layout.dp == 2 and layout.tp == 2
+    assert micro_steps == 2048 // (4 * 64 * 2)
     with pytest.raises(UserError, match="nproc_per_node=4"):
-        resolve_layout(TrainConfig(tensor_parallel_size=2, data_parallel_size=2), world_size=2)
+        resolve(TrainConfig(tensor_parallel_size=2, data_parallel_size=2), 2, "cpu")
     with pytest.raises(UserError, match="--compile cannot trace the custom FSDP"):
-        resolve_layout(TrainConfig(data_parallel_type="fsdp", compile=True), 2)
+        resolve(TrainConfig(data_parallel_type="fsdp", compile=True), 2, "cpu")
     with pytest.raises(UserError, match="block_size"):
-        resolve_layout(TrainConfig(tensor_parallel_size=2, sequence_parallel=True, block_size=63), 2)
+        resolve(TrainConfig(tensor_parallel_size=2, sequence_parallel=True, block_size=63), 2, "cpu")
     with pytest.raises(UserError, match="divisible"):
-        grad_accum_steps(TrainConfig(batch_size=3, block_size=64, total_batch_size=1000,
-                                     data_parallel_size=1))
+        resolve(TrainConfig(batch_size=3, block_size=64, total_batch_size=1000), 1, "cpu")
+
+
+def test_help_says_each_default_once():
+    """Every flag's help states its default once ((default: X) appended where the help
+    does not say it already), and nothing prints an empty default."""
+    import re
+    from nanodist.config import build_parser
+    text = " ".join(build_parser().format_help().split())
+    assert "any parallel layout" in text and "(default: )" not in text
+    # one per flag: "--name NAME help", "--name [NAME] help" or "--name {a,b} help"
+    helps = re.split(r" --\w+ (?:[A-Z0-9_]+|\[[A-Z0-9_]+\]|\{[^}]*\}) ", text.split("options:", 1)[1])[1:]
+    assert len(helps) == len(fields(TrainConfig))
+    assert all(h.count("(default") <= 1 for h in helps), [h for h in helps if h.count("(default") > 1]
 
 
 def test_single_process_training_loss_falls_and_is_logged(char_data, tmp_path):
@@ -168,3 +183,17 @@ def test_compiled_model_trains_like_the_eager_one(char_data, tmp_path):
                                  *extra])
         return [(r["loss"], r["grad_norm"]) for r in Trainer(cfg).train()]
     assert_records_match(records("--compile"), records(), "compiled", lr=TrainConfig().learning_rate)
+
+
+def test_the_parallel_flags_are_the_layout_both_ways():
+    """layout.FLAGS names a train.py flag for every Layout field; the defaults agree; a
+    layout's flags parse back into the same layout."""
+    from nanodist.config import layout_of
+    from nanodist.parallel.layout import FLAGS, Layout
+    assert set(FLAGS) == {f.name for f in fields(Layout)}
+    assert set(FLAGS.values()) <= {f.name for f in fields(TrainConfig)}
+    assert layout_of(TrainConfig(), 1) == Layout()
+    layout = Layout(pp=2, dp=2, cp=2, tp=2, dp_type="fsdp", reshard_after_forward=False,
+                    sequence_parallel=True, loss_parallel=True, pp_schedule="gpipe",
+                    checkpointing="full", ac_every=2, implementation="pytorch", bucket_cap_mb=5.0)
+    assert layout_of(parse_args(layout.flags()), 16) == layout

@@ -1,7 +1,7 @@
 """Activation checkpointing: trade compute for the memory of what backward needs.
 
     none       every op keeps what its backward needs: ~16 b s h floats per layer (fp32;
-               nanodist/cost.py `activation_bytes` itemises them)
+               nanodist_tools/cost.py `activation_bytes` itemises them)
     full       a block keeps only its input (b s h); backward reruns its whole forward
                first (one more forward per step: ~+33% compute). --ac_every K checkpoints
                blocks 0, K, 2K, ... and leaves the others as they are
@@ -23,8 +23,10 @@ it again (FSDP) and in the same order on every rank (TP recomputes its collectiv
 import torch
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
+from nanodist import compat
+
 aten = torch.ops.aten
-_c10d = torch.ops._c10d_functional
+_c10d = compat.functional_collectives()
 # outputs kept under `selective` (torchtitan's save list, without its float8 entries)
 SAVE = {
     aten.mm.default, aten.addmm.default, aten.bmm.default,
@@ -36,7 +38,6 @@ SAVE = {
     _c10d.all_reduce.default,             # no communication again in backward
     _c10d.all_gather_into_tensor.default,
 }
-POLICIES = ("none", "full", "selective")
 
 
 def _save_matmuls(ctx, op, *args, **kwargs):
@@ -72,3 +73,9 @@ def apply_activation_checkpointing(model: torch.nn.Module, policy: str, every: i
         if policy == "selective" or (policy == "full" and i % every == 0):
             checkpoint_module(block, selective=policy == "selective")
 
+
+
+def apply_ac(stage, setup):
+    """The activation-checkpointing step of `parallelize` (after TP and CP, before FSDP/DDP)."""
+    apply_activation_checkpointing(stage.gpt, setup.layout.checkpointing, setup.layout.ac_every)
+    return stage

@@ -8,10 +8,10 @@ tensors are looked up in `sharded_over` (filled by the custom strategies).
 import torch
 from torch.distributed.tensor import DTensor, Replicate
 
-from nanodist.parallel import comm
+from nanodist.parallel.comm import Comm, Group
 
 
-def _local_and_groups(grad, param, sharded_over):
+def _local_and_groups(grad, param, sharded_over, comm: Comm):
     if isinstance(grad, DTensor):
         if any(placement.is_partial() for placement in grad.placements):
             # a norm of partial sums is not the norm of their sum (DTensor sequence
@@ -19,37 +19,33 @@ def _local_and_groups(grad, param, sharded_over):
             grad = param.grad = grad.redistribute(placements=[
                 Replicate() if placement.is_partial() else placement for placement in grad.placements])
         mesh = grad.device_mesh
-        groups = tuple(mesh.get_group(dim) for dim, placement in enumerate(grad.placements)
+        groups = tuple(comm.group(mesh.get_group(dim)) for dim, placement in enumerate(grad.placements)
                        if not placement.is_replicate())  # Shard, or FSDP2's _StridedShard over TP
         return grad.to_local(), groups
     return grad, sharded_over.get(param, ())
 
 
-def _accumulate_dtype(grad):
-    return torch.promote_types(grad.dtype, torch.float32)  # fp32 at least
-
-
 @torch.no_grad()
-def grad_norm(params, sharded_over: dict | None = None, across=None) -> torch.Tensor:
+def grad_norm(params, sharded_over: dict, comm: Comm, across: Group | None = None) -> torch.Tensor:
     """Global L2 norm of the gradients of `params` (float32 scalar; float64 for float64
     gradients). `across`: a group whose ranks hold different parameters altogether
     (pipeline stages): summed over too."""
-    sharded_over = sharded_over or {}
     squares: dict[tuple, torch.Tensor] = {}
     device, dtype = "cpu", torch.float32
     for param in params:
         if param.grad is None:
             continue
-        local, groups = _local_and_groups(param.grad, param, sharded_over)
-        device, dtype = local.device, _accumulate_dtype(local)
+        local, groups = _local_and_groups(param.grad, param, sharded_over, comm)
+        device, dtype = local.device, torch.promote_types(local.dtype, torch.float32)  # fp32 at least
         sq = torch.linalg.vector_norm(local, dtype=dtype) ** 2
         squares[groups] = squares[groups] + sq if groups in squares else sq
     total = torch.zeros((), dtype=dtype, device=device)
     for groups, sq in sorted(squares.items(), key=lambda item: len(item[0])):
         for group in groups:  # same order on every rank: keys sort by count, then insertion
-            comm.all_reduce(sq, group)
+            group.all_reduce(sq)
         total += sq
-    comm.all_reduce(total, across)
+    if across is not None:
+        across.all_reduce(total)
     return total.sqrt()
 
 
@@ -61,14 +57,3 @@ def scale_grads_(params, norm: torch.Tensor, max_norm: float):
         if param.grad is not None:
             grad = param.grad.to_local() if isinstance(param.grad, DTensor) else param.grad
             grad.mul_(scale.to(grad.dtype))
-
-
-def clip_grad_norm_(params, max_norm: float | None, sharded_over: dict | None = None) -> torch.Tensor:
-    """Global L2 norm of the gradients of `params`; scales them to at most `max_norm`
-    (None: only measure). Returns the norm before clipping, as a float32 scalar (float64
-    for float64 gradients)."""
-    params = list(params)
-    norm = grad_norm(params, sharded_over)
-    if max_norm is not None:
-        scale_grads_(params, norm, max_norm)
-    return norm

@@ -1,7 +1,9 @@
 """The one door of the custom strategies to torch.distributed (DESIGN.md invariant 7).
 
-Every collective passes through here so its traffic is counted per kind. Two numbers
-per call: `payload` (bytes of the full tensor the collective is about) and `bus`
+A `Group` is a process group bound to the `Comm` of its mesh; every collective of the
+hand-written strategies is a method of one (`mesh.tp.all_reduce(x)`), so it is counted,
+per kind, in that Comm's counter: no module-global state, each Trainer has its own. Two
+numbers per call: `payload` (bytes of the full tensor the collective is about) and `bus`
 (bytes each rank sends with a ring algorithm, the volume of the analytic model):
 
     all_reduce      bus = 2 (N-1)/N * payload
@@ -10,16 +12,24 @@ per call: `payload` (bytes of the full tensor the collective is about) and `bus`
     broadcast       bus =             payload
     send            bus =             payload    (point-to-point, counted by the sender)
 
-All functions are no-ops on a group of one (or None), so strategies need no special
-case for one process. `async_op=True` returns a work handle to `.wait()` on. Under
-`--compile` they run eagerly (`torch.compiler.disable`): the graph breaks around each
-collective and the compute between them is compiled.
+`Comm(transport)` is the injection point of the tools: the transport is torch.distributed
+itself, or a stand-in with the same functions (local copies for the compute-only twin of
+the benchmark; zero-filled receives for the simulated cluster).
+
+A group of one (a dimension of size 1, or one process) communicates nothing, so the
+strategies need no special case for one process. `async_op=True` returns a work handle
+to `.wait()` on. Under `--compile` the collectives run eagerly (`torch.compiler.disable`):
+the graph breaks around each one and the compute between them is compiled.
 """
 from collections import defaultdict
 from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
+
+BUS_FACTOR = {"all_reduce": lambda n: 2 * (n - 1) / n, "all_gather": lambda n: (n - 1) / n,
+              "reduce_scatter": lambda n: (n - 1) / n, "broadcast": lambda n: 1.0,
+              "send": lambda n: 1.0}
 
 
 class CommCounter:
@@ -31,31 +41,33 @@ class CommCounter:
         self.bus_bytes = defaultdict(float)
 
     def add(self, kind: str, payload: int, group_size: int):
-        factor = {"all_reduce": 2 * (group_size - 1) / group_size,
-                  "all_gather": (group_size - 1) / group_size,
-                  "reduce_scatter": (group_size - 1) / group_size,
-                  "broadcast": 1.0, "send": 1.0}[kind]
         self.calls[kind] += 1
         self.payload_bytes[kind] += payload
-        self.bus_bytes[kind] += factor * payload
+        self.bus_bytes[kind] += BUS_FACTOR[kind](group_size) * payload
 
     def summary(self) -> dict:
         return {kind: {"calls": self.calls[kind], "payload_bytes": self.payload_bytes[kind],
                        "bus_bytes": self.bus_bytes[kind]} for kind in sorted(self.calls)}
 
 
-counter = CommCounter()
+class Comm:
+    """What the groups of one mesh share: the transport and the traffic counter."""
 
+    def __init__(self, transport=dist):
+        self.transport = transport
+        self.counter = CommCounter()
 
-@contextmanager
-def counting():
-    """`with counting() as c:` counts into c the collectives inside the block, and only those."""
-    global counter
-    outside, counter = counter, CommCounter()
-    try:
-        yield counter
-    finally:
-        counter = outside
+    @contextmanager
+    def counting(self):
+        """`with comm.counting() as c:` counts into c the collectives inside the block only."""
+        outside, self.counter = self.counter, CommCounter()
+        try:
+            yield self.counter
+        finally:
+            self.counter = outside
+
+    def group(self, process_group=None, device_mesh=None) -> "Group":
+        return Group(self, process_group, device_mesh)
 
 
 class _Done:
@@ -65,73 +77,85 @@ class _Done:
         return True
 
 
-def group_size(group) -> int:
-    return 1 if group is None else dist.get_world_size(group)
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
 
 
-def group_rank(group) -> int:
-    return 0 if group is None else dist.get_rank(group)
+class Group:
+    """A process group (None: this rank alone) with its 1-D DeviceMesh (for PyTorch's
+    strategies) and the Comm its collectives are counted by."""
 
+    def __init__(self, comm: Comm, process_group=None, device_mesh=None):
+        self.comm, self.process_group, self.device_mesh = comm, process_group, device_mesh
+        alone = process_group is None
+        self.size = 1 if alone else dist.get_world_size(process_group)
+        self.rank = 0 if alone else dist.get_rank(process_group)
 
-def _op(op: str):
-    return {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op]
+    def __repr__(self):
+        return f"Group(size={self.size}, rank={self.rank})"
 
+    def __eq__(self, other):  # DTensor's groups, wrapped again, are the same group
+        return isinstance(other, Group) and (self.process_group, self.size) == (other.process_group, other.size)
 
-@torch.compiler.disable
-def all_reduce(tensor: torch.Tensor, group, op: str = "sum", async_op: bool = False):
-    """In place. op: sum | max (averages: callers scale, where it fuses with a copy)."""
-    n = group_size(group)
-    if n == 1:
-        return _Done() if async_op else None
-    counter.add("all_reduce", tensor.numel() * tensor.element_size(), n)
-    return dist.all_reduce(tensor, op=_op(op), group=group, async_op=async_op)
+    def __hash__(self):
+        return hash((self.process_group, self.size))
 
+    def _count(self, kind: str, payload: int):
+        self.comm.counter.add(kind, payload, self.size)
 
-@torch.compiler.disable
-def all_gather(output: torch.Tensor, input: torch.Tensor, group, async_op: bool = False):
-    """output (N * k, ...) <- the inputs (k, ...) of the N ranks, in rank order."""
-    n = group_size(group)
-    if n == 1:
-        output.copy_(input)
-        return _Done() if async_op else None
-    counter.add("all_gather", output.numel() * output.element_size(), n)
-    return dist.all_gather_single(output, input, group=group, async_op=async_op)
+    @torch.compiler.disable
+    def all_reduce(self, tensor: torch.Tensor, op: str = "sum", async_op: bool = False):
+        """In place. op: sum | max (averages: callers scale, where it fuses with a copy)."""
+        if self.size == 1:
+            return _Done() if async_op else None
+        self._count("all_reduce", _nbytes(tensor))
+        t = self.comm.transport
+        return t.all_reduce(tensor, op={"sum": t.ReduceOp.SUM, "max": t.ReduceOp.MAX}[op],
+                            group=self.process_group, async_op=async_op)
 
+    @torch.compiler.disable
+    def all_gather(self, output: torch.Tensor, input: torch.Tensor, async_op: bool = False):
+        """output (N * k, ...) <- the inputs (k, ...) of the N ranks, in rank order."""
+        if self.size == 1:
+            output.copy_(input)
+            return _Done() if async_op else None
+        self._count("all_gather", _nbytes(output))
+        return self.comm.transport.all_gather_single(output, input, group=self.process_group,
+                                                     async_op=async_op)
 
-@torch.compiler.disable
-def reduce_scatter(output: torch.Tensor, input: torch.Tensor, group, async_op: bool = False):
-    """output (k, ...) <- rank r's slice of the sum of the inputs (N * k, ...)."""
-    n = group_size(group)
-    if n == 1:
-        output.copy_(input)
-        return _Done() if async_op else None
-    counter.add("reduce_scatter", input.numel() * input.element_size(), n)
-    return dist.reduce_scatter_single(output, input, group=group, async_op=async_op)
+    @torch.compiler.disable
+    def reduce_scatter(self, output: torch.Tensor, input: torch.Tensor, async_op: bool = False):
+        """output (k, ...) <- rank r's slice of the sum of the inputs (N * k, ...)."""
+        if self.size == 1:
+            output.copy_(input)
+            return _Done() if async_op else None
+        self._count("reduce_scatter", _nbytes(input))
+        return self.comm.transport.reduce_scatter_single(output, input, group=self.process_group,
+                                                         async_op=async_op)
 
+    @torch.compiler.disable
+    def broadcast(self, tensor: torch.Tensor, src: int = 0, async_op: bool = False):
+        """In place, from the rank of index `src` within this group."""
+        if self.size == 1:
+            return _Done() if async_op else None
+        self._count("broadcast", _nbytes(tensor))
+        return self.comm.transport.broadcast(tensor, group_src=src, group=self.process_group,
+                                             async_op=async_op)
 
-@torch.compiler.disable
-def broadcast(tensor: torch.Tensor, src_group_rank: int, group, async_op: bool = False):
-    """In place, from the rank of index `src_group_rank` within `group`."""
-    n = group_size(group)
-    if n == 1:
-        return _Done() if async_op else None
-    counter.add("broadcast", tensor.numel() * tensor.element_size(), n)
-    return dist.broadcast(tensor, group_src=src_group_rank, group=group, async_op=async_op)
-
-
-@torch.compiler.disable
-def send_recv(sends, recvs, group, async_op: bool = False):
-    """Point-to-point, batched: `sends` and `recvs` are lists of (tensor, peer), peers as
-    ranks within `group`; recvs fill their tensors. Returns when all are done, or, with
-    `async_op`, their work handles. One batch (`batch_isend_irecv`) posts sends and
-    receives together, so two ranks that send to each other at the same time do not
-    deadlock (NCCL serialises p2p calls otherwise)."""
-    ops = [dist.P2POp(dist.isend, t, group=group, group_peer=peer) for t, peer in sends]
-    ops += [dist.P2POp(dist.irecv, t, group=group, group_peer=peer) for t, peer in recvs]
-    for tensor, _ in sends:
-        counter.add("send", tensor.numel() * tensor.element_size(), group_size(group))
-    works = dist.batch_isend_irecv(ops) if ops else []
-    if async_op:
-        return works
-    for work in works:
-        work.wait()
+    @torch.compiler.disable
+    def send_recv(self, sends, recvs, async_op: bool = False):
+        """Point-to-point, batched: `sends` and `recvs` are lists of (tensor, peer), peers as
+        ranks within this group; recvs fill their tensors. Returns when all are done, or,
+        with `async_op`, their work handles. One batch (`batch_isend_irecv`) posts sends and
+        receives together, so two ranks that send to each other at the same time do not
+        deadlock (NCCL serialises p2p calls otherwise)."""
+        t = self.comm.transport
+        ops = [t.P2POp(t.isend, x, group=self.process_group, group_peer=peer) for x, peer in sends]
+        ops += [t.P2POp(t.irecv, x, group=self.process_group, group_peer=peer) for x, peer in recvs]
+        for tensor, _ in sends:
+            self._count("send", _nbytes(tensor))
+        works = t.batch_isend_irecv(ops) if ops else []
+        if async_op:
+            return works
+        for work in works:
+            work.wait()

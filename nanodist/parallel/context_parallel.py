@@ -30,15 +30,16 @@ attention blocks on every rank; contiguous does 2C-1 times more on the last than
 PyTorch (`apply_native_cp`): `_ContextParallel` on each attention core turns q, k, v into
 DTensors sharded on the sequence, and DTensor's CP dispatcher runs its ring attention
 (head-tail load balancing = the zigzag split above). It has no rule for the CPU attention
-ops: CUDA only.
+ops: CUDA only (layout.py refuses it elsewhere).
 """
+import dataclasses
 from functools import partial
 
 import torch
 import torch.nn as nn
 
-from nanodist.config import UserError
-from nanodist.parallel import comm
+from nanodist import compat
+from nanodist.parallel.comm import Group
 
 
 def chunk_ids(rank: int, cp: int, zigzag: bool) -> tuple[int, int]:
@@ -58,12 +59,11 @@ def attention_blocks(rank: int, cp: int, zigzag: bool) -> float:
                for j in chunk_ids(src, cp, zigzag) if j <= i)
 
 
-def _ring_pass(tensor: torch.Tensor, group):
+def _ring_pass(tensor: torch.Tensor, group: Group):
     """Send `tensor` to the next rank of the ring, receive the previous one's (async)."""
-    n, rank = comm.group_size(group), comm.group_rank(group)
+    n, rank = group.size, group.rank
     received = torch.empty_like(tensor)
-    works = comm.send_recv([(tensor, (rank + 1) % n)], [(received, (rank - 1) % n)], group,
-                           async_op=True)
+    works = group.send_recv([(tensor, (rank + 1) % n)], [(received, (rank - 1) % n)], async_op=True)
     return received, works
 
 
@@ -84,7 +84,7 @@ class _RingAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, group, zigzag):
-        cp, rank, scale = comm.group_size(group), comm.group_rank(group), q.size(-1) ** -0.5
+        cp, rank, scale = group.size, group.rank, q.size(-1) ** -0.5
         q_chunks, q_ids = q.chunk(2, dim=2), chunk_ids(rank, cp, zigzag)
         out = [torch.zeros_like(c) for c in q_chunks]
         lse = [torch.full(c.shape[:-1], float("-inf"), dtype=c.dtype, device=c.device)
@@ -116,7 +116,7 @@ class _RingAttention(torch.autograd.Function):
     def backward(ctx, dout):
         q, k, v, out, lse = ctx.saved_tensors
         group, zigzag = ctx.group, ctx.zigzag
-        cp, rank, scale = comm.group_size(group), comm.group_rank(group), q.size(-1) ** -0.5
+        cp, rank, scale = group.size, group.rank, q.size(-1) ** -0.5
         dq = torch.zeros_like(q)
         q_ids = chunk_ids(rank, cp, zigzag)
         q_chunks, dq_chunks, dout_chunks = q.chunk(2, 2), dq.chunk(2, 2), dout.chunk(2, 2)
@@ -155,7 +155,7 @@ class _RingAttention(torch.autograd.Function):
 class RingAttention(nn.Module):
     """Drop-in for the model's attention core (q, k, v (B, heads, T/C, d) -> out)."""
 
-    def __init__(self, group, zigzag: bool = True):
+    def __init__(self, group: Group, zigzag: bool = True):
         super().__init__()
         self.group, self.zigzag = group, zigzag
 
@@ -163,47 +163,41 @@ class RingAttention(nn.Module):
         return _RingAttention.apply(q, k, v, self.group, self.zigzag)
 
 
-def _shard_inputs(module, args, kwargs, mesh):
+def _shard_inputs(module, args, kwargs, cp: Group):
     """Forward pre-hook of the GPT: keep this CP rank's chunks of the tokens, and pass
     their global positions (every CP rank of a DP group read the same batch)."""
     (idx,) = args
     positions = torch.arange(idx.size(1), device=idx.device)
-    split = partial(split_sequence, rank=mesh.cp_rank, cp=mesh.cp_size)
+    split = partial(split_sequence, rank=cp.rank, cp=cp.size)
     return (split(idx, 1),), {**kwargs, "positions": split(positions, 0)}
 
 
-def _local_loss(logits, targets, loss_fn, mesh):
+def _local_loss(logits, targets, loss_fn, cp: Group):
     """The mean loss of this rank's tokens: equal counts on every CP rank, so the mean over
     DP x CP (what DDP/FSDP average gradients over) is the mean of the global batch."""
-    return loss_fn(logits, split_sequence(targets, 1, mesh.cp_rank, mesh.cp_size))
+    return loss_fn(logits, split_sequence(targets, 1, cp.rank, cp.size))
 
 
-def apply_native_cp(model: nn.Module, mesh):
+def apply_native_cp(model: nn.Module, cp: Group):
     """PyTorch's ring attention on every attention core (CUDA only: no CPU sharding rule)."""
-    from torch.distributed.tensor.experimental._context_parallel import (
-        _ContextParallel, _cp_options, _enable_context_parallel_dispatcher)
     from torch.distributed.tensor.parallel import parallelize_module
-    if mesh.device.type != "cuda":
-        raise UserError("--implementation pytorch --context_parallel_size > 1 runs on CUDA only "
-                        "(PyTorch's context parallel has no CPU attention kernel rule); use "
-                        "--implementation custom (ring attention by hand) on CPU")
-    _cp_options.enable_load_balance = True  # head-tail: the zigzag split of the inputs
-    _enable_context_parallel_dispatcher()
-    style = _ContextParallel(seq_dim=2, attention_type=_ContextParallel.AttentionType.SDPA)
+    compat.cp_options.enable_load_balance = True  # head-tail: the zigzag split of the inputs
+    compat.enable_cp_dispatcher()
+    style = compat.ContextParallel(seq_dim=2, attention_type=compat.ContextParallel.AttentionType.SDPA)
     for block in model.transformer.h:
         if not isinstance(block, nn.Identity):
-            parallelize_module(block.attn.sdpa, mesh.device_mesh["cp"], style)
+            parallelize_module(block.attn.sdpa, cp.device_mesh, style)
 
 
-def apply_cp(par, cfg):
+def apply_cp(stage, setup):
     """The CP step of `parallelize` (after TP, before checkpointing and DDP/FSDP)."""
-    model, mesh = par.gpt, par.mesh
-    if cfg.implementation == "pytorch":
-        apply_native_cp(model, mesh)
+    model, cp = stage.gpt, setup.mesh.cp
+    if setup.layout.implementation == "pytorch":
+        apply_native_cp(model, cp)
     else:
         for block in model.transformer.h:
             if not isinstance(block, nn.Identity):  # a block another pipeline stage holds
-                block.attn.sdpa = RingAttention(mesh.cp_group)
+                block.attn.sdpa = RingAttention(cp)
     if model.transformer.wte is not None:  # token ids come in (later pipeline stages: CP's chunks)
-        model.register_forward_pre_hook(partial(_shard_inputs, mesh=mesh), with_kwargs=True)
-    par.loss_fn = partial(_local_loss, loss_fn=par.loss_fn, mesh=mesh)
+        model.register_forward_pre_hook(partial(_shard_inputs, cp=cp), with_kwargs=True)
+    return dataclasses.replace(stage, loss_fn=partial(_local_loss, loss_fn=stage.loss_fn, cp=cp))

@@ -22,19 +22,19 @@ and waits for everything, so `loss.backward()` returns with averaged gradients, 
 with PyTorch's DDP. Each bucket ends with one "used" flag per parameter that rides in
 the same all-reduce: a parameter no rank used keeps grad None, as in one process.
 
-PyTorch (`native_ddp`): `DistributedDataParallel` on the DP group.
+PyTorch (`native_ddp`): `DistributedDataParallel` on the DP x CP group.
 """
+import dataclasses
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 
 import torch
 import torch.nn as nn
-from torch.autograd import Variable
-from torch.distributed._composable.replicate_with_fsdp import replicate
 from torch.nn.parallel import DistributedDataParallel
 
-from nanodist.parallel import comm
+from nanodist import compat
+from nanodist.parallel.comm import Group
 from nanodist.parallel.fsdp import fsdp2_no_sync
 
 
@@ -71,10 +71,10 @@ def assign_buckets(params: list[nn.Parameter], cap_bytes: int) -> list[list[nn.P
 
 
 class DataParallel:
-    """Custom DDP of `model` over `group` (the DP group of the mesh), by hooks."""
+    """Custom DDP of `model` over `group` (the DP x CP ranks of the mesh), by hooks."""
 
-    def __init__(self, model: nn.Module, group, bucket_cap_mb: float = 25.0):
-        self.group, self.scale = group, 1.0 / comm.group_size(group)
+    def __init__(self, model: nn.Module, group: Group, bucket_cap_mb: float = 25.0):
+        self.group, self.scale = group, 1.0 / group.size
         self.sync = True
         broadcast_from_first_rank(model, group)
         params = [p for p in model.parameters() if p.requires_grad]
@@ -121,7 +121,7 @@ class DataParallel:
             view.mul_(self.scale)
         self.ready.add(param)
         if not self.finish_queued:
-            Variable._execution_engine.queue_callback(self._finish)
+            compat.queue_callback(self._finish)
             self.finish_queued = True
         self.missing[b] -= 1
         while self.next_bucket < len(self.buckets) and self.missing[self.next_bucket] == 0:
@@ -139,7 +139,7 @@ class DataParallel:
                 self.unused_here.append((b, i))
             else:  # its gradient came in an earlier micro-step only
                 grad.mul_(self.scale)
-        self.works.append(comm.all_reduce(bucket.buffer, self.group, async_op=True))
+        self.works.append(self.group.all_reduce(bucket.buffer, async_op=True))
         self.next_bucket = b + 1
 
     def _finish(self):
@@ -157,38 +157,31 @@ class DataParallel:
 
 
 @torch.no_grad()
-def broadcast_from_first_rank(model: nn.Module, group):
+def broadcast_from_first_rank(model: nn.Module, group: Group):
     """Replicas start equal whatever each rank drew: DP rank 0's values win."""
     for tensor in [*model.parameters(), *model.buffers()]:
-        comm.broadcast(tensor, 0, group)
+        group.broadcast(tensor, 0)
 
 
-def native_ddp(model: nn.Module, group, device: torch.device, bucket_cap_mb: float):
+def native_ddp(model: nn.Module, group: Group, device: torch.device, bucket_cap_mb: float):
     return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                   process_group=group, bucket_cap_mb=bucket_cap_mb)
+                                   process_group=group.process_group, bucket_cap_mb=bucket_cap_mb)
 
 
-def replicate_over_dp(par):
-    """PyTorch DDP for a DTensor-TP model or a pipeline stage: `DistributedDataParallel`
-    cannot hold DTensor parameters, and its no_sync must wrap a forward and its backward
-    together (a pipeline schedule interleaves micro-batches), so the DP dimension uses
-    PyTorch's FSDP2-based `replicate` (DDP semantics: whole replicas, gradients averaged
-    over the "dp" (x "cp") mesh dims in backward; no_sync is decided at backward)."""
-    par.model = replicate(par.model, mesh=par.mesh.dp_cp_mesh)
-    par.no_sync = partial(fsdp2_no_sync, par.model)
-    return par.model
+def apply_ddp(stage, setup):
+    """The DP step of `parallelize`, last (it broadcasts and buckets real tensors), over
+    the DP x CP group, for either implementation.
 
-
-def apply_ddp(par, cfg):
-    """Data parallel over the DP (x CP) group of `par.mesh`, for either implementation.
-    The model must be materialised (broadcast and buckets need real tensors)."""
-    group = par.mesh.dp_cp_group
-    if cfg.implementation == "pytorch" and (par.mesh.tp_size > 1 or par.mesh.pp_size > 1):
-        return replicate_over_dp(par)  # DDP cannot hold DTensor (TP) params nor run a schedule
-    if cfg.implementation == "pytorch":
-        par.model = native_ddp(par.model, group, par.mesh.device, cfg.bucket_cap_mb)
-        par.no_sync = par.model.no_sync
-        return par.model
-    ddp = DataParallel(par.model, group, cfg.bucket_cap_mb)
-    par.no_sync = ddp.no_sync
-    return ddp
+    PyTorch: `DistributedDataParallel` cannot hold DTensor (TP) parameters, and its no_sync
+    must wrap a forward and its backward together (a pipeline schedule interleaves
+    micro-batches), so a TP model or a pipeline stage uses PyTorch's FSDP2-based
+    `replicate` instead (DDP semantics: whole replicas, gradients averaged over the group
+    in backward; no_sync is decided at backward)."""
+    layout, mesh, model = setup.layout, setup.mesh, stage.gpt
+    if layout.implementation == "custom":
+        return dataclasses.replace(stage, no_sync=DataParallel(model, mesh.dp_cp, layout.bucket_cap_mb).no_sync)
+    if layout.tp > 1 or layout.pp > 1:
+        replicated = compat.replicate(model, mesh=mesh.dp_cp.device_mesh)
+        return dataclasses.replace(stage, module=replicated, no_sync=partial(fsdp2_no_sync, replicated))
+    wrapped = native_ddp(model, mesh.dp_cp, mesh.device, layout.bucket_cap_mb)
+    return dataclasses.replace(stage, module=wrapped, no_sync=wrapped.no_sync)

@@ -20,6 +20,7 @@ buffer in the compute dtype whose storage exists only while the unit is gathered
 The root runs at both ends (embeddings first, head last): it is re-gathered when backward
 reaches the head and stays gathered until the embeddings' gradients are in.
 """
+import dataclasses
 from collections import defaultdict
 from contextlib import contextmanager
 from functools import partial
@@ -27,9 +28,12 @@ from functools import partial
 import torch
 import torch.nn as nn
 
+from nanodist import compat
 from nanodist.model import TIED_NAMES
-from nanodist.parallel import comm
+from nanodist.parallel import tp_plan
+from nanodist.parallel.comm import Group
 from nanodist.parallel.init import full_value
+from nanodist.parallel.params import ModuleParams, Params
 
 
 def wrap_policy(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -57,12 +61,12 @@ class FlatParam:
     invariant 1); they are replaced, in every module holding them (`owners`), by views
     of `full`. Only this unit is ever unsharded here, once."""
 
-    def __init__(self, named_params, owners, model, seed, group, rank, compute_dtype,
+    def __init__(self, named_params, owners, model, seed, group: Group, compute_dtype,
                  device, groups):
         self.group, self.groups, self.decay = group, groups, named_params[0][1].dim() >= 2
         self.names = [name for name, _ in named_params]
         self.numels = [p.numel() for _, p in named_params]
-        n = comm.group_size(group)
+        n, rank = group.size, group.rank
         self.shard_numel = -(-sum(self.numels) // n)
         # the unit, unsharded, once, in the master dtype (the parameters': fp32 or fp64)
         unit = torch.zeros(self.shard_numel * n, dtype=named_params[0][1].dtype, device=device)
@@ -104,7 +108,7 @@ class Unit:
             inp = f.shard.detach().to(f.full.dtype)
             # into .data: a fresh version counter, so the views autograd saved in forward
             # (now refilled with the same values) do not count as modified in place
-            self.in_flight.append((comm.all_gather(f.full.data, inp, f.group, async_op=True), inp))
+            self.in_flight.append((f.group.all_gather(f.full.data, inp, async_op=True), inp))
 
     def wait(self):
         self.unshard()
@@ -123,12 +127,13 @@ class Unit:
 
 
 class FSDP:
-    """Custom ZeRO-3 (reshard_after_forward) or ZeRO-2 over the DP group of `mesh`,
-    driven by module hooks: the model is called as it is."""
+    """Custom ZeRO-3 (reshard_after_forward) or ZeRO-2 over `group` (the DP x CP ranks:
+    they hold the same parameters), driven by module hooks: the model is called as it is."""
 
-    def __init__(self, model: nn.Module, mesh, seed: int, compute_dtype=torch.float32,
-                 reshard_after_forward: bool = True, sharded_over: dict | None = None):
-        self.group, self.rank = mesh.dp_cp_group, mesh.dp_cp_rank  # DP x CP: same parameters
+    def __init__(self, model: nn.Module, group: Group, device: torch.device, seed: int,
+                 compute_dtype=torch.float32, reshard_after_forward: bool = True,
+                 sharded_over: dict | None = None):
+        self.group = group
         self.reshard_after_forward = reshard_after_forward
         self.sync_grads, self.backward_started, self.reductions = True, False, []
         # the root's backward runs after the blocks' only where it holds the embeddings (on
@@ -148,8 +153,8 @@ class FSDP:
                     claimed.add(id(p))
                     tied = pname in TIED_NAMES
                     classes[(p.dim() >= 2, sharded_over.get(p, ()), tied)].append((pname, p))
-            flats = [FlatParam(params, owners, model, seed, self.group, self.rank,
-                               compute_dtype, mesh.device, (self.group,) + groups)
+            flats = [FlatParam(params, owners, model, seed, group, compute_dtype, device,
+                               (group,) + groups)
                      for (_, groups, _), params in classes.items()]
             self.units.insert(0, Unit(module, flats))
             claimed.update(id(p) for p in self.units[0].params)
@@ -165,31 +170,6 @@ class FSDP:
 
     def flats_in_optimizer_order(self):
         return [f for f in self.flats if f.decay] + [f for f in self.flats if not f.decay]
-
-    def optimizer_params(self):
-        """(decay shards, no-decay shards): what AdamW steps on, and keeps state for."""
-        return ([f.shard for f in self.flats if f.decay],
-                [f.shard for f in self.flats if not f.decay])
-
-    def full_tensors(self, tensors, to_full=lambda name, t: t):
-        """(GPT-2 name, full tensor) for `tensors` laid out like the optimizer's params (the
-        shards, or AdamW's moments), one flat parameter gathered at a time. Collective.
-        `to_full(name, tensor)` undoes what TP did to a parameter (identity without TP)."""
-        for f, tensor in zip(self.flats_in_optimizer_order(), tensors):
-            full = torch.empty(f.full.numel(), dtype=tensor.dtype, device=tensor.device)
-            comm.all_gather(full, tensor.detach(), f.group)
-            for name, p, value in zip(f.names, f.params, f.split(full)):
-                yield name, to_full(name, value.view(p.shape))
-
-    @torch.no_grad()
-    def load_full_tensors(self, full_of, tensors, to_local=lambda name, full, like: full):
-        """The inverse: fill `tensors` (laid out like the optimizer's params) with this rank's
-        shard of the full tensors `full_of(name)`; `to_local` takes TP's slice first."""
-        for f, tensor in zip(self.flats_in_optimizer_order(), tensors):
-            full = torch.zeros(f.full.numel(), dtype=tensor.dtype, device=tensor.device)
-            for name, p, value in zip(f.names, f.params, f.split(full)):
-                value.copy_(to_local(name, full_of(name).to(tensor.device), p).reshape(-1))
-            tensor.copy_(full.chunk(comm.group_size(f.group))[self.rank])
 
     @contextmanager
     def no_sync(self):
@@ -216,7 +196,7 @@ class FSDP:
     def _pre_backward(self, i):
         if not self.backward_started:
             self.backward_started = True
-            torch.autograd.Variable._execution_engine.queue_callback(self._finish_backward)
+            compat.queue_callback(self._finish_backward)
         self.units[i].wait()
         if not self.units[i - 1].reduced:  # a pipeline's last stage is done with its head early
             self.units[i - 1].unshard()  # prefetch the unit backward reaches next (root: last block)
@@ -239,7 +219,7 @@ class FSDP:
                 p.grad = None
             if self.sync_grads:
                 out = torch.empty_like(f.shard)
-                work = comm.reduce_scatter(out, f.unsharded_grad, self.group, async_op=True)
+                work = self.group.reduce_scatter(out, f.unsharded_grad, async_op=True)
                 self.reductions.append((f, out, work, f.unsharded_grad))
                 f.unsharded_grad = None
         unit.grads_ready, unit.reduced = 0, True
@@ -248,7 +228,7 @@ class FSDP:
     def _finish_reductions(self):
         for f, out, work, _ in self.reductions:
             work.wait()
-            out.div_(comm.group_size(self.group))  # sum -> mean (exact for N = 2^k, as FSDP2's AVG)
+            out.div_(self.group.size)  # sum -> mean (exact for N = 2^k, as FSDP2's AVG)
             f.shard.grad = out if f.shard.grad is None else f.shard.grad.add_(out)
         self.reductions = []
 
@@ -262,70 +242,83 @@ class FSDP:
             unit.reduced = False
 
 
-def apply_fsdp(par, cfg):
-    """Shard `par.model` over the DP (x CP) group (custom or FSDP2, per cfg.implementation).
+class FlatParams(Params):
+    """The custom FSDP's parameters: per flat, this rank's shard of the master weights
+    (what AdamW steps on and keeps state for). `plan`: what TP did to the parameters
+    first (their full tensors undo it)."""
 
-    Gradient accumulation reduce-scatters every micro-step by default (par.no_sync stays
-    a no-op): holding the unsharded fp32 gradients of the whole model between micro-steps
+    def __init__(self, fsdp: FSDP, mesh, plan: dict):
+        self.fsdp, self.mesh, self.plan = fsdp, mesh, plan
+        self.sharded_over = {f.shard: f.groups for f in fsdp.flats}
+
+    def flats(self) -> list[FlatParam]:
+        """In optimizer order: decay flats, then no-decay ones."""
+        return [f for f in self.fsdp.flats if f.decay] + [f for f in self.fsdp.flats if not f.decay]
+
+    def optimizer_params(self):
+        flats = self.fsdp.flats
+        return [f.shard for f in flats if f.decay], [f.shard for f in flats if not f.decay]
+
+    def names(self):
+        return [f.names for f in self.flats()]
+
+    def full_tensors(self, tensors):
+        """One flat gathered at a time, split into its parameters."""
+        for f, tensor in zip(self.flats(), tensors):
+            full = torch.empty(f.full.numel(), dtype=tensor.dtype, device=tensor.device)
+            f.group.all_gather(full, tensor.detach())
+            for name, p, value in zip(f.names, f.params, f.split(full)):
+                yield name, tp_plan.full_tensor(name, value.view(p.shape), self.plan, self.mesh.tp)
+
+    @torch.no_grad()
+    def load_full_tensors(self, full_of, tensors):
+        for f, tensor in zip(self.flats(), tensors):
+            full = torch.zeros(f.full.numel(), dtype=tensor.dtype, device=tensor.device)
+            for name, p, value in zip(f.names, f.params, f.split(full)):
+                local = tp_plan.local_tensor(name, full_of(name).to(tensor.device), p, self.plan,
+                                             self.mesh.tp)
+                value.copy_(local.reshape(-1))
+            tensor.copy_(full.chunk(f.group.size)[f.group.rank])
+
+
+def apply_fsdp(stage, setup):
+    """The FSDP step of `parallelize`: shard the stage over the DP x CP group (custom or
+    FSDP2), before `materialize` (meta units are sharded one at a time).
+
+    Gradient accumulation reduce-scatters every micro-step by default (no_sync stays a
+    no-op): holding the unsharded fp32 gradients of the whole model between micro-steps
     costs 4 Psi bytes per rank, as much as DDP's, the memory FSDP exists to save; the
     price is one more reduce-scatter, (N-1)/N Psi, per extra micro-step.
     --fsdp_reduce_on_last_micro_step takes the other trade."""
-    master_dtype = next(par.model.parameters()).dtype  # fp32, or fp64 under --dtype float64
-    compute_dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else master_dtype
-    if cfg.implementation == "pytorch":
-        apply_fsdp2(par, cfg.fsdp_reshard_after_forward, compute_dtype, master_dtype)
-        no_sync = partial(fsdp2_no_sync, par.model)
+    layout, mesh, model = setup.layout, setup.mesh, stage.gpt
+    master_dtype = next(model.parameters()).dtype  # fp32, or fp64 under --dtype float64
+    compute_dtype = setup.compute_dtype or master_dtype
+    plan = stage.params.plan
+    if layout.implementation == "pytorch":
+        apply_fsdp2(model, mesh.dp_cp, layout.reshard_after_forward, compute_dtype, master_dtype)
+        params, no_sync = ModuleParams(model, mesh, plan), partial(fsdp2_no_sync, model)
     else:
-        par.fsdp = fsdp = FSDP(par.model, par.mesh, cfg.seed, compute_dtype,
-                               cfg.fsdp_reshard_after_forward, par.sharded_over)
-        par.optimizer_params = fsdp.optimizer_params
-        # rebuilt, not updated: TP's entries are the replaced parameters (kept alive otherwise)
-        par.sharded_over = {f.shard: f.groups for f in fsdp.flats}
-        no_sync = fsdp.no_sync
-    if cfg.fsdp_reduce_on_last_micro_step:
-        par.no_sync = no_sync
-
-
-@torch.no_grad()
-def full_state_dict(par) -> dict:
-    """The unsharded fp32 state dict (GPT-2 names, on CPU) on DP rank 0, {} elsewhere.
-    Gathers one flat parameter at a time. Collective: every rank calls it."""
-    if par.fsdp is None:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-        return get_model_state_dict(par.model, options=StateDictOptions(full_state_dict=True,
-                                                                        cpu_offload=True))
-    main, shards = par.mesh.dp_cp_rank == 0, par.fsdp.optimizer_params()
-    values = {name: t.to("cpu", copy=True)  # every rank gathers, rank 0 keeps
-              for name, t in par.fsdp.full_tensors(shards[0] + shards[1]) if main}
-    names = {id(p): name for name, p in par.model.named_parameters()}  # tied: the first name
-    return ({key: values[names[id(p)]] for key, p in par.model.state_dict(keep_vars=True).items()}
-            if main else {})
-
-
-@torch.no_grad()
-def load_full_state_dict(par, state_dict: dict):
-    """Load an unsharded state dict (given on every rank) into the shards."""
-    if par.fsdp is None:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-        # a copy: set_model_state_dict swaps the dict's tensors for DTensors in place
-        set_model_state_dict(par.model, dict(state_dict),
-                             options=StateDictOptions(full_state_dict=True))
-        return
-    shards = par.fsdp.optimizer_params()
-    par.fsdp.load_full_tensors(state_dict.__getitem__, shards[0] + shards[1])
+        fsdp = FSDP(model, mesh.dp_cp, mesh.device, setup.seed, compute_dtype,
+                    layout.reshard_after_forward, stage.params.sharded_over)
+        params, no_sync = FlatParams(fsdp, mesh, plan), fsdp.no_sync
+    return dataclasses.replace(stage, params=params,
+                               no_sync=no_sync if layout.reduce_on_last_micro_step else stage.no_sync)
 
 
 # ---------------------------------------------------------------- PyTorch FSDP2
 
-def apply_fsdp2(par, reshard_after_forward: bool, compute_dtype, reduce_dtype):
+def apply_fsdp2(model: nn.Module, group: Group, reshard_after_forward: bool, compute_dtype,
+                reduce_dtype):
     """FSDP2: fully_shard every unit of the wrap policy (blocks first, then the root)
-    on the DP mesh dimension. Parameters become DTensors sharded on dim 0 (the optimizer
+    on the group's 1-D mesh. Parameters become DTensors sharded on dim 0 (the optimizer
     and clip.py read that); meta parameters are materialised later by `materialize`."""
+    # imported here: its module-level tensors, made before metrics.StepMemory starts counting
+    # CPU bytes and freed at exit, would make c10 warn that it cannot count them
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=reduce_dtype)
-    dp_mesh = par.mesh.dp_cp_mesh
-    for _, module in reversed(wrap_policy(par.model)):
-        fully_shard(module, mesh=dp_mesh, reshard_after_forward=reshard_after_forward, mp_policy=mp)
+    for _, module in reversed(wrap_policy(model)):
+        fully_shard(module, mesh=group.device_mesh, reshard_after_forward=reshard_after_forward,
+                    mp_policy=mp)
 
 
 @contextmanager

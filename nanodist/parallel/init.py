@@ -9,6 +9,8 @@ import torch
 import torch.nn as nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
+from nanodist import compat
+
 
 def full_value(model: nn.Module, name: str, param, seed: int, device) -> torch.Tensor:
     """The full (global) value of parameter `name`: itself when materialised, else its
@@ -38,7 +40,7 @@ def materialize(module: nn.Module, model: nn.Module, seed: int, device: torch.de
         return
     slots = [(mod, key, id(p)) for mod in module.modules() for key, p in mod._parameters.items()
              if p is not None]
-    module._apply(lambda t: torch.empty_like(t, device=device) if t.is_meta else t)
+    compat.materialize_meta(module, device)
     first = {}  # leaving meta makes new Parameter objects: tie them again (wte / lm_head)
     for mod, key, old_id in slots:
         mod._parameters[key] = first.setdefault(old_id, mod._parameters[key])

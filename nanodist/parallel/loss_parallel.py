@@ -14,7 +14,6 @@ import torch
 from torch.distributed.tensor import DTensor
 
 from nanodist.model import cross_entropy
-from nanodist.parallel import comm
 
 
 class _VocabParallelCrossEntropy(torch.autograd.Function):
@@ -22,9 +21,9 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
     def forward(ctx, logits, targets, group, ignore_index):
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # fp32 at least
         vocab_local = logits.size(-1)
-        start = comm.group_rank(group) * vocab_local
+        start = group.rank * vocab_local
         logits_max = logits.max(dim=-1).values
-        comm.all_reduce(logits_max, group, op="max")
+        group.all_reduce(logits_max, op="max")
         shifted = logits - logits_max.unsqueeze(-1)             # <= 0: exp cannot overflow
         exp = shifted.exp()
         local_target = targets - start
@@ -32,7 +31,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         local_target = local_target.clamp(0, vocab_local - 1)
         target_logit = shifted.gather(-1, local_target.unsqueeze(-1)).squeeze(-1) * here
         sums = torch.stack([exp.sum(dim=-1), target_logit])
-        comm.all_reduce(sums, group)
+        group.all_reduce(sums)
         sum_exp, target_logit = sums
         valid = targets != ignore_index
         count = valid.sum()
@@ -51,7 +50,8 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
 
 
 def vocab_parallel_cross_entropy(logits, targets, group, ignore_index: int = -1):
-    """Mean cross entropy of local vocab-sharded logits (..., V/tp) against targets (...)."""
+    """Mean cross entropy of local vocab-sharded logits (..., V/tp) against targets (...);
+    `group`: the TP Group."""
     return _VocabParallelCrossEntropy.apply(logits.flatten(0, -2), targets.flatten(),
                                             group, ignore_index)
 

@@ -16,27 +16,30 @@ over a 2-rank group (Megatron's embedding group), so both copies take the same s
 gradient norm counts it once (on the first stage).
 
 Schedules are data (`schedules.py`); one runner here executes any of them: before time
-slot t every rank exchanges, in one batch through `comm` (counted), what slot t-1
+slot t every rank exchanges, in one batch through the pp Group (counted), what slot t-1
 produced, so every message is sent and received in the same round on both sides and no
-schedule can deadlock on the order of its messages.
+schedule can deadlock on the order of its messages. `PipelineParams` is the parameter
+side: every stage's, the gradient norm across stages, and full tensors handed on by the
+stage that holds them.
 
 Micro-batches are the gradient-accumulation micro-steps of one global batch, so the
 pipeline follows the one-process trajectory; the loss is computed on the last stage.
 """
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed.tensor import DTensor
 
-from nanodist.config import grad_accum_steps
 from nanodist.model import TIED_NAMES
-from nanodist.parallel import comm
-from nanodist.parallel.clip import grad_norm, scale_grads_
-from nanodist.parallel.parallelize import Parallel
-from nanodist.parallel.schedules import SCHEDULES, Action, check_layout, interleaved_1f1b, simulate
+from nanodist.parallel.clip import grad_norm
+from nanodist.parallel.comm import Group
+from nanodist.parallel.layout import Mesh
+from nanodist.parallel.params import Params
+from nanodist.parallel.schedules import SCHEDULES, Action, interleaved_1f1b, simulate
 
 TIED, TIED_ON_LAST = TIED_NAMES
 
@@ -64,31 +67,98 @@ def stage_model(model: nn.Module, blocks: range, first: bool, last: bool) -> nn.
     return stage
 
 
+@dataclass(frozen=True)
+class Split:
+    """How the model is cut, the same description on every rank of a pipeline."""
+    mesh: Mesh
+    n_chunks: int                  # S = P x V; rank r holds chunks r, r + P, ...
+    chunk_names: list              # per global chunk: [(GPT-2 name, full shape)], optimizer order
+    schedule: list                 # per pp rank, its actions (schedules.py)
+    act_shape: tuple               # what crosses a boundary: (B, T / (cp x tp under SP), C)
+    wire_dtype: torch.dtype        # activations cross in the master dtype
+    tied: torch.Tensor | None      # this rank's copy of the tied wte / lm_head (first, last stage)
+    embedding: Group | None        # the first and last stage: they sum the tied gradient
+
+    def sum_tied_grads(self):
+        """The tied wte / lm_head: the first and last stage add their gradients (both
+        copies then take the same step)."""
+        if self.tied is not None and self.tied.grad is not None:
+            grad = self.tied.grad
+            self.embedding.all_reduce(grad.to_local() if isinstance(grad, DTensor) else grad)
+
+
+def embedding_group(mesh: Mesh) -> Group | None:
+    """The first and last stage of this rank's pipeline. Every rank creates every group,
+    in the same order (new_group is collective over the world)."""
+    P, mine = mesh.pp.size, None
+    for pipeline in mesh.device_mesh.mesh.movedim(0, -1).reshape(-1, P).tolist():
+        group = dist.new_group([pipeline[0], pipeline[-1]])
+        if mesh.rank in pipeline:
+            mine = mesh.comm.group(group)
+    return mine
+
+
+def _holder(params: Params, name: str):
+    """The optimizer parameter that holds GPT-2 parameter `name` alone (the custom FSDP
+    gives the tied weight a flat of its own), or None."""
+    return next((p for p, held in zip(params.param_list(), params.names()) if held == [name]), None)
+
+
+def split_into_stages(model: nn.Module, setup, parallelize_stage) -> tuple[list, Split]:
+    """This rank's chunks of `model`, each parallelised as a model of its own by
+    `parallelize_stage` (the split first, then TP, FSDP/DDP per stage), and the Split."""
+    mesh, layout = setup.mesh, setup.layout
+    P, V, rank = layout.pp, layout.virtual_stages, mesh.pp.rank
+    S, blocks = P * V, split_layers(model.config.n_layer, P * V)
+    wire_dtype = next(model.parameters()).dtype
+    shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}  # before TP shards them
+    shapes[TIED_ON_LAST] = shapes[TIED]
+    stages, names = [], []
+    for v in range(V):
+        c = v * P + rank
+        stage = parallelize_stage(stage_model(model, blocks[c], c == 0, c == S - 1), setup)
+        names.append([(name, shapes[name]) for held in stage.params.names() for name in held])
+        stages.append(stage)
+    gathered = [None] * P
+    dist.all_gather_object(gathered, names, group=mesh.pp.process_group)
+    tied = (_holder(stages[0].params, TIED) if rank == 0 else
+            _holder(stages[-1].params, TIED_ON_LAST) if rank == P - 1 else None)
+    seq_split = layout.cp * (layout.tp if layout.sequence_parallel else 1)  # tokens a rank holds
+    batch, block = setup.micro_batch
+    # zero_bubble (native only) has no hand-written schedule; the native runner does not read it
+    schedule = SCHEDULES.get(layout.pp_schedule, interleaved_1f1b)(P, setup.micro_steps, V)
+    split = Split(mesh, S, [gathered[c % P][c // P] for c in range(S)], schedule,
+                  (batch, block // seq_split, model.config.n_embd), wire_dtype, tied,
+                  embedding_group(mesh))
+    return stages, split
+
+
 # ------------------------------------------------------------------ the runner
 
-class PipelineParallel(Parallel):
-    """The stages of this rank (one Parallel per chunk) and the schedule that drives them."""
+class PipelineRunner:
+    """The stages of this rank and the schedule that drives them (a step runner)."""
 
-    def __init__(self, stages: list[Parallel], mesh, schedule, n_chunks: int, act_shape,
-                 wire_dtype, tied, embedding_group, stage_names):
-        super().__init__(nn.ModuleList(s.model for s in stages), mesh)
-        self.stages, self.schedule, self.S = stages, schedule, n_chunks
-        self.train_slots = simulate(schedule)
+    def __init__(self, stages: list, split: Split):
+        self.stages, self.split, self.mesh = stages, split, split.mesh
+        self.train_slots = simulate(split.schedule)
         self.eval_slots = simulate([sorted((a for a in row if a.kind == "F"), key=lambda a: a[::-1])
-                                    for row in schedule])
-        self.act_shape, self.wire_dtype = act_shape, wire_dtype
-        self.loss_dtype = torch.promote_types(wire_dtype, torch.float32)  # as cross_entropy's
-        self.tied, self.embedding_group = tied, embedding_group  # None off the first/last stage
-        self.stage_names = stage_names  # per global chunk: [(name, full shape)], optimizer order
+                                    for row in split.schedule])
+        self.loss_dtype = torch.promote_types(split.wire_dtype, torch.float32)  # as cross_entropy's
         self.trace = None  # a list to record (kind, micro, chunk, start s, end s) in: bench/pp.py
-        self.optimizer_params = lambda: tuple(
-            [p for s in stages for p in s.optimizer_params()[i]] for i in (0, 1))
-        self.sharded_over = {p: g for s in stages for p, g in s.sharded_over.items()}
+
+    def train(self):
+        for stage in self.stages:
+            stage.module.train()
+
+    def eval(self):
+        for stage in self.stages:
+            stage.module.eval()
 
     def _message(self, a: Action, rank: int):
         """What action `a` of pp rank `rank` sends: (consumer's key, pp rank) or None."""
-        P, s = self.mesh.pp_size, a.chunk * self.mesh.pp_size + rank
-        if a.kind == "F" and s < self.S - 1:
+        P, S = self.mesh.pp.size, self.split.n_chunks
+        s = a.chunk * P + rank
+        if a.kind == "F" and s < S - 1:
             return ("F", a.micro, s + 1), (rank + 1) % P
         if a.kind == "B" and s > 0:
             return ("B", a.micro, s - 1), (rank - 1) % P
@@ -98,41 +168,42 @@ class PipelineParallel(Parallel):
         """Execute the timeline `slots` (`simulate`'s). Before slot t every rank exchanges,
         in one batch, what the actions of slot t-1 produced: a message is sent and received
         in the same round on both sides, so no order of sends can deadlock."""
-        rank, M, group = self.mesh.pp_rank, len(batches), self.mesh.pp_group
+        pp, M, device = self.mesh.pp, len(batches), self.mesh.device
+        rank, S = pp.rank, self.split.n_chunks
         at = {(q, t): a for q, row in enumerate(slots) for t, a in row}
         end = max(t for row in slots for t, _ in row) + 1
         last_backward = {a.chunk: a.micro for _, a in slots[rank] if a.kind == "B"}
-        neighbours = sorted({(rank - 1) % self.mesh.pp_size, (rank + 1) % self.mesh.pp_size})
+        neighbours = sorted({(rank - 1) % pp.size, (rank + 1) % pp.size})
         inbox, inputs, outputs, outbox = {}, {}, {}, []
-        loss_sum = torch.zeros((), dtype=self.loss_dtype, device=self.mesh.device)
+        loss_sum = torch.zeros((), dtype=self.loss_dtype, device=device)
         for t in range(end + 1):
             recvs = []
             for q in neighbours:
                 message = self._message(at[q, t - 1], q) if (q, t - 1) in at else None
                 if message is not None and message[1] == rank:
-                    inbox[message[0]] = torch.empty(self.act_shape, dtype=self.wire_dtype,
-                                                    device=self.mesh.device)
+                    inbox[message[0]] = torch.empty(self.split.act_shape, dtype=self.split.wire_dtype,
+                                                    device=device)
                     recvs.append((inbox[message[0]], q))
             start = self._now()
-            comm.send_recv(outbox, recvs, group)
+            pp.send_recv(outbox, recvs)
             self._record("p2p", -1, -1, start)
             outbox = []
             if (rank, t) not in at:
                 continue
             a = at[rank, t]
-            s, key = a.chunk * self.mesh.pp_size + rank, (a.micro, a.chunk)
-            stage, is_last, message = self.stages[a.chunk], s == self.S - 1, self._message(a, rank)
+            s, key = a.chunk * pp.size + rank, (a.micro, a.chunk)
+            stage, is_last, message = self.stages[a.chunk], s == S - 1, self._message(a, rank)
             start = self._now()
             if a.kind == "F":
                 x = batches[a.micro][0] if s == 0 else inbox.pop(("F", a.micro, s)).requires_grad_(train)
                 with torch.set_grad_enabled(train), (stage.loss_context() if is_last else nullcontext()):
                     with autocast:
-                        out = stage.model(x)
+                        out = stage.module(x)
                     if is_last:
                         out = stage.loss_fn(out, batches[a.micro][1]) / M
                         loss_sum += out.detach()
                     else:
-                        outbox.append((out.detach().to(self.wire_dtype).contiguous(), message[1]))
+                        outbox.append((out.detach().to(self.split.wire_dtype).contiguous(), message[1]))
                 if train:
                     inputs[key], outputs[key] = x, out
             else:
@@ -145,7 +216,7 @@ class PipelineParallel(Parallel):
                 if message is not None:
                     outbox.append((x.grad, message[1]))
             self._record(a.kind, a.micro, a.chunk, start)
-        comm.all_reduce(loss_sum, group)  # from the last stage to every rank
+        pp.all_reduce(loss_sum)  # from the last stage to every rank
         return loss_sum
 
     def _now(self) -> float:
@@ -157,58 +228,57 @@ class PipelineParallel(Parallel):
         if self.trace is not None:
             self.trace.append((kind, micro, chunk, start, self._now()))
 
-    def sum_tied_grads(self):
-        """The tied wte / lm_head: the first and last stage add their gradients (both
-        copies then take the same step)."""
-        if self.tied is not None and self.tied.grad is not None:
-            grad = self.tied.grad
-            comm.all_reduce(grad.to_local() if isinstance(grad, DTensor) else grad, self.embedding_group)
-
     def forward_backward(self, batches, autocast) -> torch.Tensor:
         loss = self._run(self.train_slots, batches, autocast, train=True)
-        self.sum_tied_grads()
+        self.split.sum_tied_grads()
         return loss
 
     @torch.no_grad()
     def eval_loss(self, batches, autocast) -> torch.Tensor:
         return self._run(self.eval_slots, batches, autocast, train=False)
 
-    def clip_grad_norm(self, max_norm: float | None):
-        params = self.optimizer_param_list()
-        on_last_only = self.tied if self.mesh.pp_rank == self.mesh.pp_size - 1 else None
-        norm = grad_norm([p for p in params if p is not on_last_only], self.sharded_over,
-                         across=self.mesh.pp_group)
-        if max_norm is not None:
-            scale_grads_(params, norm, max_norm)
-        return norm
+
+# ------------------------------------------------------------------ the parameters
+
+class PipelineParams(Params):
+    """Every stage's parameters on this rank; the norm over all stages (the tied weight
+    once); full tensors made by the stage that holds them, broadcast over the pp group."""
+
+    def __init__(self, stages: list, split: Split):
+        self.stages, self.split, self.mesh = [s.params for s in stages], split, split.mesh
+        self.sharded_over = {p: g for s in self.stages for p, g in s.sharded_over.items()}
+
+    def optimizer_params(self):
+        return tuple([p for s in self.stages for p in s.optimizer_params()[i]] for i in (0, 1))
+
+    def names(self):
+        return [held for s in self.stages for held in s.names()]
+
+    def grad_norm(self) -> torch.Tensor:
+        on_last_only = self.split.tied if self.mesh.pp.rank == self.mesh.pp.size - 1 else None
+        return grad_norm([p for p in self.param_list() if p is not on_last_only], self.sharded_over,
+                         self.mesh.comm, across=self.mesh.pp)
 
     def _per_stage(self, tensors):
-        at = {id(p): t for p, t in zip(self.optimizer_param_list(), tensors)}
-        return [[at[id(p)] for p in s.optimizer_param_list()] for s in self.stages]
-
-    def _walk(self):
-        """(global chunk, owner's pp rank, local chunk, name, shape, duplicate of the tied
-        weight), in one order on every rank."""
-        P = self.mesh.pp_size
-        for c in range(self.S):
-            for name, shape in self.stage_names[c]:
-                yield c, c % P, c // P, name, shape, c == self.S - 1 and name == TIED_ON_LAST
+        at = {id(p): t for p, t in zip(self.param_list(), tensors)}
+        return [[at[id(p)] for p in s.param_list()] for s in self.stages]
 
     def full_tensors(self, tensors):
-        """Every (GPT-2 name, full tensor) on every rank: the owning stage makes it, a
-        broadcast over the pp group hands it on, one parameter at a time. Collective."""
-        per_stage = self._per_stage(tensors)
-        making = [s.full_tensors(t) for s, t in zip(self.stages, per_stage)]
+        """Every (GPT-2 name, full tensor) on every rank, in one order."""
+        pp, P = self.mesh.pp, self.mesh.pp.size
+        making = [s.full_tensors(t) for s, t in zip(self.stages, self._per_stage(tensors))]
         dtype = tensors[0].dtype
-        for _, owner, v, name, shape, duplicate in self._walk():
-            mine = owner == self.mesh.pp_rank
-            full = next(making[v])[1].contiguous() if mine else None
-            if duplicate:  # the last stage's copy of the tied weight equals the first's
-                continue
-            if not mine:
-                full = torch.empty(shape, dtype=dtype, device=self.mesh.device)
-            comm.broadcast(full, owner, self.mesh.pp_group)
-            yield name, full
+        for c in range(self.split.n_chunks):
+            owner, v = c % P, c // P
+            for name, shape in self.split.chunk_names[c]:
+                mine = owner == pp.rank
+                full = next(making[v])[1].contiguous() if mine else None
+                if c == self.split.n_chunks - 1 and name == TIED_ON_LAST:
+                    continue  # the last stage's copy of the tied weight equals the first's
+                if not mine:
+                    full = torch.empty(shape, dtype=dtype, device=self.mesh.device)
+                pp.broadcast(full, owner)
+                yield name, full
 
     @torch.no_grad()
     def load_full_tensors(self, full_of, tensors):
@@ -224,63 +294,11 @@ class PipelineParallel(Parallel):
                 tied_full[TIED] = value
             return value
 
-        per_stage = self._per_stage(tensors)
-        for c in range(self.S):
-            owner, v = c % self.mesh.pp_size, c // self.mesh.pp_size
-            if owner == self.mesh.pp_rank:
+        per_stage, P = self._per_stage(tensors), self.mesh.pp.size
+        for c in range(self.split.n_chunks):
+            owner, v = c % P, c // P
+            if owner == self.mesh.pp.rank:
                 self.stages[v].load_full_tensors(once, per_stage[v])
             else:
-                for name, _ in self.stage_names[c]:
+                for name, _ in self.split.chunk_names[c]:
                     once(name)
-
-
-def embedding_group(mesh):
-    """The first and last stage of this rank's pipeline. Every rank creates every group,
-    in the same order (new_group is collective over the world)."""
-    P, mine = mesh.pp_size, None
-    for pipeline in mesh.device_mesh.mesh.movedim(0, -1).reshape(-1, P).tolist():
-        group = dist.new_group([pipeline[0], pipeline[-1]])
-        if mesh.rank in pipeline:
-            mine = group
-    return mine
-
-
-def _holder(stage: Parallel, name: str):
-    """The optimizer parameter that holds GPT-2 parameter `name` alone (the custom FSDP
-    gives the tied weight a flat of its own), or None."""
-    return next((p for p, held in zip(stage.optimizer_param_list(), stage.param_names())
-                 if held == [name]), None)
-
-
-def apply_pp(model: nn.Module, cfg, mesh, parallelize_stage) -> PipelineParallel:
-    """Split `model` into this rank's chunks, parallelise each as a model of its own
-    (torchtitan's order: split first, then TP, FSDP/DDP per stage)."""
-    P, V, n_layer = mesh.pp_size, cfg.virtual_stages, model.config.n_layer
-    M = grad_accum_steps(cfg)
-    check_layout(n_layer, P, V, M, cfg.pipeline_schedule, cfg.implementation)
-    S, blocks = P * V, split_layers(n_layer, P * V)
-    wire_dtype = next(model.parameters()).dtype  # activations cross in the master dtype
-    shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}  # before TP shards them
-    shapes[TIED_ON_LAST] = shapes[TIED]
-    stages, names = [], []
-    for v in range(V):
-        c = v * P + mesh.pp_rank
-        par = parallelize_stage(stage_model(model, blocks[c], c == 0, c == S - 1), cfg, mesh)
-        names.append([(name, shapes[name]) for held in par.param_names() for name in held])
-        stages.append(par)
-    gathered = [None] * P
-    dist.all_gather_object(gathered, names, group=mesh.pp_group)
-    stage_names = [gathered[c % P][c // P] for c in range(S)]
-    tied = (_holder(stages[0], TIED) if mesh.pp_rank == 0 else
-            _holder(stages[-1], TIED_ON_LAST) if mesh.pp_rank == P - 1 else None)
-    seq_split = mesh.cp_size * (mesh.tp_size if cfg.sequence_parallel else 1)  # tokens a rank holds
-    act_shape = (cfg.batch_size, cfg.block_size // seq_split, model.config.n_embd)
-    # zero_bubble (native only) has no hand-written schedule; the native steps do not read it
-    schedule = SCHEDULES.get(cfg.pipeline_schedule, interleaved_1f1b)(P, M, V)
-    args = (stages, mesh, schedule, S, act_shape, wire_dtype, tied, embedding_group(mesh), stage_names)
-    if cfg.implementation == "pytorch":
-        from nanodist.parallel.pipeline_native import NativePipelineParallel  # builds on this file
-        return NativePipelineParallel(*args, schedule_name=cfg.pipeline_schedule, n_micro=M,
-                                      batch=(cfg.batch_size, cfg.block_size),
-                                      vocab=model.config.vocab_size)
-    return PipelineParallel(*args)

@@ -17,37 +17,37 @@ import torch
 from torch.distributed.pipelining import (PipelineStage, Schedule1F1B, ScheduleGPipe,
                                           ScheduleInterleaved1F1B, ScheduleInterleavedZeroBubble)
 
-from nanodist.parallel import comm
-from nanodist.parallel.pipeline import PipelineParallel
+from nanodist.parallel.pipeline import PipelineRunner, Split
 
 NATIVE_SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B,
                     "interleaved_1f1b": ScheduleInterleaved1F1B,
                     "zero_bubble": ScheduleInterleavedZeroBubble}
 
 
-class NativePipelineParallel(PipelineParallel):
-    def __init__(self, *args, schedule_name: str, n_micro: int, batch: tuple, vocab: int):
-        super().__init__(*args)
-        P, rank = self.mesh.pp_size, self.mesh.pp_rank
-        self.native_stages = [self._native_stage(s, v * P + rank, batch, vocab)
-                              for v, s in enumerate(self.stages)]
-        last = self.stages[-1]
+class NativePipelineRunner(PipelineRunner):
+    def __init__(self, stages: list, split: Split, schedule_name: str, micro_steps: int,
+                 micro_batch: tuple, vocab: int):
+        super().__init__(stages, split)
+        P, rank = self.mesh.pp.size, self.mesh.pp.rank
+        self.native_stages = [self._native_stage(s, v * P + rank, micro_batch, vocab)
+                              for v, s in enumerate(stages)]
         schedule_cls = NATIVE_SCHEDULES[schedule_name]
         multi = schedule_cls in (ScheduleInterleaved1F1B, ScheduleInterleavedZeroBubble)
-        self.native = schedule_cls(self.native_stages if multi else self.native_stages[0], n_micro,
-                                   loss_fn=last.loss_fn)
+        self.native = schedule_cls(self.native_stages if multi else self.native_stages[0],
+                                   micro_steps, loss_fn=stages[-1].loss_fn)
         self.holds_last = self.native_stages[-1].is_last
 
-    def _native_stage(self, par, c: int, batch: tuple, vocab: int) -> PipelineStage:
+    def _native_stage(self, stage, c: int, batch: tuple, vocab: int) -> PipelineStage:
         """Shapes given, not inferred (inference runs the stage on meta tensors, which
         DTensor TP turns into mismatched collectives)."""
-        hidden = torch.empty(self.act_shape, dtype=self.wire_dtype, device="meta",
+        split = self.split
+        hidden = torch.empty(split.act_shape, dtype=split.wire_dtype, device="meta",
                              requires_grad=True)  # its gradient goes back a stage
         inputs = torch.empty(batch, dtype=torch.long, device="meta") if c == 0 else hidden
-        outputs = (torch.empty(*batch, vocab, dtype=self.wire_dtype, device="meta")
-                   if c == self.S - 1 else hidden)
-        return PipelineStage(par.model, c, self.S, self.mesh.device, input_args=inputs, output_args=outputs,
-                             group=self.mesh.pp_group)
+        outputs = (torch.empty(*batch, vocab, dtype=split.wire_dtype, device="meta")
+                   if c == split.n_chunks - 1 else hidden)
+        return PipelineStage(stage.module, c, split.n_chunks, self.mesh.device, input_args=inputs,
+                             output_args=outputs, group=self.mesh.pp.process_group)
 
     def _step(self, batches, autocast, run) -> torch.Tensor:
         x = torch.cat([x for x, _ in batches])
@@ -57,15 +57,14 @@ class NativePipelineParallel(PipelineParallel):
             run(x, target=y, losses=losses, return_outputs=False)
         loss_sum = (torch.stack([loss.detach() for loss in losses]).sum() / len(batches)
                     if losses else torch.zeros((), dtype=self.loss_dtype, device=self.mesh.device))
-        comm.all_reduce(loss_sum, self.mesh.pp_group)  # from the last stage to every rank
+        self.mesh.pp.all_reduce(loss_sum)  # from the last stage to every rank
         return loss_sum
 
     def forward_backward(self, batches, autocast) -> torch.Tensor:
         loss = self._step(batches, autocast, self.native.step)
-        self.sum_tied_grads()
+        self.split.sum_tied_grads()
         return loss
 
     @torch.no_grad()
     def eval_loss(self, batches, autocast) -> torch.Tensor:
         return self._step(batches, autocast, self.native.eval)
-

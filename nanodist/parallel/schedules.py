@@ -11,8 +11,6 @@ timeline `pipeline.py`'s runner executes.
 """
 from collections import namedtuple
 
-from nanodist.config import UserError
-
 Action = namedtuple("Action", "kind micro chunk")  # kind "F" | "B"; chunk: local index v
 
 
@@ -62,28 +60,6 @@ def bubble_fraction(P: int, M: int, V: int = 1) -> float:
     and 1F1B. Exact for actions of one time unit (`simulate`); with V = 1 for any times of
     F and B as long as every stage takes the same, communication aside."""
     return (P - 1) / (V * M + P - 1)
-
-
-def check_layout(n_layer: int, P: int, V: int, M: int, schedule: str, implementation: str):
-    """Layouts no schedule can run, refused with one message before any communication."""
-    if P > n_layer:
-        raise UserError(f"--pipeline_parallel_size ({P}) is larger than the model's n_layer "
-                        f"({n_layer}): every stage needs a block; use at most {n_layer} stages")
-    if P * V > n_layer:
-        raise UserError(f"--pipeline_parallel_size x --virtual_stages = {P} x {V} = {P * V} chunks, "
-                        f"but the model has {n_layer} blocks; lower --virtual_stages")
-    if V > 1 and schedule not in ("interleaved_1f1b", "zero_bubble"):
-        raise UserError(f"--virtual_stages {V} needs --pipeline_schedule interleaved_1f1b "
-                        f"(or zero_bubble with --implementation pytorch)")
-    if schedule == "zero_bubble" and implementation != "pytorch":
-        raise UserError("--pipeline_schedule zero_bubble exists with --implementation pytorch only")
-    where = (f"M = {M} micro-batches (the gradient accumulation steps: --total_batch_size / "
-             f"(batch_size x block_size x data_parallel_size))")
-    if schedule in ("interleaved_1f1b", "zero_bubble") and M % P:
-        raise UserError(f"--pipeline_schedule {schedule} needs M to be a multiple of the "
-                        f"{P} stages, got {where}; raise --total_batch_size or lower --batch_size")
-    if schedule == "1f1b" and implementation == "pytorch" and M < P:
-        raise UserError(f"PyTorch's 1F1B needs at least M = P = {P} micro-batches, got {where}")
 
 
 def simulate(schedule: list[list[Action]]) -> list[list[tuple[int, Action]]]:

@@ -16,48 +16,40 @@ the column layer and a reduce-scatter after the row layer (same bytes, activatio
     x (B,T,C) -f-> [x W1_r] -> gelu -> [. W2_r] -g-> y (B,T,C)          without SP
     x (B,T/tp,C) -gather_sp-> [x W1_r] -> gelu -> [. W2_r] -reduce_scatter_sp-> (B,T/tp,C)
 
-Every collective goes through `comm` (counted). The DTensor executor of the same plan is
-`tensor_parallel_native.py`.
+Every collective is a method of the TP `Group` (comm.py: counted). The DTensor executor
+of the same plan is `tensor_parallel_native.py`.
 """
+import dataclasses
 from functools import partial
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import loss_parallel
 
-from nanodist.parallel import comm
-from nanodist.parallel.init import full_value, local_slice
+from nanodist.parallel.comm import Group
+from nanodist.parallel.init import full_value
 from nanodist.parallel.loss_parallel import dtensor_cross_entropy, vocab_parallel_cross_entropy
-from nanodist.parallel.plan import Style, gpt_plan, qkv_from_rank_major, qkv_to_rank_major, shard_dim
+from nanodist.parallel.params import ModuleParams
 from nanodist.parallel.tensor_parallel_native import apply_dtensor_tp
+from nanodist.parallel.tp_plan import Style, gather, gpt_plan, shard_dim, shard_of
 
 
-def _split(x, dim, group):
-    return x.chunk(comm.group_size(group), dim)[comm.group_rank(group)].contiguous()
+def _split(x, dim, group: Group):
+    return x.chunk(group.size, dim)[group.rank].contiguous()
 
 
-def _all_gather(x, dim, group):
-    """Concatenation along `dim` of every rank's x, in rank order."""
-    n = comm.group_size(group)
-    x = x.movedim(dim, 0).contiguous()
-    out = x.new_empty(n * x.size(0), *x.shape[1:])
-    comm.all_gather(out, x, group)
-    return out.movedim(0, dim)
-
-
-def _reduce_scatter(x, dim, group):
+def _reduce_scatter(x, dim, group: Group):
     """Rank r's slice along `dim` of the sum of every rank's x."""
     x = x.movedim(dim, 0).contiguous()
-    out = x.new_empty(x.size(0) // comm.group_size(group), *x.shape[1:])
-    comm.reduce_scatter(out, x, group)
+    out = x.new_empty(x.size(0) // group.size, *x.shape[1:])
+    group.reduce_scatter(out, x)
     return out.movedim(0, dim)
 
 
-def _all_reduce(x, group):
+def _all_reduce(x, group: Group):
     x = x.clone()
-    comm.all_reduce(x, group)
+    group.all_reduce(x)
     return x
 
 
@@ -77,14 +69,14 @@ def _conjugate(name, forward, backward):
 
 copy_to_tp = _conjugate("CopyToTP", lambda x, g: x, _all_reduce)
 reduce_from_tp = _conjugate("ReduceFromTP", _all_reduce, lambda dy, g: dy)
-gather_from_tp = _conjugate("GatherFromTP", lambda x, g: _all_gather(x, -1, g),
+gather_from_tp = _conjugate("GatherFromTP", lambda x, g: gather(x, -1, g),
                             lambda dy, g: _split(dy, -1, g))
 scatter_to_sp = _conjugate("ScatterToSP", lambda x, g: _split(x, 1, g),
-                           lambda dy, g: _all_gather(dy, 1, g))
-gather_from_sp = _conjugate("GatherFromSP", lambda x, g: _all_gather(x, 1, g),
+                           lambda dy, g: gather(dy, 1, g))
+gather_from_sp = _conjugate("GatherFromSP", lambda x, g: gather(x, 1, g),
                             lambda dy, g: _reduce_scatter(dy, 1, g))
 reduce_scatter_to_sp = _conjugate("ReduceScatterToSP", lambda x, g: _reduce_scatter(x, 1, g),
-                                  lambda dy, g: _all_gather(dy, 1, g))
+                                  lambda dy, g: gather(dy, 1, g))
 
 
 class ColumnParallelLinear(nn.Module):
@@ -127,7 +119,7 @@ class VocabParallelEmbedding(nn.Module):
         self.weight, self.group = weight, group
 
     def forward(self, idx):
-        start = comm.group_rank(self.group) * self.weight.size(0)
+        start = self.group.rank * self.weight.size(0)
         local = idx - start
         outside = (local < 0) | (local >= self.weight.size(0))
         out = F.embedding(local.masked_fill(outside, 0), self.weight)
@@ -160,16 +152,6 @@ class ScatterToSequenceParallel(nn.Module):
         return self.inner(scatter_to_sp(x, self.group))
 
 
-def shard_of(full: torch.Tensor, style: Style, name: str, tp: int, rank: int) -> torch.Tensor:
-    """Rank `rank`'s part of the full parameter `name` of a module of `style`."""
-    dim = shard_dim(style, name)
-    if dim is None:
-        return full
-    if style.qkv:
-        full = qkv_to_rank_major(full, tp)
-    return full.chunk(tp, dim)[rank].clone()
-
-
 def _custom_module(module, style: Style, params: dict, group):
     sp = style.sequence_parallel
     if style.kind == "vocab_embedding":
@@ -186,43 +168,44 @@ def _custom_module(module, style: Style, params: dict, group):
     raise ValueError(f"unknown tensor-parallel style {style.kind!r}")
 
 
-def apply_custom_tp(model: nn.Module, plan: dict, mesh, seed: int) -> dict:
+def apply_custom_tp(model: nn.Module, plan: dict, tp: Group, seed: int, device) -> dict:
     """Replace the modules of `plan` by their TP versions, in place. Every sharded
     parameter is rank r's slice of the full tensor (the existing one, or its initial value
     when on meta); replicated ones are kept as they are (materialised later if on meta).
-    Returns {sharded param: (tp_group,)} for the gradient norm."""
-    group, tp, rank = mesh.tp_group, mesh.tp_size, mesh.tp_rank
+    Returns {sharded param: (tp,)} for the gradient norm."""
     shards, sharded_over = {}, {}   # id(original param) -> its shard: keeps wte = lm_head
     for path, style in plan.items():
         module = model.get_submodule(path)
         params = {}
         for name, param in module.named_parameters(recurse=False):
             if id(param) not in shards and shard_dim(style, name) is not None:
-                full = full_value(model, f"{path}.{name}", param, seed, mesh.device)
-                shard = nn.Parameter(shard_of(full, style, name, tp, rank))
-                shards[id(param)], sharded_over[shard] = shard, (group,)
+                full = full_value(model, f"{path}.{name}", param, seed, device)
+                shard = nn.Parameter(shard_of(full, style, name, tp.size, tp.rank))
+                shards[id(param)], sharded_over[shard] = shard, (tp,)
             params[name] = shards.get(id(param), param)
         parent, _, child = path.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child,
-                _custom_module(module, style, params, group))
+                _custom_module(module, style, params, tp))
     return sharded_over
 
 
-def apply_tp(par, cfg):
+def apply_tp(stage, setup):
     """The TP step of `parallelize`: the plan, executed by hand or by DTensor, and the
     loss that goes with it (vocab-parallel cross entropy under loss parallelism)."""
-    mesh, model = par.mesh, par.model
-    plan = gpt_plan(model.config.n_layer, cfg.sequence_parallel, cfg.enable_loss_parallelism)
+    layout, mesh, model = setup.layout, setup.mesh, stage.gpt
+    plan = gpt_plan(model.config.n_layer, layout.sequence_parallel, layout.loss_parallel)
     plan = {path: style for path, style in plan.items() if _holds(model, path)}  # a pipeline stage
-    if cfg.implementation == "pytorch":
-        apply_dtensor_tp(model, plan, mesh, cfg.seed)
-        if cfg.enable_loss_parallelism:
-            par.loss_fn, par.loss_context = dtensor_cross_entropy, loss_parallel
+    loss_fn, loss_context, sharded_over = stage.loss_fn, stage.loss_context, {}
+    if layout.implementation == "pytorch":
+        apply_dtensor_tp(model, plan, mesh.tp, setup.seed, mesh.device)
+        if layout.loss_parallel:
+            loss_fn, loss_context = dtensor_cross_entropy, loss_parallel
     else:
-        par.sharded_over.update(apply_custom_tp(model, plan, mesh, cfg.seed))
-        if cfg.enable_loss_parallelism:
-            par.loss_fn = partial(vocab_parallel_cross_entropy, group=mesh.tp_group)
-    par.tp_plan = plan
+        sharded_over = apply_custom_tp(model, plan, mesh.tp, setup.seed, mesh.device)
+        if layout.loss_parallel:
+            loss_fn = partial(vocab_parallel_cross_entropy, group=mesh.tp)
+    return dataclasses.replace(stage, params=ModuleParams(model, mesh, plan, sharded_over),
+                               loss_fn=loss_fn, loss_context=loss_context)
 
 
 def _holds(model: nn.Module, path: str) -> bool:
@@ -231,42 +214,3 @@ def _holds(model: nn.Module, path: str) -> bool:
         return True
     except AttributeError:
         return False
-
-
-def _style_and_dim(plan: dict, name: str):
-    path, _, leaf = name.rpartition(".")
-    style = plan.get(path)
-    return style, shard_dim(style, leaf) if style else None
-
-
-@torch.no_grad()
-def full_tensor(name: str, local: torch.Tensor, plan: dict, tp_group=None) -> torch.Tensor:
-    """Parameter `name` (or a tensor laid out like it: a gradient, Adam's moments) in
-    GPT-2's layout from this rank's part, from either executor (collective when sharded):
-    TP shards gathered, c_attn rows back in [q; k; v] order."""
-    style, dim = _style_and_dim(plan, name)
-    if isinstance(local, DTensor):
-        local = local.full_tensor()
-    elif dim is not None:
-        local = _all_gather(local.detach(), dim, tp_group)
-    if dim is not None and style.qkv:
-        local = qkv_from_rank_major(local, comm.group_size(tp_group))
-    return local
-
-
-@torch.no_grad()
-def local_tensor(name: str, full: torch.Tensor, like: torch.Tensor, plan: dict, tp_group=None):
-    """The inverse of `full_tensor`: this rank's part of `full`, laid out as `like`."""
-    style, dim = _style_and_dim(plan, name)
-    if dim is None:
-        return local_slice(full, like)
-    tp = comm.group_size(tp_group)
-    if isinstance(like, DTensor):
-        return local_slice(qkv_to_rank_major(full, tp) if style.qkv else full, like)
-    return shard_of(full, style, name.rpartition(".")[2], tp, comm.group_rank(tp_group))
-
-
-def full_state_dict(model: nn.Module, plan: dict, tp_group=None) -> dict:
-    """The global state dict in GPT-2's layout (collective: call on every rank)."""
-    return {name: full_tensor(name, value, plan, tp_group).detach().clone()
-            for name, value in model.state_dict(keep_vars=True).items()}

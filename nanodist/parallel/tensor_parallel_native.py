@@ -21,7 +21,7 @@ from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInp
                                                parallelize_module)
 
 from nanodist.parallel.init import full_value
-from nanodist.parallel.plan import Style, qkv_to_rank_major, shard_dim
+from nanodist.parallel.tp_plan import Style, qkv_to_rank_major, shard_dim
 
 
 def dtensor_style(style: Style):
@@ -44,10 +44,11 @@ def dtensor_style(style: Style):
     raise ValueError(f"unknown tensor-parallel style {style.kind!r}")
 
 
-def apply_dtensor_tp(model: nn.Module, plan: dict, mesh, seed: int):
+def apply_dtensor_tp(model: nn.Module, plan: dict, tp_group, seed: int, device):
     """parallelize_module, one plan entry at a time (on meta, only that module's full
-    tensors exist at once). Tied parameters (wte = lm_head) stay one DTensor parameter."""
-    tp_mesh, tp = mesh.device_mesh["tp"], mesh.tp_size
+    tensors exist at once), on the TP group's 1-D mesh. Tied parameters (wte = lm_head)
+    stay one DTensor parameter."""
+    tp_mesh, tp = tp_group.device_mesh, tp_group.size
     distributed = {}   # id(original param) -> its DTensor parameter
     for path, style in plan.items():
         module = model.get_submodule(path)
@@ -56,7 +57,7 @@ def apply_dtensor_tp(model: nn.Module, plan: dict, mesh, seed: int):
             if id(param) in distributed:   # already a DTensor: the style keeps its placement
                 module.register_parameter(name, distributed[id(param)])
             elif shard_dim(style, name) is not None:
-                full = full_value(model, f"{path}.{name}", param, seed, mesh.device)
+                full = full_value(model, f"{path}.{name}", param, seed, device)
                 module.register_parameter(name, nn.Parameter(
                     qkv_to_rank_major(full, tp) if style.qkv else full))
         parallelize_module(module, tp_mesh, dtensor_style(style), src_data_rank=None)

@@ -13,21 +13,31 @@
                      CPU: live tensor storage tracked by torch's MemTracker (not the
                      process RSS: allocator caches, the interpreter and gloo's buffers
                      are no tensors)
-    no communication collectives replaced by local copies of the same shapes: the step's
-                     compute alone, for the compute / exposed-communication split
+    no communication `LocalCopies`, a transport for `Trainer(cfg, comm=Comm(LocalCopies()))`:
+                     the hand-written strategies' collectives become local copies of the
+                     same shapes, the step's compute alone (the compute / exposed-
+                     communication split)
+
+The measured step of the validation (`measure_step`) puts them together, per rank.
 """
+import statistics
+import time
 import weakref
+from dataclasses import asdict
 from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
-from nanodist.parallel import comm
+from nanodist import compat
+from nanodist.config import parse_args
+from nanodist.parallel.comm import CommCounter
+from nanodist.parallel.layout import Layout
+from nanodist.trainer import Trainer
 
-c10d, funcol = torch.ops.c10d, torch.ops._c10d_functional
+c10d, funcol = torch.ops.c10d, compat.functional_collectives()
+tree_leaves = compat.tree_leaves
 # op -> (kind, payload bytes from (args, group size))
 _nbytes = lambda t: t.numel() * t.element_size()
 _sum = lambda ts: sum(_nbytes(t) for t in ts)
@@ -50,17 +60,17 @@ def _group_size(func, args) -> int:
     if func in (funcol.all_gather_into_tensor, funcol.reduce_scatter_tensor):
         return args[1] if func is funcol.all_gather_into_tensor else args[2]
     if func in (funcol.all_reduce, funcol.broadcast):
-        return dist.distributed_c10d._resolve_process_group(args[2]).size()
+        return compat.resolve_process_group(args[2]).size()
     group = next(a for a in args if isinstance(a, torch.ScriptObject))
     return dist.ProcessGroup.unbox(group).size()
 
 
-class TrafficMode(TorchDispatchMode):
+class TrafficMode(compat.TorchDispatchMode):
     """`with TrafficMode() as t:` ... `t.counter.summary()` (comm.CommCounter's format)."""
 
     def __init__(self):
         super().__init__()
-        self.counter = comm.CommCounter()
+        self.counter = CommCounter()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if any(t is DTensor for t in types):
@@ -86,10 +96,12 @@ def _storages(tensors) -> dict[int, int]:
     return out
 
 
-def state_bytes(model, optimizer) -> dict[str, int]:
-    """Bytes of parameters (the model's and the optimizer's: FSDP steps on shards),
-    gradients and optimizer state, each storage counted once, in that order."""
-    params = [p for g in optimizer.param_groups for p in g["params"]] + list(model.parameters())
+def state_bytes(trainer) -> dict[str, int]:
+    """Bytes of parameters (the optimizer's: FSDP steps on shards; and the modules' own),
+    gradients and optimizer state of a trainer, each storage counted once, in that order."""
+    optimizer = trainer.optimizer
+    params = [p for g in optimizer.param_groups for p in g["params"]] + \
+        [p for stage in trainer.parallel.stages for p in stage.module.parameters()]
     seen, out = set(), {}
     for what, tensors in (("params", params),
                           ("grads", [p.grad for p in params if p.grad is not None]),
@@ -120,7 +132,7 @@ def _data_ptr(t) -> int | None:
         return None
 
 
-class _NewStorages(TorchDispatchMode):
+class _NewStorages(compat.TorchDispatchMode):
     """Weak references to the storages that functional ops create inside the mode."""
 
     def __init__(self):
@@ -190,24 +202,18 @@ def peak_tensor_bytes(trainer, step: int) -> int:
     device = trainer.mesh.device
     if device.type == "cuda":
         return _cuda_peak_bytes(trainer, step)
-    from torch.distributed._tools.mem_tracker import MemTracker
-    tracker = MemTracker()
-    tracker.track_external(trainer.par.model, trainer.optimizer)
-    autocast = trainer.autocast
-
-    class FreshModuleStats:  # entered before each micro-step's forward: MemTracker refuses
-        def __enter__(self):  # a second forward otherwise (its peak is kept)
-            tracker.reset_mod_stats()
-            return autocast.__enter__()
-
-        def __exit__(self, *exc):
-            return autocast.__exit__(*exc)
-    trainer.autocast = FreshModuleStats()
+    tracker = compat.MemTracker()
+    tracker.track_external(*(stage.module for stage in trainer.parallel.stages), trainer.optimizer)
+    # MemTracker refuses a module's second forward (the next micro-step's) unless its module
+    # statistics are reset first (the peak is kept): a global pre-forward hook, registered
+    # before the tracker's own, does it
+    reset = torch.nn.modules.module.register_module_forward_pre_hook(
+        lambda module, args: tracker.reset_mod_stats() if module is trainer.parallel.stages[0].module else None)
     try:
         with tracker:
             trainer.train_step(step)
     finally:
-        trainer.autocast = autocast
+        reset.remove()
     return tracker.get_tracker_snapshot("peak")[device]["Total"]
 
 
@@ -216,7 +222,7 @@ def _cuda_peak_bytes(trainer, step: int) -> int:
     too (the worker holds several): the rise over what was allocated before the step,
     plus this trainer's own state at rest (parameters, AdamW moments; grads are None)."""
     device = trainer.mesh.device
-    own = state_bytes(trainer.par.model, trainer.optimizer)["total"]
+    own = state_bytes(trainer)["total"]
     torch.cuda.synchronize(device)
     before = torch.cuda.memory_allocated(device)
     torch.cuda.reset_peak_memory_stats(device)
@@ -229,8 +235,9 @@ class _LocalWork:
         return True
 
 
-class _NoComm:
-    """Stands in for torch.distributed inside comm.py: same shapes, local copies."""
+class LocalCopies:
+    """A transport for comm.Comm: torch.distributed, but every collective a local copy of
+    the same shapes (the compute-only twin of a benchmark)."""
 
     def __getattr__(self, name):
         return getattr(dist, name)
@@ -239,7 +246,9 @@ class _NoComm:
     def all_reduce(tensor, op=None, group=None, async_op=False):
         return _LocalWork() if async_op else None
 
-    broadcast = all_reduce
+    @staticmethod
+    def broadcast(tensor, group_src=None, group=None, async_op=False):
+        return _LocalWork() if async_op else None
 
     @staticmethod
     def all_gather_single(output, input, group=None, async_op=False):
@@ -252,11 +261,40 @@ class _NoComm:
         return _LocalWork() if async_op else None
 
 
-@contextmanager
-def no_communication():
-    """The custom strategies' collectives (through comm.py) become local copies."""
-    real, comm.dist = comm.dist, _NoComm()
-    try:
-        yield
-    finally:
-        comm.dist = real
+def step_argv(layout: Layout, data_dir: str, out_dir: str, model: str = "tiny", block_size: int = 32,
+             micro_batch: int = 2, micro_steps: int = 4) -> list[str]:
+    """train.py's flags of the measured step (char-level data): by default the tiny
+    model, 4 micro-batches of 2 x 32 tokens."""
+    return ["--device=cpu", f"--model={model}", "--dataset=shakespeare_char", f"--data_dir={data_dir}",
+            f"--block_size={block_size}", f"--batch_size={micro_batch}",
+            f"--total_batch_size={micro_batch * block_size * layout.dp * micro_steps}",
+            "--max_steps=1", "--warmup_steps=0", f"--out_dir={out_dir}", *layout.flags()]
+
+
+def measure_run(argv: list[str], timed_steps: int = 0) -> dict:
+    """Rank side: `measure_step` of a Trainer of train.py's flags `argv`."""
+    return measure_step(Trainer(parse_args(argv)), timed_steps)
+
+
+def measure_step(trainer: Trainer, timed_steps: int = 0) -> dict:
+    """One optimizer step; this rank's state, activation and bus bytes per kind (the sends
+    of a pipeline from the trainer's comm counter: the dispatch mode does not see them);
+    then the median time of `timed_steps` more steps (none: no time)."""
+    state = {}
+    hook = trainer.optimizer.register_step_post_hook(lambda *_: state.update(state_bytes(trainer)))
+    with TrafficMode() as counted, trainer.comm.counting() as sent, peak_saved_bytes() as saved:
+        trainer.train_step(0)
+    hook.remove()
+    bus = {kind: v["bus_bytes"] for kind, v in counted.counter.summary().items()}
+    if "send" in sent.bus_bytes:
+        bus["send"] = sent.bus_bytes["send"]
+    times = []
+    for step in range(1, timed_steps + 1):
+        start = time.perf_counter()
+        trainer.train_step(step)
+        times.append(time.perf_counter() - start)
+    return {"rank": trainer.rank, "pp_rank": trainer.mesh.pp.rank, "state": state["total"],
+            "traffic": bus, "activations": saved["bytes"], "micro_batch": trainer.cfg.batch_size,
+            "micro_steps": trainer.micro_steps, "tokens_per_step": trainer.tokens_per_step,
+            "model": asdict(trainer.model_cfg), "step_s": statistics.median(times) if times else None,
+            "flops_per_step": trainer.flops_per_step}

@@ -1,13 +1,14 @@
 """The layout planner: which layout trains a GPT-2 fastest on a cluster, and fits.
 
-    python -m nanodist.plan --model gpt2-xl --gpus 64 --gpus_per_node 8 --gpu h100
-    python -m nanodist.plan --validate          predictions against measurement (validate.py)
+    python -m nanodist_tools.plan --model gpt2-xl --gpus 64 --gpus_per_node 8 --gpu h100
+    python -m nanodist_tools.validate       its predictions against measurement
 
-Every layout the project runs (DDP / FSDP ZeRO-3 / ZeRO-2 x TP x PP, its schedule and
-virtual stages x CP x activation checkpointing x micro-batch; under TP with sequence
-parallelism and loss parallelism where the sequence divides) is checked by the trainer's
-own rules (config.resolve_layout, pipeline.check_layout, the TP divisibility) and costed
-by nanodist/cost.py, the model the benchmark and --validate hold to measurement.
+Its search space (`search_space`: DDP / FSDP ZeRO-3 / ZeRO-2 x TP x PP, its schedule and
+virtual stages x CP x activation checkpointing x micro-batch; under TP with loss
+parallelism, and sequence parallelism where the sequence divides) is filtered by the
+layout's own rules (`Layout.check`, what train.py asks on the same device: nothing
+listed is refused, nothing accepted is left out) and costed by the cost model
+(cost.py, traffic.py), the one the benchmark and the validation hold to measurement.
 
     memory   per rank: state (16 bytes per parameter of its stage, / DP x CP under FSDP)
              + activations in flight + FSDP's gathered units in the compute dtype (ZeRO-3:
@@ -27,18 +28,20 @@ by nanodist/cost.py, the model the benchmark and --validate hold to measurement.
              exposed. TP, CP and PP traffic is on the critical path.
     step     compute / (1 - bubble) + exposed traffic; MFU counts 6N + 12 L T C only.
 """
+import argparse
 import dataclasses
 import itertools
 import json
 import sys
 
-from nanodist.config import TrainConfig, UserError, _Parser, build_parser as train_parser, grad_accum_steps, resolve_layout
-from nanodist.cost import (DTYPE_BYTES, Layout, activations_in_flight, bubble, chunks, local_params,
-                           param_counts, stage_params, collectives)
+from nanodist.config import OneLineParser, TrainConfig, build_parser as train_parser
+from nanodist.errors import UserError
 from nanodist.metrics import PEAK_TFLOPS, flops_per_token
 from nanodist.model import PRESETS, model_config
-from nanodist.parallel.pipeline import check_layout
-from nanodist.trainer import check_tensor_parallel_fit
+from nanodist.parallel.layout import Layout
+from nanodist_tools.cost import (DTYPE_BYTES, activations_in_flight, bubble, chunks, local_params,
+                                 param_counts, stage_params)
+from nanodist_tools.traffic import collectives
 
 GiB = 2**30
 USABLE_MEMORY = 0.9
@@ -50,50 +53,59 @@ GPUS = {"h100": ("H100", 80, 450, 50), "h200": ("H200", 141, 450, 50),
 # over NVLink, across nodes over InfiniBand / RoCE
 LATENCY_S = {"intra_node": 15e-6, "inter_node": 30e-6}
 SCHEDULES = [("gpipe", 1), ("1f1b", 1), ("interleaved_1f1b", 2), ("interleaved_1f1b", 4)]
-TRAIN_PARSER = train_parser()  # train.py's flags (built once: thousands of layouts are parsed)
-ZERO = {"ddp": ("ddp", True), "fsdp-zero3": ("fsdp", True), "fsdp-zero2": ("fsdp", False)}
+DATA_PARALLEL = {"ddp": ("ddp", True), "fsdp-zero3": ("fsdp", True), "fsdp-zero2": ("fsdp", False)}
+TRAIN_PARSER = train_parser()  # train.py's flags, built once
 
 
 def divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
-def candidates(args, model_cfg):
-    """(layout, micro-batch, M) of every layout the trainer accepts on `args.gpus` ranks."""
+def dp_label(layout: Layout) -> str:
+    """ddp | fsdp-zero3 | fsdp-zero2: the data-parallel column of the ranking."""
+    return "ddp" if layout.dp_type == "ddp" else f"fsdp-zero{3 if layout.reshard_after_forward else 2}"
+
+
+def search_space(args):
+    """(layout, micro-batch) of every combination the planner considers, valid or not."""
     T = args.block_size
     for pp, tp, cp in itertools.product(divisors(args.gpus), repeat=3):
         dp = args.gpus // (pp * tp * cp)
         if pp * tp * cp * dp != args.gpus or tp > args.gpus_per_node:
             continue
-        sp = tp > 1 and (T // cp) % tp == 0
         per_rank_batch = args.total_batch_size // (T * dp)
-        micro_batches = [args.micro_batch_size] if args.micro_batch_size != "auto" else \
+        micro_batches = [int(args.micro_batch_size)] if args.micro_batch_size != "auto" else \
             [b for b in (1, 2, 4, 8, 16, 32, 64) if b <= per_rank_batch]
         for dp_type, (schedule, V), ac, mb in itertools.product(
-                ZERO, SCHEDULES if pp > 1 else SCHEDULES[1:2], ("none", "selective", "full"),
+                DATA_PARALLEL, SCHEDULES if pp > 1 else SCHEDULES[1:2], ("none", "selective", "full"),
                 micro_batches):
             if dp_type != "ddp" and dp * cp == 1:
-                continue
-            kind, zero3 = ZERO[dp_type]
-            layout = Layout(dp_type, dp=dp, tp=tp, dp_type=kind, zero3=zero3, loss_parallel=tp > 1,
-                            sequence_parallel=sp, cp=cp, pp=pp, pp_schedule=schedule,
-                            virtual_stages=V, checkpointing=ac)
-            try:
-                cfg = train_config(args, layout, int(mb))
-                M = grad_accum_steps(resolve_layout(cfg, args.gpus))
-                check_tensor_parallel_fit(model_cfg, tp)
-                if pp > 1:
-                    check_layout(model_cfg.n_layer, pp, V, M, schedule, cfg.implementation)
-            except UserError:
-                continue
-            yield layout, int(mb), M
+                continue  # FSDP over one rank is DDP
+            kind, reshard = DATA_PARALLEL[dp_type]
+            layout = Layout(pp=pp, dp=dp, cp=cp, tp=tp, dp_type=kind, reshard_after_forward=reshard,
+                            loss_parallel=tp > 1, pp_schedule=schedule, virtual_stages=V,
+                            checkpointing=ac, implementation=args.implementation)
+            # sequence parallelism wherever it can split the sequence (it saves activations)
+            yield dataclasses.replace(layout, sequence_parallel=tp > 1 and layout.sequence_divides(T)), mb
+
+
+def candidates(args, model_cfg):
+    """(layout, micro-batch, M) of every layout of the search space that train.py accepts
+    on `args.gpus` ranks of `args.device`."""
+    for layout, mb in search_space(args):
+        try:
+            M = layout.micro_steps(args.total_batch_size, mb, args.block_size)
+            layout.check(args.gpus, args.device, args.block_size, 0.0, model_cfg, M)
+        except UserError:
+            continue
+        yield layout, mb, M
 
 
 def train_config(args, layout: Layout, micro_batch: int) -> TrainConfig:
     """What train.py makes of the layout's flags."""
-    return TrainConfig(**vars(TRAIN_PARSER.parse_args([f"--model={args.model}", f"--block_size={args.block_size}",
-                       f"--batch_size={micro_batch}", f"--total_batch_size={args.total_batch_size}",
-                       f"--dtype={args.dtype}", *layout.flags()])))
+    return TrainConfig(**vars(TRAIN_PARSER.parse_args([
+        f"--model={args.model}", f"--block_size={args.block_size}", f"--batch_size={micro_batch}",
+        f"--total_batch_size={args.total_batch_size}", f"--dtype={args.dtype}", *layout.flags()])))
 
 
 def command(args, layout: Layout, micro_batch: int) -> str:
@@ -145,7 +157,8 @@ def cost(args, model_cfg, layout: Layout, micro_batch: int, M: int,
     if layout.fsdp:  # gathered parameters in the compute dtype
         stage = max(stage_params(model_cfg, layout, r)["total"] for r in ranks)
         units = param_counts(model_cfg, layout.tp, range(1))  # a block, and the root
-        buffers = compute_bytes * (2 * max(units["blocks"], units["root"]) if layout.zero3 else stage)
+        buffers = compute_bytes * (2 * max(units["blocks"], units["root"]) if layout.reshard_after_forward
+                                   else stage)
     links, exposed = {"intra_node": 0.0, "inter_node": 0.0}, 0.0
     for r in ranks:
         by_group = {}
@@ -168,7 +181,7 @@ def cost(args, model_cfg, layout: Layout, micro_batch: int, M: int,
     step = t_compute / (1 - frac) + exposed
     tokens_per_s = args.total_batch_size / step
     fits = memory <= USABLE_MEMORY * args.gpu_memory_gib * GiB
-    return {"dp": layout.dp, "dp_type": layout.name, "tp": layout.tp, "pp": layout.pp,
+    return {"dp": layout.dp, "dp_type": dp_label(layout), "tp": layout.tp, "pp": layout.pp,
             "pp_schedule": layout.pp_schedule if layout.pp > 1 else None,
             "virtual_stages": layout.virtual_stages, "cp": layout.cp,
             "sequence_parallel": layout.sequence_parallel, "activation_checkpointing": layout.checkpointing,
@@ -187,7 +200,7 @@ def plan(args) -> list[dict]:
     """Every runnable layout, fitting ones by predicted step time, then the rest by memory."""
     if args.gpu not in GPUS:
         raise UserError(f"unknown --gpu {args.gpu!r}; choose from {', '.join(GPUS)} (or add it to "
-                        f"nanodist/plan.py GPUS)")
+                        f"nanodist_tools/plan.py GPUS)")
     if args.gpus < 1 or args.gpus_per_node < 1 or (args.gpus > args.gpus_per_node
                                                    and args.gpus % args.gpus_per_node):
         raise UserError(f"--gpus {args.gpus} on nodes of --gpus_per_node {args.gpus_per_node}: "
@@ -221,8 +234,8 @@ def table(rows: list[dict]) -> str:
     return "\n".join("  ".join(x.rjust(w) for x, w in zip(line, widths)) for line in [header] + lines)
 
 
-def build_parser() -> _Parser:
-    p = _Parser(description="Rank the layouts of a GPT-2 on a cluster (nanodist/plan.py).")
+def build_parser() -> argparse.ArgumentParser:
+    p = OneLineParser(description="Rank the layouts of a GPT-2 on a cluster (nanodist_tools/plan.py).")
     p.add_argument("--model", default="gpt2", choices=list(PRESETS))
     p.add_argument("--gpus", type=int, default=8)
     p.add_argument("--gpus_per_node", type=int, default=8)
@@ -235,21 +248,17 @@ def build_parser() -> _Parser:
     p.add_argument("--total_batch_size", type=int, default=524288)
     p.add_argument("--micro_batch_size", default="auto", help="auto: powers of 2 up to 64")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    p.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
+                   help="what the layouts run on (the rules differ: PyTorch's CP is CUDA only)")
+    p.add_argument("--implementation", default="custom", choices=["custom", "pytorch"])
     p.add_argument("--top", type=int, default=10)
     p.add_argument("--json", action="store_true", help="print the whole ranking as JSON")
-    p.add_argument("--validate", action="store_true", help="check the predictions against measurement")
-    p.add_argument("--data_dir", default="data/shakespeare_char", help="--validate: prepared char data")
-    p.add_argument("--out", default="docs/plan", help="--validate: report directory")
-    p.add_argument("--layouts", nargs="*", help="--validate: a subset (validate.py LAYOUTS)")
     return p
 
 
 def main(argv=None) -> int:
     try:
         args = build_parser().parse_args(argv)
-        if args.validate:
-            from nanodist.validate import main as validate  # starts processes: only when asked
-            return validate(args.data_dir, args.out, args.layouts)
         if args.micro_batch_size != "auto" and not args.micro_batch_size.isdigit():
             raise UserError(f"--micro_batch_size must be auto or a number, got {args.micro_batch_size!r}")
         rows = plan(args)

@@ -1,8 +1,9 @@
-"""The tensor-parallel plan of GPT-2, written once (DESIGN.md invariant 5).
+"""The tensor-parallel plan of GPT-2, written once (DESIGN.md invariant 5), and how it
+lays out each parameter (full GPT-2 tensor <-> this rank's part, for either executor).
 
 A plan maps module paths to styles; the custom executor (`tensor_parallel.apply_custom_tp`)
-and the DTensor executor (`tensor_parallel.apply_dtensor_tp`) both read it. Modules not
-in the plan stay replicated (wpe; the LayerNorms without sequence parallelism).
+and the DTensor executor (`tensor_parallel_native.apply_dtensor_tp`) both read it. Modules
+not in the plan stay replicated (wpe; the LayerNorms without sequence parallelism).
 
     idx -> wte [vocab]  + wpe -> drop [scatter*] -> blocks -> ln_f [seq*] -> lm_head [head]
     block:  ln_1 [seq*] -> c_attn [col] -> attention (local heads) -> c_proj [row]  (+ x)
@@ -18,6 +19,10 @@ Sharding of the weights (nn.Linear weight is (out, in)):
 from dataclasses import dataclass
 
 import torch
+from torch.distributed.tensor import DTensor
+
+from nanodist.parallel.comm import Group
+from nanodist.parallel.init import local_slice
 
 
 @dataclass(frozen=True)
@@ -68,3 +73,53 @@ def qkv_to_rank_major(full: torch.Tensor, tp: int) -> torch.Tensor:
 def qkv_from_rank_major(full: torch.Tensor, tp: int) -> torch.Tensor:
     """Inverse of `qkv_to_rank_major`: back to GPT-2's [q; k; v] row order."""
     return full.reshape(tp, 3, -1, *full.shape[1:]).transpose(0, 1).reshape(full.shape)
+
+
+def shard_of(full: torch.Tensor, style: Style, name: str, tp: int, rank: int) -> torch.Tensor:
+    """Rank `rank`'s part of the full parameter `name` (weight, bias) of a module of `style`."""
+    dim = shard_dim(style, name)
+    if dim is None:
+        return full
+    if style.qkv:
+        full = qkv_to_rank_major(full, tp)
+    return full.chunk(tp, dim)[rank].clone()
+
+
+def _style_and_dim(plan: dict, name: str):
+    path, _, leaf = name.rpartition(".")
+    style = plan.get(path)
+    return style, shard_dim(style, leaf) if style else None
+
+
+def gather(x: torch.Tensor, dim: int, group: Group) -> torch.Tensor:
+    """Concatenation along `dim` of every rank's x, in rank order."""
+    x = x.movedim(dim, 0).contiguous()
+    out = x.new_empty(group.size * x.size(0), *x.shape[1:])
+    group.all_gather(out, x)
+    return out.movedim(0, dim)
+
+
+@torch.no_grad()
+def full_tensor(name: str, local: torch.Tensor, plan: dict, tp: Group) -> torch.Tensor:
+    """Parameter `name` (or a tensor laid out like it: a gradient, Adam's moments) in
+    GPT-2's layout from this rank's part, from either executor (collective when sharded):
+    TP shards gathered, c_attn rows back in [q; k; v] order."""
+    style, dim = _style_and_dim(plan, name)
+    if isinstance(local, DTensor):
+        local = local.full_tensor()
+    elif dim is not None:
+        local = gather(local.detach(), dim, tp)
+    if dim is not None and style.qkv:
+        local = qkv_from_rank_major(local, tp.size)
+    return local
+
+
+@torch.no_grad()
+def local_tensor(name: str, full: torch.Tensor, like: torch.Tensor, plan: dict, tp: Group):
+    """The inverse of `full_tensor`: this rank's part of `full`, laid out as `like`."""
+    style, dim = _style_and_dim(plan, name)
+    if dim is None:
+        return local_slice(full, like)
+    if isinstance(like, DTensor):
+        return local_slice(qkv_to_rank_major(full, tp.size) if style.qkv else full, like)
+    return shard_of(full, style, name.rpartition(".")[2], tp.size, tp.rank)

@@ -1,0 +1,143 @@
+"""Every private or unstable torch API nanodist uses, in one place.
+
+Private names move between torch releases. Each is reached through here, by its purpose,
+so that a torch without it fails with one line that names it (a `UserError`), not an
+ImportError deep inside a strategy; optional ones (CPU memory statistics) return None
+and their caller falls back. nanodist is tested with torch TESTED_TORCH.
+
+    name                          module . attribute                              used for
+    TorchDispatchMode             torch.utils._python_dispatch                   counting ops (tools, tests)
+    tree_leaves                   torch.utils._pytree                            walking op arguments (tools)
+    FakeStore                     torch.testing._internal.distributed.fake_pg    the simulated cluster (tools)
+    MemTracker                    torch.distributed._tools.mem_tracker           the bench's CPU peak (tools)
+    replicate                     torch.distributed._composable.replicate_with_fsdp  PyTorch DDP of DTensor/PP stages
+    ContextParallel, cp_options,  torch.distributed.tensor.experimental._context_parallel  PyTorch's CP
+      enable_cp_dispatcher
+    C10dBackend                   torch._C._distributed_c10d.Backend             group options carrying a timeout
+    resolve_process_group         torch.distributed.distributed_c10d             group size of a functional collective
+    functional_collectives()      torch.ops._c10d_functional                     AC's save list, traffic counting
+    flatten(mesh, name)           DeviceMesh._flatten                            the dp x cp dimension
+    set_timeout(options, t)       ProcessGroup options ._timeout                 --dist_timeout on mesh groups
+    queue_callback(fn)            Variable._execution_engine.queue_callback      end-of-backward hooks (DDP, FSDP)
+    materialize_meta(module, d)   nn.Module._apply                               deferred init, meta tensors only
+    allocation_events(prof)       torch._C._profiler._ExtraFields_Allocation,    CPU peak memory (optional)
+                                  profile.profiler.kineto_results
+    count_cpu_allocations()       c10's FLAGS_caffe2_report_cpu_memory_usage     CPU peak memory (optional)
+    mergeable_ranks(encoding)     tiktoken Encoding._mergeable_ranks             HF tokenizer export
+"""
+import ctypes
+import importlib
+import sys
+from pathlib import Path
+
+import torch
+
+from nanodist.errors import UserError
+
+TESTED_TORCH = "2.13.0"
+
+_PRIVATE = {  # name -> (module, attribute, what nanodist needs it for)
+    "TorchDispatchMode": ("torch.utils._python_dispatch", "TorchDispatchMode", "counting ops"),
+    "tree_leaves": ("torch.utils._pytree", "tree_leaves", "walking op arguments"),
+    "FakeStore": ("torch.testing._internal.distributed.fake_pg", "FakeStore", "the simulated cluster"),
+    "MemTracker": ("torch.distributed._tools.mem_tracker", "MemTracker", "the bench's CPU peak memory"),
+    "replicate": ("torch.distributed._composable.replicate_with_fsdp", "replicate",
+                  "PyTorch's DDP of tensor-parallel models and pipeline stages"),
+    "ContextParallel": ("torch.distributed.tensor.experimental._context_parallel", "_ContextParallel",
+                        "PyTorch's context parallel"),
+    "cp_options": ("torch.distributed.tensor.experimental._context_parallel", "_cp_options",
+                   "PyTorch's context parallel"),
+    "enable_cp_dispatcher": ("torch.distributed.tensor.experimental._context_parallel",
+                             "_enable_context_parallel_dispatcher", "PyTorch's context parallel"),
+    "C10dBackend": ("torch._C._distributed_c10d", "Backend", "--dist_timeout on the mesh's groups"),
+    "resolve_process_group": ("torch.distributed.distributed_c10d", "_resolve_process_group",
+                              "counting functional collectives"),
+}
+
+
+def _missing(where: str, what: str) -> UserError:
+    return UserError(f"{what} needs {where}, which torch {torch.__version__} does not have; "
+                     f"nanodist is tested with torch {TESTED_TORCH} (pip install torch=={TESTED_TORCH})")
+
+
+def __getattr__(name: str):
+    """compat.<name> of the table above, imported on first use."""
+    if name not in _PRIVATE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    module, attribute, what = _PRIVATE[name]
+    try:
+        value = getattr(importlib.import_module(module), attribute)
+    except (ImportError, AttributeError):
+        raise _missing(f"{module}.{attribute}", what) from None
+    globals()[name] = value
+    return value
+
+
+def _method(obj, attribute: str, what: str):
+    try:
+        return getattr(obj, attribute)
+    except AttributeError:
+        raise _missing(f"{type(obj).__name__}.{attribute}", what) from None
+
+
+def functional_collectives():
+    """torch.ops._c10d_functional: the ops DTensor lowers its collectives to."""
+    return torch.ops._c10d_functional
+
+
+def flatten(device_mesh, name: str):
+    """A 1-D mesh over the dims of `device_mesh` (a sub-mesh), named `name`."""
+    return _method(device_mesh, "_flatten", "flattening mesh dimensions")(name)
+
+
+def set_timeout(options, timeout):
+    options._timeout = timeout  # read by DeviceMesh when it creates the groups
+    return options
+
+
+def queue_callback(fn):
+    """Run `fn` once the current backward pass has finished."""
+    engine = _method(torch.autograd.Variable, "_execution_engine", "end-of-backward callbacks")
+    engine.queue_callback(fn)
+
+
+def materialize_meta(module: torch.nn.Module, device: torch.device):
+    """Give every meta tensor of `module` storage on `device` (values undefined); others stay."""
+    module._apply(lambda t: torch.empty_like(t, device=device) if t.is_meta else t)
+
+
+def allocation_events(prof) -> list | None:
+    """The allocation events of a finished torch.profiler profile (profile_memory=True), in
+    time order, each with `total_allocated` and `alloc_size`; None where this torch has none."""
+    try:
+        from torch._C._profiler import _ExtraFields_Allocation
+        roots = prof.profiler.kineto_results.experimental_event_tree()
+    except (ImportError, AttributeError):
+        return None
+
+    def walk(nodes):
+        for node in nodes:
+            yield node
+            yield from walk(node.children)
+    events = [node for node in walk(roots) if isinstance(node.extra_fields, _ExtraFields_Allocation)]
+    return [node.extra_fields for node in sorted(events, key=lambda node: node.start_time_ns)]
+
+
+def count_cpu_allocations() -> bool:
+    """Make c10's CPU allocator keep a running total of its live bytes (which the profiler
+    reports with each allocation event): c10's flag caffe2_report_cpu_memory_usage, which
+    torch does not expose. False where this torch lacks the flag or the events."""
+    if not hasattr(torch._C._profiler, "_ExtraFields_Allocation"):
+        return False
+    name = "libc10.dylib" if sys.platform == "darwin" else "libc10.so"
+    try:
+        lib = ctypes.CDLL(str(Path(torch.__file__).parent / "lib" / name))
+        ctypes.c_bool.in_dll(lib, "FLAGS_caffe2_report_cpu_memory_usage").value = True
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def mergeable_ranks(encoding) -> dict[bytes, int]:
+    """tiktoken's BPE ranks of an Encoding (token bytes -> merge rank)."""
+    return _method(encoding, "_mergeable_ranks", "exporting the GPT-2 tokenizer")

@@ -1,0 +1,348 @@
+"""The parallel layout, in one place (torchtitan's ParallelDims): the axes, their product,
+every rule a layout must obey, and the mesh of processes it builds.
+
+The trainer, the planner, the benchmarks and the command line all ask `Layout.check`:
+a layout the planner lists is one train.py accepts on that device, and no other.
+
+Axes, outermost to innermost (mesh order; any of them may be 1):
+
+    pp            pipeline stages (point-to-point only: tolerates the slowest links)
+    dp_replicate  data parallel replicas (DDP: the whole model on each)
+    dp_shard      data parallel shards (FSDP: each holds 1/dp_shard of the model)
+    cp            context parallel: each sequence split over these ranks
+    tp            tensor parallel: contiguous ranks (the heaviest traffic stays in a node)
+
+    rank = (((pp_rank * dp_replicate + r) * dp_shard + s) * cp + cp_rank) * tp + tp_rank
+
+    e.g. pp=2 x dp=2 x tp=2 (cp=1):
+              tp ->  0   1                  tp: a row             {0,1} {2,3} ...
+    pp 0  dp 0    [  0 | 1 ]                dp: a column          {0,2} {1,3} {4,6} {5,7}
+          dp 1    [  2 | 3 ]                pp: one (dp, tp)      {0,4} {1,5} {2,6} {3,7}
+    pp 1  dp 0    [  4 | 5 ]                    across stages
+          dp 1    [  6 | 7 ]
+
+Derived groups: `dp` = dp_replicate x dp_shard (the ranks that read different data) and
+`dp_cp` = dp x cp (the ranks that hold the same parameters: CP ranks hold the same
+weights and different tokens of the same sequences, so gradients are reduced over both).
+Each is a flattened mesh dimension where more than one of its axes is > 1, else the one
+axis itself (no extra process groups). Room for more: an expert-parallel axis would be
+carved from dp_shard x cp, as torchtitan and Megatron do.
+
+One process started without torchrun runs with no process group at all.
+"""
+import dataclasses
+import math
+from dataclasses import dataclass, fields
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+from nanodist import compat
+from nanodist.errors import UserError
+from nanodist.model import GPTConfig
+from nanodist.parallel.comm import Comm, Group
+
+AXES = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
+GROUPS = AXES + ("dp", "dp_cp")
+CHOICES = {
+    "dp_type": ("ddp", "fsdp"),
+    "pp_schedule": ("gpipe", "1f1b", "interleaved_1f1b", "zero_bubble"),
+    "checkpointing": ("none", "full", "selective"),
+    "implementation": ("custom", "pytorch"),
+}
+# each field of Layout and the train.py flag that sets it (the one table of both directions)
+FLAGS = {"pp": "pipeline_parallel_size", "dp": "data_parallel_size", "cp": "context_parallel_size",
+         "tp": "tensor_parallel_size", "dp_type": "data_parallel_type",
+         "reshard_after_forward": "fsdp_reshard_after_forward",
+         "reduce_on_last_micro_step": "fsdp_reduce_on_last_micro_step",
+         "bucket_cap_mb": "bucket_cap_mb", "sequence_parallel": "sequence_parallel",
+         "loss_parallel": "enable_loss_parallelism", "pp_schedule": "pipeline_schedule",
+         "virtual_stages": "virtual_stages", "checkpointing": "activation_checkpointing",
+         "ac_every": "ac_every", "compile": "compile", "implementation": "implementation"}
+
+
+def flag(field: str) -> str:
+    return f"--{FLAGS[field]}"
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The axes and how each runs. Frozen: one layout, decided once."""
+    pp: int = 1
+    dp: int = 1
+    cp: int = 1
+    tp: int = 1
+    dp_type: str = "ddp"                     # ddp: replicate the model; fsdp: shard it
+    reshard_after_forward: bool = True       # FSDP: ZeRO-3; False: ZeRO-2
+    reduce_on_last_micro_step: bool = False  # FSDP: reduce-scatter once per step
+    bucket_cap_mb: float = 25.0              # custom DDP's gradient buckets
+    sequence_parallel: bool = False          # TP: norms and residuals sharded on the sequence
+    loss_parallel: bool = False              # TP: vocab-parallel loss
+    pp_schedule: str = "1f1b"
+    virtual_stages: int = 1                  # PP: model chunks per rank
+    checkpointing: str = "none"              # activation checkpointing: none | full | selective
+    ac_every: int = 1                        # full: every K-th block
+    compile: bool = False                    # torch.compile each block
+    implementation: str = "custom"           # custom (by hand) | pytorch
+
+    # ---- the axes and their product
+
+    @property
+    def dp_replicate(self) -> int:
+        return self.dp if self.dp_type == "ddp" else 1
+
+    @property
+    def dp_shard(self) -> int:
+        return self.dp if self.dp_type == "fsdp" else 1
+
+    def sizes(self) -> dict[str, int]:
+        return {"pp": self.pp, "dp_replicate": self.dp_replicate, "dp_shard": self.dp_shard,
+                "cp": self.cp, "tp": self.tp}
+
+    @property
+    def world(self) -> int:
+        return math.prod(self.sizes().values())
+
+    @property
+    def dp_cp(self) -> int:
+        """Ranks that hold the same parameters (replicas or shards, x CP)."""
+        return self.dp * self.cp
+
+    @property
+    def fsdp(self) -> bool:
+        """Sharded: FSDP over more than one rank holding the same parameters."""
+        return self.dp_type == "fsdp" and self.dp_cp > 1
+
+    @property
+    def ddp(self) -> bool:
+        return self.dp_type == "ddp" and self.dp_cp > 1
+
+    def coordinates(self, rank: int) -> dict[str, int]:
+        """This rank's index along every axis, and within `dp` and `dp_cp`."""
+        at, rest = {}, rank
+        for axis in reversed(AXES):
+            rest, at[axis] = divmod(rest, self.sizes()[axis])
+        at["dp"] = at["dp_replicate"] * self.dp_shard + at["dp_shard"]
+        at["dp_cp"] = at["dp"] * self.cp + at["cp"]
+        return at
+
+    @property
+    def name(self) -> str:
+        """e.g. dp2-fsdp-tp2-custom-pp2-1f1b-cp2 (run directories are named after it)."""
+        return (f"dp{self.dp}-{self.dp_type}-tp{self.tp}-{self.implementation}"
+                + (f"-pp{self.pp}-{self.pp_schedule}" if self.pp > 1 else "")
+                + (f"-cp{self.cp}" if self.cp > 1 else ""))
+
+    def flags(self) -> list[str]:
+        """The train.py flags of this layout."""
+        return [f"{flag(f.name)}={getattr(self, f.name)}" for f in fields(self)]
+
+    # ---- every rule
+
+    def micro_steps(self, total_batch_size: int, batch_size: int, block_size: int) -> int:
+        """Micro-steps per optimizer step so that every DP size sees the same global batch
+        (CP ranks read the same sequences: they do not count)."""
+        per_micro = batch_size * block_size * self.dp
+        if total_batch_size % per_micro:
+            raise UserError(
+                f"--total_batch_size ({total_batch_size}) must be divisible by batch_size x "
+                f"block_size x data_parallel_size = {batch_size} x {block_size} x {self.dp} = "
+                f"{per_micro}; pick e.g. --total_batch_size "
+                f"{per_micro * max(total_batch_size // per_micro, 1)}")
+        return total_batch_size // per_micro
+
+    def check(self, world_size: int, device_type: str, block_size: int, dropout: float = 0.0,
+              model: GPTConfig | None = None, micro_steps: int | None = None):
+        """Every rule of a layout; the first one broken raises a UserError that names the
+        flags to change. The rules on the model's shape and on the micro-batches apply when
+        `model` and `micro_steps` are given (the trainer knows them once the data is open)."""
+        for field, allowed in CHOICES.items():
+            if getattr(self, field) not in allowed:
+                raise UserError(f"unknown {flag(field)} {getattr(self, field)!r}; choose from "
+                                f"{', '.join(allowed)}")
+        self._check_world(world_size)
+        self._check_tensor_parallel(block_size)
+        self._check_context_parallel(device_type, block_size, dropout)
+        if self.compile and self.fsdp and self.implementation == "custom":
+            raise UserError("--compile cannot trace the custom FSDP (it frees and regrows parameter "
+                            "storage between the ops); use --implementation pytorch with --compile")
+        if self.pp > 1 and self.implementation == "pytorch" and (self.cp > 1 or self.tp > 1):
+            what = "PyTorch's context parallel" if self.cp > 1 else "DTensor TP"
+            raise UserError(f"torch.distributed.pipelining x {what} is not wired up here; use "
+                            f"--implementation custom for PP x {'CP' if self.cp > 1 else 'TP'}")
+        if self.pp > 1:
+            self._check_pipeline(model, micro_steps)
+        if model is not None:
+            self._check_model(model)
+
+    def _check_world(self, world_size: int):
+        if self.world != world_size:
+            n = self.world
+            raise UserError(
+                f"--pipeline_parallel_size ({self.pp}) x --data_parallel_size ({self.dp}) x "
+                f"--context_parallel_size ({self.cp}) x --tensor_parallel_size ({self.tp}) = {n} "
+                f"processes, but {world_size} were launched: launch with torchrun "
+                f"--nproc_per_node={n} or change the sizes so that their product is {world_size}")
+
+    def sequence_divides(self, block_size: int) -> bool:
+        """Whether sequence parallelism can split a CP rank's tokens over the TP ranks."""
+        return (block_size // self.cp) % self.tp == 0
+
+    def _check_tensor_parallel(self, block_size: int):
+        if self.loss_parallel and self.tp == 1:
+            raise UserError("--enable_loss_parallelism needs --tensor_parallel_size > 1")
+        if self.sequence_parallel and self.tp == 1:
+            raise UserError("--sequence_parallel needs --tensor_parallel_size > 1")
+        if self.sequence_parallel and not self.sequence_divides(block_size):
+            what = (f"--block_size ({block_size})" if self.cp == 1 else f"the {block_size // self.cp} "
+                    f"tokens of a CP rank (--block_size / --context_parallel_size)")
+            raise UserError(f"--sequence_parallel splits the sequence: {what} must be divisible by "
+                            f"--tensor_parallel_size ({self.tp})")
+
+    def _check_context_parallel(self, device_type: str, block_size: int, dropout: float):
+        if self.cp == 1:
+            return
+        if block_size % (2 * self.cp):
+            raise UserError(f"--context_parallel_size {self.cp} cuts each sequence into {2 * self.cp} "
+                            f"zigzag chunks: --block_size ({block_size}) must be divisible by {2 * self.cp}")
+        if dropout > 0:
+            raise UserError("--context_parallel_size > 1 runs attention without dropout: use --dropout 0")
+        if self.implementation == "pytorch" and device_type != "cuda":
+            raise UserError("--implementation pytorch --context_parallel_size > 1 runs on CUDA only "
+                            "(PyTorch's context parallel has no CPU attention kernel rule); use "
+                            "--implementation custom (ring attention by hand) on CPU")
+
+    def _check_model(self, model: GPTConfig):
+        for what, size in (("n_head", model.n_head), ("n_embd", model.n_embd),
+                           ("padded vocab_size", model.vocab_size)):
+            if size % self.tp:
+                raise UserError(f"{what} ({size}) is not divisible by --tensor_parallel_size "
+                                f"({self.tp}); pick a tensor parallel size that divides it")
+
+    def _check_pipeline(self, model: GPTConfig | None, M: int | None):
+        P, V, schedule = self.pp, self.virtual_stages, self.pp_schedule
+        if model is not None and P > model.n_layer:
+            raise UserError(f"--pipeline_parallel_size ({P}) is larger than the model's n_layer "
+                            f"({model.n_layer}): every stage needs a block; use at most {model.n_layer} stages")
+        if model is not None and P * V > model.n_layer:
+            raise UserError(f"--pipeline_parallel_size x --virtual_stages = {P} x {V} = {P * V} chunks, "
+                            f"but the model has {model.n_layer} blocks; lower --virtual_stages")
+        if V > 1 and schedule not in ("interleaved_1f1b", "zero_bubble"):
+            raise UserError(f"--virtual_stages {V} needs --pipeline_schedule interleaved_1f1b "
+                            f"(or zero_bubble with --implementation pytorch)")
+        if schedule == "zero_bubble" and self.implementation != "pytorch":
+            raise UserError("--pipeline_schedule zero_bubble exists with --implementation pytorch only")
+        if M is None:
+            return
+        where = (f"M = {M} micro-batches (the gradient accumulation steps: --total_batch_size / "
+                 f"(batch_size x block_size x data_parallel_size))")
+        if schedule in ("interleaved_1f1b", "zero_bubble") and M % P:
+            raise UserError(f"--pipeline_schedule {schedule} needs M to be a multiple of the "
+                            f"{P} stages, got {where}; raise --total_batch_size or lower --batch_size")
+        if schedule == "1f1b" and self.implementation == "pytorch" and M < P:
+            raise UserError(f"PyTorch's 1F1B needs at least M = P = {P} micro-batches, got {where}")
+
+
+# ------------------------------------------------------------------ the mesh
+
+@dataclass(frozen=True)
+class Mesh:
+    """The processes of a layout: this rank, its device, and the group of every axis
+    (`mesh.tp.size`, `mesh.dp.rank`, `mesh.dp_cp.all_reduce(x)`). Built once by
+    `build_mesh` and passed explicitly (no global)."""
+    layout: Layout
+    rank: int
+    device: torch.device
+    groups: dict            # name of GROUPS -> Group
+    device_mesh: DeviceMesh | None = None  # dims AXES; None for one process
+
+    @classmethod
+    def alone(cls, device=torch.device("cpu"), comm: Comm | None = None,
+              layout: Layout = Layout()) -> "Mesh":
+        """This rank on its own, every group of size 1 (one process, or a reference run
+        inside a test); `layout`: its options (its axes are all 1)."""
+        if layout.world != 1:
+            raise UserError(f"a layout of {layout.world} processes needs torchrun "
+                            f"--nproc_per_node={layout.world}")
+        comm = comm or Comm()
+        return cls(layout, 0, device, {name: comm.group() for name in GROUPS})
+
+    def with_layout(self, layout: Layout) -> "Mesh":
+        """The same processes and groups for another layout of the same axes (its options
+        differ: a schedule, an implementation, checkpointing)."""
+        if layout.sizes() != self.layout.sizes():
+            raise ValueError(f"{layout.name} has other axes than this mesh's {self.layout.name}")
+        return dataclasses.replace(self, layout=layout)
+
+    @property
+    def comm(self) -> Comm:
+        return self.groups["tp"].comm
+
+    @property
+    def pp(self) -> Group:
+        return self.groups["pp"]
+
+    @property
+    def dp(self) -> Group:
+        return self.groups["dp"]
+
+    @property
+    def cp(self) -> Group:
+        return self.groups["cp"]
+
+    @property
+    def tp(self) -> Group:
+        return self.groups["tp"]
+
+    @property
+    def dp_cp(self) -> Group:
+        return self.groups["dp_cp"]
+
+    @property
+    def world_size(self) -> int:
+        return self.layout.world
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _group_options(timeout: timedelta):
+    """Options that carry `timeout` to the mesh's groups (DeviceMesh would give them
+    PyTorch's default, not the world group's)."""
+    if dist.get_backend() == "nccl":
+        options = dist.ProcessGroupNCCL.Options()
+    else:
+        options = compat.C10dBackend.Options(dist.get_backend())
+    return compat.set_timeout(options, timeout)
+
+
+def build_mesh(layout: Layout, device: torch.device, comm: Comm | None = None,
+               timeout: timedelta | None = None) -> Mesh:
+    """The mesh of `layout` over the already initialised process group (or one process);
+    its groups give up after `timeout` (None: PyTorch's default) and count their traffic
+    in `comm` (a new Comm by default)."""
+    if not dist.is_initialized():
+        return Mesh.alone(device, comm, layout)
+    comm = comm or Comm()
+    waits = timeout and dist.get_backend() != "fake"  # a simulated cluster never waits
+    override = {axis: _group_options(timeout) for axis in AXES} if waits else None
+    sizes = layout.sizes()
+    device_mesh = init_device_mesh(device.type, tuple(sizes.values()), mesh_dim_names=AXES,
+                                   backend_override=override)
+    groups = {axis: comm.group(device_mesh.get_group(axis), device_mesh[axis]) for axis in AXES}
+
+    def combined(axes: tuple[str, ...], name: str) -> Group:
+        """The ranks of `axes` together: a flattened dimension only where two are > 1."""
+        used = [a for a in axes if sizes[a] > 1]
+        if len(used) <= 1:
+            return groups[used[0] if used else axes[-1]]
+        span = AXES[AXES.index(used[0]):AXES.index(used[-1]) + 1]  # contiguous mesh dims
+        flat = compat.flatten(device_mesh[span], name)
+        return comm.group(flat.get_group(), flat)
+
+    groups["dp"] = combined(("dp_replicate", "dp_shard"), "dp")
+    groups["dp_cp"] = combined(("dp_replicate", "dp_shard", "cp"), "dp_cp")
+    return Mesh(layout, dist.get_rank(), device, groups, device_mesh)

@@ -1,0 +1,111 @@
+"""How a layout holds the model's parameters: what the optimizer steps on, the norm of
+the full gradient, and full GPT-2 tensors <-> this rank's parts (checkpoints, --init_from).
+
+    Params          the protocol (what the trainer and checkpoint.py ask)
+    ModuleParams    the module's own parameters: whole, sharded by the custom TP (sharded_over
+                    says over which groups), or DTensors (TP, FSDP2, replicate: they say it)
+    fsdp.FlatParams the custom FSDP's flat shards
+    pipeline.PipelineParams  one of the above per chunk, and the pipeline group between them
+
+Tensors "laid out like the optimizer's params" are the params themselves, their
+gradients, or Adam's moments: the conversions below serve all of them.
+"""
+from typing import Callable, Iterator
+
+import torch
+import torch.nn as nn
+from torch.distributed.tensor import DTensor
+
+from nanodist.parallel import tp_plan
+from nanodist.parallel.clip import grad_norm, scale_grads_
+from nanodist.parallel.layout import Mesh
+
+
+def split_by_weight_decay(named_params) -> tuple[list, list]:
+    """GPT-2 recipe: decay matrices and embeddings (>= 2-D), not biases and norms."""
+    decay, no_decay = [], []
+    for _, param in named_params:
+        if param.requires_grad:
+            (decay if param.dim() >= 2 else no_decay).append(param)
+    return decay, no_decay
+
+
+class Params:
+    """The parameters of one layout, as the optimizer, clipping and checkpoints see them."""
+    mesh: Mesh
+    sharded_over: dict   # plain tensor parameter -> the Groups it is sharded across
+
+    def optimizer_params(self) -> tuple[list, list]:
+        """(decay params, no-decay params) the optimizer steps on."""
+        raise NotImplementedError
+
+    def names(self) -> list[list[str]]:
+        """Per optimizer parameter, in order, the GPT-2 names it holds (FSDP: a flat's)."""
+        raise NotImplementedError
+
+    def full_tensors(self, tensors) -> Iterator[tuple[str, torch.Tensor]]:
+        """(GPT-2 name, full tensor) for `tensors` laid out like the optimizer's params, one
+        parameter at a time. Collective: every rank iterates it to the end."""
+        raise NotImplementedError
+
+    def load_full_tensors(self, full_of: Callable, tensors):
+        """The inverse: fill `tensors` with this rank's part of `full_of(name)`, asked for
+        one GPT-2 name at a time. Collective."""
+        raise NotImplementedError
+
+    def param_list(self) -> list:
+        decay, no_decay = self.optimizer_params()
+        return decay + no_decay
+
+    def param_groups(self, weight_decay: float) -> list[dict]:
+        decay, no_decay = self.optimizer_params()
+        return [{"params": decay, "weight_decay": weight_decay},
+                {"params": no_decay, "weight_decay": 0.0}]
+
+    def grad_norm(self) -> torch.Tensor:
+        """The norm of the full gradient (every shard, every stage once)."""
+        return grad_norm(self.param_list(), self.sharded_over, self.mesh.comm)
+
+    def clip_grad_norm(self, max_norm: float | None) -> torch.Tensor:
+        """The norm before clipping; scales the gradients to at most max_norm when given."""
+        norm = self.grad_norm()
+        if max_norm is not None:
+            scale_grads_(self.param_list(), norm, max_norm)
+        return norm
+
+
+class ModuleParams(Params):
+    """The parameters of `model` as they are (GPT-2 names), TP plan and shards included."""
+
+    def __init__(self, model: nn.Module, mesh: Mesh, plan: dict | None = None,
+                 sharded_over: dict | None = None):
+        self.model, self.mesh = model, mesh
+        self.plan = plan or {}            # module path -> tp_plan.Style, what TP sharded
+        self.sharded_over = sharded_over or {}
+
+    def optimizer_params(self):
+        return split_by_weight_decay(self.model.named_parameters())
+
+    def names(self):
+        names = {id(p): name for name, p in self.model.named_parameters()}
+        return [[names[id(p)]] for p in self.param_list()]
+
+    def full_tensors(self, tensors):
+        for [name], tensor in zip(self.names(), tensors):
+            yield name, tp_plan.full_tensor(name, tensor, self.plan, self.mesh.tp)
+
+    @torch.no_grad()
+    def load_full_tensors(self, full_of, tensors):
+        for [name], tensor in zip(self.names(), tensors):
+            local = tp_plan.local_tensor(name, full_of(name).to(tensor.device), tensor, self.plan,
+                                         self.mesh.tp)
+            (tensor.to_local() if isinstance(tensor, DTensor) else tensor).copy_(local)
+
+
+@torch.no_grad()
+def full_state_dict(params: Params, model: nn.Module) -> dict:
+    """The state dict of `model` (GPT-2 names, full tensors, on the CPU) as `params` holds
+    it, on every rank. Collective."""
+    values = {name: t.to("cpu", copy=True) for name, t in params.full_tensors(params.param_list())}
+    names = {id(p): name for name, p in model.named_parameters()}  # tied: the first name
+    return {key: values[names[id(p)]] for key, p in model.state_dict(keep_vars=True).items()}

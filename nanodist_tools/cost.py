@@ -1,0 +1,169 @@
+"""The analytic model of what each layout costs per rank in memory, beside which the
+benchmark and the planner's validation put their measurements (its traffic: traffic.py).
+Psi = parameters; state is fp32 (master weights).
+
+Parameters of GPT-2 (L layers, width C, padded vocab V, context T, biases on; the tied
+wte/lm_head matrix counted once), split by what tensor parallelism does to them:
+
+    root    wte V C (TP: vocab rows)   wpe T C, ln_f 2C (replicated)
+    block   c_attn 3C^2+3C, attn.c_proj C^2, c_fc 4C^2+4C, mlp.c_proj 4C^2  (TP: sharded)
+            ln_1 2C, ln_2 2C, the two row-parallel biases C + C             (replicated)
+
+State memory (ZeRO paper, fp32 Adam): 4 bytes of parameter + 4 of gradient + 8 of Adam
+moments per parameter, = 16 Psi on one rank, and per rank:
+
+    DDP              16 Psi                  (everything replicated)
+    FSDP (ZeRO-3)    16 Psi / N              (parameters, grads and moments sharded)
+    FSDP "ZeRO-2"    16 Psi / N at rest      (this project's --fsdp_reshard_after_forward
+                                              false: keeps gathered parameters from forward
+                                              to backward, costs traffic not state)
+    TP               16 (Psi_sharded / t + Psi_replicated)
+
+Pipeline stages (pipeline.py): pp rank r holds chunks r, r + P, ... of `split_layers`;
+the first chunk holds wte and wpe, the last ln_f and its own copy of the tied lm_head.
+What a rank holds and sends, and the activations it keeps in flight (GPipe: M
+micro-batches, 1F1B: at most P - r), follow from walking its schedule (`schedule`).
+"""
+from functools import lru_cache
+
+from nanodist.model import GPTConfig
+from nanodist.parallel.layout import Layout
+from nanodist.parallel.pipeline import split_layers
+from nanodist.parallel.schedules import SCHEDULES, Action, bubble_fraction
+
+FP32 = 4
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2}
+ADAM_STATES = 2  # exp_avg, exp_avg_sq
+
+
+def param_counts(cfg: GPTConfig, tp: int = 1, blocks: range | None = None, first: bool = True,
+                 last: bool = True) -> dict[str, float]:
+    """Parameters by role: blocks / root (FSDP units), tp_sharded / replicated, total;
+    as one rank of `tp` holds them (TP-sharded ones / tp); of the model, or of the chunk
+    holding `blocks` (the first: wte, wpe; the last: ln_f, lm_head = its copy of wte)."""
+    L, C, V, T = len(blocks or range(cfg.n_layer)), cfg.n_embd, cfg.vocab_size, cfg.block_size
+    block_sharded = (3 * C * C + 3 * C + C * C + 4 * C * C + 4 * C + 4 * C * C) / tp
+    block_replicated = 2 * C + 2 * C + C + C
+    root_sharded = V * C / tp if first or last else 0
+    root_replicated = T * C * first + 2 * C * last
+    return {"blocks": L * (block_sharded + block_replicated),
+            "root": root_sharded + root_replicated,
+            "tp_sharded": L * block_sharded + root_sharded,
+            "replicated": L * block_replicated + root_replicated,
+            "total": L * (block_sharded + block_replicated) + root_sharded + root_replicated}
+
+
+def chunks(cfg: GPTConfig, layout: Layout, pp_rank: int = 0) -> list[tuple[range, bool, bool]]:
+    """(blocks, first, last) of each model chunk pp rank `pp_rank` holds, as pipeline.py splits."""
+    S = layout.pp * layout.virtual_stages
+    blocks = split_layers(cfg.n_layer, S)
+    return [(blocks[c], c == 0, c == S - 1) for c in range(pp_rank, S, layout.pp)]
+
+
+def stage_params(cfg: GPTConfig, layout: Layout, pp_rank: int = 0) -> dict[str, float]:
+    """`param_counts` of what pp rank `pp_rank` holds (the whole model without PP)."""
+    per_chunk = [param_counts(cfg, layout.tp, *chunk) for chunk in chunks(cfg, layout, pp_rank)]
+    return {role: sum(counts[role] for counts in per_chunk) for role in per_chunk[0]}
+
+
+def local_params(cfg: GPTConfig, layout: Layout, pp_rank: int = 0) -> float:
+    """Parameters one rank keeps between steps (FSDP padding ignored: < N per flat)."""
+    local = stage_params(cfg, layout, pp_rank)["total"]
+    return local / (layout.dp * layout.cp) if layout.fsdp else local
+
+
+def state_bytes(cfg: GPTConfig, layout: Layout, pp_rank: int = 0) -> dict[str, float]:
+    """Per-rank bytes of parameters, gradients and AdamW moments after an optimizer step."""
+    local = local_params(cfg, layout, pp_rank)
+    state = {"params": FP32 * local, "grads": FP32 * local, "optimizer": ADAM_STATES * FP32 * local}
+    state["total"] = sum(state.values())
+    return state
+
+
+@lru_cache(maxsize=None)
+def schedule(pp: int, pp_schedule: str, virtual_stages: int, accum: int) -> list[list[Action]]:
+    """Per pp rank, its forwards and backwards (micro-batch, local chunk) in order
+    (pipeline.py's schedules); without PP, forward then backward of each micro-step."""
+    if pp == 1:
+        return [[Action(kind, m, 0) for m in range(accum) for kind in "FB"]]
+    return SCHEDULES[pp_schedule](pp, accum, virtual_stages)
+
+
+def activation_bytes(cfg: GPTConfig, layout: Layout, micro_batch: int, checkpointing: str | None = None,
+                     ac_every: int | None = None, blocks: range | None = None, first: bool = True,
+                     last: bool = True, value_bytes: int = FP32) -> float:
+    """Bytes one rank keeps for backward after one micro-step's forward (fp32, no dropout),
+    of the whole model or of a pipeline chunk (`blocks`; the embedding's ids if `first`,
+    the head if `last`). checkpointing, ac_every: the layout's unless given. value_bytes: of a
+    float (bfloat16: 2, the planner's estimate; measured in fp32 only).
+
+    Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large Transformer
+    Models", Table 2) count s b h (34 + 5 a s / h) bytes per layer for fp16 activations,
+    1-byte dropout masks and the a s^2 attention scores, softmax and its dropout; tensor
+    parallelism leaves s b h (10 + 24/t + 5 a s/(h t)), sequence parallelism s b h (34/t +
+    5 a s/(h t)), full recomputation 2 s b h. This model stores fp32 (4 bytes), has no
+    dropout, and SDPA (flash / memory-efficient) never keeps the a s^2 matrices, only a
+    logsumexp of a s floats per sequence: the 34 becomes 16 floats, the 5as/h term a/h.
+    Per layer, in floats, with b s h = B T C and t = TP:
+
+        replicated (no SP)   ln_1 input, c_attn input, ln_2 input, c_fc input   4 b s h
+        under SP             LayerNorm inputs sharded (2 b s h / t); column-parallel
+                             layers keep their gathered input for backward (2 b s h)
+        sharded by heads     q k v (3), attention output = c_proj input (1),
+                             gelu input (4), mlp.c_proj input (4)                12 b s h / t
+                             + the attention logsumexp                            b s a / t
+        LayerNorm statistics mean and 1/std of ln_1 and ln_2                     4 b s (/ t SP)
+    = 16 b s h + b s a + 4 b s without TP, as Korthikanti's 34 -> 16 says.
+
+    checkpointing (activation_checkpoint.py):
+        full       a checkpointed block keeps its input only: b s h (/ t under SP);
+                   with ac_every K, blocks 0, K, 2K, ... are checkpointed, the rest as above
+        selective  the block input, and the outputs of the matmuls and of attention:
+                   c_attn 3 b s h / t, attention b s h / t + b s a / t, c_fc 4 b s h / t,
+                   the two row-parallel matmuls b s h each (before their reduction)
+    context parallel: every s above is s / cp (this rank's tokens), and ring attention
+        returns its output in (B, heads, T, d) order, copied once more for c_proj: + b s h / t
+        per layer (none). Selective keeps nothing of it (an autograd Function: its
+        insides are not cached) and recomputes it, ring included.
+    head: ln_f input and statistics (/ t under SP), lm_head input (b s h), the log-softmax
+    of the logits (b s V, / t with loss parallelism) and nll_loss's total weight (one
+    float); int64 token ids, targets and positions.
+    """
+    b, h, a, V = micro_batch, cfg.n_embd, cfg.n_head, cfg.vocab_size
+    blocks, checkpointing = blocks or range(cfg.n_layer), checkpointing or layout.checkpointing
+    ac_every = ac_every or layout.ac_every
+    s = cfg.block_size // layout.cp
+    t, sp = layout.tp, layout.sequence_parallel
+    bsh, seq_split = b * s * h, (t if sp else 1)
+    replicated = 2 * bsh / t + 2 * bsh if sp else 4 * bsh
+    attention = bsh / t + b * s * a / t if layout.cp == 1 else 0  # CP: the ring is recomputed
+    ring_copy = bsh / t if layout.cp > 1 else 0
+    layer = {"none": replicated + 12 * bsh / t + b * s * a / t + 4 * b * s / seq_split + ring_copy,
+             "full": bsh / seq_split,
+             "selective": bsh / seq_split + 3 * bsh / t + attention + 4 * bsh / t + 2 * bsh}
+    if checkpointing == "full":  # the block indices are the whole model's
+        checkpointed = sum(i % ac_every == 0 for i in blocks)
+        layers = checkpointed * layer["full"] + (len(blocks) - checkpointed) * layer["none"]
+    else:
+        layers = len(blocks) * layer[checkpointing]
+    head = (bsh + 2 * b * s) / seq_split + bsh + b * s * V / (t if layout.loss_parallel else 1) + 1
+    return value_bytes * (layers + head * last) + 8 * (b * s + s) * first + 8 * b * s * last
+
+
+def activations_in_flight(cfg: GPTConfig, layout: Layout, micro_batch: int, accum: int,
+                          pp_rank: int = 0, value_bytes: int = FP32) -> float:
+    """Peak bytes of activations a rank keeps: its chunks' `activation_bytes` for every
+    micro-batch forwarded and not yet backwarded, walking its schedule (one micro-step
+    without PP; GPipe all M; 1F1B at most P - r)."""
+    per_chunk = [activation_bytes(cfg, layout, micro_batch, None, None, *chunk, value_bytes)
+                 for chunk in chunks(cfg, layout, pp_rank)]
+    held, peak = [0] * len(per_chunk), 0.0
+    for a in schedule(layout.pp, layout.pp_schedule, layout.virtual_stages, accum)[pp_rank]:
+        held[a.chunk] += 1 if a.kind == "F" else -1
+        peak = max(peak, sum(n * size for n, size in zip(held, per_chunk)))
+    return peak
+
+
+def bubble(layout: Layout, accum: int) -> float:
+    """The idle fraction of a pipeline (`schedules.bubble_fraction`), M = `accum` micro-batches."""
+    return bubble_fraction(layout.pp, accum, layout.virtual_stages)

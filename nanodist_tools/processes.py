@@ -1,0 +1,54 @@
+"""Fresh processes for the tools: N gloo ranks on this machine, or one rank of a large
+cluster played over torch's fake process group (collectives return at once, move nothing)."""
+import json
+import socket
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from nanodist import compat
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run(out_file: str, init, work, args):
+    torch.set_num_threads(1)  # the processes share the machine's cores
+    init()
+    try:
+        Path(out_file).write_text(json.dumps(work(*args)))
+    finally:
+        dist.destroy_process_group()
+
+
+def _gloo_rank(rank, world, port, out_dir, work, args):
+    _run(str(Path(out_dir, f"{rank}.json")), lambda: dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world), work, args)
+
+
+def _fake_rank(_, world, rank, out_file, work, args):
+    _run(out_file, lambda: dist.init_process_group("fake", store=compat.FakeStore(), rank=rank,
+                                                   world_size=world), work, args)
+
+
+def on_processes(world: int, work, *args) -> list:
+    """work(*args) on `world` fresh gloo processes: what each returned (JSON), rank by rank."""
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.start_processes(_gloo_rank, args=(world, free_port(), tmp, work, args), nprocs=world,
+                           start_method="spawn")
+        return [json.loads(Path(tmp, f"{r}.json").read_text()) for r in range(world)]
+
+
+def as_rank_of(world: int, rank: int, work, *args):
+    """work(*args) in a fresh process playing rank `rank` of `world` over the fake group."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out_file = str(Path(tmp, "result.json"))
+        mp.start_processes(_fake_rank, args=(world, rank, out_file, work, args), nprocs=1,
+                           start_method="spawn")
+        return json.loads(Path(out_file).read_text())

@@ -1,0 +1,184 @@
+"""The analytic model of what each layout sends per rank and optimizer step, and in how
+many calls (their latency), beside which the benchmark and the planner's validation put
+what the real code counts (comm.py, nanodist_tools/measure.py's TrafficMode). Traffic
+follows the dtype each collective carries (`--dtype bfloat16`: see `value_bytes`).
+
+Communication per optimizer step, ring bus bytes each rank sends (comm.py's `bus`):
+
+    DDP       all-reduce      2 (N-1)/N * 4 Psi                  (once per step: no_sync)
+    ZeRO-3    all-gather      (N-1)/N * 4 * 2 Psi per micro-step  (every unit twice, the root
+              reduce-scatter  (N-1)/N * 4 Psi per micro-step       too: fsdp.py reshards it
+    ZeRO-2    all-gather      (N-1)/N * 4 Psi per micro-step       after forward)
+    TP        activations of B T C floats, per micro-step (`tp_collectives`)
+    CP        sends of K/V blocks, (3 cp - 2) L x 2 B T/cp C/tp floats per micro-step
+              (`ring_attention_sends`); DDP / FSDP then run over N = dp x cp ranks and
+              TP's activations are T/cp tokens long
+    PP        sends of B T C fp32 activations (B T/tp C under SP) per stage boundary and
+              micro-batch, forward and the same backward; the first and last stage
+              all-reduce the tied wte / lm_head gradient (a 2-rank group)
+plus the scalar all-reduces of the loss mean and the gradient norm (4 bytes each).
+"""
+import math
+
+from nanodist.model import GPTConfig
+from nanodist.parallel.comm import BUS_FACTOR
+from nanodist.parallel.layout import Layout
+from nanodist.parallel.schedules import Action
+from nanodist_tools.cost import DTYPE_BYTES, FP32, chunks, param_counts, schedule
+
+
+FP32_EVERYWHERE = {"matmul": FP32, "residual": FP32, "norm": FP32}
+
+
+def value_bytes(dtype: str, fsdp: bool, device_type: str) -> dict[str, int]:
+    """Bytes per value of what the TP collectives carry, by what produced it (measured
+    with comm.py on CPU; CUDA's autocast differs in LayerNorm only):
+
+        matmul    matmul outputs (row-parallel outputs, logits) and their grads: the
+                  compute dtype (bf16 under autocast)
+        residual  the parameters' dtype, fp32, or bf16 under FSDP's mixed precision
+                  (it gathers bf16 parameters): the embeddings, hence the residual stream
+                  (bf16 matmul outputs + it), and the parameters' grads
+        norm      LayerNorm outputs (the column-parallel inputs) and their grads: CUDA
+                  autocast runs LayerNorm in fp32, CPU autocast keeps its input's dtype
+    """
+    matmul = DTYPE_BYTES[dtype]
+    residual = matmul if fsdp else FP32
+    return {"matmul": matmul, "residual": residual,
+            "norm": FP32 if device_type == "cuda" else residual}
+
+
+def tp_collectives(B: int, T: int, C: int, V: int, L: int, sp: bool, lp: bool,
+                   sizes: dict = FP32_EVERYWHERE, grad_norm: bool = True, first: bool = True,
+                   last: bool = True) -> dict:
+    """{kind: (calls, payload bytes)} of the TP collectives of one forward + backward
+    (custom executor), plus (grad_norm) the 4-byte all-reduce of the squared gradient
+    norm. `sizes`: bytes per value of each kind of activation (`value_bytes`).
+
+    without SP   all-reduce   4 per layer (2 forward: row-parallel outputs; 2 backward:
+                              column-parallel inputs) + wte forward + lm_head input backward
+    with SP      all-gather   4 per layer (2 forward before column, 2 backward after row)
+                              + drop scatter backward + lm_head input forward
+                 reduce-scatter 4 per layer (mirror) + lm_head input backward
+                 all-reduce   wte forward (B T C) + the sequence-sharded replicated
+                              parameters' grads (2 LayerNorms x 2 + 2 row biases per layer,
+                              + ln_f: C each)
+    loss parallel  all-reduce of the max (B T) and of [sum exp, target logit] (2 B T),
+                   fp32, instead of an all-gather of the logits (B T V)
+    A pipeline chunk of L blocks has the wte parts if `first`, the head's if `last`.
+    """
+    act = {what: B * T * C * size for what, size in sizes.items()}
+    # per layer: 2 LayerNorm outputs (or their grads) and 2 matmul outputs (or their grads)
+    layers = 2 * L * (act["norm"] + act["matmul"])
+    embedding, head, lp = act["residual"] * first, act["norm"] * last, lp and last
+    if sp:
+        counts = {"all_gather": (4 * L + first + last, layers + embedding + head),
+                  "reduce_scatter": (4 * L + last, layers + head),
+                  "all_reduce": (first + 6 * L + 2 * last,
+                                 embedding + (6 * L + 2 * last) * C * sizes["residual"])}
+    else:
+        counts = {"all_reduce": (4 * L + first + last, layers + embedding + head)}
+    calls, payload = counts["all_reduce"]
+    counts["all_reduce"] = (calls + grad_norm + (2 if lp else 0),
+                            payload + FP32 * grad_norm + (3 * B * T * FP32 if lp else 0))
+    if last and not lp:
+        calls, payload = counts.get("all_gather", (0, 0))
+        counts["all_gather"] = (calls + 1, payload + B * T * V * sizes["matmul"])
+    return counts
+
+
+def ring_attention_sends(B: int, T: int, C: int, L: int, cp: int,
+                         value_bytes: int = FP32) -> tuple[int, int]:
+    """(sends, payload bytes) of ring attention in one forward + backward per rank: per
+    layer cp-1 K/V blocks forward, cp-1 K/V and cp dK/dV blocks backward, each K and V of
+    B x T/cp tokens x C (C: the local width, n_embd / TP) values."""
+    sends = L * (3 * cp - 2)
+    return sends, sends * 2 * B * T * C // cp * value_bytes
+
+
+def fsdp_gathers(actions: list[Action], chunk: int, reshard_after_forward: bool) -> int:
+    """All-gathers of each FSDP unit of local chunk `chunk`: ZeRO-3 gathers it for every
+    forward and backward; ZeRO-2 keeps it from a forward until a backward has reduced
+    its gradients (fsdp.py), so a forward that follows a forward gathers nothing."""
+    count, gathered = 0, False
+    for a in actions:
+        if a.chunk == chunk:
+            count += not gathered
+            gathered = a.kind == "F" and not reshard_after_forward
+    return count
+
+
+def collectives(cfg: GPTConfig, layout: Layout, micro_batch: int, accum: int,
+                dtype: str = "float32", device_type: str = "cpu",
+                pp_rank: int = 0) -> dict[tuple[str, str], tuple[int, float]]:
+    """{(group, kind): (calls, bus bytes)} one rank sends per optimizer step; groups: tp,
+    cp, dp (the dp x cp ranks that hold the same parameters), pp (stage to stage) and
+    embedding (the first and last stage). `dtype` bfloat16: FSDP gathers bf16 parameters
+    and reduces fp32 gradients, TP carries what `value_bytes` says, ring attention bf16
+    K/V; DDP's gradients, the pipeline's activations and the scalars stay fp32. Under CP,
+    TP's activations are T/cp long. The bytes are exact (--validate); the calls (for the
+    latency of each) count an FSDP unit (a block, the root) and a DDP bucket as one."""
+    tp, cp, P, C, V = layout.tp, layout.cp, layout.pp, cfg.n_embd, cfg.vocab_size
+    dp, T, compute_bytes = layout.dp * cp, cfg.block_size // cp, DTYPE_BYTES[dtype]
+    sp = layout.sequence_parallel
+    actions = schedule(P, layout.pp_schedule, layout.virtual_stages, accum)[pp_rank]
+    out: dict[tuple[str, str], tuple[int, float]] = {}
+
+    def add(group, kind, group_size, payload, calls=1):
+        if group_size > 1:
+            n, bus = out.get((group, kind), (0, 0.0))
+            out[group, kind] = n + calls, bus + BUS_FACTOR[kind](group_size) * payload
+
+    for v, (blocks, first, last) in enumerate(chunks(cfg, layout, pp_rank)):
+        n = param_counts(cfg, tp, blocks, first, last)  # this TP rank's parameters
+        if tp > 1:
+            for kind, (calls, payload) in tp_collectives(
+                    micro_batch, T, C, V, len(blocks), sp, layout.loss_parallel,
+                    value_bytes(dtype, layout.fsdp, device_type), False, first, last).items():
+                add("tp", kind, tp, accum * payload, accum * calls)
+        if cp > 1:
+            sends, payload = ring_attention_sends(micro_batch, cfg.block_size, C // tp, len(blocks),
+                                                  cp, compute_bytes)
+            add("cp", "send", cp, accum * payload, accum * sends)
+        if P > 1:  # activations to the next chunk, their gradients back (master dtype)
+            boundary = micro_batch * (T // tp if sp else T) * C * FP32
+            hops = (not last) + (not first)
+            add("pp", "send", P, accum * boundary * hops, accum * hops)
+            if first or last:  # the tied weight's gradient (its shard under FSDP)
+                add("embedding", "all_reduce", 2, FP32 * V * C / tp / (dp if layout.fsdp else 1))
+        if layout.fsdp:
+            units = len(blocks) + (first or last)
+            gathers = fsdp_gathers(actions, v, layout.reshard_after_forward)
+            add("dp", "all_gather", dp, gathers * compute_bytes * n["total"], gathers * units)
+            add("dp", "reduce_scatter", dp, accum * FP32 * n["total"], accum * units)  # every micro-step
+        else:
+            buckets = math.ceil(FP32 * n["total"] / (layout.bucket_cap_mb * 2**20))
+            add("dp", "all_reduce", dp, FP32 * n["total"], buckets)
+    # scalars, once a step: the squared gradient norm (one all-reduce per class of
+    # sharded gradient: over TP; under FSDP over DP and over DP x TP), the trainer's mean
+    # of the loss over DP x CP, and across stages the loss and the norm
+    add("tp", "all_reduce", tp, FP32)
+    scalars = 1 + layout.fsdp * (2 if tp > 1 else 1)
+    add("dp", "all_reduce", dp, FP32 * scalars, scalars)
+    add("pp", "all_reduce", P, 2 * FP32, 2)
+    return out
+
+
+def traffic_by_group(cfg: GPTConfig, layout: Layout, micro_batch: int, accum: int,
+                     dtype: str = "float32", device_type: str = "cpu",
+                     pp_rank: int = 0) -> dict[tuple[str, str], float]:
+    """{(group, kind): bus bytes one rank sends per optimizer step} (`collectives`)."""
+    return {key: bus for key, (_, bus) in collectives(cfg, layout, micro_batch, accum, dtype,
+                                                      device_type, pp_rank).items()}
+
+
+def traffic_bytes(cfg: GPTConfig, layout: Layout, micro_batch: int, accum: int,
+                  dtype: str = "float32", device_type: str = "cpu", pp_rank: int = 0) -> dict[str, float]:
+    """{kind: bus bytes one rank sends per optimizer step} (`traffic_by_group` summed)."""
+    bus: dict[str, float] = {}
+    for (_, kind), value in traffic_by_group(cfg, layout, micro_batch, accum, dtype,
+                                             device_type, pp_rank).items():
+        bus[kind] = bus.get(kind, 0.0) + value
+    return bus
+
+
