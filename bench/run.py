@@ -75,6 +75,18 @@ def run_layout(name: str, args, data_dir: str, out_dir: Path) -> dict:
     return json.loads(result.read_text())
 
 
+def reproducing_command(argv: list[str]) -> str:
+    """The command line of this run for the report, without its paths (--out, --data_dir:
+    this machine's; the data are tiny Shakespeare either way)."""
+    kept, skip = [], False
+    for arg in argv:
+        if skip or arg.split("=")[0] in ("--out", "--data_dir"):
+            skip = not skip and "=" not in arg
+            continue
+        kept.append(arg)
+    return " ".join(["python bench/run.py", *kept])
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default=str(REPO / "docs" / "bench"), help="report directory")
@@ -109,8 +121,7 @@ def main():
     for name in (bar := tqdm(names, desc="layouts", unit="layout")):
         bar.set_postfix_str(f"{name} on {LAYOUTS[name].world} process(es)")
         results.append(run_layout(name, args, data_dir, out_dir))
-    command = "python bench/run.py " + " ".join(sys.argv[1:])
-    write_report(analyse(results), out_dir, command.strip())
+    write_report(analyse(results), out_dir, reproducing_command(sys.argv[1:]))
 
 
 if __name__ == "__main__":

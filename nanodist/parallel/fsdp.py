@@ -30,10 +30,9 @@ import torch.nn as nn
 
 from nanodist import compat
 from nanodist.model import TIED_NAMES
-from nanodist.parallel import tp_plan
 from nanodist.parallel.comm import Group
 from nanodist.parallel.init import full_value
-from nanodist.parallel.params import ModuleParams, Params
+from nanodist.parallel.params import FlatParams, ModuleParams
 
 
 def wrap_policy(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -240,45 +239,6 @@ class FSDP:
         self.backward_started = False
         for unit in self.units:
             unit.reduced = False
-
-
-class FlatParams(Params):
-    """The custom FSDP's parameters: per flat, this rank's shard of the master weights
-    (what AdamW steps on and keeps state for). `plan`: what TP did to the parameters
-    first (their full tensors undo it)."""
-
-    def __init__(self, fsdp: FSDP, mesh, plan: dict):
-        self.fsdp, self.mesh, self.plan = fsdp, mesh, plan
-        self.sharded_over = {f.shard: f.groups for f in fsdp.flats}
-
-    def flats(self) -> list[FlatParam]:
-        """In optimizer order: decay flats, then no-decay ones."""
-        return [f for f in self.fsdp.flats if f.decay] + [f for f in self.fsdp.flats if not f.decay]
-
-    def optimizer_params(self):
-        flats = self.fsdp.flats
-        return [f.shard for f in flats if f.decay], [f.shard for f in flats if not f.decay]
-
-    def names(self):
-        return [f.names for f in self.flats()]
-
-    def full_tensors(self, tensors):
-        """One flat gathered at a time, split into its parameters."""
-        for f, tensor in zip(self.flats(), tensors):
-            full = torch.empty(f.full.numel(), dtype=tensor.dtype, device=tensor.device)
-            f.group.all_gather(full, tensor.detach())
-            for name, p, value in zip(f.names, f.params, f.split(full)):
-                yield name, tp_plan.full_tensor(name, value.view(p.shape), self.plan, self.mesh.tp)
-
-    @torch.no_grad()
-    def load_full_tensors(self, full_of, tensors):
-        for f, tensor in zip(self.flats(), tensors):
-            full = torch.zeros(f.full.numel(), dtype=tensor.dtype, device=tensor.device)
-            for name, p, value in zip(f.names, f.params, f.split(full)):
-                local = tp_plan.local_tensor(name, full_of(name).to(tensor.device), p, self.plan,
-                                             self.mesh.tp)
-                value.copy_(local.reshape(-1))
-            tensor.copy_(full.chunk(f.group.size)[f.group.rank])
 
 
 def apply_fsdp(stage, setup):

@@ -4,7 +4,7 @@ the full gradient, and full GPT-2 tensors <-> this rank's parts (checkpoints, --
     Params          the protocol (what the trainer and checkpoint.py ask)
     ModuleParams    the module's own parameters: whole, sharded by the custom TP (sharded_over
                     says over which groups), or DTensors (TP, FSDP2, replicate: they say it)
-    fsdp.FlatParams the custom FSDP's flat shards
+    FlatParams      the custom FSDP's flat shards (fsdp.py builds them)
     pipeline.PipelineParams  one of the above per chunk, and the pipeline group between them
 
 Tensors "laid out like the optimizer's params" are the params themselves, their
@@ -100,6 +100,45 @@ class ModuleParams(Params):
             local = tp_plan.local_tensor(name, full_of(name).to(tensor.device), tensor, self.plan,
                                          self.mesh.tp)
             (tensor.to_local() if isinstance(tensor, DTensor) else tensor).copy_(local)
+
+
+class FlatParams(Params):
+    """The custom FSDP's parameters (`fsdp.FSDP`): per flat, this rank's shard of the
+    master weights (what AdamW steps on and keeps state for). `plan`: what TP did to the
+    parameters first (their full tensors undo it)."""
+
+    def __init__(self, fsdp, mesh: Mesh, plan: dict):
+        self.fsdp, self.mesh, self.plan = fsdp, mesh, plan
+        self.sharded_over = {f.shard: f.groups for f in fsdp.flats}
+
+    def flats(self) -> list:
+        """In optimizer order: decay flats, then no-decay ones."""
+        return [f for f in self.fsdp.flats if f.decay] + [f for f in self.fsdp.flats if not f.decay]
+
+    def optimizer_params(self):
+        flats = self.fsdp.flats
+        return [f.shard for f in flats if f.decay], [f.shard for f in flats if not f.decay]
+
+    def names(self):
+        return [f.names for f in self.flats()]
+
+    def full_tensors(self, tensors):
+        """One flat gathered at a time, split into its parameters."""
+        for f, tensor in zip(self.flats(), tensors):
+            full = torch.empty(f.full.numel(), dtype=tensor.dtype, device=tensor.device)
+            f.group.all_gather(full, tensor.detach())
+            for name, p, value in zip(f.names, f.params, f.split(full)):
+                yield name, tp_plan.full_tensor(name, value.view(p.shape), self.plan, self.mesh.tp)
+
+    @torch.no_grad()
+    def load_full_tensors(self, full_of, tensors):
+        for f, tensor in zip(self.flats(), tensors):
+            full = torch.zeros(f.full.numel(), dtype=tensor.dtype, device=tensor.device)
+            for name, p, value in zip(f.names, f.params, f.split(full)):
+                local = tp_plan.local_tensor(name, full_of(name).to(tensor.device), p, self.plan,
+                                             self.mesh.tp)
+                value.copy_(local.reshape(-1))
+            tensor.copy_(full.chunk(f.group.size)[f.group.rank])
 
 
 @torch.no_grad()
