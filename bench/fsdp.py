@@ -89,7 +89,7 @@ def main():
 
     times = time_interleaved({impl: (lambda impl=impl: step(impl)) for impl in runs},
                              args.warmup, args.steps, device, dist.barrier)
-    n_params = sum(sum(f.numels) for f in runs["custom"][0].params.fsdp.flats)  # tied wte once
+    n_params = sum(sum(f.numels) for f in runs["custom"][0].params.engine.flats)  # tied wte once
     memory = {}
     for impl, (stage, opt) in runs.items():
         stage.loss_fn(stage.module(tokens[:, :-1]), tokens[:, 1:]).backward()

@@ -1,13 +1,14 @@
 """What a layout needs, as train.py logs it: Memory/peak_GiB (live tensors) and
-Memory/rss_peak_GiB (the process) per rank, for DDP and FSDP, custom and PyTorch.
+Memory/rss_peak_GiB (the process) per rank, for DDP, ZeRO-1 and FSDP, custom and PyTorch.
 
     python bench/memory.py [--model gpt2 --nproc 2 --block_size 256]
 
 Each layout is a real `torchrun train.py` run of --steps steps (rank 0's step lines are
 read); the table gives the largest measured `mem` and `rss` of the run and `mem` against
-custom DDP's. The state alone is 16 bytes a parameter under DDP and 16/N under ZeRO-3
-(fp32 parameters, gradients, AdamW's two moments): FSDP's peak adds the gathered
-parameters of the units in flight and the activations, which sharding does not touch.
+custom DDP's. The state alone is 16 bytes a parameter under DDP, 4 + 4 + 8/N under ZeRO-1
+and 16/N under ZeRO-3 (fp32 parameters, gradients, AdamW's two moments): FSDP's peak
+adds the gathered parameters of the units in flight and the activations, which sharding
+does not touch.
 """
 import os
 import re
@@ -19,7 +20,8 @@ from pathlib import Path
 from common import parser, print_table, write_json
 
 REPO = Path(__file__).resolve().parents[1]
-LAYOUTS = [("ddp", "custom"), ("fsdp", "custom"), ("ddp", "pytorch"), ("fsdp", "pytorch")]
+LAYOUTS = [("ddp", "custom"), ("zero1", "custom"), ("fsdp", "custom"),
+           ("ddp", "pytorch"), ("zero1", "pytorch"), ("fsdp", "pytorch")]
 STEP_LINE = re.compile(r"^step .*\| rss (?P<rss>[\d.]+) GiB", re.M)
 MEM = re.compile(r"\| mem (?P<mem>[\d.]+) GiB")
 

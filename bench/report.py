@@ -1,6 +1,7 @@
 """bench/run.py's results beside the analytic model: results.json, report.md, PNG plots."""
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from nanodist.metrics import PEAK_TFLOPS
@@ -58,11 +59,11 @@ def analyse(results: list[dict]) -> list[dict]:
     for res in results:
         cfg, layout = GPTConfig(**res["model"]), Layout(**res["layout_fields"])
         state_an = state_bytes(cfg, layout)
-        traffic_an = traffic_bytes(cfg, layout, res["micro_batch"], res["grad_accum"],
-                                   res["dtype"], res["device"].split(":")[0])
         act_an = activation_bytes(cfg, layout, res["micro_batch"])
         family = "tp" if layout.tp > 1 else layout.dp_type if layout.dp > 1 else None
-        for impl, row in res["rows"].items():
+        for impl, row in res["rows"].items():  # (PyTorch's ZeRO-1 sends other collectives)
+            traffic_an = traffic_bytes(cfg, replace(layout, implementation=impl), res["micro_batch"],
+                                       res["grad_accum"], res["dtype"], res["device"].split(":")[0])
             traffic = {kind: {"measured_bus_bytes": row["traffic"].get(kind, {}).get("bus_bytes", 0.0),
                               "calls": row["traffic"].get(kind, {}).get("calls", 0),
                               "analytic_bus_bytes": traffic_an.get(kind, 0.0)}
@@ -151,7 +152,8 @@ def markdown(records: list[dict], command: str) -> str:
     out.append("\n![throughput](throughput.png)\n")
     out.append("## Memory per rank: measured / analytic\n")
     out.append("`state` = parameters + gradients + AdamW moments (unique storages, right after "
-               "`optimizer.step()`), analytic 4 + 4 + 8 bytes per local parameter (ZeRO paper; "
+               "`optimizer.step()`), analytic 4 + 4 + 8 bytes per local parameter (ZeRO paper; ZeRO-1: "
+               "8/d of Adam's; "
                "nanodist_tools/cost.py). `activations` = storages saved for backward by one "
                "micro-step's forward (saved-tensor hooks, parameters excluded). `peak` = live tensor bytes at "
                "the peak of one step (CUDA: max_memory_allocated; CPU: torch's MemTracker; not "

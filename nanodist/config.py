@@ -69,7 +69,11 @@ class TrainConfig:
                        const="latest")
     # parallel layout
     data_parallel_size: int = flag(0, "DP size (0: the world size / (PP x CP x TP))")
-    data_parallel_type: str = flag(LAYOUT.dp_type, "ddp: replicate the model; fsdp: shard it (ZeRO-3)")
+    data_parallel_type: str = flag(LAYOUT.dp_type, "ddp: replicate the model; zero1: replicate it, "
+                                                   "shard the optimizer state (ZeRO-1); fsdp: shard "
+                                                   "it (ZeRO-3; ZeRO-2 by --fsdp_reshard_after_forward)")
+    data_parallel_replicas: int = flag(LAYOUT.dp_replicas, "fsdp: R replica groups of data_parallel_size"
+                                                           " / R shards each (HSDP; 1: plain FSDP)")
     tensor_parallel_size: int = flag(LAYOUT.tp, "TP size; TP ranks are contiguous")
     pipeline_parallel_size: int = flag(LAYOUT.pp, "PP size: pipeline stages (the outermost mesh dimension)")
     pipeline_schedule: str = flag(LAYOUT.pp_schedule, "gpipe | 1f1b | interleaved_1f1b (| zero_bubble: "
@@ -155,6 +159,7 @@ def parse_args(argv=None) -> TrainConfig:
 RANGES = (
     (("block_size", "batch_size", "total_batch_size", "max_steps", "eval_interval", "eval_iters",
       "keep_checkpoints", "tensor_parallel_size", "context_parallel_size", "ac_every",
+      "data_parallel_replicas",
       "pipeline_parallel_size", "virtual_stages"), lambda v: v >= 1, ">= 1"),
     (("learning_rate", "max_grad_norm", "bucket_cap_mb", "dist_timeout"), lambda v: v > 0, "> 0"),
     (("min_lr", "weight_decay"), lambda v: v >= 0, ">= 0"),

@@ -77,9 +77,8 @@ class Trainer:
                       (cfg.batch_size, cfg.block_size), self.micro_steps)
         self.parallel = parallelize(model, setup)
         self.runner, self.params = self.parallel.runner, self.parallel.params
-        self.optimizer = torch.optim.AdamW(self.params.param_groups(cfg.weight_decay),
-                                           lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2),
-                                           fused=device.type == "cuda")
+        self.optimizer = self.params.optimizer(cfg.weight_decay, lr=cfg.learning_rate,
+                                               betas=(cfg.beta1, cfg.beta2), fused=device.type == "cuda")
         self.autocast = (torch.autocast(device.type, dtype=torch.bfloat16)
                          if cfg.dtype == "bfloat16" else nullcontext())
         self.tokens_per_step = cfg.total_batch_size

@@ -13,7 +13,10 @@ State memory (ZeRO paper, fp32 Adam): 4 bytes of parameter + 4 of gradient + 8 o
 moments per parameter, = 16 Psi on one rank, and per rank:
 
     DDP              16 Psi                  (everything replicated)
-    FSDP (ZeRO-3)    16 Psi / N              (parameters, grads and moments sharded)
+    ZeRO-1           (4 + 4 + 8 / N) Psi     (the moments sharded: Megatron's distributed
+                                              optimizer, 8 + 8/d with fp32 gradients)
+    FSDP (ZeRO-3)    16 Psi / N              (parameters, grads and moments sharded; HSDP:
+                                              N = the dp_shard x cp ranks of a replica group)
     FSDP "ZeRO-2"    16 Psi / N at rest      (this project's --fsdp_reshard_after_forward
                                               false: keeps gathered parameters from forward
                                               to backward, costs traffic not state)
@@ -69,13 +72,15 @@ def stage_params(cfg: GPTConfig, layout: Layout, pp_rank: int = 0) -> dict[str, 
 def local_params(cfg: GPTConfig, layout: Layout, pp_rank: int = 0) -> float:
     """Parameters one rank keeps between steps (FSDP padding ignored: < N per flat)."""
     local = stage_params(cfg, layout, pp_rank)["total"]
-    return local / (layout.dp * layout.cp) if layout.fsdp else local
+    return local / (layout.dp_shard * layout.cp) if layout.fsdp else local
 
 
 def state_bytes(cfg: GPTConfig, layout: Layout, pp_rank: int = 0) -> dict[str, float]:
-    """Per-rank bytes of parameters, gradients and AdamW moments after an optimizer step."""
+    """Per-rank bytes of parameters, gradients and AdamW moments after an optimizer step
+    (ZeRO-1: the moments of 1/(dp x cp) of them; its padding ignored too)."""
     local = local_params(cfg, layout, pp_rank)
-    state = {"params": FP32 * local, "grads": FP32 * local, "optimizer": ADAM_STATES * FP32 * local}
+    moments = local / layout.dp_cp if layout.zero1 else local
+    state = {"params": FP32 * local, "grads": FP32 * local, "optimizer": ADAM_STATES * FP32 * moments}
     state["total"] = sum(state.values())
     return state
 

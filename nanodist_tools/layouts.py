@@ -7,6 +7,12 @@ LAYOUTS = {
     "ddp2": Layout(dp=2),
     "fsdp2": Layout(dp=2, dp_type="fsdp"),                              # ZeRO-3
     "zero2": Layout(dp=2, dp_type="fsdp", reshard_after_forward=False),
+    "zero1-2": Layout(dp=2, dp_type="zero1"),
+    "zero1-4": Layout(dp=4, dp_type="zero1"),
+    "hsdp2x2": Layout(dp=4, dp_type="fsdp", dp_replicas=2),                 # 2 replicas of 2 shards
+    "zero1-2xtp2": Layout(dp=2, tp=2, dp_type="zero1", sequence_parallel=True, loss_parallel=True),
+    "pp2xzero1-2": Layout(pp=2, dp=2, dp_type="zero1"),
+    "cp2xhsdp2": Layout(cp=2, dp=2, dp_type="fsdp", dp_replicas=2),
     "tp2": Layout(tp=2),
     "tp2-lp": Layout(tp=2, loss_parallel=True),
     "tp2-sp-lp": Layout(tp=2, sequence_parallel=True, loss_parallel=True),
@@ -24,9 +30,11 @@ LAYOUTS = {
     "fsdp8": Layout(dp=8, dp_type="fsdp"),
     "fsdp4xtp2-sp-lp": Layout(dp=4, tp=2, dp_type="fsdp", sequence_parallel=True, loss_parallel=True),
 }
-BENCH = ["single", "ddp2", "fsdp2", "zero2", "tp2", "tp2-lp", "tp2-sp-lp", "dp2xtp2-lp"]
+BENCH = ["single", "ddp2", "zero1-2", "fsdp2", "zero2", "hsdp2x2", "tp2", "tp2-lp", "tp2-sp-lp",
+         "dp2xtp2-lp"]
 VALIDATION = ["ddp2", "fsdp2", "zero2", "tp2-sp-lp", "cp2", "pp2-1f1b", "pp2-gpipe-zero2",
-              "pp2-1f1b-zero3", "pp2-interleaved-v2", "dp2xtp2", "fsdp2xtp2-sp", "pp2xtp2", "cp2xfsdp2"]
+              "pp2-1f1b-zero3", "pp2-interleaved-v2", "dp2xtp2", "fsdp2xtp2-sp", "pp2xtp2", "cp2xfsdp2",
+              "zero1-2", "zero1-4", "hsdp2x2", "zero1-2xtp2", "pp2xzero1-2", "cp2xhsdp2"]
 GPU_CHECK = [name for name in BENCH if LAYOUTS[name].world > 1] + ["fsdp8", "fsdp4xtp2-sp-lp"]
 
 

@@ -3,14 +3,16 @@
     python -m nanodist_tools.plan --model gpt2-xl --gpus 64 --gpus_per_node 8 --gpu h100
     python -m nanodist_tools.validate       its predictions against measurement
 
-Its search space (`search_space`: DDP / FSDP ZeRO-3 / ZeRO-2 x TP x PP, its schedule and
+Its search space (`search_space`: DDP / ZeRO-1 / FSDP ZeRO-3 / ZeRO-2 (and HSDP: FSDP with
+every replica count that divides DP) x TP x PP, its schedule and
 virtual stages x CP x activation checkpointing x micro-batch; under TP with loss
 parallelism, and sequence parallelism where the sequence divides) is filtered by the
 layout's own rules (`Layout.check`, what train.py asks on the same device: nothing
 listed is refused, nothing accepted is left out) and costed by the cost model
 (cost.py, traffic.py), the one the benchmark and the validation hold to measurement.
 
-    memory   per rank: state (16 bytes per parameter of its stage, / DP x CP under FSDP)
+    memory   per rank: state (16 bytes per parameter of its stage, / DP x CP under FSDP; ZeRO-1:
+             4 + 4 + 8 / (DP x CP); HSDP: / the dp_shard x cp ranks of a replica group)
              + activations in flight + FSDP's gathered units in the compute dtype (ZeRO-3:
              two blocks, this one and the prefetched; ZeRO-2: the whole stage). The first and
              the last stage are costed (the first keeps the most micro-batches in flight,
@@ -23,9 +25,10 @@ listed is refused, nothing accepted is left out) and costed by the cost model
     traffic  bus bytes / bandwidth of the link the group spans (mesh order pp, dp, cp, tp:
              a group of ranks within gpus_per_node consecutive ones stays inside a node),
              plus a latency per collective call (LATENCY_S: TP's many small ones add up).
-             DDP's all-reduce hides behind the last micro-step's backward, FSDP's gathers
-             and reduce-scatters behind each micro-step's compute; what sticks out is
-             exposed. TP, CP and PP traffic is on the critical path.
+             DDP's all-reduce (ZeRO-1's reduce-scatter) hides behind the last micro-step's
+             backward, FSDP's gathers and reduce-scatters (HSDP's all-reduce) behind each
+             micro-step's compute; what sticks out is exposed. TP, CP and PP traffic and
+             ZeRO-1's all-gather after the step are on the critical path.
     step     compute / (1 - bubble) + exposed traffic; MFU counts 6N + 12 L T C only.
 """
 import argparse
@@ -39,8 +42,8 @@ from nanodist.errors import UserError
 from nanodist.metrics import PEAK_TFLOPS, flops_per_token
 from nanodist.model import PRESETS, model_config
 from nanodist.parallel.layout import Layout
-from nanodist_tools.cost import (DTYPE_BYTES, activations_in_flight, bubble, chunks, local_params,
-                                 param_counts, stage_params)
+from nanodist_tools.cost import (DTYPE_BYTES, activations_in_flight, bubble, chunks, param_counts,
+                                 stage_params, state_bytes)
 from nanodist_tools.traffic import collectives
 
 GiB = 2**30
@@ -53,7 +56,8 @@ GPUS = {"h100": ("H100", 80, 450, 50), "h200": ("H200", 141, 450, 50),
 # over NVLink, across nodes over InfiniBand / RoCE
 LATENCY_S = {"intra_node": 15e-6, "inter_node": 30e-6}
 SCHEDULES = [("gpipe", 1), ("1f1b", 1), ("interleaved_1f1b", 2), ("interleaved_1f1b", 4)]
-DATA_PARALLEL = {"ddp": ("ddp", True), "fsdp-zero3": ("fsdp", True), "fsdp-zero2": ("fsdp", False)}
+DATA_PARALLEL = {"ddp": ("ddp", True), "zero1": ("zero1", True), "fsdp-zero3": ("fsdp", True),
+                 "fsdp-zero2": ("fsdp", False)}
 TRAIN_PARSER = train_parser()  # train.py's flags, built once
 
 
@@ -62,8 +66,10 @@ def divisors(n: int) -> list[int]:
 
 
 def dp_label(layout: Layout) -> str:
-    """ddp | fsdp-zero3 | fsdp-zero2: the data-parallel column of the ranking."""
-    return "ddp" if layout.dp_type == "ddp" else f"fsdp-zero{3 if layout.reshard_after_forward else 2}"
+    """ddp | zero1 | fsdp-zero3 | fsdp-zero2 (HSDP: xR replicas): the data-parallel column."""
+    if layout.dp_type != "fsdp":
+        return layout.dp_type
+    return f"fsdp-zero{3 if layout.reshard_after_forward else 2}" + (f"x{layout.dp_replicas}" if layout.hsdp else "")
 
 
 def search_space(args):
@@ -76,15 +82,15 @@ def search_space(args):
         per_rank_batch = args.total_batch_size // (T * dp)
         micro_batches = [int(args.micro_batch_size)] if args.micro_batch_size != "auto" else \
             [b for b in (1, 2, 4, 8, 16, 32, 64) if b <= per_rank_batch]
-        for dp_type, (schedule, V), ac, mb in itertools.product(
-                DATA_PARALLEL, SCHEDULES if pp > 1 else SCHEDULES[1:2], ("none", "selective", "full"),
-                micro_batches):
-            if dp_type != "ddp" and dp * cp == 1:
-                continue  # FSDP over one rank is DDP
+        for dp_type, replicas, (schedule, V), ac, mb in itertools.product(
+                DATA_PARALLEL, divisors(dp), SCHEDULES if pp > 1 else SCHEDULES[1:2],
+                ("none", "selective", "full"), micro_batches):
             kind, reshard = DATA_PARALLEL[dp_type]
-            layout = Layout(pp=pp, dp=dp, cp=cp, tp=tp, dp_type=kind, reshard_after_forward=reshard,
-                            loss_parallel=tp > 1, pp_schedule=schedule, virtual_stages=V,
-                            checkpointing=ac, implementation=args.implementation)
+            if (dp_type != "ddp" and dp * cp == 1) or (kind != "fsdp" and replicas > 1):
+                continue  # sharding over one rank is DDP; replicas are HSDP's
+            layout = Layout(pp=pp, dp=dp, cp=cp, tp=tp, dp_type=kind, dp_replicas=replicas,
+                            reshard_after_forward=reshard, loss_parallel=tp > 1, pp_schedule=schedule,
+                            virtual_stages=V, checkpointing=ac, implementation=args.implementation)
             # sequence parallelism wherever it can split the sequence (it saves activations)
             yield dataclasses.replace(layout, sequence_parallel=tp > 1 and layout.sequence_divides(T)), mb
 
@@ -121,9 +127,18 @@ def command(args, layout: Layout, micro_batch: int) -> str:
 
 
 def spans(layout: Layout) -> dict[str, int]:
-    """Consecutive ranks each group covers (mesh order pp, dp, cp, tp)."""
+    """Consecutive ranks each group covers (mesh order pp, dp_replicate, dp_shard, cp, tp;
+    "dp": the DP x CP ranks, under HSDP those of one replica group)."""
     tp, cp, dp = layout.tp, layout.cp, layout.dp
-    return {"tp": tp, "cp": cp * tp, "dp": dp * cp * tp, "pp": layout.world, "embedding": layout.world}
+    return {"tp": tp, "cp": cp * tp, "dp": (layout.dp_shard if layout.hsdp else dp) * cp * tp,
+            "dp_replicate": dp * cp * tp, "pp": layout.world, "embedding": layout.world}
+
+
+def hides(layout: Layout, group: str, kind: str) -> bool:
+    """Whether this traffic overlaps compute: DDP's and ZeRO-1's reductions behind the last
+    micro-step's backward, FSDP's everything behind each micro-step (HSDP's replica
+    all-reduce too); ZeRO-1's all-gather follows the optimizer step, exposed."""
+    return group == "dp_replicate" or (group == "dp" and not (layout.zero1 and kind == "all_gather"))
 
 
 def cost(args, model_cfg, layout: Layout, micro_batch: int, M: int,
@@ -150,7 +165,7 @@ def cost(args, model_cfg, layout: Layout, micro_batch: int, M: int,
     t_compute = flops_per_step * recompute * imbalance / layout.world / flop_s
     frac = bubble(layout, M)
     ranks = sorted({0, layout.pp - 1})
-    state = max(16 * local_params(model_cfg, layout, r) for r in ranks)
+    state = max(state_bytes(model_cfg, layout, r)["total"] for r in ranks)
     activations = max(activations_in_flight(model_cfg, layout, micro_batch, M, r,
                                             value_bytes=compute_bytes) for r in ranks)
     buffers = 0.0
@@ -161,20 +176,18 @@ def cost(args, model_cfg, layout: Layout, micro_batch: int, M: int,
                                    else stage)
     links, exposed = {"intra_node": 0.0, "inter_node": 0.0}, 0.0
     for r in ranks:
-        by_group = {}
-        for (group, _), (calls, bus) in collectives(model_cfg, layout, micro_batch, M, args.dtype,
-                                                    "cuda", r).items():
-            n, total = by_group.get(group, (0, 0.0))
-            by_group[group] = n + calls, total + bus
-        rank_links, rank_exposed = {"intra_node": 0.0, "inter_node": 0.0}, 0.0
-        for group, (calls, bus) in by_group.items():
+        hideable, rank_links, rank_exposed = {}, {"intra_node": 0.0, "inter_node": 0.0}, 0.0
+        for (group, kind), (calls, bus) in collectives(model_cfg, layout, micro_batch, M, args.dtype,
+                                                       "cuda", r).items():
             link = "intra_node" if spans(layout)[group] <= args.gpus_per_node else "inter_node"
             rank_links[link] += bus
             seconds = bus / (intra if link == "intra_node" else inter) + calls * latency[link]
-            if group == "dp":
-                hidden = t_compute if layout.fsdp else 2 / 3 * t_compute / M
-                seconds = max(0.0, seconds - hidden)
-            rank_exposed += seconds
+            if hides(layout, group, kind):
+                hideable[group] = hideable.get(group, 0.0) + seconds
+            else:
+                rank_exposed += seconds
+        hidden = t_compute if layout.fsdp else 2 / 3 * t_compute / M  # per group
+        rank_exposed += sum(max(0.0, seconds - hidden) for seconds in hideable.values())
         if rank_exposed >= exposed:
             links, exposed = rank_links, rank_exposed
     memory = state + activations + buffers

@@ -6,9 +6,14 @@ follows the dtype each collective carries (`--dtype bfloat16`: see `value_bytes`
 Communication per optimizer step, ring bus bytes each rank sends (comm.py's `bus`):
 
     DDP       all-reduce      2 (N-1)/N * 4 Psi                  (once per step: no_sync)
+    ZeRO-1    reduce-scatter  (N-1)/N * 4 Psi, all-gather the same  (once per step: DDP's
+              volume; PyTorch's: DDP's all-reduce, then a broadcast of every parameter, 4 Psi)
     ZeRO-3    all-gather      (N-1)/N * 4 * 2 Psi per micro-step  (every unit twice, the root
               reduce-scatter  (N-1)/N * 4 Psi per micro-step       too: fsdp.py reshards it
     ZeRO-2    all-gather      (N-1)/N * 4 Psi per micro-step       after forward)
+    HSDP      the same over the N = dp_shard x cp ranks of a replica group, then an
+              all-reduce of the shard's gradient over the R replicas: 2 (R-1)/R * 4 Psi/N
+              per micro-step
     TP        activations of B T C floats, per micro-step (`tp_collectives`)
     CP        sends of K/V blocks, (3 cp - 2) L x 2 B T/cp C/tp floats per micro-step
               (`ring_attention_sends`); DDP / FSDP then run over N = dp x cp ranks and
@@ -112,14 +117,17 @@ def collectives(cfg: GPTConfig, layout: Layout, micro_batch: int, accum: int,
                 dtype: str = "float32", device_type: str = "cpu",
                 pp_rank: int = 0) -> dict[tuple[str, str], tuple[int, float]]:
     """{(group, kind): (calls, bus bytes)} one rank sends per optimizer step; groups: tp,
-    cp, dp (the dp x cp ranks that hold the same parameters), pp (stage to stage) and
+    cp, dp (the dp x cp ranks that hold the same parameters, or those FSDP shards over:
+    HSDP's dp_shard x cp), dp_replicate (HSDP's replicas), pp (stage to stage) and
     embedding (the first and last stage). `dtype` bfloat16: FSDP gathers bf16 parameters
     and reduces fp32 gradients, TP carries what `value_bytes` says, ring attention bf16
     K/V; DDP's gradients, the pipeline's activations and the scalars stay fp32. Under CP,
     TP's activations are T/cp long. The bytes are exact (--validate); the calls (for the
     latency of each) count an FSDP unit (a block, the root) and a DDP bucket as one."""
     tp, cp, P, C, V = layout.tp, layout.cp, layout.pp, cfg.n_embd, cfg.vocab_size
-    dp, T, compute_bytes = layout.dp * cp, cfg.block_size // cp, DTYPE_BYTES[dtype]
+    dp_cp, T, compute_bytes = layout.dp * cp, cfg.block_size // cp, DTYPE_BYTES[dtype]
+    shards = layout.dp_shard * cp if layout.fsdp else dp_cp  # the "dp" group
+    flat_shards = layout.fsdp or (layout.zero1 and layout.implementation == "custom")
     sp = layout.sequence_parallel
     actions = schedule(P, layout.pp_schedule, layout.virtual_stages, accum)[pp_rank]
     out: dict[tuple[str, str], tuple[int, float]] = {}
@@ -144,22 +152,31 @@ def collectives(cfg: GPTConfig, layout: Layout, micro_batch: int, accum: int,
             boundary = micro_batch * (T // tp if sp else T) * C * FP32
             hops = (not last) + (not first)
             add("pp", "send", P, accum * boundary * hops, accum * hops)
-            if first or last:  # the tied weight's gradient (its shard under FSDP)
-                add("embedding", "all_reduce", 2, FP32 * V * C / tp / (dp if layout.fsdp else 1))
+            if first or last:  # the tied weight's gradient (its shard under FSDP, ZeRO-1)
+                add("embedding", "all_reduce", 2, FP32 * V * C / tp / (shards if flat_shards else 1))
+        buckets = math.ceil(FP32 * n["total"] / (layout.bucket_cap_mb * 2**20))
         if layout.fsdp:
             units = len(blocks) + (first or last)
             gathers = fsdp_gathers(actions, v, layout.reshard_after_forward)
-            add("dp", "all_gather", dp, gathers * compute_bytes * n["total"], gathers * units)
-            add("dp", "reduce_scatter", dp, accum * FP32 * n["total"], accum * units)  # every micro-step
+            add("dp", "all_gather", shards, gathers * compute_bytes * n["total"], gathers * units)
+            add("dp", "reduce_scatter", shards, accum * FP32 * n["total"], accum * units)  # every micro-step
+            add("dp_replicate", "all_reduce", layout.dp_replicate, accum * FP32 * n["total"] / shards,
+                accum * units)
+        elif flat_shards:  # ZeRO-1 by hand: a bucket per class at least (decay, no decay)
+            add("dp", "reduce_scatter", dp_cp, FP32 * n["total"], buckets + 1)
+            add("dp", "all_gather", dp_cp, FP32 * n["total"], buckets + 1)
         else:
-            buckets = math.ceil(FP32 * n["total"] / (layout.bucket_cap_mb * 2**20))
-            add("dp", "all_reduce", dp, FP32 * n["total"], buckets)
+            add("dp", "all_reduce", dp_cp, FP32 * n["total"], buckets)
+            if layout.zero1:  # ZeroRedundancyOptimizer: each parameter from its owner
+                add("dp", "broadcast", dp_cp, FP32 * n["total"], 12 * len(blocks) + 4 * (first or last))
     # scalars, once a step: the squared gradient norm (one all-reduce per class of
-    # sharded gradient: over TP; under FSDP over DP and over DP x TP), the trainer's mean
-    # of the loss over DP x CP, and across stages the loss and the norm
+    # sharded gradient: over TP; under FSDP and ZeRO-1 over DP and over DP x TP), the
+    # trainer's mean of the loss over DP x CP, and across stages the loss and the norm
     add("tp", "all_reduce", tp, FP32)
-    scalars = 1 + layout.fsdp * (2 if tp > 1 else 1)
-    add("dp", "all_reduce", dp, FP32 * scalars, scalars)
+    norms = flat_shards * (2 if tp > 1 else 1)
+    if norms:
+        add("dp", "all_reduce", shards, FP32 * norms, norms)
+    add("dp", "all_reduce", dp_cp, FP32)
     add("pp", "all_reduce", P, 2 * FP32, 2)
     return out
 

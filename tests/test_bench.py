@@ -42,6 +42,26 @@ def test_state_bytes_follow_zero_16_bytes_per_parameter():
     assert state_bytes(SMALL, Layout(tp=2))["total"] == 16 * (70 / 2 + 22)
 
 
+def test_zero1_and_hsdp_state_and_traffic_by_hand():
+    """ZeRO-1 keeps weights and gradients whole and 1/d of Adam: (4 + 4 + 8/d) Psi, 8 + 8/d
+    with fp32 gradients in Megatron's distributed-optimizer table; its reduce-scatter and
+    all-gather send DDP's all-reduce bytes. HSDP 2 x 2: the state of FSDP over 2, and an
+    all-reduce of the half shard's gradient between the 2 replicas."""
+    for d in (2, 4):
+        state = state_bytes(SMALL, Layout(dp=d, dp_type="zero1"))
+        assert state == {"params": 4 * 92, "grads": 4 * 92, "optimizer": 8 * 92 / d,
+                         "total": (4 + 4 + 8 / d) * 92}
+    ddp, zero1 = (traffic_bytes(SMALL, Layout(dp=2, dp_type=t), 1, 1) for t in ("ddp", "zero1"))
+    assert zero1["reduce_scatter"] + zero1["all_gather"] == ddp["all_reduce"] - 4  # its loss mean
+    assert zero1["all_reduce"] == 4 + 4  # the loss mean, the norm of the sharded gradients
+    hsdp = Layout(dp=4, dp_type="fsdp", dp_replicas=2)
+    assert state_bytes(SMALL, hsdp)["total"] == state_bytes(SMALL, Layout(dp=2, dp_type="fsdp"))["total"]
+    z3 = traffic_bytes(SMALL, hsdp, 1, 1)  # shards of 2: (N-1)/N = 1/2
+    assert z3["all_gather"] == 2 * 368 / 2 and z3["reduce_scatter"] == 368 / 2
+    # replicas: 2 (R-1)/R * 4 Psi / shards; scalars: the loss over 4 (6/4 * 4), the norm over 2
+    assert z3["all_reduce"] == 368 / 2 + 6 + 4
+
+
 def test_traffic_by_hand():
     # DDP, N=2: all-reduce 2 (N-1)/N * 4 * 92 = 368 bytes of gradients + the 4-byte loss mean
     assert traffic_bytes(SMALL, Layout(dp=2), 1, 1) == {"all_reduce": 368 + 4}

@@ -324,7 +324,8 @@ def _audit(layouts):
 
 
 def test_no_access_to_a_pending_collective_s_buffers(char_data, tmp_path):
-    """ZeRO-3 fp32 / bf16, ZeRO-2 with no_sync, DDP, 2 x 2 custom TP (SP + LP) x FSDP."""
+    """ZeRO-3 fp32 / bf16, ZeRO-2 with no_sync, DDP, ZeRO-1, HSDP, 2 x 2 custom TP (SP + LP)
+    x FSDP."""
     run = lambda name, **kw: tiny_run(char_data, tmp_path / name, implementation="custom", **kw)
     layouts = {
         "zero3": run("zero3", data_parallel_size=4, data_parallel_type="fsdp"),
@@ -333,6 +334,8 @@ def test_no_access_to_a_pending_collective_s_buffers(char_data, tmp_path):
         "zero2-no_sync": run("zero2", data_parallel_size=4, data_parallel_type="fsdp",
                              fsdp_reshard_after_forward=False, fsdp_reduce_on_last_micro_step=True),
         "ddp": run("ddp", data_parallel_size=4, data_parallel_type="ddp"),
+        "zero1": run("zero1", data_parallel_size=4, data_parallel_type="zero1"),
+        "hsdp": run("hsdp", data_parallel_size=4, data_parallel_type="fsdp", data_parallel_replicas=2),
         "2x2-sp-lp": run("2x2", data_parallel_size=2, tensor_parallel_size=2,
                          data_parallel_type="fsdp", sequence_parallel=True,
                          enable_loss_parallelism=True),

@@ -129,6 +129,7 @@ def test_the_planner_lists_exactly_what_train_py_accepts_on_cpu(implementation):
     accepted = {(layout, mb) for layout, mb in space if _accepted_by_train_py(args, layout, mb)}
     assert listed == accepted
     assert 0 < len(listed) < len(space)  # the rules do refuse some of the space
+    assert any(layout.zero1 for layout, _ in listed) and any(layout.hsdp for layout, _ in listed)
     listed_cp = any(layout.cp > 1 for layout, _ in listed)
     assert listed_cp == (implementation == "custom")  # PyTorch's CP is refused on this CPU
 

@@ -112,22 +112,23 @@ def _read(state: dict, reader: Reader, no_dist: bool):
                         f"an older one") from e
 
 
-def _moments(optimizer, params, state: str, create: bool = False) -> list[torch.Tensor]:
-    """Adam's `state` tensors aligned with `params`; zeros where it has not stepped yet,
-    put into the optimizer's state when `create` (to load into)."""
+def _moments(states, params, state: str, create: bool = False) -> list[torch.Tensor]:
+    """Adam's `state` tensors aligned with `params` (`states`: param -> its optimizer
+    state, Params.optimizer_state); zeros where it has not stepped yet, put into the
+    optimizer's state when `create` (to load into)."""
     out = []
     for p in params:
-        moment = optimizer.state[p].get(state)
+        moment = states[p].get(state)
         if moment is None:
             moment = torch.zeros_like(p)
             if create:
-                optimizer.state[p][state] = moment
+                states[p][state] = moment
         out.append(moment)
     return out
 
 
-def _step_count(optimizer, params) -> torch.Tensor:
-    steps = [optimizer.state[p]["step"] for p in params if "step" in optimizer.state[p]]
+def _step_count(states, params) -> torch.Tensor:
+    steps = [states[p]["step"] for p in params if "step" in states[p]]
     return steps[0].detach().float().cpu().reshape(1) if steps else torch.zeros(1)
 
 
@@ -142,10 +143,10 @@ def save(state: TrainState, out_dir, keep: int) -> Path:
     final = store.step_dir(out_dir, state.step)
     tmp = out_dir / f"tmp-{final.name}-{token}"
     world = _world_mesh(state.device)
-    params = state.params.param_list()
+    params, states = state.params.param_list(), state.params.optimizer_state(state.optimizer)
     groups = {"model": params}
-    groups.update({f"optim.{s}": _moments(state.optimizer, params, s) for s in ADAM_STATES})
-    tensors = {"optim.step": _step_count(state.optimizer, params)}
+    groups.update({f"optim.{s}": _moments(states, params, s) for s in ADAM_STATES})
+    tensors = {"optim.step": _step_count(states, params)}
     for prefix, laid_out in groups.items():
         for name, full in state.params.full_tensors(laid_out):  # one parameter at a time
             tensors[f"{prefix}/{name}"] = _dim0_slice(full.detach(), world, _to_cpu)
@@ -230,14 +231,15 @@ def load(state: TrainState, path: Path) -> int:
         return value.full_tensor() if isinstance(value, DTensor) else value
 
     params, optimizer = state.params.param_list(), state.optimizer
+    states = state.params.optimizer_state(optimizer)
     state.params.load_full_tensors(lambda name: full_of(f"model/{name}"), params)
     for s in ADAM_STATES:
         state.params.load_full_tensors(lambda name, s=s: full_of(f"optim.{s}/{name}"),
-                                       _moments(optimizer, params, s, create=True))
+                                       _moments(states, params, s, create=True))
     step_count = tensors["optim.step"].reshape(())
     on_device = optimizer.defaults.get("fused") or optimizer.defaults.get("capturable")
     for p in params:  # where AdamW keeps its step count: with the param when fused, else CPU
-        optimizer.state[p]["step"] = step_count.to(p.device if on_device else "cpu").clone()
+        states[p]["step"] = step_count.to(p.device if on_device else "cpu").clone()
     if "data" in info:  # checkpoints before the data position: it follows from the step alone
         state.data.load_state_dict(info["data"])
     if info["world_size"] == (1 if no_dist else dist.get_world_size()):  # the same RNG streams

@@ -17,11 +17,12 @@ buffer in the compute dtype whose storage exists only while the unit is gathered
                      (master dtype, async) -> shard.grad, free full(i) and the unsharded grads
     traffic per step: all-gather x 2 + reduce-scatter = 3 (N-1)/N Psi   (ZeRO-3)
     reshard_after_forward=False (ZeRO-2) keeps full(i) from forward to backward: 2 (N-1)/N Psi
+    HSDP (--data_parallel_replicas R): N = the dp_shard x cp ranks of a replica group; the
+    reduce-scattered shard gradients are then all-reduced over the R groups: + 2 (R-1)/R Psi/N
 The root runs at both ends (embeddings first, head last): it is re-gathered when backward
 reaches the head and stays gathered until the embeddings' gradients are in.
 """
 import dataclasses
-from collections import defaultdict
 from contextlib import contextmanager
 from functools import partial
 
@@ -29,10 +30,9 @@ import torch
 import torch.nn as nn
 
 from nanodist import compat
-from nanodist.model import TIED_NAMES
 from nanodist.parallel.comm import Group
 from nanodist.parallel.init import full_value
-from nanodist.parallel.params import FlatParams, ModuleParams
+from nanodist.parallel.params import FlatParams, ModuleParams, flat_classes, parameter_owners
 
 
 def wrap_policy(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -126,35 +126,27 @@ class Unit:
 
 
 class FSDP:
-    """Custom ZeRO-3 (reshard_after_forward) or ZeRO-2 over `group` (the DP x CP ranks:
-    they hold the same parameters), driven by module hooks: the model is called as it is."""
+    """Custom ZeRO-3 (reshard_after_forward) or ZeRO-2 over `group` (the dp_shard x cp
+    ranks: they hold the same parameters), replicated across `replicas` (HSDP; None: no
+    replicas), driven by module hooks: the model is called as it is."""
 
     def __init__(self, model: nn.Module, group: Group, device: torch.device, seed: int,
                  compute_dtype=torch.float32, reshard_after_forward: bool = True,
-                 sharded_over: dict | None = None):
-        self.group = group
+                 sharded_over: dict | None = None, replicas: Group | None = None):
+        self.group, self.replicas = group, replicas
         self.reshard_after_forward = reshard_after_forward
         self.sync_grads, self.backward_started, self.reductions = True, False, []
         # the root's backward runs after the blocks' only where it holds the embeddings (on
         # a pipeline's last stage ln_f and the head are done first: prefetching the root
         # again cost an all-gather and kept it gathered through the optimizer step)
-        sharded_over = sharded_over or {}
-        owners = defaultdict(list)  # id(param) -> (module, attr) holding it (tied: several)
-        for module in model.modules():
-            for attr, p in module._parameters.items():
-                if p is not None:
-                    owners[id(p)].append((module, attr))
-        claimed, self.units = set(), []
+        owners, claimed, self.units = parameter_owners(model), set(), []
         for name, module in reversed(wrap_policy(model)):  # blocks first, the root takes the rest
-            classes = defaultdict(list)
-            for pname, p in module.named_parameters(prefix=name):
-                if id(p) not in claimed:
-                    claimed.add(id(p))
-                    tied = pname in TIED_NAMES
-                    classes[(p.dim() >= 2, sharded_over.get(p, ()), tied)].append((pname, p))
+            unclaimed = [(pname, p) for pname, p in module.named_parameters(prefix=name)
+                         if id(p) not in claimed]
+            claimed.update(id(p) for _, p in unclaimed)
             flats = [FlatParam(params, owners, model, seed, group, compute_dtype, device,
                                (group,) + groups)
-                     for (_, groups, _), params in classes.items()]
+                     for (_, groups, _), params in flat_classes(unclaimed, sharded_over or {}).items()]
             self.units.insert(0, Unit(module, flats))
             claimed.update(id(p) for p in self.units[0].params)
         for i, unit in enumerate(self.units):
@@ -227,7 +219,11 @@ class FSDP:
     def _finish_reductions(self):
         for f, out, work, _ in self.reductions:
             work.wait()
-            out.div_(self.group.size)  # sum -> mean (exact for N = 2^k, as FSDP2's AVG)
+            n = self.group.size
+            if self.replicas is not None:  # HSDP: the same shard of every replica group
+                self.replicas.all_reduce(out)
+                n *= self.replicas.size
+            out.div_(n)  # sum -> mean (exact for N = 2^k, as FSDP2's AVG)
             f.shard.grad = out if f.shard.grad is None else f.shard.grad.add_(out)
         self.reductions = []
 
@@ -242,8 +238,9 @@ class FSDP:
 
 
 def apply_fsdp(stage, setup):
-    """The FSDP step of `parallelize`: shard the stage over the DP x CP group (custom or
-    FSDP2), before `materialize` (meta units are sharded one at a time).
+    """The FSDP step of `parallelize`: shard the stage over the dp_shard x cp group (custom
+    or FSDP2; HSDP: replicated across dp_replicate), before `materialize` (meta units are
+    sharded one at a time).
 
     Gradient accumulation reduce-scatters every micro-step by default (no_sync stays a
     no-op): holding the unsharded fp32 gradients of the whole model between micro-steps
@@ -255,11 +252,13 @@ def apply_fsdp(stage, setup):
     compute_dtype = setup.compute_dtype or master_dtype
     plan = stage.params.plan
     if layout.implementation == "pytorch":
-        apply_fsdp2(model, mesh.dp_cp, layout.reshard_after_forward, compute_dtype, master_dtype)
+        device_mesh = mesh.replicate_shard_mesh() if layout.hsdp else mesh.dp_shard_cp.device_mesh
+        apply_fsdp2(model, device_mesh, layout.reshard_after_forward, compute_dtype, master_dtype)
         params, no_sync = ModuleParams(model, mesh, plan), partial(fsdp2_no_sync, model)
     else:
-        fsdp = FSDP(model, mesh.dp_cp, mesh.device, setup.seed, compute_dtype,
-                    layout.reshard_after_forward, stage.params.sharded_over)
+        fsdp = FSDP(model, mesh.dp_shard_cp, mesh.device, setup.seed, compute_dtype,
+                    layout.reshard_after_forward, stage.params.sharded_over,
+                    mesh.dp_replicate if layout.hsdp else None)
         params, no_sync = FlatParams(fsdp, mesh, plan), fsdp.no_sync
     return dataclasses.replace(stage, params=params,
                                no_sync=no_sync if layout.reduce_on_last_micro_step else stage.no_sync)
@@ -267,18 +266,18 @@ def apply_fsdp(stage, setup):
 
 # ---------------------------------------------------------------- PyTorch FSDP2
 
-def apply_fsdp2(model: nn.Module, group: Group, reshard_after_forward: bool, compute_dtype,
+def apply_fsdp2(model: nn.Module, device_mesh, reshard_after_forward: bool, compute_dtype,
                 reduce_dtype):
-    """FSDP2: fully_shard every unit of the wrap policy (blocks first, then the root)
-    on the group's 1-D mesh. Parameters become DTensors sharded on dim 0 (the optimizer
-    and clip.py read that); meta parameters are materialised later by `materialize`."""
+    """FSDP2: fully_shard every unit of the wrap policy (blocks first, then the root) on
+    `device_mesh`: 1-D, or 2-D (replicate, shard) for HSDP. Parameters become DTensors
+    sharded on dim 0 (the optimizer and clip.py read that); meta parameters are
+    materialised later by `materialize`."""
     # imported here: its module-level tensors, made before metrics.StepMemory starts counting
     # CPU bytes and freed at exit, would make c10 warn that it cannot count them
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=reduce_dtype)
     for _, module in reversed(wrap_policy(model)):
-        fully_shard(module, mesh=group.device_mesh, reshard_after_forward=reshard_after_forward,
-                    mp_policy=mp)
+        fully_shard(module, mesh=device_mesh, reshard_after_forward=reshard_after_forward, mp_policy=mp)
 
 
 @contextmanager

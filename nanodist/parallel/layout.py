@@ -7,7 +7,8 @@ a layout the planner lists is one train.py accepts on that device, and no other.
 Axes, outermost to innermost (mesh order; any of them may be 1):
 
     pp            pipeline stages (point-to-point only: tolerates the slowest links)
-    dp_replicate  data parallel replicas (DDP: the whole model on each)
+    dp_replicate  data parallel replicas (DDP and ZeRO-1: the whole model on each;
+                  HSDP: --data_parallel_replicas groups)
     dp_shard      data parallel shards (FSDP: each holds 1/dp_shard of the model)
     cp            context parallel: each sequence split over these ranks
     tp            tensor parallel: contiguous ranks (the heaviest traffic stays in a node)
@@ -21,9 +22,11 @@ Axes, outermost to innermost (mesh order; any of them may be 1):
     pp 1  dp 0    [  4 | 5 ]                    across stages
           dp 1    [  6 | 7 ]
 
-Derived groups: `dp` = dp_replicate x dp_shard (the ranks that read different data) and
+Derived groups: `dp` = dp_replicate x dp_shard (the ranks that read different data),
 `dp_cp` = dp x cp (the ranks that hold the same parameters: CP ranks hold the same
-weights and different tokens of the same sequences, so gradients are reduced over both).
+weights and different tokens of the same sequences, so gradients are reduced over both)
+and `dp_shard_cp` = dp_shard x cp (the ranks FSDP shards over; HSDP then all-reduces the
+shards' gradients over dp_replicate).
 Each is a flattened mesh dimension where more than one of its axes is > 1, else the one
 axis itself (no extra process groups). Room for more: an expert-parallel axis would be
 carved from dp_shard x cp, as torchtitan and Megatron do.
@@ -45,9 +48,9 @@ from nanodist.model import GPTConfig
 from nanodist.parallel.comm import Comm, Group
 
 AXES = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
-GROUPS = AXES + ("dp", "dp_cp")
+GROUPS = AXES + ("dp", "dp_cp", "dp_shard_cp")
 CHOICES = {
-    "dp_type": ("ddp", "fsdp"),
+    "dp_type": ("ddp", "zero1", "fsdp"),
     "pp_schedule": ("gpipe", "1f1b", "interleaved_1f1b", "zero_bubble"),
     "checkpointing": ("none", "full", "selective"),
     "implementation": ("custom", "pytorch"),
@@ -55,6 +58,7 @@ CHOICES = {
 # each field of Layout and the train.py flag that sets it (the one table of both directions)
 FLAGS = {"pp": "pipeline_parallel_size", "dp": "data_parallel_size", "cp": "context_parallel_size",
          "tp": "tensor_parallel_size", "dp_type": "data_parallel_type",
+         "dp_replicas": "data_parallel_replicas",
          "reshard_after_forward": "fsdp_reshard_after_forward",
          "reduce_on_last_micro_step": "fsdp_reduce_on_last_micro_step",
          "bucket_cap_mb": "bucket_cap_mb", "sequence_parallel": "sequence_parallel",
@@ -74,7 +78,8 @@ class Layout:
     dp: int = 1
     cp: int = 1
     tp: int = 1
-    dp_type: str = "ddp"                     # ddp: replicate the model; fsdp: shard it
+    dp_type: str = "ddp"                     # ddp | zero1 (optimizer state sharded) | fsdp
+    dp_replicas: int = 1                     # FSDP: replica groups of dp / dp_replicas shards (HSDP)
     reshard_after_forward: bool = True       # FSDP: ZeRO-3; False: ZeRO-2
     reduce_on_last_micro_step: bool = False  # FSDP: reduce-scatter once per step
     bucket_cap_mb: float = 25.0              # custom DDP's gradient buckets
@@ -91,11 +96,11 @@ class Layout:
 
     @property
     def dp_replicate(self) -> int:
-        return self.dp if self.dp_type == "ddp" else 1
+        return self.dp_replicas if self.dp_type == "fsdp" else self.dp
 
     @property
     def dp_shard(self) -> int:
-        return self.dp if self.dp_type == "fsdp" else 1
+        return self.dp // self.dp_replicas if self.dp_type == "fsdp" else 1
 
     def sizes(self) -> dict[str, int]:
         return {"pp": self.pp, "dp_replicate": self.dp_replicate, "dp_shard": self.dp_shard,
@@ -116,8 +121,17 @@ class Layout:
         return self.dp_type == "fsdp" and self.dp_cp > 1
 
     @property
+    def hsdp(self) -> bool:
+        """FSDP within groups of dp_shard x cp ranks, replicated across dp_replicas groups."""
+        return self.fsdp and self.dp_replicas > 1
+
+    @property
     def ddp(self) -> bool:
         return self.dp_type == "ddp" and self.dp_cp > 1
+
+    @property
+    def zero1(self) -> bool:
+        return self.dp_type == "zero1" and self.dp_cp > 1
 
     def coordinates(self, rank: int) -> dict[str, int]:
         """This rank's index along every axis, and within `dp` and `dp_cp`."""
@@ -126,12 +140,14 @@ class Layout:
             rest, at[axis] = divmod(rest, self.sizes()[axis])
         at["dp"] = at["dp_replicate"] * self.dp_shard + at["dp_shard"]
         at["dp_cp"] = at["dp"] * self.cp + at["cp"]
+        at["dp_shard_cp"] = at["dp_shard"] * self.cp + at["cp"]
         return at
 
     @property
     def name(self) -> str:
         """e.g. dp2-fsdp-tp2-custom-pp2-1f1b-cp2 (run directories are named after it)."""
-        return (f"dp{self.dp}-{self.dp_type}-tp{self.tp}-{self.implementation}"
+        return (f"dp{self.dp}-{self.dp_type}" + (f"x{self.dp_replicas}" if self.hsdp else "")
+                + f"-tp{self.tp}-{self.implementation}"
                 + (f"-pp{self.pp}-{self.pp_schedule}" if self.pp > 1 else "")
                 + (f"-cp{self.cp}" if self.cp > 1 else ""))
 
@@ -162,6 +178,7 @@ class Layout:
             if getattr(self, field) not in allowed:
                 raise UserError(f"unknown {flag(field)} {getattr(self, field)!r}; choose from "
                                 f"{', '.join(allowed)}")
+        self._check_data_parallel()  # before the world: the axes' sizes need R | dp
         self._check_world(world_size)
         self._check_tensor_parallel(block_size)
         self._check_context_parallel(device_type, block_size, dropout)
@@ -185,6 +202,22 @@ class Layout:
                 f"--context_parallel_size ({self.cp}) x --tensor_parallel_size ({self.tp}) = {n} "
                 f"processes, but {world_size} were launched: launch with torchrun "
                 f"--nproc_per_node={n} or change the sizes so that their product is {world_size}")
+
+    def _check_data_parallel(self):
+        R = self.dp_replicas
+        if R < 1 or self.dp % R:
+            raise UserError(f"--data_parallel_replicas ({R}) must divide --data_parallel_size ({self.dp})")
+        if R > 1 and self.dp_type != "fsdp":
+            raise UserError(f"--data_parallel_replicas {R} is HSDP, FSDP replicated across groups: it "
+                            f"needs --data_parallel_type fsdp (--data_parallel_type {self.dp_type} "
+                            f"replicates over every DP rank already; drop the flag)")
+        if R > 1 and self.dp_shard * self.cp == 1:
+            raise UserError(f"--data_parallel_replicas {R} = --data_parallel_size leaves one shard per "
+                            f"replica group: that is DDP; use --data_parallel_type ddp")
+        if self.zero1 and self.implementation == "pytorch" and (self.tp > 1 or self.pp > 1):
+            raise UserError("--data_parallel_type zero1 --implementation pytorch (DDP + "
+                            "ZeroRedundancyOptimizer) holds plain tensors only: no DTensor TP, no "
+                            "pipeline stages; use --implementation custom for ZeRO-1 x TP or PP")
 
     def sequence_divides(self, block_size: int) -> bool:
         """Whether sequence parallelism can split a CP rank's tokens over the TP ranks."""
@@ -301,6 +334,19 @@ class Mesh:
         return self.groups["dp_cp"]
 
     @property
+    def dp_shard_cp(self) -> Group:
+        return self.groups["dp_shard_cp"]
+
+    @property
+    def dp_replicate(self) -> Group:
+        return self.groups["dp_replicate"]
+
+    def replicate_shard_mesh(self) -> DeviceMesh:
+        """The 2-D (dp_replicate, dp_shard x cp) DeviceMesh of HSDP (FSDP2's)."""
+        shard = self.dp_shard_cp.device_mesh.mesh_dim_names[0]
+        return self.device_mesh["dp_replicate", shard]
+
+    @property
     def world_size(self) -> int:
         return self.layout.world
 
@@ -334,15 +380,20 @@ def build_mesh(layout: Layout, device: torch.device, comm: Comm | None = None,
                                    backend_override=override)
     groups = {axis: comm.group(device_mesh.get_group(axis), device_mesh[axis]) for axis in AXES}
 
+    flattened = {}  # the axes > 1 of a combined group -> its Group (dp and dp_cp may agree)
+
     def combined(axes: tuple[str, ...], name: str) -> Group:
         """The ranks of `axes` together: a flattened dimension only where two are > 1."""
-        used = [a for a in axes if sizes[a] > 1]
+        used = tuple(a for a in axes if sizes[a] > 1)
         if len(used) <= 1:
             return groups[used[0] if used else axes[-1]]
-        span = AXES[AXES.index(used[0]):AXES.index(used[-1]) + 1]  # contiguous mesh dims
-        flat = compat.flatten(device_mesh[span], name)
-        return comm.group(flat.get_group(), flat)
+        if used not in flattened:
+            span = AXES[AXES.index(used[0]):AXES.index(used[-1]) + 1]  # contiguous mesh dims
+            flat = compat.flatten(device_mesh[span], name)
+            flattened[used] = comm.group(flat.get_group(), flat)
+        return flattened[used]
 
     groups["dp"] = combined(("dp_replicate", "dp_shard"), "dp")
     groups["dp_cp"] = combined(("dp_replicate", "dp_shard", "cp"), "dp_cp")
+    groups["dp_shard_cp"] = combined(("dp_shard", "cp"), "dp_shard_cp")
     return Mesh(layout, dist.get_rank(), device, groups, device_mesh)

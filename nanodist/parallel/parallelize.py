@@ -13,7 +13,7 @@ where the layout asks for it:
                                 hooks stay outside the compiled blocks)
     5. FSDP                     shards (meta units one at a time), over DP x CP
     6. materialize              what is still on the meta device gets its initial values
-    7. DDP                      last: it broadcasts and buckets real tensors
+    7. DDP or ZeRO-1            last: they broadcast and bucket real tensors
 
 Each step takes the `Stage` the previous one left and returns a new one (frozen: what a
 step changes is in what it returns). The result is what the trainer asks of a layout: a
@@ -38,6 +38,7 @@ from nanodist.parallel.params import ModuleParams, Params
 from nanodist.parallel.pipeline import PipelineParams, PipelineRunner, split_into_stages
 from nanodist.parallel.runner import MicroSteps
 from nanodist.parallel.tensor_parallel import apply_tp
+from nanodist.parallel.zero1 import apply_zero1
 
 
 @dataclass(frozen=True)
@@ -88,6 +89,7 @@ STEPS = (  # (name, whether the layout has it, step), in the order above
     ("FSDP", lambda layout: layout.fsdp, apply_fsdp),
     ("materialize", lambda layout: True, apply_materialize),
     ("DDP", lambda layout: layout.ddp, apply_ddp),
+    ("ZeRO-1", lambda layout: layout.zero1, apply_zero1),
 )
 
 

@@ -4,18 +4,20 @@ the full gradient, and full GPT-2 tensors <-> this rank's parts (checkpoints, --
     Params          the protocol (what the trainer and checkpoint.py ask)
     ModuleParams    the module's own parameters: whole, sharded by the custom TP (sharded_over
                     says over which groups), or DTensors (TP, FSDP2, replicate: they say it)
-    FlatParams      the custom FSDP's flat shards (fsdp.py builds them)
+    FlatParams      flat shards: the custom FSDP's (fsdp.py) and ZeRO-1's (zero1.py)
     pipeline.PipelineParams  one of the above per chunk, and the pipeline group between them
 
 Tensors "laid out like the optimizer's params" are the params themselves, their
 gradients, or Adam's moments: the conversions below serve all of them.
 """
+from collections import defaultdict
 from typing import Callable, Iterator
 
 import torch
 import torch.nn as nn
 from torch.distributed.tensor import DTensor
 
+from nanodist.model import TIED_NAMES
 from nanodist.parallel import tp_plan
 from nanodist.parallel.clip import grad_norm, scale_grads_
 from nanodist.parallel.layout import Mesh
@@ -28,6 +30,27 @@ def split_by_weight_decay(named_params) -> tuple[list, list]:
         if param.requires_grad:
             (decay if param.dim() >= 2 else no_decay).append(param)
     return decay, no_decay
+
+
+def parameter_owners(model: nn.Module) -> dict:
+    """id(param) -> [(module, attribute)] of every module holding it (tied: several), so
+    that a flat engine can replace it by a view everywhere."""
+    owners = defaultdict(list)
+    for module in model.modules():
+        for attr, p in module._parameters.items():
+            if p is not None:
+                owners[id(p)].append((module, attr))
+    return owners
+
+
+def flat_classes(named_params, sharded_over: dict) -> dict:
+    """(decay, groups sharded over, tied) -> [(name, param)]: what one flat may mix (one
+    weight decay, one norm reduction; the tied weight alone, so that a pipeline's first
+    and last stage flatten it alike)."""
+    classes = defaultdict(list)
+    for name, p in named_params:
+        classes[(p.dim() >= 2, sharded_over.get(p, ()), name in TIED_NAMES)].append((name, p))
+    return classes
 
 
 class Params:
@@ -61,6 +84,21 @@ class Params:
         decay, no_decay = self.optimizer_params()
         return [{"params": decay, "weight_decay": weight_decay},
                 {"params": no_decay, "weight_decay": 0.0}]
+
+    def optimizer(self, weight_decay: float, **adamw) -> torch.optim.Optimizer:
+        """AdamW over these parameters, GPT-2's weight decay on matrices only (a layout
+        whose optimizer shards itself builds its own: PyTorch's ZeRO-1)."""
+        optimizer = torch.optim.AdamW(self.param_groups(weight_decay), **adamw)
+        self.after_each_step(optimizer)
+        return optimizer
+
+    def after_each_step(self, optimizer: torch.optim.Optimizer):
+        """Register on `optimizer` what this layout does after every step (nothing here;
+        ZeRO-1 gathers the updated shards)."""
+
+    def optimizer_state(self, optimizer: torch.optim.Optimizer):
+        """param -> its optimizer state, as checkpoints read and fill it."""
+        return optimizer.state
 
     def grad_norm(self) -> torch.Tensor:
         """The norm of the full gradient (every shard, every stage once)."""
@@ -103,20 +141,23 @@ class ModuleParams(Params):
 
 
 class FlatParams(Params):
-    """The custom FSDP's parameters (`fsdp.FSDP`): per flat, this rank's shard of the
-    master weights (what AdamW steps on and keeps state for). `plan`: what TP did to the
+    """Parameters kept as flat vectors sharded over a group, this rank's shard of each
+    being what the optimizer steps on (and keeps state for): the custom FSDP's (fsdp.py)
+    and ZeRO-1's (zero1.py). Each of `engine.flats` has: decay, shard, group, groups
+    (those it is sharded over), names and params (of the model, in flat order) and
+    split(flat) (the per-parameter views of a padded flat). `plan`: what TP did to the
     parameters first (their full tensors undo it)."""
 
-    def __init__(self, fsdp, mesh: Mesh, plan: dict):
-        self.fsdp, self.mesh, self.plan = fsdp, mesh, plan
-        self.sharded_over = {f.shard: f.groups for f in fsdp.flats}
+    def __init__(self, engine, mesh: Mesh, plan: dict):
+        self.engine, self.mesh, self.plan = engine, mesh, plan
+        self.sharded_over = {f.shard: f.groups for f in engine.flats}
 
     def flats(self) -> list:
         """In optimizer order: decay flats, then no-decay ones."""
-        return [f for f in self.fsdp.flats if f.decay] + [f for f in self.fsdp.flats if not f.decay]
+        return [f for f in self.engine.flats if f.decay] + [f for f in self.engine.flats if not f.decay]
 
     def optimizer_params(self):
-        flats = self.fsdp.flats
+        flats = self.engine.flats
         return [f.shard for f in flats if f.decay], [f.shard for f in flats if not f.decay]
 
     def names(self):
@@ -125,7 +166,7 @@ class FlatParams(Params):
     def full_tensors(self, tensors):
         """One flat gathered at a time, split into its parameters."""
         for f, tensor in zip(self.flats(), tensors):
-            full = torch.empty(f.full.numel(), dtype=tensor.dtype, device=tensor.device)
+            full = torch.empty(tensor.numel() * f.group.size, dtype=tensor.dtype, device=tensor.device)
             f.group.all_gather(full, tensor.detach())
             for name, p, value in zip(f.names, f.params, f.split(full)):
                 yield name, tp_plan.full_tensor(name, value.view(p.shape), self.plan, self.mesh.tp)
@@ -133,7 +174,7 @@ class FlatParams(Params):
     @torch.no_grad()
     def load_full_tensors(self, full_of, tensors):
         for f, tensor in zip(self.flats(), tensors):
-            full = torch.zeros(f.full.numel(), dtype=tensor.dtype, device=tensor.device)
+            full = torch.zeros(tensor.numel() * f.group.size, dtype=tensor.dtype, device=tensor.device)
             for name, p, value in zip(f.names, f.params, f.split(full)):
                 local = tp_plan.local_tensor(name, full_of(name).to(tensor.device), p, self.plan,
                                              self.mesh.tp)

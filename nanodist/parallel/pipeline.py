@@ -254,6 +254,10 @@ class PipelineParams(Params):
     def names(self):
         return [held for s in self.stages for held in s.names()]
 
+    def after_each_step(self, optimizer):
+        for stage in self.stages:
+            stage.after_each_step(optimizer)
+
     def grad_norm(self) -> torch.Tensor:
         on_last_only = self.split.tied if self.mesh.pp.rank == self.mesh.pp.size - 1 else None
         return grad_norm([p for p in self.param_list() if p is not on_last_only], self.sharded_over,
