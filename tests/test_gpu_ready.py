@@ -87,7 +87,7 @@ def test_pick_device_wants_one_gpu_per_local_process(monkeypatch):
 def test_bench_skips_layouts_larger_than_the_gpu_count(monkeypatch):
     _fake_gpus(monkeypatch, 2)
     run, skipped = layouts_that_fit(BENCH, "auto")
-    assert skipped == ["dp2xtp2-lp"] and len(run) == len(BENCH) - 1
+    assert skipped == ["hsdp2x2", "dp2xtp2-lp"] and run == [n for n in BENCH if n not in skipped]
     assert layouts_that_fit(BENCH, "cpu") == (BENCH, [])  # CPU processes share the cores
 
 
