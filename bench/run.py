@@ -55,7 +55,7 @@ def prepare_data(data_dir: str | None) -> str:
     return str(out)
 
 
-def run_layout(name: str, args, data_dir: str, out_dir: Path) -> dict:
+def run_layout(name: str, args, data_dir: str, out_dir: Path, micro_batches: int) -> dict:
     result, world = out_dir / "raw" / f"{name}.json", LAYOUTS[name].world
     launcher = ([sys.executable] if world == 1 else
                 [sys.executable, "-m", "torch.distributed.run", "--standalone",
@@ -64,7 +64,8 @@ def run_layout(name: str, args, data_dir: str, out_dir: Path) -> dict:
                       "--out", str(result), "--data_dir", data_dir, "--device", args.device,
                       "--model", args.model, "--batch_size", str(args.batch_size),
                       "--block_size", str(args.block_size), "--dtype", args.dtype,
-                      "--warmup", str(args.warmup), "--steps", str(args.steps)]
+                      "--warmup", str(args.warmup), "--steps", str(args.steps),
+                      "--ranks_per_batch", str(micro_batches)]
     log = LOGS / f"{name}.log"
     with open(log, "w") as f:
         done = subprocess.run(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT,
@@ -117,10 +118,12 @@ def main():
     (out_dir / "raw").mkdir(parents=True, exist_ok=True)
     LOGS.mkdir(parents=True, exist_ok=True)
     data_dir = prepare_data(args.data_dir)
+    # one global batch for every layout: a micro-batch for each DP rank of the widest
+    micro_batches = max(LAYOUTS[name].dp for name in names)
     results = []
     for name in (bar := tqdm(names, desc="layouts", unit="layout")):
         bar.set_postfix_str(f"{name} on {LAYOUTS[name].world} process(es)")
-        results.append(run_layout(name, args, data_dir, out_dir))
+        results.append(run_layout(name, args, data_dir, out_dir, micro_batches))
     write_report(analyse(results), out_dir, reproducing_command(sys.argv[1:]))
 
 

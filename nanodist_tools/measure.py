@@ -102,10 +102,11 @@ def state_bytes(trainer) -> dict[str, int]:
     optimizer = trainer.optimizer
     params = [p for g in optimizer.param_groups for p in g["params"]] + \
         [p for stage in trainer.parallel.stages for p in stage.module.parameters()]
+    states = trainer.params.optimizer_state(optimizer)  # ZeroRedundancyOptimizer: its own
     seen, out = set(), {}
     for what, tensors in (("params", params),
                           ("grads", [p.grad for p in params if p.grad is not None]),
-                          ("optimizer", [v for s in optimizer.state.values() for v in s.values()
+                          ("optimizer", [v for p in trainer.params.param_list() for v in states[p].values()
                                          if isinstance(v, torch.Tensor) and v.dim() > 0])):
         storages = {k: v for k, v in _storages(tensors).items() if k not in seen}
         seen.update(storages)

@@ -150,7 +150,7 @@ def report(rows: list[dict], times: list[dict], rho: float, speed: tuple[float, 
             + ") against the median of "
             f"{TIMED_STEPS} measured steps of the real layouts. Spearman's rank correlation "
             f"rho = {rho:.2f} over {len(times)} layouts (required: >= {RHO_MIN}, the one-sided 5% "
-            f"critical value for 13 layouts).\n",
+            f"critical value for 13 layouts; more layouts lower it).\n",
             "| layout | ranks | measured ms | predicted ms | measured / predicted |", "|---|---|---|---|---|"]
     for t in sorted(times, key=lambda t: t["measured_s"]):
         out.append(f"| {t['layout']} | {t['ranks']} | {t['measured_s'] * 1e3:.1f} | "
