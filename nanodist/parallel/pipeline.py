@@ -75,7 +75,9 @@ class Split:
     chunk_names: list              # per global chunk: [(GPT-2 name, full shape)], optimizer order
     schedule: list                 # per pp rank, its actions (schedules.py)
     act_shape: tuple               # what crosses a boundary: (B, T / (cp x tp under SP), C)
-    wire_dtype: torch.dtype        # activations cross in the master dtype
+    wire_dtype: torch.dtype        # activations cross in the residual stream's dtype: the
+                                   # compute dtype under FSDP's mixed precision (its bf16
+                                   # embeddings make it so without PP too), else the master's
     tied: torch.Tensor | None      # this rank's copy of the tied wte / lm_head (first, last stage)
     embedding: Group | None        # the first and last stage: they sum the tied gradient
 
@@ -111,6 +113,8 @@ def split_into_stages(model: nn.Module, setup, parallelize_stage) -> tuple[list,
     P, V, rank = layout.pp, layout.virtual_stages, mesh.pp.rank
     S, blocks = P * V, split_layers(model.config.n_layer, P * V)
     wire_dtype = next(model.parameters()).dtype
+    if layout.fsdp and setup.compute_dtype is not None:
+        wire_dtype = setup.compute_dtype
     shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}  # before TP shards them
     shapes[TIED_ON_LAST] = shapes[TIED]
     stages, names = [], []
