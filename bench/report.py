@@ -4,11 +4,11 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from nanodist.metrics import PEAK_TFLOPS
+from nanodist.hardware import PEAK_TFLOPS
 from nanodist.model import GPTConfig
 from nanodist.parallel.layout import Layout
-from nanodist_tools.cost import activation_bytes, state_bytes
-from nanodist_tools.traffic import traffic_bytes
+from nanodist.cost import activation_bytes, state_bytes
+from nanodist.traffic import traffic_bytes
 
 MiB = 2**20
 # custom / pytorch throughput each layout family should reach
@@ -154,7 +154,7 @@ def markdown(records: list[dict], command: str) -> str:
     out.append("`state` = parameters + gradients + AdamW moments (unique storages, right after "
                "`optimizer.step()`), analytic 4 + 4 + 8 bytes per local parameter (ZeRO paper; ZeRO-1: "
                "8/d of Adam's; "
-               "nanodist_tools/cost.py). `activations` = storages saved for backward by one "
+               "nanodist/cost.py). `activations` = storages saved for backward by one "
                "micro-step's forward (saved-tensor hooks, parameters excluded). `peak` = live tensor bytes at "
                "the peak of one step (CUDA: max_memory_allocated; CPU: torch's MemTracker; not "
                "the process RSS). Largest rank shown.\n")
@@ -208,7 +208,7 @@ def markdown(records: list[dict], command: str) -> str:
                "**6N + 12·L·T·C**, N = all parameters except the position embeddings, the tied "
                "wte/lm_head matrix counted **once** (as lm_head it is a matmul; the embedding "
                f"lookup is free); here {first['flops_per_token']:.4g} FLOPs per token. Device "
-               "peaks (dense, no sparsity, vendor data sheets; metrics.PEAK_TFLOPS; float32 runs "
+               "peaks (dense, no sparsity, vendor data sheets; hardware.PEAK_TFLOPS; float32 runs "
                "use TF32, which the trainer turns on for them on CUDA):\n")
     out.append(_table(["GPU", "bf16 TFLOP/s", "TF32 TFLOP/s"],
                       [[k, bf16, tf32] for k, (bf16, tf32) in PEAK_TFLOPS.items()]))

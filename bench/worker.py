@@ -22,7 +22,8 @@ import torch.distributed as dist
 
 from common import median, paired_speedup, time_interleaved
 from nanodist.config import parse_args
-from nanodist.metrics import device_peak_flops, flops_per_token
+from nanodist.metrics import device_peak_flops
+from nanodist.model import flops_per_token
 from nanodist.parallel.comm import Comm
 from nanodist.parallel.layout import Layout
 from nanodist.trainer import Trainer

@@ -68,6 +68,12 @@ class TrainConfig:
                            "any, else start fresh (for torchrun restarts); --resume DIR: that one",
                        const="latest")
     # parallel layout
+    layout: str = flag("flags", "flags: the parallel flags below; auto: the planner's fastest layout "
+                                "that fits instead (and --batch_size unless given), and why")
+    machine_profile: str = flag("", "a calibrated machine profile (python -m nanodist_tools.planner "
+                                    "--calibrate) for --layout auto and the memory check's advice")
+    memory_budget_gib: float = flag(0.0, "refuse a layout whose predicted peak per rank exceeds this "
+                                         "(0: on CUDA 90%% of the free memory, on CPU no check)")
     data_parallel_size: int = flag(0, "DP size (0: the world size / (PP x CP x TP))")
     data_parallel_type: str = flag(LAYOUT.dp_type, "ddp: replicate the model; zero1: replicate it, "
                                                    "shard the optimizer state (ZeRO-1); fsdp: shard "
@@ -111,6 +117,7 @@ CHOICES = {
     "model": tuple(PRESETS),
     "device": ("auto", "cpu", "cuda"),
     "dtype": ("float32", "bfloat16", "float64"),
+    "layout": ("flags", "auto"),
     **{LAYOUT_FLAGS[name]: allowed for name, allowed in LAYOUT_CHOICES.items()},
 }
 
@@ -162,7 +169,7 @@ RANGES = (
       "data_parallel_replicas",
       "pipeline_parallel_size", "virtual_stages"), lambda v: v >= 1, ">= 1"),
     (("learning_rate", "max_grad_norm", "bucket_cap_mb", "dist_timeout"), lambda v: v > 0, "> 0"),
-    (("min_lr", "weight_decay"), lambda v: v >= 0, ">= 0"),
+    (("min_lr", "weight_decay", "memory_budget_gib"), lambda v: v >= 0, ">= 0"),
     (("dropout", "beta1", "beta2"), lambda v: 0 <= v < 1, "in [0, 1)"),
     (("warmup_steps",), lambda v: v >= -1, ">= 0 (or -1: GPT-2's 715, at most 10% of max_steps)"),
     (("checkpoint_interval",), lambda v: v >= -1, "K >= 1 steps, 0 (at each evaluation) or -1 (never)"),

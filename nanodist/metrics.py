@@ -7,28 +7,8 @@ import torch
 from torch.profiler import ProfilerActivity
 
 from nanodist import compat
-from nanodist.model import GPTConfig
+from nanodist.hardware import PEAK_TFLOPS
 from nanodist.profiling import quiet_profile
-
-# Dense tensor-core peaks (TFLOP/s, no sparsity) as (bf16, tf32), from the vendors' data
-# sheets; the first key found in the device name wins, so SKUs come before their family
-# (an "NVIDIA H100 PCIe" is not an SXM part).
-PEAK_TFLOPS = {"H100 PCIe": (756.0, 378.0), "H100 NVL": (835.0, 417.5),
-               "H200 NVL": (835.0, 417.5), "H100": (989.0, 494.5), "H200": (989.0, 494.5),
-               "A100": (312.0, 156.0), "L40S": (362.0, 183.0), "A10": (125.0, 62.5),
-               "RTX 4090": (165.2, 82.6), "RTX 3090": (71.0, 35.6)}
-
-
-def flops_per_token(cfg: GPTConfig, n_params: int) -> float:
-    """Training FLOPs per token (PaLM appendix B, as nanoGPT): 6N + 12 L T C.
-
-    N: all parameters but the position embeddings; the tied wte/lm_head matrix counts
-    once (as lm_head it is a matmul; the embedding lookup is free). 6 = forward 2 +
-    backward 4 per weight; 12 L T C: attention scores and weighted sum, fwd + bwd.
-    """
-    n = n_params - cfg.block_size * cfg.n_embd
-    return 6 * n + 12 * cfg.n_layer * cfg.block_size * cfg.n_embd
-
 
 def device_peak_flops(device: torch.device, dtype: str) -> float | None:
     """Peak FLOP/s of the GPU for the matmuls of a `dtype` run: bf16, or fp32 run as TF32

@@ -182,3 +182,14 @@ def cross_entropy(logits, targets, ignore_index: int = -1):
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     return F.cross_entropy(logits.flatten(0, -2), targets.flatten(),
                            ignore_index=ignore_index)
+
+
+def flops_per_token(cfg: GPTConfig, n_params: int) -> float:
+    """Training FLOPs per token (PaLM appendix B, as nanoGPT): 6N + 12 L T C.
+
+    N: all parameters but the position embeddings; the tied wte/lm_head matrix counts
+    once (as lm_head it is a matmul; the embedding lookup is free). 6 = forward 2 +
+    backward 4 per weight; 12 L T C: attention scores and weighted sum, fwd + bwd.
+    """
+    n = n_params - cfg.block_size * cfg.n_embd
+    return 6 * n + 12 * cfg.n_layer * cfg.block_size * cfg.n_embd

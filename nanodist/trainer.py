@@ -1,6 +1,7 @@
 """The training loop: one Trainer for every layout.
 
-    flags -> layout (checked before anything is built) -> data -> mesh -> model (on meta
+    flags -> layout (checked before anything is built; --layout auto: the planner's) ->
+    data -> the predicted peak memory checked (preflight.py) -> mesh -> model (on meta
     with --deferred_init) -> parallelize -> AdamW
     each step: the layout's runner runs the M micro-steps of one global batch (gradients
     synchronised on the last; a pipeline runs them as its micro-batches), clip, step, log
@@ -20,15 +21,14 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from nanodist import checkpoint, faults, run_dir
+from nanodist import checkpoint, faults, preflight, run_dir
 from nanodist.config import TrainConfig, fit, resolve
 from nanodist.data import BatchLoader
 from nanodist.errors import UserError
 from nanodist.hf import pretrained_tensors
 from nanodist.launch import init_distributed, pick_device
-from nanodist.metrics import (Logger, StepMemory, device_peak_flops, enable_tf32, flops_per_token,
-                              rss_peak_bytes)
-from nanodist.model import GPT
+from nanodist.metrics import Logger, StepMemory, device_peak_flops, enable_tf32, rss_peak_bytes
+from nanodist.model import GPT, flops_per_token
 from nanodist.parallel.comm import Comm
 from nanodist.parallel.layout import build_mesh
 from nanodist.parallel.parallelize import Setup, parallelize
@@ -58,13 +58,20 @@ class Trainer:
         timeout = timedelta(seconds=cfg.dist_timeout) if cfg.dist_timeout > 0 else None
         self.rank, world_size = init_distributed(device, timeout)
         self.comm = comm or Comm()
+        given = cfg
         self.cfg, self.layout, self.micro_steps = resolve(cfg, world_size, device.type)
         cfg, layout = self.cfg, self.layout
         self._decided_by_rank0(lambda: run_dir.check_writable_dirs(cfg))  # before any work is lost
-        self.data = BatchLoader(cfg.data_dir or Path("data", cfg.dataset), cfg.dataset,
-                                cfg.block_size, cfg.batch_size, self.micro_steps, layout.dp,
-                                layout.coordinates(self.rank)["dp"], cfg.seed, device)
-        self.model_cfg = fit(cfg, layout, self.micro_steps, self.data.vocab_size, device.type)
+        self._open_data(device)
+        if cfg.layout == "auto":  # rank 0 decides: free memory differs between GPUs
+            cfg, why = self._decided_by_rank0(
+                lambda: preflight.choose_layout(given, self.model_cfg, world_size, device))
+            self.print(why)
+            self.cfg, self.layout, self.micro_steps = resolve(cfg, world_size, device.type)
+            cfg, layout = self.cfg, self.layout
+            self._open_data(device)  # the chosen layout's share of each batch
+        self._decided_by_rank0(lambda: preflight.check_memory(cfg, layout, self.micro_steps,
+                                                              self.model_cfg, device))
         parse_steps(cfg.profile_steps)  # a bad value fails before any work
         self.mesh = mesh = build_mesh(layout, device, self.comm, timeout)
 
@@ -113,6 +120,14 @@ class Trainer:
         if cfg.warmup_steps > cfg.max_steps:
             self.print(f"warning: --warmup_steps ({cfg.warmup_steps}) > --max_steps ({cfg.max_steps}):"
                        f" the learning rate never reaches --learning_rate")
+
+    def _open_data(self, device):
+        """This rank's batches of the layout, and the model of the dataset's vocabulary."""
+        cfg, layout = self.cfg, self.layout
+        self.data = BatchLoader(cfg.data_dir or Path("data", cfg.dataset), cfg.dataset,
+                                cfg.block_size, cfg.batch_size, self.micro_steps, layout.dp,
+                                layout.coordinates(self.rank)["dp"], cfg.seed, device)
+        self.model_cfg = fit(cfg, layout, self.micro_steps, self.data.vocab_size, device.type)
 
     def _decided_by_rank0(self, decide):
         """Rank 0 reads the run directory and decides for every rank: the same answer, or

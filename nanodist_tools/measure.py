@@ -272,15 +272,17 @@ def step_argv(layout: Layout, data_dir: str, out_dir: str, model: str = "tiny", 
             "--max_steps=1", "--warmup_steps=0", f"--out_dir={out_dir}", *layout.flags()]
 
 
-def measure_run(argv: list[str], timed_steps: int = 0) -> dict:
+def measure_run(argv: list[str], timed_steps: int = 0, peak: bool = False) -> dict:
     """Rank side: `measure_step` of a Trainer of train.py's flags `argv`."""
-    return measure_step(Trainer(parse_args(argv)), timed_steps)
+    return measure_step(Trainer(parse_args(argv)), timed_steps, peak)
 
 
-def measure_step(trainer: Trainer, timed_steps: int = 0) -> dict:
+def measure_step(trainer: Trainer, timed_steps: int = 0, peak: bool = False) -> dict:
     """One optimizer step; this rank's state, activation and bus bytes per kind (the sends
     of a pipeline from the trainer's comm counter: the dispatch mode does not see them);
-    then the median time of `timed_steps` more steps (none: no time)."""
+    then the median time of `timed_steps` more steps (none: no time); then (`peak`) one
+    more step's peak of live tensor bytes, as train.py logs it (the AdamW moments exist;
+    every tensor of the process: measure in a fresh one)."""
     state = {}
     hook = trainer.optimizer.register_step_post_hook(lambda *_: state.update(state_bytes(trainer)))
     with TrafficMode() as counted, trainer.comm.counting() as sent, peak_saved_bytes() as saved:
@@ -294,7 +296,12 @@ def measure_step(trainer: Trainer, timed_steps: int = 0) -> dict:
         start = time.perf_counter()
         trainer.train_step(step)
         times.append(time.perf_counter() - start)
+    if peak:
+        with trainer.memory.step(measure=True):
+            trainer.train_step(timed_steps + 1)
+        peak = trainer.memory.peak
     return {"rank": trainer.rank, "pp_rank": trainer.mesh.pp.rank, "state": state["total"],
+            "peak": peak or None,
             "traffic": bus, "activations": saved["bytes"], "micro_batch": trainer.cfg.batch_size,
             "micro_steps": trainer.micro_steps, "tokens_per_step": trainer.tokens_per_step,
             "model": asdict(trainer.model_cfg), "step_s": statistics.median(times) if times else None,

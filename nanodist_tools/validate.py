@@ -1,5 +1,5 @@
-"""`python -m nanodist_tools.validate`: the cost model the planner ranks with (cost.py,
-traffic.py), held to what the real code allocates and sends.
+"""`python -m nanodist_tools.planner --validate`: the model the planner ranks with (cost.py,
+traffic.py, plan.py), held to what the real code allocates, sends and takes.
 
 For each layout, 2 or 4 gloo processes on this machine train one step of the tiny model
 (custom implementation, fp32) and every rank reports
@@ -11,52 +11,58 @@ For each layout, 2 or 4 gloo processes on this machine train one step of the tin
              the pipeline (the Trainer's comm counter; the dispatch mode does not see them)
     activations  the most bytes saved for backward alive at once during the step
              (measure.peak_saved_bytes: one micro-batch's, or a pipeline's in flight)
+    peak     the step's peak of live tensor bytes (metrics.StepMemory, what train.py logs)
 
-against cost.state_bytes / traffic.traffic_bytes / cost.activations_in_flight of its
-pipeline stage. State and traffic are exact arithmetic on shapes: their tolerance is 0.5%
+against cost.state_bytes / traffic.traffic_bytes / cost.activations_in_flight /
+plan.memory of its pipeline stage. State and traffic are exact arithmetic on shapes: their tolerance is 0.5%
 (what the model leaves out: FSDP's padding to a multiple of N, DDP's one-float "used" flag
 per parameter). Activations: 5% (the model counts the tensors each layer keeps; autograd
-also keeps a few small ones of its own, e.g. the shapes of views). Writes
-docs/plan/validation.md and validation.json; exits 1 when a prediction is off.
+also keeps a few small ones of its own, e.g. the shapes of views). Peak: between what
+lives through the step and that plus the largest transient, within plan.MEMORY_MARGIN
+(the band is the prediction: the ratio shown is to its top, what train.py checks).
+Writes docs/plan/validation.md and validation.json; exits 1 when a prediction is off.
+Without --data_dir the steps read synthetic tokens (what is measured does not depend on
+which tokens).
 
 A simulated cluster (simulate.py): one process plays one rank of a layout of 64 or 512
 ranks over torch's fake process group and runs the same real code on gpt2-medium to
 gpt2-xl, held to the same predictions.
 
-Step time: plan.cost's prediction at this machine's calibrated speeds (`calibrate`), for
-the step the trainer measured (its tokens per step: CP ranks read the same sequences),
-against the median of TIMED_STEPS measured steps of each real layout, compared as orders
-(Spearman's rho, at least RHO_MIN): a CPU's absolute times say little about a GPU's.
+Step time: plan.estimate at this machine's calibrated profile (calibrate.py; --profile
+FILE, or measured first), for the step the trainer measured (its tokens per step: CP
+ranks read the same sequences), against the median of TIMED_STEPS measured steps of each
+real layout: how many are within 1.5x, the median ratio (the larger over the smaller)
+and Spearman's rank correlation (the goals: all, <= 1.2x, >= 0.9).
 """
-import argparse
 import json
-import os
 import statistics
-import sys
 import tempfile
-import time
 from functools import partial
 from pathlib import Path
 
-import torch
-import torch.distributed as dist
 from tqdm import tqdm
 
+from nanodist import cost, plan, traffic
 from nanodist.errors import UserError
+from nanodist.hardware import Profile
 from nanodist.model import GPTConfig
-from nanodist.parallel.comm import BUS_FACTOR
 from nanodist.parallel.layout import Layout
-from nanodist_tools import cost, plan, traffic
+from nanodist_tools.calibrate import calibrate, synthetic_dataset
 from nanodist_tools.layouts import LAYOUTS, VALIDATION
 from nanodist_tools.measure import measure_run, step_argv
 from nanodist_tools.processes import on_processes
 from nanodist_tools.simulate import SIMULATED, simulate
 
-TOLERANCE = {"activations": 0.05}  # every other quantity: EXACT
+TOLERANCE = {"activations": 0.05}  # every other quantity but the peak: EXACT
 EXACT = 0.005
 TIMED_STEPS = 5
-RHO_MIN = 0.48  # Spearman: P(rho >= 0.48 | unrelated orders) < 5% for 13 layouts
-CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+GOALS = {"within 1.5x": 1.5, "median": 1.2, "rho": 0.9}
+
+
+def job_of(layout: Layout, m: dict) -> plan.Job:
+    """The planner's job of a measured step (its own tokens per step)."""
+    return plan.Job("tiny", GPTConfig(**m["model"]), layout.world, layout.world, m["tokens_per_step"],
+                    "float32", "cpu")
 
 
 def compare(name: str, layout: Layout, measured: list[dict]) -> list[dict]:
@@ -74,53 +80,32 @@ def compare(name: str, layout: Layout, measured: list[dict]) -> list[dict]:
             rows.append({"layout": name, "ranks": layout.world, "rank": m["rank"], "what": what,
                          "measured": g, "predicted": p, "ratio": ratio,
                          "ok": abs(ratio - 1) <= TOLERANCE.get(what, EXACT)})
+        if m.get("peak") is not None:
+            band = plan.memory(job_of(layout, m), layout, b, accum, stage)
+            rows.append({"layout": name, "ranks": layout.world, "rank": m["rank"], "what": "peak",
+                         "measured": m["peak"], "predicted": band["total"], "ratio": m["peak"] / band["total"],
+                         "ok": plan.within_margin(m["peak"], band)})
     return rows
 
 
 def run_layout(layout: Layout, data_dir: str) -> list[dict]:
-    """Measure `layout` (and time TIMED_STEPS steps) on layout.world fresh processes."""
+    """Measure `layout` (and time TIMED_STEPS steps, then its peak) on layout.world fresh processes."""
     with tempfile.TemporaryDirectory() as tmp:
         return on_processes(layout.world, measure_run, step_argv(layout, data_dir, str(Path(tmp) / "run")),
-                            TIMED_STEPS)
+                            TIMED_STEPS, True)
 
 
-def _all_reduce_seconds(numel: int, repeats: int) -> float:
-    x = torch.ones(numel)
-    for _ in range(3):
-        dist.all_reduce(x)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        dist.all_reduce(x)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def predicted_step_s(layout: Layout, m: dict, profile: Profile) -> float:
+    """plan.estimate's step time of the measured step at this machine's profile."""
+    return plan.estimate(job_of(layout, m), profile, layout, m["micro_batch"], m["micro_steps"])["step_time_s"]
 
 
-def calibrate(data_dir: str) -> tuple[float, float, dict[int, float]]:
-    """This machine's speeds for the step-time predictions: the FLOP/s one process
-    reaches training the tiny model (the measured layouts' step; N processes on fewer
-    cores share them), gloo's bus bytes/s in an all-reduce of 4 MiB between 2, and the
-    time of a 4-byte all-reduce among N processes (the latency of a call; beyond the
-    cores, the processes take turns on them)."""
-    one = run_layout(Layout(), data_dir)[0]
-    seconds = on_processes(2, _all_reduce_seconds, 2**20, 20)
-    bus_bytes = BUS_FACTOR["all_reduce"](2) * 4 * 2**20
-    latency = {n: max(on_processes(n, _all_reduce_seconds, 1, 50))
-               for n in sorted({LAYOUTS[name].world for name in VALIDATION})}
-    return one["flops_per_step"] / one["step_s"], bus_bytes / max(seconds), latency
-
-
-def predicted_step_s(layout: Layout, m: dict, speed: tuple) -> float:
-    """plan.cost's step time of the measured step (its own tokens per step), at this
-    machine's calibrated speeds."""
-    args = plan.build_parser().parse_args([
-        "--model=tiny", f"--gpus={layout.world}", f"--gpus_per_node={layout.world}",
-        f"--block_size={m['model']['block_size']}", "--dtype=float32", "--device=cpu",
-        f"--total_batch_size={m['tokens_per_step']}"])
-    flop_s, bus_s, latency = speed
-    shared = flop_s * min(1.0, CORES / layout.world)
-    return plan.cost(args, GPTConfig(**m["model"]), layout, m["micro_batch"], m["micro_steps"],
-                     speed=(shared, bus_s, bus_s, latency[layout.world]))["step_time_s"]
+def goals(times: list[dict]) -> dict[str, float]:
+    """The step-time figures: layouts within 1.5x, the median ratio, Spearman's rho."""
+    off = [max(t["measured_s"] / t["predicted_s"], t["predicted_s"] / t["measured_s"]) for t in times]
+    rho = spearman([t["predicted_s"] for t in times], [t["measured_s"] for t in times]) if len(times) > 2 else 1.0
+    return {"within 1.5x": sum(x <= GOALS["within 1.5x"] for x in off), "layouts": len(times),
+            "median": statistics.median(off) if off else 1.0, "worst": max(off, default=1.0), "rho": rho}
 
 
 def spearman(xs: list[float], ys: list[float]) -> float:
@@ -133,24 +118,25 @@ def spearman(xs: list[float], ys: list[float]) -> float:
     return statistics.correlation(ranks(xs), ranks(ys))
 
 
-def report(rows: list[dict], times: list[dict], rho: float, speed: tuple[float, float]) -> str:
+def report(rows: list[dict], times: list[dict], figures: dict, profile: Profile, data: str) -> str:
     """Markdown: every rank's prediction per quantity, then the step times."""
     out = ["# Planner validation: predicted against measured, per rank\n",
-           __doc__.split("\n\n", 1)[1].strip() + "\n", "![predicted against measured](validation.png)\n",
+           __doc__.split("\n\n", 1)[1].strip() + "\n", f"Data: {data}.\n",
+           "![predicted against measured](validation.png)\n",
            "| layout | ranks | rank | what | measured bytes | predicted bytes | measured / predicted | within tolerance |",
            "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         out.append(f"| {r['layout']} | {r['ranks']} | {r['rank']} | {r['what']} | {r['measured']:,.0f} | "
                    f"{r['predicted']:,.0f} | {r['ratio']:.4f} | {'yes' if r['ok'] else 'NO'} |")
-    out += ["\n## Step time: the predicted order against the measured one\n",
-            f"plan.cost's step time at this machine's calibrated speeds ({speed[0] / 1e9:.2f} GFLOP/s "
-            f"a process, shared by the processes beyond its {CORES} cores; gloo "
-            f"{speed[1] / 1e9:.2f} GB/s of all-reduce bus bytes; a collective call "
-            + ", ".join(f"{s * 1e6:.0f} us among {n}" for n, s in speed[2].items())
-            + ") against the median of "
-            f"{TIMED_STEPS} measured steps of the real layouts. Spearman's rank correlation "
-            f"rho = {rho:.2f} over {len(times)} layouts (required: >= {RHO_MIN}, the one-sided 5% "
-            f"critical value for 13 layouts; more layouts lower it).\n",
+    out += ["\n## Step time\n",
+            f"plan.estimate at the profile {profile.name} ({profile.source or 'measured first'}: "
+            f"matmuls at up to {profile.peak_flops('float32') / 1e9:.0f} GFLOP/s fp32 a process, "
+            f"{profile.per_layer_s * 1e3:.2f} ms of framework per layer and micro-step, "
+            f"{profile.per_step_s * 1e3:.2f} ms per optimizer step, each collective's time by its "
+            f"bytes and group) against the median of {TIMED_STEPS} measured steps of the real layouts: "
+            f"{figures['within 1.5x']} of {figures['layouts']} within 1.5x (goal: all), median "
+            f"{figures['median']:.2f}x (goal: <= {GOALS['median']}x), worst {figures['worst']:.2f}x, "
+            f"Spearman's rho {figures['rho']:.2f} (goal: >= {GOALS['rho']}).\n",
             "| layout | ranks | measured ms | predicted ms | measured / predicted |", "|---|---|---|---|---|"]
     for t in sorted(times, key=lambda t: t["measured_s"]):
         out.append(f"| {t['layout']} | {t['ranks']} | {t['measured_s'] * 1e3:.1f} | "
@@ -185,30 +171,50 @@ def plot(rows: list[dict], times: list[dict], path: Path):
     fig.savefig(path, dpi=110)
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description="Check the planner's cost model against measurement "
-                                            "(nanodist_tools/validate.py).")
-    p.add_argument("--data_dir", default="data/shakespeare_char", help="prepared char-level data")
-    p.add_argument("--out", default="docs/plan", help="report directory")
-    p.add_argument("--layouts", nargs="*", help="a subset of the validated layouts (default: all)")
-    args = p.parse_args(argv)
+def validate(data_dir: str, report_dir: str, layouts: list[str] | None, profile_path: str) -> int:
+    """Measure the layouts, compare, write the report; 1 when a byte prediction is off."""
     known = VALIDATION + [name for name, _, _ in SIMULATED]
-    try:
-        unknown = sorted(set(args.layouts or []) - set(known))
-        if unknown:
-            raise UserError(f"--layouts: unknown {', '.join(unknown)}; choose from {' '.join(known)}")
-        if not Path(args.data_dir, "train.bin").exists():
-            raise UserError(f"--data_dir {args.data_dir} holds no prepared shakespeare_char: run "
-                            f"python data/shakespeare_char/prepare.py --out_dir {args.data_dir}")
-    except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    chosen = args.layouts or known
+    unknown = sorted(set(layouts or []) - set(known))
+    if unknown:
+        raise UserError(f"--layouts: unknown {', '.join(unknown)}; choose from {' '.join(known)}")
+    if data_dir and not Path(data_dir, "train.bin").exists():
+        raise UserError(f"--data_dir {data_dir} holds no prepared shakespeare_char: run python "
+                        f"data/shakespeare_char/prepare.py --out_dir {data_dir} (or leave it out: "
+                        f"synthetic tokens)")
+    profile = Profile.load(profile_path) if profile_path else None
+    out = Path(report_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        data = f"prepared shakespeare_char in {data_dir}" if data_dir else \
+            "synthetic tokens (uniform ids of a 65-token vocabulary; no --data_dir)"
+        print(f"validating on {data}")
+        data_dir = data_dir or synthetic_dataset(tmp)
+        if profile is None:
+            print("calibrating this machine first (about a minute; --profile FILE skips it)")
+            profile = calibrate(data_dir)
+            profile.save(out / "profile.json")
+        rows, times = _measure(layouts or known, data_dir, profile)
+    figures = goals(times)
+    (out / "validation.json").write_text(json.dumps({"profile": profile.name, "bytes": rows,
+                                                     "step_time": times, "goals": figures}, indent=1) + "\n")
+    (out / "validation.md").write_text(report(rows, times, figures, profile, data))
+    plot(rows, times, out / "validation.png")
+    failed = [r for r in rows if not r["ok"]]
+    for r in failed:
+        print(f"off: {r['layout']} rank {r['rank']} {r['what']}: measured {r['measured']:,.0f}, "
+              f"predicted {r['predicted']:,.0f}")
+    print(f"{len(rows) - len(failed)} of {len(rows)} byte predictions within tolerance; step time: "
+          f"{figures['within 1.5x']} of {figures['layouts']} layouts within 1.5x, median "
+          f"{figures['median']:.2f}x, worst {figures['worst']:.2f}x, rho {figures['rho']:.2f}; "
+          f"report in {out / 'validation.md'}")
+    return 1 if failed else 0
+
+
+def _measure(chosen: list[str], data_dir: str, profile: Profile) -> tuple[list[dict], list[dict]]:
     real = [name for name in VALIDATION if name in chosen]
-    simulated = [s for s in SIMULATED if s[0] in chosen]
-    speed = calibrate(args.data_dir)
-    runs = [(name, LAYOUTS[name], partial(run_layout, LAYOUTS[name], args.data_dir)) for name in real]
-    runs += [(name, layout, partial(simulate, layout, model, args.data_dir)) for name, layout, model in simulated]
+    runs = [(name, LAYOUTS[name], partial(run_layout, LAYOUTS[name], data_dir)) for name in real]
+    runs += [(name, layout, partial(simulate, layout, model, data_dir))
+             for name, layout, model in SIMULATED if name in chosen]
     rows, times = [], []
     for name, layout, run in tqdm(runs, desc="layouts", unit="layout"):
         measured = run()
@@ -220,24 +226,5 @@ def main(argv=None) -> int:
         if measured[0]["step_s"] is not None:  # the slowest rank is the step
             times.append({"layout": name, "ranks": layout.world,
                           "measured_s": max(m["step_s"] for m in measured),
-                          "predicted_s": predicted_step_s(layout, measured[0], speed)})
-    rho = spearman([t["predicted_s"] for t in times], [t["measured_s"] for t in times]) if len(times) > 1 else 1.0
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "validation.json").write_text(json.dumps({"calibration": dict(zip(("flop_s", "bus_bytes_s", "latency_s"), speed)),
-                                                     "bytes": rows, "step_time": times, "spearman": rho},
-                                                    indent=1) + "\n")
-    (out / "validation.md").write_text(report(rows, times, rho, speed))
-    plot(rows, times, out / "validation.png")
-    failed = [r for r in rows if not r["ok"]]
-    for r in failed:
-        print(f"off: {r['layout']} rank {r['rank']} {r['what']}: measured {r['measured']:,.0f}, "
-              f"predicted {r['predicted']:,.0f}")
-    print(f"{len(rows) - len(failed)} of {len(rows)} byte predictions within tolerance; step-time "
-          f"order: Spearman rho {rho:.2f} over {len(times)} layouts (>= {RHO_MIN} required); "
-          f"report in {out / 'validation.md'}")
-    return 1 if failed or (len(times) >= 3 and rho < RHO_MIN) else 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+                          "predicted_s": predicted_step_s(layout, measured[0], profile)})
+    return rows, times

@@ -194,8 +194,8 @@ def assert_printed_losses_match(stdout: str, reference):
 
 def tiny_run(data_dir, out_dir, **overrides) -> dict:
     """TrainConfig fields of a 3-step tiny run on char-level Shakespeare, AdamW (lr 1e-3,
-    the default of `assert_records_match`) + clipping."""
-    return dict(device="cpu", model="tiny", dataset="shakespeare_char", data_dir=data_dir,
-                block_size=32, batch_size=2, total_batch_size=256, max_steps=3, warmup_steps=1,
-                learning_rate=1e-3, gradient_clipping=True, eval_interval=100, eval_iters=1,
-                out_dir=str(out_dir), **overrides)
+    the default of `assert_records_match`) + clipping; `overrides` replace any of them."""
+    return {**dict(device="cpu", model="tiny", dataset="shakespeare_char", data_dir=data_dir,
+                   block_size=32, batch_size=2, total_batch_size=256, max_steps=3, warmup_steps=1,
+                   learning_rate=1e-3, gradient_clipping=True, eval_interval=100, eval_iters=1,
+                   out_dir=str(out_dir)), **overrides}

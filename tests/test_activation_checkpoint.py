@@ -2,7 +2,7 @@
 the numbers: gradients and trained trajectories bitwise equal to no checkpointing (the
 recompute is the same arithmetic on the same values), on one process and under every
 layout on 2 ranks; the bytes kept for backward are those the cost model predicts
-(nanodist_tools/cost.py)."""
+(nanodist/cost.py)."""
 
 import pytest
 import torch
@@ -13,7 +13,7 @@ from nanodist.errors import UserError
 from nanodist.model import GPT, GPTConfig, cross_entropy
 from nanodist.parallel.activation_checkpoint import apply_activation_checkpointing
 from nanodist.parallel.layout import Layout
-from nanodist_tools.cost import activation_bytes
+from nanodist.cost import activation_bytes
 from nanodist_tools.measure import saved_activations
 
 

@@ -15,9 +15,9 @@ from nanodist.parallel.comm import Comm
 from nanodist.parallel.context_parallel import RingAttention, attention_blocks, split_sequence
 from nanodist.parallel.layout import Layout
 from nanodist.trainer import Trainer
-from nanodist_tools.cost import activation_bytes
+from nanodist.cost import activation_bytes
 from nanodist_tools.measure import saved_activations
-from nanodist_tools.traffic import ring_attention_sends, traffic_bytes
+from nanodist.traffic import ring_attention_sends, traffic_bytes
 
 
 B, HEADS, T, D = 2, 3, 32, 8

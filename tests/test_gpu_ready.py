@@ -28,7 +28,7 @@ from nanodist.parallel.params import ModuleParams
 from nanodist.parallel.tensor_parallel import apply_tp
 from nanodist_tools.layouts import BENCH
 from nanodist_tools.measure import TrafficMode, peak_tensor_bytes
-from nanodist_tools.traffic import traffic_bytes
+from nanodist.traffic import traffic_bytes
 
 sys.path.insert(0, str(REPO / "bench"))
 from run import layouts_that_fit  # noqa: E402
@@ -181,7 +181,7 @@ def _traffic_one_step(argv):
     Layout(dp=2, tp=2)], ids=["2x2-zero2-sp-lp", "2x2-ddp"])
 def test_analytic_traffic_in_bf16_is_the_counted_traffic(char_data, tmp_path, layout):
     """Every collective's bytes follow from shapes and dtypes: bf16 parameters under FSDP
-    make the residual stream bf16, DDP keeps it fp32 (nanodist_tools/traffic.py `value_bytes`).
+    make the residual stream bf16, DDP keeps it fp32 (nanodist/traffic.py `value_bytes`).
     Exact but for the custom DDP's "used" flags (one fp32 per parameter tensor, 208 bytes
     in 2.6 MB: rel 1e-4, asserted within 1e-3; bf16 vs fp32 differ by > 10%). The tiny
     model's flats divide by 2 (no padding). ZeRO-2: the custom ZeRO-3 re-gathers the root

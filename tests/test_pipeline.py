@@ -11,7 +11,8 @@ from nanodist.model import GPTConfig
 from nanodist.parallel.layout import Layout
 from nanodist.parallel.pipeline import split_layers
 from nanodist.parallel.schedules import SCHEDULES, one_f_one_b, simulate, timeline
-from nanodist_tools.cost import bubble
+from nanodist.cost import bubble
+from nanodist.traffic import traffic_bytes
 
 
 # ------------------------------------------------------------------ schedules as data
@@ -206,6 +207,37 @@ def test_pp_weights_gradients_and_tied_embedding(char_data, tmp_path):
                                    rtol=1e-5, atol=1e-7)
     first, last = results[0][2], results[2][2]   # pp rank 0 / 1, tp rank 0
     assert first is not None and torch.equal(first, last)
+
+
+def _first_loss_and_sends(kwargs):
+    """Rank side: step 1's loss (before any update) and the bytes this rank sent to its
+    pipeline neighbours (the custom pipeline's, counted by comm.py)."""
+    from nanodist.config import TrainConfig
+    from nanodist.trainer import Trainer
+    trainer = Trainer(TrainConfig(**kwargs))
+    with trainer.comm.counting() as sent:
+        loss = trainer.train_step(0)["loss"]
+    return loss, sent.bus_bytes.get("send", 0), trainer.mesh.pp.rank
+
+
+@pytest.mark.parametrize("implementation", ["custom", "pytorch"])
+def test_pp_x_fsdp_in_bf16_follows_fsdp(char_data, tmp_path, implementation):
+    """FSDP's mixed precision gathers bf16 parameters, so the residual stream is bf16
+    (its embeddings are); a pipeline boundary carries it as it is: step 1's loss is
+    FSDP's without PP bitwise (the same ops on the same bf16 values), and the custom
+    pipeline's sends are bf16 (traffic.py). Before, an fp32 boundary met bf16 LayerNorm
+    weights on CPU (custom: an error) or was read as bf16 bytes (native: NaN)."""
+    run = dict(dtype="bfloat16", data_parallel_size=2, data_parallel_type="fsdp",
+               implementation=implementation)
+    (reference, _, _), _ = run_distributed(_first_loss_and_sends, 2, tiny_run(char_data, tmp_path / "a", **run))
+    results = run_distributed(_first_loss_and_sends, 4, tiny_run(char_data, tmp_path / "b", pipeline_parallel_size=2, **run))
+    assert all(loss == reference for loss, _, _ in results)
+    if implementation == "custom":
+        cfg = GPTConfig(block_size=32, vocab_size=128, n_layer=4, n_head=4, n_embd=128)
+        layout = Layout(pp=2, dp=2, dp_type="fsdp")
+        for _, sent, pp_rank in results:
+            bf16 = traffic_bytes(cfg, layout, 2, 2, "bfloat16", "cpu", pp_rank)["send"]
+            assert sent == bf16 == traffic_bytes(cfg, layout, 2, 2, "float32", "cpu", pp_rank)["send"] / 2
 
 
 # ------------------------------------------------------------------ checkpoints, 3D

@@ -1,23 +1,28 @@
 """The layout planner: the cost model's pipeline terms against the real stage split and
-the schedules (its bubble: tests/test_pipeline.py), the command line (ranking, JSON, runnable command, bad inputs),
-and a fast subset of --validate (predicted = measured per rank on real processes)."""
+the schedules (its bubble: tests/test_pipeline.py), the command line (ranking, JSON, plot,
+runnable command, bad inputs), a fast subset of --validate (predicted = measured per rank
+on real processes), the published numbers it must reproduce (ZeRO, Megatron, Korthikanti,
+PTD-P), and the measured peak memory against its predicted band."""
 import json
 
 import pytest
 import torch
 
 from harness import run_distributed
+from nanodist import plan
 from nanodist.config import fit, parse_args, resolve
+from nanodist.cost import (activation_bytes, activations_in_flight, bubble, chunks, param_counts,
+                           schedule, stage_params, state_bytes, zero_state_bytes)
 from nanodist.errors import UserError
 from nanodist.model import GPT, GPTConfig, model_config
 from nanodist.parallel.layout import Layout
 from nanodist.parallel.pipeline import stage_model
-from nanodist_tools import plan, simulate, validate
-from nanodist_tools.cost import (activation_bytes, activations_in_flight, chunks, param_counts,
-                                 schedule, stage_params)
+from nanodist.parallel.schedules import SCHEDULES, simulate as simulate_schedule
+from nanodist.traffic import fsdp_gathers
+from nanodist_tools import planner, simulate, validate
 from nanodist_tools.layouts import LAYOUTS
 from nanodist_tools.measure import measure_run, step_argv
-from nanodist_tools.traffic import fsdp_gathers
+from nanodist_tools.processes import on_processes
 
 CFG = GPTConfig(block_size=16, vocab_size=64, n_layer=5, n_head=2, n_embd=8)
 
@@ -59,7 +64,7 @@ def test_fsdp_gathers_per_unit():
 
 
 def _plan(capsys, *argv):
-    code = plan.main(["--model=gpt2", "--micro_batch_size=4", *argv])
+    code = planner.main(["--model=gpt2", "--micro_batch_size=4", *argv])
     out, err = capsys.readouterr()
     return code, out, err
 
@@ -80,35 +85,39 @@ def test_json_ranks_runnable_layouts(capsys):
         argv = r["command"].split(" train.py ")[1].split()
         _, layout, _ = resolve(parse_args(argv), 8, "cuda")
         assert (layout.dp, layout.tp, layout.pp, layout.cp) == (r["dp"], r["tp"], r["pp"], r["cp"])
-        assert r["memory_gib"] == pytest.approx(r["state_gib"] + r["activation_gib"] + r["buffer_gib"])
+        assert r["memory_gib"] == pytest.approx(r["state_gib"] + r["activation_gib"] + r["buffer_gib"]
+                                                + r["transient_gib"])
 
 
-def test_table_and_multi_node_command(capsys):
-    code, out, _ = _plan(capsys, "--gpus=16", "--top=3")
+def test_table_plot_and_multi_node_command(capsys, tmp_path):
+    code, out, _ = _plan(capsys, "--gpus=16", "--top=3", f"--plot={tmp_path / 'layouts.png'}")
     assert code == 0
     assert len([line for line in out.splitlines() if line.strip()[:2] in ("1 ", "2 ", "3 ")]) == 3
-    assert "torchrun --nnodes=2 --nproc_per_node=8" in out.splitlines()[-1]
+    assert "torchrun --nnodes=2 --nproc_per_node=8" in out.splitlines()[-2]
+    assert (tmp_path / "layouts.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.mark.parametrize("argv,says", [
-    (["--gpu=v100"], "unknown --gpu"),
+    (["--gpu=v100"], "invalid choice"),
     (["--gpus=12", "--gpus_per_node=8"], "whole nodes"),
     (["--model=gpt9"], "invalid choice"),
     (["--total_batch_size=1000"], "no layout"),
     (["--model=gpt2-xl", "--gpus=1", "--gpu_memory_gib=4"], "no layout fits"),
+    (["--compute_efficiency=0"], "--compute_efficiency must be in (0, 1]"),
+    (["--profile=/nonexistent.json"], "not a machine profile"),
 ])
 def test_bad_inputs_are_one_line(capsys, argv, says):
     code, out, err = _plan(capsys, *argv)
     assert code == 2 and out == "" and says in err and len(err.strip().splitlines()) == 1
 
 
-def _accepted_by_train_py(args, layout: Layout, micro_batch: int) -> bool:
-    """What train.py says of the planner's command for `layout` on args.gpus processes of
-    args.device: its own path from the flags (resolve, then fit once the data is open)."""
-    cfg = parse_args(plan.command(args, layout, micro_batch).split(" train.py ")[1].split())
+def _accepted_by_train_py(job: plan.Job, layout: Layout, micro_batch: int) -> bool:
+    """What train.py says of the planner's command for `layout` on job.ranks processes of
+    job.device: its own path from the flags (resolve, then fit once the data is open)."""
+    cfg = parse_args(plan.command(job, layout, micro_batch).split(" train.py ")[1].split())
     try:
-        cfg, resolved, micro_steps = resolve(cfg, args.gpus, args.device)
-        fit(cfg, resolved, micro_steps, 50257, args.device)
+        cfg, resolved, micro_steps = resolve(cfg, job.ranks, job.device)
+        fit(cfg, resolved, micro_steps, 50257, job.device)
     except UserError:
         return False
     assert resolved == layout  # the flags carry the whole layout
@@ -120,13 +129,10 @@ def test_the_planner_lists_exactly_what_train_py_accepts_on_cpu(implementation):
     """Over the planner's whole search space for 4 CPU processes (both implementations:
     PyTorch's CP is CUDA only, native PP x TP is not wired up), every layout it lists is
     accepted by train.py, and every layout train.py accepts is listed."""
-    args = plan.build_parser().parse_args(["--model=tiny", "--gpus=4", "--gpus_per_node=4",
-                                           "--block_size=64", "--total_batch_size=2048",
-                                           "--device=cpu", f"--implementation={implementation}"])
-    model_cfg = model_config(args.model, args.block_size, 50257)
-    listed = {(layout, mb) for layout, mb, _ in plan.candidates(args, model_cfg)}
-    space = list(plan.search_space(args))
-    accepted = {(layout, mb) for layout, mb in space if _accepted_by_train_py(args, layout, mb)}
+    job = plan.Job("tiny", model_config("tiny", 64, 50257), 4, 4, 2048, "float32", "cpu", implementation)
+    listed = {(layout, mb) for layout, mb, _ in plan.candidates(job)}
+    space = list(plan.search_space(job))
+    accepted = {(layout, mb) for layout, mb in space if _accepted_by_train_py(job, layout, mb)}
     assert listed == accepted
     assert 0 < len(listed) < len(space)  # the rules do refuse some of the space
     assert any(layout.zero1 for layout, _ in listed) and any(layout.hsdp for layout, _ in listed)
@@ -152,3 +158,101 @@ def test_a_simulated_64_rank_cluster_holds_and_sends_what_is_predicted(char_data
     assert {r["rank"] for r in rows} == {0, 32}
     assert {r["what"] for r in rows} >= {"state", "activations", "all_gather", "reduce_scatter", "send"}
     assert all(r["ok"] for r in rows), [r for r in rows if not r["ok"]]
+
+
+# ------------------------------------------------------------------ published numbers
+
+@pytest.mark.parametrize("stage, paper_gb, printed", [(0, 120, 1), (1, 31.4, 0.1), (2, 16.6, 0.1),
+                                                      (3, 1.88, 0.01)])
+def test_zero_paper_model_state(stage, paper_gb, printed):
+    """Rajbhandari et al. 2020, Figure 1: Psi = 7.5B parameters, Nd = 64, mixed-precision
+    Adam (2 bytes of fp16 parameter + 2 of gradient + K = 12 of fp32 master copy and
+    moments): 120 / 31.4 / 16.6 / 1.88 GB for DDP / P_os / P_os+g / P_os+g+p. Equal up to
+    the paper's rounding (half its last printed digit)."""
+    got = zero_state_bytes(7.5e9, 64, stage, param_bytes=2, grad_bytes=2, optimizer_bytes=12)["total"]
+    assert abs(got / 1e9 - paper_gb) <= printed / 2
+
+
+@pytest.mark.parametrize("d", [1, 2, 8, 64])
+def test_megatron_distributed_optimizer_bytes_per_parameter(d):
+    """Megatron-LM's distributed optimizer table (docs/source/api-guide/dist_optimizer.md):
+    fp32 parameters and gradients 16 bytes plain, 8 + 8/d distributed; bf16 parameters with
+    fp32 gradients (and an fp32 master copy) 18, 6 + 12/d. This project's ZeRO-1 is the
+    first row (cost.state_bytes: the same function at fp32)."""
+    assert zero_state_bytes(1, d, 0)["total"] == 16
+    assert zero_state_bytes(1, d, 1)["total"] == 8 + 8 / d
+    assert zero_state_bytes(1, d, 0, 2, 4, 12)["total"] == 18
+    assert zero_state_bytes(1, d, 1, 2, 4, 12)["total"] == 6 + 12 / d
+    layout = Layout(dp=d, dp_type="zero1")
+    assert state_bytes(CFG, layout)["total"] == zero_state_bytes(param_counts(CFG)["total"], d, 1)["total"]
+
+
+def _one_layer(cfg: GPTConfig, layout: Layout, compute_bytes: int) -> float:
+    return activation_bytes(cfg, layout, 1, "none", None, range(1), False, False, compute_bytes)
+
+
+@pytest.mark.parametrize("tp", [1, 2, 4])
+def test_korthikanti_activation_memory_per_layer(tp):
+    """Korthikanti et al. 2022, Table 2, 2-byte activations per layer: s b h (34 + 5 a s/h)
+    without parallelism, 34 s b h / t with TP + SP + selective recomputation (the a s^2
+    attention matrices recomputed, as SDPA does). This model keeps, by its own count
+    (cost.activation_bytes): no dropout masks (2 s b h, and a s^2 b for the softmax's); no
+    a s^2 matrices (SDPA: 4 a s^2 b) but SDPA's fp32 logsumexp (4 a s b); LayerNorm inputs
+    in fp32 (2 s b h more than 2-byte ones: + 4 s b h / t) and their statistics (16 s b /
+    t); under SP the column-parallel layers' gathered inputs (2 x 2 s b h, not / t); and
+    autocast's 2-byte casts of the fp32 weights (2 x 12 h^2 / t; Megatron keeps bf16 ones)."""
+    cfg = GPTConfig(block_size=64, vocab_size=128, n_layer=1, n_head=4, n_embd=32)
+    s, b, h, a = cfg.block_size, 1, cfg.n_embd, cfg.n_head
+    sbh = s * b * h
+    plain = sbh * (34 + 5 * a * s / h)
+    casts = 2 * 12 * h * h
+    assert _one_layer(cfg, Layout(), 2) == plain - (2 * sbh + a * s * s * b) - 4 * a * s * s * b \
+        + 4 * a * s * b + 4 * sbh + 16 * s * b + casts
+    layout = Layout(tp=tp, sequence_parallel=tp > 1)
+    korthikanti = 34 * sbh / tp  # TP + SP + selective
+    assert _one_layer(cfg, layout, 2) == pytest.approx(
+        korthikanti - 2 * sbh / tp + 4 * a * s * b / tp + 4 * sbh / tp + 16 * s * b / tp
+        - 4 * sbh / tp + 4 * sbh + casts / tp, rel=1e-12)
+
+
+@pytest.mark.parametrize("schedule, P, M, V", [("gpipe", 4, 8, 1), ("1f1b", 4, 8, 1), ("1f1b", 8, 16, 1),
+                                               ("interleaved_1f1b", 4, 8, 2), ("interleaved_1f1b", 4, 8, 4)])
+def test_ptd_p_pipeline_bubble(schedule, P, M, V):
+    """Narayanan et al. 2021 (PTD-P): bubble time / ideal time = (p - 1) / m, interleaved
+    (p - 1) / (v m). The cost model's bubble is the idle fraction f of a step, f / (1 - f)
+    in their terms; both from the simulated schedule itself (unit-time actions)."""
+    slots = simulate_schedule(SCHEDULES[schedule](P, M, V))
+    end = max(t for row in slots for t, _ in row) + 1
+    idle = sum(end - len(row) for row in slots) / (P * end)
+    f = bubble(Layout(pp=P, pp_schedule=schedule, virtual_stages=V), M)
+    assert idle == pytest.approx(f, rel=1e-12)
+    assert f / (1 - f) == pytest.approx((P - 1) / (V * M), rel=1e-12)
+
+
+# ------------------------------------------------------------------ memory: predicted vs measured
+
+# One of each term of plan.memory: ZeRO-1's bucket copy, a pipeline's in-flight micro-batches,
+# autocast's weight casts, FSDP's gathered units in bf16 (the characters' vocabulary: the
+# blocks dominate); the loss's copies of the logits and TP+SP's gathered inputs with GPT-2's.
+MEMORY_CASES = [("float32", "zero1-2", "char"), ("float32", "pp2-1f1b", "char"),
+                ("bfloat16", "ddp2", "char"), ("bfloat16", "zero2", "char"),
+                ("float32", "ddp2", "bpe"), ("float32", "tp2-sp-lp", "bpe")]
+
+
+@pytest.mark.parametrize("dtype, name, data", MEMORY_CASES)
+def test_measured_peak_is_in_the_predicted_band(request, tmp_path, dtype, name, data):
+    """The step's peak of live tensors (what train.py logs, metrics.StepMemory) lies
+    between what plan.memory says lives through the step and that plus its largest
+    transient, within MEMORY_MARGIN (autograd's and the kernels' small tensors, which the
+    tiny model makes largest relative to the rest): what train.py's check relies on.
+    Fresh processes: the allocator's total counts every tensor of the process. (All 19
+    validated layouts: --validate.)"""
+    layout = LAYOUTS[name]
+    dataset = {"char": "shakespeare_char", "bpe": "shakespeare"}[data]
+    argv = step_argv(layout, request.getfixturevalue(f"{data}_data"), str(tmp_path), block_size=64,
+                     micro_batch=4) + [f"--dtype={dtype}", f"--dataset={dataset}"]
+    for m in on_processes(layout.world, measure_run, argv, 0, True):
+        job = plan.Job("tiny", GPTConfig(**m["model"]), layout.world, layout.world, m["tokens_per_step"],
+                       dtype, "cpu")
+        band = plan.memory(job, layout, m["micro_batch"], m["micro_steps"], m["pp_rank"])
+        assert plan.within_margin(m["peak"], band), (m["peak"], band)

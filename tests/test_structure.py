@@ -1,5 +1,6 @@
-"""The package's shape: imports flow one way, model <- parallel <- train <- tools, with
-no circle anywhere (function-level imports included), read from the source with ast."""
+"""The package's shape: imports flow one way, model <- parallel <- planner <- train <- tools,
+with no circle anywhere (function-level imports included), read from the source with ast.
+The planner is a layer of the library, under training: train.py asks it before building."""
 import ast
 from pathlib import Path
 
@@ -10,6 +11,7 @@ LAYERS = [
     ("base", ("nanodist.errors", "nanodist.compat")),
     ("model", ("nanodist.model", "nanodist.hf")),
     ("parallel", ("nanodist.parallel",)),
+    ("planner", ("nanodist.hardware", "nanodist.cost", "nanodist.traffic", "nanodist.plan")),
     ("train", ("nanodist",)),
     ("tools", ("nanodist_tools",)),
 ]
@@ -87,5 +89,6 @@ def test_the_walk_sees_what_it_must():
     assert "nanodist.parallel.comm" in edges["nanodist.parallel.tensor_parallel"]
     assert "nanodist.parallel.pipeline_native" in edges["nanodist.parallel.parallelize"]  # in a function
     assert "nanodist.trainer" in edges["nanodist_tools.measure"]         # tools -> train
+    assert "nanodist.plan" in edges["nanodist.preflight"]                # train -> planner
     assert layer("nanodist.compat") < layer("nanodist.model") < layer("nanodist.parallel.fsdp") \
-        < layer("nanodist.checkpoint.format") < layer("nanodist_tools.plan")
+        < layer("nanodist.plan") < layer("nanodist.checkpoint.format") < layer("nanodist_tools.planner")

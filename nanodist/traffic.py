@@ -29,7 +29,7 @@ from nanodist.model import GPTConfig
 from nanodist.parallel.comm import BUS_FACTOR
 from nanodist.parallel.layout import Layout
 from nanodist.parallel.schedules import Action
-from nanodist_tools.cost import DTYPE_BYTES, FP32, chunks, param_counts, schedule
+from nanodist.cost import DTYPE_BYTES, FP32, chunks, param_counts, schedule
 
 
 FP32_EVERYWHERE = {"matmul": FP32, "residual": FP32, "norm": FP32}
@@ -121,7 +121,7 @@ def collectives(cfg: GPTConfig, layout: Layout, micro_batch: int, accum: int,
     HSDP's dp_shard x cp), dp_replicate (HSDP's replicas), pp (stage to stage) and
     embedding (the first and last stage). `dtype` bfloat16: FSDP gathers bf16 parameters
     and reduces fp32 gradients, TP carries what `value_bytes` says, ring attention bf16
-    K/V; DDP's gradients, the pipeline's activations and the scalars stay fp32. Under CP,
+    K/V, the pipeline the residual stream's dtype; DDP's gradients and the scalars stay fp32. Under CP,
     TP's activations are T/cp long. The bytes are exact (--validate); the calls (for the
     latency of each) count an FSDP unit (a block, the root) and a DDP bucket as one."""
     tp, cp, P, C, V = layout.tp, layout.cp, layout.pp, cfg.n_embd, cfg.vocab_size
@@ -148,8 +148,8 @@ def collectives(cfg: GPTConfig, layout: Layout, micro_batch: int, accum: int,
             sends, payload = ring_attention_sends(micro_batch, cfg.block_size, C // tp, len(blocks),
                                                   cp, compute_bytes)
             add("cp", "send", cp, accum * payload, accum * sends)
-        if P > 1:  # activations to the next chunk, their gradients back (master dtype)
-            boundary = micro_batch * (T // tp if sp else T) * C * FP32
+        if P > 1:  # activations to the next chunk, their gradients back (the residual's dtype)
+            boundary = micro_batch * (T // tp if sp else T) * C * value_bytes(dtype, layout.fsdp, device_type)["residual"]
             hops = (not last) + (not first)
             add("pp", "send", P, accum * boundary * hops, accum * hops)
             if first or last:  # the tied weight's gradient (its shard under FSDP, ZeRO-1)

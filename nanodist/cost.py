@@ -69,20 +69,27 @@ def stage_params(cfg: GPTConfig, layout: Layout, pp_rank: int = 0) -> dict[str, 
     return {role: sum(counts[role] for counts in per_chunk) for role in per_chunk[0]}
 
 
-def local_params(cfg: GPTConfig, layout: Layout, pp_rank: int = 0) -> float:
-    """Parameters one rank keeps between steps (FSDP padding ignored: < N per flat)."""
-    local = stage_params(cfg, layout, pp_rank)["total"]
-    return local / (layout.dp_shard * layout.cp) if layout.fsdp else local
+def zero_state_bytes(params: float, d: int, stage: int, param_bytes: float = FP32,
+                     grad_bytes: float = FP32, optimizer_bytes: float = ADAM_STATES * FP32) -> dict[str, float]:
+    """Model state per rank of ZeRO `stage` over d data-parallel ranks (Rajbhandari et al.
+    2020, section 5): 0 replicates everything (DDP), 1 shards the optimizer state
+    (`optimizer_bytes` per parameter: Adam's moments, and a master copy where the
+    parameters are kept in another dtype), 2 the gradients too, 3 the parameters too."""
+    state = {"params": param_bytes * params / (d if stage >= 3 else 1),
+             "grads": grad_bytes * params / (d if stage >= 2 else 1),
+             "optimizer": optimizer_bytes * params / (d if stage >= 1 else 1)}
+    state["total"] = sum(state.values())
+    return state
 
 
 def state_bytes(cfg: GPTConfig, layout: Layout, pp_rank: int = 0) -> dict[str, float]:
-    """Per-rank bytes of parameters, gradients and AdamW moments after an optimizer step
-    (ZeRO-1: the moments of 1/(dp x cp) of them; its padding ignored too)."""
-    local = local_params(cfg, layout, pp_rank)
-    moments = local / layout.dp_cp if layout.zero1 else local
-    state = {"params": FP32 * local, "grads": FP32 * local, "optimizer": ADAM_STATES * FP32 * moments}
-    state["total"] = sum(state.values())
-    return state
+    """Per-rank bytes of parameters, gradients and AdamW moments after an optimizer step,
+    all fp32: ZeRO stage 3 under FSDP (its "ZeRO-2" too: at rest it holds shards alone;
+    sharded over a replica group's dp_shard x cp ranks), 1 under ZeRO-1 (over dp x cp),
+    else 0 (padding to N ignored)."""
+    stage = 3 if layout.fsdp else 1 if layout.zero1 else 0
+    d = layout.dp_shard * layout.cp if layout.fsdp else layout.dp_cp
+    return zero_state_bytes(stage_params(cfg, layout, pp_rank)["total"], d, stage)
 
 
 @lru_cache(maxsize=None)
@@ -96,32 +103,33 @@ def schedule(pp: int, pp_schedule: str, virtual_stages: int, accum: int) -> list
 
 def activation_bytes(cfg: GPTConfig, layout: Layout, micro_batch: int, checkpointing: str | None = None,
                      ac_every: int | None = None, blocks: range | None = None, first: bool = True,
-                     last: bool = True, value_bytes: int = FP32) -> float:
-    """Bytes one rank keeps for backward after one micro-step's forward (fp32, no dropout),
-    of the whole model or of a pipeline chunk (`blocks`; the embedding's ids if `first`,
-    the head if `last`). checkpointing, ac_every: the layout's unless given. value_bytes: of a
-    float (bfloat16: 2, the planner's estimate; measured in fp32 only).
+                     last: bool = True, compute_bytes: int = FP32) -> float:
+    """Bytes one rank keeps for backward after one micro-step's forward (no dropout), of
+    the whole model or of a pipeline chunk (`blocks`; the embedding's ids if `first`, the
+    head if `last`). checkpointing, ac_every: the layout's unless given. compute_bytes:
+    of a matmul's input or output (bfloat16 autocast: 2; the residual stream, LayerNorm,
+    attention's logsumexp and the loss stay fp32: marked below).
 
     Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large Transformer
     Models", Table 2) count s b h (34 + 5 a s / h) bytes per layer for fp16 activations,
     1-byte dropout masks and the a s^2 attention scores, softmax and its dropout; tensor
     parallelism leaves s b h (10 + 24/t + 5 a s/(h t)), sequence parallelism s b h (34/t +
-    5 a s/(h t)), full recomputation 2 s b h. This model stores fp32 (4 bytes), has no
-    dropout, and SDPA (flash / memory-efficient) never keeps the a s^2 matrices, only a
-    logsumexp of a s floats per sequence: the 34 becomes 16 floats, the 5as/h term a/h.
-    Per layer, in floats, with b s h = B T C and t = TP:
+    5 a s/(h t)), full recomputation 2 s b h. This model has no dropout, and SDPA (flash /
+    memory-efficient) never keeps the a s^2 matrices, only a logsumexp of a s floats per
+    sequence: in values the 34 becomes 16, the 5as/h term a/h (tests/test_plan.py derives
+    Korthikanti's numbers from these). Per layer, in values, with b s h = B T C, t = TP:
 
-        replicated (no SP)   ln_1 input, c_attn input, ln_2 input, c_fc input   4 b s h
+        replicated (no SP)   ln_1 input, ln_2 input (fp32), c_attn input, c_fc input  4 b s h
         under SP             LayerNorm inputs sharded (2 b s h / t); column-parallel
                              layers keep their gathered input for backward (2 b s h)
         sharded by heads     q k v (3), attention output = c_proj input (1),
                              gelu input (4), mlp.c_proj input (4)                12 b s h / t
-                             + the attention logsumexp                            b s a / t
-        LayerNorm statistics mean and 1/std of ln_1 and ln_2                     4 b s (/ t SP)
+                             + the attention logsumexp (fp32)                     b s a / t
+        LayerNorm statistics mean and 1/std of ln_1 and ln_2 (fp32)              4 b s (/ t SP)
     = 16 b s h + b s a + 4 b s without TP, as Korthikanti's 34 -> 16 says.
 
     checkpointing (activation_checkpoint.py):
-        full       a checkpointed block keeps its input only: b s h (/ t under SP);
+        full       a checkpointed block keeps its input only: b s h (/ t under SP, fp32);
                    with ac_every K, blocks 0, K, 2K, ... are checkpointed, the rest as above
         selective  the block input, and the outputs of the matmuls and of attention:
                    c_attn 3 b s h / t, attention b s h / t + b s a / t, c_fc 4 b s h / t,
@@ -130,37 +138,43 @@ def activation_bytes(cfg: GPTConfig, layout: Layout, micro_batch: int, checkpoin
         returns its output in (B, heads, T, d) order, copied once more for c_proj: + b s h / t
         per layer (none). Selective keeps nothing of it (an autograd Function: its
         insides are not cached) and recomputes it, ring included.
-    head: ln_f input and statistics (/ t under SP), lm_head input (b s h), the log-softmax
-    of the logits (b s V, / t with loss parallelism) and nll_loss's total weight (one
-    float); int64 token ids, targets and positions.
+    head: ln_f input and statistics (/ t under SP, fp32), lm_head input (b s h), the fp32
+    log-softmax of the logits (b s V, / t with loss parallelism) and nll_loss's total
+    weight (one float); int64 token ids, targets and positions.
+    autocast (compute_bytes < 4) of fp32 weights (not FSDP's: it gathers them in the
+    compute dtype) keeps each matmul's weight cast for backward: 12 h^2 / t per block and
+    V h / t of the head, per micro-batch (Megatron keeps bf16 weights to avoid them).
     """
     b, h, a, V = micro_batch, cfg.n_embd, cfg.n_head, cfg.vocab_size
     blocks, checkpointing = blocks or range(cfg.n_layer), checkpointing or layout.checkpointing
     ac_every = ac_every or layout.ac_every
     s = cfg.block_size // layout.cp
-    t, sp = layout.tp, layout.sequence_parallel
+    t, sp, c = layout.tp, layout.sequence_parallel, compute_bytes
     bsh, seq_split = b * s * h, (t if sp else 1)
-    replicated = 2 * bsh / t + 2 * bsh if sp else 4 * bsh
-    attention = bsh / t + b * s * a / t if layout.cp == 1 else 0  # CP: the ring is recomputed
-    ring_copy = bsh / t if layout.cp > 1 else 0
-    layer = {"none": replicated + 12 * bsh / t + b * s * a / t + 4 * b * s / seq_split + ring_copy,
-             "full": bsh / seq_split,
-             "selective": bsh / seq_split + 3 * bsh / t + attention + 4 * bsh / t + 2 * bsh}
+    norms = FP32 * (2 * bsh / seq_split + 4 * b * s / seq_split)  # LayerNorm inputs and statistics
+    matmul_inputs = c * (2 * bsh + 12 * bsh / t + (bsh / t if layout.cp > 1 else 0))  # CP: the ring's copy
+    logsumexp = FP32 * b * s * a / t
+    block_input = FP32 * bsh / seq_split
+    attention = c * bsh / t + logsumexp if layout.cp == 1 else 0  # CP: the ring is recomputed
+    layer = {"none": norms + matmul_inputs + logsumexp, "full": block_input,
+             "selective": block_input + c * (3 * bsh / t + 4 * bsh / t + 2 * bsh) + attention}
     if checkpointing == "full":  # the block indices are the whole model's
         checkpointed = sum(i % ac_every == 0 for i in blocks)
         layers = checkpointed * layer["full"] + (len(blocks) - checkpointed) * layer["none"]
     else:
         layers = len(blocks) * layer[checkpointing]
-    head = (bsh + 2 * b * s) / seq_split + bsh + b * s * V / (t if layout.loss_parallel else 1) + 1
-    return value_bytes * (layers + head * last) + 8 * (b * s + s) * first + 8 * b * s * last
+    head = (FP32 * (bsh + 2 * b * s) / seq_split + c * bsh
+            + FP32 * (b * s * V / (t if layout.loss_parallel else 1) + 1))
+    casts = c * (len(blocks) * 12 * h * h + V * h * last) / t if c < FP32 and not layout.fsdp else 0
+    return layers + head * last + casts + 8 * (b * s + s) * first + 8 * b * s * last
 
 
 def activations_in_flight(cfg: GPTConfig, layout: Layout, micro_batch: int, accum: int,
-                          pp_rank: int = 0, value_bytes: int = FP32) -> float:
+                          pp_rank: int = 0, compute_bytes: int = FP32) -> float:
     """Peak bytes of activations a rank keeps: its chunks' `activation_bytes` for every
     micro-batch forwarded and not yet backwarded, walking its schedule (one micro-step
     without PP; GPipe all M; 1F1B at most P - r)."""
-    per_chunk = [activation_bytes(cfg, layout, micro_batch, None, None, *chunk, value_bytes)
+    per_chunk = [activation_bytes(cfg, layout, micro_batch, None, None, *chunk, compute_bytes)
                  for chunk in chunks(cfg, layout, pp_rank)]
     held, peak = [0] * len(per_chunk), 0.0
     for a in schedule(layout.pp, layout.pp_schedule, layout.virtual_stages, accum)[pp_rank]:

@@ -1,0 +1,312 @@
+"""The layout planner: which layout trains a GPT-2 fastest on a machine, and fits.
+
+train.py asks it before building anything (does the layout fit? `--layout auto`); the
+command line, calibration and validation are in nanodist_tools/planner.py.
+
+Its search space (`search_space`: DDP / ZeRO-1 / FSDP ZeRO-3 / ZeRO-2 (and HSDP: FSDP with
+every replica count that divides DP) x TP x PP, its schedule and virtual stages x CP x
+activation checkpointing x micro-batch; under TP with loss parallelism, and sequence
+parallelism where the sequence divides) is filtered by the layout's own rules
+(`Layout.check`, what train.py asks on the same device: nothing listed is refused,
+nothing accepted is left out) and costed by the cost model (cost.py, traffic.py) on a
+machine (hardware.py: a GPU's data sheet, or this machine's calibrated profile).
+
+    memory   per rank (`memory`): what lives through the step, state (16 bytes per
+             parameter of its stage, / DP x CP under FSDP; ZeRO-1: 4 + 4 + 8 / (DP x CP);
+             HSDP: / the dp_shard x cp ranks of a replica group) + activations in flight
+             (autocast's weight casts included) + FSDP's gathered units in the compute
+             dtype (ZeRO-3: two blocks, this one and the prefetched; ZeRO-2: the whole
+             stage); and on top the largest transient: backward's two gradients of its
+             widest activation (the MLP's hidden or the fp32 logits), FSDP's unit
+             gradients and its reduction in flight, gloo's copies of what it reduces,
+             or the optimizer step's temporaries (AdamW's loop on CPU). The measured
+             peak lies in that band within MEMORY_MARGIN (--validate, tests); the first
+             and the last stage are costed (the first keeps the most micro-batches in
+             flight, the last the head); the top fits in USABLE_MEMORY of the device
+             (the rest: CUDA context, NCCL, allocator fragmentation).
+    compute  per rank and micro-step, each matmul of its blocks and head at its local
+             shape (TP: 1/t of the columns, CP: 1/c of the queries), forward and the two
+             of backward, at the machine's FLOP/s for that size (a GPU: its peak x
+             --compute_efficiency; a profile: measured with as many processes sharing
+             the cores), plus the framework's time per layer (a profile's); full
+             checkpointing adds a forward of the blocks; once a step the optimizer.
+             A pipeline stretches it by 1 / (1 - bubble).
+    traffic  each group's calls at the machine's time for their size (a GPU: bus bytes
+             over the link's bandwidth, NVLink in a node, the network across, plus a
+             latency per call). On a GPU DDP's all-reduce (ZeRO-1's reduce-scatter)
+             hides behind the last micro-step's backward, FSDP's gathers and
+             reduce-scatters (HSDP's all-reduce) behind each micro-step's compute; TP, CP
+             and PP traffic and ZeRO-1's all-gather after the step are on the critical
+             path. On CPU cores (gloo) nothing hides.
+    step     the slowest rank's compute / (1 - bubble) + exposed traffic; MFU counts
+             6N + 12 L T C only.
+"""
+import dataclasses
+import itertools
+from dataclasses import dataclass
+
+from nanodist.cost import (DTYPE_BYTES, FP32, activations_in_flight, bubble, chunks, param_counts,
+                           stage_params, state_bytes)
+from nanodist.errors import UserError
+from nanodist.hardware import GiB
+from nanodist.model import GPTConfig, flops_per_token
+from nanodist.parallel.comm import BUS_FACTOR
+from nanodist.parallel.layout import Layout
+from nanodist.traffic import collectives
+
+USABLE_MEMORY = 0.9
+MEMORY_MARGIN = 0.05  # what the peak leaves out: autograd's and the kernels' small tensors
+SCHEDULES = [("gpipe", 1), ("1f1b", 1), ("interleaved_1f1b", 2), ("interleaved_1f1b", 4)]
+DATA_PARALLEL = {"ddp": ("ddp", True), "zero1": ("zero1", True), "fsdp-zero3": ("fsdp", True),
+                 "fsdp-zero2": ("fsdp", False)}
+MICRO_BATCHES = (1, 2, 4, 8, 16, 32, 64)
+
+
+@dataclass(frozen=True)
+class Job:
+    """What is to be trained, whatever the layout."""
+    preset: str                   # the model preset (train.py's --model)
+    model: GPTConfig
+    ranks: int
+    ranks_per_node: int
+    total_batch_size: int
+    dtype: str = "bfloat16"
+    device: str = "cuda"          # the layouts' rules differ (PyTorch's CP is CUDA only)
+    implementation: str = "custom"
+    micro_batch: int | None = None  # None: search MICRO_BATCHES
+
+    @property
+    def block_size(self) -> int:
+        return self.model.block_size
+
+
+def divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def dp_label(layout: Layout) -> str:
+    """ddp | zero1 | fsdp-zero3 | fsdp-zero2 (HSDP: xR replicas): the data-parallel column."""
+    if layout.dp_type != "fsdp":
+        return layout.dp_type
+    return f"fsdp-zero{3 if layout.reshard_after_forward else 2}" + (f"x{layout.dp_replicas}" if layout.hsdp else "")
+
+
+def search_space(job: Job):
+    """(layout, micro-batch) of every combination the planner considers, valid or not."""
+    T = job.block_size
+    for pp, tp, cp in itertools.product(divisors(job.ranks), repeat=3):
+        dp = job.ranks // (pp * tp * cp)
+        if pp * tp * cp * dp != job.ranks or tp > job.ranks_per_node:
+            continue
+        per_rank_batch = job.total_batch_size // (T * dp)
+        micro_batches = [job.micro_batch] if job.micro_batch else \
+            [b for b in MICRO_BATCHES if b <= per_rank_batch]
+        for dp_type, replicas, (schedule, V), ac, mb in itertools.product(
+                DATA_PARALLEL, divisors(dp), SCHEDULES if pp > 1 else SCHEDULES[1:2],
+                ("none", "selective", "full"), micro_batches):
+            kind, reshard = DATA_PARALLEL[dp_type]
+            if (dp_type != "ddp" and dp * cp == 1) or (kind != "fsdp" and replicas > 1):
+                continue  # sharding over one rank is DDP; replicas are HSDP's
+            layout = Layout(pp=pp, dp=dp, cp=cp, tp=tp, dp_type=kind, dp_replicas=replicas,
+                            reshard_after_forward=reshard, loss_parallel=tp > 1, pp_schedule=schedule,
+                            virtual_stages=V, checkpointing=ac, implementation=job.implementation)
+            # sequence parallelism wherever it can split the sequence (it saves activations)
+            yield dataclasses.replace(layout, sequence_parallel=tp > 1 and layout.sequence_divides(T)), mb
+
+
+def candidates(job: Job):
+    """(layout, micro-batch, M) of every layout of the search space that train.py accepts
+    on `job.ranks` ranks of `job.device`."""
+    for layout, mb in search_space(job):
+        try:
+            M = layout.micro_steps(job.total_batch_size, mb, job.block_size)
+            layout.check(job.ranks, job.device, job.block_size, 0.0, job.model, M)
+        except UserError:
+            continue
+        yield layout, mb, M
+
+
+def command(job: Job, layout: Layout, micro_batch: int, extra: tuple[str, ...] = ()) -> str:
+    """The train.py command of a layout (torchrun's beyond one rank): the job's flags, the
+    layout's that differ from a plain Layout's (data_parallel_size always), then `extra`."""
+    default = Layout()
+    flags = [f"--model={job.preset}", f"--block_size={job.block_size}", f"--batch_size={micro_batch}",
+             f"--total_batch_size={job.total_batch_size}", f"--dtype={job.dtype}"]
+    flags += [flag for flag, mine, plain in zip(layout.flags(), dataclasses.astuple(layout),
+                                                dataclasses.astuple(default))
+              if mine != plain or flag.startswith("--data_parallel_size=")]
+    flags += extra
+    nodes = job.ranks // job.ranks_per_node
+    launch = ("python" if job.ranks == 1 else
+              f"torchrun --standalone --nproc_per_node={job.ranks}" if nodes <= 1 else
+              f"torchrun --nnodes={nodes} --nproc_per_node={job.ranks_per_node} "
+              f"--rdzv_backend=c10d --rdzv_endpoint=$HEAD_NODE:29500")
+    return f"{launch} train.py {' '.join(flags)}" + (" (on each node)" if nodes > 1 else "")
+
+
+def spans(layout: Layout) -> dict[str, int]:
+    """Consecutive ranks each group covers (mesh order pp, dp_replicate, dp_shard, cp, tp;
+    "dp": the DP x CP ranks, under HSDP those of one replica group)."""
+    tp, cp, dp = layout.tp, layout.cp, layout.dp
+    return {"tp": tp, "cp": cp * tp, "dp": (layout.dp_shard if layout.hsdp else dp) * cp * tp,
+            "dp_replicate": dp * cp * tp, "pp": layout.world, "embedding": layout.world}
+
+
+def group_sizes(layout: Layout) -> dict[str, int]:
+    return {"tp": layout.tp, "cp": layout.cp, "pp": layout.pp, "embedding": 2,
+            "dp": layout.dp_shard * layout.cp if layout.fsdp else layout.dp_cp,
+            "dp_replicate": layout.dp_replicate}
+
+
+def hides(layout: Layout, group: str, kind: str) -> bool:
+    """Whether this traffic overlaps compute: DDP's and ZeRO-1's reductions behind the last
+    micro-step's backward, FSDP's everything behind each micro-step (HSDP's replica
+    all-reduce too); ZeRO-1's all-gather follows the optimizer step, exposed."""
+    return group == "dp_replicate" or (group == "dp" and not (layout.zero1 and kind == "all_gather"))
+
+
+def matmuls(cfg: GPTConfig, layout: Layout, micro_batch: int) -> tuple[list, list]:
+    """FLOPs of each forward matmul of one block and of the head, at one rank's shape."""
+    C, V, T, tp, cp = cfg.n_embd, cfg.vocab_size, cfg.block_size, layout.tp, layout.cp
+    m = micro_batch * T // cp  # this rank's tokens of a micro-batch (SP gathers them back)
+    block = [2 * m * C * 3 * C / tp, 2 * m * C * C / tp, 2 * m * C * 4 * C / tp, 2 * m * 4 * C * C / tp,
+             4 * m * T * C / tp]  # q k v, attention's projection, MLP in and out, scores + mix
+    return block, [2 * m * C * V / tp]
+
+
+def compute_s(job: Job, machine, layout: Layout, micro_batch: int, M: int, pp_rank: int) -> float:
+    """Seconds of one rank's compute per optimizer step (see the module doc)."""
+    block, head = matmuls(job.model, layout, micro_batch)
+    recompute = 1 + (layout.checkpointing == "full") / 3  # one more forward: 2 of the 6 N
+    procs = layout.world
+
+    def forward_backward(flops):  # backward: two matmuls of the forward's size
+        return 3 * sum(machine.matmul_s(f, job.dtype, procs) for f in flops)
+
+    micro = 0.0
+    for blocks, _, last in chunks(job.model, layout, pp_rank):
+        micro += len(blocks) * (forward_backward(block) * recompute + machine.per_layer_s * machine.turns(procs))
+        micro += forward_backward(head) if last else 0.0
+    held = state_bytes(job.model, layout, pp_rank)["optimizer"] / state_bytes(job.model, Layout())["optimizer"]
+    return M * micro + machine.per_step_s * machine.turns(procs) * held
+
+
+def memory(job: Job, layout: Layout, micro_batch: int, M: int, pp_rank: int = 0) -> dict[str, float]:
+    """Predicted peak bytes of one rank: what lives through the step (state, activations
+    in flight, FSDP's gathered units: "live") and the largest transient on top of it,
+    in backward or in the optimizer step ("transient"); the measured peak lies between
+    "live" and "total" within MEMORY_MARGIN (tests/test_plan.py)."""
+    model, c = job.model, DTYPE_BYTES[job.dtype]
+    state = state_bytes(model, layout, pp_rank)["total"]
+    activations = activations_in_flight(model, layout, micro_batch, M, pp_rank, compute_bytes=c)
+    tokens = micro_batch * job.block_size // layout.cp
+    held = chunks(model, layout, pp_rank)
+    first, last = held[0][1], held[-1][2]
+    # backward holds two gradients of its widest activation at once: the MLP's hidden
+    # (b s 4h / t); or three of the head's fp32 logits (b s V, / t with loss parallelism):
+    # the loss's gradient, log-softmax's exp(output) and its result (PyTorch's
+    # loss_parallel one more: measured 3.7 with GPT-2's vocabulary)
+    logits = FP32 * tokens * model.vocab_size / (layout.tp if layout.loss_parallel else 1) * last
+    copies_of_logits = 4 if layout.loss_parallel and layout.implementation == "pytorch" else 3
+    backward = max(2 * c * tokens * 4 * model.n_embd / layout.tp, copies_of_logits * logits)
+    buffers, shards = 0.0, 1
+    gloo = job.device == "cpu"  # gloo copies a reduce-scatter's (all-gather's) whole tensor
+    stage = stage_params(model, layout, pp_rank)["total"]
+    if layout.fsdp:  # gathered parameters in the compute dtype
+        units = param_counts(model, layout.tp, range(1))
+        unit = max(units["blocks"], units["root"])  # a block, or the root
+        buffers = c * (2 * unit if layout.reshard_after_forward else stage)
+        # a unit's gradients, summed into its fp32 vector, beside the previous one's in flight
+        backward += unit * (c + (2 + gloo) * FP32)
+        shards = layout.dp_shard * layout.cp
+    # a custom ZeRO-1 bucket in flight, copied by gloo (in backward and in the gather)
+    copies = (gloo * min(layout.bucket_cap_mb * 2**20, FP32 * stage)
+              if layout.zero1 and layout.implementation == "custom" else 0.0)
+    # AdamW on CPU (a loop over parameters) makes three temporaries of one; fused on CUDA none
+    largest = max(4 * model.n_embd ** 2, model.vocab_size * model.n_embd * (first or last)) / layout.tp / shards
+    optimizer = 3 * FP32 * largest if gloo else 0.0
+    live = state + activations + buffers
+    total = max(live + backward, state + optimizer) + copies
+    return {"state": state, "activations": activations, "buffers": buffers, "live": live,
+            "transient": total - live, "total": total}
+
+
+def within_margin(peak: float, predicted: dict[str, float]) -> bool:
+    """Whether a measured peak lies in the predicted band (`memory`)."""
+    return (1 - MEMORY_MARGIN) * predicted["live"] <= peak <= (1 + MEMORY_MARGIN) * predicted["total"]
+
+
+def estimate(job: Job, machine, layout: Layout, micro_batch: int, M: int) -> dict:
+    """One row of the ranking: memory, traffic, time of `layout` on `machine`."""
+    model = job.model
+    frac = bubble(layout, M)
+    ranks = sorted({0, layout.pp - 1})
+    peak = max((memory(job, layout, micro_batch, M, r) for r in ranks), key=lambda m: m["total"])
+    sizes, step, links, exposed, t_compute = group_sizes(layout), 0.0, None, 0.0, 0.0
+    for r in ranks:
+        rank_compute = compute_s(job, machine, layout, micro_batch, M, r)
+        hideable, rank_links, rank_exposed = {}, {"intra_node": 0.0, "inter_node": 0.0}, 0.0
+        for (group, kind), (calls, bus) in collectives(model, layout, micro_batch, M, job.dtype,
+                                                       job.device, r).items():
+            if not calls:
+                continue
+            link = "intra_node" if spans(layout)[group] <= job.ranks_per_node else "inter_node"
+            rank_links[link] += bus
+            payload = bus / calls / BUS_FACTOR[kind](sizes[group])
+            seconds = calls * machine.collective_s(kind, payload, sizes[group], link, layout.world)
+            if machine.overlaps and hides(layout, group, kind):
+                hideable[group] = hideable.get(group, 0.0) + seconds
+            else:
+                rank_exposed += seconds
+        hidden = rank_compute if layout.fsdp else 2 / 3 * rank_compute / M  # per group
+        rank_exposed += sum(max(0.0, seconds - hidden) for seconds in hideable.values())
+        rank_step = rank_compute / (1 - frac) + rank_exposed
+        if rank_step >= step:
+            step, links, exposed, t_compute = rank_step, rank_links, rank_exposed, rank_compute
+    fits = peak["total"] <= USABLE_MEMORY * machine.memory_bytes
+    tokens_per_s = job.total_batch_size / step
+    flops = flops_per_token(model, param_counts(model)["total"])
+    return {"dp": layout.dp, "dp_type": dp_label(layout), "tp": layout.tp, "pp": layout.pp,
+            "pp_schedule": layout.pp_schedule if layout.pp > 1 else None,
+            "virtual_stages": layout.virtual_stages, "cp": layout.cp,
+            "sequence_parallel": layout.sequence_parallel, "activation_checkpointing": layout.checkpointing,
+            "micro_batch_size": micro_batch, "grad_accum": M, "fits": fits,
+            "why": None if fits else f"needs {peak['total'] / GiB:.1f} GiB > {USABLE_MEMORY:.0%} of "
+                                     f"{machine.memory_bytes / GiB:g} GiB",
+            "memory_gib": peak["total"] / GiB, "state_gib": peak["state"] / GiB,
+            "activation_gib": peak["activations"] / GiB, "buffer_gib": peak["buffers"] / GiB,
+            "transient_gib": peak["transient"] / GiB,
+            "comm_bytes_per_step": links, "bubble": frac,
+            "compute_s": t_compute, "exposed_comm_s": exposed, "step_time_s": step,
+            "tokens_per_s": tokens_per_s,
+            "mfu": tokens_per_s * flops / (layout.world * machine.peak_flops(job.dtype)),
+            "layout": layout, "command": command(job, layout, micro_batch)}
+
+
+def rank(job: Job, machine) -> list[dict]:
+    """Every runnable layout, fitting ones by predicted step time, then the rest by memory."""
+    rows = [estimate(job, machine, *c) for c in candidates(job)]
+    if not rows:
+        raise UserError(f"no layout of {job.preset} runs on {job.ranks} ranks with --block_size "
+                        f"{job.block_size} and --total_batch_size {job.total_batch_size}: the batch "
+                        f"must divide into micro-batches x block_size x data parallel ranks")
+    # ties (the model prices neither element-wise recomputation nor small matmuls' lower
+    # efficiency on a GPU): no checkpointing first, then larger micro-batches, then less memory
+    return (sorted((r for r in rows if r["fits"]), key=lambda r: (
+                round(r["step_time_s"], 9), r["activation_checkpointing"] != "none",
+                -r["micro_batch_size"], r["memory_gib"]))
+            + sorted((r for r in rows if not r["fits"]), key=lambda r: r["memory_gib"]))
+
+
+def table(rows: list[dict]) -> str:
+    header = ["#", "dp", "dp type", "tp", "pp", "schedule", "cp", "ac", "mb", "M", "GiB", "state",
+              "act", "intra GB", "inter GB", "bubble", "step s", "tok/s", "MFU"]
+    lines = [[str(i + 1), str(r["dp"]), r["dp_type"], str(r["tp"]), str(r["pp"]),
+              (r["pp_schedule"] or "-") + (f" v{r['virtual_stages']}" if r["virtual_stages"] > 1 else ""),
+              str(r["cp"]), r["activation_checkpointing"], str(r["micro_batch_size"]), str(r["grad_accum"]),
+              f"{r['memory_gib']:.3g}", f"{r['state_gib']:.3g}", f"{r['activation_gib']:.3g}",
+              f"{r['comm_bytes_per_step']['intra_node'] / 1e9:.2f}",
+              f"{r['comm_bytes_per_step']['inter_node'] / 1e9:.2f}", f"{r['bubble']:.2f}",
+              f"{r['step_time_s']:.3f}", f"{r['tokens_per_s']:,.0f}", f"{r['mfu']:.1%}"] for i, r in enumerate(rows)]
+    widths = [max(len(x) for x in column) for column in zip(header, *lines)]
+    return "\n".join("  ".join(x.rjust(w) for x, w in zip(line, widths)) for line in [header] + lines)

@@ -1,0 +1,186 @@
+"""`python -m nanodist_tools.planner --calibrate --out PROFILE`: this machine, measured into
+a profile (nanodist/hardware.py `Profile`) for the planner's step-time model.
+
+    matmul       FLOP/s of (m x k) @ (k x n) against its FLOPs, float32 and bfloat16, on
+                 1, 2 and 4 processes at once (they share the cores as training does)
+    framework    the tiny model's training step on one process at two micro-step counts
+                 and two micro-batches: what is not matmul is the time per layer and
+                 micro-step (autograd, element-wise ops, Python) and per optimizer step
+    collectives  all-reduce, all-gather, reduce-scatter, broadcast and point-to-point
+                 sends (a batch of one to each ring neighbour, as the pipeline and ring
+                 attention send) against their payload, 4 B to 16 MiB, on groups of 2 of
+                 2 processes, 2 of 4 (two groups at once) and 4 of 4, each after a burst
+                 of compute as the strategies issue them (the cores' real contention)
+
+Each figure is a median; a run takes about two minutes on 2 cores.
+"""
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from nanodist.data import write_meta, write_split
+from nanodist.hardware import DTYPES, KINDS, Profile
+from nanodist.plan import matmuls
+from nanodist.parallel.layout import Layout
+from nanodist_tools.processes import on_processes
+
+SHAPES = [(m, k, k) for m in (64, 256, 1024) for k in (64, 128, 256, 512, 1024)]
+PAYLOADS = [4 * 16**i for i in range(7)]  # 4 B .. 16 MiB
+GROUPS = [(2, 2), (2, 4), (4, 4)]         # (group size, processes)
+
+
+def cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
+def synthetic_dataset(out_dir, vocab: int = 65, tokens: int = 100_000, seed: int = 0) -> str:
+    """Random token ids in the prepared-data format (what is measured does not depend on
+    which tokens): train.bin, val.bin and a character tokenizer's meta.json."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    counts = {f"{split}_tokens": write_split(out, split, rng.integers(0, vocab, tokens))
+              for split in ("train", "val")}
+    write_meta(out, vocab_size=vocab, tokenizer="char", itos=[chr(32 + i) for i in range(vocab)], **counts)
+    return str(out)
+
+
+def _median_s(fn, repeats: int, between=None) -> float:
+    """The median time of `fn` over `repeats` calls (after one untimed); `between` runs
+    untimed before each call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        if between is not None:
+            between()
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _matmul_rank(dtype: str) -> list:
+    """Rank side: (FLOPs, seconds per call) of each shape, all ranks at once: a run of
+    calls from one barrier to its end, so processes beyond the cores share them as in
+    training (a single call's time would hide that they take turns)."""
+    torch.set_num_threads(1)
+    out = []
+    for m, k, n in SHAPES:
+        a, b = torch.randn(m, k).to(getattr(torch, dtype)), torch.randn(k, n).to(getattr(torch, dtype))
+        repeats = max(3, int(2e8 / (m * k * n)))
+        a @ b
+        if dist.is_initialized():
+            dist.barrier()
+        start = time.perf_counter()
+        for _ in range(repeats):
+            a @ b
+        out.append((2 * m * k * n, (time.perf_counter() - start) / repeats))
+    return out
+
+
+def matmul_table() -> dict:
+    table = {}
+    for dtype in DTYPES:
+        table[dtype] = {"1": _matmul_rank(dtype)}
+        for procs in (2, 4):
+            ranks = on_processes(procs, _matmul_rank, dtype)
+            table[dtype][str(procs)] = [(f, statistics.median(r[i][1] for r in ranks))
+                                        for i, (f, _) in enumerate(ranks[0])]
+    return table
+
+
+def _collective_rank(group_size: int) -> dict:
+    """Rank side: seconds per call of each kind and payload, in groups of `group_size`,
+    each call after a burst of compute (a small layer's matmuls), as training issues
+    them: back to back, gloo's threads stay awake and the peers in step, which hides
+    half the latency a training step sees."""
+    world, rank = dist.get_world_size(), dist.get_rank()
+    groups = [dist.new_group(list(range(g, g + group_size))) for g in range(0, world, group_size)]
+    group = groups[rank // group_size]
+    me, n = dist.get_rank(group), group_size
+    out = {kind: [] for kind in KINDS}
+    layer = torch.randn(256, 256)
+
+    def between():
+        for _ in range(4):
+            layer @ layer
+
+    for payload in PAYLOADS:
+        numel = max(payload // 4 // n, 1)
+        full, part = torch.ones(numel * n), torch.ones(numel)
+        peer_in, peer_out = torch.empty(numel * n), torch.ones(numel * n)
+        calls = {
+            "all_reduce": lambda: dist.all_reduce(full, group=group),
+            "all_gather": lambda: dist.all_gather_into_tensor(full, part, group=group),
+            "reduce_scatter": lambda: dist.reduce_scatter_tensor(part, full, group=group),
+            "broadcast": lambda: dist.broadcast(full, group_src=0, group=group),
+            "send": lambda: [w.wait() for w in dist.batch_isend_irecv(
+                [dist.P2POp(dist.isend, peer_out, group=group, group_peer=(me + 1) % n),
+                 dist.P2POp(dist.irecv, peer_in, group=group, group_peer=(me - 1) % n)])],
+        }
+        repeats = 20 if payload < 2**20 else 5
+        for kind, call in calls.items():
+            dist.barrier()
+            out[kind].append((numel * n * 4, _median_s(call, repeats, between)))
+    return out
+
+
+def collective_table() -> dict:
+    table = {kind: {} for kind in KINDS}
+    for group, procs in GROUPS:
+        ranks = on_processes(procs, _collective_rank, group)
+        for kind in KINDS:
+            table[kind][f"{group}x{procs}"] = [(p, statistics.median(r[kind][i][1] for r in ranks))
+                                               for i, (p, _) in enumerate(ranks[0][kind])]
+    return table
+
+
+def _step_s(argv: list[str]) -> float:
+    from nanodist.config import parse_args
+    from nanodist.trainer import Trainer
+    torch.set_num_threads(1)
+    trainer = Trainer(parse_args(argv))
+    trainer.train_step(0)
+    times = []
+    for step in range(1, 6):
+        start = time.perf_counter()
+        trainer.train_step(step)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def framework_overheads(matmul: dict, data_dir: str) -> tuple[float, float]:
+    """(per layer and micro-step, per optimizer step): the tiny model's step on one process
+    at M = 1 and 4 micro-steps of B = 2 x 32 tokens, less its matmuls at this machine's
+    rates (`matmul`). t(M) = per_step + M (layers (per_layer + layer's matmuls) + head's)."""
+    from nanodist.model import model_config
+    cfg = model_config("tiny", 32, 65)
+    rate_table = Profile("calibrating", "cpu", 1, 1.0, matmul, 0.0, 0.0, {k: {} for k in KINDS})
+    block, head = matmuls(cfg, Layout(), 2)
+    per_micro_matmuls = 3 * (cfg.n_layer * sum(rate_table.matmul_s(f, "float32", 1) for f in block)
+                             + sum(rate_table.matmul_s(f, "float32", 1) for f in head))
+    with tempfile.TemporaryDirectory() as tmp:
+        base = ["--device=cpu", "--model=tiny", "--dataset=shakespeare_char", f"--data_dir={data_dir}",
+                "--block_size=32", "--batch_size=2", "--max_steps=100", "--warmup_steps=0",
+                "--checkpoint_interval=-1"]
+        t1, t4 = (on_processes(1, _step_s, base + [f"--total_batch_size={64 * M}", f"--out_dir={tmp}/{M}"])[0]
+                  for M in (1, 4))
+    per_micro = (t4 - t1) / 3
+    return max(per_micro - per_micro_matmuls, 0.0) / cfg.n_layer, max(t1 - per_micro, 0.0)
+
+
+def calibrate(data_dir: str | None = None) -> Profile:
+    """Measure this machine (CPU processes over gloo) into a Profile."""
+    with tempfile.TemporaryDirectory() as tmp:
+        data_dir = data_dir or synthetic_dataset(tmp)
+        matmul = matmul_table()
+        per_layer, per_step = framework_overheads(matmul, data_dir)
+    return Profile(name=f"cpu ({cores()} cores)", device="cpu", cores=cores(),
+                   memory_gib=os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, matmul=matmul,
+                   per_layer_s=per_layer, per_step_s=per_step, collectives=collective_table())
