@@ -158,6 +158,7 @@ class Profile:
                   and profile.per_layer_s >= 0 and profile.per_step_s >= 0
                   and set(profile.matmul) == set(DTYPES) and set(profile.collectives) == set(KINDS)
                   and all(k.isdigit() for table in profile.matmul.values() for k in table)
+                  and all("1" in table for table in profile.matmul.values())  # peak_flops' table
                   and all(re.fullmatch(r"\d+x\d+", k) for table in profile.collectives.values() for k in table)
                   and all(table and all(points and all(len(p) == 2 and p[0] > 0 and p[1] > 0 for p in points)
                                         for points in table.values()) for table in tables))

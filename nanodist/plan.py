@@ -231,6 +231,12 @@ def memory(job: Job, layout: Layout, micro_batch: int, M: int, pp_rank: int = 0)
             "transient": total - live, "total": total}
 
 
+def peak_memory(job: Job, layout: Layout, micro_batch: int, M: int) -> dict[str, float]:
+    """`memory` of the rank that needs the most (a pipeline's first or last stage)."""
+    return max((memory(job, layout, micro_batch, M, r) for r in {0, layout.pp - 1}),
+               key=lambda m: m["total"])
+
+
 def within_margin(peak: float, predicted: dict[str, float]) -> bool:
     """Whether a measured peak lies in the predicted band (`memory`)."""
     return (1 - MEMORY_MARGIN) * predicted["live"] <= peak <= (1 + MEMORY_MARGIN) * predicted["total"]
@@ -241,7 +247,7 @@ def estimate(job: Job, machine, layout: Layout, micro_batch: int, M: int) -> dic
     model = job.model
     frac = bubble(layout, M)
     ranks = sorted({0, layout.pp - 1})
-    peak = max((memory(job, layout, micro_batch, M, r) for r in ranks), key=lambda m: m["total"])
+    peak = peak_memory(job, layout, micro_batch, M)
     sizes, step, links, exposed, t_compute = group_sizes(layout), 0.0, None, 0.0, 0.0
     for r in ranks:
         rank_compute = compute_s(job, machine, layout, micro_batch, M, r)

@@ -61,12 +61,6 @@ def job(cfg: TrainConfig, model, world: int, device: torch.device, micro_batch: 
                     cfg.implementation, micro_batch)
 
 
-def predicted_peak(the_job: plan.Job, layout: Layout, micro_batch: int, micro_steps: int) -> dict:
-    """plan.memory of the rank that needs the most (a pipeline's first or last stage)."""
-    return max((plan.memory(the_job, layout, micro_batch, micro_steps, r) for r in {0, layout.pp - 1}),
-               key=lambda m: m["total"])
-
-
 KEPT = ("implementation", "compile")  # --layout auto keeps these flags as given
 PLANNED = {"model", "block_size", "batch_size", "total_batch_size", "dtype", "layout",
            *(flag for name, flag in LAYOUT_FLAGS.items() if name not in KEPT)}
@@ -86,7 +80,7 @@ def check_memory(cfg: TrainConfig, layout: Layout, micro_steps: int, model, devi
     if budget is None or cfg.dtype == "float64":
         return
     the_job = job(cfg, model, layout.world, device)
-    peak = predicted_peak(the_job, layout, cfg.batch_size, micro_steps)
+    peak = plan.peak_memory(the_job, layout, cfg.batch_size, micro_steps)
     if peak["total"] <= budget:
         return
     where = (f"--memory_budget_gib {cfg.memory_budget_gib:g}" if cfg.memory_budget_gib > 0 else

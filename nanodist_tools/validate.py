@@ -59,10 +59,10 @@ TIMED_STEPS = 5
 GOALS = {"within 1.5x": 1.5, "median": 1.2, "rho": 0.9}
 
 
-def job_of(layout: Layout, m: dict) -> plan.Job:
+def job_of(layout: Layout, m: dict, dtype: str = "float32") -> plan.Job:
     """The planner's job of a measured step (its own tokens per step)."""
     return plan.Job("tiny", GPTConfig(**m["model"]), layout.world, layout.world, m["tokens_per_step"],
-                    "float32", "cpu")
+                    dtype, "cpu")
 
 
 def compare(name: str, layout: Layout, measured: list[dict]) -> list[dict]:

@@ -252,7 +252,6 @@ def test_measured_peak_is_in_the_predicted_band(request, tmp_path, dtype, name, 
     argv = step_argv(layout, request.getfixturevalue(f"{data}_data"), str(tmp_path), block_size=64,
                      micro_batch=4) + [f"--dtype={dtype}", f"--dataset={dataset}"]
     for m in on_processes(layout.world, measure_run, argv, 0, True):
-        job = plan.Job("tiny", GPTConfig(**m["model"]), layout.world, layout.world, m["tokens_per_step"],
-                       dtype, "cpu")
-        band = plan.memory(job, layout, m["micro_batch"], m["micro_steps"], m["pp_rank"])
+        band = plan.memory(validate.job_of(layout, m, dtype), layout, m["micro_batch"], m["micro_steps"],
+                           m["pp_rank"])
         assert plan.within_margin(m["peak"], band), (m["peak"], band)
