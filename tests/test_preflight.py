@@ -26,7 +26,7 @@ def _cfg(char_data, tmp_path, **overrides) -> TrainConfig:
 def _peak(cfg: TrainConfig, world: int = 1) -> float:
     cfg, layout, M = resolve(cfg, world, "cpu")
     the_job = preflight.job(cfg, model_config(cfg.model, cfg.block_size, 65), world, CPU)
-    return preflight.predicted_peak(the_job, layout, cfg.batch_size, M)["total"]
+    return plan.peak_memory(the_job, layout, cfg.batch_size, M)["total"]
 
 
 def test_a_layout_over_the_budget_is_refused_naming_one_that_fits(char_data, tmp_path):
