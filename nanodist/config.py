@@ -36,6 +36,11 @@ class TrainConfig:
     model: str = flag("gpt2", "model preset (tiny: 4 layers, 4 heads, 128 wide, for CPUs)")
     block_size: int = flag(1024, "context length in tokens")
     dropout: float = flag(0.0, "dropout probability")
+    moe_experts: int = flag(0, "mixture of experts: E expert MLPs in every --moe_every-th block, dropless "
+                               "top-k routing (0: the dense GPT-2)")
+    moe_top_k: int = flag(2, "experts per token (gates: their router probabilities, renormalised)")
+    moe_every: int = flag(1, "every N-th block is MoE (blocks N-1, 2N-1, ...)")
+    moe_aux_loss_coef: float = flag(0.01, "weight of the load-balancing loss (Switch Transformer)")
     init_from: str = flag("", "start from Hugging Face GPT-2 weights: a from_pretrained directory "
                               "(config.json, model.safetensors or pytorch_model.bin)")
     # batch
@@ -81,6 +86,8 @@ class TrainConfig:
     data_parallel_replicas: int = flag(LAYOUT.dp_replicas, "fsdp: R replica groups of data_parallel_size"
                                                            " / R shards each (HSDP; 1: plain FSDP)")
     tensor_parallel_size: int = flag(LAYOUT.tp, "TP size; TP ranks are contiguous")
+    expert_parallel_size: int = flag(LAYOUT.ep, "EP size: each MoE layer's experts split over this many of "
+                                                "the DP x CP ranks, tokens sent to them all-to-all")
     pipeline_parallel_size: int = flag(LAYOUT.pp, "PP size: pipeline stages (the outermost mesh dimension)")
     pipeline_schedule: str = flag(LAYOUT.pp_schedule, "gpipe | 1f1b | interleaved_1f1b (| zero_bubble: "
                                           "--implementation pytorch); micro-batches = the "
@@ -166,10 +173,12 @@ def parse_args(argv=None) -> TrainConfig:
 RANGES = (
     (("block_size", "batch_size", "total_batch_size", "max_steps", "eval_interval", "eval_iters",
       "keep_checkpoints", "tensor_parallel_size", "context_parallel_size", "ac_every",
+      "moe_top_k", "moe_every", "expert_parallel_size",
       "data_parallel_replicas",
       "pipeline_parallel_size", "virtual_stages"), lambda v: v >= 1, ">= 1"),
     (("learning_rate", "max_grad_norm", "bucket_cap_mb", "dist_timeout"), lambda v: v > 0, "> 0"),
-    (("min_lr", "weight_decay", "memory_budget_gib"), lambda v: v >= 0, ">= 0"),
+    (("min_lr", "weight_decay", "memory_budget_gib", "moe_experts", "moe_aux_loss_coef"),
+     lambda v: v >= 0, ">= 0"),
     (("dropout", "beta1", "beta2"), lambda v: 0 <= v < 1, "in [0, 1)"),
     (("warmup_steps",), lambda v: v >= -1, ">= 0 (or -1: GPT-2's 715, at most 10% of max_steps)"),
     (("checkpoint_interval",), lambda v: v >= -1, "K >= 1 steps, 0 (at each evaluation) or -1 (never)"),
@@ -194,8 +203,25 @@ def check_values(cfg: TrainConfig):
     if cfg.min_lr > cfg.learning_rate:
         raise UserError(f"--min_lr ({cfg.min_lr}) must be <= --learning_rate ({cfg.learning_rate}): "
                         f"the cosine decays from the one to the other")
+    if cfg.moe_experts and not cfg.moe_top_k <= cfg.moe_experts:
+        raise UserError(f"--moe_top_k ({cfg.moe_top_k}) must be at most --moe_experts ({cfg.moe_experts})")
+    if cfg.moe_experts and cfg.init_from:
+        raise UserError("--init_from loads Hugging Face GPT-2, which has no experts: drop --moe_experts "
+                        "(or --init_from)")
+    if cfg.moe_experts and cfg.moe_every > MODEL_LAYERS[cfg.model]:
+        raise UserError(f"--moe_every {cfg.moe_every} leaves no MoE block in --model {cfg.model} "
+                        f"({MODEL_LAYERS[cfg.model]} blocks); use at most {MODEL_LAYERS[cfg.model]}")
     if cfg.resume in ("latest", "auto") and not cfg.out_dir:
         raise UserError(f"--resume {cfg.resume} looks in --out_dir: say which run directory")
+
+
+MODEL_LAYERS = {name: preset["n_layer"] for name, preset in PRESETS.items()}
+MOE_FLAGS = ("moe_experts", "moe_top_k", "moe_every", "moe_aux_loss_coef")
+
+
+def moe_of(cfg) -> dict:
+    """The moe_* fields of GPTConfig the flags set (none when --moe_experts 0: the dense model)."""
+    return {name: getattr(cfg, name) for name in MOE_FLAGS} if cfg.moe_experts else {}
 
 
 def layout_of(cfg: TrainConfig, world_size: int) -> Layout:
@@ -222,6 +248,6 @@ def resolve(cfg: TrainConfig, world_size: int, device_type: str) -> tuple[TrainC
 def fit(cfg: TrainConfig, layout: Layout, micro_steps: int, vocab_size: int, device_type: str) -> GPTConfig:
     """The model of `cfg` on a dataset of `vocab_size` tokens, after the rest of the
     layout's rules (the model's shape, the pipeline's micro-batches)."""
-    model = model_config(cfg.model, cfg.block_size, vocab_size, cfg.dropout)
+    model = model_config(cfg.model, cfg.block_size, vocab_size, cfg.dropout, **moe_of(cfg))
     layout.check(layout.world, device_type, cfg.block_size, cfg.dropout, model, micro_steps)
     return model

@@ -21,6 +21,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from nanodist.moe import MoE
+
 
 @dataclass
 class GPTConfig:
@@ -31,6 +33,17 @@ class GPTConfig:
     n_embd: int = 768
     dropout: float = 0.0
     bias: bool = True
+    moe_experts: int = 0        # > 0: every moe_every-th block's MLP is a mixture of experts (moe.py)
+    moe_top_k: int = 2          # experts per token
+    moe_every: int = 1          # blocks i with i % moe_every == moe_every - 1 are MoE
+    moe_aux_loss_coef: float = 0.01  # weight of the load-balancing loss
+
+    def is_moe(self, layer: int) -> bool:
+        return self.moe_experts > 0 and layer % self.moe_every == self.moe_every - 1
+
+    @property
+    def n_moe_layers(self) -> int:
+        return sum(self.is_moe(i) for i in range(self.n_layer))
 
 
 PRESETS = {
@@ -47,11 +60,13 @@ def padded_vocab_size(vocab_size: int, multiple: int = 64) -> int:
     return -(-vocab_size // multiple) * multiple
 
 
-def model_config(preset: str, block_size: int, vocab_size: int, dropout: float = 0.0) -> GPTConfig:
+def model_config(preset: str, block_size: int, vocab_size: int, dropout: float = 0.0,
+                 **moe) -> GPTConfig:
+    """`moe`: the moe_* fields of GPTConfig (none: the dense GPT-2)."""
     if preset not in PRESETS:
         raise KeyError(f"unknown model preset {preset!r}; choose from {sorted(PRESETS)}")
     return GPTConfig(block_size=block_size, vocab_size=padded_vocab_size(vocab_size),
-                     dropout=dropout, **PRESETS[preset])
+                     dropout=dropout, **PRESETS[preset], **moe)
 
 
 class ScaledDotProductAttention(nn.Module):
@@ -95,12 +110,12 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, config: GPTConfig):
+    def __init__(self, config: GPTConfig, moe: bool = False):
         super().__init__()
         self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.attn = CausalSelfAttention(config)
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
-        self.mlp = MLP(config)
+        self.mlp = MoE(config) if moe else MLP(config)
 
     def forward(self, x):
         x = x + self.attn(self.ln_1(x))
@@ -120,7 +135,7 @@ class GPT(nn.Module):
             wte=nn.Embedding(config.vocab_size, config.n_embd),
             wpe=nn.Embedding(config.block_size, config.n_embd),
             drop=nn.Dropout(config.dropout),
-            h=nn.ModuleList(Block(config) for _ in range(config.n_layer)),
+            h=nn.ModuleList(Block(config, config.is_moe(i)) for i in range(config.n_layer)),
             ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
@@ -152,16 +167,17 @@ class GPT(nn.Module):
 
         GPT-2 init: N(0, 0.02) for weights and embeddings, N(0, 0.02/sqrt(2 n_layer)) for
         the projections that write into the residual stream, zeros for biases, ones for
-        LayerNorm weights. Drawn on the CPU so CUDA and CPU runs start alike.
+        LayerNorm weights; experts (stacked, moe.py) and routers alike. Drawn on the CPU
+        so CUDA and CPU runs start alike.
         """
         if name == "lm_head.weight":  # tied: one value under either name
             name = "transformer.wte.weight"
-        if name.endswith(".bias"):
+        if name.endswith((".bias", "_bias")):
             return torch.zeros(shape, device="cpu")
         if ".ln_" in name:
             return torch.ones(shape, device="cpu")
         std = 0.02
-        if name.endswith("c_proj.weight"):
+        if name.endswith(("c_proj.weight", "experts.proj_weight")):
             std /= math.sqrt(2 * self.config.n_layer)
         generator = torch.Generator().manual_seed(parameter_seed(seed, name))
         # device="cpu" even under `with torch.device("cuda")`: the CPU generator draws
@@ -184,12 +200,20 @@ def cross_entropy(logits, targets, ignore_index: int = -1):
                            ignore_index=ignore_index)
 
 
+def expert_params(cfg: GPTConfig) -> int:
+    """Parameters of one expert (a GPT-2 MLP)."""
+    C = cfg.n_embd
+    return 8 * C * C + (5 * C if cfg.bias else 0)
+
+
 def flops_per_token(cfg: GPTConfig, n_params: int) -> float:
     """Training FLOPs per token (PaLM appendix B, as nanoGPT): 6N + 12 L T C.
 
     N: all parameters but the position embeddings; the tied wte/lm_head matrix counts
     once (as lm_head it is a matmul; the embedding lookup is free). 6 = forward 2 +
     backward 4 per weight; 12 L T C: attention scores and weighted sum, fwd + bwd.
+    A mixture of experts counts the k of its E experts a token passes (active parameters).
     """
-    n = n_params - cfg.block_size * cfg.n_embd
+    idle = cfg.n_moe_layers * (cfg.moe_experts - cfg.moe_top_k) * expert_params(cfg)
+    n = n_params - cfg.block_size * cfg.n_embd - idle
     return 6 * n + 12 * cfg.n_layer * cfg.block_size * cfg.n_embd

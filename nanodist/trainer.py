@@ -29,6 +29,7 @@ from nanodist.hf import pretrained_tensors
 from nanodist.launch import init_distributed, pick_device
 from nanodist.metrics import Logger, StepMemory, device_peak_flops, enable_tf32, rss_peak_bytes
 from nanodist.model import GPT, flops_per_token
+from nanodist.moe import MoE
 from nanodist.parallel.comm import Comm
 from nanodist.parallel.layout import build_mesh
 from nanodist.parallel.parallelize import Setup, parallelize
@@ -84,6 +85,8 @@ class Trainer:
                       (cfg.batch_size, cfg.block_size), self.micro_steps)
         self.parallel = parallelize(model, setup)
         self.runner, self.params = self.parallel.runner, self.parallel.params
+        self.moe = {name: m for stage in self.parallel.stages for name, m in stage.gpt.named_modules()
+                    if isinstance(m, MoE)}  # this rank's (its pipeline stage's), by path
         self.optimizer = self.params.optimizer(cfg.weight_decay, lr=cfg.learning_rate,
                                                betas=(cfg.beta1, cfg.beta2), fused=device.type == "cuda")
         self.autocast = (torch.autocast(device.type, dtype=torch.bfloat16)
@@ -187,6 +190,8 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         batches = [self.data.train_batch(step, micro) for micro in range(self.micro_steps)]
+        for moe in self.moe.values():
+            moe.reset_stats()
         loss_sum = self.runner.forward_backward(batches, self.autocast)
         norm = self.params.clip_grad_norm(self.cfg.max_grad_norm if self.cfg.gradient_clipping else None)
         loss = self._dp_mean(loss_sum).item()
@@ -199,7 +204,23 @@ class Trainer:
                             f"--gradient_clipping")
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return {"loss": loss, "grad_norm": norm.item(), "lr": lr}
+        return {"loss": loss, "grad_norm": norm.item(), "lr": lr, **self._moe_stats()}
+
+    def _moe_stats(self) -> dict:
+        """Per MoE layer of this rank: the load-balancing loss (mean over the micro-steps) and
+        each expert's share of the (token, expert) assignments of this rank's tokens."""
+        if not self.moe:
+            return {}
+        aux, scalars = [], {}
+        for path, moe in self.moe.items():
+            calls, aux_sum, assigned = moe.stats
+            layer = path.split(".")[2]  # transformer.h.<i>.mlp
+            aux.append(float(aux_sum) / calls)
+            share = assigned.double() / max(int(assigned.sum()), 1)
+            scalars[f"MoE/aux_loss/layer{layer}"] = aux[-1]
+            scalars[f"MoE/max_load/layer{layer}"] = share.max().item() * moe.n_experts  # 1: balanced
+            scalars.update({f"MoE/tokens/layer{layer}/expert{e}": s for e, s in enumerate(share.tolist())})
+        return {"moe_aux": sum(aux) / len(aux), "moe": scalars}
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -260,9 +281,11 @@ class Trainer:
                 "LR": record["lr"], "Throughput/tokens_per_sec": record["tokens_per_sec"],
                 "Time/step_ms": dt * 1e3, "MFU": mfu,
                 "Memory/peak_GiB": peak / 2**30 if peak is not None else None,
-                "Memory/rss_peak_GiB": record["rss_peak"] / 2**30})
+                "Memory/rss_peak_GiB": record["rss_peak"] / 2**30, "MoE/aux_loss": record.get("moe_aux"),
+                **record.get("moe", {})})
             self.print(f"step {step + 1:5d}/{self.cfg.max_steps} | loss {record['loss']:.4f}"
                        + (f" | val {record['val_loss']:.4f}" if "val_loss" in record else "")
+                       + (f" | aux {record['moe_aux']:.4f}" if "moe_aux" in record else "")
                        + f" | lr {record['lr']:.2e} | norm {record['grad_norm']:.3f}"
                        f" | {dt * 1e3:.0f} ms | {record['tokens_per_sec']:,.0f} tok/s"
                        + (f" | MFU {mfu:.1%}" if mfu else "")

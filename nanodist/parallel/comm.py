@@ -11,6 +11,8 @@ numbers per call: `payload` (bytes of the full tensor the collective is about) a
     reduce_scatter  bus =   (N-1)/N * payload    (payload = the unreduced input)
     broadcast       bus =             payload
     send            bus =             payload    (point-to-point, counted by the sender)
+    all_to_all      bus = payload - own split    (payload = this rank's input; balanced:
+                                                  (N-1)/N * payload)
 
 `Comm(transport)` is the injection point of the tools: the transport is torch.distributed
 itself, or a stand-in with the same functions (local copies for the compute-only twin of
@@ -29,7 +31,7 @@ import torch.distributed as dist
 
 BUS_FACTOR = {"all_reduce": lambda n: 2 * (n - 1) / n, "all_gather": lambda n: (n - 1) / n,
               "reduce_scatter": lambda n: (n - 1) / n, "broadcast": lambda n: 1.0,
-              "send": lambda n: 1.0}
+              "send": lambda n: 1.0, "all_to_all": lambda n: (n - 1) / n}
 
 
 class CommCounter:
@@ -40,10 +42,11 @@ class CommCounter:
         self.payload_bytes = defaultdict(int)
         self.bus_bytes = defaultdict(float)
 
-    def add(self, kind: str, payload: int, group_size: int):
+    def add(self, kind: str, payload: int, group_size: int, bus: float | None = None):
+        """`bus`: the bytes sent, where known exactly (uneven all-to-all splits)."""
         self.calls[kind] += 1
         self.payload_bytes[kind] += payload
-        self.bus_bytes[kind] += BUS_FACTOR[kind](group_size) * payload
+        self.bus_bytes[kind] += BUS_FACTOR[kind](group_size) * payload if bus is None else bus
 
     def summary(self) -> dict:
         return {kind: {"calls": self.calls[kind], "payload_bytes": self.payload_bytes[kind],
@@ -132,6 +135,20 @@ class Group:
         self._count("reduce_scatter", _nbytes(input))
         return self.comm.transport.reduce_scatter_single(output, input, group=self.process_group,
                                                          async_op=async_op)
+
+    @torch.compiler.disable
+    def all_to_all(self, output: torch.Tensor, input: torch.Tensor, output_splits: list[int],
+                   input_splits: list[int]):
+        """Rows input_splits[j] of `input` (in order) to rank j; output: rank j's rows for
+        this rank, output_splits[j] of them, in rank order. Uneven splits welcome."""
+        if self.size == 1:
+            output.copy_(input)
+            return
+        row = _nbytes(input) // max(input.size(0), 1)
+        self.comm.counter.add("all_to_all", _nbytes(input), self.size,
+                              bus=row * (input.size(0) - input_splits[self.rank]))
+        self.comm.transport.all_to_all_single(output, input, output_splits, input_splits,
+                                              group=self.process_group)
 
     @torch.compiler.disable
     def broadcast(self, tensor: torch.Tensor, src: int = 0, async_op: bool = False):

@@ -27,6 +27,10 @@ backward (B x heads x T/C x head_dim floats each). Zigzag does the same number o
 attention blocks on every rank; contiguous does 2C-1 times more on the last than the first
 (`attention_blocks`).
 
+A mixture of experts routes each token alone, but its load-balancing loss is a function of
+the whole micro-batch's token statistics: `SequenceSum` sums them over the CP group
+(backward: the sum of every rank's gradient, as each rank's loss holds its own share).
+
 PyTorch (`apply_native_cp`): `_ContextParallel` on each attention core turns q, k, v into
 DTensors sharded on the sequence, and DTensor's CP dispatcher runs its ring attention
 (head-tail load balancing = the zigzag split above). It has no rule for the CPU attention
@@ -39,6 +43,7 @@ import torch
 import torch.nn as nn
 
 from nanodist import compat
+from nanodist.moe import moe_layers
 from nanodist.parallel.comm import Group
 
 
@@ -189,9 +194,37 @@ def apply_native_cp(model: nn.Module, cp: Group):
             parallelize_module(block.attn.sdpa, cp.device_mesh, style)
 
 
+class _AllReduce(torch.autograd.Function):
+    """Forward: the sum over the group. Backward: the sum of the gradients over it."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        x = x.clone()
+        group.all_reduce(x)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _AllReduce.apply(grad, ctx.group), None
+
+
+class SequenceSum(nn.Module):
+    """moe.TokenSum over the CP ranks: the statistics of the whole sequences."""
+
+    def __init__(self, cp):
+        super().__init__()
+        self.cp = cp
+
+    def forward(self, stats):
+        return _AllReduce.apply(stats, self.cp)
+
+
 def apply_cp(stage, setup):
     """The CP step of `parallelize` (after TP, before checkpointing and DDP/FSDP)."""
     model, cp = stage.gpt, setup.mesh.cp
+    for moe in moe_layers(model):
+        moe.token_sum = SequenceSum(cp)
     if setup.layout.implementation == "pytorch":
         apply_native_cp(model, cp)
     else:

@@ -25,7 +25,7 @@ the same all-reduce: a parameter no rank used keeps grad None, as in one process
 PyTorch (`native_ddp`): `DistributedDataParallel` on the DP x CP group.
 """
 import dataclasses
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -35,6 +35,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from nanodist import compat
 from nanodist.parallel.comm import Group
+from nanodist.parallel.expert_parallel import expert_params
 from nanodist.parallel.fsdp import fsdp2_no_sync
 
 
@@ -71,13 +72,17 @@ def assign_buckets(params: list[nn.Parameter], cap_bytes: int) -> list[list[nn.P
 
 
 class DataParallel:
-    """Custom DDP of `model` over `group` (the DP x CP ranks of the mesh), by hooks."""
+    """Custom DDP of `model` over `group` (the DP x CP ranks of the mesh), by hooks.
+    `params`: the ones to reduce (default: all of the model's, and its buffers broadcast);
+    `scale`: the gradients' factor (default 1 / group size: the mean over the group)."""
 
-    def __init__(self, model: nn.Module, group: Group, bucket_cap_mb: float = 25.0):
-        self.group, self.scale = group, 1.0 / group.size
+    def __init__(self, model: nn.Module, group: Group, bucket_cap_mb: float = 25.0,
+                 params: list | None = None, scale: float | None = None):
+        self.group, self.scale = group, scale or 1.0 / group.size
         self.sync = True
-        broadcast_from_first_rank(model, group)
-        params = [p for p in model.parameters() if p.requires_grad]
+        broadcast_from_first_rank(model.parameters() if params is None else params, group,
+                                  model.buffers() if params is None else ())
+        params = [p for p in (model.parameters() if params is None else params) if p.requires_grad]
         self.buckets = []
         for members in assign_buckets(params[::-1], int(bucket_cap_mb * 2**20)):
             numel = sum(p.numel() for p in members) + len(members)
@@ -156,10 +161,18 @@ class DataParallel:
         self._new_backward()
 
 
+@contextmanager
+def _no_sync_all(engines):
+    with ExitStack() as stack:
+        for engine in engines:
+            stack.enter_context(engine.no_sync())
+        yield
+
+
 @torch.no_grad()
-def broadcast_from_first_rank(model: nn.Module, group: Group):
+def broadcast_from_first_rank(params, group: Group, buffers=()):
     """Replicas start equal whatever each rank drew: DP rank 0's values win."""
-    for tensor in [*model.parameters(), *model.buffers()]:
+    for tensor in [*params, *buffers]:
         group.broadcast(tensor, 0)
 
 
@@ -179,7 +192,13 @@ def apply_ddp(stage, setup):
     in backward; no_sync is decided at backward)."""
     layout, mesh, model = setup.layout, setup.mesh, stage.gpt
     if layout.implementation == "custom":
-        return dataclasses.replace(stage, no_sync=DataParallel(model, mesh.dp_cp, layout.bucket_cap_mb).no_sync)
+        experts = expert_params(stage)  # expert parallel: the experts' replicas are over edp
+        engines = [DataParallel(model, mesh.dp_cp, layout.bucket_cap_mb,
+                                [p for p in model.parameters() if p not in experts] if experts else None)]
+        if experts:
+            engines.append(DataParallel(model, mesh.edp, layout.bucket_cap_mb, list(experts),
+                                        scale=1.0 / mesh.dp_cp.size))
+        return dataclasses.replace(stage, no_sync=partial(_no_sync_all, engines))
     if layout.tp > 1 or layout.pp > 1:
         replicated = compat.replicate(model, mesh=mesh.dp_cp.device_mesh)
         return dataclasses.replace(stage, module=replicated, no_sync=partial(fsdp2_no_sync, replicated))

@@ -31,6 +31,7 @@ import torch.nn as nn
 
 from nanodist import compat
 from nanodist.parallel.comm import Group
+from nanodist.parallel.expert_parallel import expert_params
 from nanodist.parallel.init import full_value
 from nanodist.parallel.params import FlatParams, ModuleParams, flat_classes, parameter_owners
 
@@ -132,7 +133,11 @@ class FSDP:
 
     def __init__(self, model: nn.Module, group: Group, device: torch.device, seed: int,
                  compute_dtype=torch.float32, reshard_after_forward: bool = True,
-                 sharded_over: dict | None = None, replicas: Group | None = None):
+                 sharded_over: dict | None = None, replicas: Group | None = None,
+                 experts: tuple[set, Group] = (set(), None)):
+        """`experts`: expert-parallel parameters and the group they are sharded over instead
+        (edp: the ranks holding the same experts; their gradients still divide by `group`'s
+        size, the mean over every rank's tokens, expert_parallel.py)."""
         self.group, self.replicas = group, replicas
         self.reshard_after_forward = reshard_after_forward
         self.sync_grads, self.backward_started, self.reductions = True, False, []
@@ -144,9 +149,11 @@ class FSDP:
             unclaimed = [(pname, p) for pname, p in module.named_parameters(prefix=name)
                          if id(p) not in claimed]
             claimed.update(id(p) for _, p in unclaimed)
-            flats = [FlatParam(params, owners, model, seed, group, compute_dtype, device,
-                               (group,) + groups)
-                     for (_, groups, _), params in flat_classes(unclaimed, sharded_over or {}).items()]
+            flats = []
+            for (_, groups, _), params in flat_classes(unclaimed, sharded_over or {}).items():
+                over = experts[1] if params[0][1] in experts[0] else group
+                flats.append(FlatParam(params, owners, model, seed, over, compute_dtype, device,
+                                       (over,) + groups))
             self.units.insert(0, Unit(module, flats))
             claimed.update(id(p) for p in self.units[0].params)
         for i, unit in enumerate(self.units):
@@ -210,7 +217,7 @@ class FSDP:
                 p.grad = None
             if self.sync_grads:
                 out = torch.empty_like(f.shard)
-                work = self.group.reduce_scatter(out, f.unsharded_grad, async_op=True)
+                work = f.group.reduce_scatter(out, f.unsharded_grad, async_op=True)
                 self.reductions.append((f, out, work, f.unsharded_grad))
                 f.unsharded_grad = None
         unit.grads_ready, unit.reduced = 0, True
@@ -219,7 +226,7 @@ class FSDP:
     def _finish_reductions(self):
         for f, out, work, _ in self.reductions:
             work.wait()
-            n = self.group.size
+            n = self.group.size  # experts too: their shards are over edp, the mean over all
             if self.replicas is not None:  # HSDP: the same shard of every replica group
                 self.replicas.all_reduce(out)
                 n *= self.replicas.size
@@ -258,7 +265,7 @@ def apply_fsdp(stage, setup):
     else:
         fsdp = FSDP(model, mesh.dp_shard_cp, mesh.device, setup.seed, compute_dtype,
                     layout.reshard_after_forward, stage.params.sharded_over,
-                    mesh.dp_replicate if layout.hsdp else None)
+                    mesh.dp_replicate if layout.hsdp else None, (expert_params(stage), mesh.edp))
         params, no_sync = FlatParams(fsdp, mesh, plan), fsdp.no_sync
     return dataclasses.replace(stage, params=params,
                                no_sync=no_sync if layout.reduce_on_last_micro_step else stage.no_sync)

@@ -28,8 +28,12 @@ weights and different tokens of the same sequences, so gradients are reduced ove
 and `dp_shard_cp` = dp_shard x cp (the ranks FSDP shards over; HSDP then all-reduces the
 shards' gradients over dp_replicate).
 Each is a flattened mesh dimension where more than one of its axes is > 1, else the one
-axis itself (no extra process groups). Room for more: an expert-parallel axis would be
-carved from dp_shard x cp, as torchtitan and Megatron do.
+axis itself (no extra process groups).
+
+Expert parallelism is carved from dp_cp, as torchtitan and Megatron do: `ep` = runs of
+--expert_parallel_size consecutive dp_cp ranks (they split the experts and trade tokens
+all-to-all); `edp` = the dp_cp ranks at the same place of their run (they hold the same
+experts: the experts' data parallel group). e.g. dp 4, ep 2: ep {0,1} {2,3}, edp {0,2} {1,3}.
 
 One process started without torchrun runs with no process group at all.
 """
@@ -48,7 +52,7 @@ from nanodist.model import GPTConfig
 from nanodist.parallel.comm import Comm, Group
 
 AXES = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
-GROUPS = AXES + ("dp", "dp_cp", "dp_shard_cp")
+GROUPS = AXES + ("dp", "dp_cp", "dp_shard_cp", "ep", "edp")
 CHOICES = {
     "dp_type": ("ddp", "zero1", "fsdp"),
     "pp_schedule": ("gpipe", "1f1b", "interleaved_1f1b", "zero_bubble"),
@@ -57,7 +61,7 @@ CHOICES = {
 }
 # each field of Layout and the train.py flag that sets it (the one table of both directions)
 FLAGS = {"pp": "pipeline_parallel_size", "dp": "data_parallel_size", "cp": "context_parallel_size",
-         "tp": "tensor_parallel_size", "dp_type": "data_parallel_type",
+         "tp": "tensor_parallel_size", "ep": "expert_parallel_size", "dp_type": "data_parallel_type",
          "dp_replicas": "data_parallel_replicas",
          "reshard_after_forward": "fsdp_reshard_after_forward",
          "reduce_on_last_micro_step": "fsdp_reduce_on_last_micro_step",
@@ -78,6 +82,7 @@ class Layout:
     dp: int = 1
     cp: int = 1
     tp: int = 1
+    ep: int = 1                              # expert parallel, within dp_cp (a divisor of it)
     dp_type: str = "ddp"                     # ddp | zero1 (optimizer state sharded) | fsdp
     dp_replicas: int = 1                     # FSDP: replica groups of dp / dp_replicas shards (HSDP)
     reshard_after_forward: bool = True       # FSDP: ZeRO-3; False: ZeRO-2
@@ -141,6 +146,7 @@ class Layout:
         at["dp"] = at["dp_replicate"] * self.dp_shard + at["dp_shard"]
         at["dp_cp"] = at["dp"] * self.cp + at["cp"]
         at["dp_shard_cp"] = at["dp_shard"] * self.cp + at["cp"]
+        at["edp"], at["ep"] = divmod(at["dp_cp"], self.ep)
         return at
 
     @property
@@ -149,7 +155,7 @@ class Layout:
         return (f"dp{self.dp}-{self.dp_type}" + (f"x{self.dp_replicas}" if self.hsdp else "")
                 + f"-tp{self.tp}-{self.implementation}"
                 + (f"-pp{self.pp}-{self.pp_schedule}" if self.pp > 1 else "")
-                + (f"-cp{self.cp}" if self.cp > 1 else ""))
+                + (f"-cp{self.cp}" if self.cp > 1 else "") + (f"-ep{self.ep}" if self.ep > 1 else ""))
 
     def flags(self) -> list[str]:
         """The train.py flags of this layout."""
@@ -182,6 +188,7 @@ class Layout:
         self._check_world(world_size)
         self._check_tensor_parallel(block_size)
         self._check_context_parallel(device_type, block_size, dropout)
+        self._check_expert_parallel()
         if self.compile and self.fsdp and self.implementation == "custom":
             raise UserError("--compile cannot trace the custom FSDP (it frees and regrows parameter "
                             "storage between the ops); use --implementation pytorch with --compile")
@@ -253,6 +260,36 @@ class Layout:
             if size % self.tp:
                 raise UserError(f"{what} ({size}) is not divisible by --tensor_parallel_size "
                                 f"({self.tp}); pick a tensor parallel size that divides it")
+        E = model.moe_experts
+        if self.ep > 1 and (E == 0 or E % self.ep):
+            raise UserError(f"--expert_parallel_size {self.ep} splits the experts over {self.ep} ranks: "
+                            + ("the model has none; add --moe_experts" if E == 0 else
+                               f"--moe_experts ({E}) must be divisible by it"))
+        if E and self.sequence_parallel:
+            raise UserError("--moe_experts with --sequence_parallel is not wired up (the router and "
+                            "experts would see a slice of the sequence per TP rank and need their "
+                            "gradients summed over TP); drop --sequence_parallel")
+        if E and self.compile:
+            raise UserError("--moe_experts with --compile is not wired up (routing sizes are data-"
+                            "dependent: each MoE block would recompile); drop --compile")
+        if E and self.pp > 1 and self.implementation == "pytorch":
+            raise UserError("--moe_experts with torch.distributed.pipelining is not wired up (its "
+                            "shape inference cannot run data-dependent routing); use "
+                            "--implementation custom for PP x MoE")
+
+    def _check_expert_parallel(self):
+        if self.ep == 1:
+            return
+        if self.ep < 1 or self.dp_cp % self.ep:
+            raise UserError(f"--expert_parallel_size ({self.ep}) is carved from the data_parallel_size "
+                            f"x context_parallel_size = {self.dp_cp} ranks: it must divide {self.dp_cp}")
+        if self.implementation == "pytorch":
+            raise UserError("--expert_parallel_size > 1 is hand-written only (PyTorch 2.13 offers no "
+                            "expert-parallel module or MoE layer); use --implementation custom")
+        if self.dp_type == "zero1" or self.hsdp:
+            what = "zero1" if self.dp_type == "zero1" else "fsdp --data_parallel_replicas > 1 (HSDP)"
+            raise UserError(f"--expert_parallel_size > 1 with --data_parallel_type {what} is not wired "
+                            f"up; use --data_parallel_type ddp or fsdp")
 
     def _check_pipeline(self, model: GPTConfig | None, M: int | None):
         P, V, schedule = self.pp, self.virtual_stages, self.pp_schedule
@@ -341,6 +378,14 @@ class Mesh:
     def dp_replicate(self) -> Group:
         return self.groups["dp_replicate"]
 
+    @property
+    def ep(self) -> Group:
+        return self.groups["ep"]
+
+    @property
+    def edp(self) -> Group:
+        return self.groups["edp"]
+
     def replicate_shard_mesh(self) -> DeviceMesh:
         """The 2-D (dp_replicate, dp_shard x cp) DeviceMesh of HSDP (FSDP2's)."""
         shard = self.dp_shard_cp.device_mesh.mesh_dim_names[0]
@@ -396,4 +441,30 @@ def build_mesh(layout: Layout, device: torch.device, comm: Comm | None = None,
     groups["dp"] = combined(("dp_replicate", "dp_shard"), "dp")
     groups["dp_cp"] = combined(("dp_replicate", "dp_shard", "cp"), "dp_cp")
     groups["dp_shard_cp"] = combined(("dp_shard", "cp"), "dp_shard_cp")
+    groups["ep"], groups["edp"] = _expert_groups(layout, groups["dp_cp"], comm, timeout if waits else None)
     return Mesh(layout, dist.get_rank(), device, groups, device_mesh)
+
+
+def _expert_groups(layout: Layout, dp_cp: Group, comm: Comm, timeout) -> tuple[Group, Group]:
+    """(ep, edp): the runs of layout.ep consecutive dp_cp ranks, and the dp_cp ranks at the
+    same place of theirs (DeviceMesh has no dimension to split: groups of their own)."""
+    if layout.ep == 1:
+        return comm.group(), dp_cp
+    ours = {}  # every rank creates every group, in the same order (new_group's rule)
+    for ranks_of_world in _all_dp_cp_groups(layout):
+        runs = [ranks_of_world[i:i + layout.ep] for i in range(0, len(ranks_of_world), layout.ep)]
+        places = [ranks_of_world[j::layout.ep] for j in range(layout.ep)]
+        for name, ranks in [("ep", r) for r in runs] + [("edp", r) for r in places]:
+            group = dist.new_group(ranks, timeout=timeout) if len(ranks) > 1 else None
+            if dist.get_rank() in ranks:
+                ours[name] = comm.group(group)
+    return ours["ep"], ours["edp"]
+
+
+def _all_dp_cp_groups(layout: Layout) -> list[list[int]]:
+    """The world's dp_cp groups, each in dp_cp order (one per pp x tp place)."""
+    groups = {}
+    for rank in range(layout.world):
+        at = layout.coordinates(rank)
+        groups.setdefault((at["pp"], at["tp"]), []).append((at["dp_cp"], rank))
+    return [[rank for _, rank in sorted(g)] for g in groups.values()]

@@ -8,6 +8,7 @@ where the layout asks for it:
     1. tensor parallel   (TP)   the plan, by hand or DTensor: first, while parameters have
                                 their GPT-2 shapes (TP shards them from the full values)
     2. context parallel  (CP)   ring attention in each block, the loss on local tokens
+    2b. expert parallel  (EP)   each MoE layer keeps its experts' shard, tokens all-to-all
     3. activation checkpointing
     4. compile                  each block, lazily (torchtitan's place: before FSDP; FSDP2's
                                 hooks stay outside the compiled blocks)
@@ -28,9 +29,11 @@ import torch
 import torch.nn as nn
 
 from nanodist.model import cross_entropy
+from nanodist.moe import moe_layers
 from nanodist.parallel.activation_checkpoint import apply_ac
 from nanodist.parallel.context_parallel import apply_cp
 from nanodist.parallel.ddp import apply_ddp
+from nanodist.parallel.expert_parallel import apply_ep
 from nanodist.parallel.fsdp import apply_fsdp
 from nanodist.parallel.init import materialize
 from nanodist.parallel.layout import Layout, Mesh
@@ -84,6 +87,7 @@ def apply_materialize(stage: Stage, setup: Setup) -> Stage:
 STEPS = (  # (name, whether the layout has it, step), in the order above
     ("tensor parallel", lambda layout: layout.tp > 1, apply_tp),
     ("context parallel", lambda layout: layout.cp > 1, apply_cp),
+    ("expert parallel", lambda layout: layout.ep > 1, apply_ep),
     ("activation checkpointing", lambda layout: layout.checkpointing != "none", apply_ac),
     ("compile", lambda layout: layout.compile, apply_compile),
     ("FSDP", lambda layout: layout.fsdp, apply_fsdp),
@@ -96,6 +100,8 @@ STEPS = (  # (name, whether the layout has it, step), in the order above
 def parallelize_stage(model: nn.Module, setup: Setup) -> Stage:
     """Steps 1-7 on one model (or pipeline chunk)."""
     stage = Stage(model, model, ModuleParams(model, setup.mesh))
+    for moe in moe_layers(model):  # the loss is a mean over the micro-steps: so is aux
+        moe.aux_loss_weight = model.config.moe_aux_loss_coef / setup.micro_steps
     for _, applies, step in STEPS:
         if applies(setup.layout):
             stage = step(stage, setup)

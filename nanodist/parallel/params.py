@@ -130,13 +130,13 @@ class ModuleParams(Params):
 
     def full_tensors(self, tensors):
         for [name], tensor in zip(self.names(), tensors):
-            yield name, tp_plan.full_tensor(name, tensor, self.plan, self.mesh.tp)
+            yield name, tp_plan.full_tensor(name, tensor, self.plan, self.mesh)
 
     @torch.no_grad()
     def load_full_tensors(self, full_of, tensors):
         for [name], tensor in zip(self.names(), tensors):
             local = tp_plan.local_tensor(name, full_of(name).to(tensor.device), tensor, self.plan,
-                                         self.mesh.tp)
+                                         self.mesh)
             (tensor.to_local() if isinstance(tensor, DTensor) else tensor).copy_(local)
 
 
@@ -169,7 +169,7 @@ class FlatParams(Params):
             full = torch.empty(tensor.numel() * f.group.size, dtype=tensor.dtype, device=tensor.device)
             f.group.all_gather(full, tensor.detach())
             for name, p, value in zip(f.names, f.params, f.split(full)):
-                yield name, tp_plan.full_tensor(name, value.view(p.shape), self.plan, self.mesh.tp)
+                yield name, tp_plan.full_tensor(name, value.view(p.shape), self.plan, self.mesh)
 
     @torch.no_grad()
     def load_full_tensors(self, full_of, tensors):
@@ -177,7 +177,7 @@ class FlatParams(Params):
             full = torch.zeros(tensor.numel() * f.group.size, dtype=tensor.dtype, device=tensor.device)
             for name, p, value in zip(f.names, f.params, f.split(full)):
                 local = tp_plan.local_tensor(name, full_of(name).to(tensor.device), p, self.plan,
-                                             self.mesh.tp)
+                                             self.mesh)
                 value.copy_(local.reshape(-1))
             tensor.copy_(full.chunk(f.group.size)[f.group.rank])
 

@@ -15,6 +15,8 @@ Sharding of the weights (nn.Linear weight is (out, in)):
     colwise  W, b split on dim 0 (c_attn by heads: rank r holds [q_r; k_r; v_r])
     rowwise  W split on dim 1, b replicated (added once, after the reduction)
     vocab    wte (V, C) split on dim 0; lm_head is tied to it, the same shard
+    experts  the stacked expert tensors (E, ...) split on dim 0 over the EP group, not TP
+             (added by expert parallelism, parallel/expert_parallel.py; TP replicates them)
 """
 from dataclasses import dataclass
 
@@ -27,7 +29,7 @@ from nanodist.parallel.init import local_slice
 
 @dataclass(frozen=True)
 class Style:
-    kind: str                          # colwise | rowwise | vocab_embedding | head | sequence_norm | sequence_scatter
+    kind: str                          # colwise | rowwise | vocab_embedding | head | sequence_norm | sequence_scatter | experts
     sequence_parallel: bool = False    # colwise/head input, rowwise output sharded on the sequence
     qkv: bool = False                  # colwise on the fused q, k, v: split by heads
     loss_parallel: bool = False        # head: logits stay sharded on the vocab
@@ -54,7 +56,7 @@ def gpt_plan(n_layer: int, sequence_parallel: bool, loss_parallel: bool) -> dict
 
 def shard_dim(style: Style, param_name: str) -> int | None:
     """The dim of a parameter the style splits across TP ranks; None: replicated."""
-    if style.kind in ("colwise", "head", "vocab_embedding"):
+    if style.kind in ("colwise", "head", "vocab_embedding", "experts"):
         return 0
     if style.kind == "rowwise" and param_name == "weight":
         return 1
@@ -99,12 +101,17 @@ def gather(x: torch.Tensor, dim: int, group: Group) -> torch.Tensor:
     return out.movedim(0, dim)
 
 
+def _group(style: Style | None, mesh) -> Group:
+    return mesh.ep if style is not None and style.kind == "experts" else mesh.tp
+
+
 @torch.no_grad()
-def full_tensor(name: str, local: torch.Tensor, plan: dict, tp: Group) -> torch.Tensor:
+def full_tensor(name: str, local: torch.Tensor, plan: dict, mesh) -> torch.Tensor:
     """Parameter `name` (or a tensor laid out like it: a gradient, Adam's moments) in
     GPT-2's layout from this rank's part, from either executor (collective when sharded):
-    TP shards gathered, c_attn rows back in [q; k; v] order."""
+    TP (or EP) shards gathered, c_attn rows back in [q; k; v] order."""
     style, dim = _style_and_dim(plan, name)
+    tp = _group(style, mesh)
     if isinstance(local, DTensor):
         local = local.full_tensor()
     elif dim is not None:
@@ -115,9 +122,10 @@ def full_tensor(name: str, local: torch.Tensor, plan: dict, tp: Group) -> torch.
 
 
 @torch.no_grad()
-def local_tensor(name: str, full: torch.Tensor, like: torch.Tensor, plan: dict, tp: Group):
+def local_tensor(name: str, full: torch.Tensor, like: torch.Tensor, plan: dict, mesh):
     """The inverse of `full_tensor`: this rank's part of `full`, laid out as `like`."""
     style, dim = _style_and_dim(plan, name)
+    tp = _group(style, mesh)
     if dim is None:
         return local_slice(full, like)
     if isinstance(like, DTensor):

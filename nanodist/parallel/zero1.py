@@ -75,7 +75,7 @@ class ZeRO1:
 
     def __init__(self, model: nn.Module, group: Group, bucket_cap_mb: float, sharded_over: dict):
         self.group, self.scale, self.sync = group, 1.0 / group.size, True
-        broadcast_from_first_rank(model, group)
+        broadcast_from_first_rank(model.parameters(), group, model.buffers())
         named = [(name, p) for name, p in model.named_parameters() if p.requires_grad][::-1]
         order = {id(p): i for i, (_, p) in enumerate(named)}  # backward's order, roughly
         owners, flats = parameter_owners(model), []

@@ -1,0 +1,131 @@
+"""Mixture of experts: GPT-2's MLP replaced, in every `moe_every`-th block, by E expert
+MLPs and a router (Switch Transformer, GShard, Mixtral), free of any parallelism.
+
+    x (B, T, C) -> tokens (N, C) -> router -> p = softmax (N, E) -> top-k experts per token,
+        gates = their p (renormalised over the k when k > 1)
+    the N k (token, expert) assignments sorted by expert:  [e0 e0 e0 | e1 | | e3 e3 ...]
+        -> experts(routed, counts): expert e's MLP on its `counts[e]` rows
+        -> back to (N, k, C), sum of gate x output over the k -> (B, T, C)
+
+Dropless: every token reaches its k experts, however uneven (no capacity factor, no
+token dropped, as torchtitan's and Megatron's dropless MoE); an expert may get none.
+Ties: a stable sort, so equal probabilities go to the lower expert index (the same
+choice on every layout).
+
+Load balancing (Switch Transformer, eq. 4): aux = E sum_e f_e P_e, with f_e the share of
+the N k assignments that went to expert e and P_e the mean router probability of e;
+1 when balanced. It is computed per micro-batch (its token statistics summed by
+`token_sum`, the identity here; context parallelism sums them over the ranks holding
+parts of the same sequences, as it swaps the attention core), and its gradient (weighted
+by `aux_loss_weight`) is added in backward by the block's output itself (Megatron's
+MoEAuxLossAutoScaler), so that the loss, the runners and the pipeline stages need
+nothing. `stats` sums it and the assignments per expert for the trainer's logs.
+
+`experts` is the one seam expert parallelism replaces (parallel/expert_parallel.py):
+the same call, the routed rows sent to the ranks that hold their experts and back.
+"""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class Experts(nn.Module):
+    """n GPT-2 MLPs as stacked tensors (expert parallelism shards dim 0):
+    fc_weight (n, C, 4C), fc_bias (n, 4C), proj_weight (n, 4C, C), proj_bias (n, C)."""
+
+    def __init__(self, n: int, n_embd: int, bias: bool = True):
+        super().__init__()
+        self.fc_weight = nn.Parameter(torch.empty(n, n_embd, 4 * n_embd))
+        self.proj_weight = nn.Parameter(torch.empty(n, 4 * n_embd, n_embd))
+        self.fc_bias = nn.Parameter(torch.empty(n, 4 * n_embd)) if bias else None
+        self.proj_bias = nn.Parameter(torch.empty(n, n_embd)) if bias else None
+
+    def forward(self, routed: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """routed (sum counts, C): the rows of expert 0, then 1, ...; counts (n,) -> the same
+        shape. Every expert runs, on no rows too: its gradient is then zeros, not None, as
+        in a layout where its rows are somewhere else (AdamW steps it either way)."""
+        outputs = []
+        for e, rows in enumerate(routed.split(counts.tolist())):
+            h = rows @ self.fc_weight[e]
+            if self.fc_bias is not None:
+                h = h + self.fc_bias[e]
+            y = F.gelu(h, approximate="tanh") @ self.proj_weight[e]
+            outputs.append(y + self.proj_bias[e] if self.proj_bias is not None else y)
+        return torch.cat(outputs)
+
+
+class _AuxLossGradient(torch.autograd.Function):
+    """Forward: `out` unchanged. Backward: `out`'s gradient, and `weight` as the gradient
+    of `aux`: as if weight x aux had been added to the loss."""
+
+    @staticmethod
+    def forward(ctx, out, aux, weight: float):
+        ctx.weight, ctx.aux = weight, (aux.dtype, aux.device)
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx, grad):
+        dtype, device = ctx.aux
+        return grad, torch.full((), ctx.weight, dtype=dtype, device=device), None
+
+
+class TokenSum(nn.Module):
+    """The sum of per-token statistics over the micro-batch's tokens held elsewhere: none."""
+
+    def forward(self, stats):
+        return stats
+
+
+class MoE(nn.Module):
+    """Router and experts in place of a block's MLP: (B, T, C) -> (B, T, C)."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.token_sum = TokenSum()
+        self.n_experts, self.top_k = config.moe_experts, config.moe_top_k
+        self.router = nn.Linear(config.n_embd, config.moe_experts, bias=False)
+        self.experts = Experts(config.moe_experts, config.n_embd, config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+        # the loss weight of aux per micro-step: the coefficient / micro-steps per step
+        # (parallelize sets it: the loss is a mean over the micro-steps too)
+        self.aux_loss_weight = config.moe_aux_loss_coef
+        self.reset_stats()
+
+    def reset_stats(self):
+        """calls, sum of aux, sum of assignments per expert (this rank's tokens)."""
+        self.stats = [0, 0.0, torch.zeros(self.n_experts, dtype=torch.int64)]
+
+    def route(self, x: torch.Tensor):
+        """x (N, C) -> gates (N, k), experts (N, k) and the load-balancing loss."""
+        logits = self.router(x)
+        probs = logits.to(torch.promote_types(logits.dtype, torch.float32)).softmax(-1)
+        gates, experts = torch.sort(probs, dim=-1, descending=True, stable=True)
+        gates, experts = gates[:, :self.top_k], experts[:, :self.top_k]
+        if self.top_k > 1:
+            gates = gates / gates.sum(-1, keepdim=True)
+        counts = torch.bincount(experts.flatten(), minlength=self.n_experts)
+        E = self.n_experts
+        stats = self.token_sum(torch.cat([counts.to(probs.dtype), probs.sum(0), probs.new_full((1,), len(x))]))
+        share, mean_prob = stats[:E] / (stats[-1] * self.top_k), stats[E:2 * E] / stats[-1]
+        aux = E * (share * mean_prob).sum()
+        return gates, experts, counts, aux
+
+    def forward(self, x):
+        B, T, C = x.shape
+        tokens = x.reshape(-1, C)
+        gates, experts, counts, aux = self.route(tokens)
+        order = torch.argsort(experts.flatten(), stable=True)  # assignments by expert
+        out = self.experts(tokens[order // self.top_k], counts)
+        unsorted = torch.empty_like(out)
+        unsorted[order] = out
+        y = (gates.to(out.dtype).unsqueeze(-1) * unsorted.view(-1, self.top_k, C)).sum(1)
+        y = self.dropout(y.view(B, T, C))
+        calls, aux_sum, assigned = self.stats
+        self.stats = [calls + 1, aux_sum + aux.detach(), assigned + counts.detach().cpu()]
+        if torch.is_grad_enabled() and y.requires_grad and self.aux_loss_weight:
+            y = _AuxLossGradient.apply(y, aux, self.aux_loss_weight)
+        return y
+
+
+def moe_layers(model: nn.Module) -> list[MoE]:
+    return [m for m in model.modules() if isinstance(m, MoE)]

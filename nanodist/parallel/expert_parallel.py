@@ -1,0 +1,107 @@
+"""Expert parallelism, by hand: the experts of each MoE layer split over the EP group
+(carved from the DP x CP ranks, layout.py), tokens dispatched to their experts' ranks
+and combined back with all-to-all, uneven splits (dropless routing, moe.py).
+
+EP rank r holds experts [r E/P, (r+1) E/P). In one MoE layer, on each rank:
+
+    routed (n, C) sorted by expert, counts (E,)           this rank's tokens, k rows each
+      all-to-all counts        -> received (P, E/P)        how many rows each rank sends me, per expert
+      all-to-all rows          -> (sum received, C)        grouped by source rank, then expert
+      regroup by expert        -> [e0: src0 src1 ..][e1: src0 ..]
+      local experts            -> their outputs, same order
+      regroup by source, all-to-all back (splits swapped) -> (n, C) in `routed`'s order
+
+The row all-to-all is differentiable (`_AllToAll`: backward is the all-to-all of the
+gradients with the splits swapped), so one MoE layer costs 2 all-to-alls forward and 2
+backward, (P-1)/P of the routed activations n C each when balanced (comm.py counts the
+exact bytes), plus the (E,) counts forward.
+
+Gradients: the router and everything else are replicated over DP x CP as before; an
+expert's gradient on its owner already sums the tokens of every EP rank, so the DP step
+reduces expert parameters over `edp` only (the ranks holding the same experts) and
+divides by the whole DP x CP size, for the mean over every rank's tokens (Megatron's
+expert data parallel group). TP replicates the experts: each TP rank routes the same
+tokens (no sequence parallelism) and runs the same experts.
+"""
+import dataclasses
+
+import torch
+import torch.nn as nn
+
+from nanodist.moe import Experts, moe_layers
+from nanodist.parallel.comm import Group
+from nanodist.parallel.init import full_value
+from nanodist.parallel.params import ModuleParams
+from nanodist.parallel.tp_plan import Style, shard_of
+
+EXPERTS = Style("experts")
+
+
+class _AllToAll(torch.autograd.Function):
+    """Rows to ranks by `send` splits, rows from ranks by `recv`; backward the reverse."""
+
+    @staticmethod
+    def forward(ctx, x, group: Group, send: list[int], recv: list[int]):
+        ctx.group, ctx.send, ctx.recv = group, send, recv
+        out = x.new_empty(sum(recv), *x.shape[1:])
+        group.all_to_all(out, x.contiguous(), recv, send)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _AllToAll.apply(grad.contiguous(), ctx.group, ctx.recv, ctx.send), None, None, None
+
+
+def _regroup(x: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
+    """Rows in blocks sizes[i, j] (row-major order) -> the same blocks in column-major order."""
+    blocks = x.split(sizes.flatten().tolist())
+    rows, cols = sizes.shape
+    return torch.cat([blocks[i * cols + j] for j in range(cols) for i in range(rows)])
+
+
+class ExpertParallel(Experts):
+    """A MoE layer's experts, E/P of them here (the same names, each tensor's shard on
+    dim 0), called as `moe.Experts` is: all of this rank's routed rows, in, out."""
+
+    def __init__(self, experts: Experts, model: nn.Module, path: str, group: Group, seed, device):
+        nn.Module.__init__(self)
+        self.group, self.n_experts = group, experts.fc_weight.size(0)
+        with torch.no_grad():
+            for name, param in experts._parameters.items():
+                if param is not None:  # the full value (drawn, if on meta), this rank's slice
+                    full = full_value(model, f"{path}.{name}", param, seed, device)
+                    param = nn.Parameter(shard_of(full, EXPERTS, name, group.size, group.rank))
+                self.register_parameter(name, param)
+
+    def forward(self, routed: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        P, mine = self.group.size, self.n_experts // self.group.size
+        received = torch.empty_like(counts)
+        self.group.all_to_all(received, counts, [mine] * P, [mine] * P)
+        received = received.view(P, mine)              # [source rank, my expert]
+        send = counts.view(P, mine).sum(1).tolist()
+        recv = received.sum(1).tolist()
+        rows = _AllToAll.apply(routed, self.group, send, recv)
+        out = super().forward(_regroup(rows, received), received.sum(0))
+        return _AllToAll.apply(_regroup(out, received.t()), self.group, recv, send)
+
+
+def apply_ep(stage, setup):
+    """The EP step of `parallelize`, after TP and CP and before DP: each MoE layer keeps
+    its experts' shard and trades tokens over the EP group. Its expert parameters are
+    noted in the plan (checkpoints gather them over EP) and as sharded over EP (the
+    gradient norm); the DP step reduces them over `edp` (`expert_params`)."""
+    mesh, model = setup.mesh, stage.gpt
+    names = {id(m): name for name, m in model.named_modules()}
+    plan, sharded_over = dict(stage.params.plan), dict(stage.params.sharded_over)
+    for moe in moe_layers(model):
+        path = f"{names[id(moe)]}.experts"
+        moe.experts = ExpertParallel(moe.experts, model, path, mesh.ep, setup.seed, mesh.device)
+        plan[path] = EXPERTS
+        sharded_over.update({p: (mesh.ep,) for p in moe.experts.parameters()})
+    return dataclasses.replace(stage, params=ModuleParams(model, mesh, plan, sharded_over))
+
+
+def expert_params(stage) -> set:
+    """The expert-parallel parameters of a stage (reduced over `edp`, not DP x CP)."""
+    return {p for moe in moe_layers(stage.gpt) if isinstance(moe.experts, ExpertParallel)
+            for p in moe.experts.parameters()}
