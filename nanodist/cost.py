@@ -8,6 +8,8 @@ wte/lm_head matrix counted once), split by what tensor parallelism does to them:
     root    wte V C (TP: vocab rows)   wpe T C, ln_f 2C (replicated)
     block   c_attn 3C^2+3C, attn.c_proj C^2, c_fc 4C^2+4C, mlp.c_proj 4C^2  (TP: sharded)
             ln_1 2C, ln_2 2C, the two row-parallel biases C + C             (replicated)
+    MoE     the MLP's place: router E C (replicated) and E experts of 8C^2+5C each
+    block   (replicated by TP, split over EP: `experts` is a rank's E/ep of them)
 
 State memory (ZeRO paper, fp32 Adam): 4 bytes of parameter + 4 of gradient + 8 of Adam
 moments per parameter, = 16 Psi on one rank, and per rank:
@@ -21,6 +23,8 @@ moments per parameter, = 16 Psi on one rank, and per rank:
                                               false: keeps gathered parameters from forward
                                               to backward, costs traffic not state)
     TP               16 (Psi_sharded / t + Psi_replicated)
+    EP               experts: 16 Psi_experts / ep (DDP), 16 Psi_experts / N (FSDP: each
+                     rank's E/ep experts sharded over the N/ep ranks that hold them)
 
 Pipeline stages (pipeline.py): pp rank r holds chunks r, r + P, ... of `split_layers`;
 the first chunk holds wte and wpe, the last ln_f and its own copy of the tied lm_head.
@@ -29,7 +33,7 @@ micro-batches, 1F1B: at most P - r), follow from walking its schedule (`schedule
 """
 from functools import lru_cache
 
-from nanodist.model import GPTConfig
+from nanodist.model import GPTConfig, expert_params
 from nanodist.parallel.layout import Layout
 from nanodist.parallel.pipeline import split_layers
 from nanodist.parallel.schedules import SCHEDULES, Action, bubble_fraction
@@ -40,20 +44,26 @@ ADAM_STATES = 2  # exp_avg, exp_avg_sq
 
 
 def param_counts(cfg: GPTConfig, tp: int = 1, blocks: range | None = None, first: bool = True,
-                 last: bool = True) -> dict[str, float]:
-    """Parameters by role: blocks / root (FSDP units), tp_sharded / replicated, total;
-    as one rank of `tp` holds them (TP-sharded ones / tp); of the model, or of the chunk
-    holding `blocks` (the first: wte, wpe; the last: ln_f, lm_head = its copy of wte)."""
-    L, C, V, T = len(blocks or range(cfg.n_layer)), cfg.n_embd, cfg.vocab_size, cfg.block_size
-    block_sharded = (3 * C * C + 3 * C + C * C + 4 * C * C + 4 * C + 4 * C * C) / tp
-    block_replicated = 2 * C + 2 * C + C + C
+                 last: bool = True, ep: int = 1) -> dict[str, float]:
+    """Parameters by role: blocks / root (FSDP units), tp_sharded / replicated / experts,
+    total; as one rank of `tp` (TP-sharded ones / tp) and `ep` (experts / ep) holds them;
+    of the model, or of the chunk holding `blocks` (the first: wte, wpe; the last: ln_f,
+    lm_head = its copy of wte)."""
+    blocks = range(cfg.n_layer) if blocks is None else blocks
+    C, V, T = cfg.n_embd, cfg.vocab_size, cfg.block_size
+    L, moe = len(blocks), sum(cfg.is_moe(i) for i in blocks)
+    mlp_sharded, attention_sharded = (4 * C * C + 4 * C + 4 * C * C) / tp, (3 * C * C + 3 * C + C * C) / tp
+    sharded = L * attention_sharded + (L - moe) * mlp_sharded
+    replicated = L * (2 * C + 2 * C + C) + (L - moe) * C + moe * cfg.moe_experts * C  # a router each
+    experts = moe * cfg.moe_experts * expert_params(cfg) / ep
     root_sharded = V * C / tp if first or last else 0
     root_replicated = T * C * first + 2 * C * last
-    return {"blocks": L * (block_sharded + block_replicated),
+    return {"blocks": sharded + replicated + experts,
             "root": root_sharded + root_replicated,
-            "tp_sharded": L * block_sharded + root_sharded,
-            "replicated": L * block_replicated + root_replicated,
-            "total": L * (block_sharded + block_replicated) + root_sharded + root_replicated}
+            "tp_sharded": sharded + root_sharded,
+            "replicated": replicated + root_replicated,
+            "experts": experts,
+            "total": sharded + replicated + experts + root_sharded + root_replicated}
 
 
 def chunks(cfg: GPTConfig, layout: Layout, pp_rank: int = 0) -> list[tuple[range, bool, bool]]:
@@ -65,7 +75,7 @@ def chunks(cfg: GPTConfig, layout: Layout, pp_rank: int = 0) -> list[tuple[range
 
 def stage_params(cfg: GPTConfig, layout: Layout, pp_rank: int = 0) -> dict[str, float]:
     """`param_counts` of what pp rank `pp_rank` holds (the whole model without PP)."""
-    per_chunk = [param_counts(cfg, layout.tp, *chunk) for chunk in chunks(cfg, layout, pp_rank)]
+    per_chunk = [param_counts(cfg, layout.tp, *chunk, ep=layout.ep) for chunk in chunks(cfg, layout, pp_rank)]
     return {role: sum(counts[role] for counts in per_chunk) for role in per_chunk[0]}
 
 
@@ -86,10 +96,14 @@ def state_bytes(cfg: GPTConfig, layout: Layout, pp_rank: int = 0) -> dict[str, f
     """Per-rank bytes of parameters, gradients and AdamW moments after an optimizer step,
     all fp32: ZeRO stage 3 under FSDP (its "ZeRO-2" too: at rest it holds shards alone;
     sharded over a replica group's dp_shard x cp ranks), 1 under ZeRO-1 (over dp x cp),
-    else 0 (padding to N ignored)."""
+    else 0 (padding to N ignored). Experts: a rank's E/ep, sharded by FSDP over the
+    ranks that hold the same ones (d / ep)."""
     stage = 3 if layout.fsdp else 1 if layout.zero1 else 0
     d = layout.dp_shard * layout.cp if layout.fsdp else layout.dp_cp
-    return zero_state_bytes(stage_params(cfg, layout, pp_rank)["total"], d, stage)
+    params = stage_params(cfg, layout, pp_rank)
+    dense = zero_state_bytes(params["total"] - params["experts"], d, stage)
+    experts = zero_state_bytes(params["experts"], d // layout.ep, stage)
+    return {key: dense[key] + experts[key] for key in dense}
 
 
 @lru_cache(maxsize=None)
@@ -138,6 +152,11 @@ def activation_bytes(cfg: GPTConfig, layout: Layout, micro_batch: int, checkpoin
         returns its output in (B, heads, T, d) order, copied once more for c_proj: + b s h / t
         per layer (none). Selective keeps nothing of it (an autograd Function: its
         insides are not cached) and recomputes it, ring included.
+    mixture of experts, in place of the MLP's c_fc input and 8 b s h / t: the router's
+        input b s h, the k b s h routed rows (the experts' inputs), their hidden and gelu
+        (8 k b s h: TP replicates experts), the experts' outputs before the gates (k b s h);
+        the router's probabilities and the gates (fp32, b s (E + k)), the sort's and the
+        gather's int64 indices (b s (E + 2k)). Checkpointing: as a dense block.
     head: ln_f input and statistics (/ t under SP, fp32), lm_head input (b s h), the fp32
     log-softmax of the logits (b s V, / t with loss parallelism) and nll_loss's total
     weight (one float); int64 token ids, targets and positions.
@@ -158,11 +177,12 @@ def activation_bytes(cfg: GPTConfig, layout: Layout, micro_batch: int, checkpoin
     attention = c * bsh / t + logsumexp if layout.cp == 1 else 0  # CP: the ring is recomputed
     layer = {"none": norms + matmul_inputs + logsumexp, "full": block_input,
              "selective": block_input + c * (3 * bsh / t + 4 * bsh / t + 2 * bsh) + attention}
-    if checkpointing == "full":  # the block indices are the whole model's
-        checkpointed = sum(i % ac_every == 0 for i in blocks)
-        layers = checkpointed * layer["full"] + (len(blocks) - checkpointed) * layer["none"]
-    else:
-        layers = len(blocks) * layer[checkpointing]
+    E, k = cfg.moe_experts, cfg.moe_top_k
+    moe = c * (10 * k - 8 / t) * bsh + FP32 * b * s * (E + k) + 8 * b * s * (E + 2 * k)  # - MLP's
+    kept = [i for i in blocks if not (checkpointing == "full" and i % ac_every == 0)]
+    layers = ((len(blocks) - len(kept)) * layer["full"]
+              + len(kept) * layer["selective" if checkpointing == "selective" else "none"]
+              + sum(cfg.is_moe(i) for i in kept) * moe)
     head = (FP32 * (bsh + 2 * b * s) / seq_split + c * bsh
             + FP32 * (b * s * V / (t if layout.loss_parallel else 1) + 1))
     casts = c * (len(blocks) * 12 * h * h + V * h * last) / t if c < FP32 and not layout.fsdp else 0

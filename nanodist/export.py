@@ -53,6 +53,10 @@ def write_gpt2_tokenizer(to: Path, bpe_file: str | None):
 
 def export(path: Path, to: Path, bpe_file: str | None = None) -> Path:
     model, info = checkpoint.load_model(path)
+    if model.config.moe_experts:
+        raise UserError(f"{path} is a mixture of experts ({model.config.moe_experts} experts per MoE "
+                        f"block): GPT2LMHeadModel has no experts, there is nothing to export it to; "
+                        f"sample from the checkpoint itself (sample.py --out_dir)")
     if not model.config.bias:
         raise UserError("GPT2LMHeadModel has biases; this model was trained without")
     tokenizer = info["tokenizer"]

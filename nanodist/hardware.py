@@ -134,7 +134,9 @@ class Profile:
         return max(1.0, procs / self.cores)
 
     def collective_s(self, kind: str, payload: float, group: int, link: str, procs: int) -> float:
-        table = self.collectives[kind]  # the measured (group, processes) nearest to these
+        # all-to-all is not calibrated: each rank sends (N-1)/N of its payload, as in an
+        # all-gather of the same payload (pairwise instead of around a ring)
+        table = self.collectives["all_gather" if kind == "all_to_all" else kind]
         key = min(table, key=lambda k: (abs(int(k.split("x")[1]) - procs), abs(int(k.split("x")[0]) - group)))
         points = table[key]
         largest, seconds = max(points)

@@ -5,6 +5,7 @@ command line, calibration and validation are in nanodist_tools/planner.py.
 
 Its search space (`search_space`: DDP / ZeRO-1 / FSDP ZeRO-3 / ZeRO-2 (and HSDP: FSDP with
 every replica count that divides DP) x TP x PP, its schedule and virtual stages x CP x
+EP (a mixture of experts: every size that divides DP x CP and the experts) x
 activation checkpointing x micro-batch; under TP with loss parallelism, and sequence
 parallelism where the sequence divides) is filtered by the layout's own rules
 (`Layout.check`, what train.py asks on the same device: nothing listed is refused,
@@ -36,8 +37,9 @@ machine (hardware.py: a GPU's data sheet, or this machine's calibrated profile).
              latency per call). On a GPU DDP's all-reduce (ZeRO-1's reduce-scatter)
              hides behind the last micro-step's backward, FSDP's gathers and
              reduce-scatters (HSDP's all-reduce) behind each micro-step's compute; TP, CP
-             and PP traffic and ZeRO-1's all-gather after the step are on the critical
-             path. On CPU cores (gloo) nothing hides.
+             and PP traffic, EP's all-to-alls and ZeRO-1's all-gather after the step are
+             on the critical path (the experts' reductions over edp hide as DP's). On CPU
+             cores (gloo) nothing hides.
     step     the slowest rank's compute / (1 - bubble) + exposed traffic; MFU counts
              6N + 12 L T C only.
 """
@@ -93,7 +95,7 @@ def dp_label(layout: Layout) -> str:
 
 def search_space(job: Job):
     """(layout, micro-batch) of every combination the planner considers, valid or not."""
-    T = job.block_size
+    T, E = job.block_size, job.model.moe_experts
     for pp, tp, cp in itertools.product(divisors(job.ranks), repeat=3):
         dp = job.ranks // (pp * tp * cp)
         if pp * tp * cp * dp != job.ranks or tp > job.ranks_per_node:
@@ -101,13 +103,14 @@ def search_space(job: Job):
         per_rank_batch = job.total_batch_size // (T * dp)
         micro_batches = [job.micro_batch] if job.micro_batch else \
             [b for b in MICRO_BATCHES if b <= per_rank_batch]
-        for dp_type, replicas, (schedule, V), ac, mb in itertools.product(
+        expert_parallel = [ep for ep in divisors(dp * cp) if E and E % ep == 0] or [1]
+        for dp_type, replicas, (schedule, V), ep, ac, mb in itertools.product(
                 DATA_PARALLEL, divisors(dp), SCHEDULES if pp > 1 else SCHEDULES[1:2],
-                ("none", "selective", "full"), micro_batches):
+                expert_parallel, ("none", "selective", "full"), micro_batches):
             kind, reshard = DATA_PARALLEL[dp_type]
             if (dp_type != "ddp" and dp * cp == 1) or (kind != "fsdp" and replicas > 1):
                 continue  # sharding over one rank is DDP; replicas are HSDP's
-            layout = Layout(pp=pp, dp=dp, cp=cp, tp=tp, dp_type=kind, dp_replicas=replicas,
+            layout = Layout(pp=pp, dp=dp, cp=cp, tp=tp, ep=ep, dp_type=kind, dp_replicas=replicas,
                             reshard_after_forward=reshard, loss_parallel=tp > 1, pp_schedule=schedule,
                             virtual_stages=V, checkpointing=ac, implementation=job.implementation)
             # sequence parallelism wherever it can split the sequence (it saves activations)
@@ -149,34 +152,43 @@ def spans(layout: Layout) -> dict[str, int]:
     "dp": the DP x CP ranks, under HSDP those of one replica group)."""
     tp, cp, dp = layout.tp, layout.cp, layout.dp
     return {"tp": tp, "cp": cp * tp, "dp": (layout.dp_shard if layout.hsdp else dp) * cp * tp,
-            "dp_replicate": dp * cp * tp, "pp": layout.world, "embedding": layout.world}
+            "dp_replicate": dp * cp * tp, "pp": layout.world, "embedding": layout.world,
+            "ep": layout.ep * tp, "edp": dp * cp * tp}
 
 
 def group_sizes(layout: Layout) -> dict[str, int]:
     return {"tp": layout.tp, "cp": layout.cp, "pp": layout.pp, "embedding": 2,
             "dp": layout.dp_shard * layout.cp if layout.fsdp else layout.dp_cp,
-            "dp_replicate": layout.dp_replicate}
+            "dp_replicate": layout.dp_replicate, "ep": layout.ep, "edp": layout.dp_cp // layout.ep}
 
 
 def hides(layout: Layout, group: str, kind: str) -> bool:
     """Whether this traffic overlaps compute: DDP's and ZeRO-1's reductions behind the last
     micro-step's backward, FSDP's everything behind each micro-step (HSDP's replica
     all-reduce too); ZeRO-1's all-gather follows the optimizer step, exposed."""
-    return group == "dp_replicate" or (group == "dp" and not (layout.zero1 and kind == "all_gather"))
+    return group in ("dp_replicate", "edp") or (group == "dp" and not (layout.zero1 and kind == "all_gather"))
 
 
-def matmuls(cfg: GPTConfig, layout: Layout, micro_batch: int) -> tuple[list, list]:
-    """FLOPs of each forward matmul of one block and of the head, at one rank's shape."""
+def matmuls(cfg: GPTConfig, layout: Layout, micro_batch: int, moe: bool = False) -> tuple[list, list]:
+    """FLOPs of each forward matmul of one block (a MoE block if `moe`) and of the head,
+    at one rank's shape."""
     C, V, T, tp, cp = cfg.n_embd, cfg.vocab_size, cfg.block_size, layout.tp, layout.cp
     m = micro_batch * T // cp  # this rank's tokens of a micro-batch (SP gathers them back)
-    block = [2 * m * C * 3 * C / tp, 2 * m * C * C / tp, 2 * m * C * 4 * C / tp, 2 * m * 4 * C * C / tp,
-             4 * m * T * C / tp]  # q k v, attention's projection, MLP in and out, scores + mix
-    return block, [2 * m * C * V / tp]
+    attention = [2 * m * C * 3 * C / tp, 2 * m * C * C / tp, 4 * m * T * C / tp]  # q k v, projection, scores + mix
+    if not moe:
+        return attention + [2 * m * C * 4 * C / tp, 2 * m * 4 * C * C / tp], [2 * m * C * V / tp]  # MLP in, out
+    # the router; then each of a rank's E/ep experts on its k m ep / E rows (balanced), in and out
+    E, ep, k = cfg.moe_experts, layout.ep, cfg.moe_top_k
+    rows = k * m * ep / E
+    experts = [2 * rows * C * 4 * C, 2 * rows * 4 * C * C] * (E // ep)
+    return attention + [2 * m * C * E] + experts, [2 * m * C * V / tp]
 
 
 def compute_s(job: Job, machine, layout: Layout, micro_batch: int, M: int, pp_rank: int) -> float:
     """Seconds of one rank's compute per optimizer step (see the module doc)."""
-    block, head = matmuls(job.model, layout, micro_batch)
+    model = job.model
+    block, head = matmuls(model, layout, micro_batch)
+    moe_block = matmuls(model, layout, micro_batch, moe=True)[0] if model.moe_experts else block
     recompute = 1 + (layout.checkpointing == "full") / 3  # one more forward: 2 of the 6 N
     procs = layout.world
 
@@ -184,8 +196,10 @@ def compute_s(job: Job, machine, layout: Layout, micro_batch: int, M: int, pp_ra
         return 3 * sum(machine.matmul_s(f, job.dtype, procs) for f in flops)
 
     micro = 0.0
-    for blocks, _, last in chunks(job.model, layout, pp_rank):
-        micro += len(blocks) * (forward_backward(block) * recompute + machine.per_layer_s * machine.turns(procs))
+    for blocks, _, last in chunks(model, layout, pp_rank):
+        for i in blocks:
+            matmuls_of = moe_block if model.is_moe(i) else block
+            micro += forward_backward(matmuls_of) * recompute + machine.per_layer_s * machine.turns(procs)
         micro += forward_backward(head) if last else 0.0
     held = state_bytes(job.model, layout, pp_rank)["optimizer"] / state_bytes(job.model, Layout())["optimizer"]
     return M * micro + machine.per_step_s * machine.turns(procs) * held
@@ -213,8 +227,9 @@ def memory(job: Job, layout: Layout, micro_batch: int, M: int, pp_rank: int = 0)
     gloo = job.device == "cpu"  # gloo copies a reduce-scatter's (all-gather's) whole tensor
     stage = stage_params(model, layout, pp_rank)["total"]
     if layout.fsdp:  # gathered parameters in the compute dtype
-        units = param_counts(model, layout.tp, range(1))
-        unit = max(units["blocks"], units["root"])  # a block, or the root
+        unit = max([param_counts(model, layout.tp, range(i, i + 1), ep=layout.ep)["blocks"]
+                    for i in range(min(model.moe_every, model.n_layer))]  # a block (MoE or not)
+                   + [param_counts(model, layout.tp, range(1))["root"]])  # or the root
         buffers = c * (2 * unit if layout.reshard_after_forward else stage)
         # a unit's gradients, summed into its fp32 vector, beside the previous one's in flight
         backward += unit * (c + (2 + gloo) * FP32)
@@ -272,7 +287,7 @@ def estimate(job: Job, machine, layout: Layout, micro_batch: int, M: int) -> dic
     fits = peak["total"] <= USABLE_MEMORY * machine.memory_bytes
     tokens_per_s = job.total_batch_size / step
     flops = flops_per_token(model, param_counts(model)["total"])
-    return {"dp": layout.dp, "dp_type": dp_label(layout), "tp": layout.tp, "pp": layout.pp,
+    return {"dp": layout.dp, "dp_type": dp_label(layout), "tp": layout.tp, "pp": layout.pp, "ep": layout.ep,
             "pp_schedule": layout.pp_schedule if layout.pp > 1 else None,
             "virtual_stages": layout.virtual_stages, "cp": layout.cp,
             "sequence_parallel": layout.sequence_parallel, "activation_checkpointing": layout.checkpointing,
@@ -305,11 +320,11 @@ def rank(job: Job, machine) -> list[dict]:
 
 
 def table(rows: list[dict]) -> str:
-    header = ["#", "dp", "dp type", "tp", "pp", "schedule", "cp", "ac", "mb", "M", "GiB", "state",
+    header = ["#", "dp", "dp type", "tp", "pp", "schedule", "cp", "ep", "ac", "mb", "M", "GiB", "state",
               "act", "intra GB", "inter GB", "bubble", "step s", "tok/s", "MFU"]
     lines = [[str(i + 1), str(r["dp"]), r["dp_type"], str(r["tp"]), str(r["pp"]),
               (r["pp_schedule"] or "-") + (f" v{r['virtual_stages']}" if r["virtual_stages"] > 1 else ""),
-              str(r["cp"]), r["activation_checkpointing"], str(r["micro_batch_size"]), str(r["grad_accum"]),
+              str(r["cp"]), str(r["ep"]), r["activation_checkpointing"], str(r["micro_batch_size"]), str(r["grad_accum"]),
               f"{r['memory_gib']:.3g}", f"{r['state_gib']:.3g}", f"{r['activation_gib']:.3g}",
               f"{r['comm_bytes_per_step']['intra_node'] / 1e9:.2f}",
               f"{r['comm_bytes_per_step']['inter_node'] / 1e9:.2f}", f"{r['bubble']:.2f}",

@@ -18,6 +18,12 @@ Communication per optimizer step, ring bus bytes each rank sends (comm.py's `bus
     CP        sends of K/V blocks, (3 cp - 2) L x 2 B T/cp C/tp floats per micro-step
               (`ring_attention_sends`); DDP / FSDP then run over N = dp x cp ranks and
               TP's activations are T/cp tokens long
+    EP        per MoE layer and micro-step, over the ep group: all-to-all of the k B T routed
+              rows of C values there and back, forward and again backward: 4 k B T C
+              values of payload, (ep-1)/ep of it sent when routing is balanced (`moe_all_to_all`),
+              and the (E,) int64 counts forward; the experts' gradients are reduced (DDP)
+              or sharded (FSDP) over edp = dp x cp / ep ranks instead of dp x cp
+              (CP: the router's statistics all-reduced over cp, forward and backward)
     PP        sends of B T C fp32 activations (B T/tp C under SP) per stage boundary and
               micro-batch, forward and the same backward; the first and last stage
               all-reduce the tied wte / lm_head gradient (a 2-rank group)
@@ -101,6 +107,16 @@ def ring_attention_sends(B: int, T: int, C: int, L: int, cp: int,
     return sends, sends * 2 * B * T * C // cp * value_bytes
 
 
+def moe_all_to_all(B: int, T: int, C: int, k: int, E: int, sizes: dict = FP32_EVERYWHERE) -> tuple[int, float]:
+    """(calls, payload bytes) of one MoE layer's all-to-alls in one forward + backward of a
+    rank's B x T tokens: the counts (E int64), then the routed rows (k B T, the norm's
+    dtype: ln_2's output) and the experts' outputs (the matmuls'), each sent forward and
+    its gradient backward (expert_parallel.py). Balanced: every rank receives as many
+    rows as it sends, so the payload of each is k B T C values."""
+    rows = k * B * T * C
+    return 5, 8 * E + 2 * rows * (sizes["norm"] + sizes["matmul"])
+
+
 def fsdp_gathers(actions: list[Action], chunk: int, reshard_after_forward: bool) -> int:
     """All-gathers of each FSDP unit of local chunk `chunk`: ZeRO-3 gathers it for every
     forward and backward; ZeRO-2 keeps it from a forward until a backward has reduced
@@ -137,8 +153,18 @@ def collectives(cfg: GPTConfig, layout: Layout, micro_batch: int, accum: int,
             n, bus = out.get((group, kind), (0, 0.0))
             out[group, kind] = n + calls, bus + BUS_FACTOR[kind](group_size) * payload
 
+    ep, edp = layout.ep, dp_cp // layout.ep
+    sizes = value_bytes(dtype, layout.fsdp, device_type)
     for v, (blocks, first, last) in enumerate(chunks(cfg, layout, pp_rank)):
-        n = param_counts(cfg, tp, blocks, first, last)  # this TP rank's parameters
+        n = param_counts(cfg, tp, blocks, first, last, ep)  # this TP (and EP) rank's parameters
+        moe = sum(cfg.is_moe(i) for i in blocks)
+        experts = n["experts"] if ep > 1 else 0.0  # EP's: over edp (with ep 1 like any other)
+        dense = n["total"] - experts                # reduced (sharded) over dp x cp
+        if moe and ep > 1:
+            calls, payload = moe_all_to_all(micro_batch, T, C, cfg.moe_top_k, cfg.moe_experts, sizes)
+            add("ep", "all_to_all", ep, accum * moe * payload, accum * moe * calls)
+        if moe and cp > 1:  # the router's statistics: counts, probabilities, tokens
+            add("cp", "all_reduce", cp, accum * moe * 2 * FP32 * (2 * cfg.moe_experts + 1), accum * moe * 2)
         if tp > 1:
             for kind, (calls, payload) in tp_collectives(
                     micro_batch, T, C, V, len(blocks), sp, layout.loss_parallel,
@@ -154,21 +180,25 @@ def collectives(cfg: GPTConfig, layout: Layout, micro_batch: int, accum: int,
             add("pp", "send", P, accum * boundary * hops, accum * hops)
             if first or last:  # the tied weight's gradient (its shard under FSDP, ZeRO-1)
                 add("embedding", "all_reduce", 2, FP32 * V * C / tp / (shards if flat_shards else 1))
-        buckets = math.ceil(FP32 * n["total"] / (layout.bucket_cap_mb * 2**20))
+        buckets = math.ceil(FP32 * dense / (layout.bucket_cap_mb * 2**20))
         if layout.fsdp:
             units = len(blocks) + (first or last)
             gathers = fsdp_gathers(actions, v, layout.reshard_after_forward)
-            add("dp", "all_gather", shards, gathers * compute_bytes * n["total"], gathers * units)
-            add("dp", "reduce_scatter", shards, accum * FP32 * n["total"], accum * units)  # every micro-step
-            add("dp_replicate", "all_reduce", layout.dp_replicate, accum * FP32 * n["total"] / shards,
+            for group, size, numel, unit_count in (("dp", shards, dense, units), ("edp", edp, experts, moe)):
+                add(group, "all_gather", size, gathers * compute_bytes * numel, gathers * unit_count)
+                add(group, "reduce_scatter", size, accum * FP32 * numel, accum * unit_count)  # every micro-step
+            add("dp_replicate", "all_reduce", layout.dp_replicate, accum * FP32 * dense / shards,
                 accum * units)
         elif flat_shards:  # ZeRO-1 by hand: a bucket per class at least (decay, no decay)
-            add("dp", "reduce_scatter", dp_cp, FP32 * n["total"], buckets + 1)
-            add("dp", "all_gather", dp_cp, FP32 * n["total"], buckets + 1)
+            add("dp", "reduce_scatter", dp_cp, FP32 * dense, buckets + 1)
+            add("dp", "all_gather", dp_cp, FP32 * dense, buckets + 1)
         else:
-            add("dp", "all_reduce", dp_cp, FP32 * n["total"], buckets)
+            add("dp", "all_reduce", dp_cp, FP32 * dense, buckets)
+            if experts and ep > 1:  # their own buckets, over the ranks holding the same experts
+                add("edp", "all_reduce", edp, FP32 * experts,
+                    math.ceil(FP32 * experts / (layout.bucket_cap_mb * 2**20)))
             if layout.zero1:  # ZeroRedundancyOptimizer: each parameter from its owner
-                add("dp", "broadcast", dp_cp, FP32 * n["total"], 12 * len(blocks) + 4 * (first or last))
+                add("dp", "broadcast", dp_cp, FP32 * dense, 12 * len(blocks) + 4 * (first or last))
     # scalars, once a step: the squared gradient norm (one all-reduce per class of
     # sharded gradient: over TP; under FSDP and ZeRO-1 over DP and over DP x TP), the
     # trainer's mean of the loss over DP x CP, and across stages the loss and the norm
@@ -176,6 +206,10 @@ def collectives(cfg: GPTConfig, layout: Layout, micro_batch: int, accum: int,
     norms = flat_shards * (2 if tp > 1 else 1)
     if norms:
         add("dp", "all_reduce", shards, FP32 * norms, norms)
+    if cfg.moe_experts and ep > 1:  # the experts' class: sharded over ep (and edp under FSDP)
+        add("ep", "all_reduce", ep, FP32)
+        if layout.fsdp:
+            add("edp", "all_reduce", edp, FP32)
     add("dp", "all_reduce", dp_cp, FP32)
     add("pp", "all_reduce", P, 2 * FP32, 2)
     return out

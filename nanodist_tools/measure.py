@@ -49,6 +49,7 @@ COLLECTIVES = {
     c10d._reduce_scatter_base_: ("reduce_scatter", lambda a: _nbytes(a[1])),
     c10d.reduce_scatter_tensor_coalesced_: ("reduce_scatter", lambda a: _sum(a[1])),
     c10d.broadcast_: ("broadcast", lambda a: _sum(a[0])),
+    c10d.alltoall_base_: ("all_to_all", lambda a: _nbytes(a[1])),  # its bus: as if balanced
     funcol.all_reduce: ("all_reduce", lambda a: _nbytes(a[0])),
     funcol.all_gather_into_tensor: ("all_gather", lambda a: _nbytes(a[0]) * a[1]),
     funcol.reduce_scatter_tensor: ("reduce_scatter", lambda a: _nbytes(a[0])),

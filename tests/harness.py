@@ -152,12 +152,13 @@ def adamw_param_bound(steps: int, lr: float, eps: float = 1e-8) -> float:
     return steps * lr * FLOAT64_GRAD_NOISE / eps
 
 
-def tiny_params_bound() -> int:
-    """Parameters of the tiny model on char data (vocabulary <= 128, blocks <= 64): a bound."""
+def tiny_params_bound(**moe) -> int:
+    """Parameters of the tiny model on char data (vocabulary <= 128, blocks <= 64): a bound.
+    `moe`: the model's moe_* fields."""
     import torch
     from nanodist.model import GPT, model_config
     with torch.device("meta"):
-        return sum(p.numel() for p in GPT(model_config("tiny", 64, 128)).parameters())
+        return sum(p.numel() for p in GPT(model_config("tiny", 64, 128, **moe)).parameters())
 
 
 def relative_drift(step: int, lr: float = 1e-3, n_params: int | None = None) -> float:
@@ -167,20 +168,23 @@ def relative_drift(step: int, lr: float = 1e-3, n_params: int | None = None) -> 
     return (n_params or tiny_params_bound()) ** 0.5 * adamw_param_bound(step, lr)
 
 
-def loss_tolerances(reference, lr: float = 1e-3) -> list[float]:
+def loss_tolerances(reference, lr: float = 1e-3, n_params: int | None = None) -> list[float]:
     """Per step, the bound on a float64 layout's loss difference from `reference` (loss, norm)."""
-    return [relative_drift(step, lr) * norm for step, (_, norm) in enumerate(reference)]
+    return [relative_drift(step, lr, n_params) * norm for step, (_, norm) in enumerate(reference)]
 
 
-def assert_records_match(records, reference, what="", lr: float = 1e-3):
+def assert_records_match(records, reference, what="", lr: float = 1e-3, n_params: int | None = None):
     """(loss, grad norm) per step of a float64 tiny run against the reference run's:
     losses within `loss_tolerances`, grad norms within the same relative drift (this
     assumes the Hessian's scale is the gradient's); 1e-10 relative covers float64 order
-    noise of the sums themselves (<= 1e6 terms)."""
+    noise of the sums themselves (<= 1e6 terms). `n_params`: the model's, when larger than
+    the dense tiny model's (a mixture of experts)."""
+    assert len(records) == len(reference), what
     for step, ((loss, norm), (loss_1, norm_1), tol) in enumerate(
-            zip(records, reference, loss_tolerances(reference, lr))):
+            zip(records, reference, loss_tolerances(reference, lr, n_params))):
         assert loss == approx(loss_1, rel=1e-10, abs=tol), f"{what}: loss at step {step}"
-        assert norm == approx(norm_1, rel=1e-10 + relative_drift(step, lr)), f"{what}: grad norm at step {step}"
+        assert norm == approx(norm_1, rel=1e-10 + relative_drift(step, lr, n_params)), \
+            f"{what}: grad norm at step {step}"
 
 
 def assert_printed_losses_match(stdout: str, reference):

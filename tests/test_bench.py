@@ -27,7 +27,7 @@ SMALL = GPTConfig(block_size=3, vocab_size=4, n_layer=1, n_head=1, n_embd=2)
 
 def test_param_counts_by_hand_and_against_the_model():
     assert param_counts(SMALL) == {"blocks": 74, "root": 18, "tp_sharded": 70,
-                                   "replicated": 22, "total": 92}
+                                   "replicated": 22, "experts": 0, "total": 92}
     tiny = GPTConfig(block_size=32, vocab_size=128, n_layer=2, n_head=4, n_embd=64)
     model = GPT(tiny, seed=0)  # tied wte / lm_head: parameters() yields it once
     assert param_counts(tiny)["total"] == sum(p.numel() for p in model.parameters())

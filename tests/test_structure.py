@@ -9,7 +9,7 @@ from harness import REPO
 # lowest first; a module may import its own layer and the ones before it
 LAYERS = [
     ("base", ("nanodist.errors", "nanodist.compat")),
-    ("model", ("nanodist.model", "nanodist.hf")),
+    ("model", ("nanodist.model", "nanodist.moe", "nanodist.hf")),
     ("parallel", ("nanodist.parallel",)),
     ("planner", ("nanodist.hardware", "nanodist.cost", "nanodist.traffic", "nanodist.plan")),
     ("train", ("nanodist",)),

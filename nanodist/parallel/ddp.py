@@ -80,8 +80,7 @@ class DataParallel:
                  params: list | None = None, scale: float | None = None):
         self.group, self.scale = group, scale or 1.0 / group.size
         self.sync = True
-        broadcast_from_first_rank(model.parameters() if params is None else params, group,
-                                  model.buffers() if params is None else ())
+        broadcast_from_first_rank(model, group, params)
         params = [p for p in (model.parameters() if params is None else params) if p.requires_grad]
         self.buckets = []
         for members in assign_buckets(params[::-1], int(bucket_cap_mb * 2**20)):
@@ -170,9 +169,10 @@ def _no_sync_all(engines):
 
 
 @torch.no_grad()
-def broadcast_from_first_rank(params, group: Group, buffers=()):
-    """Replicas start equal whatever each rank drew: DP rank 0's values win."""
-    for tensor in [*params, *buffers]:
+def broadcast_from_first_rank(model: nn.Module, group: Group, params: list | None = None):
+    """Replicas start equal whatever each rank drew: DP rank 0's values win (of `params`;
+    default: all of the model's parameters and buffers)."""
+    for tensor in [*model.parameters(), *model.buffers()] if params is None else params:
         group.broadcast(tensor, 0)
 
 
@@ -193,10 +193,11 @@ def apply_ddp(stage, setup):
     layout, mesh, model = setup.layout, setup.mesh, stage.gpt
     if layout.implementation == "custom":
         experts = expert_params(stage)  # expert parallel: the experts' replicas are over edp
+        expert_ids = {id(p) for p in experts}
         engines = [DataParallel(model, mesh.dp_cp, layout.bucket_cap_mb,
-                                [p for p in model.parameters() if p not in experts] if experts else None)]
+                                [p for p in model.parameters() if id(p) not in expert_ids] if experts else None)]
         if experts:
-            engines.append(DataParallel(model, mesh.edp, layout.bucket_cap_mb, list(experts),
+            engines.append(DataParallel(model, mesh.edp, layout.bucket_cap_mb, experts,
                                         scale=1.0 / mesh.dp_cp.size))
         return dataclasses.replace(stage, no_sync=partial(_no_sync_all, engines))
     if layout.tp > 1 or layout.pp > 1:

@@ -101,7 +101,8 @@ def apply_ep(stage, setup):
     return dataclasses.replace(stage, params=ModuleParams(model, mesh, plan, sharded_over))
 
 
-def expert_params(stage) -> set:
-    """The expert-parallel parameters of a stage (reduced over `edp`, not DP x CP)."""
-    return {p for moe in moe_layers(stage.gpt) if isinstance(moe.experts, ExpertParallel)
-            for p in moe.experts.parameters()}
+def expert_params(stage) -> list:
+    """The expert-parallel parameters of a stage, in model order (the same on every rank:
+    their reductions go in it), reduced over `edp` instead of DP x CP."""
+    return [p for moe in moe_layers(stage.gpt) if isinstance(moe.experts, ExpertParallel)
+            for p in moe.experts.parameters()]

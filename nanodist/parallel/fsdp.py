@@ -134,11 +134,12 @@ class FSDP:
     def __init__(self, model: nn.Module, group: Group, device: torch.device, seed: int,
                  compute_dtype=torch.float32, reshard_after_forward: bool = True,
                  sharded_over: dict | None = None, replicas: Group | None = None,
-                 experts: tuple[set, Group] = (set(), None)):
+                 experts: tuple[list, Group] = ((), None)):
         """`experts`: expert-parallel parameters and the group they are sharded over instead
         (edp: the ranks holding the same experts; their gradients still divide by `group`'s
         size, the mean over every rank's tokens, expert_parallel.py)."""
         self.group, self.replicas = group, replicas
+        expert_ids, expert_group = {id(p) for p in experts[0]}, experts[1]
         self.reshard_after_forward = reshard_after_forward
         self.sync_grads, self.backward_started, self.reductions = True, False, []
         # the root's backward runs after the blocks' only where it holds the embeddings (on
@@ -151,7 +152,7 @@ class FSDP:
             claimed.update(id(p) for _, p in unclaimed)
             flats = []
             for (_, groups, _), params in flat_classes(unclaimed, sharded_over or {}).items():
-                over = experts[1] if params[0][1] in experts[0] else group
+                over = expert_group if id(params[0][1]) in expert_ids else group
                 flats.append(FlatParam(params, owners, model, seed, over, compute_dtype, device,
                                        (over,) + groups))
             self.units.insert(0, Unit(module, flats))

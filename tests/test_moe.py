@@ -1,0 +1,338 @@
+"""Mixture of experts and expert parallelism: the MoE block against the dense MLP and
+against its own definition (ties, the load-balancing loss and its gradient); every EP
+layout against one process with the same experts in float64, routing ties and empty
+experts included; the all-to-all bytes and the state per rank against the cost model;
+checkpoints across EP sizes; the layouts refused."""
+import dataclasses
+
+import pytest
+import torch
+
+from harness import assert_records_match, run_distributed, tiny_params_bound, tiny_run, trainer_records
+from nanodist import cost, traffic
+from nanodist.config import TrainConfig, parse_args, resolve
+from nanodist.errors import UserError
+from nanodist.model import GPT, MLP, GPTConfig
+from nanodist.moe import MoE, moe_layers
+from nanodist.parallel.layout import Layout
+from nanodist.trainer import Trainer
+from nanodist_tools.measure import state_bytes
+
+MOE = dict(moe_experts=4, moe_top_k=2, moe_every=2)  # blocks 1 and 3 of the tiny model's 4
+N_PARAMS = tiny_params_bound(**MOE)                    # the float64 bound's parameter count
+F64 = dict(dtype="float64")
+
+
+def small(**overrides) -> GPTConfig:
+    return GPTConfig(**{**dict(block_size=8, vocab_size=64, n_layer=2, n_head=2, n_embd=16, **MOE),
+                        **overrides})
+
+
+# ---------------------------------------------------------------- the block
+
+
+def test_identical_experts_are_the_dense_mlp():
+    """E copies of one MLP, any router: the gates of each token sum to 1, so the MoE is the
+    MLP. Float64: the same products in another kernel order, <= 4C terms of rounding
+    1.1e-16 each, plus the gates' sum (2 ulp): 1e-12 relative is a bound, not a fit."""
+    torch.manual_seed(0)
+    cfg = small()
+    mlp, moe = MLP(cfg).double(), MoE(cfg).double()
+    with torch.no_grad():
+        for e in range(cfg.moe_experts):
+            moe.experts.fc_weight[e] = mlp.c_fc.weight.t()
+            moe.experts.fc_bias[e] = mlp.c_fc.bias
+            moe.experts.proj_weight[e] = mlp.c_proj.weight.t()
+            moe.experts.proj_bias[e] = mlp.c_proj.bias
+        moe.router.weight.normal_()
+    x = torch.randn(3, 8, cfg.n_embd, dtype=torch.float64)
+    expected = mlp(x)
+    torch.testing.assert_close(moe(x), expected, rtol=1e-12, atol=1e-12 * expected.abs().max().item())
+
+
+def test_ties_go_to_the_lower_expert_and_the_balanced_loss_is_one():
+    """A zero router: every probability 1/E, a tie among all experts; the stable sort gives
+    each token experts 0..k-1 and the others none. With uniform probabilities the
+    Switch loss E sum_e f_e P_e is E x (1/E) x sum_e f_e = 1, whatever the routing."""
+    cfg = small()
+    moe = MoE(cfg).double()
+    with torch.no_grad():
+        moe.router.weight.zero_()
+    tokens = torch.randn(10, cfg.n_embd, dtype=torch.float64)
+    gates, experts, counts, aux = moe.route(tokens)
+    assert experts.tolist() == [[0, 1]] * 10
+    assert counts.tolist() == [10, 10, 0, 0]
+    assert gates.tolist() == [[0.5, 0.5]] * 10
+    assert aux.item() == pytest.approx(1.0, rel=1e-15)
+
+
+def test_the_aux_loss_gradient_is_that_of_the_weighted_loss():
+    """The block's output carries weight x aux's gradient: as if it had been added to the
+    loss. Float64, the same terms summed in another graph order: 1e-13 relative."""
+    torch.manual_seed(1)
+    cfg = small()
+    x = torch.randn(2, 8, cfg.n_embd, dtype=torch.float64)
+    carried, explicit = MoE(cfg).double(), MoE(cfg).double()
+    with torch.no_grad():
+        for p in carried.parameters():
+            p.normal_(0.0, 0.3)
+    explicit.load_state_dict(carried.state_dict())
+    carried.aux_loss_weight, explicit.aux_loss_weight = 0.3, 0.0
+    carried(x).square().sum().backward()
+    aux = explicit.route(x.reshape(-1, cfg.n_embd))[3]
+    (explicit(x).square().sum() + 0.3 * aux).backward()
+    for (name, a), b in zip(carried.named_parameters(), explicit.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-13, atol=1e-13 * b.grad.abs().max().item(),
+                                   msg=name)
+
+
+def test_no_experts_is_the_dense_model_bitwise(char_data, tmp_path):
+    """--moe_experts 0 ignores the other moe flags: the model of today, the same steps."""
+    dense = trainer_records(tiny_run(char_data, tmp_path / "a"))
+    flags = trainer_records(tiny_run(char_data, tmp_path / "b", moe_experts=0, moe_top_k=3, moe_every=3,
+                                     moe_aux_loss_coef=0.5))
+    assert flags == dense
+    assert not moe_layers(GPT(small(moe_experts=0)))
+
+
+def test_an_active_parameter_count_for_the_flops():
+    """6N counts the k of E experts a token passes: the dense model's N plus, per MoE
+    block, router and (k - 1) more MLPs (derived from the parameter counts)."""
+    from nanodist.model import flops_per_token
+    cfg, dense = small(moe_top_k=2, moe_every=1), small(moe_experts=0)
+    n = sum(p.numel() for p in GPT(cfg, seed=None).parameters())
+    n_dense = sum(p.numel() for p in GPT(dense, seed=None).parameters())
+    C = cfg.n_embd
+    mlp = 8 * C * C + 5 * C
+    assert flops_per_token(cfg, n) - flops_per_token(dense, n_dense) == \
+        6 * cfg.n_layer * (cfg.moe_experts * C + (cfg.moe_top_k - 1) * mlp)
+
+
+# ---------------------------------------------------------------- layouts vs one process
+
+
+@pytest.fixture(scope="module")
+def single(char_data, tmp_path_factory):
+    return trainer_records(tiny_run(char_data, tmp_path_factory.mktemp("single"), **F64, **MOE))
+
+
+@pytest.mark.parametrize("world, layout", [
+    (2, dict(data_parallel_size=2, expert_parallel_size=2)),
+    (2, dict(data_parallel_size=2, expert_parallel_size=2, data_parallel_type="fsdp", deferred_init=True)),
+    (4, dict(data_parallel_size=4, expert_parallel_size=2)),
+    (4, dict(data_parallel_size=4, expert_parallel_size=4, data_parallel_type="fsdp")),
+    (4, dict(data_parallel_size=2, expert_parallel_size=2, tensor_parallel_size=2,
+             enable_loss_parallelism=True)),
+    (4, dict(data_parallel_size=2, expert_parallel_size=2, pipeline_parallel_size=2)),
+    (4, dict(data_parallel_size=2, expert_parallel_size=4, context_parallel_size=2)),
+    (2, dict(data_parallel_size=2, expert_parallel_size=2, activation_checkpointing="full")),
+    (4, dict(data_parallel_size=4, data_parallel_type="fsdp", implementation="pytorch")),
+    (2, dict(data_parallel_size=2, implementation="pytorch")),
+    (2, dict(tensor_parallel_size=2, enable_loss_parallelism=True, implementation="pytorch")),
+], ids=["ep2", "ep2-fsdp", "dp4-ep2", "ep4-fsdp", "tp2xep2", "pp2xep2", "cp2xep4", "ep2-ac",
+        "moe-fsdp2-native", "moe-ddp-native", "moe-dtensor-tp2"])
+def test_matches_one_process(char_data, tmp_path, single, world, layout):
+    """Float64 AdamW steps with clipping: harness.assert_records_match's bound over the
+    MoE model's parameters (routing is discontinuous, but no two experts of one token lie
+    within that bound of each other in these runs)."""
+    kwargs = tiny_run(char_data, tmp_path, **F64, **MOE, **layout)
+    for records in run_distributed(trainer_records, world, kwargs):
+        assert_records_match(records, single, str(layout), n_params=N_PARAMS)
+
+
+def tied_router_records(kwargs):
+    """Rank side: routers with experts 1 = 0 and 3 = 2 (k = 1): every token's choice is a
+    tie, the lower expert wins, experts 1 and 3 get no token on step 0. Returns (loss,
+    norm) per step and step 0's share of assignments per expert."""
+    trainer = Trainer(TrainConfig(**kwargs))
+    params = trainer.params
+    full = {name: t.clone() for name, t in params.full_tensors(params.param_list())}
+    for name, weight in full.items():
+        if name.endswith("router.weight"):
+            weight[1], weight[3] = weight[0], weight[2]
+    params.load_full_tensors(full.__getitem__, params.param_list())
+    records = [trainer.train_step(step) for step in range(3)]
+    return [(r["loss"], r["grad_norm"]) for r in records], records[0]["moe"]
+
+
+@pytest.mark.parametrize("world, layout", [
+    (2, dict(data_parallel_size=2, expert_parallel_size=2)),
+    (4, dict(data_parallel_size=4, expert_parallel_size=4, data_parallel_type="fsdp")),
+], ids=["ep2", "ep4-fsdp"])
+def test_routing_ties_and_empty_experts_match_one_process(char_data, tmp_path, world, layout):
+    moe = dict(MOE, moe_top_k=1)
+    one, shares = tied_router_records(tiny_run(char_data, tmp_path / "one", **F64, **moe))
+    for layer in (1, 3):
+        assert shares[f"MoE/tokens/layer{layer}/expert1"] == shares[f"MoE/tokens/layer{layer}/expert3"] == 0
+    kwargs = tiny_run(char_data, tmp_path / "ep", **F64, **moe, **layout)
+    for records, rank_shares in run_distributed(tied_router_records, world, kwargs):
+        assert rank_shares[f"MoE/tokens/layer1/expert1"] == 0  # every rank's tokens tie alike
+        assert_records_match(records, one, str(layout), n_params=N_PARAMS)
+
+
+# ---------------------------------------------------------------- the cost model
+
+
+def counted_step(kwargs):
+    """Rank side: one step's all-to-all calls and payload (comm.py's counter), the state
+    bytes held at its optimizer step (gradients included), and the model's config."""
+    trainer = Trainer(TrainConfig(**kwargs))
+    state = {}
+    trainer.optimizer.register_step_post_hook(lambda *_: state.update(state_bytes(trainer)))
+    with trainer.comm.counting() as counted:
+        trainer.train_step(0)
+    return counted.summary().get("all_to_all"), state["total"], trainer.model_cfg
+
+
+@pytest.mark.parametrize("world, layout", [
+    (2, dict(data_parallel_size=2, expert_parallel_size=2)),
+    (4, dict(data_parallel_size=4, expert_parallel_size=2, data_parallel_type="fsdp")),
+    (4, dict(data_parallel_size=2, expert_parallel_size=2, context_parallel_size=2)),
+], ids=["ep2", "dp4-ep2-fsdp", "cp2xep2"])
+def test_all_to_all_and_state_follow_the_cost_model(char_data, tmp_path, world, layout):
+    """Calls exactly; payload summed over the ranks exactly (every row a rank sends, one
+    receives: the cost model's balanced payload is each rank's mean); state within the
+    flat shards' padding (1%)."""
+    kwargs = tiny_run(char_data, tmp_path, **MOE, **layout)
+    results = run_distributed(counted_step, world, kwargs)
+    cfg = results[0][2]
+    lay = resolve(TrainConfig(**kwargs), world, "cpu")[1]
+    B, M = kwargs["batch_size"], lay.micro_steps(kwargs["total_batch_size"], kwargs["batch_size"],
+                                                 kwargs["block_size"])
+    calls, bus = traffic.collectives(cfg, lay, B, M)[("ep", "all_to_all")]
+    payload = bus * lay.ep / (lay.ep - 1)
+    assert all(counted["calls"] == calls for counted, _, _ in results)
+    assert sum(c["payload_bytes"] for c, _, _ in results) == pytest.approx(world * payload, rel=1e-12)
+    assert 0 < sum(c["bus_bytes"] for c, _, _ in results) < world * payload  # rows kept at home are not sent
+    expected_state = cost.state_bytes(cfg, lay)["total"]
+    for _, held, _ in results:
+        assert held == pytest.approx(expected_state, rel=0.01)
+
+
+def test_param_counts_are_the_models():
+    """cost.param_counts of a MoE model against the model's own parameters; a rank of ep
+    holds 1/ep of the experts and all of the rest."""
+    for moe in (dict(moe_experts=4, moe_top_k=2, moe_every=1), dict(moe_experts=8, moe_top_k=1, moe_every=3)):
+        cfg = small(n_layer=3, **moe)
+        model = GPT(cfg, seed=0)
+        experts = sum(p.numel() for name, p in model.named_parameters() if ".experts." in name)
+        counts = cost.param_counts(cfg)
+        assert counts["total"] == sum(p.numel() for p in model.parameters())
+        assert counts["experts"] == experts
+        assert cost.param_counts(cfg, ep=2)["total"] == counts["total"] - experts / 2
+
+
+def test_expert_state_divides_by_ep_and_the_all_to_all_by_its_formula():
+    """The issue's two formulas against cost.py / traffic.py on GPT-2 124M with 8 experts
+    in every other block: experts' state 16 bytes x parameters / P (DDP), / N (FSDP);
+    all-to-all bus bytes 2 (P-1)/P of the routed activations (k B T C fp32) per MoE layer
+    and direction, plus the counts (E int64, forward)."""
+    from nanodist.model import expert_params, model_config
+    cfg = model_config("gpt2", 1024, 50257, moe_experts=8, moe_top_k=2, moe_every=2)
+    experts = cfg.n_moe_layers * cfg.moe_experts * expert_params(cfg)
+    base = cost.state_bytes(cfg, Layout(dp=8))["total"]
+    for P in (2, 4, 8):
+        ddp = cost.state_bytes(cfg, Layout(dp=8, ep=P))["total"]
+        assert base - ddp == pytest.approx(16 * experts * (1 - 1 / P), rel=1e-12)
+        fsdp = cost.state_bytes(cfg, Layout(dp=8, ep=P, dp_type="fsdp"))["total"]
+        dense_fsdp = cost.state_bytes(dataclasses.replace(cfg, moe_experts=0), Layout(dp=8, dp_type="fsdp"))
+        routers = cfg.n_moe_layers * cfg.moe_experts * cfg.n_embd
+        mlps = cfg.n_moe_layers * expert_params(cfg)
+        assert fsdp == pytest.approx(dense_fsdp["total"] + 16 * (experts + routers - mlps) / 8, rel=1e-12)
+        B, M = 4, 2
+        calls, bus = traffic.collectives(cfg, Layout(dp=8, ep=P), B, M)[("ep", "all_to_all")]
+        routed = cfg.moe_top_k * B * cfg.block_size * cfg.n_embd * 4
+        per_layer = 2 * (2 * (P - 1) / P * routed) + (P - 1) / P * 8 * cfg.moe_experts
+        assert bus == pytest.approx(M * cfg.n_moe_layers * per_layer, rel=1e-12)
+        assert calls == M * cfg.n_moe_layers * 5
+
+
+@pytest.mark.parametrize("moe", [dict(moe_experts=4, moe_top_k=2, moe_every=1),
+                                 dict(moe_experts=8, moe_top_k=1, moe_every=2)], ids=["E4k2", "E8k1-every2"])
+def test_saved_activations_follow_the_cost_model(moe):
+    """The bytes one forward keeps for backward (saved-tensor hooks, parameters excluded)
+    against cost.activation_bytes: the model leaves out the small (E,) vectors of the
+    load-balancing loss and autograd's bookkeeping, well under 1%."""
+    from nanodist.model import cross_entropy, model_config
+    from nanodist_tools.measure import saved_activations
+    cfg = model_config("tiny", 64, 65, **moe)
+    model = GPT(cfg)
+    x = torch.randint(0, 65, (4, 64), generator=torch.Generator().manual_seed(0))
+    with saved_activations(model.parameters()) as saved:
+        loss = cross_entropy(model(x), x)
+    loss.backward()
+    assert sum(saved.values()) == pytest.approx(cost.activation_bytes(cfg, Layout(), 4), rel=0.01)
+
+
+def test_the_planner_searches_expert_parallel_sizes():
+    """A MoE job's ranking holds EP layouts (each one train.py accepts: candidates asks
+    Layout.check); a dense job's none."""
+    from nanodist import hardware, plan
+    from nanodist.model import model_config
+    machine = hardware.DataSheet("h100")
+    moe = model_config("gpt2", 1024, 50257, moe_experts=8, moe_every=2)
+    job = plan.Job("gpt2", moe, 8, 8, 2**19, micro_batch=8)
+    rows = plan.rank(job, machine)
+    assert {r["ep"] for r in rows} == {1, 2, 4, 8}
+    dense = plan.Job("gpt2", model_config("gpt2", 1024, 50257), 8, 8, 2**19, micro_batch=8)
+    assert {r["ep"] for r in plan.rank(dense, machine)} == {1}
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+@pytest.mark.parametrize("write, read", [
+    ((2, ["--expert_parallel_size", "2", "--data_parallel_type", "fsdp"]), (1, [])),
+    ((2, ["--expert_parallel_size", "2"]),
+     (4, ["--expert_parallel_size", "4", "--data_parallel_type", "fsdp"])),
+], ids=["ep2-fsdp-to-1", "ep2-to-ep4-fsdp"])
+def test_a_checkpoint_resumes_under_another_ep_size(char_data, tmp_path, write, read):
+    from test_checkpoint import flags, run
+    moe = ["--moe_experts", "4", "--moe_top_k", "2", "--moe_every", "2", "--dtype", "float64"]
+    (w_world, w_flags), (r_world, r_flags) = write, read
+    full = run(w_world, flags(char_data, tmp_path / "a", *moe, *w_flags))
+    resumed = run(r_world, flags(char_data, tmp_path / "b", *moe, *r_flags,
+                                 "--resume", str(tmp_path / "a" / "step_0000003")))
+    assert_records_match(resumed, full[3:], "resumed", lr=2e-3, n_params=N_PARAMS)
+
+
+# ---------------------------------------------------------------- refused
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--expert_parallel_size", "2", "--data_parallel_size", "2"], "the model has none"),
+    (["--moe_experts", "3", "--expert_parallel_size", "2", "--data_parallel_size", "2"], "divisible"),
+    (["--moe_experts", "4", "--expert_parallel_size", "4", "--data_parallel_size", "2"], "must divide 2"),
+    (["--moe_experts", "4", "--expert_parallel_size", "2", "--data_parallel_size", "2",
+      "--implementation", "pytorch"], "hand-written only"),
+    (["--moe_experts", "4", "--expert_parallel_size", "2", "--data_parallel_size", "2",
+      "--data_parallel_type", "zero1"], "not wired"),
+    (["--moe_experts", "4", "--expert_parallel_size", "2", "--data_parallel_size", "4",
+      "--data_parallel_type", "fsdp", "--data_parallel_replicas", "2"], "HSDP"),
+    (["--moe_experts", "4", "--tensor_parallel_size", "2", "--sequence_parallel"], "sequence_parallel"),
+    (["--moe_experts", "4", "--compile"], "--compile"),
+    (["--moe_experts", "4", "--pipeline_parallel_size", "2", "--implementation", "pytorch"], "pipelining"),
+    (["--moe_experts", "4", "--init_from", "x"], "no experts"),
+    (["--moe_experts", "2", "--moe_top_k", "3"], "at most"),
+    (["--moe_experts", "2", "--moe_every", "5"], "no MoE block"),
+    (["--moe_experts", "-1"], ">= 0"),
+])
+def test_bad_moe_flags_are_refused(char_data, flags, message):
+    """Each with one message naming the fix, before any process group work."""
+    from nanodist.config import fit
+    args = ["--device", "cpu", "--model", "tiny", "--dataset", "shakespeare_char", "--data_dir",
+            str(char_data), "--block_size", "32", "--batch_size", "2", "--total_batch_size", "512"]
+    with pytest.raises(UserError, match=message):
+        cfg = parse_args(args + flags)
+        world = cfg.data_parallel_size or cfg.tensor_parallel_size * cfg.pipeline_parallel_size
+        cfg, layout, micro_steps = resolve(cfg, world, "cpu")
+        fit(cfg, layout, micro_steps, 65, "cpu")
+
+
+def test_export_refuses_a_mixture_of_experts(char_data, tmp_path):
+    from nanodist.export import export
+    from test_checkpoint import flags
+    Trainer(parse_args(flags(char_data, tmp_path / "run", "--moe_experts", "2", "--moe_top_k", "1",
+                             "--max_steps", "1", "--eval_interval", "1"))).train()
+    with pytest.raises(UserError, match="no experts"):
+        export(tmp_path / "run" / "step_0000001", tmp_path / "hf")
