@@ -105,7 +105,8 @@ def main():
                  f"{args.batch_size} x accum {args.grad_accum} x {world} ranks on {device.type}, "
                  f"{args.steps} timed steps after {args.warmup}; bytes are rank 0's")
         print_table(rows, title)
-        write_json(args.out, {"args": vars(args), "world_size": world, "device": str(device),
+        kept = {k: v for k, v in vars(args).items() if k not in ("out", "markdown")}  # no machine paths
+        write_json(args.out, {"args": kept, "world_size": world, "device": str(device),
                               "rows": rows, "step_seconds": times})
         Path(args.markdown).write_text(f"# Expert parallelism (bench/moe.py)\n\n{title}.\n\n"
                                        f"{markdown_table(rows)}\n\nCommand: `torchrun --standalone "

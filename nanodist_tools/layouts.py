@@ -29,13 +29,18 @@ LAYOUTS = {
     "pp2xtp2": Layout(pp=2, tp=2),
     "fsdp8": Layout(dp=8, dp_type="fsdp"),
     "fsdp4xtp2-sp-lp": Layout(dp=4, tp=2, dp_type="fsdp", sequence_parallel=True, loss_parallel=True),
+    "fsdp2-ep2": Layout(dp=2, dp_type="fsdp", ep=2),  # expert parallel: a MoE model (MOE)
+    "ep4": Layout(dp=4, ep=4),
 }
+# the train.py flags of the MoE model that layouts with ep > 1 train
+MOE = ["--moe_experts=4", "--moe_top_k=2", "--moe_every=2"]
 BENCH = ["single", "ddp2", "zero1-2", "fsdp2", "zero2", "hsdp2x2", "tp2", "tp2-lp", "tp2-sp-lp",
          "dp2xtp2-lp"]
 VALIDATION = ["ddp2", "fsdp2", "zero2", "tp2-sp-lp", "cp2", "pp2-1f1b", "pp2-gpipe-zero2",
               "pp2-1f1b-zero3", "pp2-interleaved-v2", "dp2xtp2", "fsdp2xtp2-sp", "pp2xtp2", "cp2xfsdp2",
               "zero1-2", "zero1-4", "hsdp2x2", "zero1-2xtp2", "pp2xzero1-2", "cp2xhsdp2"]
-GPU_CHECK = [name for name in BENCH if LAYOUTS[name].world > 1] + ["fsdp8", "fsdp4xtp2-sp-lp"]
+GPU_CHECK = [name for name in BENCH if LAYOUTS[name].world > 1] + ["fsdp8", "fsdp4xtp2-sp-lp", "fsdp2-ep2",
+                                                                  "ep4"]
 
 
 def select(names: list[str] | None, default: list[str]) -> list[str]:

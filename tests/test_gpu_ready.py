@@ -366,7 +366,8 @@ def test_fsdp_never_frees_a_unit_whose_all_gather_is_in_flight():
 def test_gpu_check_runs_on_cpu(char_data):
     """bench/gpu_check.py's correctness part (make gpu-check), its smallest subset."""
     done = subprocess.run([sys.executable, str(REPO / "bench" / "gpu_check.py"), "--device", "cpu",
-                           "--layouts", "ddp2", "--data_dir", char_data],
+                           "--layouts", "ddp2", "fsdp2-ep2", "--data_dir", char_data],
                           cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "PASS ddp2 custom" in done.stdout and "PASS ddp2 pytorch" in done.stdout
+    assert "PASS fsdp2-ep2 custom" in done.stdout
