@@ -208,7 +208,8 @@ class Trainer:
 
     def _moe_stats(self) -> dict:
         """Per MoE layer of this rank: the load-balancing loss (mean over the micro-steps) and
-        each expert's share of the (token, expert) assignments of this rank's tokens."""
+        the (token, expert) assignments of this rank's tokens per expert in the step (a
+        checkpointed block's recomputed forward is not counted twice)."""
         if not self.moe:
             return {}
         aux, scalars = [], {}
@@ -216,10 +217,10 @@ class Trainer:
             calls, aux_sum, assigned = moe.stats
             layer = path.split(".")[2]  # transformer.h.<i>.mlp
             aux.append(float(aux_sum) / calls)
-            share = assigned.double() / max(int(assigned.sum()), 1)
+            tokens = assigned.double() * self.micro_steps / calls  # forwards per micro-step: 1, or 2
             scalars[f"MoE/aux_loss/layer{layer}"] = aux[-1]
-            scalars[f"MoE/max_load/layer{layer}"] = share.max().item() * moe.n_experts  # 1: balanced
-            scalars.update({f"MoE/tokens/layer{layer}/expert{e}": s for e, s in enumerate(share.tolist())})
+            scalars[f"MoE/max_load/layer{layer}"] = (tokens.max() / tokens.mean()).item()  # 1: balanced
+            scalars.update({f"MoE/tokens/layer{layer}/expert{e}": n for e, n in enumerate(tokens.tolist())})
         return {"moe_aux": sum(aux) / len(aux), "moe": scalars}
 
     @torch.no_grad()

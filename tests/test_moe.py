@@ -108,6 +108,20 @@ def test_an_active_parameter_count_for_the_flops():
         6 * cfg.n_layer * (cfg.moe_experts * C + (cfg.moe_top_k - 1) * mlp)
 
 
+def test_logged_token_counts_are_the_steps(char_data, tmp_path):
+    """Per MoE block, the logged tokens per expert sum to k x the step's tokens, the same
+    with the blocks' forwards recomputed (full checkpointing runs each twice)."""
+    logged = {}
+    for ac in ("none", "full"):
+        trainer = Trainer(TrainConfig(**tiny_run(char_data, tmp_path / ac, **MOE, activation_checkpointing=ac)))
+        logged[ac] = trainer.train_step(0)["moe"]
+        for layer in (1, 3):
+            counts = [logged[ac][f"MoE/tokens/layer{layer}/expert{e}"] for e in range(MOE["moe_experts"])]
+            assert sum(counts) == MOE["moe_top_k"] * trainer.tokens_per_step
+    assert {k: v for k, v in logged["full"].items() if "tokens" in k} == \
+        {k: v for k, v in logged["none"].items() if "tokens" in k}
+
+
 # ---------------------------------------------------------------- layouts vs one process
 
 
