@@ -135,6 +135,8 @@ def command(job: Job, layout: Layout, micro_batch: int, extra: tuple[str, ...] =
     default = Layout()
     flags = [f"--model={job.preset}", f"--block_size={job.block_size}", f"--batch_size={micro_batch}",
              f"--total_batch_size={job.total_batch_size}", f"--dtype={job.dtype}"]
+    if job.model.moe_experts:  # the model's mixture of experts is the job's, not the layout's
+        flags += [f"--{name}={getattr(job.model, name)}" for name in ("moe_experts", "moe_top_k", "moe_every")]
     flags += [flag for flag, mine, plain in zip(layout.flags(), dataclasses.astuple(layout),
                                                 dataclasses.astuple(default))
               if mine != plain or flag.startswith("--data_parallel_size=")]

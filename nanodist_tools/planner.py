@@ -38,6 +38,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--block_size", type=int, default=1024)
     p.add_argument("--vocab_size", type=int, default=50257, help="the tokenizer's (GPT-2 BPE: 50257)")
     p.add_argument("--total_batch_size", type=int, default=524288)
+    p.add_argument("--moe_experts", type=int, default=0, help="a mixture of experts (train.py's flag): "
+                                                               "the planner then searches EP sizes too")
+    p.add_argument("--moe_top_k", type=int, default=2)
+    p.add_argument("--moe_every", type=int, default=1)
     p.add_argument("--micro_batch_size", type=int, default=0, help="0: search powers of 2 up to 64")
     p.add_argument("--dtype", default="", choices=["", "bfloat16", "float32"],
                    help="default: bfloat16 on a GPU, float32 on a CPU profile")
@@ -61,7 +65,8 @@ def machine_of(args):
     for name in ("gpus", "top"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name} must be >= 1, got {getattr(args, name)}")
-    for name in ("gpus_per_node", "gpu_memory_gib", "intra_node_gb_s", "inter_node_gb_s", "micro_batch_size"):
+    for name in ("gpus_per_node", "gpu_memory_gib", "intra_node_gb_s", "inter_node_gb_s", "micro_batch_size",
+                 "moe_experts"):
         if not getattr(args, name) >= 0:
             raise UserError(f"--{name} must be >= 0, got {getattr(args, name)}")
     if not 0 < args.compute_efficiency <= 1:
@@ -83,7 +88,13 @@ def machine_of(args):
 def job_of(args, machine, per_node: int) -> plan.Job:
     device = args.device or machine.device
     dtype = args.dtype or ("float32" if device == "cpu" else "bfloat16")
-    return plan.Job(args.model, model_config(args.model, args.block_size, args.vocab_size), args.gpus,
+    moe = {}
+    if args.moe_experts:
+        if not (1 <= args.moe_top_k <= args.moe_experts and args.moe_every >= 1):
+            raise UserError(f"--moe_top_k must be in [1, --moe_experts = {args.moe_experts}] and "
+                            f"--moe_every >= 1, got {args.moe_top_k} and {args.moe_every}")
+        moe = dict(moe_experts=args.moe_experts, moe_top_k=args.moe_top_k, moe_every=args.moe_every)
+    return plan.Job(args.model, model_config(args.model, args.block_size, args.vocab_size, **moe), args.gpus,
                     per_node, args.total_batch_size, dtype, device, args.implementation,
                     args.micro_batch_size or None)
 

@@ -292,6 +292,22 @@ def test_the_planner_searches_expert_parallel_sizes():
     assert {r["ep"] for r in plan.rank(dense, machine)} == {1}
 
 
+def test_the_planners_commands_train_the_moe_model(capsys):
+    """The planner's command line with --moe_experts: every EP row's command is one train.py
+    accepts, with the job's experts and the row's EP size; bad MoE flags are one line."""
+    import json
+    from nanodist_tools import planner
+    argv = ["--model=gpt2", "--micro_batch_size=4", "--gpus=8", "--moe_experts=8", "--moe_every=2"]
+    assert planner.main(argv + ["--json"]) == 0
+    rows = [r for r in json.loads(capsys.readouterr().out) if r["ep"] > 1]
+    assert rows
+    for r in rows[:: max(len(rows) // 10, 1)]:
+        cfg, layout, _ = resolve(parse_args(r["command"].split(" train.py ")[1].split()), 8, "cuda")
+        assert (cfg.moe_experts, cfg.moe_every, layout.ep) == (8, 2, r["ep"])
+    assert planner.main(argv + ["--moe_top_k=9"]) != 0
+    assert "--moe_top_k must be in [1" in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------- checkpoints
 
 
