@@ -70,7 +70,8 @@ class _AuxLossGradient(torch.autograd.Function):
 
 
 class TokenSum(nn.Module):
-    """The sum of per-token statistics over the micro-batch's tokens held elsewhere: none."""
+    """Per-token statistics summed over every rank holding part of the micro-batch: here
+    all of its tokens are local, so the identity."""
 
     def forward(self, stats):
         return stats
@@ -96,7 +97,8 @@ class MoE(nn.Module):
         self.stats = [0, 0.0, torch.zeros(self.n_experts, dtype=torch.int64)]
 
     def route(self, x: torch.Tensor):
-        """x (N, C) -> gates (N, k), experts (N, k) and the load-balancing loss."""
+        """x (N, C) -> gates (N, k), experts (N, k), assignments per expert (E,) and the
+        load-balancing loss."""
         logits = self.router(x)
         probs = logits.to(torch.promote_types(logits.dtype, torch.float32)).softmax(-1)
         gates, experts = torch.sort(probs, dim=-1, descending=True, stable=True)

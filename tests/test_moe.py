@@ -143,8 +143,10 @@ def single(char_data, tmp_path_factory):
     (4, dict(data_parallel_size=4, data_parallel_type="fsdp", implementation="pytorch")),
     (2, dict(data_parallel_size=2, implementation="pytorch")),
     (2, dict(tensor_parallel_size=2, enable_loss_parallelism=True, implementation="pytorch")),
+    (2, dict(data_parallel_size=2, data_parallel_type="zero1")),
+    (4, dict(data_parallel_size=4, data_parallel_type="fsdp", data_parallel_replicas=2)),
 ], ids=["ep2", "ep2-fsdp", "dp4-ep2", "ep4-fsdp", "tp2xep2", "pp2xep2", "cp2xep4", "ep2-ac",
-        "moe-fsdp2-native", "moe-ddp-native", "moe-dtensor-tp2"])
+        "moe-fsdp2-native", "moe-ddp-native", "moe-dtensor-tp2", "moe-zero1", "moe-hsdp2x2"])
 def test_matches_one_process(char_data, tmp_path, single, world, layout):
     """Float64 AdamW steps with clipping: harness.assert_records_match's bound over the
     MoE model's parameters (routing is discontinuous, but no two experts of one token lie
