@@ -22,7 +22,7 @@ Communication per optimizer step, ring bus bytes each rank sends (comm.py's `bus
               rows of C values there and back, forward and again backward: 4 k B T C
               values of payload, (ep-1)/ep of it sent when routing is balanced (`moe_all_to_all`),
               and the (E,) int64 counts forward; the experts' gradients are reduced (DDP)
-              or sharded (FSDP) over edp = dp x cp / ep ranks instead of dp x cp
+              or sharded (FSDP, ZeRO-1) over edp = dp x cp / ep ranks instead of dp x cp
               (CP: the router's statistics all-reduced over cp, forward and backward)
     PP        sends of B T C fp32 activations (B T/tp C under SP) per stage boundary and
               micro-batch, forward and the same backward; the first and last stage
@@ -192,6 +192,10 @@ def collectives(cfg: GPTConfig, layout: Layout, micro_batch: int, accum: int,
         elif flat_shards:  # ZeRO-1 by hand: a bucket per class at least (decay, no decay)
             add("dp", "reduce_scatter", dp_cp, FP32 * dense, buckets + 1)
             add("dp", "all_gather", dp_cp, FP32 * dense, buckets + 1)
+            if experts:  # their own buckets, over the ranks holding the same experts
+                expert_buckets = math.ceil(FP32 * experts / (layout.bucket_cap_mb * 2**20)) + 1
+                add("edp", "reduce_scatter", edp, FP32 * experts, expert_buckets)
+                add("edp", "all_gather", edp, FP32 * experts, expert_buckets)
         else:
             add("dp", "all_reduce", dp_cp, FP32 * dense, buckets)
             if experts and ep > 1:  # their own buckets, over the ranks holding the same experts
@@ -206,9 +210,9 @@ def collectives(cfg: GPTConfig, layout: Layout, micro_batch: int, accum: int,
     norms = flat_shards * (2 if tp > 1 else 1)
     if norms:
         add("dp", "all_reduce", shards, FP32 * norms, norms)
-    if cfg.moe_experts and ep > 1:  # the experts' class: sharded over ep (and edp under FSDP)
+    if cfg.moe_experts and ep > 1:  # the experts' class: sharded over ep (and edp: FSDP, ZeRO-1)
         add("ep", "all_reduce", ep, FP32)
-        if layout.fsdp:
+        if flat_shards:
             add("edp", "all_reduce", edp, FP32)
     add("dp", "all_reduce", dp_cp, FP32)
     add("pp", "all_reduce", P, 2 * FP32, 2)

@@ -161,7 +161,8 @@ class DataParallel:
 
 
 @contextmanager
-def _no_sync_all(engines):
+def no_sync_all(engines):
+    """The no_sync of every engine at once (expert parallelism: two, over dp x cp and edp)."""
     with ExitStack() as stack:
         for engine in engines:
             stack.enter_context(engine.no_sync())
@@ -199,7 +200,7 @@ def apply_ddp(stage, setup):
         if experts:
             engines.append(DataParallel(model, mesh.edp, layout.bucket_cap_mb, experts,
                                         scale=1.0 / mesh.dp_cp.size))
-        return dataclasses.replace(stage, no_sync=partial(_no_sync_all, engines))
+        return dataclasses.replace(stage, no_sync=partial(no_sync_all, engines))
     if layout.tp > 1 or layout.pp > 1:
         replicated = compat.replicate(model, mesh=mesh.dp_cp.device_mesh)
         return dataclasses.replace(stage, module=replicated, no_sync=partial(fsdp2_no_sync, replicated))

@@ -286,10 +286,9 @@ class Layout:
         if self.implementation == "pytorch":
             raise UserError("--expert_parallel_size > 1 is hand-written only (PyTorch 2.13 offers no "
                             "expert-parallel module or MoE layer); use --implementation custom")
-        if self.dp_type == "zero1" or self.hsdp:
-            what = "zero1" if self.dp_type == "zero1" else "fsdp --data_parallel_replicas > 1 (HSDP)"
-            raise UserError(f"--expert_parallel_size > 1 with --data_parallel_type {what} is not wired "
-                            f"up; use --data_parallel_type ddp or fsdp")
+        if self.hsdp:
+            raise UserError("--expert_parallel_size > 1 with --data_parallel_replicas > 1 (HSDP) is not "
+                            "wired up; use --data_parallel_type ddp, zero1 or fsdp without replicas")
 
     def _check_pipeline(self, model: GPTConfig | None, M: int | None):
         P, V, schedule = self.pp, self.virtual_stages, self.pp_schedule

@@ -35,7 +35,8 @@ import torch.nn as nn
 
 from nanodist import compat
 from nanodist.parallel.comm import Group
-from nanodist.parallel.ddp import assign_buckets, broadcast_from_first_rank, native_ddp
+from nanodist.parallel.ddp import assign_buckets, broadcast_from_first_rank, native_ddp, no_sync_all
+from nanodist.parallel.expert_parallel import expert_params
 from nanodist.parallel.params import FlatParams, ModuleParams, flat_classes, parameter_owners
 
 
@@ -71,12 +72,16 @@ class Flat:
 
 
 class ZeRO1:
-    """Custom ZeRO-1 of `model` over `group` (the DP x CP ranks), by hooks."""
+    """Custom ZeRO-1 of `model` over `group` (the DP x CP ranks), by hooks. `params`: the
+    ones it holds (default: all); `scale`: the gradients' factor (default 1 / group size)."""
 
-    def __init__(self, model: nn.Module, group: Group, bucket_cap_mb: float, sharded_over: dict):
-        self.group, self.scale, self.sync = group, 1.0 / group.size, True
-        broadcast_from_first_rank(model.parameters(), group, model.buffers())
-        named = [(name, p) for name, p in model.named_parameters() if p.requires_grad][::-1]
+    def __init__(self, model: nn.Module, group: Group, bucket_cap_mb: float, sharded_over: dict,
+                 params: list | None = None, scale: float | None = None):
+        self.group, self.scale, self.sync = group, scale or 1.0 / group.size, True
+        broadcast_from_first_rank(model, group, params)
+        held = None if params is None else {id(p) for p in params}
+        named = [(name, p) for name, p in model.named_parameters()
+                 if p.requires_grad and (held is None or id(p) in held)][::-1]
         order = {id(p): i for i, (_, p) in enumerate(named)}  # backward's order, roughly
         owners, flats = parameter_owners(model), []
         for (_, groups, _), members in flat_classes(named, sharded_over).items():
@@ -218,13 +223,35 @@ class _OwnState:
         return self.state[param] if id(param) in self.mine else {}
 
 
+class Engines:
+    """Several ZeRO-1 engines as one for ZeRO1Params (expert parallelism: the experts' over edp)."""
+
+    def __init__(self, engines: list[ZeRO1]):
+        self.engines = engines
+        self.flats = [flat for engine in engines for flat in engine.flats]
+
+    def gather(self):
+        for engine in self.engines:
+            engine.gather()
+
+    def no_sync(self):
+        return no_sync_all(self.engines)
+
+
 def apply_zero1(stage, setup):
-    """The ZeRO-1 step of `parallelize`, last, as DDP's (real tensors): over the DP x CP group."""
+    """The ZeRO-1 step of `parallelize`, last, as DDP's (real tensors): over the DP x CP
+    group; expert-parallel parameters over edp, divided by DP x CP (as DDP's)."""
     layout, mesh, model = setup.layout, setup.mesh, stage.gpt
     if layout.implementation == "pytorch":
         wrapped = native_ddp(model, mesh.dp_cp, mesh.device, layout.bucket_cap_mb)
         return dataclasses.replace(stage, module=wrapped, no_sync=wrapped.no_sync,
                                    params=ZeroRedundancyParams(model, mesh, stage.params.plan))
-    engine = ZeRO1(model, mesh.dp_cp, layout.bucket_cap_mb, stage.params.sharded_over)
+    experts, over = expert_params(stage), stage.params.sharded_over
+    expert_ids = {id(p) for p in experts}
+    engines = [ZeRO1(model, mesh.dp_cp, layout.bucket_cap_mb, over,
+                     [p for p in model.parameters() if id(p) not in expert_ids] if experts else None)]
+    if experts:
+        engines.append(ZeRO1(model, mesh.edp, layout.bucket_cap_mb, over, experts, 1.0 / mesh.dp_cp.size))
+    engine = Engines(engines)
     return dataclasses.replace(stage, no_sync=engine.no_sync,
                                params=ZeRO1Params(engine, mesh, stage.params.plan))
