@@ -263,3 +263,33 @@ def test_trainer_matches_one_process(char_data, tmp_path):
     result = run_train(args, nproc=2)
     assert result.returncode == 0, result.stderr
     assert_printed_losses_match(result.stdout, single)
+
+
+def replicas_after_wrapping(engine_name: str):
+    """Rank side: a model drawn from each rank's own seed, wrapped by the custom DDP or
+    ZeRO-1 (all its parameters, or a subset: expert parallelism's experts over edp);
+    returns every parameter as each rank holds it afterwards."""
+    from nanodist.parallel.zero1 import ZeRO1
+    mesh = build_mesh(Layout(dp=2), CPU)
+    model = GPT(TINY, seed=mesh.rank)  # different on every rank
+    drawn = {name: p.detach().clone() for name, p in model.named_parameters()}
+    named = list(model.named_parameters())
+    subset = named[::2] if engine_name.endswith("subset") else named
+    params = [p for _, p in subset] if engine_name.endswith("subset") else None
+    if engine_name.startswith("ddp"):
+        DataParallel(model, mesh.dp, params=params)
+    else:
+        ZeRO1(model, mesh.dp, 25.0, {}, params=params)
+    held = {name: p.detach().clone() for name, p in model.named_parameters()}
+    return held, drawn, [name for name, _ in subset]
+
+
+@pytest.mark.parametrize("engine", ["ddp", "ddp-subset", "zero1", "zero1-subset"])
+def test_replicas_start_from_rank_0s_values(engine):
+    """Whatever each rank drew, the replicas of what an engine holds start as DP rank 0's;
+    what it does not hold stays each rank's own."""
+    (held_0, drawn_0, names), (held_1, drawn_1, _) = run_distributed(replicas_after_wrapping, 2, engine)
+    for name in held_0:
+        assert torch.equal(held_0[name], drawn_0[name]), name
+        assert torch.equal(held_1[name], drawn_0[name] if name in names else drawn_1[name]), name
+    assert not torch.equal(drawn_0["transformer.wte.weight"], drawn_1["transformer.wte.weight"])  # they differed
