@@ -168,7 +168,7 @@ def hides(layout: Layout, group: str, kind: str) -> bool:
     """Whether this traffic overlaps compute: DDP's and ZeRO-1's reductions behind the last
     micro-step's backward, FSDP's everything behind each micro-step (HSDP's replica
     all-reduce too); ZeRO-1's all-gather follows the optimizer step, exposed."""
-    return group in ("dp_replicate", "edp") or (group == "dp" and not (layout.zero1 and kind == "all_gather"))
+    return group == "dp_replicate" or (group in ("dp", "edp") and not (layout.zero1 and kind == "all_gather"))
 
 
 def matmuls(cfg: GPTConfig, layout: Layout, micro_batch: int, moe: bool = False) -> tuple[list, list]:
