@@ -35,7 +35,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from nanodist import compat
 from nanodist.parallel.comm import Group
-from nanodist.parallel.expert_parallel import expert_params
+from nanodist.parallel.expert_parallel import reduction_groups
 from nanodist.parallel.fsdp import fsdp2_no_sync
 
 
@@ -193,13 +193,8 @@ def apply_ddp(stage, setup):
     in backward; no_sync is decided at backward)."""
     layout, mesh, model = setup.layout, setup.mesh, stage.gpt
     if layout.implementation == "custom":
-        experts = expert_params(stage)  # expert parallel: the experts' replicas are over edp
-        expert_ids = {id(p) for p in experts}
-        engines = [DataParallel(model, mesh.dp_cp, layout.bucket_cap_mb,
-                                [p for p in model.parameters() if id(p) not in expert_ids] if experts else None)]
-        if experts:
-            engines.append(DataParallel(model, mesh.edp, layout.bucket_cap_mb, experts,
-                                        scale=1.0 / mesh.dp_cp.size))
+        engines = [DataParallel(model, group, layout.bucket_cap_mb, params, scale)  # EP: experts over edp
+                   for group, params, scale in reduction_groups(stage, mesh)]
         return dataclasses.replace(stage, no_sync=partial(no_sync_all, engines))
     if layout.tp > 1 or layout.pp > 1:
         replicated = compat.replicate(model, mesh=mesh.dp_cp.device_mesh)

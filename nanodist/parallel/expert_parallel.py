@@ -101,6 +101,18 @@ def apply_ep(stage, setup):
     return dataclasses.replace(stage, params=ModuleParams(model, mesh, plan, sharded_over))
 
 
+def reduction_groups(stage, mesh) -> list[tuple[Group, list | None, float | None]]:
+    """(group, parameters, gradient factor) of each data-parallel engine (DDP's, ZeRO-1's):
+    every parameter over DP x CP (None, None: the engine's defaults); under expert
+    parallelism the rest there and the experts over edp, divided by DP x CP."""
+    experts = expert_params(stage)
+    if not experts:
+        return [(mesh.dp_cp, None, None)]
+    expert_ids = {id(p) for p in experts}
+    rest = [p for p in stage.gpt.parameters() if id(p) not in expert_ids]
+    return [(mesh.dp_cp, rest, None), (mesh.edp, experts, 1.0 / mesh.dp_cp.size)]
+
+
 def expert_params(stage) -> list:
     """The expert-parallel parameters of a stage, in model order (the same on every rank:
     their reductions go in it), reduced over `edp` instead of DP x CP."""

@@ -36,7 +36,7 @@ import torch.nn as nn
 from nanodist import compat
 from nanodist.parallel.comm import Group
 from nanodist.parallel.ddp import assign_buckets, broadcast_from_first_rank, native_ddp, no_sync_all
-from nanodist.parallel.expert_parallel import expert_params
+from nanodist.parallel.expert_parallel import reduction_groups
 from nanodist.parallel.params import FlatParams, ModuleParams, flat_classes, parameter_owners
 
 
@@ -246,12 +246,7 @@ def apply_zero1(stage, setup):
         wrapped = native_ddp(model, mesh.dp_cp, mesh.device, layout.bucket_cap_mb)
         return dataclasses.replace(stage, module=wrapped, no_sync=wrapped.no_sync,
                                    params=ZeroRedundancyParams(model, mesh, stage.params.plan))
-    experts, over = expert_params(stage), stage.params.sharded_over
-    expert_ids = {id(p) for p in experts}
-    engines = [ZeRO1(model, mesh.dp_cp, layout.bucket_cap_mb, over,
-                     [p for p in model.parameters() if id(p) not in expert_ids] if experts else None)]
-    if experts:
-        engines.append(ZeRO1(model, mesh.edp, layout.bucket_cap_mb, over, experts, 1.0 / mesh.dp_cp.size))
-    engine = Engines(engines)
+    engine = Engines([ZeRO1(model, group, layout.bucket_cap_mb, stage.params.sharded_over, params, scale)
+                      for group, params, scale in reduction_groups(stage, mesh)])
     return dataclasses.replace(stage, no_sync=engine.no_sync,
                                params=ZeRO1Params(engine, mesh, stage.params.plan))
