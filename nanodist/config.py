@@ -169,16 +169,17 @@ def parse_args(argv=None) -> TrainConfig:
     return TrainConfig(**vars(build_parser().parse_args(argv)))
 
 
-# (flags, test, what their values must be): every number of TrainConfig has its range
-RANGES = (
+# (flags, test, what their values must be): every number of TrainConfig has its range;
+# the mixture of experts' are the planner's too (check_moe)
+MOE_RANGES = ((("moe_experts",), lambda v: v >= 0, ">= 0"), (("moe_top_k", "moe_every"), lambda v: v >= 1, ">= 1"))
+RANGES = MOE_RANGES + (
     (("block_size", "batch_size", "total_batch_size", "max_steps", "eval_interval", "eval_iters",
       "keep_checkpoints", "tensor_parallel_size", "context_parallel_size", "ac_every",
-      "moe_top_k", "moe_every", "expert_parallel_size",
+      "expert_parallel_size",
       "data_parallel_replicas",
       "pipeline_parallel_size", "virtual_stages"), lambda v: v >= 1, ">= 1"),
     (("learning_rate", "max_grad_norm", "bucket_cap_mb", "dist_timeout"), lambda v: v > 0, "> 0"),
-    (("min_lr", "weight_decay", "memory_budget_gib", "moe_experts", "moe_aux_loss_coef"),
-     lambda v: v >= 0, ">= 0"),
+    (("min_lr", "weight_decay", "memory_budget_gib", "moe_aux_loss_coef"), lambda v: v >= 0, ">= 0"),
     (("dropout", "beta1", "beta2"), lambda v: 0 <= v < 1, "in [0, 1)"),
     (("warmup_steps",), lambda v: v >= -1, ">= 0 (or -1: GPT-2's 715, at most 10% of max_steps)"),
     (("checkpoint_interval",), lambda v: v >= -1, "K >= 1 steps, 0 (at each evaluation) or -1 (never)"),
@@ -203,20 +204,27 @@ def check_values(cfg: TrainConfig):
     if cfg.min_lr > cfg.learning_rate:
         raise UserError(f"--min_lr ({cfg.min_lr}) must be <= --learning_rate ({cfg.learning_rate}): "
                         f"the cosine decays from the one to the other")
-    if cfg.moe_experts and not cfg.moe_top_k <= cfg.moe_experts:
-        raise UserError(f"--moe_top_k ({cfg.moe_top_k}) must be at most --moe_experts ({cfg.moe_experts})")
+    check_moe(cfg)
     if cfg.moe_experts and cfg.init_from:
         raise UserError("--init_from loads Hugging Face GPT-2, which has no experts: drop --moe_experts "
                         "(or --init_from)")
-    if cfg.moe_experts and cfg.moe_every > MODEL_LAYERS[cfg.model]:
-        raise UserError(f"--moe_every {cfg.moe_every} leaves no MoE block in --model {cfg.model} "
-                        f"({MODEL_LAYERS[cfg.model]} blocks); use at most {MODEL_LAYERS[cfg.model]}")
     if cfg.resume in ("latest", "auto") and not cfg.out_dir:
         raise UserError(f"--resume {cfg.resume} looks in --out_dir: say which run directory")
 
 
 MODEL_LAYERS = {name: preset["n_layer"] for name, preset in PRESETS.items()}
 MOE_FLAGS = ("moe_experts", "moe_top_k", "moe_every", "moe_aux_loss_coef")
+
+
+def check_moe(args):
+    """The mixture of experts of train.py's flags or the planner's (`args`: model, moe_experts,
+    moe_top_k, moe_every): their ranges, and a model they fit."""
+    check_ranges(args, MOE_RANGES)
+    if args.moe_experts and not args.moe_top_k <= args.moe_experts:
+        raise UserError(f"--moe_top_k ({args.moe_top_k}) must be at most --moe_experts ({args.moe_experts})")
+    if args.moe_experts and args.moe_every > MODEL_LAYERS[args.model]:
+        raise UserError(f"--moe_every {args.moe_every} leaves no MoE block in --model {args.model} "
+                        f"({MODEL_LAYERS[args.model]} blocks); use at most {MODEL_LAYERS[args.model]}")
 
 
 def moe_of(cfg) -> dict:

@@ -62,6 +62,7 @@ SCHEDULES = [("gpipe", 1), ("1f1b", 1), ("interleaved_1f1b", 2), ("interleaved_1
 DATA_PARALLEL = {"ddp": ("ddp", True), "zero1": ("zero1", True), "fsdp-zero3": ("fsdp", True),
                  "fsdp-zero2": ("fsdp", False)}
 MICRO_BATCHES = (1, 2, 4, 8, 16, 32, 64)
+MODEL_FLAGS = ("moe_experts", "moe_top_k", "moe_every")  # the job's model beyond its preset, in commands
 
 
 @dataclass(frozen=True)
@@ -136,7 +137,7 @@ def command(job: Job, layout: Layout, micro_batch: int, extra: tuple[str, ...] =
     flags = [f"--model={job.preset}", f"--block_size={job.block_size}", f"--batch_size={micro_batch}",
              f"--total_batch_size={job.total_batch_size}", f"--dtype={job.dtype}"]
     if job.model.moe_experts:  # the model's mixture of experts is the job's, not the layout's
-        flags += [f"--{name}={getattr(job.model, name)}" for name in ("moe_experts", "moe_top_k", "moe_every")]
+        flags += [f"--{name}={getattr(job.model, name)}" for name in MODEL_FLAGS]
     flags += [flag for flag, mine, plain in zip(layout.flags(), dataclasses.astuple(layout),
                                                 dataclasses.astuple(default))
               if mine != plain or flag.startswith("--data_parallel_size=")]

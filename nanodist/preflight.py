@@ -63,7 +63,7 @@ def job(cfg: TrainConfig, model, world: int, device: torch.device, micro_batch: 
 
 KEPT = ("implementation", "compile")  # --layout auto keeps these flags as given
 PLANNED = {"model", "block_size", "batch_size", "total_batch_size", "dtype", "layout",
-           "moe_experts", "moe_top_k", "moe_every",  # plan.command gives the job's model
+           *plan.MODEL_FLAGS,  # plan.command gives the job's model
            *(flag for name, flag in LAYOUT_FLAGS.items() if name not in KEPT)}
 
 

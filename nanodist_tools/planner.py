@@ -16,7 +16,7 @@ import json
 import sys
 
 from nanodist import plan
-from nanodist.config import OneLineParser
+from nanodist.config import OneLineParser, check_moe
 from nanodist.errors import UserError
 from nanodist.hardware import GPUS, DataSheet, GiB, Profile
 from nanodist.model import PRESETS, model_config
@@ -65,8 +65,7 @@ def machine_of(args):
     for name in ("gpus", "top"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name} must be >= 1, got {getattr(args, name)}")
-    for name in ("gpus_per_node", "gpu_memory_gib", "intra_node_gb_s", "inter_node_gb_s", "micro_batch_size",
-                 "moe_experts"):
+    for name in ("gpus_per_node", "gpu_memory_gib", "intra_node_gb_s", "inter_node_gb_s", "micro_batch_size"):
         if not getattr(args, name) >= 0:
             raise UserError(f"--{name} must be >= 0, got {getattr(args, name)}")
     if not 0 < args.compute_efficiency <= 1:
@@ -88,12 +87,8 @@ def machine_of(args):
 def job_of(args, machine, per_node: int) -> plan.Job:
     device = args.device or machine.device
     dtype = args.dtype or ("float32" if device == "cpu" else "bfloat16")
-    moe = {}
-    if args.moe_experts:
-        if not (1 <= args.moe_top_k <= args.moe_experts and args.moe_every >= 1):
-            raise UserError(f"--moe_top_k must be in [1, --moe_experts = {args.moe_experts}] and "
-                            f"--moe_every >= 1, got {args.moe_top_k} and {args.moe_every}")
-        moe = dict(moe_experts=args.moe_experts, moe_top_k=args.moe_top_k, moe_every=args.moe_every)
+    check_moe(args)
+    moe = {name: getattr(args, name) for name in plan.MODEL_FLAGS} if args.moe_experts else {}
     return plan.Job(args.model, model_config(args.model, args.block_size, args.vocab_size, **moe), args.gpus,
                     per_node, args.total_batch_size, dtype, device, args.implementation,
                     args.micro_batch_size or None)

@@ -309,7 +309,7 @@ def test_the_planners_commands_train_the_moe_model(capsys):
         cfg, layout, _ = resolve(parse_args(r["command"].split(" train.py ")[1].split()), 8, "cuda")
         assert (cfg.moe_experts, cfg.moe_every, layout.ep) == (8, 2, r["ep"])
     assert planner.main(argv + ["--moe_top_k=9"]) != 0
-    assert "--moe_top_k must be in [1" in capsys.readouterr().err
+    assert "--moe_top_k (9) must be at most --moe_experts (8)" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------- checkpoints
