@@ -93,8 +93,9 @@ class MoE(nn.Module):
         self.reset_stats()
 
     def reset_stats(self):
-        """calls, sum of aux, sum of assignments per expert (this rank's tokens)."""
-        self.stats = [0, 0.0, torch.zeros(self.n_experts, dtype=torch.int64)]
+        """calls, sum of aux, sum of assignments per expert (this rank's tokens; on its device:
+        the trainer reads them once a step, not every forward)."""
+        self.stats = [0, 0.0, 0]
 
     def route(self, x: torch.Tensor):
         """x (N, C) -> gates (N, k), experts (N, k), assignments per expert (E,) and the
@@ -123,7 +124,7 @@ class MoE(nn.Module):
         y = (gates.to(out.dtype).unsqueeze(-1) * unsorted.view(-1, self.top_k, C)).sum(1)
         y = self.dropout(y.view(B, T, C))
         calls, aux_sum, assigned = self.stats
-        self.stats = [calls + 1, aux_sum + aux.detach(), assigned + counts.detach().cpu()]
+        self.stats = [calls + 1, aux_sum + aux.detach(), assigned + counts.detach()]
         if torch.is_grad_enabled() and y.requires_grad and self.aux_loss_weight:
             y = _AuxLossGradient.apply(y, aux, self.aux_loss_weight)
         return y
