@@ -14,6 +14,8 @@ import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from nanodist.checkpoint.integrity import TRUST_HELP
+from nanodist.cli import OneLineParser
 from nanodist.errors import UserError
 from nanodist.model import PRESETS, GPTConfig, model_config
 from nanodist.parallel.layout import CHOICES as LAYOUT_CHOICES, FLAGS as LAYOUT_FLAGS, Layout
@@ -72,6 +74,8 @@ class TrainConfig:
     resume: str = flag("", "--resume: the latest checkpoint of --out_dir; --resume auto: it if "
                            "any, else start fresh (for torchrun restarts); --resume DIR: that one",
                        const="latest")
+    trust_unverified_checkpoint: bool = flag(False, TRUST_HELP + "; it and older checkpoints are then "
+                                                                 "never rotated away")
     # parallel layout
     layout: str = flag("flags", "flags: the parallel flags below; auto: the planner's fastest layout "
                                 "that fits instead (and --batch_size unless given), and why")
@@ -135,13 +139,6 @@ def str2bool(text: str) -> bool:
     if text.lower() in ("0", "false", "no", "off"):
         return False
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse whose errors are one UserError line naming --help (exit code 2)."""
-
-    def error(self, message):  # one line naming the fix, exit code 2
-        raise UserError(f"{message} (see --help)")
 
 
 def build_parser(config_cls=TrainConfig) -> argparse.ArgumentParser:
@@ -220,6 +217,11 @@ def check_moe(args):
     """The mixture of experts of train.py's flags or the planner's (`args`: model, moe_experts,
     moe_top_k, moe_every): their ranges, and a model they fit."""
     check_ranges(args, MOE_RANGES)
+    given = [f"--{name} {getattr(args, name)}" for name in MOE_FLAGS[1:]
+             if getattr(args, name, None) not in (None, getattr(GPTConfig, name))]
+    if given and not args.moe_experts:
+        raise UserError(f"{', '.join(given)} needs --moe_experts > 0, and has no effect without it; "
+                        f"drop it (or add --moe_experts)")
     if args.moe_experts and not args.moe_top_k <= args.moe_experts:
         raise UserError(f"--moe_top_k ({args.moe_top_k}) must be at most --moe_experts ({args.moe_experts})")
     if args.moe_experts and args.moe_every > MODEL_LAYERS[args.model]:

@@ -12,9 +12,12 @@ G = grad_accum * dp_size * batch_size sequence starts, drawn by a generator seed
 So every layout with the same G trains on the same sequences in each step, DP ranks read
 different slots, and TP ranks (same dp_rank) read the same data.
 """
+import errno
 import hashlib
 import json
+import os
 import urllib.request
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,12 +62,27 @@ def check_split_sizes(source: str, counts: dict[str, int]) -> None:
                         + " tokens; each split needs block_size + 1 tokens or more: pass a longer text")
 
 
+@contextmanager
+def writing(path):
+    """The writes of a prepared dataset's file `path`: a full or read-only disk is one line."""
+    try:
+        yield
+    except OSError as e:
+        raise UserError(f"cannot write {path} ({e.strerror or e}): free space, or pick a writable "
+                        f"--out_dir") from e
+
+
 def prepare_out_dir(out_dir: str | Path) -> Path:
     """Create `out_dir` and drop an old meta.json: a prepare that dies half-way then leaves
     .bin files that the loader refuses, instead of ones an old meta.json vouches for."""
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "meta.json").unlink(missing_ok=True)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"--out_dir {out_dir} is a file; pick a directory")
+    with writing(out_dir):
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if not os.access(out_dir, os.W_OK | os.X_OK):  # a read-only file system, even for root
+            raise PermissionError(errno.EACCES, "not writable")
+        (out_dir / "meta.json").unlink(missing_ok=True)
     return out_dir
 
 
@@ -72,13 +90,15 @@ def write_split(out_dir: Path, split: str, tokens) -> int:
     """Write tokens as uint16 to <out_dir>/<split>.bin; returns how many."""
     tokens = np.asarray(tokens)
     assert tokens.size == 0 or 0 <= tokens.min() and tokens.max() < 2**16, "token ids must fit uint16"
-    tokens.astype(np.uint16).tofile(out_dir / f"{split}.bin")
+    with writing(out_dir / f"{split}.bin"):
+        tokens.astype(np.uint16).tofile(out_dir / f"{split}.bin")
     return int(tokens.size)
 
 
 def write_meta(out_dir: Path, **meta) -> None:
     """meta.json is written last: its token counts vouch for complete .bin files."""
-    (out_dir / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    with writing(out_dir / "meta.json"):
+        (out_dir / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
 
 
 # ---- reading: used by the trainer ----

@@ -9,12 +9,16 @@ also get the tokenizer (vocab.json, merges.txt) derived from the tiktoken ranks.
 """
 import argparse
 import json
+import os
+import secrets
+import shutil
 import sys
 from pathlib import Path
 
 from safetensors.torch import save_file
 
-from nanodist import checkpoint, compat
+from nanodist import checkpoint, cli, compat
+from nanodist.checkpoint.integrity import TRUST_HELP
 from nanodist.errors import UserError
 from nanodist.hf import hf_config, to_hf
 from nanodist.tokenizer import EOT, get_gpt2_encoding
@@ -51,40 +55,98 @@ def write_gpt2_tokenizer(to: Path, bpe_file: str | None):
          "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>"}))
 
 
-def export(path: Path, to: Path, bpe_file: str | None = None) -> Path:
-    model, info = checkpoint.load_model(path)
+def checkpoint_of(out_dir: str, step: int | None) -> Path:
+    """The checkpoint of `step` in run directory `out_dir` (None: the latest)."""
+    if step is None:
+        return checkpoint.find(out_dir, "latest", "--out_dir")
+    held = {checkpoint.step_of(p): p for p in checkpoint.checkpoints(out_dir)}
+    if step not in held:
+        raise UserError(f"--step {step}: {out_dir} has no checkpoint of that step (it holds "
+                        f"{', '.join(map(str, held)) or 'none'}); omit --step for the latest")
+    return held[step]
+
+
+def write_hf(model, tokenizer: dict, to: Path, bpe_file: str | None):
+    """The from_pretrained files of `model` in directory `to`."""
+    vocab = len(tokenizer["itos"]) if tokenizer["name"] == "char" else EOT + 1
+    state = dict(to_hf(name, p.detach(), vocab) for name, p in model.named_parameters())
+    save_file(state, to / "model.safetensors", metadata={"format": "pt"})
+    (to / "config.json").write_text(json.dumps(hf_config(model.config, vocab), indent=1))
+    if tokenizer["name"] == "gpt2":
+        write_gpt2_tokenizer(to, bpe_file)
+
+
+EXPORT_FILES = {"config.json", "model.safetensors", "vocab.json", "merges.txt", "tokenizer_config.json"}
+
+
+def export(path: Path, to: Path, bpe_file: str | None = None, force: bool = False,
+           trust_unverified: bool = False) -> Path:
+    """Checkpoint `path` as a Hugging Face directory `to`: new or empty, or (`force`) one
+    holding an earlier export, which is replaced whole: written beside and renamed into
+    place, so `to` holds one export or the other, never a mix."""
+    if to.exists() and not to.is_dir():
+        raise UserError(f"--to {to} is a file; pick a directory (new or empty)")
+    held = sorted(p.name for p in to.iterdir()) if to.is_dir() else []
+    foreign = [name for name in held if name not in EXPORT_FILES]
+    if foreign:
+        raise UserError(f"--to {to} holds what an export does not write ({', '.join(foreign[:3])}"
+                        f"{', ...' if len(foreign) > 3 else ''}): pick a new or empty directory")
+    if held and not force:
+        raise UserError(f"--to {to} holds an export already: pick a new directory, or --force to replace it")
+    model, info = checkpoint.load_model(path, trust_unverified)
     if model.config.moe_experts:
         raise UserError(f"{path} is a mixture of experts ({model.config.moe_experts} experts per MoE "
                         f"block): GPT2LMHeadModel has no experts, there is nothing to export it to; "
                         f"sample from the checkpoint itself (sample.py --out_dir)")
     if not model.config.bias:
         raise UserError("GPT2LMHeadModel has biases; this model was trained without")
-    tokenizer = info["tokenizer"]
-    vocab = len(tokenizer["itos"]) if tokenizer["name"] == "char" else EOT + 1
-    to.mkdir(parents=True, exist_ok=True)
-    state = dict(to_hf(name, p.detach(), vocab) for name, p in model.named_parameters())
-    save_file(state, to / "model.safetensors", metadata={"format": "pt"})
-    (to / "config.json").write_text(json.dumps(hf_config(model.config, vocab), indent=1))
-    if tokenizer["name"] == "gpt2":
-        write_gpt2_tokenizer(to, bpe_file)
+    try:
+        if to.is_dir() and not held:  # nothing to lose (and a mount point cannot be renamed)
+            write_hf(model, info["tokenizer"], to, bpe_file)
+        else:
+            _replace_with(to, lambda new: write_hf(model, info["tokenizer"], new, bpe_file))
+    except OSError as e:
+        raise UserError(f"cannot write --to {to} ({e.strerror or e}): pick a writable directory") from e
     return to
 
 
+def _replace_with(to: Path, write):
+    """`write(new)` into a directory beside `to`, then renamed to `to` (the old one, if any,
+    moved aside first and removed last; put back if the rename fails)."""
+    to = to.absolute()
+    token = secrets.token_hex(4)
+    new, old = to.with_name(f".{to.name}.new-{token}"), to.with_name(f".{to.name}.old-{token}")
+    try:
+        new.mkdir(parents=True)
+        write(new)
+        if to.exists():
+            os.replace(to, old)
+        os.replace(new, to)
+    except OSError:
+        if old.exists() and not to.exists():
+            os.replace(old, to)
+        raise
+    finally:
+        shutil.rmtree(new, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def run(args) -> int:
+    path = checkpoint_of(args.out_dir, args.step)
+    to = export(path, Path(args.to), args.bpe_file, args.force, args.trust_unverified_checkpoint)
+    print(f"exported {path} to {to}")
+    return 0
+
+
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out_dir", required=True, help="run directory")
     p.add_argument("--step", type=int, help="which checkpoint (default: the latest)")
-    p.add_argument("--to", required=True, help="directory to write (from_pretrained reads it)")
+    p.add_argument("--to", required=True, help="directory to write, new or empty (from_pretrained reads it)")
+    p.add_argument("--force", action="store_true", help="replace the earlier export --to holds")
     p.add_argument("--bpe_file", help="local gpt2.tiktoken (offline), for the tokenizer files")
-    args = p.parse_args(argv)
-    try:
-        path = (checkpoint.find(args.out_dir, "latest") if args.step is None else
-                checkpoint.find(None, str(Path(args.out_dir) / f"step_{args.step:07d}")))
-        print(f"exported {path} to {export(path, Path(args.to), args.bpe_file)}")
-        return 0
-    except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    p.add_argument("--trust_unverified_checkpoint", action="store_true", help=TRUST_HELP)
+    return cli.run(lambda argv: run(p.parse_args(argv)), argv)
 
 
 if __name__ == "__main__":

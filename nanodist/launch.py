@@ -34,9 +34,12 @@ def pick_device(preference: str = "auto") -> torch.device:
 def check_restartable():
     """torchrun --max-restarts shares its rendezvous store with the workers, and after a
     restart the store still holds the previous round's addresses (pytorch/pytorch#135712):
-    gloo groups connect to dead peers, hang or fail. Only the launcher can avoid it."""
+    gloo groups connect to dead peers, hang or fail. Only the launcher can avoid it; it
+    restarts refused workers too, which then exit at once without repeating why."""
     if (int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0
             and os.environ.get("TORCH_DISABLE_SHARE_RDZV_TCP_STORE") != "1"):
+        if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
+            raise SystemExit(2)  # the first attempt said it
         raise UserError("torchrun --max-restarts needs TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in its "
                         "environment, or a restart can hang (pytorch/pytorch#135712): run "
                         "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 torchrun ...")

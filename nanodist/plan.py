@@ -77,6 +77,7 @@ class Job:
     device: str = "cuda"          # the layouts' rules differ (PyTorch's CP is CUDA only)
     implementation: str = "custom"
     micro_batch: int | None = None  # None: search MICRO_BATCHES
+    compile: bool = False           # torch.compile: not every layout traces
 
     @property
     def block_size(self) -> int:
@@ -113,7 +114,8 @@ def search_space(job: Job):
                 continue  # sharding over one rank is DDP; replicas are HSDP's
             layout = Layout(pp=pp, dp=dp, cp=cp, tp=tp, ep=ep, dp_type=kind, dp_replicas=replicas,
                             reshard_after_forward=reshard, loss_parallel=tp > 1, pp_schedule=schedule,
-                            virtual_stages=V, checkpointing=ac, implementation=job.implementation)
+                            virtual_stages=V, checkpointing=ac, compile=job.compile,
+                            implementation=job.implementation)
             # sequence parallelism wherever it can split the sequence (it saves activations)
             yield dataclasses.replace(layout, sequence_parallel=tp > 1 and layout.sequence_divides(T)), mb
 
@@ -124,7 +126,7 @@ def candidates(job: Job):
     for layout, mb in search_space(job):
         try:
             M = layout.micro_steps(job.total_batch_size, mb, job.block_size)
-            layout.check(job.ranks, job.device, job.block_size, 0.0, job.model, M)
+            layout.check(job.ranks, job.device, job.block_size, job.model.dropout, job.model, M)
         except UserError:
             continue
         yield layout, mb, M

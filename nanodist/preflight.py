@@ -58,13 +58,12 @@ def memory_budget(cfg: TrainConfig, device: torch.device, ranks_per_node: int = 
 def job(cfg: TrainConfig, model, world: int, device: torch.device, micro_batch: int | None = None) -> plan.Job:
     per_node = min(int(os.environ.get("LOCAL_WORLD_SIZE", world)), world)
     return plan.Job(cfg.model, model, world, per_node, cfg.total_batch_size, cfg.dtype, device.type,
-                    cfg.implementation, micro_batch)
+                    cfg.implementation, micro_batch, cfg.compile)
 
 
-KEPT = ("implementation", "compile")  # --layout auto keeps these flags as given
+KEPT = ("implementation", "compile")  # --layout auto keeps these flags as given (the job's)
 PLANNED = {"model", "block_size", "batch_size", "total_batch_size", "dtype", "layout",
-           *plan.MODEL_FLAGS,  # plan.command gives the job's model
-           *(flag for name, flag in LAYOUT_FLAGS.items() if name not in KEPT)}
+           *plan.MODEL_FLAGS, *LAYOUT_FLAGS.values()}  # what plan.command gives: the job's and the layout's
 
 
 def other_flags(cfg: TrainConfig) -> tuple[str, ...]:

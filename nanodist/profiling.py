@@ -34,10 +34,24 @@ def quiet_profile(**kwargs) -> profile:
 
 
 class StepProfiler:
-    """Starts torch.profiler before step `first` and writes the trace after step `last`."""
+    """Starts torch.profiler before step `first` and writes the trace after step `last`,
+    the window clipped to the steps this run trains (`note` says so); `close` stops a
+    profiler the run left running (an error mid-window), so none is left to the exit."""
 
-    def __init__(self, steps: str, out_dir, rank: int, device):
-        self.steps = parse_steps(steps)
+    def __init__(self, steps: str, out_dir, rank: int, device, start: int, end: int):
+        """`start`, `end`: the run's first and last step, as printed."""
+        self.steps, self.note = parse_steps(steps), None
+        if self.steps and start > end:  # a finished run trains nothing: nothing to say
+            self.steps = None
+        if self.steps:
+            first, last = max(self.steps[0], start), min(self.steps[1], end)
+            if first > last:
+                self.note = (f"warning: --profile_steps {steps} lies outside the steps this run trains "
+                             f"({start} to {end}): nothing is profiled")
+            elif (first, last) != self.steps:
+                self.note = (f"warning: --profile_steps {steps} is clipped to the steps this run trains: "
+                             f"{first}:{last}")
+            self.steps = (first, last) if first <= last else None
         self.out_dir, self.rank, self.device = Path(out_dir) / "profile", rank, device
         self.profiler = None
 
@@ -52,6 +66,10 @@ class StepProfiler:
         return bool(self.steps) and self.steps[0] <= step + 1 <= self.steps[1]
 
     def after(self, step: int):
-        if self.profiler is not None and step + 1 == self.steps[1]:
+        if self.steps and step + 1 == self.steps[1]:
+            self.close()
+
+    def close(self):
+        if self.profiler is not None:
             self.profiler.stop()  # calls the trace handler: writes the file
             self.profiler = None

@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 from nanodist import checkpoint, faults, preflight, run_dir
-from nanodist.config import TrainConfig, fit, resolve
+from nanodist.config import TrainConfig, check_values, fit, resolve
 from nanodist.data import BatchLoader
 from nanodist.errors import UserError
 from nanodist.hf import pretrained_tensors
@@ -31,7 +31,7 @@ from nanodist.metrics import Logger, StepMemory, device_peak_flops, enable_tf32,
 from nanodist.model import GPT, flops_per_token
 from nanodist.moe import MoE
 from nanodist.parallel.comm import Comm
-from nanodist.parallel.layout import build_mesh
+from nanodist.parallel.layout import Layout, build_mesh
 from nanodist.parallel.parallelize import Setup, parallelize
 from nanodist.profiling import StepProfiler, parse_steps
 
@@ -59,18 +59,17 @@ class Trainer:
         timeout = timedelta(seconds=cfg.dist_timeout) if cfg.dist_timeout > 0 else None
         self.rank, world_size = init_distributed(device, timeout)
         self.comm = comm or Comm()
-        given = cfg
+        if cfg.layout == "auto":  # the flags' layout and batch rules are the planner's to meet
+            check_values(cfg)
+            self._open_data(cfg, Layout(), 1, device)  # the vocabulary, for the planner's model
+            given = cfg
+            cfg, why = self._decided_by_rank0(  # rank 0 decides: free memory differs between GPUs
+                lambda: preflight.choose_layout(given, self.model_cfg, world_size, device))
+            self.print(why)
         self.cfg, self.layout, self.micro_steps = resolve(cfg, world_size, device.type)
         cfg, layout = self.cfg, self.layout
         self._decided_by_rank0(lambda: run_dir.check_writable_dirs(cfg))  # before any work is lost
-        self._open_data(device)
-        if cfg.layout == "auto":  # rank 0 decides: free memory differs between GPUs
-            cfg, why = self._decided_by_rank0(
-                lambda: preflight.choose_layout(given, self.model_cfg, world_size, device))
-            self.print(why)
-            self.cfg, self.layout, self.micro_steps = resolve(cfg, world_size, device.type)
-            cfg, layout = self.cfg, self.layout
-            self._open_data(device)  # the chosen layout's share of each batch
+        self._open_data(cfg, layout, self.micro_steps, device)  # this rank's share of each batch
         self._decided_by_rank0(lambda: preflight.check_memory(cfg, layout, self.micro_steps,
                                                               self.model_cfg, device))
         parse_steps(cfg.profile_steps)  # a bad value fails before any work
@@ -100,15 +99,21 @@ class Trainer:
             cfg.out_dir = self._decided_by_rank0(lambda: run_dir.new_run_dir(Path("runs"), layout.name))
         self.log_dir = cfg.log_dir or cfg.out_dir
         self.run_lock = None  # rank 0's, from here to the end of train()
+        self.unverified_since = None  # the step of an unverified checkpoint this run descends from
         try:
             found = self._decided_by_rank0(self._claim_run_dir)
-            self.start_step = checkpoint.load(self.state(), found) if found else 0
+            info = checkpoint.load(self.state(), found, cfg.trust_unverified_checkpoint) if found else {}
+            self.start_step, self.unverified_since = info.get("step", 0), info.get(checkpoint.UNVERIFIED)
+            if self.start_step > cfg.max_steps:
+                raise UserError(f"{found} is at step {self.start_step}, past --max_steps {cfg.max_steps}: "
+                                f"nothing to train; raise --max_steps to continue the run")
             if cfg.init_from and not found:  # each rank keeps its part of each full tensor
                 full_of = pretrained_tensors(cfg.init_from, self.model_cfg, self.data.vocab_size)
                 with torch.no_grad():
                     self.params.load_full_tensors(full_of, self.params.param_list())
-            # a resumed run drops what the run that died logged past its checkpoint
-            self.logger = Logger(self.log_dir, enabled=mesh.is_main,
+            # a resumed run drops what the run that died logged past its checkpoint; a
+            # finished one writes no events at all
+            self.logger = Logger(self.log_dir, enabled=mesh.is_main and self.start_step < cfg.max_steps,
                                  purge_step=self.start_step if cfg.resume else None)
         except BaseException:
             self._release_run_dir()
@@ -120,17 +125,23 @@ class Trainer:
                    f"M = {self.micro_steps} micro-steps (micro-batches) per step, "
                    f"{self.tokens_per_step} tokens/step, run directory: {cfg.out_dir}"
                    + (f", resumed at step {self.start_step}" if self.start_step else ""))
+        self.profiler = StepProfiler(cfg.profile_steps, cfg.out_dir, self.rank, device,
+                                     self.start_step + 1, cfg.max_steps)
+        if self.profiler.note:
+            self.print(self.profiler.note)
+        if self.start_step == cfg.max_steps:
+            self.print(f"nothing to train: {found} is at --max_steps {cfg.max_steps} (the run is "
+                       f"complete); raise --max_steps to continue it")
         if cfg.warmup_steps > cfg.max_steps:
             self.print(f"warning: --warmup_steps ({cfg.warmup_steps}) > --max_steps ({cfg.max_steps}):"
                        f" the learning rate never reaches --learning_rate")
 
-    def _open_data(self, device):
+    def _open_data(self, cfg: TrainConfig, layout: Layout, micro_steps: int, device):
         """This rank's batches of the layout, and the model of the dataset's vocabulary."""
-        cfg, layout = self.cfg, self.layout
         self.data = BatchLoader(cfg.data_dir or Path("data", cfg.dataset), cfg.dataset,
-                                cfg.block_size, cfg.batch_size, self.micro_steps, layout.dp,
+                                cfg.block_size, cfg.batch_size, micro_steps, layout.dp,
                                 layout.coordinates(self.rank)["dp"], cfg.seed, device)
-        self.model_cfg = fit(cfg, layout, self.micro_steps, self.data.vocab_size, device.type)
+        self.model_cfg = fit(cfg, layout, micro_steps, self.data.vocab_size, device.type)
 
     def _decided_by_rank0(self, decide):
         """Rank 0 reads the run directory and decides for every rank: the same answer, or
@@ -163,7 +174,7 @@ class Trainer:
     def state(self, step: int = 0) -> checkpoint.TrainState:
         """What a checkpoint holds of this run, at the start of step `step`."""
         info = {"config": asdict(self.cfg), "model": asdict(self.model_cfg),
-                "tokenizer": self.data.tokenizer}
+                "tokenizer": self.data.tokenizer, checkpoint.UNVERIFIED: self.unverified_since}
         return checkpoint.TrainState(self.params, self.optimizer, self.data, info, step)
 
     def save(self, step: int):
@@ -236,12 +247,13 @@ class Trainer:
         """Runs max_steps optimizer steps; returns the per-step records (rank-local).
         SIGTERM, SIGINT or a dead launcher stop every rank after the same step, which is
         saved first (faults.Stopped)."""
-        try:
-            with faults.StopRequest(self.mesh.device, self.launcher) as self.stop:
+        with faults.StopRequest(self.mesh.device, self.launcher) as self.stop:
+            try:
                 return self._train()
-        finally:
-            self.logger.close()
-            self._release_run_dir()
+            finally:  # under the signal handlers: torchrun's SIGTERM, as a peer dies, waits for them
+                self.logger.close()
+                self._release_run_dir()
+                self.profiler.close()  # one an error stopped inside its window: never left to the exit
 
     def _stop(self, step: int, signum: int):
         """Every rank agreed to stop after `step`: save it unless saved (or never to be)."""
@@ -254,8 +266,7 @@ class Trainer:
                              exit_code=128 + signum)
 
     def _train(self) -> list[dict]:
-        history = []
-        profiler = StepProfiler(self.cfg.profile_steps, self.cfg.out_dir, self.rank, self.mesh.device)
+        history, profiler = [], self.profiler
         for step in range(self.start_step, self.cfg.max_steps):
             last = step == self.cfg.max_steps - 1
             evaluates = (step + 1) % self.cfg.eval_interval == 0 or last

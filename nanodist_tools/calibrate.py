@@ -23,11 +23,13 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 
 from nanodist.data import write_meta, write_split
 from nanodist.hardware import DTYPES, KINDS, Profile
-from nanodist.plan import matmuls
+from nanodist.parallel.comm import Comm
 from nanodist.parallel.layout import Layout
+from nanodist.plan import matmuls
 from nanodist_tools.processes import on_processes
 
 SHAPES = [(m, k, k) for m in (64, 256, 1024) for k in (64, 128, 256, 512, 1024)]
@@ -84,14 +86,17 @@ def _matmul_rank(dtype: str) -> list:
     return out
 
 
-def matmul_table() -> dict:
+def matmul_table(bar) -> dict:
     table = {}
     for dtype in DTYPES:
+        bar.set_postfix_str(f"matmuls, {dtype}")
         table[dtype] = {"1": _matmul_rank(dtype)}
+        bar.update()
         for procs in (2, 4):
             ranks = on_processes(procs, _matmul_rank, dtype)
             table[dtype][str(procs)] = [(f, statistics.median(r[i][1] for r in ranks))
                                         for i, (f, _) in enumerate(ranks[0])]
+            bar.update()
     return table
 
 
@@ -102,8 +107,8 @@ def _collective_rank(group_size: int) -> dict:
     half the latency a training step sees."""
     world, rank = dist.get_world_size(), dist.get_rank()
     groups = [dist.new_group(list(range(g, g + group_size))) for g in range(0, world, group_size)]
-    group = groups[rank // group_size]
-    me, n = dist.get_rank(group), group_size
+    group = Comm().group(groups[rank // group_size])  # the strategies' own calls, as they make them
+    me, n = group.rank, group_size
     out = {kind: [] for kind in KINDS}
     layer = torch.randn(256, 256)
 
@@ -116,13 +121,11 @@ def _collective_rank(group_size: int) -> dict:
         full, part = torch.ones(numel * n), torch.ones(numel)
         peer_in, peer_out = torch.empty(numel * n), torch.ones(numel * n)
         calls = {
-            "all_reduce": lambda: dist.all_reduce(full, group=group),
-            "all_gather": lambda: dist.all_gather_into_tensor(full, part, group=group),
-            "reduce_scatter": lambda: dist.reduce_scatter_tensor(part, full, group=group),
-            "broadcast": lambda: dist.broadcast(full, group_src=0, group=group),
-            "send": lambda: [w.wait() for w in dist.batch_isend_irecv(
-                [dist.P2POp(dist.isend, peer_out, group=group, group_peer=(me + 1) % n),
-                 dist.P2POp(dist.irecv, peer_in, group=group, group_peer=(me - 1) % n)])],
+            "all_reduce": lambda: group.all_reduce(full),
+            "all_gather": lambda: group.all_gather(full, part),
+            "reduce_scatter": lambda: group.reduce_scatter(part, full),
+            "broadcast": lambda: group.broadcast(full),
+            "send": lambda: group.send_recv([(peer_out, (me + 1) % n)], [(peer_in, (me - 1) % n)]),
         }
         repeats = 20 if payload < 2**20 else 5
         for kind, call in calls.items():
@@ -131,10 +134,12 @@ def _collective_rank(group_size: int) -> dict:
     return out
 
 
-def collective_table() -> dict:
+def collective_table(bar) -> dict:
     table = {kind: {} for kind in KINDS}
     for group, procs in GROUPS:
+        bar.set_postfix_str(f"collectives, groups of {group} of {procs} processes")
         ranks = on_processes(procs, _collective_rank, group)
+        bar.update()
         for kind in KINDS:
             table[kind][f"{group}x{procs}"] = [(p, statistics.median(r[kind][i][1] for r in ranks))
                                                for i, (p, _) in enumerate(ranks[0][kind])]
@@ -155,7 +160,7 @@ def _step_s(argv: list[str]) -> float:
     return statistics.median(times)
 
 
-def framework_overheads(matmul: dict, data_dir: str) -> tuple[float, float]:
+def framework_overheads(matmul: dict, data_dir: str, bar) -> tuple[float, float]:
     """(per layer and micro-step, per optimizer step): the tiny model's step on one process
     at M = 1 and 4 micro-steps of B = 2 x 32 tokens, less its matmuls at this machine's
     rates (`matmul`). t(M) = per_step + M (layers (per_layer + layer's matmuls) + head's)."""
@@ -169,18 +174,22 @@ def framework_overheads(matmul: dict, data_dir: str) -> tuple[float, float]:
         base = ["--device=cpu", "--model=tiny", "--dataset=shakespeare_char", f"--data_dir={data_dir}",
                 "--block_size=32", "--batch_size=2", "--max_steps=100", "--warmup_steps=0",
                 "--checkpoint_interval=-1"]
+        bar.set_postfix_str("training steps")
         t1, t4 = (on_processes(1, _step_s, base + [f"--total_batch_size={64 * M}", f"--out_dir={tmp}/{M}"])[0]
                   for M in (1, 4))
+        bar.update()
     per_micro = (t4 - t1) / 3
     return max(per_micro - per_micro_matmuls, 0.0) / cfg.n_layer, max(t1 - per_micro, 0.0)
 
 
 def calibrate(data_dir: str | None = None) -> Profile:
     """Measure this machine (CPU processes over gloo) into a Profile."""
-    with tempfile.TemporaryDirectory() as tmp:
+    runs = 3 * len(DTYPES) + 1 + len(GROUPS)  # matmuls on 1, 2, 4 processes; steps; collectives
+    with tempfile.TemporaryDirectory() as tmp, tqdm(total=runs, desc="calibrating", unit="run") as bar:
         data_dir = data_dir or synthetic_dataset(tmp)
-        matmul = matmul_table()
-        per_layer, per_step = framework_overheads(matmul, data_dir)
+        matmul = matmul_table(bar)
+        per_layer, per_step = framework_overheads(matmul, data_dir, bar)
+        collectives = collective_table(bar)
     return Profile(name=f"cpu ({cores()} cores)", device="cpu", cores=cores(),
                    memory_gib=os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, matmul=matmul,
-                   per_layer_s=per_layer, per_step_s=per_step, collectives=collective_table())
+                   per_layer_s=per_layer, per_step_s=per_step, collectives=collectives)

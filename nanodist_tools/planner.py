@@ -13,18 +13,20 @@ its overrides) or a calibrated profile (nanodist/hardware.py).
 """
 import argparse
 import json
+import os
 import sys
+from pathlib import Path
 
-from nanodist import plan
-from nanodist.config import OneLineParser, check_moe
+from nanodist import cli, plan
+from nanodist.config import check_moe
 from nanodist.errors import UserError
 from nanodist.hardware import GPUS, DataSheet, GiB, Profile
 from nanodist.model import PRESETS, model_config
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = OneLineParser(description="Rank every layout of a GPT-2 job by predicted step time "
-                                  "(nanodist/plan.py), calibrate this machine, or validate the model.")
+    p = cli.OneLineParser(description="Rank every layout of a GPT-2 job by predicted step time "
+                              "(nanodist/plan.py), calibrate this machine, or validate the model.")
     p.add_argument("--model", default="gpt2", choices=list(PRESETS))
     p.add_argument("--gpus", type=int, default=8, help="ranks (processes) of the job")
     p.add_argument("--gpus_per_node", type=int, default=0, help="default: --gpus up to 8 (GPUs), all (a profile)")
@@ -62,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def machine_of(args):
     """The machine of the flags: a profile, or the GPU's data sheet with its overrides."""
-    for name in ("gpus", "top"):
+    for name in ("gpus", "top", "block_size", "vocab_size", "total_batch_size"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name} must be >= 1, got {getattr(args, name)}")
     for name in ("gpus_per_node", "gpu_memory_gib", "intra_node_gb_s", "inter_node_gb_s", "micro_batch_size"):
@@ -122,7 +124,12 @@ def draw(rows: list[dict], job: plan.Job, machine, path: str):
     ax.set_title(f"{job.preset}: {len(rows)} layouts on {job.ranks} x {machine.name}, {job.dtype}")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    try:
+        fig.savefig(path, dpi=110)
+    except OSError as e:
+        raise UserError(f"--plot {path} cannot be written ({e.strerror or e}); pick a writable path") from e
+    finally:
+        plt.close(fig)
 
 
 def rank(args) -> int:
@@ -145,22 +152,25 @@ def rank(args) -> int:
     return 0
 
 
+def run(argv) -> int:
+    args = build_parser().parse_args(argv)
+    if args.calibrate:
+        from nanodist_tools.calibrate import calibrate
+        out = Path(args.out).absolute()
+        if out.is_dir() or not (out.parent.is_dir() and os.access(out.parent, os.W_OK)):
+            raise UserError(f"--out {args.out}: cannot write a file there; pick a writable path")
+        profile = calibrate(args.data_dir or None)
+        profile.save(args.out)
+        print(f"{profile.name}: wrote {args.out}; rank with --profile {args.out}")
+        return 0
+    if args.validate:
+        from nanodist_tools.validate import validate
+        return validate(args.data_dir, args.report_dir, args.layouts, args.profile)
+    return rank(args)
+
+
 def main(argv=None) -> int:
-    try:
-        args = build_parser().parse_args(argv)
-        if args.calibrate:
-            from nanodist_tools.calibrate import calibrate
-            profile = calibrate(args.data_dir or None)
-            profile.save(args.out)
-            print(f"{profile.name}: wrote {args.out}; rank with --profile {args.out}")
-            return 0
-        if args.validate:
-            from nanodist_tools.validate import validate
-            return validate(args.data_dir, args.report_dir, args.layouts, args.profile)
-        return rank(args)
-    except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    return cli.run(run, argv)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,14 @@
+import os
 import subprocess
 import sys
 
 import pytest
 
 from harness import GPT2_BPE, REPO, SHAKESPEARE_TEXT
+
+# an unexpected error in a command line ends in its traceback here, not in one line
+# (nanodist/cli.py): no bug hides from a test (tests of that line unset it)
+os.environ["NANODIST_DEBUG"] = "1"
 
 
 def _prepare(dataset: str, out_dir) -> str:

@@ -131,16 +131,16 @@ def test_bad_checkpoints_end_with_one_clear_message(char_data, tmp_path, capsys)
     subprocess.run([sys.executable, REPO / "data/shakespeare_char/prepare.py", "--input", other_text,
                     "--out_dir", other_data], check=True, capture_output=True)
     assert train.main(flags(other_data, tmp_path / "run", "--resume")) == 2
-    assert "tokenizer" in capsys.readouterr().err
+    assert "(its tokenizer: 65 characters, vocabulary 128; this data's: 65 other characters" in capsys.readouterr().err
 
     latest = checkpoint.checkpoints(tmp_path / "run")[-1]
     shard = next(latest.glob("*.distcp"))
     shard.write_bytes(shard.read_bytes()[:100])
     assert train.main(base + ["--resume"]) == 2
     assert "could not be read" in capsys.readouterr().err
-    (latest / "trainer.json").write_text("{not json")
+    (latest / "trainer.json").write_text("{not json")  # checksums come first: two damaged files
     assert train.main(base + ["--resume"]) == 2
-    assert "is corrupt" in capsys.readouterr().err
+    assert "does not match its checksum in manifest.json (and 1 more)" in capsys.readouterr().err
 
 
 def test_resume_auto_restarts_a_run_that_died_before_its_first_checkpoint(char_data, tmp_path):

@@ -19,7 +19,7 @@ from torch.distributed.checkpoint.filesystem import FileSystem
 
 import sample
 from harness import run_distributed
-from nanodist import checkpoint, train
+from nanodist import checkpoint, export, train
 from nanodist.config import parse_args
 from nanodist.errors import UserError
 from nanodist.trainer import Trainer
@@ -86,10 +86,11 @@ def test_a_metadata_that_would_run_code_is_refused(reader, manifest, char_data, 
     else:
         (step_dir / "manifest.json").unlink()
 
+    trust = ["--trust_unverified_checkpoint"] if manifest == "removed" else []  # else refused unread
     if reader == "resume":
-        code = train.main(flags(char_data, run_copy, "--resume"))
+        code = train.main(flags(char_data, run_copy, "--resume", *trust))
     else:
-        code = sample.main(["--checkpoint", str(step_dir), "--max_new_tokens", "1"])
+        code = sample.main(["--checkpoint", str(step_dir), "--max_new_tokens", "1", *trust])
     assert code == 2
     assert not marker.exists()  # the payload did not run
     line = one_error_line(capsys.readouterr().err)
@@ -109,25 +110,36 @@ def test_a_zeroed_region_of_a_shard_is_named_and_nothing_loads(char_data, run_co
     assert "__0_0.distcp does not match its checksum" in one_error_line(capsys.readouterr().err)
 
 
-def test_damaged_checkpoints_without_manifest_end_in_one_line(char_data, run_copy, capsys):
-    """Checkpoints that predate manifests load unverified, with a warning; damage in them
+def test_a_checkpoint_without_manifest_is_refused_unless_trusted(char_data, run_copy, tmp_path, capsys):
+    """Checkpoints that predate manifests cannot be verified: refused by every reader, unless
+    the user accepts the risk; then what can be checked without checksums is, and damage
     still ends in one line (DCP logs no tracebacks of its own)."""
     step_dir = run_copy / "step_0000002"
     (step_dir / "manifest.json").unlink()
-    assert train.main(flags(char_data, run_copy, "--resume")) == 0
-    assert "has no manifest.json" in capsys.readouterr().err
+    refusal = f"checkpoint {step_dir} has no manifest.json (it predates them): damage in its files cannot be detected"
+    assert train.main(flags(char_data, run_copy, "--resume")) == 2
+    assert refusal in one_error_line(capsys.readouterr().err)
+    assert sample.main(["--checkpoint", str(step_dir), "--max_new_tokens", "1"]) == 2
+    assert refusal in one_error_line(capsys.readouterr().err)
+    assert export.main(["--out_dir", str(run_copy), "--to", str(tmp_path / "hf")]) == 2
+    assert refusal in one_error_line(capsys.readouterr().err)
+    assert not (tmp_path / "hf").exists()
+
+    trusted = flags(char_data, run_copy, "--resume", "--trust_unverified_checkpoint")
+    assert train.main(trusted) == 0
+    assert "warning: checkpoint" in capsys.readouterr().err
 
     rng = step_dir / "rng_rank0.pt"
     rng.write_bytes(rng.read_bytes()[:100])
-    assert train.main(flags(char_data, run_copy, "--resume")) == 2
+    assert train.main(trusted) == 2
     assert "rng_rank0.pt" in one_error_line(capsys.readouterr().err)
 
     shard = step_dir / "__0_0.distcp"
     shard.write_bytes(shard.read_bytes()[:1000])
-    assert sample.main(["--checkpoint", str(step_dir), "--max_new_tokens", "1"]) == 2
-    assert "could not be read" in one_error_line(capsys.readouterr().err)
+    assert sample.main(["--checkpoint", str(step_dir), "--max_new_tokens", "1", "--trust_unverified_checkpoint"]) == 2
+    assert "__0_0.distcp is 1000 bytes, shorter than its index says" in one_error_line(capsys.readouterr().err)
     (step_dir / ".metadata").write_bytes(b"garbage")
-    assert sample.main(["--checkpoint", str(step_dir), "--max_new_tokens", "1"]) == 2
+    assert sample.main(["--checkpoint", str(step_dir), "--max_new_tokens", "1", "--trust_unverified_checkpoint"]) == 2
     assert ".metadata" in one_error_line(capsys.readouterr().err)
 
 
@@ -152,11 +164,11 @@ def test_two_ranks_agree_on_damage_that_one_rank_finds(char_data, tmp_path):
     errors = run_distributed(train_error, 2, resume)
     assert errors[0] == errors[1] and "__0_0.distcp does not match" in errors[0]
 
-    shard.write_bytes(good)  # rank 0's RNG file cut short in a checkpoint without manifest
+    shard.write_bytes(good)  # rank 0's RNG file cut short in a trusted checkpoint without manifest
     (step_dir / "manifest.json").unlink()
     rng = step_dir / "rng_rank0.pt"
     rng.write_bytes(rng.read_bytes()[:100])
-    errors = run_distributed(train_error, 2, resume)
+    errors = run_distributed(train_error, 2, resume + ["--trust_unverified_checkpoint"])
     assert errors[0] == errors[1] and "rng_rank0.pt" in errors[0] and "\n" not in errors[0]
 
 
@@ -260,3 +272,72 @@ def test_a_save_hands_dcp_cpu_tensors_only(char_data, tmp_path, monkeypatch):
     monkeypatch.setattr(checkpoint.format.dcp, "save", save)
     trainer.save(1)
     assert devices == {"cpu"}
+
+
+def test_the_cause_shown_is_the_line_that_names_the_error(tmp_path):
+    """torch.load's refusals end with a pointer to its documentation, DCP's failures with
+    every rank's traceback: the message shows the line that says what went wrong."""
+    torch.save({"x": _RunsCode(tmp_path / "never")}, tmp_path / "f.pt")  # refused, never run
+    with pytest.raises(Exception) as refused:
+        torch.load(tmp_path / "f.pt", weights_only=True)
+    shown = checkpoint.store.cause(refused.value)  # torch's wording varies by release
+    assert f"{os.system.__module__}.system" in shown and "documentation" not in shown
+    dcp_like = RuntimeError("Traceback (most recent call last):\n  File \"x.py\", line 1\n"
+                            "RuntimeError: PytorchStreamReader failed reading zip archive. This is an internal error.")
+    assert checkpoint.store.cause(dcp_like) == "RuntimeError: PytorchStreamReader failed reading zip archive"
+
+
+@pytest.mark.parametrize("content", ['{"step": 6}', "null", '{"step": "x"}', '[1, 2]'])
+def test_a_trainer_json_of_the_wrong_shape_is_damage_not_a_traceback(content, char_data, run_copy, capsys):
+    """Checksums first: an edited trainer.json is damage; with a manifest that agrees (forged),
+    its contents are checked before anything reads them."""
+    step_dir = run_copy / "step_0000002"
+    (step_dir / "trainer.json").write_text(content)
+    assert train.main(flags(char_data, run_copy, "--resume")) == 2
+    assert "trainer.json does not match its checksum" in one_error_line(capsys.readouterr().err)
+    forge_manifest(step_dir)
+    readers = [lambda: train.main(flags(char_data, run_copy, "--resume")),
+               lambda: sample.main(["--checkpoint", str(step_dir), "--max_new_tokens", "1"]),
+               lambda: export.main(["--out_dir", str(run_copy), "--to", str(run_copy / "hf")])]
+    for read in readers:
+        assert read() == 2
+        assert f"checkpoint {step_dir} is corrupt (trainer.json: " in one_error_line(capsys.readouterr().err)
+
+
+def test_a_run_from_an_unverified_checkpoint_never_rotates_away_the_older_ones(char_data, tmp_path, capsys):
+    """Checkpoints 2 and 4 without manifests: 4 may be damaged in ways nothing can tell (a
+    zeroed MiB of weights is finite). A run trusted to resume 4 keeps 2 and 4 whatever
+    --keep_checkpoints says, and so do the runs that resume its checkpoints."""
+    run = tmp_path / "run"
+    every_2 = ["--checkpoint_interval", "2", "--keep_checkpoints", "2"]
+    assert train.main(flags(char_data, run, *every_2, steps=4)) == 0
+    for step_dir in checkpoint.checkpoints(run):
+        (step_dir / "manifest.json").unlink()
+    trusted = flags(char_data, run, *every_2, "--resume", "--trust_unverified_checkpoint", steps=8)
+    assert train.main(trusted) == 0
+    assert [p.name for p in checkpoint.checkpoints(run)] == [f"step_000000{s}" for s in (2, 4, 6, 8)]
+    assert checkpoint.read_info(run / "step_0000008")["unverified_since"] == 4
+    assert train.main(flags(char_data, run, *every_2, "--resume", steps=12)) == 0  # 8 is verified
+    assert [p.name for p in checkpoint.checkpoints(run)] == [f"step_{s:07d}" for s in (2, 4, 10, 12)]
+    capsys.readouterr()
+
+
+def test_resuming_at_or_past_max_steps_says_so(char_data, run_copy, capsys):
+    """The checkpoint is at step 2: --max_steps 1 is refused, --max_steps 2 finishes at
+    once saying the run is complete, and neither writes TensorBoard events."""
+    events = sorted(run_copy.glob("events.out.tfevents.*"))
+    assert train.main(flags(char_data, run_copy, "--resume", steps=1)) == 2
+    assert "is at step 2, past --max_steps 1: nothing to train; raise --max_steps" in \
+        one_error_line(capsys.readouterr().err)
+    assert train.main(flags(char_data, run_copy, "--resume", steps=2)) == 0
+    assert "nothing to train: " in capsys.readouterr().out
+    assert sorted(run_copy.glob("events.out.tfevents.*")) == events
+
+
+def test_resuming_on_another_dataset_names_the_dataset(char_data, bpe_data, run_copy, capsys):
+    args = flags(bpe_data, run_copy, "--resume", steps=4)
+    args[args.index("shakespeare_char")] = "shakespeare"
+    assert train.main(args) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert "was trained on another dataset (its tokenizer: 65 characters, vocabulary 128; this data's: " \
+           "GPT-2 BPE, vocabulary 50304); pick the checkpoint's --dataset and --data_dir" in line

@@ -1,6 +1,7 @@
 """Hugging Face interop: nanodist.export -> from_pretrained -> the same logits, and
 export -> --init_from -> the same weights, on one process and on a sharded layout."""
 import json
+import shutil
 
 import pytest
 import torch
@@ -87,3 +88,43 @@ def test_bpe_export_carries_a_tokenizer_that_hf_reads(bpe_data, tmp_path, capsys
     args = ["--init_from", str(tmp_path / "hf"), "--bpe_file", str(GPT2_BPE), "--max_new_tokens", "3",
             "--num_samples", "1", "--start", "Hello"]
     assert sample.main(args) == 0 and capsys.readouterr().out.startswith("Hello")
+
+
+def test_export_refuses_what_it_would_overwrite_and_replaces_only_with_force(exported, tmp_path, capsys):
+    """A file, or a directory holding anything an export does not write (notes, the run
+    itself), is refused even with --force; an earlier export is replaced with --force only,
+    whole, and nothing is left beside it."""
+    run, earlier = exported
+    (tmp_path / "file").write_text("mine")
+    assert export_main(["--out_dir", str(run), "--to", str(tmp_path / "file")]) == 2
+    assert f"--to {tmp_path / 'file'} is a file" in capsys.readouterr().err
+    held = tmp_path / "held"
+    held.mkdir()
+    (held / "notes.txt").write_text("mine")
+    for to, holds in ((held, "notes.txt"), (run, ".lock, events.out.tfevents")):
+        assert export_main(["--out_dir", str(run), "--to", str(to), "--force"]) == 2
+        assert f"--to {to} holds what an export does not write ({holds}" in capsys.readouterr().err
+    assert [p.name for p in held.iterdir()] == ["notes.txt"] and checkpoint.checkpoints(run)
+    again = tmp_path / "again"
+    shutil.copytree(earlier, again)
+    (again / "model.safetensors").write_bytes(b"an older export")
+    assert export_main(["--out_dir", str(run), "--to", str(again)]) == 2
+    assert "holds an export already: pick a new directory, or --force to replace it" in capsys.readouterr().err
+    assert export_main(["--out_dir", str(run), "--to", str(again), "--force"]) == 0
+    assert (again / "model.safetensors").read_bytes() == (earlier / "model.safetensors").read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["again", "file", "held"]  # nothing left beside
+
+
+def test_export_into_an_unwritable_place_or_of_a_missing_step(exported, tmp_path, monkeypatch, capsys):
+    run, _ = exported
+    (tmp_path / "file").write_text("")
+    assert export_main(["--out_dir", str(run), "--to", str(tmp_path / "file" / "hf")]) == 2
+    assert "cannot write --to" in capsys.readouterr().err
+    def read_only(*args, **kwargs):
+        raise OSError(30, "Read-only file system")
+    monkeypatch.setattr("pathlib.Path.mkdir", read_only)
+    assert export_main(["--out_dir", str(run), "--to", str(tmp_path / "hf")]) == 2
+    assert "(Read-only file system): pick a writable directory" in capsys.readouterr().err
+    assert export_main(["--out_dir", str(run), "--step", "4", "--to", str(tmp_path / "hf")]) == 2
+    err = capsys.readouterr().err
+    assert "--step 4: " in err and "(it holds 3); omit --step for the latest" in err and "--resume" not in err

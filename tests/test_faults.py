@@ -135,19 +135,21 @@ def test_workers_stop_when_their_launcher_is_killed(char_data, tmp_path):
 
 def test_a_second_job_on_one_run_directory_is_refused_until_the_first_ends(char_data, tmp_path, capsys):
     log, run = tmp_path / "log", tmp_path / "run"
+    second = lambda max_steps: flags(char_data, run, "--max_steps", str(max_steps), "--resume", "auto")  # noqa: E731
     first = start(flags(char_data, run, "--max_steps", "100000", "--checkpoint_interval", "2"), log,
                   nproc=1)
     try:
         wait_for(lambda: printed_step(log, 3), first, log)
-        second = flags(char_data, run, "--max_steps", "1", "--resume", "auto")
-        assert train.main(second) == 2
+        assert train.main(second(1)) == 2
         assert capsys.readouterr().err.startswith(
             f"error: --out_dir {run} is in use by the job of pid {first.pid} on ")
         first.kill()  # a crash: the kernel releases the lock, nothing stale is left
         first.wait(timeout=30)
     finally:
         stop_all(first)
-    assert train.main(second) == 0  # resumes the dead job's checkpoint
+    latest = checkpoint.step_of(checkpoint.checkpoints(run)[-1])
+    assert train.main(second(latest + 1)) == 0  # resumes the dead job's checkpoint, trains a step
+    assert checkpoint.step_of(checkpoint.checkpoints(run)[-1]) == latest + 1
 
 
 @pytest.mark.parametrize("fault, line", [
@@ -176,6 +178,10 @@ def test_torchrun_restarts_without_their_workaround_are_refused(char_data, tmp_p
     monkeypatch.delenv("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", raising=False)
     assert train.main(flags(char_data, tmp_path)) == 2  # before joining any process group
     assert "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 torchrun" in capsys.readouterr().err
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")  # torchrun restarts the refused worker
+    with pytest.raises(SystemExit) as again:
+        train.main(flags(char_data, tmp_path))
+    assert again.value.code == 2 and capsys.readouterr().err == ""  # said once, by the first
     monkeypatch.setenv("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
     launch.check_restartable()
     monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", "0")

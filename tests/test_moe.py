@@ -87,12 +87,11 @@ def test_the_aux_loss_gradient_is_that_of_the_weighted_loss():
 
 
 def test_no_experts_is_the_dense_model_bitwise(char_data, tmp_path):
-    """--moe_experts 0 ignores the other moe flags: the model of today, the same steps."""
+    """--moe_experts 0 is the model of today, the same steps; the other moe fields leave it
+    dense (as flags they are refused without experts: test_inputs)."""
     dense = trainer_records(tiny_run(char_data, tmp_path / "a"))
-    flags = trainer_records(tiny_run(char_data, tmp_path / "b", moe_experts=0, moe_top_k=3, moe_every=3,
-                                     moe_aux_loss_coef=0.5))
-    assert flags == dense
-    assert not moe_layers(GPT(small(moe_experts=0)))
+    assert trainer_records(tiny_run(char_data, tmp_path / "b", moe_experts=0)) == dense
+    assert not moe_layers(GPT(small(moe_experts=0, moe_top_k=3, moe_every=3, moe_aux_loss_coef=0.5)))
 
 
 def test_an_active_parameter_count_for_the_flops():

@@ -255,3 +255,27 @@ def test_measured_peak_is_in_the_predicted_band(request, tmp_path, dtype, name, 
         band = plan.memory(validate.job_of(layout, m, dtype), layout, m["micro_batch"], m["micro_steps"],
                            m["pp_rank"])
         assert plan.within_margin(m["peak"], band), (m["peak"], band)
+
+
+def _calibrated_collectives(payloads: list[int]):
+    """Rank side: calibrate's collective timings for `payloads`, and the warnings on the way."""
+    import warnings
+    from nanodist_tools import calibrate
+    kept, calibrate.PAYLOADS = calibrate.PAYLOADS, payloads
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            table = calibrate._collective_rank(2)
+    finally:
+        calibrate.PAYLOADS = kept
+    return table, [f"{w.category.__name__}: {w.message}" for w in caught]
+
+
+def test_calibration_times_the_strategies_own_calls_without_warnings():
+    """--calibrate once printed torch's FutureWarnings (reduce_scatter_tensor is deprecated):
+    it times the collectives through comm.py's Group, as the strategies call them."""
+    for table, caught in run_distributed(_calibrated_collectives, 2, [4, 4096]):
+        assert caught == []
+        assert {kind: [size for size, _ in rows] for kind, rows in table.items()} == \
+            {kind: [8, 4096] for kind in ("all_reduce", "all_gather", "reduce_scatter", "broadcast", "send")}
+        assert all(seconds > 0 for rows in table.values() for _, seconds in rows)

@@ -9,7 +9,7 @@ import torch
 
 from harness import run_distributed, tiny_run
 from nanodist import plan, preflight
-from nanodist.config import TrainConfig, layout_of, parse_args, resolve
+from nanodist.config import TrainConfig, fit, layout_of, parse_args, resolve
 from nanodist.errors import UserError
 from nanodist.hardware import GiB, Profile
 from nanodist.model import model_config
@@ -110,3 +110,40 @@ def test_a_bad_machine_profile_is_one_line(tmp_path):
 def test_bad_preflight_flags(argv, says):
     with pytest.raises(UserError, match=says):
         resolve(parse_args(argv), 1, "cpu")
+
+
+GRID = [(ranks, micro_batch, total) for ranks in (1, 2, 3, 4, 8) for micro_batch in (None, 1, 4)
+        for total in (64, 256, 512, 768, 2048)]
+
+
+@pytest.mark.parametrize("ranks, micro_batch, total", GRID)
+def test_layout_auto_picks_only_what_train_py_accepts(char_data, tmp_path, ranks, micro_batch, total):
+    """Over a grid of processes, micro-batch (given or not) and global batch: the planner's
+    pick passes every rule train.py applies (the layout's and the batch arithmetic), or
+    no layout exists and that is one line: when no DP size d | ranks and micro-batch b
+    have b x 64 x d dividing the batch (the tiny model fills any ranks / d of this grid
+    with PP, CP and TP)."""
+    cfg = _cfg(char_data, tmp_path, layout="auto", memory_budget_gib=1.0, total_batch_size=total,
+               batch_size=micro_batch or TrainConfig.batch_size)
+    model = model_config("tiny", 64, 65)
+    batches = [micro_batch] if micro_batch else plan.MICRO_BATCHES
+    runnable = any(total % (b * 64 * d) == 0 for d in plan.divisors(ranks) for b in batches)
+    try:
+        chosen, _ = preflight.choose_layout(cfg, model, ranks, CPU)
+    except UserError as refused:
+        assert str(refused).startswith("no layout of tiny runs on") and not runnable
+        return
+    assert runnable
+    chosen, layout, M = resolve(chosen, ranks, "cpu")
+    fit(chosen, layout, M, 65, "cpu")
+    assert micro_batch in (None, chosen.batch_size)
+
+
+@pytest.mark.parametrize("ranks, micro_batch, total", [(4, 4, 512), (4, None, 768), (2, 4, 256)])
+def test_layout_auto_starts_training(char_data, tmp_path, ranks, micro_batch, total):
+    """The first is the issue's command, once refused: 512 tokens do not divide over 4 DP
+    ranks of 4 x 64, but DP 2 x TP 2 (and others) fit."""
+    kwargs = tiny_run(char_data, tmp_path, layout="auto", memory_budget_gib=1.0, block_size=64,
+                      total_batch_size=total, batch_size=micro_batch or TrainConfig.batch_size)
+    for _, batch_size in run_distributed(_auto_trainer, ranks, kwargs):
+        assert micro_batch in (None, batch_size)

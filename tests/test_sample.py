@@ -1,10 +1,13 @@
 """sample.py: text from a trained checkpoint, and from Hugging Face GPT-2 weights."""
+import pytest
 import torch
 
 import sample
 import train
 from harness import GPT2_BPE
+from nanodist.errors import UserError
 from nanodist.model import GPT, model_config
+from nanodist.tokenizer import get_gpt2_encoding
 
 
 def test_samples_from_a_trained_checkpoint_decode_to_its_characters(char_data, tmp_path, capsys):
@@ -44,3 +47,32 @@ def test_bad_inputs_end_with_one_clear_message(tmp_path, capsys):
     torch.save({"something": torch.zeros(1)}, tmp_path / "x.bin")
     assert sample.main(["--init_from", "gpt2-hf-state-dict", str(tmp_path / "x.bin")]) == 2
     assert "not a GPT-2 state dict" in capsys.readouterr().err
+
+
+def test_text_streams_as_it_is_drawn_and_decodes_as_a_whole(capsys):
+    """Tokens print as they come; an incremental decoder holds a character's first bytes
+    until its last arrives, so the text equals decoding all ids at once."""
+    enc = get_gpt2_encoding(str(GPT2_BPE))
+    text = "naïve café, 日本語 and 🙂 — all split over byte-level tokens"
+    ids = enc.encode(text)
+    assert any(not enc.decode_single_token_bytes(i).decode("utf-8", "ignore") for i in ids)  # split chars
+    sample.stream(ids, enc.decode_bytes)
+    assert capsys.readouterr().out == text
+
+
+def test_a_prompt_outside_a_character_vocabulary_is_refused(capsys):
+    encode, _ = sample.codec({"name": "char", "itos": list("abc ")}, None)
+    assert encode("a cab") == [0, 3, 2, 0, 1]
+    with pytest.raises(UserError, match=r"--start holds 2 character\(s\) this character-level model never saw: 'XZ'"):
+        encode("aXbZ")
+
+
+def test_the_default_prompt_suits_a_vocabulary_without_newline(tmp_path, monkeypatch, capsys):
+    """--start defaults to a newline; a character model that never saw one starts from token 0."""
+    (tmp_path / "trainer.json").write_text("{}")  # find() takes it for a checkpoint
+    itos = list("abc ")
+    model = GPT(model_config("tiny", 16, len(itos)), seed=0)
+    monkeypatch.setattr(sample.checkpoint, "load_model", lambda *a: (model, {"tokenizer": {"name": "char", "itos": itos}}))
+    assert sample.main(["--checkpoint", str(tmp_path), "--max_new_tokens", "5", "--num_samples", "1"]) == 0
+    text = capsys.readouterr().out.split("\n---------------")[0]
+    assert len(text) == 6 and set(text) <= set(itos)  # token 0 ("a"), then 5 drawn

@@ -15,8 +15,9 @@ import numpy as np
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run without installing nanodist
-from nanodist.config import UserError
-from nanodist.data import check_split_sizes, prepare_out_dir, write_meta
+from nanodist import cli
+from nanodist.data import check_split_sizes, prepare_out_dir, write_meta, writing
+from nanodist.errors import UserError
 from nanodist.tokenizer import EOT, get_gpt2_encoding
 
 # local formats: a .txt file is one document; the others hold one document per record
@@ -48,7 +49,15 @@ def load_documents(args):
         raise UserError(f"--input {path} is empty: nothing to tokenize")
     builder = builders.pop()
     options = {"sample_by": "document"} if builder == "text" else {}
-    documents = load_dataset(builder, data_files=[str(p) for p in files], split="train", **options)
+    try:
+        documents = load_dataset(builder, data_files=[str(p) for p in files], split="train", **options)
+    except Exception as e:  # noqa: BLE001 - datasets wraps what its builders raise: name the root
+        root = e
+        while root.__cause__:
+            root = root.__cause__
+        raise UserError(f"--input {path} could not be read as {builder} ({type(root).__name__}: "
+                        f"{str(root).splitlines()[0] if str(root) else ''}); the files must be UTF-8 "
+                        f"{builder}") from e
     if args.text_column not in documents.column_names:
         raise UserError(f"--input {path} has no column {args.text_column!r}; pass --text_column, "
                         f"one of {documents.column_names}")
@@ -61,15 +70,16 @@ def count_tokens(dset) -> int:
 
 def write_bin(dset, filename, n_tokens):
     """Concatenate the tokens of all documents into one uint16 memmap, in sharded batches."""
-    tokens = np.memmap(filename, dtype=np.uint16, mode="w+", shape=(n_tokens,))
-    n_batches = min(1024, len(dset))
-    index = 0
-    for batch_index in tqdm(range(n_batches), desc=f"writing {filename}"):
-        batch = dset.shard(num_shards=n_batches, index=batch_index, contiguous=True).with_format("numpy")
-        ids = np.concatenate(batch["ids"])
-        tokens[index:index + len(ids)] = ids
-        index += len(ids)
-    tokens.flush()
+    with writing(filename):
+        tokens = np.memmap(filename, dtype=np.uint16, mode="w+", shape=(n_tokens,))
+        n_batches = min(1024, len(dset))
+        index = 0
+        for batch_index in tqdm(range(n_batches), desc=f"writing {filename}"):
+            batch = dset.shard(num_shards=n_batches, index=batch_index, contiguous=True).with_format("numpy")
+            ids = np.concatenate(batch["ids"])
+            tokens[index:index + len(ids)] = ids
+            index += len(ids)
+        tokens.flush()
 
 
 def prepare(args):
@@ -99,9 +109,9 @@ def prepare(args):
     write_meta(out_dir, vocab_size=enc.n_vocab, tokenizer="gpt2", **counts)
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv=None) -> int:
+    parser = cli.OneLineParser(description=__doc__,
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset_name", default="openwebtext", help="a Hugging Face Hub dataset")
     parser.add_argument("--input", help="local .txt (one document per file), .json/.jsonl, .parquet or "
                                         ".csv (one document per record) file, or a directory of them")
@@ -111,12 +121,13 @@ def main():
     parser.add_argument("--bpe_file", help="GPT-2 ranks in tiktoken format, for offline machines")
     parser.add_argument("--out_dir", default=str(Path(__file__).resolve().parent))
     parser.add_argument("--seed", type=int, default=2357)
-    args = parser.parse_args()
-    try:
+
+    def run(argv):
+        args = parser.parse_args(argv)
         prepare(args)
-    except UserError as e:
-        raise SystemExit(f"error: {e}")
+        return 0
+    return cli.run(run, argv)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

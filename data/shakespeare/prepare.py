@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run without installing nanodist
-from nanodist.config import UserError
+from nanodist import cli
 from nanodist.data import (SHAKESPEARE_URL, check_split_sizes, prepare_out_dir, read_text,
                            split_text, write_meta, write_split)
 from nanodist.tokenizer import get_gpt2_encoding
@@ -26,18 +26,19 @@ def prepare(input_path, out_dir, bpe_file):
     write_meta(out_dir, vocab_size=enc.n_vocab, tokenizer="gpt2", **counts)
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv=None) -> int:
+    parser = cli.OneLineParser(description=__doc__,
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--input", help="local copy of the text (default: download it)")
     parser.add_argument("--out_dir", default=str(Path(__file__).resolve().parent))
     parser.add_argument("--bpe_file", help="GPT-2 ranks in tiktoken format, for offline machines")
-    args = parser.parse_args()
-    try:
+
+    def run(argv):
+        args = parser.parse_args(argv)
         prepare(args.input, args.out_dir, args.bpe_file)
-    except UserError as e:
-        raise SystemExit(f"error: {e}")
+        return 0
+    return cli.run(run, argv)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

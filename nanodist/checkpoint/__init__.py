@@ -5,7 +5,7 @@
     store.py      the run directory's checkpoints: which exist, which --resume means
 """
 from nanodist.checkpoint.format import TrainState, load, load_model, save
-from nanodist.checkpoint.store import checkpoints, find, read_info, remove_debris, step_of
+from nanodist.checkpoint.store import UNVERIFIED, checkpoints, find, read_info, remove_debris, step_of
 
-__all__ = ["TrainState", "save", "load", "load_model", "checkpoints", "find", "read_info",
+__all__ = ["UNVERIFIED", "TrainState", "save", "load", "load_model", "checkpoints", "find", "read_info",
            "remove_debris", "step_of"]

@@ -32,7 +32,6 @@ checkpoints stay as they were.
 import json
 import os
 import secrets
-import shutil
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -177,24 +176,31 @@ def save(state: TrainState, out_dir, keep: int) -> Path:
         raise store.save_failed(error, tmp, keep, needed, no_dist) from error
     if rank == 0:
         os.replace(tmp, final)  # atomic: a reader sees all of it or none
-        for old in store.checkpoints(out_dir)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+        store.rotate(out_dir, keep, state.info.get(store.UNVERIFIED))
     if not no_dist:
         dist.barrier()
     return final
 
 
+def _tokenizer_name(tokenizer: dict, other: str = "") -> str:
+    return f"{len(tokenizer['itos'])}{other} characters" if tokenizer["name"] == "char" else "GPT-2 BPE"
+
+
 def _check_compatible(info: dict, state: TrainState, path: Path):
-    """The same model shapes and tokenizer (dropout may change on resume)."""
-    ours = {k: v for k, v in state.info["model"].items() if k != "dropout"}
-    diff = {k: (info["model"].get(k), v) for k, v in ours.items() if info["model"].get(k) != v}
+    """The same tokenizer (the dataset) and model shapes (dropout may change on resume)."""
+    theirs, ours = info["model"], state.info["model"]
+    if info["tokenizer"] != state.info["tokenizer"] or theirs["vocab_size"] != ours["vocab_size"]:
+        there = _tokenizer_name(info["tokenizer"])
+        here = _tokenizer_name(state.info["tokenizer"])
+        here = _tokenizer_name(state.info["tokenizer"], " other") if here == there else here
+        raise UserError(f"checkpoint {path} was trained on another dataset (its tokenizer: {there}, "
+                        f"vocabulary {theirs['vocab_size']}; this data's: {here}, vocabulary "
+                        f"{ours['vocab_size']}); pick the checkpoint's --dataset and --data_dir")
+    diff = {k: (theirs.get(k), v) for k, v in ours.items() if k != "dropout" and theirs.get(k) != v}
     if diff:
         raise UserError(f"checkpoint {path} was written for another model: "
                         + ", ".join(f"{k} {a} there vs {b} here" for k, (a, b) in diff.items())
-                        + "; use the checkpoint's --model/--block_size or a new --out_dir")
-    if info["tokenizer"] != state.info["tokenizer"]:
-        raise UserError(f"checkpoint {path} was trained with the {info['tokenizer']!r} tokenizer, "
-                        f"this dataset uses {state.info['tokenizer']!r}; pick the matching --dataset")
+                        + "; use the checkpoint's --model, --block_size and --moe_* flags, or a new --out_dir")
 
 
 def _load_rng(path: Path, rank: int, device: torch.device):
@@ -210,13 +216,15 @@ def _load_rng(path: Path, rank: int, device: torch.device):
 
 
 @torch.no_grad()
-def load(state: TrainState, path: Path) -> int:
+def load(state: TrainState, path: Path, trust_unverified: bool = False) -> dict:
     """Collective. Loads checkpoint `path` into `state` (its layout's parameters, the
-    optimizer, the data position, this rank's RNG); returns the step to run next."""
+    optimizer, the data position, this rank's RNG); returns its trainer.json, whose
+    store.UNVERIFIED is the step of the newest unverified checkpoint the run descends
+    from (`trust_unverified`: one without manifest is loaded, see integrity.py)."""
     no_dist = _no_dist()
+    reader, verified = open_checked(path, no_dist, trust_unverified)  # damage first, then contents
     info = store.read_info(path)
     _check_compatible(info, state, path)
-    reader = open_checked(path, no_dist)
     world = _world_mesh(state.device)
     tensors = {key: _dim0_slice(torch.empty(meta.size, dtype=meta.properties.dtype, device="meta"),
                                 world if key != "optim.step" else None,
@@ -228,7 +236,11 @@ def load(state: TrainState, path: Path) -> int:
         if key not in tensors:
             raise UserError(f"checkpoint {path} has no {key!r}: it was written for another model")
         value = tensors.pop(key).to(state.device)
-        return value.full_tensor() if isinstance(value, DTensor) else value
+        value = value.full_tensor() if isinstance(value, DTensor) else value
+        if not verified and not torch.isfinite(value).all():
+            raise UserError(f"checkpoint {path} is corrupt ({key} holds non-finite values); resume "
+                            f"from an older one")
+        return value
 
     params, optimizer = state.params.param_list(), state.optimizer
     states = state.params.optimizer_state(optimizer)
@@ -244,16 +256,20 @@ def load(state: TrainState, path: Path) -> int:
         state.data.load_state_dict(info["data"])
     if info["world_size"] == (1 if no_dist else dist.get_world_size()):  # the same RNG streams
         store.together(lambda: _load_rng(path, _rank(), state.device), no_dist)
+    if not verified:
+        info[store.UNVERIFIED] = info["step"]
     state.step = info["step"]
-    return state.step
+    return info
 
 
 @torch.no_grad()
-def load_model(path) -> tuple[GPT, dict]:
+def load_model(path, trust_unverified: bool = False) -> tuple[GPT, dict]:
     """The GPT-2 of checkpoint `path` on one process (for sampling), and its trainer.json."""
     path = Path(path)
+    reader, verified = open_checked(path, True, trust_unverified)
     info = store.read_info(path)
-    reader = open_checked(path, no_dist=True)
     model = GPT(GPTConfig(**info["model"]), seed=None)
     _read({f"model/{name}": param for name, param in model.named_parameters()}, reader, no_dist=True)
+    if not verified and not all(torch.isfinite(p).all() for p in model.parameters()):
+        raise UserError(f"checkpoint {path} is corrupt (its weights hold non-finite values)")
     return model, info

@@ -8,8 +8,10 @@
                      allowing only DCP's metadata classes (tensors are read by DCP, and
                      torch.load(weights_only=True) elsewhere)
 
-Checkpoints written before manifests existed load unverified, with a warning: they are
-still safe to load, and refusing them would strand the runs they belong to.
+A checkpoint without manifest (written before manifests existed) cannot be verified: it
+is refused unless the user passes TRUST_FLAG, and then only what can be checked without
+checksums is (every slice .metadata indexes lies within its file; the loaded tensors are
+finite): damage that leaves finite numbers goes unnoticed, which the warning says.
 """
 import json
 import pickle
@@ -26,6 +28,9 @@ from nanodist.checkpoint.store import cause, gathered
 from nanodist.errors import UserError
 
 MANIFEST = "manifest.json"
+TRUST_FLAG = "--trust_unverified_checkpoint"
+TRUST_HELP = ("read a checkpoint without manifest.json (older than checksums): damage that leaves finite "
+              "numbers goes unnoticed")
 
 
 def crc32(path: Path) -> str | None:
@@ -48,17 +53,25 @@ def checksums(directory: Path, names, no_dist: bool) -> dict[str, str | None]:
     return {name: crc for part in gathered(mine, no_dist) for name, crc in part.items()}
 
 
-def verify(path: Path, no_dist: bool):
-    """Every file of checkpoint `path` against its manifest; the same verdict on all ranks."""
+def verify(path: Path, no_dist: bool, trust_unverified: bool = False) -> bool:
+    """Every file of checkpoint `path` against its manifest; the same verdict on all ranks.
+    Returns whether it was verified: False for a checkpoint without manifest that the user
+    trusts (`trust_unverified`), which is refused otherwise."""
     try:
         expected = json.loads((path / MANIFEST).read_text())["crc32"]
         if not isinstance(expected, dict):
             raise TypeError("no file list")
     except FileNotFoundError:
+        if not trust_unverified:
+            raise UserError(f"checkpoint {path} has no {MANIFEST} (it predates them): damage in its "
+                            f"files cannot be detected. Use a checkpoint that has one, or accept the "
+                            f"risk with {TRUST_FLAG} (then only file sizes and non-finite values are "
+                            f"checked)") from None
         if no_dist or dist.get_rank() == 0:
-            print(f"warning: checkpoint {path} has no {MANIFEST} (it predates them): its files "
-                  f"are not checked for damage", file=sys.stderr, flush=True)
-        return
+            print(f"warning: checkpoint {path} has no {MANIFEST}: loaded under {TRUST_FLAG} with file "
+                  f"sizes and finite values checked; damage that leaves finite numbers goes "
+                  f"unnoticed", file=sys.stderr, flush=True)
+        return False
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise UserError(f"checkpoint {path} is corrupt ({MANIFEST}: {e}); resume from an older one") from e
     found = checksums(path, expected, no_dist)
@@ -68,6 +81,7 @@ def verify(path: Path, no_dist: bool):
         more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
         raise UserError(f"checkpoint {path} could not be read ({bad[0]} {what}{more}); "
                         f"resume from an older one")
+    return True
 
 
 # Everything DCP's .metadata of these checkpoints holds (found by unpickling real ones).
@@ -124,12 +138,30 @@ class Reader(dcp.FileSystemReader):
         return self.metadata
 
 
-def open_checked(path: Path, no_dist: bool) -> Reader:
-    """Checks checkpoint `path` before anything parses its tensors; its DCP reader."""
-    verify(path, no_dist)
-    return Reader(path)
+    def check_sizes(self):
+        """Every slice the index names lies within its file (a truncated shard of a
+        checkpoint without manifest is caught here, not by a parse error)."""
+        storage = getattr(self.metadata, "storage_data", None)
+        if not isinstance(storage, dict):
+            raise UserError(f"checkpoint {self.path} is corrupt (.metadata has no file index); "
+                            f"resume from an older one")
+        for where in storage.values():
+            file = self.path / where.relative_path
+            size = file.stat().st_size if file.is_file() else None
+            if size is None or size < where.offset + where.length:
+                what = "is missing" if size is None else f"is {size} bytes, shorter than its index says"
+                raise UserError(f"checkpoint {self.path} is corrupt ({where.relative_path} {what}); "
+                                f"resume from an older one")
 
 
+def open_checked(path: Path, no_dist: bool, trust_unverified: bool = False) -> tuple[Reader, bool]:
+    """Checks checkpoint `path` before anything parses its tensors: its DCP reader, and
+    whether its checksums were verified (see `verify`)."""
+    verified = verify(path, no_dist, trust_unverified)
+    reader = Reader(path)
+    if not verified:
+        reader.check_sizes()
+    return reader, verified
 
 
 def write_manifest(directory: Path, files, no_dist: bool):

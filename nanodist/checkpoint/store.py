@@ -4,6 +4,7 @@ all ranks do together when one of them fails (no rank left waiting in a collecti
     out_dir/step_0000100/        one checkpoint, complete: renamed into place last
     out_dir/tmp-step_N-<token>/  a save in progress (or one that died: `remove_debris`)
 """
+import dataclasses
 import errno
 import json
 import shutil
@@ -13,8 +14,11 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
 from nanodist.errors import UserError
+from nanodist.model import GPTConfig
 
 INFO = "trainer.json"
+UNVERIFIED = "unverified_since"  # in INFO: the step of the unverified checkpoint the run descends from
+SHAPE = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd")  # what every GPTConfig in INFO has
 
 
 def step_of(path: Path) -> int:
@@ -37,36 +41,101 @@ def remove_debris(out_dir):
         shutil.rmtree(debris, ignore_errors=True)
 
 
-def find(out_dir, resume: str) -> Path | None:
-    """The checkpoint `--resume` asks for: latest | auto (latest or none) | a path."""
+def find(out_dir, resume: str, flag: str = "--resume") -> Path | None:
+    """The checkpoint `flag` (--resume, or another tool's) asks for: latest | auto (latest
+    or none) | a path."""
     if resume in ("latest", "auto"):
         found = checkpoints(out_dir)
         if found:
             return found[-1]
         if resume == "auto":
             return None
-        raise UserError(f"no checkpoint in {out_dir}: train first (train.py --resume auto "
-                        f"starts fresh when there is none)")
+        hint = " (train.py --resume auto starts fresh when there is none)" if flag == "--resume" else ""
+        raise UserError(f"no checkpoint in {out_dir}: train first{hint}")
     path = Path(resume)
     if not (path / INFO).exists():
-        raise UserError(f"--resume {resume}: not a checkpoint (no {INFO}); pass a "
-                        f"step_N directory, or --resume latest")
+        held = ", ".join(p.name for p in checkpoints(path.parent)) if path.parent.is_dir() else ""
+        raise UserError(f"{flag} {resume}: not a checkpoint (no {INFO}); pass a step_N directory"
+                        + (f" ({path.parent} holds {held})" if held else ""))
     return path
 
 
 def read_info(path: Path) -> dict:
-    """trainer.json: step, config, model config, tokenizer, data position, world size."""
+    """trainer.json: step, config, model config, tokenizer, data position, world size;
+    its schema checked (read it after the checksums: damage first, then shape)."""
     try:
-        return json.loads((path / INFO).read_text())
+        info = json.loads((path / INFO).read_text())
     except (OSError, ValueError) as e:
         raise UserError(f"checkpoint {path} is corrupt ({e}); resume from an older one "
                         f"(--resume {path.parent}/step_N)") from e
+    problem = _info_problem(info)
+    if problem:
+        raise UserError(f"checkpoint {path} is corrupt ({INFO}: {problem}); resume from an older one "
+                        f"(--resume {path.parent}/step_N)")
+    return info
+
+
+def _count(value, low: int = 0) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+
+def _model_problem(model) -> str | None:
+    """What is wrong with trainer.json's GPTConfig (None: nothing): every field of it, of
+    its default's type, counts >= 1 (experts >= 0), rates >= 0, the heads dividing the width."""
+    defaults = {f.name: f.default for f in dataclasses.fields(GPTConfig)}
+    if not isinstance(model, dict) or not set(SHAPE) <= set(model) <= set(defaults):
+        return "model is not a GPT configuration"
+    for key, value in model.items():
+        default = defaults[key]
+        fits = (isinstance(value, bool) if isinstance(default, bool) else
+                _count(value, 0 if key == "moe_experts" else 1) if isinstance(default, int) else
+                isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0)
+        if not fits:
+            return f"model.{key} is {value!r}"
+    if model["n_embd"] % model["n_head"]:
+        return f"model.n_embd {model['n_embd']} does not divide into {model['n_head']} heads"
+    return None
+
+
+def _info_problem(info) -> str | None:
+    """What is wrong with a trainer.json's contents (None: nothing)."""
+    if not isinstance(info, dict):
+        return f"not an object but {type(info).__name__}"
+    for key, low in (("step", 0), ("world_size", 1)):
+        if not _count(info.get(key), low):
+            return f"{key} is {info.get(key)!r}, not an integer >= {low}"
+    problem = _model_problem(info.get("model"))
+    if problem:
+        return problem
+    tokenizer = info.get("tokenizer")
+    if not (isinstance(tokenizer, dict) and tokenizer.get("name") in ("char", "gpt2")):
+        return "tokenizer is neither char nor gpt2"
+    itos = tokenizer.get("itos")
+    if tokenizer["name"] == "char" and not (isinstance(itos, list) and itos and
+                                            all(isinstance(c, str) and len(c) == 1 for c in itos)):
+        return "the char tokenizer has no list of characters"
+    if "data" in info and not (isinstance(info["data"], dict) and _count(info["data"].get("seed"))):
+        return "data is not a data position"
+    if info.get(UNVERIFIED) is not None and not _count(info[UNVERIFIED]):
+        return f"{UNVERIFIED} is {info[UNVERIFIED]!r}"
+    return None
+
+
+def rotate(out_dir, keep: int, kept_up_to: int | None):
+    """Removes all but the `keep` latest checkpoints, and none at or before step
+    `kept_up_to`: a run that descends from an unverified checkpoint keeps it and the
+    older ones, the only ones that may be intact (read_info's UNVERIFIED)."""
+    for old in checkpoints(out_dir)[:-keep]:
+        if kept_up_to is None or step_of(old) > kept_up_to:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def cause(error: BaseException) -> str:
-    """The last line of an error (DCP's hold every rank's traceback)."""
-    lines = str(error).strip().splitlines()
-    return lines[-1] if lines else type(error).__name__
+    """The first sentence of an error's last line, a pointer to documentation aside (DCP's
+    errors hold every rank's traceback; torch.load's end in a link to its docs)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    line = ([line for line in lines if "://" not in line] or lines or [type(error).__name__])[-1]
+    return line.split(". ")[0]
 
 
 def gathered(value, no_dist: bool) -> list:

@@ -75,6 +75,29 @@ def flag(field: str) -> str:
     return f"--{FLAGS[field]}"
 
 
+def _typed(value) -> str:
+    """A flag's value as one types it: false, 5, 0.5."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+# The options that only an axis or a mode reads: field -> (whether the layout reads it, what
+# it needs). Set to other than its default where it is not read, it is refused: a flag
+# that has no effect says so, whichever it is.
+NEEDS = {
+    "pp_schedule": (lambda l: l.pp > 1, "--pipeline_parallel_size > 1"),
+    "virtual_stages": (lambda l: l.pp > 1, "--pipeline_parallel_size > 1"),
+    "dp_replicas": (lambda l: l.dp_type == "fsdp", "--data_parallel_type fsdp"),
+    "reshard_after_forward": (lambda l: l.dp_type == "fsdp", "--data_parallel_type fsdp"),
+    "reduce_on_last_micro_step": (lambda l: l.dp_type == "fsdp", "--data_parallel_type fsdp"),
+    "bucket_cap_mb": (lambda l: l.dp_type != "fsdp", "--data_parallel_type ddp or zero1"),
+    "loss_parallel": (lambda l: l.tp > 1, "--tensor_parallel_size > 1"),
+    "sequence_parallel": (lambda l: l.tp > 1, "--tensor_parallel_size > 1"),
+    "ac_every": (lambda l: l.checkpointing == "full", "--activation_checkpointing full"),
+}
+
+
 @dataclass(frozen=True)
 class Layout:
     """The axes and how each runs. Frozen: one layout, decided once."""
@@ -184,6 +207,11 @@ class Layout:
             if getattr(self, field) not in allowed:
                 raise UserError(f"unknown {flag(field)} {getattr(self, field)!r}; choose from "
                                 f"{', '.join(allowed)}")
+        for field, (reads, needs) in NEEDS.items():
+            value = getattr(self, field)
+            if value != getattr(Layout, field) and not reads(self):
+                raise UserError(f"{flag(field)} {_typed(value)} needs {needs}, and has no effect without it; "
+                                f"drop it (or set {needs})")
         self._check_data_parallel()  # before the world: the axes' sizes need R | dp
         self._check_world(world_size)
         self._check_tensor_parallel(block_size)
@@ -214,10 +242,6 @@ class Layout:
         R = self.dp_replicas
         if R < 1 or self.dp % R:
             raise UserError(f"--data_parallel_replicas ({R}) must divide --data_parallel_size ({self.dp})")
-        if R > 1 and self.dp_type != "fsdp":
-            raise UserError(f"--data_parallel_replicas {R} is HSDP, FSDP replicated across groups: it "
-                            f"needs --data_parallel_type fsdp (--data_parallel_type {self.dp_type} "
-                            f"replicates over every DP rank already; drop the flag)")
         if R > 1 and self.dp_shard * self.cp == 1:
             raise UserError(f"--data_parallel_replicas {R} = --data_parallel_size leaves one shard per "
                             f"replica group: that is DDP; use --data_parallel_type ddp")
@@ -231,10 +255,6 @@ class Layout:
         return (block_size // self.cp) % self.tp == 0
 
     def _check_tensor_parallel(self, block_size: int):
-        if self.loss_parallel and self.tp == 1:
-            raise UserError("--enable_loss_parallelism needs --tensor_parallel_size > 1")
-        if self.sequence_parallel and self.tp == 1:
-            raise UserError("--sequence_parallel needs --tensor_parallel_size > 1")
         if self.sequence_parallel and not self.sequence_divides(block_size):
             what = (f"--block_size ({block_size})" if self.cp == 1 else f"the {block_size // self.cp} "
                     f"tokens of a CP rank (--block_size / --context_parallel_size)")
