@@ -341,3 +341,11 @@ def test_resuming_on_another_dataset_names_the_dataset(char_data, bpe_data, run_
     line = one_error_line(capsys.readouterr().err)
     assert "was trained on another dataset (its tokenizer: 65 characters, vocabulary 128; this data's: " \
            "GPT-2 BPE, vocabulary 50304); pick the checkpoint's --dataset and --data_dir" in line
+
+
+def test_a_checkpoint_is_a_step_n_directory(char_data, run_copy, capsys):
+    """Its name is its step (rotation and --resume's order read it): a renamed copy is refused."""
+    shutil.copytree(run_copy / "step_0000002", run_copy / "mycopy")
+    assert train.main(flags(char_data, run_copy, "--resume", str(run_copy / "mycopy"), steps=4)) == 2
+    assert f"--resume {run_copy / 'mycopy'}: not a checkpoint (a step_N directory with trainer.json); " \
+           f"{run_copy} holds step_0000002" in one_error_line(capsys.readouterr().err)

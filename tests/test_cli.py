@@ -36,7 +36,7 @@ def broken(*args, **kwargs):
 # every command line, and the function inside it that an unforeseen error is made to hit
 CLIS = {
     "train": (train.main, "nanodist.train.Trainer", ["--device", "cpu"]),
-    "sample": (sample.main, "sample.checkpoint.load_model", ["--checkpoint", "."]),
+    "sample": (sample.main, "sample.checkpoint.load_model", ["--checkpoint", "step_0000001"]),
     "export": (export.main, "nanodist.export.checkpoint.load_model", ["--out_dir", ".", "--to", "x"]),
     "planner": (planner.main, "nanodist_tools.planner.rank", []),
 }
@@ -52,8 +52,7 @@ def test_an_unforeseen_error_is_one_line_naming_type_and_place(name, monkeypatch
         main, argv = script.main, ["--input", str(SHAKESPEARE_TEXT)]
     else:
         main, target, argv = CLIS[name]
-        (tmp_path / "trainer.json").write_text("{}")  # sample's --checkpoint . passes find()
-        (tmp_path / "step_0000001").mkdir()
+        (tmp_path / "step_0000001").mkdir()  # a checkpoint to find(), for sample and the export
         (tmp_path / "step_0000001" / "trainer.json").write_text("{}")
         monkeypatch.setattr(target, broken)
     assert main(argv) == 1

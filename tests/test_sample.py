@@ -69,10 +69,13 @@ def test_a_prompt_outside_a_character_vocabulary_is_refused(capsys):
 
 def test_the_default_prompt_suits_a_vocabulary_without_newline(tmp_path, monkeypatch, capsys):
     """--start defaults to a newline; a character model that never saw one starts from token 0."""
-    (tmp_path / "trainer.json").write_text("{}")  # find() takes it for a checkpoint
+    step_dir = tmp_path / "step_0000001"
+    step_dir.mkdir()
+    (step_dir / "trainer.json").write_text("{}")  # find() takes it for a checkpoint
     itos = list("abc ")
     model = GPT(model_config("tiny", 16, len(itos)), seed=0)
-    monkeypatch.setattr(sample.checkpoint, "load_model", lambda *a: (model, {"tokenizer": {"name": "char", "itos": itos}}))
-    assert sample.main(["--checkpoint", str(tmp_path), "--max_new_tokens", "5", "--num_samples", "1"]) == 0
+    info = {"tokenizer": {"name": "char", "itos": itos}}
+    monkeypatch.setattr(sample.checkpoint, "load_model", lambda *args: (model, info))
+    assert sample.main(["--checkpoint", str(step_dir), "--max_new_tokens", "5", "--num_samples", "1"]) == 0
     text = capsys.readouterr().out.split("\n---------------")[0]
     assert len(text) == 6 and set(text) <= set(itos)  # token 0 ("a"), then 5 drawn

@@ -7,6 +7,7 @@ all ranks do together when one of them fails (no rank left waiting in a collecti
 import dataclasses
 import errno
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from nanodist.errors import UserError
 from nanodist.model import GPTConfig
 
 INFO = "trainer.json"
+STEP_DIR = re.compile(r"step_\d+")
 UNVERIFIED = "unverified_since"  # in INFO: the step of the unverified checkpoint the run descends from
 SHAPE = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd")  # what every GPTConfig in INFO has
 
@@ -31,7 +33,8 @@ def step_dir(out_dir, step: int) -> Path:
 
 def checkpoints(out_dir) -> list[Path]:
     """Complete checkpoints in `out_dir`, oldest first."""
-    return sorted((p for p in Path(out_dir).glob("step_*") if (p / INFO).exists()), key=step_of)
+    return sorted((p for p in Path(out_dir).glob("step_*") if STEP_DIR.fullmatch(p.name) and (p / INFO).exists()),
+                  key=step_of)
 
 
 def remove_debris(out_dir):
@@ -53,10 +56,10 @@ def find(out_dir, resume: str, flag: str = "--resume") -> Path | None:
         hint = " (train.py --resume auto starts fresh when there is none)" if flag == "--resume" else ""
         raise UserError(f"no checkpoint in {out_dir}: train first{hint}")
     path = Path(resume)
-    if not (path / INFO).exists():
+    if not (path / INFO).exists() or not STEP_DIR.fullmatch(path.name):  # its name is its step
         held = ", ".join(p.name for p in checkpoints(path.parent)) if path.parent.is_dir() else ""
-        raise UserError(f"{flag} {resume}: not a checkpoint (no {INFO}); pass a step_N directory"
-                        + (f" ({path.parent} holds {held})" if held else ""))
+        raise UserError(f"{flag} {resume}: not a checkpoint (a step_N directory with {INFO})"
+                        + (f"; {path.parent} holds {held}" if held else ""))
     return path
 
 
