@@ -349,3 +349,19 @@ def test_a_checkpoint_is_a_step_n_directory(char_data, run_copy, capsys):
     assert train.main(flags(char_data, run_copy, "--resume", str(run_copy / "mycopy"), steps=4)) == 2
     assert f"--resume {run_copy / 'mycopy'}: not a checkpoint (a step_N directory with trainer.json); " \
            f"{run_copy} holds step_0000002" in one_error_line(capsys.readouterr().err)
+
+
+def test_a_trusted_checkpoint_without_manifest_is_checked_for_non_finite_values(char_data, tmp_path, capsys):
+    """What can be checked without checksums is: a NaN weight is refused, naming it, by a
+    resume and by sample.py alike."""
+    trainer = Trainer(parse_args(flags(char_data, tmp_path / "run")))
+    with torch.no_grad():
+        trainer.parallel.stages[0].gpt.transformer.ln_f.weight[3] = float("nan")
+    saved = trainer.save(1)
+    del trainer
+    (saved / "manifest.json").unlink()
+    says = f"checkpoint {saved} is corrupt (model/transformer.ln_f.weight holds non-finite values)"
+    assert train.main(flags(char_data, tmp_path / "run", "--resume", "--trust_unverified_checkpoint")) == 2
+    assert says in one_error_line(capsys.readouterr().err)
+    assert sample.main(["--checkpoint", str(saved), "--trust_unverified_checkpoint", "--max_new_tokens", "1"]) == 2
+    assert says in one_error_line(capsys.readouterr().err)

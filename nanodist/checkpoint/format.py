@@ -203,6 +203,12 @@ def _check_compatible(info: dict, state: TrainState, path: Path):
                         + "; use the checkpoint's --model, --block_size and --moe_* flags, or a new --out_dir")
 
 
+def _check_finite(tensor: torch.Tensor, key: str, path: Path):
+    """What an unverified checkpoint's tensors can be checked for without checksums."""
+    if not torch.isfinite(tensor).all():
+        raise UserError(f"checkpoint {path} is corrupt ({key} holds non-finite values); resume from an older one")
+
+
 def _load_rng(path: Path, rank: int, device: torch.device):
     rng_file = path / f"rng_rank{rank}.pt"
     try:
@@ -237,9 +243,8 @@ def load(state: TrainState, path: Path, trust_unverified: bool = False) -> dict:
             raise UserError(f"checkpoint {path} has no {key!r}: it was written for another model")
         value = tensors.pop(key).to(state.device)
         value = value.full_tensor() if isinstance(value, DTensor) else value
-        if not verified and not torch.isfinite(value).all():
-            raise UserError(f"checkpoint {path} is corrupt ({key} holds non-finite values); resume "
-                            f"from an older one")
+        if not verified:
+            _check_finite(value, key, path)
         return value
 
     params, optimizer = state.params.param_list(), state.optimizer
@@ -270,6 +275,7 @@ def load_model(path, trust_unverified: bool = False) -> tuple[GPT, dict]:
     info = store.read_info(path)
     model = GPT(GPTConfig(**info["model"]), seed=None)
     _read({f"model/{name}": param for name, param in model.named_parameters()}, reader, no_dist=True)
-    if not verified and not all(torch.isfinite(p).all() for p in model.parameters()):
-        raise UserError(f"checkpoint {path} is corrupt (its weights hold non-finite values)")
+    if not verified:
+        for name, param in model.named_parameters():
+            _check_finite(param, f"model/{name}", path)
     return model, info
