@@ -1,9 +1,17 @@
-"""Every private or unstable torch API nanodist uses, in one place.
+"""Every torch API that is private, unstable or newer than the oldest torch nanodist
+supports (MINIMUM_TORCH), in one place.
 
 Private names move between torch releases. Each is reached through here, by its purpose,
 so that a torch without it fails with one line that names it (a `UserError`), not an
 ImportError deep inside a strategy; optional ones (CPU memory statistics) return None
-and their caller falls back. nanodist is tested with torch TESTED_TORCH.
+and their caller falls back. Public names newer than MINIMUM_TORCH (`NEWER`) are used
+where this torch has them, else the older call that does the same (`collective`).
+Every other torch name nanodist uses is in MINIMUM_TORCH (tests/test_torch_versions.py
+lists them). nanodist is tested with torch TESTED_TORCH.
+
+    newer public name             since   on older torch
+    dist.all_gather_single        2.13    dist.all_gather_into_tensor (same arguments)
+    dist.reduce_scatter_single    2.13    dist.reduce_scatter_tensor  (same arguments)
 
     name                          module . attribute                              used for
     TorchDispatchMode             torch.utils._python_dispatch                   counting ops (tools, tests)
@@ -34,7 +42,13 @@ import torch
 
 from nanodist.errors import UserError
 
-TESTED_TORCH = "2.13.0"
+MINIMUM_TORCH = "2.11"
+TESTED_TORCH = "2.11.0 and 2.13.0"
+
+NEWER = {  # torch.distributed name -> (the release that added it, its equivalent before)
+    "all_gather_single": ("2.13", "all_gather_into_tensor"),
+    "reduce_scatter_single": ("2.13", "reduce_scatter_tensor"),
+}
 
 _PRIVATE = {  # name -> (module, attribute, what nanodist needs it for)
     "TorchDispatchMode": ("torch.utils._python_dispatch", "TorchDispatchMode", "counting ops"),
@@ -57,7 +71,7 @@ _PRIVATE = {  # name -> (module, attribute, what nanodist needs it for)
 
 def _missing(where: str, what: str) -> UserError:
     return UserError(f"{what} needs {where}, which torch {torch.__version__} does not have; "
-                     f"nanodist is tested with torch {TESTED_TORCH} (pip install torch=={TESTED_TORCH})")
+                     f"nanodist supports torch >= {MINIMUM_TORCH} and is tested with {TESTED_TORCH}")
 
 
 def __getattr__(name: str):
@@ -71,6 +85,14 @@ def __getattr__(name: str):
         raise _missing(f"{module}.{attribute}", what) from None
     globals()[name] = value
     return value
+
+
+def collective(transport, name: str):
+    """transport.<name> (a NEWER collective of torch.distributed, or of a stand-in), or, on
+    a torch before its release, the older function with the same arguments (torch 2.13
+    deprecates the older names: they are only the fallback)."""
+    found = getattr(transport, name, None)
+    return found if found is not None else getattr(transport, NEWER[name][1])
 
 
 def _method(obj, attribute: str, what: str):

@@ -102,9 +102,11 @@ def ring_attention_sends(B: int, T: int, C: int, L: int, cp: int,
                          value_bytes: int = FP32) -> tuple[int, int]:
     """(sends, payload bytes) of ring attention in one forward + backward per rank: per
     layer cp-1 K/V blocks forward, cp-1 K/V and cp dK/dV blocks backward, each K and V of
-    B x T/cp tokens x C (C: the local width, n_embd / TP) values."""
+    B x T/cp tokens x C (C: the local width, n_embd / TP) values; K/V in the matmuls'
+    dtype (`value_bytes`), the dK/dV accumulators in fp32 at least."""
     sends = L * (3 * cp - 2)
-    return sends, sends * 2 * B * T * C // cp * value_bytes
+    block = 2 * B * T * C // cp
+    return sends, L * block * ((2 * cp - 2) * value_bytes + cp * max(value_bytes, FP32))
 
 
 def moe_all_to_all(B: int, T: int, C: int, k: int, E: int, sizes: dict = FP32_EVERYWHERE) -> tuple[int, float]:

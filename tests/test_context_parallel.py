@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 
 from harness import assert_records_match, run_distributed, tiny_run, trainer_records
 from nanodist.config import TrainConfig, resolve
@@ -56,6 +57,64 @@ def test_ring_attention_matches_sdpa(cp):
                 assert max(diffs) < tol, (zigzag, dtype, diffs)
                 # forward C-1 K/V passes; backward C-1 K/V and C dK/dV passes
                 assert sent == (3 * cp - 2) * kv_block * dtype.itemsize
+
+
+class CudaAutocastRules(TorchFunctionMode):
+    """CUDA's autocast rules on CPU, where autocast is on: the matmuls in bf16 and the ops
+    of CUDA's fp32 list (exp, logsumexp, ...) in fp32, so a CPU test meets the dtypes a GPU
+    gives (CPU autocast alone would leave exp in bf16)."""
+    FP32 = {"exp", "logsumexp", "log", "softmax", "log_softmax", "sum"}
+    LOW = {"matmul", "__matmul__", "__rmatmul__", "mm", "bmm"}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        if torch.is_autocast_enabled("cpu") and name in self.FP32 | self.LOW:
+            dtype = torch.float32 if name in self.FP32 else torch.bfloat16
+            args = tuple(a.to(dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() else a
+                         for a in args)
+        return func(*args, **(kwargs or {}))
+
+
+def _ring_in_bf16(zigzag: bool):
+    """Ring attention on bf16 q, k, v under CUDA's autocast rules, forward and backward:
+    the dtypes out, dq, dk, dv come back in, their errors against float64 SDPA on the same
+    (bf16-valued) inputs relative to that reference's largest entry, and the bytes sent."""
+    cp, rank = dist.get_world_size(), dist.get_rank()
+    gen = torch.Generator().manual_seed(0)
+    q, k, v, probe = (torch.randn(B, HEADS, T, D, generator=gen).bfloat16() for _ in range(4))
+    full = [t.double().requires_grad_() for t in (q, k, v)]
+    reference = F.scaled_dot_product_attention(*full, is_causal=True)
+    reference.backward(probe.double())
+    mine = lambda t: split_sequence(t, 2, rank, cp, zigzag)
+    local = [mine(t).requires_grad_() for t in (q, k, v)]
+    comm = Comm()
+    with comm.counting() as counted:
+        with torch.autocast("cpu", dtype=torch.bfloat16), CudaAutocastRules():
+            out = RingAttention(comm.group(dist.group.WORLD), zigzag)(*local)
+        out.backward(mine(probe))
+    pairs = [(out, reference)] + [(t.grad, ref.grad) for t, ref in zip(local, full)]
+    errors = [((got.double() - mine(want)).abs().max() / mine(want).abs().max()).item()
+              for got, want in pairs]
+    return [got.dtype for got, _ in pairs], errors, counted.payload_bytes["send"]
+
+
+def test_ring_attention_in_bf16_under_cuda_autocast_rules():
+    """The dtypes a GPU gives (issue 29: fp32 out and lse from autocast's exp broke the
+    backward's matmuls). Values: every input is exact in bf16; what rounds is each matmul's
+    bf16 result (2^-8 relative) and the final casts, while the softmax, the merge and the
+    gradient sums run in fp32. An entry of out is a mean of v's rows weighted by p, whose
+    scores |s| <= sqrt(D) max|q| max|k| / sqrt(D) ~ 16 carry 2^-8 |s| <= 0.06 absolute error,
+    i.e. <= 6% relative in p; the gradients chain two more such matmuls. Bound: 0.1 of the
+    reference's largest entry for out, 0.2 for the gradients (an fp32 ring is 1e-6 off;
+    a bf16 merge or bf16 dK/dV sums would not be caught by this bound, the dtypes are)."""
+    kv_block = 2 * B * HEADS * (T // 2) * D
+    for zigzag in (True, False):
+        for dtypes, errors, sent in run_distributed(_ring_in_bf16, 2, zigzag):
+            assert dtypes == [torch.bfloat16] * 4
+            assert errors[0] < 0.1 and max(errors[1:]) < 0.2, errors
+            # K/V forward and backward in bf16, the dK/dV accumulators in fp32 (traffic.py)
+            assert sent == 2 * kv_block * 2 + 2 * kv_block * 4
+            assert sent == ring_attention_sends(B, T, HEADS * D, 1, 2, 2)[1]
 
 
 def test_zigzag_balances_the_causal_work():

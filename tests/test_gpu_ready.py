@@ -285,7 +285,8 @@ class CollectiveAudit(compat.TorchDispatchMode):
 class AuditedTransport:
     """torch.distributed for comm.Comm, each async collective reported to `audit`."""
     KINDS = {"all_reduce": "all_reduce", "broadcast": "broadcast",
-             "all_gather_single": "all_gather", "reduce_scatter_single": "reduce_scatter"}
+             "all_gather_single": "all_gather", "reduce_scatter_single": "reduce_scatter",
+             "all_gather_into_tensor": "all_gather", "reduce_scatter_tensor": "reduce_scatter"}
 
     def __init__(self, audit: CollectiveAudit):
         self.audit = audit

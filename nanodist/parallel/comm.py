@@ -29,6 +29,8 @@ from contextlib import contextmanager
 import torch
 import torch.distributed as dist
 
+from nanodist import compat
+
 BUS_FACTOR = {"all_reduce": lambda n: 2 * (n - 1) / n, "all_gather": lambda n: (n - 1) / n,
               "reduce_scatter": lambda n: (n - 1) / n, "broadcast": lambda n: 1.0,
               "send": lambda n: 1.0, "all_to_all": lambda n: (n - 1) / n}
@@ -123,8 +125,8 @@ class Group:
             output.copy_(input)
             return _Done() if async_op else None
         self._count("all_gather", _nbytes(output))
-        return self.comm.transport.all_gather_single(output, input, group=self.process_group,
-                                                     async_op=async_op)
+        return compat.collective(self.comm.transport, "all_gather_single")(
+            output, input, group=self.process_group, async_op=async_op)
 
     @torch.compiler.disable
     def reduce_scatter(self, output: torch.Tensor, input: torch.Tensor, async_op: bool = False):
@@ -133,8 +135,8 @@ class Group:
             output.copy_(input)
             return _Done() if async_op else None
         self._count("reduce_scatter", _nbytes(input))
-        return self.comm.transport.reduce_scatter_single(output, input, group=self.process_group,
-                                                         async_op=async_op)
+        return compat.collective(self.comm.transport, "reduce_scatter_single")(
+            output, input, group=self.process_group, async_op=async_op)
 
     @torch.compiler.disable
     def all_to_all(self, output: torch.Tensor, input: torch.Tensor, output_splits: list[int],

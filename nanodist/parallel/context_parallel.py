@@ -78,41 +78,34 @@ def _wait(works):
 
 
 def _scores(q, k, causal: bool, scale: float):
-    s = (q @ k.transpose(-2, -1)) * scale
+    """q k^T * scale in fp32 at least (the matmul in q's dtype, accumulated in fp32 by the
+    hardware: bf16 under autocast), -inf above the diagonal of a diagonal block."""
+    s = (q @ k.transpose(-2, -1)).to(_accumulator(q.dtype)) * scale
     if causal:  # the diagonal block: same positions on both sides
         s = s.masked_fill(torch.ones_like(s, dtype=torch.bool).triu(1), float("-inf"))
     return s
 
 
+def _accumulator(dtype: torch.dtype) -> torch.dtype:
+    """What the softmax, its merge and the gradient sums run in: fp32 at least, as flash
+    attention does (bf16 would lose the small terms a long sum adds)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 class _RingAttention(torch.autograd.Function):
-    """softmax(q k^T / sqrt(d), causal) v of local q, k, v (B, heads, T/C, d)."""
+    """softmax(q k^T / sqrt(d), causal) v of local q, k, v (B, heads, T/C, d).
+
+    dtypes: the matmuls run in the inputs' dtype (bf16 under autocast); scores, the
+    log-sum-exp merge, the output's running sum and dQ, dK, dV accumulate in fp32 at least;
+    the output and the gradients come back in the inputs' dtype. Autocast is off inside
+    (the backward runs outside it anyway), so every dtype is the one written here: CUDA's
+    autocast would otherwise run exp in fp32 and the matmuls in bf16, a mix the backward
+    cannot follow. float32 and float64 inputs: every cast is a no-op."""
 
     @staticmethod
     def forward(ctx, q, k, v, group, zigzag):
-        cp, rank, scale = group.size, group.rank, q.size(-1) ** -0.5
-        q_chunks, q_ids = q.chunk(2, dim=2), chunk_ids(rank, cp, zigzag)
-        out = [torch.zeros_like(c) for c in q_chunks]
-        lse = [torch.full(c.shape[:-1], float("-inf"), dtype=c.dtype, device=c.device)
-               for c in q_chunks]
-        kv = torch.stack([k, v])
-        for step in range(cp):
-            if step + 1 < cp:
-                next_kv, works = _ring_pass(kv, group)  # overlaps this step's compute
-            k_chunks, v_chunks = kv[0].chunk(2, dim=2), kv[1].chunk(2, dim=2)
-            for i, qi in enumerate(q_ids):
-                for j, kj in enumerate(chunk_ids((rank - step) % cp, cp, zigzag)):
-                    if kj > qi:
-                        continue
-                    s = _scores(q_chunks[i], k_chunks[j], kj == qi, scale)
-                    block_lse = s.logsumexp(-1)
-                    new_lse = torch.logaddexp(lse[i], block_lse)
-                    out[i] = ((lse[i] - new_lse).exp().unsqueeze(-1) * out[i]
-                              + (s - new_lse.unsqueeze(-1)).exp() @ v_chunks[j])
-                    lse[i] = new_lse
-            if step + 1 < cp:
-                _wait(works)
-                kv = next_kv
-        out, lse = torch.cat(out, dim=2), torch.cat(lse, dim=2)
+        with torch.autocast(q.device.type, enabled=False):
+            out, lse = _ring_forward(q, k, v, group, zigzag)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.group, ctx.zigzag = group, zigzag
         return out
@@ -120,41 +113,76 @@ class _RingAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout):
         q, k, v, out, lse = ctx.saved_tensors
-        group, zigzag = ctx.group, ctx.zigzag
-        cp, rank, scale = group.size, group.rank, q.size(-1) ** -0.5
-        dq = torch.zeros_like(q)
-        q_ids = chunk_ids(rank, cp, zigzag)
-        q_chunks, dq_chunks, dout_chunks = q.chunk(2, 2), dq.chunk(2, 2), dout.chunk(2, 2)
-        lse_chunks = lse.chunk(2, 2)
-        delta_chunks = (dout * out).sum(-1).chunk(2, 2)  # rowsum(dO o O) = rowsum(P o dP)
-        kv, arriving = torch.stack([k, v]), None
-        for step in range(cp):
-            if step + 1 < cp:
-                next_kv, works = _ring_pass(kv, group)
-            k_chunks, v_chunks = kv[0].chunk(2, 2), kv[1].chunk(2, 2)
-            dkv = torch.zeros_like(kv)  # this step's part of the dK, dV of rank r-step
-            dk_chunks, dv_chunks = dkv[0].chunk(2, 2), dkv[1].chunk(2, 2)
-            for i, qi in enumerate(q_ids):
-                for j, kj in enumerate(chunk_ids((rank - step) % cp, cp, zigzag)):
-                    if kj > qi:
-                        continue
-                    p = (_scores(q_chunks[i], k_chunks[j], kj == qi, scale)
-                         - lse_chunks[i].unsqueeze(-1)).exp()
-                    dv_chunks[j].add_(p.transpose(-2, -1) @ dout_chunks[i])
-                    ds = p * (dout_chunks[i] @ v_chunks[j].transpose(-2, -1)
-                              - delta_chunks[i].unsqueeze(-1))
-                    dq_chunks[i].add_(ds @ k_chunks[j], alpha=scale)
-                    dk_chunks[j].add_(ds.transpose(-2, -1) @ q_chunks[i], alpha=scale)
-            if arriving is not None:  # the accumulator of rank r-step, from the previous rank
-                _wait(arriving[1])
-                dkv += arriving[0]
-            arriving = _ring_pass(dkv, group)
-            if step + 1 < cp:
-                _wait(works)
-                kv = next_kv
-        _wait(arriving[1])  # after C steps, one more pass: our own dK, dV come home
-        dk, dv = arriving[0]
-        return dq, dk, dv, None, None
+        with torch.autocast(q.device.type, enabled=False):
+            return *_ring_backward(q, k, v, out, lse, dout, ctx.group, ctx.zigzag), None, None
+
+
+def _ring_forward(q, k, v, group: Group, zigzag: bool):
+    """(out in q's dtype, lse in fp32 at least) of this rank's queries over every K/V block."""
+    cp, rank, scale, acc = group.size, group.rank, q.size(-1) ** -0.5, _accumulator(q.dtype)
+    q_chunks, q_ids = q.chunk(2, dim=2), chunk_ids(rank, cp, zigzag)
+    out = [torch.zeros_like(c, dtype=acc) for c in q_chunks]
+    lse = [torch.full(c.shape[:-1], float("-inf"), dtype=acc, device=c.device) for c in q_chunks]
+    kv = torch.stack([k, v])
+    for step in range(cp):
+        if step + 1 < cp:
+            next_kv, works = _ring_pass(kv, group)  # overlaps this step's compute
+        k_chunks, v_chunks = kv[0].chunk(2, dim=2), kv[1].chunk(2, dim=2)
+        for i, qi in enumerate(q_ids):
+            for j, kj in enumerate(chunk_ids((rank - step) % cp, cp, zigzag)):
+                if kj > qi:
+                    continue
+                s = _scores(q_chunks[i], k_chunks[j], kj == qi, scale)
+                new_lse = torch.logaddexp(lse[i], s.logsumexp(-1))
+                p = (s - new_lse.unsqueeze(-1)).exp()
+                out[i] = ((lse[i] - new_lse).exp().unsqueeze(-1) * out[i]
+                          + (p.to(v.dtype) @ v_chunks[j]).to(acc))
+                lse[i] = new_lse
+        if step + 1 < cp:
+            _wait(works)
+            kv = next_kv
+    return torch.cat(out, dim=2).to(q.dtype), torch.cat(lse, dim=2)
+
+
+def _ring_backward(q, k, v, out, lse, dout, group: Group, zigzag: bool):
+    """dq, dk, dv (the inputs' dtype): the K/V ring again, the dK/dV accumulators (fp32 at
+    least) travelling with it."""
+    cp, rank, scale, acc = group.size, group.rank, q.size(-1) ** -0.5, _accumulator(q.dtype)
+    dout = dout.to(q.dtype)
+    dq = torch.zeros_like(q, dtype=acc)
+    q_ids = chunk_ids(rank, cp, zigzag)
+    q_chunks, dq_chunks, dout_chunks = q.chunk(2, 2), dq.chunk(2, 2), dout.chunk(2, 2)
+    lse_chunks = lse.chunk(2, 2)
+    delta_chunks = (dout.to(acc) * out.to(acc)).sum(-1).chunk(2, 2)  # rowsum(dO o O) = rowsum(P o dP)
+    kv, arriving = torch.stack([k, v]), None
+    for step in range(cp):
+        if step + 1 < cp:
+            next_kv, works = _ring_pass(kv, group)
+        k_chunks, v_chunks = kv[0].chunk(2, 2), kv[1].chunk(2, 2)
+        dkv = torch.zeros_like(kv, dtype=acc)  # this step's part of the dK, dV of rank r-step
+        dk_chunks, dv_chunks = dkv[0].chunk(2, 2), dkv[1].chunk(2, 2)
+        for i, qi in enumerate(q_ids):
+            for j, kj in enumerate(chunk_ids((rank - step) % cp, cp, zigzag)):
+                if kj > qi:
+                    continue
+                p = (_scores(q_chunks[i], k_chunks[j], kj == qi, scale)
+                     - lse_chunks[i].unsqueeze(-1)).exp()
+                dv_chunks[j].add_(p.to(q.dtype).transpose(-2, -1) @ dout_chunks[i])
+                ds = p * ((dout_chunks[i] @ v_chunks[j].transpose(-2, -1)).to(acc)
+                          - delta_chunks[i].unsqueeze(-1))
+                ds = ds.to(q.dtype)
+                dq_chunks[i].add_(ds @ k_chunks[j], alpha=scale)
+                dk_chunks[j].add_(ds.transpose(-2, -1) @ q_chunks[i], alpha=scale)
+        if arriving is not None:  # the accumulator of rank r-step, from the previous rank
+            _wait(arriving[1])
+            dkv += arriving[0]
+        arriving = _ring_pass(dkv, group)
+        if step + 1 < cp:
+            _wait(works)
+            kv = next_kv
+    _wait(arriving[1])  # after C steps, one more pass: our own dK, dV come home
+    dk, dv = arriving[0]
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
 class RingAttention(nn.Module):
