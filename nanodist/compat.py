@@ -32,6 +32,8 @@ lists them). nanodist is tested with torch TESTED_TORCH.
                                   profile.profiler.kineto_results
     count_cpu_allocations()       c10's FLAGS_caffe2_report_cpu_memory_usage     CPU peak memory (optional)
     mergeable_ranks(encoding)     tiktoken Encoding._mergeable_ranks             HF tokenizer export
+    foreach_norm(tensors, dtype)  torch._foreach_norm                            gradient norm in few kernels
+    foreach_mul_(tensors, s)      torch._foreach_mul_                            gradient clipping in few kernels
 """
 import ctypes
 import importlib
@@ -158,6 +160,23 @@ def count_cpu_allocations() -> bool:
     except (OSError, ValueError):
         return False
     return True
+
+
+def foreach_norm(tensors: list, dtype: torch.dtype) -> list:
+    """The L2 norm of each tensor, computed in `dtype`, in a few kernels for the whole list
+    (as torch.nn.utils.clip_grad_norm_ does); one by one where this torch lacks it."""
+    if hasattr(torch, "_foreach_norm"):
+        return torch._foreach_norm(tensors, 2, dtype=dtype)
+    return [torch.linalg.vector_norm(t, dtype=dtype) for t in tensors]
+
+
+def foreach_mul_(tensors: list, scale: torch.Tensor):
+    """Multiply each tensor by the scalar tensor `scale`, in place, in a few kernels."""
+    if hasattr(torch, "_foreach_mul_"):
+        torch._foreach_mul_(tensors, scale)
+    else:
+        for t in tensors:
+            t.mul_(scale)
 
 
 def mergeable_ranks(encoding) -> dict[bytes, int]:

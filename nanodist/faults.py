@@ -1,7 +1,7 @@
 """How a run ends when something outside it goes wrong: each case in one clear line.
 
-    SIGTERM / SIGINT /        -> a flag; at the next step boundary the ranks agree on it
-    a dead torchrun launcher     (one all-reduce of one number), save a checkpoint, and
+    SIGTERM / SIGINT /        -> a flag; in the next step the ranks agree on it (one all-reduce
+    a dead torchrun launcher     of one number), after it they save a checkpoint, and
                                  exit 128 + signal (SIGTERM 143, SIGINT 130, SIGHUP 129)
     a second job, same dir    -> refused, naming the job that holds the directory (RunLock)
     a peer that died or hangs -> "lost the connection to another rank", exit 1 (lost_peer)
@@ -34,8 +34,8 @@ class Stopped(Exception):
 class StopRequest:
     """While in use (`with`), SIGTERM, SIGINT and SIGHUP only set a flag, and under torchrun
     a thread turns the death of the launcher into SIGHUP (a worker whose launcher died
-    would otherwise train on unsupervised). `agreed()` is the collective that makes
-    every rank stop at the same step. The launcher is watched by polling the parent pid:
+    would otherwise train on unsupervised). `flag()` is the collective that makes every
+    rank stop at the same step. The launcher is watched by polling the parent pid:
     Linux's PR_SET_PDEATHSIG would follow the launcher's *thread*, and is Linux only."""
 
     def __init__(self, device: torch.device, launcher: int | None = None):
@@ -44,6 +44,7 @@ class StopRequest:
         self.signal = 0  # the first signal received; 0: none
         self._previous = {}
         self._done = threading.Event()
+        self._flag = torch.zeros((), device=device)
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():  # where handlers can go
@@ -76,12 +77,13 @@ class StopRequest:
         """The torchrun launcher's pid: our parent, while it lives (None without torchrun)."""
         return os.getppid() if "TORCHELASTIC_RUN_ID" in os.environ else None
 
-    def agreed(self) -> int:
-        """Collective: the signal any rank received (0: none)."""
-        flag = torch.tensor([self.signal], device=self.device)
+    def flag(self) -> torch.Tensor:
+        """Collective: the signal any rank received (0: none), a scalar on the device, for
+        the trainer to read with the step's other values (no wait of its own)."""
+        self._flag.fill_(self.signal)
         if dist.is_initialized():
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return int(flag.item())
+            dist.all_reduce(self._flag, op=dist.ReduceOp.MAX)
+        return self._flag
 
 
 def describe(signum: int) -> str:

@@ -101,7 +101,7 @@ class Profile:
     """Measured speeds of one machine (see the module doc); `cores` the processes run on."""
     name: str
     device: str               # cpu | cuda: what the layouts run on (their rules differ)
-    cores: int
+    cores: int                # CPU cores; a GPU profile: the GPUs it was measured on
     memory_gib: float         # the machine's (calibrated); `with_memory`: one rank's share
     matmul: dict              # dtype -> str(procs) -> [(flops, seconds)]
     per_layer_s: float        # framework time per layer and micro-step (forward + backward)
@@ -130,8 +130,8 @@ class Profile:
         return self.turns(procs) / self.turns(int(measured)) * flops / _interpolate(rates, flops)
 
     def turns(self, procs: int) -> float:
-        """How much slower a process runs when `procs` share the cores."""
-        return max(1.0, procs / self.cores)
+        """How much slower a process runs when `procs` share the cores (a GPU each: never)."""
+        return 1.0 if self.device == "cuda" else max(1.0, procs / self.cores)
 
     def collective_s(self, kind: str, payload: float, group: int, link: str, procs: int) -> float:
         # all-to-all is not calibrated: each rank sends (N-1)/N of its payload, as in an

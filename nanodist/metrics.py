@@ -1,4 +1,5 @@
 """Throughput, MFU, memory, and the TensorBoard writer (rank 0 only)."""
+import os
 import resource
 import sys
 from contextlib import contextmanager
@@ -13,8 +14,8 @@ from nanodist.profiling import quiet_profile
 def device_peak_flops(device: torch.device, dtype: str) -> float | None:
     """Peak FLOP/s of the GPU for the matmuls of a `dtype` run: bf16, or fp32 run as TF32
     (when enabled: `enable_tf32`); None where unknown (CPUs, other GPUs, plain fp32)."""
-    if device.type != "cuda":
-        return None
+    if device.type != "cuda" or dtype not in ("bfloat16", "float32"):
+        return None  # float64 runs on the CUDA cores: no tensor-core peak applies
     tf32 = dtype == "float32"
     if tf32 and torch.get_float32_matmul_precision() == "highest":
         return None  # fp32 on the CUDA cores: no tensor-core figure applies
@@ -29,8 +30,8 @@ def enable_tf32(device: torch.device, dtype: str) -> bool:
     """fp32 on CUDA: matmuls on the tensor cores in TF32 (fp32 range, 10-bit mantissa
     products, fp32 sums; nanoGPT's setting), several times the fp32 FLOP/s. Returns
     whether it is on."""
-    if device.type != "cuda" or dtype != "float32":
-        return False
+    if device.type != "cuda" or dtype != "float32" or os.environ.get("NVIDIA_TF32_OVERRIDE") == "0":
+        return False  # the override turns TF32 off in the driver, whatever torch asks
     torch.set_float32_matmul_precision("high")
     return True
 

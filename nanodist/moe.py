@@ -42,15 +42,20 @@ class Experts(nn.Module):
 
     def forward(self, routed: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """routed (sum counts, C): the rows of expert 0, then 1, ...; counts (n,) -> the same
-        shape. Every expert runs, on no rows too: its gradient is then zeros, not None, as
-        in a layout where its rows are somewhere else (AdamW steps it either way)."""
+        shape. The split needs the counts on the host: the one wait of a MoE layer."""
+        return self.run(routed, counts.tolist())
+
+    def run(self, routed: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        """`forward` with the counts on the host. Every expert runs, on no rows too: its
+        gradient is then zeros, not None, as in a layout where its rows are somewhere else
+        (AdamW steps it either way)."""
         outputs = []
-        for e, rows in enumerate(routed.split(counts.tolist())):
+        for e, rows in enumerate(routed.split(counts)):
             h = rows @ self.fc_weight[e]
-            if self.fc_bias is not None:
-                h = h + self.fc_bias[e]
+            if self.fc_bias is not None:  # in the matmul's dtype, as nn.Linear's (bf16 under autocast)
+                h = h + self.fc_bias[e].to(h.dtype)
             y = F.gelu(h, approximate="tanh") @ self.proj_weight[e]
-            outputs.append(y + self.proj_bias[e] if self.proj_bias is not None else y)
+            outputs.append(y + self.proj_bias[e].to(y.dtype) if self.proj_bias is not None else y)
         return torch.cat(outputs)
 
 
@@ -106,7 +111,9 @@ class MoE(nn.Module):
         gates, experts = gates[:, :self.top_k], experts[:, :self.top_k]
         if self.top_k > 1:
             gates = gates / gates.sum(-1, keepdim=True)
-        counts = torch.bincount(experts.flatten(), minlength=self.n_experts)
+        assigned = experts.flatten()  # a scatter, not bincount: on CUDA that waits for the max id
+        counts = torch.zeros(self.n_experts, dtype=torch.long, device=x.device).scatter_add_(
+            0, assigned, torch.ones_like(assigned))
         E = self.n_experts
         stats = self.token_sum(torch.cat([counts.to(probs.dtype), probs.sum(0), probs.new_full((1,), len(x))]))
         share, mean_prob = stats[:E] / (stats[-1] * self.top_k), stats[E:2 * E] / stats[-1]

@@ -100,6 +100,7 @@ class Trainer:
         self.log_dir = cfg.log_dir or cfg.out_dir
         self.run_lock = None  # rank 0's, from here to the end of train()
         self.unverified_since = None  # the step of an unverified checkpoint this run descends from
+        self.stop = None  # faults.StopRequest, while train() runs
         try:
             found = self._decided_by_rank0(self._claim_run_dir)
             info = checkpoint.load(self.state(), found, cfg.trust_unverified_checkpoint) if found else {}
@@ -196,6 +197,9 @@ class Trainer:
         return value
 
     def train_step(self, step: int) -> dict:
+        """One optimizer step. The host waits for the device once: the loss, the gradient
+        norm, the stop flag and the MoE statistics come over in one copy, before the update
+        (a non-finite loss or norm stops the run with the weights unchanged)."""
         self.runner.train()
         lr = lr_at(step, self.cfg)
         for group in self.optimizer.param_groups:
@@ -205,33 +209,40 @@ class Trainer:
             moe.reset_stats()
         loss_sum = self.runner.forward_backward(batches, self.autocast)
         norm = self.params.clip_grad_norm(self.cfg.max_grad_norm if self.cfg.gradient_clipping else None)
-        loss = self._dp_mean(loss_sum).item()
-        if not (math.isfinite(loss) and math.isfinite(norm.item())):  # before the weights change
+        signal = self.stop.flag() if self.stop else torch.zeros((), device=norm.device)
+        moe = [(calls, torch.cat([torch.as_tensor(aux, device=norm.device).double().view(1), assigned.double().view(-1)]))
+               for calls, aux, assigned in (m.stats for m in self.moe.values())]
+        host = torch.cat([t.reshape(-1).double() for t in [self._dp_mean(loss_sum), norm, signal]
+                          + [stats for _, stats in moe]]).tolist()  # the one host sync
+        loss, norm, signal = host[:3]
+        if not (math.isfinite(loss) and math.isfinite(norm)):  # before the weights change
             self.optimizer.zero_grad(set_to_none=True)
             saved = checkpoint.checkpoints(self.cfg.out_dir)
             kept = f"the last checkpoint, {saved[-1]}, is intact" if saved else "no checkpoint yet"
-            raise UserError(f"step {step + 1}: the loss is {loss} and the gradient norm {norm.item()}; "
+            raise UserError(f"step {step + 1}: the loss is {loss} and the gradient norm {norm}; "
                             f"stopped before the update, {kept}. Lower --learning_rate or enable "
                             f"--gradient_clipping")
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return {"loss": loss, "grad_norm": norm.item(), "lr": lr, **self._moe_stats()}
+        return {"loss": loss, "grad_norm": norm, "lr": lr, "signal": int(signal),
+                **self._moe_stats(moe, host[3:])}
 
-    def _moe_stats(self) -> dict:
+    def _moe_stats(self, moe: list, values: list[float]) -> dict:
         """Per MoE layer of this rank: the load-balancing loss (mean over the micro-steps) and
         the (token, expert) assignments of this rank's tokens per expert in the step (a
-        checkpointed block's recomputed forward is not counted twice)."""
+        checkpointed block's recomputed forward is not counted twice). `values`: each
+        layer's aux sum and assignments, on the host, in the order of `moe`."""
         if not self.moe:
             return {}
         aux, scalars = [], {}
-        for path, moe in self.moe.items():
-            calls, aux_sum, assigned = moe.stats
+        for path, (calls, stats) in zip(self.moe, moe):
             layer = path.split(".")[2]  # transformer.h.<i>.mlp
-            aux.append(float(aux_sum) / calls)
-            tokens = assigned.double() * self.micro_steps / calls  # forwards per micro-step: 1, or 2
+            aux.append(values[0] / calls)
+            tokens = [n * self.micro_steps / calls for n in values[1:len(stats)]]  # forwards per micro-step: 1, or 2
+            values = values[len(stats):]
             scalars[f"MoE/aux_loss/layer{layer}"] = aux[-1]
-            scalars[f"MoE/max_load/layer{layer}"] = (tokens.max() / tokens.mean()).item()  # 1: balanced
-            scalars.update({f"MoE/tokens/layer{layer}/expert{e}": n for e, n in enumerate(tokens.tolist())})
+            scalars[f"MoE/max_load/layer{layer}"] = max(tokens) / (sum(tokens) / len(tokens))  # 1: balanced
+            scalars.update({f"MoE/tokens/layer{layer}/expert{e}": n for e, n in enumerate(tokens)})
         return {"moe_aux": sum(aux) / len(aux), "moe": scalars}
 
     @torch.no_grad()
@@ -251,6 +262,7 @@ class Trainer:
             try:
                 return self._train()
             finally:  # under the signal handlers: torchrun's SIGTERM, as a peer dies, waits for them
+                self.stop = None
                 self.logger.close()
                 self._release_run_dir()
                 self.profiler.close()  # one an error stopped inside its window: never left to the exit
@@ -267,6 +279,7 @@ class Trainer:
 
     def _train(self) -> list[dict]:
         history, profiler = [], self.profiler
+        ready = None  # when the last step's values reached the host (None: something else ran since)
         for step in range(self.start_step, self.cfg.max_steps):
             last = step == self.cfg.max_steps - 1
             evaluates = (step + 1) % self.cfg.eval_interval == 0 or last
@@ -274,11 +287,12 @@ class Trainer:
             # CPU memory is measured on the first step and the evaluated ones (it slows a step)
             measure = (step == self.start_step or evaluates) and not profiler.covers(step)
             with self.memory.step(measure):
-                t0 = time.perf_counter()
+                t0 = ready or time.perf_counter()
                 record = self.train_step(step)
-                if self.mesh.device.type == "cuda":
-                    torch.cuda.synchronize()
-                dt = time.perf_counter() - t0
+                # the host waited for this step's values, not for its update (which runs while
+                # the next step is prepared): from one such wait to the next is one step
+                ready = time.perf_counter()
+                dt = ready - t0
             profiler.after(step)
             peak = self.memory.peak  # None on CPU steps not measured
             record.update(step=step, step_time=dt, tokens_per_sec=self.tokens_per_step / dt,
@@ -287,6 +301,7 @@ class Trainer:
                    if self.peak_flops else None)
             if evaluates:
                 record["val_loss"] = self.evaluate()
+                ready = None
             self.logger.scalars(step, {
                 "Loss/train": record["loss"], "Loss/val": record.get("val_loss"),
                 "GradNorm/train": record["grad_norm"] if self.cfg.gradient_clipping else None,
@@ -307,6 +322,7 @@ class Trainer:
             every = self.cfg.checkpoint_interval or self.cfg.eval_interval
             if self.cfg.checkpoint_interval >= 0 and ((step + 1) % every == 0 or last):
                 self.save(step + 1)
-            if signum := self.stop.agreed():
-                self._stop(step + 1, signum)
+                ready = None
+            if record["signal"]:
+                self._stop(step + 1, record["signal"])
         return history

@@ -13,6 +13,12 @@ a profile (nanodist/hardware.py `Profile`) for the planner's step-time model.
                  of compute as the strategies issue them (the cores' real contention)
 
 Each figure is a median; a run takes about two minutes on 2 cores.
+
+On a GPU (`--calibrate --device cuda`, `gpu_profile`): the matmuls of GPT-2's shapes
+(gpt2 to gpt2-xl widths, the vocabulary head, 2k to 16k tokens) timed with CUDA events,
+bf16 and fp32 (as TF32, train.py's setting), one process per GPU. One GPU measures no
+collective: those of the profile are the data sheet's (bandwidth and latency), or, for a
+GPU without one, H100's; framework overheads are zero, as on a data sheet.
 """
 import os
 import statistics
@@ -26,7 +32,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from nanodist.data import write_meta, write_split
-from nanodist.hardware import DTYPES, KINDS, Profile
+from nanodist.hardware import DTYPES, GPUS, KINDS, PEAK_TFLOPS, DataSheet, Profile
 from nanodist.parallel.comm import Comm
 from nanodist.parallel.layout import Layout
 from nanodist.plan import matmuls
@@ -193,3 +199,43 @@ def calibrate(data_dir: str | None = None) -> Profile:
     return Profile(name=f"cpu ({cores()} cores)", device="cpu", cores=cores(),
                    memory_gib=os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, matmul=matmul,
                    per_layer_s=per_layer, per_step_s=per_step, collectives=collectives)
+
+
+GPU_SHAPES = [(m, k, n) for m in (2048, 8192, 16384)
+              for k, n in ((768, 2304), (768, 3072), (3072, 768), (768, 50304), (1600, 6400), (6400, 1600))]
+
+
+def _matmul_gpu(dtype: str, device: torch.device, repeats: int = 10) -> list:
+    """(FLOPs, seconds per call) of each GPU shape, timed between CUDA events (the host
+    only launches; the events time the GPU's own work), after a warm-up."""
+    out = []
+    for m, k, n in GPU_SHAPES:
+        a = torch.randn(m, k, device=device, dtype=getattr(torch, dtype))
+        b = torch.randn(k, n, device=device, dtype=getattr(torch, dtype))
+        for _ in range(3):
+            a @ b
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(repeats):
+            a @ b
+        end.record()
+        end.synchronize()
+        out.append((2 * m * k * n, start.elapsed_time(end) / 1e3 / repeats))
+    return out
+
+
+def gpu_profile(device="cuda") -> Profile:
+    """This GPU's matmul rates; the collectives of its data sheet (see the module doc)."""
+    device = torch.device(device)
+    name = torch.cuda.get_device_name(device)
+    torch.set_float32_matmul_precision("high")  # fp32 as train.py runs it: TF32
+    matmul = {dtype: {"1": _matmul_gpu(dtype, device)} for dtype in DTYPES}
+    gpu = next((key for key, spec in GPUS.items() if spec[0].lower() in name.lower()), "h100")
+    sheet = DataSheet(gpu)
+    collectives = {kind: {f"{g}x{g}": [(p, sheet.collective_s(kind, p, g, "intra_node", g))
+                                        for p in (4 * 16**i for i in range(9))] for g in (2, 4, 8)}
+                   for kind in KINDS}
+    memory = torch.cuda.get_device_properties(device).total_memory / 2**30
+    return Profile(name=f"{name} (calibrated; collectives: {GPUS[gpu][0]} data sheet)", device="cuda",
+                   cores=torch.cuda.device_count(), memory_gib=memory, matmul=matmul,
+                   per_layer_s=0.0, per_step_s=0.0, collectives=collectives, overlaps=True)

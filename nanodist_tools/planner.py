@@ -17,6 +17,8 @@ import os
 import sys
 from pathlib import Path
 
+import torch
+
 from nanodist import cli, plan
 from nanodist.config import check_moe
 from nanodist.errors import UserError
@@ -53,7 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top", type=int, default=10)
     p.add_argument("--json", action="store_true", help="print the whole ranking as JSON")
     p.add_argument("--plot", default="", help="draw predicted memory vs step time of every layout (PNG)")
-    p.add_argument("--calibrate", action="store_true", help="measure this machine into --out")
+    p.add_argument("--calibrate", action="store_true",
+                   help="measure this machine into --out (its GPU's matmuls with --device cuda)")
     p.add_argument("--out", default="machine_profile.json", help="--calibrate's profile file")
     p.add_argument("--validate", action="store_true", help="predicted against measured on this CPU")
     p.add_argument("--data_dir", default="", help="--validate: prepared shakespeare_char (default: synthetic tokens)")
@@ -155,11 +158,14 @@ def rank(args) -> int:
 def run(argv) -> int:
     args = build_parser().parse_args(argv)
     if args.calibrate:
-        from nanodist_tools.calibrate import calibrate
+        from nanodist_tools.calibrate import calibrate, gpu_profile
         out = Path(args.out).absolute()
         if out.is_dir() or not (out.parent.is_dir() and os.access(out.parent, os.W_OK)):
             raise UserError(f"--out {args.out}: cannot write a file there; pick a writable path")
-        profile = calibrate(args.data_dir or None)
+        if args.device == "cuda" and not torch.cuda.is_available():
+            raise UserError("--calibrate --device cuda: torch sees no GPU here; calibrate on the GPU "
+                            "machine, or leave --device out to calibrate this CPU")
+        profile = gpu_profile() if args.device == "cuda" else calibrate(args.data_dir or None)
         profile.save(args.out)
         print(f"{profile.name}: wrote {args.out}; rank with --profile {args.out}")
         return 0

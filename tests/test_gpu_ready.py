@@ -7,11 +7,13 @@ import subprocess
 import sys
 import weakref
 from contextlib import contextmanager
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn as nn
+from torch.overrides import TorchFunctionMode
 
 from harness import REPO, run_distributed, tiny_run
 from nanodist import compat, metrics
@@ -26,6 +28,7 @@ from nanodist.parallel.layout import Layout, Mesh, build_mesh
 from nanodist.parallel.parallelize import Setup, Stage, apply_materialize
 from nanodist.parallel.params import ModuleParams
 from nanodist.parallel.tensor_parallel import apply_tp
+from nanodist.trainer import Trainer
 from nanodist_tools.layouts import BENCH
 from nanodist_tools.measure import TrafficMode, peak_tensor_bytes
 from nanodist.traffic import traffic_bytes
@@ -223,6 +226,47 @@ def test_ddp_unused_parameters_cost_one_host_sync_per_bucket():
         assert buckets == 1 and syncs <= buckets
 
 
+# ---- 7b. host syncs of a training step: one, plus one per MoE layer forward ----
+
+class HostReads(TorchFunctionMode):
+    """The calls of nanodist's own code that read a tensor's value on the host: each waits
+    for the GPU (the data loader's index arithmetic on host tensors aside, data.py).
+    torch's own (AdamW's step counts on CPU; the fused CUDA AdamW reads none) are not ours."""
+    READS = {"item", "tolist", "__bool__", "__int__", "__float__", "cpu", "numpy", "nonzero",
+             "bincount", "unique", "masked_select", "repeat_interleave"}
+
+    def __init__(self):
+        super().__init__()
+        self.sites = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", "") in self.READS:
+            caller = sys._getframe(1).f_code.co_filename
+            if "nanodist" in caller and not caller.endswith("data.py"):
+                self.sites.append(f"{Path(caller).name}:{sys._getframe(1).f_lineno}")
+        return func(*args, **(kwargs or {}))
+
+
+def _host_reads_of_a_step(kwargs) -> tuple[list[str], int, int]:
+    trainer = Trainer(TrainConfig(**kwargs))
+    trainer.train_step(0)
+    with HostReads() as reads:
+        trainer.train_step(1)
+    return reads.sites, len(trainer.moe), trainer.micro_steps
+
+
+@pytest.mark.parametrize("moe, ep", [(False, 1), (True, 1), (True, 2)])
+def test_a_step_reads_the_device_once_plus_once_per_moe_layer(char_data, tmp_path, moe, ep):
+    """Issue 29: 3 reads per step (loss, norm, stop flag) and 6 per MoE layer forward before.
+    Now one copy of everything the log line needs, and per MoE layer forward the split
+    sizes of its experts (the uneven all-to-all's, under EP)."""
+    kwargs = tiny_run(char_data, tmp_path, **(dict(moe_experts=4, moe_top_k=2, moe_every=2) if moe else {}),
+                      expert_parallel_size=ep, data_parallel_size=ep)
+    for sites, layers, micro_steps in run_distributed(_host_reads_of_a_step, ep, kwargs):
+        assert len(sites) == 1 + layers * micro_steps, sites
+        assert layers == (2 if moe else 0)
+
+
 # ---- 8. the audit: no access to a pending collective's buffers, nothing left pending ----
 
 def _span(t: torch.Tensor):
@@ -364,11 +408,32 @@ def test_fsdp_never_frees_a_unit_whose_all_gather_is_in_flight():
 
 # ---- the GPU check (make gpu-check), on CPU ----
 
-def test_gpu_check_runs_on_cpu(char_data):
-    """bench/gpu_check.py's correctness part (make gpu-check), its smallest subset."""
-    done = subprocess.run([sys.executable, str(REPO / "bench" / "gpu_check.py"), "--device", "cpu",
-                           "--layouts", "ddp2", "fsdp2-ep2", "--data_dir", char_data],
+def _gpu_check(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "bench" / "gpu_check.py"), "--device", "cpu", *args],
                           cwd=REPO, capture_output=True, text=True, timeout=300)
+
+
+def test_gpu_check_runs_on_cpu(char_data):
+    """bench/gpu_check.py's dry run (make gpu-check on a CPU), its smallest subset: the bf16
+    kernels, a strategy's code as rank 0 over the fake group, a layout against one process
+    over gloo, the peak memory in the planner's band."""
+    done = _gpu_check("--checks", "kernels", "paths", "layouts", "memory", "--layouts", "fsdp2-ep2")
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "PASS ddp2 custom" in done.stdout and "PASS ddp2 pytorch" in done.stdout
-    assert "PASS fsdp2-ep2 custom" in done.stdout
+    lines = done.stdout.splitlines()
+    assert sum(line.startswith("PASS kernels") for line in lines) == 2
+    assert sum(line.startswith("PASS paths: fsdp2-ep2 custom") for line in lines) == 2  # fp32, bf16
+    assert any(line.startswith("PASS layouts: fsdp2-ep2 custom float32") for line in lines)
+    assert sum(line.startswith("PASS memory") for line in lines) == 3  # no, full, selective AC
+    assert lines[-1].startswith("PASS: 8 passed, 0 failed")
+
+
+def test_gpu_check_fails_when_nothing_was_compared_or_a_check_breaks(tmp_path):
+    """Issue 29: on one GPU every layout was skipped and the check passed. Now a run that
+    compares nothing fails, and a check that breaks is its FAIL line, not a traceback."""
+    done = _gpu_check("--checks", "numerics", "speed", "matmuls")
+    assert done.returncode == 1 and "SKIP numerics" in done.stdout
+    assert done.stdout.splitlines()[-1].startswith("FAIL: 0 passed, 0 failed, 3 skipped")
+    assert "nothing was compared" in done.stdout
+    broken = _gpu_check("--checks", "memory", "--data_dir", str(tmp_path))  # no prepared data there
+    assert broken.returncode == 1 and "FAIL memory" in broken.stdout
+    assert "Traceback" not in broken.stdout.split("FAIL memory")[0] + broken.stderr

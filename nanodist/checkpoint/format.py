@@ -169,8 +169,9 @@ def save(state: TrainState, out_dir, keep: int) -> Path:
         with _quiet():
             metadata = dcp.save(tensors, checkpoint_id=tmp, no_dist=no_dist)
         store.together(write_own_files, no_dist)
+        storage = metadata.storage_data or Reader(tmp).metadata.storage_data  # torch 2.11 returns none
         files = {".metadata", store.INFO, *(f"rng_rank{r}.pt" for r in range(world_size)),
-                 *(where.relative_path for where in metadata.storage_data.values())}
+                 *(where.relative_path for where in storage.values())}
         store.together(lambda: write_manifest(tmp, files, no_dist), no_dist)
     except (Exception, dcp.CheckpointException) as error:  # CheckpointException is a BaseException
         raise store.save_failed(error, tmp, keep, needed, no_dist) from error

@@ -8,6 +8,7 @@ tensors are looked up in `sharded_over` (filled by the custom strategies).
 import torch
 from torch.distributed.tensor import DTensor, Replicate
 
+from nanodist import compat
 from nanodist.parallel.comm import Comm, Group
 
 
@@ -28,20 +29,23 @@ def _local_and_groups(grad, param, sharded_over, comm: Comm):
 @torch.no_grad()
 def grad_norm(params, sharded_over: dict, comm: Comm, across: Group | None = None) -> torch.Tensor:
     """Global L2 norm of the gradients of `params` (float32 scalar; float64 for float64
-    gradients). `across`: a group whose ranks hold different parameters altogether
-    (pipeline stages): summed over too."""
-    squares: dict[tuple, torch.Tensor] = {}
-    device, dtype = "cpu", torch.float32
+    gradients), on the device: nothing waits for it. `across`: a group whose ranks hold
+    different parameters altogether (pipeline stages): summed over too."""
+    by_groups: dict[tuple, list[torch.Tensor]] = {}
     for param in params:
-        if param.grad is None:
-            continue
-        local, groups = _local_and_groups(param.grad, param, sharded_over, comm)
-        device, dtype = local.device, torch.promote_types(local.dtype, torch.float32)  # fp32 at least
-        sq = torch.linalg.vector_norm(local, dtype=dtype) ** 2
-        squares[groups] = squares[groups] + sq if groups in squares else sq
+        if param.grad is not None:
+            local, groups = _local_and_groups(param.grad, param, sharded_over, comm)
+            by_groups.setdefault(groups, []).append(local)
+    grads = [g for tensors in by_groups.values() for g in tensors]
+    device = grads[0].device if grads else "cpu"
+    dtype = max((torch.promote_types(g.dtype, torch.float32) for g in grads),  # fp32 at least
+                key=lambda d: d.itemsize, default=torch.float32)
     total = torch.zeros((), dtype=dtype, device=device)
-    for groups, sq in sorted(squares.items(), key=lambda item: len(item[0])):
-        for group in groups:  # same order on every rank: keys sort by count, then insertion
+    # the squared sum of each set of shards, summed over the groups it is sharded across,
+    # in the same order on every rank (keys sort by group count, then insertion)
+    for groups, tensors in sorted(by_groups.items(), key=lambda item: len(item[0])):
+        sq = torch.stack(compat.foreach_norm(tensors, dtype)).square().sum()
+        for group in groups:
             group.all_reduce(sq)
         total += sq
     if across is not None:
@@ -53,7 +57,6 @@ def grad_norm(params, sharded_over: dict, comm: Comm, across: Group | None = Non
 def scale_grads_(params, norm: torch.Tensor, max_norm: float):
     """Scale the gradients of `params` so that their global norm `norm` is <= max_norm."""
     scale = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
-    for param in params:
-        if param.grad is not None:
-            grad = param.grad.to_local() if isinstance(param.grad, DTensor) else param.grad
-            grad.mul_(scale.to(grad.dtype))
+    grads = [p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad for p in params if p.grad is not None]
+    for dtype in {g.dtype for g in grads}:
+        compat.foreach_mul_([g for g in grads if g.dtype == dtype], scale.to(dtype))

@@ -52,10 +52,10 @@ class _AllToAll(torch.autograd.Function):
         return _AllToAll.apply(grad.contiguous(), ctx.group, ctx.recv, ctx.send), None, None, None
 
 
-def _regroup(x: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
-    """Rows in blocks sizes[i, j] (row-major order) -> the same blocks in column-major order."""
-    blocks = x.split(sizes.flatten().tolist())
-    rows, cols = sizes.shape
+def _regroup(x: torch.Tensor, sizes: list[list[int]]) -> torch.Tensor:
+    """Rows in blocks sizes[i][j] (row-major order) -> the same blocks in column-major order."""
+    blocks = x.split([n for row in sizes for n in row])
+    rows, cols = len(sizes), len(sizes[0])
     return torch.cat([blocks[i * cols + j] for j in range(cols) for i in range(rows)])
 
 
@@ -77,12 +77,14 @@ class ExpertParallel(Experts):
         P, mine = self.group.size, self.n_experts // self.group.size
         received = torch.empty_like(counts)
         self.group.all_to_all(received, counts, [mine] * P, [mine] * P)
-        received = received.view(P, mine)              # [source rank, my expert]
-        send = counts.view(P, mine).sum(1).tolist()
-        recv = received.sum(1).tolist()
+        # the one wait of the layer: the uneven all-to-all needs its splits on the host
+        host = torch.cat([counts, received]).view(2, P, mine).tolist()
+        ours, theirs = host[0], host[1]                # [rank][its expert], [source rank][my expert]
+        send, recv = [sum(row) for row in ours], [sum(row) for row in theirs]
         rows = _AllToAll.apply(routed, self.group, send, recv)
-        out = super().forward(_regroup(rows, received), received.sum(0))
-        return _AllToAll.apply(_regroup(out, received.t()), self.group, recv, send)
+        by_expert = [list(col) for col in zip(*theirs)]  # [my expert][source rank]
+        out = self.run(_regroup(rows, theirs), [sum(col) for col in by_expert])
+        return _AllToAll.apply(_regroup(out, by_expert), self.group, recv, send)
 
 
 def apply_ep(stage, setup):
