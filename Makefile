@@ -1,7 +1,16 @@
 # The README's two commands: `make demo` (a short CPU training run) and `make test`.
 # Each sets itself up: a virtualenv in .venv with nanodist installed from scratch.
+# PYTHON=python3 (any target): that interpreter as it is, e.g. a GPU machine's with its own
+# CUDA build of torch and no network: no venv, nothing installed, nanodist run from here.
 VENV ?= .venv
+ifdef PYTHON
+PY := $(PYTHON)
+SETUP :=
+export PYTHONPATH := $(CURDIR)$(if $(PYTHONPATH),:$(PYTHONPATH))
+else
 PY := $(VENV)/bin/python
+SETUP := setup
+endif
 SHARED_DATA ?= ../shared/data
 # Offline copies when present (this lab's machines); otherwise prepare.py downloads.
 LOCAL_TEXT := $(wildcard $(SHARED_DATA)/tinyshakespeare/input.txt)
@@ -31,7 +40,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 data: data/shakespeare/train.bin
-data/shakespeare/train.bin: | setup
+data/shakespeare/train.bin: | $(SETUP)
 	$(PY) data/shakespeare/prepare.py $(if $(LOCAL_TEXT),--input $(LOCAL_TEXT))
 
 demo: setup data
@@ -39,10 +48,10 @@ demo: setup data
 		train.py $(DEMO_FLAGS) --out_dir $(DEMO_DIR)
 	$(PY) sample.py --out_dir $(DEMO_DIR) --start "ROMEO:" --max_new_tokens 80 --num_samples 1
 
-test: setup
+test: $(SETUP)
 	$(PY) -m pytest -q
 
-# The first run on GPUs (README "First run on GPUs"): NCCL correctness of every layout
-# that fits the GPU count, custom and pytorch vs one process, then gpt2 bf16 MFU.
-gpu-check: setup data
-	$(PY) bench/gpu_check.py
+# The first run on GPUs (docs/gpu.md): one GPU or several, PASS / FAIL / SKIP per check;
+# the data is prepared from the local copies (GPU_CHECK_FLAGS: e.g. --checks speed memory).
+gpu-check: $(SETUP)
+	$(PY) bench/gpu_check.py $(if $(LOCAL_TEXT),--text $(LOCAL_TEXT)) $(GPU_CHECK_FLAGS)

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from nanodist.launch import init_distributed, pick_device
+from nanodist.metrics import sync
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -38,11 +39,6 @@ def parser(name: str, description: str) -> argparse.ArgumentParser:
     return p
 
 
-def _sync(device: torch.device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def time_interleaved(variants: dict, warmup: int, steps: int, device: torch.device,
                      barrier=None) -> dict[str, list[float]]:
     """{name: step_fn} -> {name: [seconds of each timed step]}, the variants taking
@@ -53,10 +49,10 @@ def time_interleaved(variants: dict, warmup: int, steps: int, device: torch.devi
         for name, step in list(variants.items())[::1 if i % 2 == 0 else -1]:
             if barrier:
                 barrier()
-            _sync(device)
+            sync(device)
             t0 = time.perf_counter()
             step()
-            _sync(device)
+            sync(device)
             if i >= warmup:
                 times[name].append(time.perf_counter() - t0)
     return times

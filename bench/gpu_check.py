@@ -216,32 +216,44 @@ def check_kernels(report: Report, device: str):
                f"{errors[2]:.1e}", errors=errors)
 
 
-def _one_step_as_rank0(argv: list[str]) -> dict:
-    """Rank 0 of a layout over the fake group: one training step; its loss and its traffic."""
+def _steps_as_rank0(jobs: list) -> list[dict]:
+    """For each (world, argv): rank 0 of that world over the fake group, one training step:
+    its loss and its counted collectives, or its error. One process for all (a process
+    start with CUDA costs seconds), the group made anew for each world."""
+    import torch.distributed as dist
     from contextlib import redirect_stdout
     from nanodist.trainer import Trainer
     from nanodist_tools.simulate import PlayedRank
-    with redirect_stdout(open(os.devnull, "w")):
-        trainer = Trainer(parse_args(argv), comm=Comm(PlayedRank()))
-        record = trainer.train_step(0)
-    return {"loss": record["loss"], "counted": trainer.comm.counter.summary()}
+    results = []
+    for world, argv in jobs:
+        dist.destroy_process_group()
+        dist.init_process_group("fake", store=compat.FakeStore(), rank=0, world_size=world)
+        try:
+            with redirect_stdout(open(os.devnull, "w")):
+                trainer = Trainer(parse_args(argv), comm=Comm(PlayedRank()))
+                loss = trainer.train_step(0)["loss"]
+            results.append({"loss": loss, "counted": trainer.comm.counter.summary()})
+        except Exception as error:  # noqa: BLE001 - the layout's FAIL line
+            results.append({"error": f"{type(error).__name__}: {error}".splitlines()[0]})
+    return results
 
 
 def check_paths(report: Report, device: str, data: dict, runs: str, names: list[str]):
+    jobs, labels = [], []
     for name in [n for n in PATHS if n in names]:
         layout = LAYOUTS[name]
         for dtype in ("float32", "bfloat16"):
             argv = TINY + [f"--device={device}", f"--dtype={dtype}", f"--data_dir={data['char']}",
                            "--max_steps=1", f"--out_dir={tempfile.mkdtemp(dir=runs)}", *layout.flags()]
-            argv += MOE if layout.ep > 1 else []
-            try:
-                got = as_rank_of(layout.world, 0, _one_step_as_rank0, argv)
-                kinds = ", ".join(f"{kind} x{v['calls']}" for kind, v in got["counted"].items())
-                ok = got["loss"] == got["loss"]  # not NaN
-                report.add("PASS" if ok else "FAIL", "paths", f"{name} custom {dtype} on {device} "
-                           f"(rank 0 of {layout.world}, fake group): one step ran; {kinds}")
-            except Exception as error:  # noqa: BLE001
-                report.add("FAIL", "paths", f"{name} custom {dtype} on {device}: {error}".splitlines()[0])
+            jobs.append((layout.world, argv + (MOE if layout.ep > 1 else [])))
+            labels.append(f"{name} custom {dtype} on {device} (rank 0 of {layout.world}, fake group)")
+    for label, got in zip(labels, as_rank_of(1, 0, _steps_as_rank0, jobs) if jobs else []):
+        if "error" in got:
+            report.add("FAIL", "paths", f"{label}: {got['error']}")
+            continue
+        kinds = ", ".join(f"{kind} x{v['calls']}" for kind, v in got["counted"].items())
+        ok = got["loss"] == got["loss"]  # not NaN
+        report.add("PASS" if ok else "FAIL", "paths", f"{label}: one step ran; {kinds}")
 
 
 def check_layouts(report: Report, device: str, data: dict, runs: str, names: list[str]):

@@ -36,6 +36,13 @@ def enable_tf32(device: torch.device, dtype: str) -> bool:
     return True
 
 
+def sync(device: torch.device):
+    """Wait for the device's queued work (CUDA runs it after the host has moved on): before
+    and after what a timer measures."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def rss_peak_bytes() -> int:
     """The process's peak resident set size: what the OS gave it, freed blocks that the C
     allocator keeps included (so on CPU it hides much of what sharding saves)."""

@@ -32,6 +32,7 @@ from torch.distributed.tensor import DTensor
 
 from nanodist import compat
 from nanodist.config import parse_args
+from nanodist.metrics import sync
 from nanodist.parallel.comm import CommCounter
 from nanodist.parallel.layout import Layout
 from nanodist.trainer import Trainer
@@ -264,10 +265,10 @@ class LocalCopies:
 
 
 def step_argv(layout: Layout, data_dir: str, out_dir: str, model: str = "tiny", block_size: int = 32,
-             micro_batch: int = 2, micro_steps: int = 4) -> list[str]:
+             micro_batch: int = 2, micro_steps: int = 4, device: str = "cpu") -> list[str]:
     """train.py's flags of the measured step (char-level data): by default the tiny
     model, 4 micro-batches of 2 x 32 tokens."""
-    return ["--device=cpu", f"--model={model}", "--dataset=shakespeare_char", f"--data_dir={data_dir}",
+    return [f"--device={device}", f"--model={model}", "--dataset=shakespeare_char", f"--data_dir={data_dir}",
             f"--block_size={block_size}", f"--batch_size={micro_batch}",
             f"--total_batch_size={micro_batch * block_size * layout.dp * micro_steps}",
             "--max_steps=1", "--warmup_steps=0", f"--out_dir={out_dir}", *layout.flags()]
@@ -292,10 +293,12 @@ def measure_step(trainer: Trainer, timed_steps: int = 0, peak: bool = False) -> 
     bus = {kind: v["bus_bytes"] for kind, v in counted.counter.summary().items()}
     if "send" in sent.bus_bytes:
         bus["send"] = sent.bus_bytes["send"]
-    times = []
+    times, device = [], trainer.mesh.device
     for step in range(1, timed_steps + 1):
+        sync(device)
         start = time.perf_counter()
         trainer.train_step(step)
+        sync(device)  # the update too: train_step returns once its values reached the host
         times.append(time.perf_counter() - start)
     if peak:
         with trainer.memory.step(measure=True):

@@ -437,3 +437,17 @@ def test_gpu_check_fails_when_nothing_was_compared_or_a_check_breaks(tmp_path):
     broken = _gpu_check("--checks", "memory", "--data_dir", str(tmp_path))  # no prepared data there
     assert broken.returncode == 1 and "FAIL memory" in broken.stdout
     assert "Traceback" not in broken.stdout.split("FAIL memory")[0] + broken.stderr
+
+
+def test_make_gpu_check_with_the_given_python_installs_nothing():
+    """A GPU machine without network: `make gpu-check PYTHON=python3` uses that interpreter
+    (its own CUDA torch) as it is: no venv, no pip."""
+    planned = subprocess.run(["make", "-n", "gpu-check", f"PYTHON={sys.executable}"], cwd=REPO,
+                             capture_output=True, text=True, timeout=60)
+    assert planned.returncode == 0 and "bench/gpu_check.py" in planned.stdout
+    assert "pip install" not in planned.stdout and "-m venv" not in planned.stdout
+    done = subprocess.run(["make", "-s", "gpu-check", f"PYTHON={sys.executable}",
+                           "GPU_CHECK_FLAGS=--device cpu --checks kernels"], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.count("PASS kernels") == 2
