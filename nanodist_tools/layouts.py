@@ -39,8 +39,8 @@ BENCH = ["single", "ddp2", "zero1-2", "fsdp2", "zero2", "hsdp2x2", "tp2", "tp2-l
 VALIDATION = ["ddp2", "fsdp2", "zero2", "tp2-sp-lp", "cp2", "pp2-1f1b", "pp2-gpipe-zero2",
               "pp2-1f1b-zero3", "pp2-interleaved-v2", "dp2xtp2", "fsdp2xtp2-sp", "pp2xtp2", "cp2xfsdp2",
               "zero1-2", "zero1-4", "hsdp2x2", "zero1-2xtp2", "pp2xzero1-2", "cp2xhsdp2"]
-GPU_CHECK = [name for name in BENCH if LAYOUTS[name].world > 1] + ["fsdp8", "fsdp4xtp2-sp-lp", "fsdp2-ep2",
-                                                                  "ep4"]
+GPU_CHECK = ["ddp2", "zero1-2", "fsdp2", "zero2", "tp2-sp-lp", "cp2", "pp2-1f1b", "pp2xtp2", "fsdp2xtp2-sp",
+             "hsdp2x2", "fsdp8", "fsdp4xtp2-sp-lp", "fsdp2-ep2", "ep4"]  # over NCCL, with 2+ GPUs
 
 
 def select(names: list[str] | None, default: list[str]) -> list[str]:
