@@ -210,10 +210,11 @@ class Trainer:
         loss_sum = self.runner.forward_backward(batches, self.autocast)
         norm = self.params.clip_grad_norm(self.cfg.max_grad_norm if self.cfg.gradient_clipping else None)
         signal = self.stop.flag() if self.stop else torch.zeros((), device=norm.device)
-        moe = [(calls, torch.cat([torch.as_tensor(aux, device=norm.device).double().view(1), assigned.double().view(-1)]))
+        moe = [(calls, torch.cat([torch.as_tensor(aux, device=norm.device).double().view(1),
+                                  assigned.double()]))  # float64: counts stay exact
                for calls, aux, assigned in (m.stats for m in self.moe.values())]
-        host = torch.cat([t.reshape(-1).double() for t in [self._dp_mean(loss_sum), norm, signal]
-                          + [stats for _, stats in moe]]).tolist()  # the one host sync
+        values = [self._dp_mean(loss_sum), norm, signal] + [stats for _, stats in moe]
+        host = torch.cat([t.reshape(-1).double() for t in values]).tolist()  # the one host sync
         loss, norm, signal = host[:3]
         if not (math.isfinite(loss) and math.isfinite(norm)):  # before the weights change
             self.optimizer.zero_grad(set_to_none=True)
@@ -294,6 +295,8 @@ class Trainer:
                 ready = time.perf_counter()
                 dt = ready - t0
             profiler.after(step)
+            if measure or profiler.covers(step):  # their own work ran after the wait
+                ready = None
             peak = self.memory.peak  # None on CPU steps not measured
             record.update(step=step, step_time=dt, tokens_per_sec=self.tokens_per_step / dt,
                           peak_memory=peak, rss_peak=rss_peak_bytes())
