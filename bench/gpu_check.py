@@ -113,8 +113,11 @@ def run_train(args: list[str], nproc: int = 1, env: dict | None = None, timeout:
     if done.returncode:  # train.py's one line ("error: ..."), else the last exception's
         lines = [re.sub(r"^\[(default)?rank\d+\]:", "", line).strip()  # torchrun's prefix
                  for line in done.stderr.splitlines() if line.strip()]
-        said = [line for line in lines if line.startswith("error:") or re.match(r"\w+(Error|Exception)\b", line)]
-        raise RuntimeError(said[0] if said else lines[-1] if lines else f"exit {done.returncode}")
+        said = [line for line in lines if line.startswith("error:")] or [
+            line for line in lines if re.match(r"([\w.]+\.)?\w+(Error|Exception):", line)
+            and "ChildFailedError" not in line]  # torchrun's summary names no cause
+        last = [line for line in lines if line.strip("=-")]
+        raise RuntimeError(f"exit {done.returncode}: " + (said[0] if said else last[-1] if last else "no output"))
     return done.stdout
 
 
@@ -275,7 +278,7 @@ def check_layouts(report: Report, device: str, data: dict, runs: str, names: lis
         for name in chosen:
             layout, moe = LAYOUTS[name], LAYOUTS[name].ep > 1
             model = MOE if moe else []
-            key = "MoE" if moe else "dense"
+            key, impl = "MoE" if moe else "dense", "one process"
             try:
                 if key not in references:
                     references[key] = train(model + [f"--dtype={dtype}"], 1)
@@ -294,7 +297,7 @@ def check_layouts(report: Report, device: str, data: dict, runs: str, names: lis
                                (f"max |loss - one process| {worst:.1e} (bound {LOSS_TOLERANCE[dtype]:g})"
                                 if worst is not None else f"losses {got}"))
             except (RuntimeError, subprocess.TimeoutExpired) as error:
-                report.add("FAIL", "layouts", f"{name} {dtype}: {error}")
+                report.add("FAIL", "layouts", f"{name} {impl} {dtype}: {error}")
 
 
 def check_speed(report: Report, device: str, data: dict, runs: str, steps: int):
