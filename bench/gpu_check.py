@@ -42,13 +42,15 @@ if missing:  # before anything imports them
     sys.exit(f"error: {sys.executable} lacks {', '.join(missing)}; install them into it "
              f"(offline: pip install --no-index --find-links <wheels> {' '.join(missing)})")
 sys.path.insert(0, str(REPO))
+ENV = {"PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}  # the children's
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from nanodist import compat  # noqa: E402
 
-if torch.__version__ < compat.MINIMUM_TORCH:
+if tuple(map(int, re.match(r"(\d+)\.(\d+)", torch.__version__).groups())) < \
+        tuple(map(int, compat.MINIMUM_TORCH.split("."))):  # a pre-release 2.11.0a0 counts as 2.11
     sys.exit(f"error: torch {torch.__version__} is older than {compat.MINIMUM_TORCH}, the oldest "
              f"nanodist supports")
 
@@ -81,8 +83,29 @@ LOSS_TOLERANCE = {"float32": 2e-4, "bfloat16": 2e-2}
 # float64 on two devices: the same arithmetic, other summation orders (blocked matmuls,
 # vectorised reductions): ~1e-16 relative per sum, a few hundred sums deep, losses ~4.
 FLOAT64_TOLERANCE = 1e-12
+# gpt2 124M on one GPU, 16 x 1024 tokens: tuned GPT-2 training is reported at 30-50% MFU
+# (nanoGPT, llm.c); the floors catch a run off by 2x or more (syncs, fp32 where bf16 was meant)
+MFU_FLOOR = {"eager": 15.0, "compile": 20.0}
 GPT2 = ["--model=gpt2", "--dataset=shakespeare", "--dtype=bfloat16", "--block_size=1024",
         "--eval_interval=1000", "--eval_iters=1", "--checkpoint_interval=-1", "--warmup_steps=2"]
+
+
+DEADLINE = [float("inf")]  # time.monotonic() at which the whole check must end (--budget_s)
+
+
+def left(cap: float) -> float:
+    """Seconds a run may take: `cap`, or what is left of the budget; none left: TimeoutError."""
+    remaining = DEADLINE[0] - time.monotonic()
+    if remaining < 10:
+        raise TimeoutError("out of the check's time budget (--budget_s)")
+    return min(cap, remaining)
+
+
+def need(data: dict, key: str) -> str:
+    """The prepared data directory `key`, or the reason it could not be prepared."""
+    if isinstance(data[key], Exception):
+        raise RuntimeError(f"no data: {data[key]}")
+    return data[key]
 
 
 class Report:
@@ -104,12 +127,13 @@ class Report:
 
 
 def run_train(args: list[str], nproc: int = 1, env: dict | None = None, timeout: float = 300) -> str:
+    timeout = left(timeout)
     """train.py's stdout; RuntimeError with its last error line when it fails."""
     launcher = ([sys.executable] if nproc == 1 else
                 [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"])
     done = subprocess.run(launcher + [str(REPO / "train.py"), *args], cwd=REPO, text=True,
                           capture_output=True, timeout=timeout,
-                          env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **(env or {})})
+                          env={**os.environ, **ENV, "OMP_NUM_THREADS": "1", **(env or {})})
     if done.returncode:  # train.py's one line ("error: ..."), else the last exception's
         lines = [re.sub(r"^\[(default)?rank\d+\]:", "", line).strip()  # torchrun's prefix
                  for line in done.stderr.splitlines() if line.strip()]
@@ -150,7 +174,7 @@ def check_numerics(report: Report, device: str, data: dict, runs: str):
     from nanodist.trainer import Trainer
     losses = {}
     for where in (device, "cpu"):
-        argv = TINY + [f"--device={where}", "--dtype=float64", "--max_steps=3", f"--data_dir={data['char']}",
+        argv = TINY + [f"--device={where}", "--dtype=float64", "--max_steps=3", f"--data_dir={need(data, 'char')}",
                        f"--out_dir={tempfile.mkdtemp(dir=runs)}"]
         losses[where] = [r["loss"] for r in Trainer(parse_args(argv)).train()]
     worst = max(abs(a - b) for a, b in zip(losses[device], losses["cpu"]))
@@ -175,13 +199,18 @@ def check_kernels(report: Report, device: str):
     with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
         out = RingAttention(Comm().group())(*local)  # a group of one: the ring's local math
     out.backward(probe)
-    errors = [_relative(out, reference)] + [_relative(t.grad, r.grad) for t, r in zip(local, full)]
+    flash = [t.clone().requires_grad_() for t in (q, k, v)]  # PyTorch's own bf16 attention
+    F.scaled_dot_product_attention(*flash, is_causal=True).backward(probe)
+    ring = [_relative(out, reference)] + [_relative(t.grad, r.grad) for t, r in zip(local, full)]
+    sdpa = [_relative(F.scaled_dot_product_attention(*flash, is_causal=True), reference)] + \
+        [_relative(t.grad, r.grad) for t, r in zip(flash, full)]
     dtypes = {out.dtype, *(t.grad.dtype for t in local)}
-    # bf16 inputs are exact; each matmul's bf16 result rounds at 2^-8 (tests/test_context_parallel.py)
-    ok = dtypes == {torch.bfloat16} and errors[0] < 0.1 and max(errors[1:]) < 0.2
-    report.add("PASS" if ok else "FAIL", "kernels", f"ring attention bf16 {B}x{H}x{T}x{D} vs fp32 "
-               f"SDPA: out {errors[0]:.1e}, dq dk dv {max(errors[1:]):.1e} of the largest entry "
-               f"(bounds 0.1, 0.2); dtypes {sorted(str(d) for d in dtypes)}", errors=errors)
+    # the same roundings as PyTorch's bf16 kernel, over other tiles (tests/test_context_parallel.py)
+    ok = dtypes == {torch.bfloat16} and all(r <= 2.5 * f for r, f in zip(ring, sdpa))
+    report.add("PASS" if ok else "FAIL", "kernels", f"ring attention bf16 {B}x{H}x{T}x{D} vs fp32: out, "
+               f"dq, dk, dv {', '.join(f'{e:.1e}' for e in ring)} of the largest entry; PyTorch's bf16 "
+               f"SDPA {', '.join(f'{e:.1e}' for e in sdpa)} (bound 2.5x); dtypes "
+               f"{sorted(str(d) for d in dtypes)}", ring=ring, sdpa=sdpa)
 
     config = model_config("tiny", 64, 65)
     config = replace(config, moe_experts=4, moe_top_k=2)
@@ -246,11 +275,11 @@ def check_paths(report: Report, device: str, data: dict, runs: str, names: list[
     for name in [n for n in PATHS if n in names]:
         layout = LAYOUTS[name]
         for dtype in ("float32", "bfloat16"):
-            argv = TINY + [f"--device={device}", f"--dtype={dtype}", f"--data_dir={data['char']}",
+            argv = TINY + [f"--device={device}", f"--dtype={dtype}", f"--data_dir={need(data, 'char')}",
                            "--max_steps=1", f"--out_dir={tempfile.mkdtemp(dir=runs)}", *layout.flags()]
             jobs.append((layout.world, argv + (MOE if layout.ep > 1 else [])))
             labels.append(f"{name} custom {dtype} on {device} (rank 0 of {layout.world}, fake group)")
-    for label, got in zip(labels, as_rank_of(1, 0, _steps_as_rank0, jobs) if jobs else []):
+    for label, got in zip(labels, as_rank_of(1, 0, _steps_as_rank0, jobs, timeout=left(240)) if jobs else []):
         if "error" in got:
             report.add("FAIL", "paths", f"{label}: {got['error']}")
             continue
@@ -269,7 +298,7 @@ def check_layouts(report: Report, device: str, data: dict, runs: str, names: lis
         report.add("SKIP", "layouts", f"more processes than the {gpus} GPUs: "
                    + ", ".join(n for n in names if n not in fit))
     env = {"NVIDIA_TF32_OVERRIDE": "0"}  # fp32: only the order of the float sums differs
-    train = lambda flags, n: logged(run_train(TINY + [f"--device={device}", f"--data_dir={data['char']}",
+    train = lambda flags, n: logged(run_train(TINY + [f"--device={device}", f"--data_dir={need(data, 'char')}",
                                                       f"--out_dir={tempfile.mkdtemp(dir=runs)}", *flags],
                                               n, env), "loss")
     for dtype in ("float32", "bfloat16"):
@@ -296,7 +325,7 @@ def check_layouts(report: Report, device: str, data: dict, runs: str, names: lis
                                f"{name} {impl} {dtype} ({layout.world} processes): " +
                                (f"max |loss - one process| {worst:.1e} (bound {LOSS_TOLERANCE[dtype]:g})"
                                 if worst is not None else f"losses {got}"))
-            except (RuntimeError, subprocess.TimeoutExpired) as error:
+            except (RuntimeError, TimeoutError, subprocess.TimeoutExpired) as error:
                 report.add("FAIL", "layouts", f"{name} {impl} {dtype}: {error}")
 
 
@@ -307,19 +336,21 @@ def check_speed(report: Report, device: str, data: dict, runs: str, steps: int):
     for mode, extra, n in (("eager", [], steps), ("compile", ["--compile"], 2 * steps)):
         try:
             out = run_train(GPT2 + [f"--device={device}", "--batch_size=16", "--total_batch_size=16384",
-                                    f"--max_steps={n}", f"--data_dir={data['bpe']}",
-                                    f"--out_dir={tempfile.mkdtemp(dir=runs)}", *extra], timeout=420)
-        except (RuntimeError, subprocess.TimeoutExpired) as error:
+                                    f"--max_steps={n}", f"--data_dir={need(data, 'bpe')}",
+                                    f"--out_dir={tempfile.mkdtemp(dir=runs)}", *extra], timeout=240)
+        except (RuntimeError, TimeoutError, subprocess.TimeoutExpired) as error:
             report.add("FAIL", "speed", f"gpt2 bf16 {mode}: {error}")
             continue
         half = lambda xs: statistics.median(xs[len(xs) // 2:]) if xs else None  # warm-up, compilation out
         figures[mode] = {"ms": half(logged(out, "ms")), "tokens_per_s": half(logged(out, "tok/s")),
                          "mfu": half(logged(out, "MFU")), "mem_gib": half(logged(out, "mem"))}
         f = figures[mode]
-        report.add("PASS" if f["mfu"] else "FAIL", "speed",
+        floor = MFU_FLOOR[mode]
+        report.add("PASS" if f["mfu"] and f["mfu"] >= floor else "FAIL", "speed",
                    f"gpt2 bf16 {mode} on {torch.cuda.get_device_name()}, 16 x 1024 tokens/step: "
                    f"{f['ms']:.0f} ms/step, {f['tokens_per_s']:,.0f} tokens/s, "
-                   + (f"MFU {f['mfu']:.1f}% of the dense bf16 peak" if f["mfu"] else "no MFU (unknown GPU)")
+                   + (f"MFU {f['mfu']:.1f}% of the dense bf16 peak (floor {floor:g}%)" if f["mfu"]
+                      else "no MFU (unknown GPU)")
                    + f", peak {f['mem_gib']} GiB", **f)
     if len(figures) == 2:
         ratio = figures["eager"]["ms"] / figures["compile"]["ms"]
@@ -338,12 +369,12 @@ def check_memory(report: Report, device: str, data: dict, runs: str):
     """One step's peak of live tensor bytes (as train.py logs it, here in a fresh process)
     against the planner's band for the same run (plan.within_margin)."""
     # a GPU: gpt2 at 8 x 1024; a CPU (the dry run): the tiny model
-    base = (GPT2 + ["--batch_size=8", "--total_batch_size=8192", f"--data_dir={data['bpe']}"]
-            if device == "cuda" else TINY + [f"--data_dir={data['char']}"])
+    base = (GPT2 + ["--batch_size=8", "--total_batch_size=8192", f"--data_dir={need(data, 'bpe')}"]
+            if device == "cuda" else TINY + [f"--data_dir={need(data, 'char')}"])
     for policy in ("none", "full", "selective"):
         argv = base + [f"--device={device}", f"--activation_checkpointing={policy}", "--max_steps=3",
                        f"--out_dir={tempfile.mkdtemp(dir=runs)}"]
-        got = on_processes(1, _peak_of, argv)[0]
+        got = on_processes(1, _peak_of, argv, timeout=left(150))[0]
         cfg, layout, micro_steps = resolve(parse_args(argv), 1, device)
         job = preflight.job(cfg, GPTConfig(**got["model"]), 1, torch.device(device))
         predicted = plan.peak_memory(job, layout, cfg.batch_size, micro_steps)
@@ -372,7 +403,9 @@ def check_matmuls(report: Report, device: str, profile_out: str | None):
         figures[dtype] = {"median_tflops": statistics.median(rates) / 1e12, "max_tflops": rates[-1] / 1e12,
                           "of_peak": statistics.median(rates) / sheet.peak_flops(dtype) if sheet else None}
     f = figures["bfloat16"]
-    report.add("PASS", "matmuls", f"{len(profile.matmul['bfloat16']['1'])} GPT-2 shapes, CUDA events: bf16 "
+    # the planner prices every matmul at sheet.efficiency x peak: held to its 1.5x validation band
+    ratio = f["of_peak"] / sheet.efficiency if sheet else None
+    report.add("PASS" if ratio and 1 / 1.5 <= ratio <= 1.5 else "FAIL", "matmuls", f"{len(profile.matmul['bfloat16']['1'])} GPT-2 shapes, CUDA events: bf16 "
                f"median {f['median_tflops']:.0f}, best {f['max_tflops']:.0f} TFLOP/s"
                + (f" = {f['of_peak']:.0%} of the data sheet's peak, where the planner assumes "
                   f"{sheet.efficiency:.0%}" if sheet else " (no data sheet for this GPU)")
@@ -383,20 +416,23 @@ def check_matmuls(report: Report, device: str, profile_out: str | None):
 
 # ---- data, from local files ----
 
-def prepare(out: Path, dataset: str, text: Path | None, bpe_file: str | None) -> str:
-    """data/<dataset> prepared into `out` from the local `text` (else the script downloads)."""
+def prepare(out: Path, dataset: str, text: Path | None, bpe_file: str | None) -> str | Exception:
+    """data/<dataset> prepared into `out` from the local `text` (else the script downloads);
+    the error, for the checks that need it to report, when that fails."""
     cmd = [sys.executable, str(REPO / "data" / dataset / "prepare.py"), "--out_dir", str(out)]
     cmd += ["--input", str(text)] if text else []
     cmd += ["--bpe_file", bpe_file] if bpe_file and dataset == "shakespeare" else []
-    done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **ENV})
     if done.returncode:
-        sys.exit(f"error: preparing {dataset} failed: {(done.stderr.strip().splitlines() or ['?'])[-1]}")
+        return RuntimeError(f"preparing {dataset} failed: {(done.stderr.strip().splitlines() or ['?'])[-1]} "
+                            f"(offline: --text input.txt, --bpe_file gpt2.tiktoken, or --data_dir)")
     return str(out)
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--device", default="cuda", choices=("cpu", "cuda"),
+                   help="cuda (default: a machine whose torch sees no GPU fails), or cpu: the dry run")
     p.add_argument("--checks", nargs="*", choices=CHECKS, help="a subset (default: all)")
     p.add_argument("--layouts", nargs="*", help=f"a subset of the layouts (paths: {PATHS}; layouts: "
                                                 f"{GPU_CHECK})")
@@ -408,8 +444,10 @@ def main():
     p.add_argument("--speed_steps", type=int, default=12)
     p.add_argument("--profile_out", help="write the calibrated GPU profile here (JSON)")
     p.add_argument("--json", help="write every line and figure here")
+    p.add_argument("--budget_s", type=float, help="the whole check's time limit in s (default: 480 on "
+                                                  "a GPU, none for the dry run)")
     args = p.parse_args()
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    device = args.device
     if device == "cuda" and not torch.cuda.is_available():
         sys.exit(f"error: --device cuda, but torch {torch.__version__} sees no GPU "
                  f"(torch.version.cuda = {torch.version.cuda}); check the driver, or --device cpu")
@@ -421,6 +459,7 @@ def main():
     text = Path(args.text) if args.text and Path(args.text).is_file() else None
     report = Report()
     started = time.perf_counter()
+    DEADLINE[0] = time.monotonic() + (args.budget_s or (480 if device == "cuda" else float("inf")))
     print(f"nanodist gpu-check: torch {torch.__version__}, "
           + (f"{torch.cuda.device_count()} x {torch.cuda.get_device_name()}" if device == "cuda" else "CPU (dry run)"),
           flush=True)

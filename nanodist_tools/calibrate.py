@@ -32,7 +32,8 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from nanodist.data import write_meta, write_split
-from nanodist.hardware import DTYPES, GPUS, KINDS, PEAK_TFLOPS, DataSheet, Profile
+from nanodist.hardware import DTYPES, GPUS, KINDS, DataSheet, Profile
+from nanodist.metrics import enable_tf32
 from nanodist.parallel.comm import Comm
 from nanodist.parallel.layout import Layout
 from nanodist.plan import matmuls
@@ -205,22 +206,28 @@ GPU_SHAPES = [(m, k, n) for m in (2048, 8192, 16384)
               for k, n in ((768, 2304), (768, 3072), (3072, 768), (768, 50304), (1600, 6400), (6400, 1600))]
 
 
-def _matmul_gpu(dtype: str, device: torch.device, repeats: int = 10) -> list:
-    """(FLOPs, seconds per call) of each GPU shape, timed between CUDA events (the host
-    only launches; the events time the GPU's own work), after a warm-up."""
+def _gpu_seconds(fn, repeats: int) -> float:
+    """The GPU's time of `repeats` calls of fn, between two CUDA events (the host only
+    launches; the events time the GPU's own work)."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(repeats):
+        fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 1e3
+
+
+def _matmul_gpu(dtype: str, device: torch.device) -> list:
+    """(FLOPs, seconds per call) of each GPU shape: enough calls for ~50 ms of work, so a
+    small matmul is timed by the GPU, not by its launches."""
     out = []
     for m, k, n in GPU_SHAPES:
         a = torch.randn(m, k, device=device, dtype=getattr(torch, dtype))
         b = torch.randn(k, n, device=device, dtype=getattr(torch, dtype))
-        for _ in range(3):
-            a @ b
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(repeats):
-            a @ b
-        end.record()
-        end.synchronize()
-        out.append((2 * m * k * n, start.elapsed_time(end) / 1e3 / repeats))
+        once = _gpu_seconds(lambda: a @ b, 3) / 3  # the warm-up, timed
+        repeats = max(10, int(0.05 / max(once, 1e-6)))
+        out.append((2 * m * k * n, _gpu_seconds(lambda: a @ b, repeats) / repeats))
     return out
 
 
@@ -228,8 +235,12 @@ def gpu_profile(device="cuda") -> Profile:
     """This GPU's matmul rates; the collectives of its data sheet (see the module doc)."""
     device = torch.device(device)
     name = torch.cuda.get_device_name(device)
-    torch.set_float32_matmul_precision("high")  # fp32 as train.py runs it: TF32
-    matmul = {dtype: {"1": _matmul_gpu(dtype, device)} for dtype in DTYPES}
+    saved = torch.get_float32_matmul_precision()
+    enable_tf32(device, "float32")  # fp32 as train.py runs it: TF32 (unless NVIDIA_TF32_OVERRIDE=0)
+    try:
+        matmul = {dtype: {"1": _matmul_gpu(dtype, device)} for dtype in DTYPES}
+    finally:
+        torch.set_float32_matmul_precision(saved)
     gpu = next((key for key, spec in GPUS.items() if spec[0].lower() in name.lower()), "h100")
     sheet = DataSheet(gpu)
     collectives = {kind: {f"{g}x{g}": [(p, sheet.collective_s(kind, p, g, "intra_node", g))

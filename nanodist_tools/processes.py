@@ -3,6 +3,7 @@ cluster played over torch's fake process group (collectives return at once, move
 import json
 import socket
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -37,18 +38,28 @@ def _fake_rank(_, world, rank, out_file, work, args):
                                                    world_size=world), work, args)
 
 
-def on_processes(world: int, work, *args) -> list:
+def _join(context, timeout: float | None):
+    """Wait for the processes of `context`; past `timeout` seconds, kill them and raise."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while not context.join(timeout=None if deadline is None else 1.0):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            raise TimeoutError(f"did not finish within {timeout:.0f} s")
+
+
+def on_processes(world: int, work, *args, timeout: float | None = None) -> list:
     """work(*args) on `world` fresh gloo processes: what each returned (JSON), rank by rank."""
     with tempfile.TemporaryDirectory() as tmp:
-        mp.start_processes(_gloo_rank, args=(world, free_port(), tmp, work, args), nprocs=world,
-                           start_method="spawn")
+        _join(mp.start_processes(_gloo_rank, args=(world, free_port(), tmp, work, args), nprocs=world,
+                                 start_method="spawn", join=False), timeout)
         return [json.loads(Path(tmp, f"{r}.json").read_text()) for r in range(world)]
 
 
-def as_rank_of(world: int, rank: int, work, *args):
+def as_rank_of(world: int, rank: int, work, *args, timeout: float | None = None):
     """work(*args) in a fresh process playing rank `rank` of `world` over the fake group."""
     with tempfile.TemporaryDirectory() as tmp:
         out_file = str(Path(tmp, "result.json"))
-        mp.start_processes(_fake_rank, args=(world, rank, out_file, work, args), nprocs=1,
-                           start_method="spawn")
+        _join(mp.start_processes(_fake_rank, args=(world, rank, out_file, work, args), nprocs=1,
+                                 start_method="spawn", join=False), timeout)
         return json.loads(Path(out_file).read_text())

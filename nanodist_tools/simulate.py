@@ -47,9 +47,18 @@ class ZerosGPT(GPT):
 class PlayedRank:
     """torch.distributed for one played rank of the fake group: receives are zeros, an
     object broadcast leaves each rank its own object."""
+    WRITES_FIRST_ARG = {"all_gather_single", "all_gather_into_tensor", "reduce_scatter_single",
+                        "reduce_scatter_tensor", "all_to_all_single"}  # torch 2.11's fake group leaves them
 
     def __getattr__(self, name):
-        return getattr(dist, name)
+        collective = getattr(dist, name)
+        if name not in self.WRITES_FIRST_ARG:
+            return collective
+
+        def zeroed_output(output, *args, **kwargs):
+            output.zero_()
+            return collective(output, *args, **kwargs)
+        return zeroed_output
 
     @staticmethod
     def batch_isend_irecv(ops):

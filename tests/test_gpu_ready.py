@@ -241,9 +241,9 @@ class HostReads(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         if getattr(func, "__name__", "") in self.READS:
-            caller = sys._getframe(1).f_code.co_filename
-            if "nanodist" in caller and not caller.endswith("data.py"):
-                self.sites.append(f"{Path(caller).name}:{sys._getframe(1).f_lineno}")
+            caller = Path(sys._getframe(1).f_code.co_filename).resolve()
+            if caller.is_relative_to(REPO / "nanodist") and caller.name != "data.py":
+                self.sites.append(f"{caller.name}:{sys._getframe(1).f_lineno}")
         return func(*args, **(kwargs or {}))
 
 

@@ -78,9 +78,11 @@ def _wait(works):
 
 
 def _scores(q, k, causal: bool, scale: float):
-    """q k^T * scale in fp32 at least (the matmul in q's dtype, accumulated in fp32 by the
-    hardware: bf16 under autocast), -inf above the diagonal of a diagonal block."""
-    s = (q @ k.transpose(-2, -1)).to(_accumulator(q.dtype)) * scale
+    """q k^T * scale in fp32 at least (flash attention's S: never rounded to bf16, whose
+    2^-8 of a score of 10 would move its probability by 4%), -inf above the diagonal of a
+    diagonal block."""
+    acc = _accumulator(q.dtype)
+    s = (q.to(acc) @ k.to(acc).transpose(-2, -1)) * scale
     if causal:  # the diagonal block: same positions on both sides
         s = s.masked_fill(torch.ones_like(s, dtype=torch.bool).triu(1), float("-inf"))
     return s
@@ -95,9 +97,10 @@ def _accumulator(dtype: torch.dtype) -> torch.dtype:
 class _RingAttention(torch.autograd.Function):
     """softmax(q k^T / sqrt(d), causal) v of local q, k, v (B, heads, T/C, d).
 
-    dtypes: the matmuls run in the inputs' dtype (bf16 under autocast); scores, the
-    log-sum-exp merge, the output's running sum and dQ, dK, dV accumulate in fp32 at least;
-    the output and the gradients come back in the inputs' dtype. Autocast is off inside
+    dtypes (flash attention's): the scores S = q k^T and dP = dO v^T, the log-sum-exp merge,
+    the output's running sum and dQ, dK, dV in fp32 at least; P and dS cast to the inputs'
+    dtype for their matmuls with v, k and q (bf16 under autocast); the output and the
+    gradients come back in the inputs' dtype. Autocast is off inside
     (the backward runs outside it anyway), so every dtype is the one written here: CUDA's
     autocast would otherwise run exp in fp32 and the matmuls in bf16, a mix the backward
     cannot follow. float32 and float64 inputs: every cast is a no-op."""
@@ -168,8 +171,8 @@ def _ring_backward(q, k, v, out, lse, dout, group: Group, zigzag: bool):
                 p = (_scores(q_chunks[i], k_chunks[j], kj == qi, scale)
                      - lse_chunks[i].unsqueeze(-1)).exp()
                 dv_chunks[j].add_(p.to(q.dtype).transpose(-2, -1) @ dout_chunks[i])
-                ds = p * ((dout_chunks[i] @ v_chunks[j].transpose(-2, -1)).to(acc)
-                          - delta_chunks[i].unsqueeze(-1))
+                dp = dout_chunks[i].to(acc) @ v_chunks[j].to(acc).transpose(-2, -1)  # fp32, as S
+                ds = p * (dp - delta_chunks[i].unsqueeze(-1))
                 ds = ds.to(q.dtype)
                 dq_chunks[i].add_(ds @ k_chunks[j], alpha=scale)
                 dk_chunks[j].add_(ds.transpose(-2, -1) @ q_chunks[i], alpha=scale)

@@ -78,6 +78,7 @@ class Split:
     wire_dtype: torch.dtype        # activations cross in the residual stream's dtype: the
                                    # compute dtype under FSDP's mixed precision (its bf16
                                    # embeddings make it so without PP too), else the master's
+    logits_dtype: torch.dtype      # the last stage's output: the head matmul's (bf16 under autocast)
     tied: torch.Tensor | None      # this rank's copy of the tied wte / lm_head (first, last stage)
     embedding: Group | None        # the first and last stage: they sum the tied gradient
 
@@ -132,7 +133,8 @@ def split_into_stages(model: nn.Module, setup, parallelize_stage) -> tuple[list,
     # zero_bubble (native only) has no hand-written schedule; the native runner does not read it
     schedule = SCHEDULES.get(layout.pp_schedule, interleaved_1f1b)(P, setup.micro_steps, V)
     split = Split(mesh, S, [gathered[c % P][c // P] for c in range(S)], schedule,
-                  (batch, block // seq_split, model.config.n_embd), wire_dtype, tied,
+                  (batch, block // seq_split, model.config.n_embd), wire_dtype,
+                  setup.compute_dtype or next(model.parameters()).dtype, tied,
                   embedding_group(mesh))
     return stages, split
 

@@ -44,7 +44,7 @@ class NativePipelineRunner(PipelineRunner):
         hidden = torch.empty(split.act_shape, dtype=split.wire_dtype, device="meta",
                              requires_grad=True)  # its gradient goes back a stage
         inputs = torch.empty(batch, dtype=torch.long, device="meta") if c == 0 else hidden
-        outputs = (torch.empty(*batch, vocab, dtype=split.wire_dtype, device="meta")
+        outputs = (torch.empty(*batch, vocab, dtype=split.logits_dtype, device="meta")
                    if c == split.n_chunks - 1 else hidden)
         return PipelineStage(stage.module, c, split.n_chunks, self.mesh.device, input_args=inputs,
                              output_args=outputs, group=self.mesh.pp.process_group)
