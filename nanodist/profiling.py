@@ -8,6 +8,7 @@ Open one at https://ui.perfetto.dev (or chrome://tracing), or all with
 `tensorboard --logdir <out_dir>/profile` (pip install torch-tb-profiler).
 """
 import os
+import warnings
 from pathlib import Path
 
 from torch.profiler import ProfilerActivity, profile, tensorboard_trace_handler
@@ -25,6 +26,10 @@ def parse_steps(text: str) -> tuple[int, int] | None:
     if not 1 <= first <= last:
         raise UserError(f"--profile_steps takes A:B with 1 <= A <= B (steps as printed), got {text!r}")
     return first, last
+
+
+# torch 2.11 warns at every stop that a schedule's cycles drop events: these profiles have one
+warnings.filterwarnings("ignore", message=".*Profiler clears events at the end of each cycle")
 
 
 def quiet_profile(**kwargs) -> profile:

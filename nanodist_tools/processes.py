@@ -41,8 +41,8 @@ def _fake_rank(_, world, rank, out_file, work, args):
 def _join(context, timeout: float | None):
     """Wait for the processes of `context`; past `timeout` seconds, kill them and raise."""
     deadline = None if timeout is None else time.monotonic() + timeout
-    while not context.join(timeout=None if deadline is None else 1.0):
-        if time.monotonic() > deadline:
+    while not context.join(timeout=None if deadline is None else 1.0):  # False: some still run
+        if deadline is not None and time.monotonic() > deadline:
             for process in context.processes:
                 process.kill()
             raise TimeoutError(f"did not finish within {timeout:.0f} s")
