@@ -62,13 +62,12 @@ from nanodist.moe import MoE  # noqa: E402
 from nanodist.model import GPTConfig, model_config  # noqa: E402
 from nanodist.parallel.comm import Comm  # noqa: E402
 from nanodist.parallel.context_parallel import RingAttention  # noqa: E402
-from nanodist.parallel.layout import Layout  # noqa: E402
 from nanodist_tools.layouts import GPU_CHECK, LAYOUTS, MOE, select  # noqa: E402
 from nanodist_tools.processes import as_rank_of, on_processes  # noqa: E402
 
 CHECKS = ["numerics", "kernels", "paths", "layouts", "speed", "memory", "matmuls"]
+BF16_LAYOUTS = ["ddp2", "fsdp2", "tp2-sp-lp", "cp2", "pp2-1f1b"]  # the layouts check's bf16 runs
 # the paths check: one of each strategy (their code, on the device, as rank 0); --layouts picks too
-BF16_LAYOUTS = ["ddp2", "fsdp2", "tp2-sp-lp", "cp2", "pp2-1f1b"]
 PATHS = ["ddp2", "zero1-2", "fsdp2", "tp2-sp-lp", "cp2", "pp2-1f1b", "fsdp2-ep2"]
 STEPS, MICRO_BATCH, BLOCK = 4, 2, 32
 # every layout trains on the same global batch: 8 micro-batches (8 DP ranks at most)
@@ -127,8 +126,9 @@ class Report:
 
 
 def run_train(args: list[str], nproc: int = 1, env: dict | None = None, timeout: float = 300) -> str:
+    """train.py's stdout; RuntimeError with its error line when it fails (TimeoutError past
+    `timeout` or the budget)."""
     timeout = left(timeout)
-    """train.py's stdout; RuntimeError with its last error line when it fails."""
     launcher = ([sys.executable] if nproc == 1 else
                 [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"])
     done = subprocess.run(launcher + [str(REPO / "train.py"), *args], cwd=REPO, text=True,
@@ -152,18 +152,14 @@ def logged(stdout: str, field: str) -> list[float]:
     return [float(x.replace(",", "")) for x in re.findall(pattern, stdout)]
 
 
-def guarded(report: Report, check: str):
-    """Run a check; an exception becomes its FAIL line (the traceback's last frames after it)."""
-    def wrap(fn):
-        def run(*args):
-            try:
-                fn(*args)
-            except Exception as error:  # noqa: BLE001 - every failure is the check's FAIL line
-                tail = traceback.format_exc().strip().splitlines()[-3:]
-                report.add("FAIL", check, f"{type(error).__name__}: {error}".splitlines()[0]
-                           + "\n    " + "\n    ".join(tail))
-        return run
-    return wrap
+def run_check(report: Report, check: str, fn):
+    """Run one check; an exception becomes its FAIL line (with the traceback's last lines)."""
+    try:
+        fn()
+    except Exception as error:  # noqa: BLE001 - every failure is the check's FAIL line
+        tail = traceback.format_exc().strip().splitlines()[-3:]
+        report.add("FAIL", check, f"{type(error).__name__}: {error}".splitlines()[0]
+                   + "\n    " + "\n    ".join(tail))
 
 
 # ---- the checks ----
@@ -478,7 +474,7 @@ def main():
                  "memory": lambda: check_memory(report, device, data, runs),
                  "matmuls": lambda: check_matmuls(report, device, args.profile_out)}
         for check in checks:
-            guarded(report, check)(steps[check])()
+            run_check(report, check, steps[check])
     compared, failed = report.compared(), report.failed()
     verdict = ("FAIL" if failed else "FAIL" if not compared else "PASS")
     print(f"{verdict}: {compared} passed, {failed} failed, "
