@@ -374,7 +374,7 @@ def check_memory(report: Report, device: str, data: dict, runs: str):
         cfg, layout, micro_steps = resolve(parse_args(argv), 1, device)
         job = preflight.job(cfg, GPTConfig(**got["model"]), 1, torch.device(device))
         predicted = plan.peak_memory(job, layout, cfg.batch_size, micro_steps)
-        low, high = (1 - plan.MEMORY_MARGIN) * predicted["live"], (1 + plan.MEMORY_MARGIN) * predicted["total"]
+        low, high = plan.band(predicted)
         peak = got["peak"]
         ok = peak is not None and plan.within_margin(peak, predicted)
         report.add("PASS" if ok else "FAIL", "memory",

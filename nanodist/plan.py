@@ -257,9 +257,15 @@ def peak_memory(job: Job, layout: Layout, micro_batch: int, M: int) -> dict[str,
                key=lambda m: m["total"])
 
 
+def band(predicted: dict[str, float]) -> tuple[float, float]:
+    """The (lowest, highest) peak bytes that `memory`'s prediction allows."""
+    return (1 - MEMORY_MARGIN) * predicted["live"], (1 + MEMORY_MARGIN) * predicted["total"]
+
+
 def within_margin(peak: float, predicted: dict[str, float]) -> bool:
     """Whether a measured peak lies in the predicted band (`memory`)."""
-    return (1 - MEMORY_MARGIN) * predicted["live"] <= peak <= (1 + MEMORY_MARGIN) * predicted["total"]
+    low, high = band(predicted)
+    return low <= peak <= high
 
 
 def estimate(job: Job, machine, layout: Layout, micro_batch: int, M: int) -> dict:
