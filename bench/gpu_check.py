@@ -443,6 +443,13 @@ def main():
     p.add_argument("--budget_s", type=float, help="the whole check's time limit in s (default: 480 on "
                                                   "a GPU, none for the dry run)")
     args = p.parse_args()
+    if args.budget_s is not None and args.budget_s <= 0:
+        p.error(f"--budget_s must be > 0 (got {args.budget_s:g})")
+    if args.speed_steps < 4:
+        p.error(f"--speed_steps must be >= 4: the median leaves out the first half (got {args.speed_steps})")
+    for flag, path in (("--profile_out", args.profile_out), ("--json", args.json)):
+        if path and (Path(path).is_dir() or not os.access(Path(path).absolute().parent, os.W_OK)):
+            p.error(f"{flag} {path}: cannot write a file there; pick a writable path")
     device = args.device
     if device == "cuda" and not torch.cuda.is_available():
         sys.exit(f"error: --device cuda, but torch {torch.__version__} sees no GPU "

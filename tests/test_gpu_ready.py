@@ -451,3 +451,11 @@ def test_make_gpu_check_with_the_given_python_installs_nothing():
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     assert done.stdout.count("PASS kernels") == 2
+
+
+@pytest.mark.parametrize("flags, says", [(["--budget_s", "-1"], "--budget_s must be > 0"),
+                                         (["--speed_steps", "2"], "--speed_steps must be >= 4"),
+                                         (["--json", "/nonexistent/x.json"], "cannot write a file there")])
+def test_gpu_check_refuses_bad_flags_in_one_line(flags, says):
+    done = _gpu_check(*flags)
+    assert done.returncode == 2 and says in done.stderr and "Traceback" not in done.stderr
