@@ -16,11 +16,11 @@ import torch
 
 from nanodist import checkpoint, cli
 from nanodist.checkpoint.integrity import TRUST_HELP
-from nanodist.config import check_ranges
+from nanodist.run.config import check_ranges
 from nanodist.errors import UserError
-from nanodist.hf import load_hf_state_dict, pretrained_tensors
-from nanodist.model import GPT, PRESETS, model_config
-from nanodist.tokenizer import get_gpt2_encoding
+from nanodist.model.hf import load_hf_state_dict, pretrained_tensors
+from nanodist.model.gpt import GPT, PRESETS, model_config
+from nanodist.data.tokenizer import get_gpt2_encoding
 
 MAX_NEW_TOKENS = 100_000  # a short novel; the text streams, so a reader can stop it sooner
 

@@ -4,17 +4,17 @@
 
 Variants none, full, full every 2nd block, selective take turns step by step (forward +
 backward + AdamW step on the same batch). Memory: the bytes one forward keeps for
-backward (nanodist_tools/measure.py `saved_activations`) against nanodist/cost.py's
+backward (nanodist_tools/measure.py `saved_activations`) against nanodist/planner/cost.py's
 `activation_bytes`; time: median step and its ratio to no checkpointing.
 """
 import torch
 
 from common import median, parser, print_table, time_interleaved, write_json
-from nanodist.launch import pick_device
-from nanodist.model import GPT, model_config
+from nanodist.run.launch import pick_device
+from nanodist.model.gpt import GPT, model_config
 from nanodist.parallel.layout import Layout, Mesh
 from nanodist.parallel.parallelize import Setup, parallelize
-from nanodist.cost import activation_bytes
+from nanodist.planner.cost import activation_bytes
 from nanodist_tools.measure import saved_activations
 
 VARIANTS = {"none": Layout(), "full": Layout(checkpointing="full"),

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from nanodist.launch import init_distributed, pick_device
-from nanodist.metrics import sync
+from nanodist.run.launch import init_distributed, pick_device
+from nanodist.run.metrics import sync
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

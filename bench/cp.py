@@ -7,7 +7,7 @@ across the ranks, the two splits taking turns step by step. Work: attention bloc
 rank (`context_parallel.attention_blocks`, a causal diagonal counts 1/2) max / min = 1 with
 zigzag, 2C-1 contiguous; the ring waits for its slowest rank, so the step time follows
 the max. Traffic: what the mesh's Comm counted per rank against
-nanodist/traffic.py's `ring_attention_sends` (one layer, B x T x heads x head_dim).
+nanodist/planner/traffic.py's `ring_attention_sends` (one layer, B x T x heads x head_dim).
 
 Long context (--model tiny, --context 2048, 8x the tests' tiny runs): the bytes the whole
 model keeps for backward per rank (nanodist_tools/measure.py), one process against CP,
@@ -18,12 +18,12 @@ import torch
 import torch.distributed as dist
 
 from common import median, parser, print_table, start_processes, time_interleaved, write_json
-from nanodist.model import GPT, model_config
+from nanodist.model.gpt import GPT, model_config
 from nanodist.parallel.context_parallel import RingAttention, attention_blocks, split_sequence
 from nanodist.parallel.layout import Layout, Mesh, build_mesh
 from nanodist.parallel.parallelize import Setup, parallelize
 from nanodist_tools.measure import saved_activations
-from nanodist.traffic import ring_attention_sends
+from nanodist.planner.traffic import ring_attention_sends
 
 
 def kept_per_rank(args, mesh) -> tuple[int, int]:

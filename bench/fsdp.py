@@ -22,7 +22,7 @@ from torch.distributed.tensor import DTensor
 
 from common import median, paired_speedup, parser, print_table, start_processes, time_interleaved, write_json
 from nanodist import compat
-from nanodist.model import GPT, model_config
+from nanodist.model.gpt import GPT, model_config
 from nanodist.parallel.layout import Layout, build_mesh
 from nanodist.parallel.parallelize import Setup, parallelize
 

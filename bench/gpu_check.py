@@ -54,12 +54,14 @@ if tuple(map(int, re.match(r"(\d+)\.(\d+)", torch.__version__).groups())) < \
     sys.exit(f"error: torch {torch.__version__} is older than {compat.MINIMUM_TORCH}, the oldest "
              f"nanodist supports")
 
-from nanodist import plan, preflight  # noqa: E402
-from nanodist.config import parse_args, resolve  # noqa: E402
+from nanodist.planner import plan  # noqa: E402
+
+from nanodist.run import preflight
+from nanodist.run.config import parse_args, resolve  # noqa: E402
 from nanodist.errors import UserError  # noqa: E402
-from nanodist.hardware import GPUS, DataSheet  # noqa: E402
-from nanodist.moe import MoE  # noqa: E402
-from nanodist.model import GPTConfig, model_config  # noqa: E402
+from nanodist.planner.hardware import GPUS, DataSheet  # noqa: E402
+from nanodist.model.moe import MoE  # noqa: E402
+from nanodist.model.gpt import GPTConfig, model_config  # noqa: E402
 from nanodist.parallel.comm import Comm  # noqa: E402
 from nanodist.parallel.context_parallel import RingAttention  # noqa: E402
 from nanodist_tools.layouts import GPU_CHECK, LAYOUTS, MOE, select  # noqa: E402
@@ -167,7 +169,7 @@ def run_check(report: Report, check: str, fn):
 def check_numerics(report: Report, device: str, data: dict, runs: str):
     if device == "cpu":
         return report.add("SKIP", "numerics", "CPU against CPU compares nothing")
-    from nanodist.trainer import Trainer
+    from nanodist.run.trainer import Trainer
     losses = {}
     for where in (device, "cpu"):
         argv = TINY + [f"--device={where}", "--dtype=float64", "--max_steps=3", f"--data_dir={need(data, 'char')}",
@@ -250,7 +252,7 @@ def _steps_as_rank0(jobs: list) -> list[dict]:
     start with CUDA costs seconds), the group made anew for each world."""
     import torch.distributed as dist
     from contextlib import redirect_stdout
-    from nanodist.trainer import Trainer
+    from nanodist.run.trainer import Trainer
     from nanodist_tools.simulate import PlayedRank
     results = []
     for world, argv in jobs:

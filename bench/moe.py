@@ -21,11 +21,11 @@ import torch.distributed as dist
 
 from common import (markdown_table, median, paired_speedup, parser, print_table, start_processes,
                     time_interleaved, write_json)
-from nanodist.cost import state_bytes as model_state_bytes
-from nanodist.model import GPT, model_config
+from nanodist.planner.cost import state_bytes as model_state_bytes
+from nanodist.model.gpt import GPT, model_config
 from nanodist.parallel.layout import Layout, build_mesh
 from nanodist.parallel.parallelize import Setup, parallelize
-from nanodist.traffic import traffic_by_group
+from nanodist.planner.traffic import traffic_by_group
 from nanodist_tools.measure import state_bytes
 
 MiB = 2**20

@@ -10,7 +10,7 @@ and the bubble is the measured idle fraction of the step (1 - time in forwards a
 backwards / step time, mean over ranks) against `cost.bubble`. Micro-batches in flight:
 the peak bytes saved for backward (nanodist_tools/measure.py) over one micro-batch's,
 against M (GPipe) and min(P - r, M) (1F1B); interleaved: the peak bytes. Traffic: the
-mesh's Comm count of sends against nanodist/traffic.py's ("pp", "send") traffic.
+mesh's Comm count of sends against nanodist/planner/traffic.py's ("pp", "send") traffic.
 Custom vs native: tokens/s of both runners on the same step, taking turns. --docs DIR:
 also DIR/pp_P{P}.md with the tables and DIR/pp_timeline_P{P}.png, what each rank did
 when (1F1B and interleaved, the largest M).
@@ -26,12 +26,12 @@ import torch.distributed as dist
 
 from common import (markdown_table, median, parser, print_table, start_processes,
                     time_interleaved, write_json)
-from nanodist.model import GPT, model_config
+from nanodist.model.gpt import GPT, model_config
 from nanodist.parallel.layout import Layout, build_mesh
 from nanodist.parallel.parallelize import Setup, parallelize
-from nanodist.cost import bubble
+from nanodist.planner.cost import bubble
 from nanodist_tools.measure import peak_saved_bytes
-from nanodist.traffic import traffic_by_group
+from nanodist.planner.traffic import traffic_by_group
 
 SCHEDULES = [("gpipe", 1), ("1f1b", 1), ("interleaved_1f1b", 2)]
 

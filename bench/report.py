@@ -4,11 +4,11 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from nanodist.hardware import PEAK_TFLOPS
-from nanodist.model import GPTConfig
+from nanodist.planner.hardware import PEAK_TFLOPS
+from nanodist.model.gpt import GPTConfig
 from nanodist.parallel.layout import Layout
-from nanodist.cost import activation_bytes, state_bytes
-from nanodist.traffic import traffic_bytes
+from nanodist.planner.cost import activation_bytes, state_bytes
+from nanodist.planner.traffic import traffic_bytes
 
 MiB = 2**20
 # custom / pytorch throughput each layout family should reach
@@ -154,7 +154,7 @@ def markdown(records: list[dict], command: str) -> str:
     out.append("`state` = parameters + gradients + AdamW moments (unique storages, right after "
                "`optimizer.step()`), analytic 4 + 4 + 8 bytes per local parameter (ZeRO paper; ZeRO-1: "
                "8/d of Adam's; "
-               "nanodist/cost.py). `activations` = storages saved for backward by one "
+               "nanodist/planner/cost.py). `activations` = storages saved for backward by one "
                "micro-step's forward (saved-tensor hooks, parameters excluded). `peak` = live tensor bytes at "
                "the peak of one step (CUDA: max_memory_allocated; CPU: torch's MemTracker; not "
                "the process RSS). Largest rank shown.\n")
@@ -204,7 +204,7 @@ def markdown(records: list[dict], command: str) -> str:
     out.append("\n" + NOTES)
     out.append("## MFU and the GPU run\n")
     out.append("MFU = tokens/s × FLOPs per token / (processes × device peak). FLOPs per token "
-               "(nanodist/metrics.py `flops_per_token`, PaLM appendix B as nanoGPT): "
+               "(nanodist/run/metrics.py `flops_per_token`, PaLM appendix B as nanoGPT): "
                "**6N + 12·L·T·C**, N = all parameters except the position embeddings, the tied "
                "wte/lm_head matrix counted **once** (as lm_head it is a matmul; the embedding "
                f"lookup is free); here {first['flops_per_token']:.4g} FLOPs per token. Device "

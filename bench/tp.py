@@ -6,7 +6,7 @@ Variants {custom, pytorch} x {TP, TP + sequence parallel}, all with loss paralle
 take turns step by step (forward + backward + AdamW step, one batch replicated over TP).
 Traffic: what the mesh's Comm counted in one custom step, by kind, against the
 analytic count of activation collectives (B T C fp32 each, L layers; the call-by-call
-derivation is in nanodist/traffic.py `tp_collectives`), plus one 4-byte all-reduce
+derivation is in nanodist/planner/traffic.py `tp_collectives`), plus one 4-byte all-reduce
 of the squared gradient norm.
 """
 from dataclasses import replace
@@ -16,10 +16,10 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 from common import median, parser, print_table, start_processes, time_interleaved, write_json
-from nanodist.model import GPT, model_config
+from nanodist.model.gpt import GPT, model_config
 from nanodist.parallel.layout import Layout, build_mesh
 from nanodist.parallel.parallelize import Setup, parallelize
-from nanodist.traffic import tp_collectives
+from nanodist.planner.traffic import tp_collectives
 
 
 def main():

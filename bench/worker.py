@@ -21,12 +21,12 @@ import torch
 import torch.distributed as dist
 
 from common import median, paired_speedup, time_interleaved
-from nanodist.config import parse_args
-from nanodist.metrics import device_peak_flops
-from nanodist.model import flops_per_token
+from nanodist.run.config import parse_args
+from nanodist.run.metrics import device_peak_flops
+from nanodist.model.gpt import flops_per_token
 from nanodist.parallel.comm import Comm
 from nanodist.parallel.layout import Layout
-from nanodist.trainer import Trainer
+from nanodist.run.trainer import Trainer
 from nanodist_tools.layouts import LAYOUTS
 from nanodist_tools.measure import LocalCopies, TrafficMode, peak_tensor_bytes, saved_activations, state_bytes
 

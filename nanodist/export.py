@@ -20,8 +20,8 @@ from safetensors.torch import save_file
 from nanodist import checkpoint, cli, compat
 from nanodist.checkpoint.integrity import TRUST_HELP
 from nanodist.errors import UserError
-from nanodist.hf import hf_config, to_hf
-from nanodist.tokenizer import EOT, get_gpt2_encoding
+from nanodist.model.hf import hf_config, to_hf
+from nanodist.data.tokenizer import EOT, get_gpt2_encoding
 
 
 def _bytes_to_unicode() -> dict[int, str]:

@@ -15,9 +15,11 @@ import sys
 
 import torch.distributed as dist
 
-from nanodist import cli, faults
-from nanodist.config import parse_args
-from nanodist.trainer import Trainer
+from nanodist import cli
+
+from nanodist.run import faults
+from nanodist.run.config import parse_args
+from nanodist.run.trainer import Trainer
 
 
 def train(argv) -> int:

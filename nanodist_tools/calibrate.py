@@ -1,5 +1,5 @@
 """`python -m nanodist_tools.planner --calibrate --out PROFILE`: this machine, measured into
-a profile (nanodist/hardware.py `Profile`) for the planner's step-time model.
+a profile (nanodist/planner/hardware.py `Profile`) for the planner's step-time model.
 
     matmul       FLOP/s of (m x k) @ (k x n) against its FLOPs, float32 and bfloat16, on
                  1, 2 and 4 processes at once (they share the cores as training does)
@@ -31,12 +31,12 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from nanodist.data import write_meta, write_split
-from nanodist.hardware import DTYPES, GPUS, KINDS, DataSheet, Profile
-from nanodist.metrics import enable_tf32
+from nanodist.data.loader import write_meta, write_split
+from nanodist.planner.hardware import DTYPES, GPUS, KINDS, DataSheet, Profile
+from nanodist.run.metrics import enable_tf32
 from nanodist.parallel.comm import Comm
 from nanodist.parallel.layout import Layout
-from nanodist.plan import matmuls
+from nanodist.planner.plan import matmuls
 from nanodist_tools.processes import on_processes
 
 SHAPES = [(m, k, k) for m in (64, 256, 1024) for k in (64, 128, 256, 512, 1024)]
@@ -154,8 +154,8 @@ def collective_table(bar) -> dict:
 
 
 def _step_s(argv: list[str]) -> float:
-    from nanodist.config import parse_args
-    from nanodist.trainer import Trainer
+    from nanodist.run.config import parse_args
+    from nanodist.run.trainer import Trainer
     torch.set_num_threads(1)
     trainer = Trainer(parse_args(argv))
     trainer.train_step(0)
@@ -171,7 +171,7 @@ def framework_overheads(matmul: dict, data_dir: str, bar) -> tuple[float, float]
     """(per layer and micro-step, per optimizer step): the tiny model's step on one process
     at M = 1 and 4 micro-steps of B = 2 x 32 tokens, less its matmuls at this machine's
     rates (`matmul`). t(M) = per_step + M (layers (per_layer + layer's matmuls) + head's)."""
-    from nanodist.model import model_config
+    from nanodist.model.gpt import model_config
     cfg = model_config("tiny", 32, 65)
     rate_table = Profile("calibrating", "cpu", 1, 1.0, matmul, 0.0, 0.0, {k: {} for k in KINDS})
     block, head = matmuls(cfg, Layout(), 2)

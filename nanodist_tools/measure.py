@@ -31,11 +31,11 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 from nanodist import compat
-from nanodist.config import parse_args
-from nanodist.metrics import sync
+from nanodist.run.config import parse_args
+from nanodist.run.metrics import sync
 from nanodist.parallel.comm import CommCounter
 from nanodist.parallel.layout import Layout
-from nanodist.trainer import Trainer
+from nanodist.run.trainer import Trainer
 
 c10d, funcol = torch.ops.c10d, compat.functional_collectives()
 tree_leaves = compat.tree_leaves

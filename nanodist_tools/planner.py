@@ -7,9 +7,9 @@
     python -m nanodist_tools.planner --validate [--profile cpu.json]    predicted vs measured
     python -m nanodist_tools.planner ... --plot layouts.png             memory vs step time
 
-The model itself is the library's (nanodist/plan.py, which train.py consults before
+The model itself is the library's (nanodist/planner/plan.py, which train.py consults before
 building anything and for `--layout auto`); a machine is a GPU's data sheet (--gpu and
-its overrides) or a calibrated profile (nanodist/hardware.py).
+its overrides) or a calibrated profile (nanodist/planner/hardware.py).
 """
 import argparse
 import json
@@ -19,16 +19,18 @@ from pathlib import Path
 
 import torch
 
-from nanodist import cli, plan
-from nanodist.config import check_moe
+from nanodist import cli
+
+from nanodist.planner import plan
+from nanodist.run.config import check_moe
 from nanodist.errors import UserError
-from nanodist.hardware import GPUS, DataSheet, GiB, Profile
-from nanodist.model import PRESETS, model_config
+from nanodist.planner.hardware import GPUS, DataSheet, GiB, Profile
+from nanodist.model.gpt import PRESETS, model_config
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = cli.OneLineParser(description="Rank every layout of a GPT-2 job by predicted step time "
-                              "(nanodist/plan.py), calibrate this machine, or validate the model.")
+                              "(nanodist/planner/plan.py), calibrate this machine, or validate the model.")
     p.add_argument("--model", default="gpt2", choices=list(PRESETS))
     p.add_argument("--gpus", type=int, default=8, help="ranks (processes) of the job")
     p.add_argument("--gpus_per_node", type=int, default=0, help="default: --gpus up to 8 (GPUs), all (a profile)")

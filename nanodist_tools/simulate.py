@@ -15,11 +15,11 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from nanodist.config import parse_args
-from nanodist.model import GPT
+from nanodist.run.config import parse_args
+from nanodist.model.gpt import GPT
 from nanodist.parallel.comm import Comm
 from nanodist.parallel.layout import Layout
-from nanodist.trainer import Trainer
+from nanodist.run.trainer import Trainer
 from nanodist_tools.measure import measure_step, step_argv
 from nanodist_tools.processes import as_rank_of
 

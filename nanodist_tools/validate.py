@@ -42,10 +42,10 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from nanodist import cost, plan, traffic
+from nanodist.planner import cost, plan, traffic
 from nanodist.errors import UserError
-from nanodist.hardware import Profile
-from nanodist.model import GPTConfig
+from nanodist.planner.hardware import Profile
+from nanodist.model.gpt import GPTConfig
 from nanodist.parallel.layout import Layout
 from nanodist_tools.calibrate import calibrate, synthetic_dataset
 from nanodist_tools.layouts import LAYOUTS, VALIDATION

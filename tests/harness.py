@@ -133,8 +133,8 @@ def run_train(args: list[str], nproc: int = 1, timeout: float = 300, env: dict |
 
 def trainer_records(kwargs: dict):
     """Rank side (or one process): train with TrainConfig(**kwargs); (loss, grad norm) per step."""
-    from nanodist.config import TrainConfig
-    from nanodist.trainer import Trainer
+    from nanodist.run.config import TrainConfig
+    from nanodist.run.trainer import Trainer
     return [(r["loss"], r["grad_norm"]) for r in Trainer(TrainConfig(**kwargs)).train()]
 
 
@@ -156,7 +156,7 @@ def tiny_params_bound(**moe) -> int:
     """Parameters of the tiny model on char data (vocabulary <= 128, blocks <= 64): a bound.
     `moe`: the model's moe_* fields."""
     import torch
-    from nanodist.model import GPT, model_config
+    from nanodist.model.gpt import GPT, model_config
     with torch.device("meta"):
         return sum(p.numel() for p in GPT(model_config("tiny", 64, 128, **moe)).parameters())
 

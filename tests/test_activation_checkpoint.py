@@ -2,18 +2,18 @@
 the numbers: gradients and trained trajectories bitwise equal to no checkpointing (the
 recompute is the same arithmetic on the same values), on one process and under every
 layout on 2 ranks; the bytes kept for backward are those the cost model predicts
-(nanodist/cost.py)."""
+(nanodist/planner/cost.py)."""
 
 import pytest
 import torch
 
 from harness import assert_records_match, run_distributed, tiny_run, trainer_records
-from nanodist.config import TrainConfig, resolve
+from nanodist.run.config import TrainConfig, resolve
 from nanodist.errors import UserError
-from nanodist.model import GPT, GPTConfig, cross_entropy
+from nanodist.model.gpt import GPT, GPTConfig, cross_entropy
 from nanodist.parallel.activation_checkpoint import apply_activation_checkpointing
 from nanodist.parallel.layout import Layout
-from nanodist.cost import activation_bytes
+from nanodist.planner.cost import activation_bytes
 from nanodist_tools.measure import saved_activations
 
 

@@ -1,4 +1,4 @@
-"""The cost model (nanodist/cost.py, traffic.py) against hand-worked examples and
+"""The cost model (nanodist/planner/cost.py, traffic.py) against hand-worked examples and
 the real model, the benchmark's traffic counter against comm.py's, and a smoke run of
 bench/run.py (schema, not speed)."""
 import json
@@ -10,12 +10,12 @@ import torch
 
 from harness import REPO, run_distributed
 
-from nanodist.model import GPT, GPTConfig
+from nanodist.model.gpt import GPT, GPTConfig
 from nanodist.parallel.comm import Comm
 from nanodist.parallel.layout import Layout
-from nanodist.cost import activation_bytes, param_counts, state_bytes
+from nanodist.planner.cost import activation_bytes, param_counts, state_bytes
 from nanodist_tools.measure import TrafficMode
-from nanodist.traffic import tp_collectives, traffic_bytes
+from nanodist.planner.traffic import tp_collectives, traffic_bytes
 
 # hand-worked: L=1, C=2, V=4, T=3
 #   root  wte 4*2 = 8, wpe 3*2 = 6, ln_f 2*2 = 4                      -> 18

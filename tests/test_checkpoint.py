@@ -13,9 +13,9 @@ import torch
 
 from harness import REPO, assert_records_match, loss_tolerances, run_distributed
 from nanodist import checkpoint, train
-from nanodist.config import parse_args
+from nanodist.run.config import parse_args
 from nanodist.errors import UserError
-from nanodist.trainer import Trainer
+from nanodist.run.trainer import Trainer
 
 STEPS = 6
 

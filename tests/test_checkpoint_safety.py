@@ -20,9 +20,9 @@ from torch.distributed.checkpoint.filesystem import FileSystem
 import sample
 from harness import run_distributed
 from nanodist import checkpoint, export, train
-from nanodist.config import parse_args
+from nanodist.run.config import parse_args
 from nanodist.errors import UserError
-from nanodist.trainer import Trainer
+from nanodist.run.trainer import Trainer
 
 
 def flags(data_dir, out_dir, *extra, steps=2):

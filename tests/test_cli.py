@@ -114,7 +114,7 @@ def test_prepare_into_a_file_or_a_read_only_directory(dataset, tmp_path, monkeyp
     # a read-only file system (root may write anywhere else): access(2) says EROFS
     locked, access = tmp_path / "locked", os.access
     locked.mkdir()
-    monkeypatch.setattr("nanodist.data.os.access", lambda p, mode: Path(p) != locked and access(p, mode))
+    monkeypatch.setattr("nanodist.data.loader.os.access", lambda p, mode: Path(p) != locked and access(p, mode))
     assert script.main(args + ["--out_dir", str(locked)]) == 2
     assert f"cannot write {locked} (not writable)" in one_line(capsys.readouterr().err)
     assert list(locked.iterdir()) == []

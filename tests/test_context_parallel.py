@@ -10,15 +10,15 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from harness import assert_records_match, run_distributed, tiny_run, trainer_records
-from nanodist.config import TrainConfig, resolve
+from nanodist.run.config import TrainConfig, resolve
 from nanodist.errors import UserError
 from nanodist.parallel.comm import Comm
 from nanodist.parallel.context_parallel import RingAttention, attention_blocks, split_sequence
 from nanodist.parallel.layout import Layout
-from nanodist.trainer import Trainer
-from nanodist.cost import activation_bytes
+from nanodist.run.trainer import Trainer
+from nanodist.planner.cost import activation_bytes
 from nanodist_tools.measure import saved_activations
-from nanodist.traffic import ring_attention_sends, traffic_bytes
+from nanodist.planner.traffic import ring_attention_sends, traffic_bytes
 
 
 B, HEADS, T, D = 2, 3, 32, 8

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from nanodist.errors import UserError
-from nanodist.data import BatchLoader, load_split, split_text, write_meta, write_split
-from nanodist.tokenizer import EOT, get_gpt2_encoding
+from nanodist.data.loader import BatchLoader, load_split, split_text, write_meta, write_split
+from nanodist.data.tokenizer import EOT, get_gpt2_encoding
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"

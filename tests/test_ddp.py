@@ -8,7 +8,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from harness import (assert_printed_losses_match, assert_records_match, run_distributed, run_train,
                      tiny_run, trainer_records)
-from nanodist.model import GPT, GPTConfig, cross_entropy
+from nanodist.model.gpt import GPT, GPTConfig, cross_entropy
 from nanodist.parallel.comm import Comm
 from nanodist.parallel.ddp import DataParallel, native_ddp
 from nanodist.parallel.layout import Layout, build_mesh
@@ -24,7 +24,7 @@ def global_batch(step: int, n_seq: int):
 
 
 def micro_batch(step, micro, accum, dp_size, dp_rank, per_rank=2):
-    """Slot micro * dp_size + dp_rank of the global batch (the layout of nanodist.data)."""
+    """Slot micro * dp_size + dp_rank of the global batch (the layout of nanodist.data.loader)."""
     x, y = global_batch(step, per_rank * accum * dp_size)
     slot = slice((micro * dp_size + dp_rank) * per_rank, (micro * dp_size + dp_rank + 1) * per_rank)
     return x[slot], y[slot]

@@ -10,8 +10,8 @@ import sample
 from harness import GPT2_BPE, run_distributed, tiny_run
 from nanodist import checkpoint
 from nanodist.export import main as export_main
-from nanodist.trainer import Trainer
-from nanodist.config import TrainConfig
+from nanodist.run.trainer import Trainer
+from nanodist.run.config import TrainConfig
 from nanodist.errors import UserError
 
 transformers = pytest.importorskip("transformers")  # a dev dependency
@@ -81,7 +81,7 @@ def test_bpe_export_carries_a_tokenizer_that_hf_reads(bpe_data, tmp_path, capsys
     Trainer(TrainConfig(**{**tiny_run(bpe_data, run), "dataset": "shakespeare", "max_steps": 1})).train()
     assert export_main(["--out_dir", str(run), "--to", str(tmp_path / "hf"), "--bpe_file", str(GPT2_BPE)]) == 0
     hf_tok = transformers.GPT2Tokenizer.from_pretrained(tmp_path / "hf")
-    from nanodist.tokenizer import get_gpt2_encoding
+    from nanodist.data.tokenizer import get_gpt2_encoding
     text = "First Citizen:\nBefore we proceed any further, hear me speak. <|endoftext|> 1234 é"
     assert hf_tok.encode(text) == get_gpt2_encoding(str(GPT2_BPE)).encode(text, allowed_special="all")
     capsys.readouterr()

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from harness import REPO, run_distributed
-from nanodist import checkpoint, faults, launch, train
+from nanodist import checkpoint, train
+from nanodist.run import faults, launch
 from nanodist.errors import UserError
 from test_checkpoint import _children, flags, train_losses
 

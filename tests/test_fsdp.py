@@ -8,13 +8,13 @@ import torch
 
 from harness import assert_records_match, run_distributed, tiny_run, trainer_records
 from nanodist import compat
-from nanodist.config import TrainConfig
-from nanodist.model import GPT, GPTConfig
+from nanodist.run.config import TrainConfig
+from nanodist.model.gpt import GPT, GPTConfig
 from nanodist.parallel.fsdp import fsdp2_no_sync
 from nanodist.parallel.layout import Layout, Mesh, build_mesh
 from nanodist.parallel.parallelize import Setup, parallelize
 from nanodist.parallel.params import FlatParams, full_state_dict
-from nanodist.trainer import Trainer
+from nanodist.run.trainer import Trainer
 
 MODEL = GPTConfig(block_size=32, vocab_size=128, n_layer=2, n_head=4, n_embd=64)
 # n_embd 42: each block's no-decay flat (546 values) needs padding on 4 ranks

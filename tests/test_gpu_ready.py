@@ -16,11 +16,12 @@ import torch.nn as nn
 from torch.overrides import TorchFunctionMode
 
 from harness import REPO, run_distributed, tiny_run
-from nanodist import compat, metrics
-from nanodist.config import TrainConfig
+from nanodist import compat
+from nanodist.run import metrics
+from nanodist.run.config import TrainConfig
 from nanodist.errors import UserError
-from nanodist.launch import pick_device
-from nanodist.model import GPT, GPTConfig
+from nanodist.run.launch import pick_device
+from nanodist.model.gpt import GPT, GPTConfig
 from nanodist.parallel.comm import Comm
 from nanodist.parallel.ddp import DataParallel
 from nanodist.parallel.fsdp import FSDP, apply_fsdp
@@ -28,10 +29,10 @@ from nanodist.parallel.layout import Layout, Mesh, build_mesh
 from nanodist.parallel.parallelize import Setup, Stage, apply_materialize
 from nanodist.parallel.params import ModuleParams
 from nanodist.parallel.tensor_parallel import apply_tp
-from nanodist.trainer import Trainer
+from nanodist.run.trainer import Trainer
 from nanodist_tools.layouts import BENCH
 from nanodist_tools.measure import TrafficMode, peak_tensor_bytes
-from nanodist.traffic import traffic_bytes
+from nanodist.planner.traffic import traffic_bytes
 
 sys.path.insert(0, str(REPO / "bench"))
 from run import layouts_that_fit  # noqa: E402
@@ -169,8 +170,8 @@ def test_bench_cuda_peak_leaves_the_other_trainers_out(monkeypatch):
 # ---- 6. analytic traffic under bf16 ----
 
 def _traffic_one_step(argv):
-    from nanodist.config import parse_args
-    from nanodist.trainer import Trainer
+    from nanodist.run.config import parse_args
+    from nanodist.run.trainer import Trainer
     trainer = Trainer(parse_args(argv))
     with TrafficMode() as traffic:
         trainer.train_step(0)
@@ -184,7 +185,7 @@ def _traffic_one_step(argv):
     Layout(dp=2, tp=2)], ids=["2x2-zero2-sp-lp", "2x2-ddp"])
 def test_analytic_traffic_in_bf16_is_the_counted_traffic(char_data, tmp_path, layout):
     """Every collective's bytes follow from shapes and dtypes: bf16 parameters under FSDP
-    make the residual stream bf16, DDP keeps it fp32 (nanodist/traffic.py `value_bytes`).
+    make the residual stream bf16, DDP keeps it fp32 (nanodist/planner/traffic.py `value_bytes`).
     Exact but for the custom DDP's "used" flags (one fp32 per parameter tensor, 208 bytes
     in 2.6 MB: rel 1e-4, asserted within 1e-3; bf16 vs fp32 differ by > 10%). The tiny
     model's flats divide by 2 (no padding). ZeRO-2: the custom ZeRO-3 re-gathers the root
@@ -350,7 +351,7 @@ class AuditedTransport:
 
 
 def _audit(layouts):
-    from nanodist.trainer import Trainer
+    from nanodist.run.trainer import Trainer
     planted = CollectiveAudit()  # the auditor sees a planted read of a pending output
     group = Comm(AuditedTransport(planted)).group(torch.distributed.group.WORLD)
     with planted:

@@ -14,8 +14,8 @@ import sample
 from harness import GPT2_BPE, run_train
 from nanodist import train
 from nanodist.checkpoint import checkpoints
-from nanodist.config import RANGES, TrainConfig
-from nanodist.model import GPT, model_config
+from nanodist.run.config import RANGES, TrainConfig
+from nanodist.model.gpt import GPT, model_config
 from test_data import run_prepare
 
 TINY = ["--device", "cpu", "--model", "tiny", "--batch_size", "4", "--block_size", "64",
@@ -110,7 +110,7 @@ def test_unwritable_run_directory(tmp_path, capsys, monkeypatch):
     # as root every directory is writable: deny the one write-permission query of this run
     locked, access = tmp_path / "locked", os.access
     locked.mkdir()
-    monkeypatch.setattr("nanodist.run_dir.os.access",
+    monkeypatch.setattr("nanodist.run.run_dir.os.access",
                         lambda path, mode: Path(path) != locked and access(path, mode))
     assert train.main(TINY + ["--data_dir", str(tmp_path), "--out_dir", str(locked / "run")]) == 2
     one_clear_line(capsys, f"--out_dir {locked / 'run'}: {locked} is not writable")

@@ -5,9 +5,9 @@ import sys
 import torch
 
 from harness import REPO, tiny_run
-from nanodist.config import TrainConfig
-from nanodist.metrics import StepMemory
-from nanodist.trainer import Trainer
+from nanodist.run.config import TrainConfig
+from nanodist.run.metrics import StepMemory
+from nanodist.run.trainer import Trainer
 
 CPU = torch.device("cpu")
 
@@ -46,9 +46,9 @@ def test_the_trainer_measures_cpu_memory_on_the_first_and_the_evaluated_steps(ch
 
 LOGGED_VS_MEMTRACKER = """
 import sys, torch
-from nanodist.config import TrainConfig
+from nanodist.run.config import TrainConfig
 from nanodist_tools.measure import peak_tensor_bytes
-from nanodist.trainer import Trainer
+from nanodist.run.trainer import Trainer
 trainer = Trainer(TrainConfig(**eval(sys.argv[1])))
 trainer.train_step(0)  # AdamW's moments exist from here on
 with trainer.memory.step(measure=True):

@@ -4,8 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nanodist.hf import load_hf_state_dict
-from nanodist.model import (GPT, PRESETS, GPTConfig, cross_entropy,
+from nanodist.model.hf import load_hf_state_dict
+from nanodist.model.gpt import (GPT, PRESETS, GPTConfig, cross_entropy,
                             model_config, padded_vocab_size, parameter_seed)
 from nanodist.parallel.init import materialize
 

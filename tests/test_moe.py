@@ -9,13 +9,13 @@ import pytest
 import torch
 
 from harness import assert_records_match, run_distributed, tiny_params_bound, tiny_run, trainer_records
-from nanodist import cost, traffic
-from nanodist.config import TrainConfig, parse_args, resolve
+from nanodist.planner import cost, traffic
+from nanodist.run.config import TrainConfig, parse_args, resolve
 from nanodist.errors import UserError
-from nanodist.model import GPT, MLP, GPTConfig
-from nanodist.moe import MoE, moe_layers
+from nanodist.model.gpt import GPT, MLP, GPTConfig
+from nanodist.model.moe import MoE, moe_layers
 from nanodist.parallel.layout import Layout
-from nanodist.trainer import Trainer
+from nanodist.run.trainer import Trainer
 from nanodist_tools.measure import state_bytes
 
 MOE = dict(moe_experts=4, moe_top_k=2, moe_every=2)  # blocks 1 and 3 of the tiny model's 4
@@ -97,7 +97,7 @@ def test_no_experts_is_the_dense_model_bitwise(char_data, tmp_path):
 def test_an_active_parameter_count_for_the_flops():
     """6N counts the k of E experts a token passes: the dense model's N plus, per MoE
     block, router and (k - 1) more MLPs (derived from the parameter counts)."""
-    from nanodist.model import flops_per_token
+    from nanodist.model.gpt import flops_per_token
     cfg, dense = small(moe_top_k=2, moe_every=1), small(moe_experts=0)
     n = sum(p.numel() for p in GPT(cfg, seed=None).parameters())
     n_dense = sum(p.numel() for p in GPT(dense, seed=None).parameters())
@@ -244,7 +244,7 @@ def test_expert_state_divides_by_ep_and_the_all_to_all_by_its_formula():
     in every other block: experts' state 16 bytes x parameters / P (DDP), / N (FSDP);
     all-to-all bus bytes 2 (P-1)/P of the routed activations (k B T C fp32) per MoE layer
     and direction, plus the counts (E int64, forward)."""
-    from nanodist.model import expert_params, model_config
+    from nanodist.model.gpt import expert_params, model_config
     cfg = model_config("gpt2", 1024, 50257, moe_experts=8, moe_top_k=2, moe_every=2)
     experts = cfg.n_moe_layers * cfg.moe_experts * expert_params(cfg)
     base = cost.state_bytes(cfg, Layout(dp=8))["total"]
@@ -270,7 +270,7 @@ def test_saved_activations_follow_the_cost_model(moe):
     """The bytes one forward keeps for backward (saved-tensor hooks, parameters excluded)
     against cost.activation_bytes: the model leaves out the small (E,) vectors of the
     load-balancing loss and autograd's bookkeeping, well under 1%."""
-    from nanodist.model import cross_entropy, model_config
+    from nanodist.model.gpt import cross_entropy, model_config
     from nanodist_tools.measure import saved_activations
     cfg = model_config("tiny", 64, 65, **moe)
     model = GPT(cfg)
@@ -284,8 +284,8 @@ def test_saved_activations_follow_the_cost_model(moe):
 def test_the_planner_searches_expert_parallel_sizes():
     """A MoE job's ranking holds EP layouts (each one train.py accepts: candidates asks
     Layout.check); a dense job's none."""
-    from nanodist import hardware, plan
-    from nanodist.model import model_config
+    from nanodist.planner import hardware, plan
+    from nanodist.model.gpt import model_config
     machine = hardware.DataSheet("h100")
     moe = model_config("gpt2", 1024, 50257, moe_experts=8, moe_every=2)
     job = plan.Job("gpt2", moe, 8, 8, 2**19, micro_batch=8)
@@ -350,7 +350,7 @@ def test_a_checkpoint_resumes_under_another_ep_size(char_data, tmp_path, write, 
 ])
 def test_bad_moe_flags_are_refused(char_data, flags, message):
     """Each with one message naming the fix, before any process group work."""
-    from nanodist.config import fit
+    from nanodist.run.config import fit
     args = ["--device", "cpu", "--model", "tiny", "--dataset", "shakespeare_char", "--data_dir",
             str(char_data), "--block_size", "32", "--batch_size", "2", "--total_batch_size", "512"]
     with pytest.raises(UserError, match=message):

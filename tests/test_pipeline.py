@@ -5,14 +5,14 @@ import pytest
 import torch
 
 from harness import REPO, assert_records_match, run_distributed, run_train, tiny_run, trainer_records
-from nanodist.config import TrainConfig, resolve
+from nanodist.run.config import TrainConfig, resolve
 from nanodist.errors import UserError
-from nanodist.model import GPTConfig
+from nanodist.model.gpt import GPTConfig
 from nanodist.parallel.layout import Layout
 from nanodist.parallel.pipeline import split_layers
 from nanodist.parallel.schedules import SCHEDULES, one_f_one_b, simulate, timeline
-from nanodist.cost import bubble
-from nanodist.traffic import traffic_bytes
+from nanodist.planner.cost import bubble
+from nanodist.planner.traffic import traffic_bytes
 
 
 # ------------------------------------------------------------------ schedules as data
@@ -173,7 +173,7 @@ def test_native_pipeline_matches_one_process(char_data, tmp_path, single, P, sch
 def _grads_and_tied(kwargs):
     """Rank side: deferred-init weights and the gradients of step 0 by GPT-2 name (full,
     before any optimizer step); then the tied weight of this rank after 3 steps."""
-    from nanodist.trainer import Trainer
+    from nanodist.run.trainer import Trainer
     trainer = Trainer(TrainConfig(**kwargs))
     params = trainer.params.param_list()
     weights = {name: t.detach().clone() for name, t in trainer.params.full_tensors(params)}
@@ -212,8 +212,8 @@ def test_pp_weights_gradients_and_tied_embedding(char_data, tmp_path):
 def _first_loss_and_sends(kwargs):
     """Rank side: step 1's loss (before any update) and the bytes this rank sent to its
     pipeline neighbours (the custom pipeline's, counted by comm.py)."""
-    from nanodist.config import TrainConfig
-    from nanodist.trainer import Trainer
+    from nanodist.run.config import TrainConfig
+    from nanodist.run.trainer import Trainer
     trainer = Trainer(TrainConfig(**kwargs))
     with trainer.comm.counting() as sent:
         loss = trainer.train_step(0)["loss"]

@@ -9,16 +9,16 @@ import pytest
 import torch
 
 from harness import run_distributed
-from nanodist import plan
-from nanodist.config import fit, parse_args, resolve
-from nanodist.cost import (activation_bytes, activations_in_flight, bubble, chunks, param_counts,
+from nanodist.planner import plan
+from nanodist.run.config import fit, parse_args, resolve
+from nanodist.planner.cost import (activation_bytes, activations_in_flight, bubble, chunks, param_counts,
                            schedule, stage_params, state_bytes, zero_state_bytes)
 from nanodist.errors import UserError
-from nanodist.model import GPT, GPTConfig, model_config
+from nanodist.model.gpt import GPT, GPTConfig, model_config
 from nanodist.parallel.layout import Layout
 from nanodist.parallel.pipeline import stage_model
 from nanodist.parallel.schedules import SCHEDULES, simulate as simulate_schedule
-from nanodist.traffic import fsdp_gathers
+from nanodist.planner.traffic import fsdp_gathers
 from nanodist_tools import planner, simulate, validate
 from nanodist_tools.layouts import LAYOUTS
 from nanodist_tools.measure import measure_run, step_argv

@@ -1,4 +1,4 @@
-"""What train.py asks the planner before building anything (nanodist/preflight.py): the
+"""What train.py asks the planner before building anything (nanodist/run/preflight.py): the
 memory check refuses a layout over the budget and names one that fits (which then runs
 within it), --layout auto takes the planner's best and says why, bad inputs are one line."""
 import dataclasses
@@ -9,12 +9,13 @@ import pytest
 import torch
 
 from harness import run_distributed, tiny_run
-from nanodist import plan, preflight
-from nanodist.config import TrainConfig, fit, layout_of, parse_args, resolve
+from nanodist.planner import plan
+from nanodist.run import preflight
+from nanodist.run.config import TrainConfig, fit, layout_of, parse_args, resolve
 from nanodist.errors import UserError
-from nanodist.hardware import GiB, Profile
-from nanodist.model import model_config
-from nanodist.trainer import Trainer
+from nanodist.planner.hardware import GiB, Profile
+from nanodist.model.gpt import model_config
+from nanodist.run.trainer import Trainer
 
 CPU = torch.device("cpu")
 

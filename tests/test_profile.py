@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from harness import REPO, run_distributed, run_train, tiny_run, trainer_records
-from nanodist.config import TrainConfig
+from nanodist.run.config import TrainConfig
 from nanodist.errors import UserError
-from nanodist.profiling import StepProfiler
-from nanodist.trainer import Trainer
+from nanodist.run.profiling import StepProfiler
+from nanodist.run.trainer import Trainer
 
 
 def test_each_rank_writes_a_trace_of_the_profiled_steps(char_data, tmp_path):

@@ -6,8 +6,8 @@ import sample
 import train
 from harness import GPT2_BPE
 from nanodist.errors import UserError
-from nanodist.model import GPT, model_config
-from nanodist.tokenizer import get_gpt2_encoding
+from nanodist.model.gpt import GPT, model_config
+from nanodist.data.tokenizer import get_gpt2_encoding
 
 
 def test_samples_from_a_trained_checkpoint_decode_to_its_characters(char_data, tmp_path, capsys):

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 
 from harness import adamw_param_bound, relative_drift, run_distributed
-from nanodist.model import GPT, MLP, Block, CausalSelfAttention, GPTConfig
+from nanodist.model.gpt import GPT, MLP, Block, CausalSelfAttention, GPTConfig
 from nanodist.parallel.layout import Layout, Mesh, build_mesh
 from nanodist.parallel.loss_parallel import vocab_parallel_cross_entropy
 from nanodist.parallel.parallelize import Setup, parallelize

@@ -9,10 +9,10 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from harness import assert_records_match, run_train
 from nanodist import train
-from nanodist.config import TrainConfig, parse_args, resolve
+from nanodist.run.config import TrainConfig, parse_args, resolve
 from nanodist.errors import UserError
-from nanodist.run_dir import new_run_dir
-from nanodist.trainer import Trainer, lr_at
+from nanodist.run.run_dir import new_run_dir
+from nanodist.run.trainer import Trainer, lr_at
 
 TINY = ["--device", "cpu", "--model", "tiny", "--batch_size", "4", "--block_size", "64",
         "--warmup_steps", "2", "--eval_iters", "2"]
@@ -62,7 +62,7 @@ def test_help_says_each_default_once():
     """Every flag's help states its default once ((default: X) appended where the help
     does not say it already), and nothing prints an empty default."""
     import re
-    from nanodist.config import build_parser
+    from nanodist.run.config import build_parser
     text = " ".join(build_parser().format_help().split())
     assert "any parallel layout" in text and "(default: )" not in text
     # one per flag: "--name NAME help", "--name [NAME] help" or "--name {a,b} help"
@@ -188,7 +188,7 @@ def test_compiled_model_trains_like_the_eager_one(char_data, tmp_path):
 def test_the_parallel_flags_are_the_layout_both_ways():
     """layout.FLAGS names a train.py flag for every Layout field; the defaults agree; a
     layout's flags parse back into the same layout."""
-    from nanodist.config import layout_of
+    from nanodist.run.config import layout_of
     from nanodist.parallel.layout import FLAGS, Layout
     assert set(FLAGS) == {f.name for f in fields(Layout)}
     assert set(FLAGS.values()) <= {f.name for f in fields(TrainConfig)}

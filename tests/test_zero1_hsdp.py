@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from harness import assert_records_match, run_distributed, tiny_run, trainer_records
-from nanodist.config import TrainConfig, resolve
+from nanodist.run.config import TrainConfig, resolve
 from nanodist.errors import UserError
-from nanodist.trainer import Trainer
+from nanodist.run.trainer import Trainer
 from nanodist_tools import validate
 from nanodist_tools.layouts import LAYOUTS
 from nanodist_tools.measure import measure_run, step_argv

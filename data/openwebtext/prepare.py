@@ -16,9 +16,9 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run without installing nanodist
 from nanodist import cli
-from nanodist.data import check_split_sizes, prepare_out_dir, write_meta, writing
+from nanodist.data.loader import check_split_sizes, prepare_out_dir, write_meta, writing
 from nanodist.errors import UserError
-from nanodist.tokenizer import EOT, get_gpt2_encoding
+from nanodist.data.tokenizer import EOT, get_gpt2_encoding
 
 # local formats: a .txt file is one document; the others hold one document per record
 FORMATS = {".txt": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}

@@ -8,9 +8,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run without installing nanodist
 from nanodist import cli
-from nanodist.data import (SHAKESPEARE_URL, check_split_sizes, prepare_out_dir, read_text,
+from nanodist.data.loader import (SHAKESPEARE_URL, check_split_sizes, prepare_out_dir, read_text,
                            split_text, write_meta, write_split)
-from nanodist.tokenizer import get_gpt2_encoding
+from nanodist.data.tokenizer import get_gpt2_encoding
 
 
 def prepare(input_path, out_dir, bpe_file):

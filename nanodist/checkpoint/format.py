@@ -46,7 +46,7 @@ from torch.distributed.tensor import DTensor, Shard
 from nanodist.checkpoint import store
 from nanodist.checkpoint.integrity import Reader, open_checked, write_manifest
 from nanodist.errors import UserError
-from nanodist.model import GPT, GPTConfig
+from nanodist.model.gpt import GPT, GPTConfig
 
 ADAM_STATES = ("exp_avg", "exp_avg_sq")
 

@@ -15,7 +15,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
 from nanodist.errors import UserError
-from nanodist.model import GPTConfig
+from nanodist.model.gpt import GPTConfig
 
 INFO = "trainer.json"
 STEP_DIR = re.compile(r"step_\d+")

@@ -1,7 +1,7 @@
 """Activation checkpointing: trade compute for the memory of what backward needs.
 
     none       every op keeps what its backward needs: ~16 b s h floats per layer (fp32;
-               nanodist/cost.py `activation_bytes` itemises them)
+               nanodist/planner/cost.py `activation_bytes` itemises them)
     full       a block keeps only its input (b s h); backward reruns its whole forward
                first (one more forward per step: ~+33% compute). --ac_every K checkpoints
                blocks 0, K, 2K, ... and leaves the others as they are

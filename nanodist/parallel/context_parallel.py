@@ -43,7 +43,7 @@ import torch
 import torch.nn as nn
 
 from nanodist import compat
-from nanodist.moe import moe_layers
+from nanodist.model.moe import moe_layers
 from nanodist.parallel.comm import Group
 
 

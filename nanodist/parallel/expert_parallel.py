@@ -28,7 +28,7 @@ import dataclasses
 import torch
 import torch.nn as nn
 
-from nanodist.moe import Experts, moe_layers
+from nanodist.model.moe import Experts, moe_layers
 from nanodist.parallel.comm import Group
 from nanodist.parallel.init import full_value
 from nanodist.parallel.params import ModuleParams

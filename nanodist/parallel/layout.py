@@ -48,7 +48,7 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from nanodist import compat
 from nanodist.errors import UserError
-from nanodist.model import GPTConfig
+from nanodist.model.gpt import GPTConfig
 from nanodist.parallel.comm import Comm, Group
 
 AXES = ("pp", "dp_replicate", "dp_shard", "cp", "tp")

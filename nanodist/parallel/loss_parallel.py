@@ -13,7 +13,7 @@ Custom (`vocab_parallel_cross_entropy`) and DTensor (`dtensor_cross_entropy` und
 import torch
 from torch.distributed.tensor import DTensor
 
-from nanodist.model import cross_entropy
+from nanodist.model.gpt import cross_entropy
 
 
 class _VocabParallelCrossEntropy(torch.autograd.Function):

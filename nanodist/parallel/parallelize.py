@@ -28,8 +28,8 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-from nanodist.model import cross_entropy
-from nanodist.moe import moe_layers
+from nanodist.model.gpt import cross_entropy
+from nanodist.model.moe import moe_layers
 from nanodist.parallel.activation_checkpoint import apply_ac
 from nanodist.parallel.context_parallel import apply_cp
 from nanodist.parallel.ddp import apply_ddp

@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 from torch.distributed.tensor import DTensor
 
-from nanodist.model import TIED_NAMES
+from nanodist.model.gpt import TIED_NAMES
 from nanodist.parallel import tp_plan
 from nanodist.parallel.clip import grad_norm, scale_grads_
 from nanodist.parallel.layout import Mesh

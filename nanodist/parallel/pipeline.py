@@ -34,7 +34,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed.tensor import DTensor
 
-from nanodist.model import TIED_NAMES
+from nanodist.model.gpt import TIED_NAMES
 from nanodist.parallel.clip import grad_norm
 from nanodist.parallel.comm import Group
 from nanodist.parallel.layout import Mesh

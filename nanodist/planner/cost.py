@@ -33,7 +33,7 @@ micro-batches, 1F1B: at most P - r), follow from walking its schedule (`schedule
 """
 from functools import lru_cache
 
-from nanodist.model import GPTConfig, expert_params
+from nanodist.model.gpt import GPTConfig, expert_params
 from nanodist.parallel.layout import Layout
 from nanodist.parallel.pipeline import split_layers
 from nanodist.parallel.schedules import SCHEDULES, Action, bubble_fraction

@@ -4,8 +4,10 @@ import os
 import time
 from pathlib import Path
 
-from nanodist import checkpoint, faults
-from nanodist.config import TrainConfig
+from nanodist import checkpoint
+
+from nanodist.run import faults
+from nanodist.run.config import TrainConfig
 from nanodist.errors import UserError
 
 

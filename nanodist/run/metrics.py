@@ -8,8 +8,8 @@ import torch
 from torch.profiler import ProfilerActivity
 
 from nanodist import compat
-from nanodist.hardware import PEAK_TFLOPS
-from nanodist.profiling import quiet_profile
+from nanodist.planner.hardware import PEAK_TFLOPS
+from nanodist.run.profiling import quiet_profile
 
 def device_peak_flops(device: torch.device, dtype: str) -> float | None:
     """Peak FLOP/s of the GPU for the matmuls of a `dtype` run: bf16, or fp32 run as TF32

@@ -31,11 +31,11 @@ plus the scalar all-reduces of the loss mean and the gradient norm (4 bytes each
 """
 import math
 
-from nanodist.model import GPTConfig
+from nanodist.model.gpt import GPTConfig
 from nanodist.parallel.comm import BUS_FACTOR
 from nanodist.parallel.layout import Layout
 from nanodist.parallel.schedules import Action
-from nanodist.cost import DTYPE_BYTES, FP32, chunks, param_counts, schedule
+from nanodist.planner.cost import DTYPE_BYTES, FP32, chunks, param_counts, schedule
 
 
 FP32_EVERYWHERE = {"matmul": FP32, "residual": FP32, "norm": FP32}

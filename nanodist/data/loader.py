@@ -24,10 +24,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from nanodist.config import DATASETS
 from nanodist.errors import UserError
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DATASETS = ("shakespeare", "shakespeare_char", "openwebtext")
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 
 

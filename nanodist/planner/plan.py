@@ -47,14 +47,14 @@ import dataclasses
 import itertools
 from dataclasses import dataclass
 
-from nanodist.cost import (DTYPE_BYTES, FP32, activations_in_flight, bubble, chunks, param_counts,
+from nanodist.planner.cost import (DTYPE_BYTES, FP32, activations_in_flight, bubble, chunks, param_counts,
                            stage_params, state_bytes)
 from nanodist.errors import UserError
-from nanodist.hardware import GiB
-from nanodist.model import GPTConfig, flops_per_token
+from nanodist.planner.hardware import GiB
+from nanodist.model.gpt import GPTConfig, flops_per_token
 from nanodist.parallel.comm import BUS_FACTOR
 from nanodist.parallel.layout import Layout
-from nanodist.traffic import collectives
+from nanodist.planner.traffic import collectives
 
 USABLE_MEMORY = 0.9
 MEMORY_MARGIN = 0.05  # what the peak leaves out: autograd's and the kernels' small tensors

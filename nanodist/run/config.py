@@ -17,7 +17,8 @@ from pathlib import Path
 from nanodist.checkpoint.integrity import TRUST_HELP
 from nanodist.cli import OneLineParser
 from nanodist.errors import UserError
-from nanodist.model import PRESETS, GPTConfig, model_config
+from nanodist.data.loader import DATASETS
+from nanodist.model.gpt import PRESETS, GPTConfig, model_config
 from nanodist.parallel.layout import CHOICES as LAYOUT_CHOICES, FLAGS as LAYOUT_FLAGS, Layout
 
 
@@ -122,7 +123,6 @@ class TrainConfig:
                                       "for the other ranks before the run ends with an error")
 
 
-DATASETS = ("shakespeare", "shakespeare_char", "openwebtext")
 CHOICES = {
     "dataset": DATASETS,
     "model": tuple(PRESETS),

@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from nanodist.moe import MoE
+from nanodist.model.moe import MoE
 
 
 @dataclass

@@ -21,19 +21,21 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from nanodist import checkpoint, faults, preflight, run_dir
-from nanodist.config import TrainConfig, check_values, fit, resolve
-from nanodist.data import BatchLoader
+from nanodist import checkpoint
+
+from nanodist.run import faults, preflight, run_dir
+from nanodist.run.config import TrainConfig, check_values, fit, resolve
+from nanodist.data.loader import BatchLoader
 from nanodist.errors import UserError
-from nanodist.hf import pretrained_tensors
-from nanodist.launch import init_distributed, pick_device
-from nanodist.metrics import Logger, StepMemory, device_peak_flops, enable_tf32, rss_peak_bytes
-from nanodist.model import GPT, flops_per_token
-from nanodist.moe import MoE
+from nanodist.model.hf import pretrained_tensors
+from nanodist.run.launch import init_distributed, pick_device
+from nanodist.run.metrics import Logger, StepMemory, device_peak_flops, enable_tf32, rss_peak_bytes
+from nanodist.model.gpt import GPT, flops_per_token
+from nanodist.model.moe import MoE
 from nanodist.parallel.comm import Comm
 from nanodist.parallel.layout import Layout, build_mesh
 from nanodist.parallel.parallelize import Setup, parallelize
-from nanodist.profiling import StepProfiler, parse_steps
+from nanodist.run.profiling import StepProfiler, parse_steps
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from nanodist.errors import UserError
-from nanodist.model import GPT, GPTConfig
+from nanodist.model.gpt import GPT, GPTConfig
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")

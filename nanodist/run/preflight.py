@@ -8,7 +8,7 @@
                          free memory of the device (none on CPU unless given)
 
 The machine the planner ranks on: --machine_profile (a calibrated profile), else on CUDA
-the GPU's data sheet, on CPU the lab's 2-core profile (nanodist/profiles/lab-cpu.json,
+the GPU's data sheet, on CPU the lab's 2-core profile (nanodist/planner/profiles/lab-cpu.json,
 uncalibrated for yours: its times are indicative, its memory is this machine's).
 """
 import dataclasses
@@ -17,13 +17,13 @@ from pathlib import Path
 
 import torch
 
-from nanodist import plan
-from nanodist.config import TrainConfig
+from nanodist.planner import plan
+from nanodist.run.config import TrainConfig
 from nanodist.errors import UserError
-from nanodist.hardware import GPUS, DataSheet, GiB, Profile
+from nanodist.planner.hardware import GPUS, DataSheet, GiB, Profile
 from nanodist.parallel.layout import FLAGS as LAYOUT_FLAGS, Layout
 
-LAB_CPU = Path(__file__).parent / "profiles" / "lab-cpu.json"
+LAB_CPU = Path(__file__).parents[1] / "planner" / "profiles" / "lab-cpu.json"
 
 
 def machine(cfg: TrainConfig, device: torch.device, budget: float):
