@@ -113,7 +113,7 @@ def test_logged_token_counts_are_the_steps(char_data, tmp_path):
     logged = {}
     for ac in ("none", "full"):
         trainer = Trainer(TrainConfig(**tiny_run(char_data, tmp_path / ac, **MOE, activation_checkpointing=ac)))
-        logged[ac] = trainer.train_step(0)["moe"]
+        logged[ac] = trainer.train_step(0)["metrics"]
         for layer in (1, 3):
             counts = [logged[ac][f"MoE/tokens/layer{layer}/expert{e}"] for e in range(MOE["moe_experts"])]
             assert sum(counts) == MOE["moe_top_k"] * trainer.tokens_per_step
@@ -168,7 +168,7 @@ def tied_router_records(kwargs):
             weight[1], weight[3] = weight[0], weight[2]
     params.load_full_tensors(full.__getitem__, params.param_list())
     records = [trainer.train_step(step) for step in range(3)]
-    return [(r["loss"], r["grad_norm"]) for r in records], records[0]["moe"]
+    return [(r["loss"], r["grad_norm"]) for r in records], records[0]["metrics"]
 
 
 @pytest.mark.parametrize("world, layout", [

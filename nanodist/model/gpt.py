@@ -183,9 +183,46 @@ class GPT(nn.Module):
         # device="cpu" even under `with torch.device("cuda")`: the CPU generator draws
         return torch.empty(shape, device="cpu").normal_(0.0, std, generator=generator)
 
-    def num_params(self, non_embedding: bool = True) -> int:
-        n = sum(p.numel() for p in self.parameters())
-        return n - self.transformer.wpe.weight.numel() if non_embedding else n
+
+
+class StepMetrics:
+    """What the model reports of a training step beside its loss, for the logs: per MoE
+    layer its load-balancing loss and tokens per expert (moe.py), and their mean loss.
+    `parts`: the model, or this rank's pipeline chunks of it (its blocks keep their indices).
+
+        reset()         before the step's forwards
+        tensors()       after its backward, on the device: the trainer copies them to the
+                        host with its own values (its one wait of the step)
+        read(values)    those values, on the host -> {TensorBoard tag: value}
+    `in_line`: the tags the step line shows too, by their short names.
+    """
+    in_line = {"MoE/aux_loss": "aux"}
+
+    def __init__(self, parts: list[nn.Module], micro_steps: int):
+        self.micro_steps = micro_steps
+        self.moe = {int(path.split(".")[2]): m for part in parts  # transformer.h.<i>.mlp
+                    for path, m in part.named_modules() if isinstance(m, MoE)}
+
+    def reset(self):
+        for moe in self.moe.values():
+            moe.reset_stats()
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [moe.step_stats() for moe in self.moe.values()]
+
+    def read(self, values: list[float]) -> dict[str, float]:
+        if not self.moe:
+            return {}
+        metrics, aux = {}, []
+        for layer, moe in self.moe.items():
+            n = 1 + moe.n_experts  # step_stats' length
+            loss, tokens = moe.step_loads(values[:n], self.micro_steps)
+            values = values[n:]
+            aux.append(loss)
+            metrics[f"MoE/aux_loss/layer{layer}"] = loss
+            metrics[f"MoE/max_load/layer{layer}"] = max(tokens) / (sum(tokens) / len(tokens))  # 1: balanced
+            metrics.update({f"MoE/tokens/layer{layer}/expert{e}": n for e, n in enumerate(tokens)})
+        return {"MoE/aux_loss": sum(aux) / len(aux), **metrics}
 
 
 def parameter_seed(seed: int, name: str) -> int:

@@ -19,7 +19,8 @@ the N k assignments that went to expert e and P_e the mean router probability of
 parts of the same sequences, as it swaps the attention core), and its gradient (weighted
 by `aux_loss_weight`) is added in backward by the block's output itself (Megatron's
 MoEAuxLossAutoScaler), so that the loss, the runners and the pipeline stages need
-nothing. `stats` sums it and the assignments per expert for the trainer's logs.
+nothing. `stats` sums it and the assignments per expert for the trainer's logs
+(`step_stats`, `step_loads`; gpt.StepMetrics names and gathers them).
 
 `experts` is the one seam expert parallelism replaces (parallel/expert_parallel.py):
 the same call, the routed rows sent to the ranks that hold their experts and back.
@@ -101,6 +102,19 @@ class MoE(nn.Module):
         """calls, sum of aux, sum of assignments per expert (this rank's tokens; on its device:
         the trainer reads them once a step, not every forward)."""
         self.stats = [0, 0.0, 0]
+
+    def step_stats(self) -> torch.Tensor:
+        """The forwards' stats since `reset_stats`, on the device: [aux sum, assignments per
+        expert...], in float64 (counts stay exact)."""
+        _, aux, assigned = self.stats
+        return torch.cat([torch.as_tensor(aux, device=assigned.device).double().view(1), assigned.double()])
+
+    def step_loads(self, stats: list[float], micro_steps: int) -> tuple[float, list[float]]:
+        """`step_stats` on the host -> the load-balancing loss (mean over the forwards) and
+        the (token, expert) assignments of this rank's tokens per expert in the step (a
+        checkpointed block's recomputed forward is not counted twice)."""
+        calls = self.stats[0]  # forwards per micro-step: 1, or 2 (recomputed)
+        return stats[0] / calls, [n * micro_steps / calls for n in stats[1:]]
 
     def route(self, x: torch.Tensor):
         """x (N, C) -> gates (N, k), experts (N, k), assignments per expert (E,) and the

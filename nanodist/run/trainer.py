@@ -30,12 +30,12 @@ from nanodist.errors import UserError
 from nanodist.model.hf import pretrained_tensors
 from nanodist.run.launch import init_distributed, pick_device
 from nanodist.run.metrics import Logger, StepMemory, device_peak_flops, enable_tf32, rss_peak_bytes
-from nanodist.model.gpt import GPT, flops_per_token
-from nanodist.model.moe import MoE
+from nanodist.model.gpt import GPT, StepMetrics, flops_per_token
 from nanodist.parallel.comm import Comm
 from nanodist.parallel.layout import Layout, build_mesh
 from nanodist.parallel.parallelize import Setup, parallelize
 from nanodist.run.profiling import StepProfiler, parse_steps
+from nanodist.run.step_report import step_report
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -86,8 +86,7 @@ class Trainer:
                       (cfg.batch_size, cfg.block_size), self.micro_steps)
         self.parallel = parallelize(model, setup)
         self.runner, self.params = self.parallel.runner, self.parallel.params
-        self.moe = {name: m for stage in self.parallel.stages for name, m in stage.gpt.named_modules()
-                    if isinstance(m, MoE)}  # this rank's (its pipeline stage's), by path
+        self.metrics = StepMetrics([stage.gpt for stage in self.parallel.stages], self.micro_steps)
         self.optimizer = self.params.optimizer(cfg.weight_decay, lr=cfg.learning_rate,
                                                betas=(cfg.beta1, cfg.beta2), fused=device.type == "cuda")
         self.autocast = (torch.autocast(device.type, dtype=torch.bfloat16)
@@ -200,22 +199,18 @@ class Trainer:
 
     def train_step(self, step: int) -> dict:
         """One optimizer step. The host waits for the device once: the loss, the gradient
-        norm, the stop flag and the MoE statistics come over in one copy, before the update
-        (a non-finite loss or norm stops the run with the weights unchanged)."""
+        norm, the stop flag and the model's metrics (StepMetrics) come over in one copy,
+        before the update (a non-finite loss or norm stops the run with the weights unchanged)."""
         self.runner.train()
         lr = lr_at(step, self.cfg)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         batches = [self.data.train_batch(step, micro) for micro in range(self.micro_steps)]
-        for moe in self.moe.values():
-            moe.reset_stats()
+        self.metrics.reset()
         loss_sum = self.runner.forward_backward(batches, self.autocast)
         norm = self.params.clip_grad_norm(self.cfg.max_grad_norm if self.cfg.gradient_clipping else None)
         signal = self.stop.flag() if self.stop else torch.zeros((), device=norm.device)
-        moe = [(calls, torch.cat([torch.as_tensor(aux, device=norm.device).double().view(1),
-                                  assigned.double()]))  # float64: counts stay exact
-               for calls, aux, assigned in (m.stats for m in self.moe.values())]
-        values = [self._dp_mean(loss_sum), norm, signal] + [stats for _, stats in moe]
+        values = [self._dp_mean(loss_sum), norm, signal] + self.metrics.tensors()
         host = torch.cat([t.reshape(-1).double() for t in values]).tolist()  # the one host sync
         loss, norm, signal = host[:3]
         if not (math.isfinite(loss) and math.isfinite(norm)):  # before the weights change
@@ -228,25 +223,7 @@ class Trainer:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return {"loss": loss, "grad_norm": norm, "lr": lr, "signal": int(signal),
-                **self._moe_stats(moe, host[3:])}
-
-    def _moe_stats(self, moe: list, values: list[float]) -> dict:
-        """Per MoE layer of this rank: the load-balancing loss (mean over the micro-steps) and
-        the (token, expert) assignments of this rank's tokens per expert in the step (a
-        checkpointed block's recomputed forward is not counted twice). `values`: each
-        layer's aux sum and assignments, on the host, in the order of `moe`."""
-        if not self.moe:
-            return {}
-        aux, scalars = [], {}
-        for path, (calls, stats) in zip(self.moe, moe):
-            layer = path.split(".")[2]  # transformer.h.<i>.mlp
-            aux.append(values[0] / calls)
-            tokens = [n * self.micro_steps / calls for n in values[1:len(stats)]]  # forwards per micro-step: 1, or 2
-            values = values[len(stats):]
-            scalars[f"MoE/aux_loss/layer{layer}"] = aux[-1]
-            scalars[f"MoE/max_load/layer{layer}"] = max(tokens) / (sum(tokens) / len(tokens))  # 1: balanced
-            scalars.update({f"MoE/tokens/layer{layer}/expert{e}": n for e, n in enumerate(tokens)})
-        return {"moe_aux": sum(aux) / len(aux), "moe": scalars}
+                "metrics": self.metrics.read(host[3:])}
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -299,30 +276,18 @@ class Trainer:
             profiler.after(step)
             if measure or profiler.covers(step):  # their own work ran after the wait
                 ready = None
-            peak = self.memory.peak  # None on CPU steps not measured
             record.update(step=step, step_time=dt, tokens_per_sec=self.tokens_per_step / dt,
-                          peak_memory=peak, rss_peak=rss_peak_bytes())
+                          peak_memory=self.memory.peak,  # None on CPU steps not measured
+                          rss_peak=rss_peak_bytes())
             mfu = (self.flops_per_step / dt / self.mesh.world_size / self.peak_flops
                    if self.peak_flops else None)
             if evaluates:
                 record["val_loss"] = self.evaluate()
                 ready = None
-            self.logger.scalars(step, {
-                "Loss/train": record["loss"], "Loss/val": record.get("val_loss"),
-                "GradNorm/train": record["grad_norm"] if self.cfg.gradient_clipping else None,
-                "LR": record["lr"], "Throughput/tokens_per_sec": record["tokens_per_sec"],
-                "Time/step_ms": dt * 1e3, "MFU": mfu,
-                "Memory/peak_GiB": peak / 2**30 if peak is not None else None,
-                "Memory/rss_peak_GiB": record["rss_peak"] / 2**30, "MoE/aux_loss": record.get("moe_aux"),
-                **record.get("moe", {})})
-            self.print(f"step {step + 1:5d}/{self.cfg.max_steps} | loss {record['loss']:.4f}"
-                       + (f" | val {record['val_loss']:.4f}" if "val_loss" in record else "")
-                       + (f" | aux {record['moe_aux']:.4f}" if "moe_aux" in record else "")
-                       + f" | lr {record['lr']:.2e} | norm {record['grad_norm']:.3f}"
-                       f" | {dt * 1e3:.0f} ms | {record['tokens_per_sec']:,.0f} tok/s"
-                       + (f" | MFU {mfu:.1%}" if mfu else "")
-                       + (f" | mem {peak / 2**30:.2f} GiB" if peak is not None else "")
-                       + f" | rss {record['rss_peak'] / 2**30:.2f} GiB")
+            scalars, line = step_report(record, self.cfg.max_steps, self.cfg.gradient_clipping,
+                                        self.metrics.in_line, mfu)
+            self.logger.scalars(step, scalars)
+            self.print(line)
             history.append(record)
             every = self.cfg.checkpoint_interval or self.cfg.eval_interval
             if self.cfg.checkpoint_interval >= 0 and ((step + 1) % every == 0 or last):
