@@ -5,8 +5,8 @@ bytes, and the hand-written runner against torch.distributed.pipelining.
     torchrun --standalone --nproc_per_node=4 bench/pp.py --micro 4 --docs docs/bench
 
 Per schedule and M (micro-batches = P, 2P, 4P, 8P), the same global-batch step on the
-PP ranks alone: the runner records every action's start and end (`PipelineRunner.trace`)
-and the bubble is the measured idle fraction of the step (1 - time in forwards and
+PP ranks alone: the runner records every action's start and end (`TracedRunner`) and
+the bubble is the measured idle fraction of the step (1 - time in forwards and
 backwards / step time, mean over ranks) against `cost.bubble`. Micro-batches in flight:
 the peak bytes saved for backward (nanodist_tools/measure.py) over one micro-batch's,
 against M (GPipe) and min(P - r, M) (1F1B); interleaved: the peak bytes. Traffic: the
@@ -18,6 +18,8 @@ On a CPU with fewer cores than processes the ranks take turns on the cores: the 
 bubble then holds the waits for a core too (P = 4 on 2 cores: about 0.5 whatever M).
 """
 import sys
+import time
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
@@ -29,6 +31,7 @@ from common import (markdown_table, median, parser, print_table, start_processes
 from nanodist.model.gpt import GPT, model_config
 from nanodist.parallel.layout import Layout, build_mesh
 from nanodist.parallel.parallelize import Setup, parallelize
+from nanodist.parallel.pipeline import PipelineRunner
 from nanodist.planner.cost import bubble
 from nanodist_tools.measure import peak_saved_bytes
 from nanodist.planner.traffic import traffic_by_group
@@ -36,9 +39,31 @@ from nanodist.planner.traffic import traffic_by_group
 SCHEDULES = [("gpipe", 1), ("1f1b", 1), ("interleaved_1f1b", 2)]
 
 
+class TracedRunner(PipelineRunner):
+    """The hand-written runner, recording in `trace` each exchange and action it runs as
+    (kind, micro, chunk, start s, end s); exchanges are ("p2p", -1, -1, ...). On CUDA it
+    waits for the GPU at both ends: the times are the kernels'."""
+
+    def __init__(self, stages, split):
+        super().__init__(stages, split)
+        self.trace = []
+
+    def _now(self) -> float:
+        if self.mesh.device.type == "cuda":
+            torch.cuda.synchronize(self.mesh.device)
+        return time.perf_counter()
+
+    @contextmanager
+    def span(self, kind: str, micro: int, chunk: int):
+        start = self._now()
+        yield
+        self.trace.append((kind, micro, chunk, start, self._now()))
+
+
 def build(args, mesh, schedule, V, M, implementation="custom"):
     """The pipeline of `mesh` (its pp ranks) with this schedule, V chunks a rank and M
-    micro-batches: (the Parallelized, one step, the model config)."""
+    micro-batches: (the Parallelized, one step (of another runner of its stages, if given),
+    the model config)."""
     layout = replace(mesh.layout, pp_schedule=schedule, virtual_stages=V,
                      implementation=implementation)
     mcfg = replace(model_config(args.model, args.block_size, args.vocab_size), n_layer=args.n_layer)
@@ -50,8 +75,8 @@ def build(args, mesh, schedule, V, M, implementation="custom"):
                for m in range(M)]
     autocast = torch.autocast(mesh.device.type, enabled=False)
 
-    def step():
-        parallel.runner.forward_backward(batches, autocast)
+    def step(runner=parallel.runner):
+        runner.forward_backward(batches, autocast)
         for p in parallel.params.param_list():
             p.grad = None
     return parallel, step, mcfg
@@ -60,15 +85,15 @@ def build(args, mesh, schedule, V, M, implementation="custom"):
 def measure(args, mesh, schedule, V, M) -> dict:
     """This rank's bubble, peak in flight and sends for one schedule and M (custom)."""
     parallel, step, mcfg = build(args, mesh, schedule, V, M)
-    runner = parallel.runner
+    runner = TracedRunner(parallel.runner.stages, parallel.runner.split)
     for _ in range(args.warmup):
         step()
     idle, traces = [], []
     for _ in range(args.steps):
         dist.barrier()
         runner.trace = []
-        step()
-        trace, runner.trace = runner.trace, None
+        step(runner)
+        trace = runner.trace
         busy = sum(end - start for kind, *_, start, end in trace if kind != "p2p")
         idle.append(1 - busy / (trace[-1][-1] - trace[0][-2]))
         traces.append(trace)

@@ -25,7 +25,6 @@ stage that holds them.
 Micro-batches are the gradient-accumulation micro-steps of one global batch, so the
 pipeline follows the one-process trajectory; the loss is computed on the last stage.
 """
-import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -150,7 +149,6 @@ class PipelineRunner:
         self.eval_slots = simulate([sorted((a for a in row if a.kind == "F"), key=lambda a: a[::-1])
                                     for row in split.schedule])
         self.loss_dtype = torch.promote_types(split.wire_dtype, torch.float32)  # as cross_entropy's
-        self.trace = None  # a list to record (kind, micro, chunk, start s, end s) in: bench/pp.py
 
     def train(self):
         for stage in self.stages:
@@ -190,49 +188,43 @@ class PipelineRunner:
                     inbox[message[0]] = torch.empty(self.split.act_shape, dtype=self.split.wire_dtype,
                                                     device=device)
                     recvs.append((inbox[message[0]], q))
-            start = self._now()
-            pp.send_recv(outbox, recvs)
-            self._record("p2p", -1, -1, start)
+            with self.span("p2p", -1, -1):
+                pp.send_recv(outbox, recvs)
             outbox = []
             if (rank, t) not in at:
                 continue
             a = at[rank, t]
             s, key = a.chunk * pp.size + rank, (a.micro, a.chunk)
             stage, is_last, message = self.stages[a.chunk], s == S - 1, self._message(a, rank)
-            start = self._now()
-            if a.kind == "F":
-                x = batches[a.micro][0] if s == 0 else inbox.pop(("F", a.micro, s)).requires_grad_(train)
-                with torch.set_grad_enabled(train), (stage.loss_context() if is_last else nullcontext()):
-                    with autocast:
-                        out = stage.module(x)
-                    if is_last:
-                        out = stage.loss_fn(out, batches[a.micro][1]) / M
-                        loss_sum += out.detach()
-                    else:
-                        outbox.append((out.detach().to(self.split.wire_dtype).contiguous(), message[1]))
-                if train:
-                    inputs[key], outputs[key] = x, out
-            else:
-                x, out = inputs.pop(key), outputs.pop(key)
-                grad = None if is_last else inbox.pop(("B", a.micro, s)).to(out.dtype)
-                sync = a.micro == last_backward[a.chunk]  # DP reduces on the last micro-batch
-                with (nullcontext() if sync else stage.no_sync()), \
-                        (stage.loss_context() if is_last else nullcontext()):
-                    torch.autograd.backward(out, grad)
-                if message is not None:
-                    outbox.append((x.grad, message[1]))
-            self._record(a.kind, a.micro, a.chunk, start)
+            with self.span(a.kind, a.micro, a.chunk):
+                if a.kind == "F":
+                    x = batches[a.micro][0] if s == 0 else inbox.pop(("F", a.micro, s)).requires_grad_(train)
+                    with torch.set_grad_enabled(train), (stage.loss_context() if is_last else nullcontext()):
+                        with autocast:
+                            out = stage.module(x)
+                        if is_last:
+                            out = stage.loss_fn(out, batches[a.micro][1]) / M
+                            loss_sum += out.detach()
+                        else:
+                            outbox.append((out.detach().to(self.split.wire_dtype).contiguous(), message[1]))
+                    if train:
+                        inputs[key], outputs[key] = x, out
+                else:
+                    x, out = inputs.pop(key), outputs.pop(key)
+                    grad = None if is_last else inbox.pop(("B", a.micro, s)).to(out.dtype)
+                    sync = a.micro == last_backward[a.chunk]  # DP reduces on the last micro-batch
+                    with (nullcontext() if sync else stage.no_sync()), \
+                            (stage.loss_context() if is_last else nullcontext()):
+                        torch.autograd.backward(out, grad)
+                    if message is not None:
+                        outbox.append((x.grad, message[1]))
         pp.all_reduce(loss_sum)  # from the last stage to every rank
         return loss_sum
 
-    def _now(self) -> float:
-        if self.trace is not None and self.mesh.device.type == "cuda":
-            torch.cuda.synchronize(self.mesh.device)  # GPU work done: times are the kernels'
-        return time.perf_counter()
-
-    def _record(self, kind: str, micro: int, chunk: int, start: float):
-        if self.trace is not None:
-            self.trace.append((kind, micro, chunk, start, self._now()))
+    def span(self, kind: str, micro: int, chunk: int):
+        """What wraps each exchange ("p2p", -1, -1) and each action: nothing here (bench/pp.py's
+        TracedRunner times them)."""
+        return nullcontext()
 
     def forward_backward(self, batches, autocast) -> torch.Tensor:
         loss = self._run(self.train_slots, batches, autocast, train=True)
