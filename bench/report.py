@@ -137,7 +137,7 @@ def markdown(records: list[dict], command: str) -> str:
                    "here (see *MFU and the GPU run* below for how to produce them).\n")
     out.append("## Throughput and time split\n")
     out.append("`compute` is the custom implementation's step with its collectives replaced by "
-               "local copies of the same shapes (nanodist_tools/measure.py `LocalCopies`), "
+               "local copies of the same shapes (bench/worker.py `LocalCopies`), "
                "interleaved with the real steps; `exposed comm` = step − compute, the communication "
                "the step did not hide (negative: within the noise). Not measured for PyTorch's "
                "implementations (their collectives are not ours to replace). `custom/pytorch` is "

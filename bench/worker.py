@@ -28,9 +28,41 @@ from nanodist.parallel.comm import Comm
 from nanodist.parallel.layout import Layout
 from nanodist.run.trainer import Trainer
 from nanodist_tools.layouts import LAYOUTS
-from nanodist_tools.measure import LocalCopies, TrafficMode, peak_tensor_bytes, saved_activations, state_bytes
+from nanodist_tools.measure import TrafficMode, peak_tensor_bytes, saved_activations, state_bytes
 
 NO_COMM = "custom, no comm"
+
+
+class _LocalWork:
+    def wait(self):
+        return True
+
+
+class LocalCopies:
+    """A transport for comm.Comm (`Trainer(cfg, comm=Comm(LocalCopies()))`): torch.distributed,
+    but every collective of the hand-written strategies a local copy of the same shapes, the
+    step's compute alone (the compute / exposed-communication split of the report)."""
+
+    def __getattr__(self, name):
+        return getattr(dist, name)
+
+    @staticmethod
+    def all_reduce(tensor, op=None, group=None, async_op=False):
+        return _LocalWork() if async_op else None
+
+    @staticmethod
+    def broadcast(tensor, group_src=None, group=None, async_op=False):
+        return _LocalWork() if async_op else None
+
+    @staticmethod
+    def all_gather_single(output, input, group=None, async_op=False):
+        output.view(-1, input.numel()).copy_(input.reshape(1, -1))
+        return _LocalWork() if async_op else None
+
+    @staticmethod
+    def reduce_scatter_single(output, input, op=None, group=None, async_op=False):
+        output.copy_(input.reshape(-1, output.numel())[0].view_as(output))
+        return _LocalWork() if async_op else None
 
 
 def train_flags(args, layout: Layout, implementation: str) -> list[str]:

@@ -13,12 +13,9 @@
                      CPU: live tensor storage tracked by torch's MemTracker (not the
                      process RSS: allocator caches, the interpreter and gloo's buffers
                      are no tensors)
-    no communication `LocalCopies`, a transport for `Trainer(cfg, comm=Comm(LocalCopies()))`:
-                     the hand-written strategies' collectives become local copies of the
-                     same shapes, the step's compute alone (the compute / exposed-
-                     communication split)
 
-The measured step of the validation (`measure_step`) puts them together, per rank.
+The measured step of the validation (`measure_step`) puts them together, per rank. (The
+benchmark's compute-only twin, its collectives local copies, is bench/worker.py's.)
 """
 import statistics
 import time
@@ -231,37 +228,6 @@ def _cuda_peak_bytes(trainer, step: int) -> int:
     torch.cuda.reset_peak_memory_stats(device)
     trainer.train_step(step)
     return torch.cuda.max_memory_allocated(device) - before + own
-
-
-class _LocalWork:
-    def wait(self):
-        return True
-
-
-class LocalCopies:
-    """A transport for comm.Comm: torch.distributed, but every collective a local copy of
-    the same shapes (the compute-only twin of a benchmark)."""
-
-    def __getattr__(self, name):
-        return getattr(dist, name)
-
-    @staticmethod
-    def all_reduce(tensor, op=None, group=None, async_op=False):
-        return _LocalWork() if async_op else None
-
-    @staticmethod
-    def broadcast(tensor, group_src=None, group=None, async_op=False):
-        return _LocalWork() if async_op else None
-
-    @staticmethod
-    def all_gather_single(output, input, group=None, async_op=False):
-        output.view(-1, input.numel()).copy_(input.reshape(1, -1))
-        return _LocalWork() if async_op else None
-
-    @staticmethod
-    def reduce_scatter_single(output, input, op=None, group=None, async_op=False):
-        output.copy_(input.reshape(-1, output.numel())[0].view_as(output))
-        return _LocalWork() if async_op else None
 
 
 def step_argv(layout: Layout, data_dir: str, out_dir: str, model: str = "tiny", block_size: int = 32,

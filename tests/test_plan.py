@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from harness import run_distributed
-from nanodist.planner import plan
+from nanodist.planner import plan, search
 from nanodist.run.config import fit, parse_args, resolve
 from nanodist.planner.cost import (activation_bytes, activations_in_flight, bubble, chunks, param_counts,
                            schedule, stage_params, state_bytes, zero_state_bytes)
@@ -130,8 +130,8 @@ def test_the_planner_lists_exactly_what_train_py_accepts_on_cpu(implementation):
     PyTorch's CP is CUDA only, native PP x TP is not wired up), every layout it lists is
     accepted by train.py, and every layout train.py accepts is listed."""
     job = plan.Job("tiny", model_config("tiny", 64, 50257), 4, 4, 2048, "float32", "cpu", implementation)
-    listed = {(layout, mb) for layout, mb, _ in plan.candidates(job)}
-    space = list(plan.search_space(job))
+    listed = {(layout, mb) for layout, mb, _ in search.candidates(job)}
+    space = list(search.search_space(job))
     accepted = {(layout, mb) for layout, mb in space if _accepted_by_train_py(job, layout, mb)}
     assert listed == accepted
     assert 0 < len(listed) < len(space)  # the rules do refuse some of the space

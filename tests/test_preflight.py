@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from harness import run_distributed, tiny_run
-from nanodist.planner import plan
+from nanodist.planner import plan, search
 from nanodist.run import preflight
 from nanodist.run.config import TrainConfig, fit, layout_of, parse_args, resolve
 from nanodist.errors import UserError
@@ -129,8 +129,8 @@ def test_layout_auto_picks_only_what_train_py_accepts(char_data, tmp_path, ranks
     cfg = _cfg(char_data, tmp_path, layout="auto", memory_budget_gib=1.0, total_batch_size=total,
                batch_size=micro_batch or TrainConfig.batch_size)
     model = model_config("tiny", 64, 65)
-    batches = [micro_batch] if micro_batch else plan.MICRO_BATCHES
-    runnable = any(total % (b * 64 * d) == 0 for d in plan.divisors(ranks) for b in batches)
+    batches = [micro_batch] if micro_batch else search.MICRO_BATCHES
+    runnable = any(total % (b * 64 * d) == 0 for d in search.divisors(ranks) for b in batches)
     try:
         chosen, _ = preflight.choose_layout(cfg, model, ranks, CPU)
     except UserError as refused:

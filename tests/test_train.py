@@ -12,6 +12,7 @@ from nanodist import train
 from nanodist.run.config import TrainConfig, parse_args, resolve
 from nanodist.errors import UserError
 from nanodist.run.run_dir import new_run_dir
+from nanodist.run.step_report import step_report
 from nanodist.run.trainer import Trainer, lr_at
 
 TINY = ["--device", "cpu", "--model", "tiny", "--batch_size", "4", "--block_size", "64",
@@ -33,6 +34,26 @@ def test_lr_schedule_warmup_then_cosine_to_min_lr():
     assert lr_at(0, TrainConfig(max_steps=20)) == pytest.approx(6e-4 / 2)  # auto warmup: 10%
     decay = [lr_at(s, cfg) for s in range(10, 111)]
     assert all(a >= b for a, b in zip(decay, decay[1:]))
+
+
+def test_a_step_report_names_each_value_once_and_leaves_out_what_is_none():
+    """The console line keeps its order and formats and leaves out what is None (as the
+    Logger does of the scalars); the gradient norm is a scalar only under clipping; every
+    one of the model's metrics is a scalar (those of `in_line` on the line too)."""
+    record = dict(step=2, loss=4.17354, val_loss=None, lr=6e-4, grad_norm=1.2345, step_time=0.095,
+                  tokens_per_sec=21558.2, peak_memory=None, rss_peak=0.5 * 2**30,
+                  metrics={"MoE/aux_loss": 1.03125, "MoE/aux_loss/layer1": 1.03125})
+    scalars, line = step_report(record, 50, False, {"MoE/aux_loss": "aux"}, None)
+    assert line == ("step     3/50 | loss 4.1735 | aux 1.0312 | lr 6.00e-04 | norm 1.234 | 95 ms"
+                    " | 21,558 tok/s | rss 0.50 GiB")
+    logged = {tag for tag, value in scalars.items() if value is not None}
+    assert logged == {"Loss/train", "LR", "Time/step_ms", "Throughput/tokens_per_sec", "Memory/rss_peak_GiB",
+                      "MoE/aux_loss", "MoE/aux_loss/layer1"}
+    record.update(val_loss=4.0, peak_memory=2**30, metrics={})
+    scalars, line = step_report(record, 50, True, {"MoE/aux_loss": "aux"}, 0.0123)
+    assert line.endswith("| val 4.0000 | lr 6.00e-04 | norm 1.234 | 95 ms | 21,558 tok/s | MFU 1.2%"
+                         " | mem 1.00 GiB | rss 0.50 GiB")
+    assert scalars["GradNorm/train"] == 1.2345 and scalars["Memory/peak_GiB"] == 1.0
 
 
 def test_flags_keep_the_original_names_and_booleans_take_both_forms():

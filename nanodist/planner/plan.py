@@ -3,14 +3,9 @@
 train.py asks it before building anything (does the layout fit? `--layout auto`); the
 command line, calibration and validation are in nanodist_tools/planner.py.
 
-Its search space (`search_space`: DDP / ZeRO-1 / FSDP ZeRO-3 / ZeRO-2 (and HSDP: FSDP with
-every replica count that divides DP) x TP x PP, its schedule and virtual stages x CP x
-EP (a mixture of experts: every size that divides DP x CP and the experts) x
-activation checkpointing x micro-batch; under TP with loss parallelism, and sequence
-parallelism where the sequence divides) is filtered by the layout's own rules
-(`Layout.check`, what train.py asks on the same device: nothing listed is refused,
-nothing accepted is left out) and costed by the cost model (cost.py, traffic.py) on a
-machine (hardware.py: a GPU's data sheet, or this machine's calibrated profile).
+The layouts of its search space that train.py accepts (search.py: `candidates`) are
+costed by the cost model (cost.py, traffic.py) on a machine (hardware.py: a GPU's data
+sheet, or this machine's calibrated profile) and ranked (`rank`).
 
     memory   per rank (`memory`): what lives through the step, state (16 bytes per
              parameter of its stage, / DP x CP under FSDP; ZeRO-1: 4 + 4 + 8 / (DP x CP);
@@ -44,13 +39,12 @@ machine (hardware.py: a GPU's data sheet, or this machine's calibrated profile).
              6N + 12 L T C only.
 """
 import dataclasses
-import itertools
-from dataclasses import dataclass
 
 from nanodist.planner.cost import (DTYPE_BYTES, FP32, activations_in_flight, bubble, chunks, param_counts,
                            stage_params, state_bytes)
 from nanodist.errors import UserError
 from nanodist.planner.hardware import GiB
+from nanodist.planner.search import Job, candidates
 from nanodist.model.gpt import GPTConfig, flops_per_token
 from nanodist.parallel.comm import BUS_FACTOR
 from nanodist.parallel.layout import Layout
@@ -58,34 +52,7 @@ from nanodist.planner.traffic import collectives
 
 USABLE_MEMORY = 0.9
 MEMORY_MARGIN = 0.05  # what the peak leaves out: autograd's and the kernels' small tensors
-SCHEDULES = [("gpipe", 1), ("1f1b", 1), ("interleaved_1f1b", 2), ("interleaved_1f1b", 4)]
-DATA_PARALLEL = {"ddp": ("ddp", True), "zero1": ("zero1", True), "fsdp-zero3": ("fsdp", True),
-                 "fsdp-zero2": ("fsdp", False)}
-MICRO_BATCHES = (1, 2, 4, 8, 16, 32, 64)
 MODEL_FLAGS = ("moe_experts", "moe_top_k", "moe_every")  # the job's model beyond its preset, in commands
-
-
-@dataclass(frozen=True)
-class Job:
-    """What is to be trained, whatever the layout."""
-    preset: str                   # the model preset (train.py's --model)
-    model: GPTConfig
-    ranks: int
-    ranks_per_node: int
-    total_batch_size: int
-    dtype: str = "bfloat16"
-    device: str = "cuda"          # the layouts' rules differ (PyTorch's CP is CUDA only)
-    implementation: str = "custom"
-    micro_batch: int | None = None  # None: search MICRO_BATCHES
-    compile: bool = False           # torch.compile: not every layout traces
-
-    @property
-    def block_size(self) -> int:
-        return self.model.block_size
-
-
-def divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
 
 
 def dp_label(layout: Layout) -> str:
@@ -93,43 +60,6 @@ def dp_label(layout: Layout) -> str:
     if layout.dp_type != "fsdp":
         return layout.dp_type
     return f"fsdp-zero{3 if layout.reshard_after_forward else 2}" + (f"x{layout.dp_replicas}" if layout.hsdp else "")
-
-
-def search_space(job: Job):
-    """(layout, micro-batch) of every combination the planner considers, valid or not."""
-    T, E = job.block_size, job.model.moe_experts
-    for pp, tp, cp in itertools.product(divisors(job.ranks), repeat=3):
-        dp = job.ranks // (pp * tp * cp)
-        if pp * tp * cp * dp != job.ranks or tp > job.ranks_per_node:
-            continue
-        per_rank_batch = job.total_batch_size // (T * dp)
-        micro_batches = [job.micro_batch] if job.micro_batch else \
-            [b for b in MICRO_BATCHES if b <= per_rank_batch]
-        expert_parallel = [ep for ep in divisors(dp * cp) if E and E % ep == 0] or [1]
-        for dp_type, replicas, (schedule, V), ep, ac, mb in itertools.product(
-                DATA_PARALLEL, divisors(dp), SCHEDULES if pp > 1 else SCHEDULES[1:2],
-                expert_parallel, ("none", "selective", "full"), micro_batches):
-            kind, reshard = DATA_PARALLEL[dp_type]
-            if (dp_type != "ddp" and dp * cp == 1) or (kind != "fsdp" and replicas > 1):
-                continue  # sharding over one rank is DDP; replicas are HSDP's
-            layout = Layout(pp=pp, dp=dp, cp=cp, tp=tp, ep=ep, dp_type=kind, dp_replicas=replicas,
-                            reshard_after_forward=reshard, loss_parallel=tp > 1, pp_schedule=schedule,
-                            virtual_stages=V, checkpointing=ac, compile=job.compile,
-                            implementation=job.implementation)
-            # sequence parallelism wherever it can split the sequence (it saves activations)
-            yield dataclasses.replace(layout, sequence_parallel=tp > 1 and layout.sequence_divides(T)), mb
-
-
-def candidates(job: Job):
-    """(layout, micro-batch, M) of every layout of the search space that train.py accepts
-    on `job.ranks` ranks of `job.device`."""
-    for layout, mb in search_space(job):
-        try:
-            M = layout.micro_steps(job.total_batch_size, mb, job.block_size)
-            layout.check(job.ranks, job.device, job.block_size, job.model.dropout, job.model, M)
-        except UserError:
-            continue
-        yield layout, mb, M
 
 
 def command(job: Job, layout: Layout, micro_batch: int, extra: tuple[str, ...] = ()) -> str:
