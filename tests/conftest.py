@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from harness import GPT2_BPE, REPO, SHAKESPEARE_TEXT
+from harness import GPT2_BPE, REPO, SHAKESPEARE_TEXT, tiny_run, trainer_records
 
 # an unexpected error in a command line ends in its traceback here, not in one line
 # (nanodist/cli.py): no bug hides from a test (tests of that line unset it)
@@ -30,3 +30,11 @@ def char_data(tmp_path_factory):
 def bpe_data(tmp_path_factory):
     """Tiny Shakespeare in GPT-2 BPE, as the users' demo prepares it."""
     return _prepare("shakespeare", tmp_path_factory.mktemp("shakespeare"))
+
+
+@pytest.fixture(scope="session")
+def single(char_data, tmp_path_factory):
+    """(loss, grad norm) per step of the one-process tiny run in float64 (harness.tiny_run):
+    the reference of the layouts' tests, trained once per session. Float64: the bound of
+    harness.assert_records_match after AdamW steps holds on any CPU."""
+    return trainer_records(tiny_run(char_data, tmp_path_factory.mktemp("single"), dtype="float64"))

@@ -203,3 +203,64 @@ def tiny_run(data_dir, out_dir, **overrides) -> dict:
                    block_size=32, batch_size=2, total_batch_size=256, max_steps=3, warmup_steps=1,
                    learning_rate=1e-3, gradient_clipping=True, eval_interval=100, eval_iters=1,
                    out_dir=str(out_dir)), **overrides}
+
+
+# ------------------------------------------------------------------ train.py's flags
+# (checkpoints and faults: runs that write, resume and get killed)
+
+STEPS = 6
+
+
+def flags(data_dir, out_dir, *extra) -> list[str]:
+    """train.py's flags of a 6-step tiny run on char-level Shakespeare (AdamW lr 2e-3 +
+    clipping, an evaluation and a checkpoint every 3 steps); `extra` follow (the last of a
+    repeated flag wins)."""
+    return ["--device", "cpu", "--model", "tiny", "--dataset", "shakespeare_char",
+            "--data_dir", str(data_dir), "--out_dir", str(out_dir), "--batch_size", "2",
+            "--block_size", "32", "--total_batch_size", "256", "--max_steps", str(STEPS),
+            "--eval_interval", "3", "--eval_iters", "1", "--warmup_steps", "2",
+            "--learning_rate", "2e-3", "--gradient_clipping", *extra]
+
+
+def train_losses(args: list[str]) -> list[float]:
+    """Rank side (or one process): train with train.py's `args`; the per-step losses."""
+    from nanodist.run.config import parse_args
+    from nanodist.run.trainer import Trainer
+    return [r["loss"] for r in Trainer(parse_args(args)).train()]
+
+
+def train_records(args: list[str]):
+    """Rank side (or one process): train with train.py's `args`; (loss, grad norm) per step."""
+    from nanodist.run.config import parse_args
+    from nanodist.run.trainer import Trainer
+    return [(r["loss"], r["grad_norm"]) for r in Trainer(parse_args(args)).train()]
+
+
+def run(world: int, args: list[str]):
+    """`train_records(args)` on `world` processes (1: this one); rank 0's records."""
+    return train_records(args) if world == 1 else run_distributed(train_records, world, args)[0]
+
+
+def assert_resumes_across(data_dir, tmp_path, write, read, *extra, n_params: int | None = None):
+    """A checkpoint written by one layout resumes under another: `write` = (world, flags)
+    trains all STEPS in float64, `read` = (world, flags) resumes from its step 3; the
+    resumed steps match the uninterrupted run's within `assert_records_match` (lr 2e-3):
+    another reduction order from the same bits. `extra`: flags of both runs."""
+    (w_world, w_flags), (r_world, r_flags) = write, read
+    full = run(w_world, flags(data_dir, tmp_path / "a", *extra, *w_flags, "--dtype", "float64"))
+    resumed = run(r_world, flags(data_dir, tmp_path / "b", *extra, *r_flags, "--dtype", "float64",
+                                 "--resume", str(tmp_path / "a" / "step_0000003")))
+    assert_records_match(resumed, full[3:], "resumed", lr=2e-3, n_params=n_params)
+
+
+def child_pids(pid: int) -> list[int]:
+    """The processes whose parent is `pid` (read from /proc)."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
+    return out

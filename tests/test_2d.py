@@ -10,11 +10,6 @@ from harness import (assert_printed_losses_match, assert_records_match, run_dist
 EXPERIMENT = dict(enable_loss_parallelism=True, deferred_init=True, dtype="float64")  # + clipping (tiny_run)
 
 
-@pytest.fixture(scope="module")
-def single(char_data, tmp_path_factory):
-    return trainer_records(tiny_run(char_data, tmp_path_factory.mktemp("single"), dtype="float64"))
-
-
 @pytest.mark.parametrize("implementation", ["custom", "pytorch"])
 def test_tp2_matches_one_process(char_data, tmp_path, single, implementation):
     for sp in (False, True):

@@ -6,40 +6,16 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
 
-from harness import REPO, assert_records_match, loss_tolerances, run_distributed
+from harness import (REPO, assert_resumes_across, child_pids, flags, loss_tolerances, run,
+                     train_losses, train_records)
 from nanodist import checkpoint, train
 from nanodist.run.config import parse_args
 from nanodist.errors import UserError
 from nanodist.run.trainer import Trainer
-
-STEPS = 6
-
-
-def flags(data_dir, out_dir, *extra):
-    return ["--device", "cpu", "--model", "tiny", "--dataset", "shakespeare_char",
-            "--data_dir", str(data_dir), "--out_dir", str(out_dir), "--batch_size", "2",
-            "--block_size", "32", "--total_batch_size", "256", "--max_steps", str(STEPS),
-            "--eval_interval", "3", "--eval_iters", "1", "--warmup_steps", "2",
-            "--learning_rate", "2e-3", "--gradient_clipping", *extra]
-
-
-def train_losses(args):
-    """Rank side (or one process): train, return the per-step losses."""
-    return [r["loss"] for r in Trainer(parse_args(args)).train()]
-
-
-def train_records(args):
-    """Rank side (or one process): train, return (loss, grad norm) per step."""
-    return [(r["loss"], r["grad_norm"]) for r in Trainer(parse_args(args)).train()]
-
-
-def run(world, args):
-    return train_records(args) if world == 1 else run_distributed(train_records, world, args)[0]
 
 
 def test_resume_continues_bitwise_and_old_checkpoints_are_pruned(char_data, tmp_path):
@@ -65,13 +41,9 @@ def test_resume_under_ddp_is_bitwise(char_data, tmp_path):
     ((1, []), (2, ["--tensor_parallel_size", "2", "--implementation", "pytorch"])),
 ], ids=["fsdp2-to-ddp2", "tp2-to-1", "2x2-to-fsdp2native4", "1-to-dtensor-tp2"])
 def test_a_checkpoint_resumes_in_another_layout(write, read, char_data, tmp_path):
-    (w_world, w_flags), (r_world, r_flags) = write, read
-    full = run(w_world, flags(char_data, tmp_path / "a", *w_flags, "--dtype", "float64"))
-    resumed = run(r_world, flags(char_data, tmp_path / "b", *r_flags, "--dtype", "float64",
-                                 "--resume", str(tmp_path / "a" / "step_0000003")))
     # another reduction order from the same bits, in float64: the bound of
     # harness.assert_records_match (lr <= 2e-3) holds on any CPU
-    assert_records_match(resumed, full[3:], "resumed", lr=2e-3)
+    assert_resumes_across(char_data, tmp_path, write, read)
 
 
 def test_a_crash_between_write_and_rename_leaves_the_previous_checkpoint(char_data, tmp_path, monkeypatch):
@@ -150,18 +122,6 @@ def test_resume_auto_restarts_a_run_that_died_before_its_first_checkpoint(char_d
     assert [p.name for p in checkpoint.checkpoints(tmp_path)] == ["step_0000002"]
 
 
-def _children(pid: int) -> list[int]:
-    out = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid:
-            out.append(int(stat.parent.name))
-    return out
-
-
 def test_a_killed_worker_restarts_and_finishes_like_an_uninterrupted_run(char_data, tmp_path):
     steps = 20
     args = flags(char_data, tmp_path / "run", "--data_parallel_size", "2", "--max_steps", str(steps),
@@ -178,7 +138,7 @@ def test_a_killed_worker_restarts_and_finishes_like_an_uninterrupted_run(char_da
         while not (tmp_path / "run" / "step_0000005").exists():
             assert launcher.poll() is None and time.monotonic() < deadline, "no checkpoint came"
             time.sleep(0.02)
-        workers = _children(launcher.pid)
+        workers = child_pids(launcher.pid)
         assert len(workers) == 2
         os.kill(workers[1], signal.SIGKILL)
         output, _ = launcher.communicate(timeout=240)

@@ -12,11 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from harness import REPO, run_distributed
+from harness import REPO, child_pids, flags, run_distributed, train_losses
 from nanodist import checkpoint, train
 from nanodist.run import faults, launch
 from nanodist.errors import UserError
-from test_checkpoint import _children, flags, train_losses
 
 DDP2 = ["--data_parallel_size", "2"]
 
@@ -118,7 +117,7 @@ def test_workers_stop_when_their_launcher_is_killed(char_data, tmp_path):
     workers = []
     try:
         wait_for(lambda: printed_step(log, 2), launcher, log)
-        workers = _children(launcher.pid)
+        workers = child_pids(launcher.pid)
         assert len(workers) == 2
         launcher.kill()
         killed = time.monotonic()
@@ -164,7 +163,7 @@ def test_the_surviving_rank_says_what_happened_to_its_peer(fault, line, char_dat
     workers = []
     try:
         wait_for(lambda: printed_step(log, 2), launcher, log)
-        workers = _children(launcher.pid)
+        workers = child_pids(launcher.pid)
         os.kill(workers[1], fault)
         wait_for(lambda: line in log.read_text(), launcher, log, timeout=60)
     finally:

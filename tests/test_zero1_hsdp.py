@@ -5,7 +5,7 @@ ZeRO-1, FSDP and HSDP; the layouts refused."""
 import pytest
 import torch
 
-from harness import assert_records_match, run_distributed, tiny_run, trainer_records
+from harness import assert_records_match, assert_resumes_across, run_distributed, tiny_run, trainer_records
 from nanodist.run.config import TrainConfig, resolve
 from nanodist.errors import UserError
 from nanodist.run.trainer import Trainer
@@ -15,11 +15,6 @@ from nanodist_tools.measure import measure_run, step_argv
 
 ZERO1 = dict(data_parallel_type="zero1")
 HSDP = dict(data_parallel_type="fsdp", data_parallel_replicas=2)
-
-
-@pytest.fixture(scope="module")
-def single(char_data, tmp_path_factory):
-    return trainer_records(tiny_run(char_data, tmp_path_factory.mktemp("single"), dtype="float64"))
 
 
 @pytest.mark.parametrize("world, implementation, layout", [
@@ -98,12 +93,7 @@ def test_state_and_traffic_are_the_cost_model_s(char_data, tmp_path, name):
     ((2, ["--data_parallel_type", "fsdp"]), (4, ["--data_parallel_type", "zero1"])),
 ], ids=["zero1-to-ddp", "hsdp-to-native-zero1", "native-zero1-to-native-hsdp", "fsdp-to-zero1"])
 def test_a_checkpoint_resumes_across_zero1_fsdp_and_hsdp(write, read, char_data, tmp_path):
-    from test_checkpoint import flags, run
-    (w_world, w_flags), (r_world, r_flags) = write, read
-    full = run(w_world, flags(char_data, tmp_path / "a", *w_flags, "--dtype", "float64"))
-    resumed = run(r_world, flags(char_data, tmp_path / "b", *r_flags, "--dtype", "float64",
-                                 "--resume", str(tmp_path / "a" / "step_0000003")))
-    assert_records_match(resumed, full[3:], "resumed", lr=2e-3)  # as test_checkpoint argues
+    assert_resumes_across(char_data, tmp_path, write, read)  # as test_checkpoint argues
 
 
 @pytest.mark.parametrize("flags, world, message", [
