@@ -12,7 +12,8 @@ import torch
 from common import median, parser, print_table, time_interleaved, write_json
 from nanodist.run.launch import pick_device
 from nanodist.model.gpt import GPT, model_config
-from nanodist.parallel.layout import Layout, Mesh
+from nanodist.parallel.layout import Layout
+from nanodist.parallel.mesh import Mesh
 from nanodist.parallel.parallelize import Setup, parallelize
 from nanodist.planner.cost import activation_bytes
 from nanodist_tools.measure import saved_activations

@@ -16,8 +16,10 @@ import torch.distributed as dist
 
 from common import median, paired_speedup, parser, print_table, start_processes, time_interleaved, write_json
 from nanodist.model.gpt import GPT, cross_entropy, model_config
-from nanodist.parallel.ddp import DataParallel, native_ddp
-from nanodist.parallel.layout import Layout, build_mesh
+from nanodist.parallel.ddp import DataParallel
+from nanodist.parallel.engines import native_ddp
+from nanodist.parallel.layout import Layout
+from nanodist.parallel.mesh import build_mesh
 
 
 def main():
@@ -34,7 +36,7 @@ def main():
     cfg = model_config(args.model, args.block_size, 50257)
     with torch.device(device):
         custom = GPT(cfg, seed=1)
-        sync = DataParallel(custom, mesh.dp, args.bucket_cap_mb)
+        sync = DataParallel(custom.parameters(), mesh.dp, args.bucket_cap_mb)
         native = native_ddp(GPT(cfg, seed=1), mesh.dp, device, args.bucket_cap_mb)
     tokens = torch.randint(0, cfg.vocab_size, (args.grad_accum, args.batch_size, cfg.block_size + 1),
                            generator=torch.Generator().manual_seed(mesh.rank)).to(device)

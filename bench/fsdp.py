@@ -23,7 +23,8 @@ from torch.distributed.tensor import DTensor
 from common import median, paired_speedup, parser, print_table, start_processes, time_interleaved, write_json
 from nanodist import compat
 from nanodist.model.gpt import GPT, model_config
-from nanodist.parallel.layout import Layout, build_mesh
+from nanodist.parallel.layout import Layout
+from nanodist.parallel.mesh import build_mesh
 from nanodist.parallel.parallelize import Setup, parallelize
 
 
@@ -89,7 +90,7 @@ def main():
 
     times = time_interleaved({impl: (lambda impl=impl: step(impl)) for impl in runs},
                              args.warmup, args.steps, device, dist.barrier)
-    n_params = sum(sum(f.numels) for f in runs["custom"][0].params.engine.flats)  # tied wte once
+    n_params = sum(sum(f.numels) for f in runs["custom"][0].params.all_flats)  # tied wte once
     memory = {}
     for impl, (stage, opt) in runs.items():
         stage.loss_fn(stage.module(tokens[:, :-1]), tokens[:, 1:]).backward()

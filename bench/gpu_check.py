@@ -63,9 +63,10 @@ from nanodist.planner.hardware import GPUS, DataSheet  # noqa: E402
 from nanodist.model.moe import MoE  # noqa: E402
 from nanodist.model.gpt import GPTConfig, model_config  # noqa: E402
 from nanodist.parallel.comm import Comm  # noqa: E402
-from nanodist.parallel.context_parallel import RingAttention  # noqa: E402
+from nanodist.parallel.ring_attention import RingAttention  # noqa: E402
 from nanodist_tools.layouts import GPU_CHECK, LAYOUTS, MOE, select  # noqa: E402
 from nanodist_tools.processes import as_rank_of, on_processes  # noqa: E402
+from nanodist.parallel.rules import check_layout
 
 CHECKS = ["numerics", "kernels", "paths", "layouts", "speed", "memory", "matmuls"]
 BF16_LAYOUTS = ["ddp2", "fsdp2", "tp2-sp-lp", "cp2", "pp2-1f1b"]  # the layouts check's bf16 runs
@@ -312,7 +313,7 @@ def check_layouts(report: Report, device: str, data: dict, runs: str, names: lis
                 for impl in ("custom",) if moe else ("custom", "pytorch"):
                     variant = replace(layout, implementation=impl)
                     try:  # what train.py refuses here (PyTorch's CP off CUDA, its PP x TP)
-                        variant.check(layout.world, device, BLOCK)
+                        check_layout(variant, layout.world, device, BLOCK)
                     except UserError as refused:
                         report.add("SKIP", "layouts", f"{name} {impl} {dtype}: {refused}")
                         continue

@@ -14,7 +14,6 @@ Markdown table (docs/bench/moe.md unless --markdown).
 """
 from contextlib import nullcontext
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
@@ -23,10 +22,12 @@ from common import (markdown_table, median, paired_speedup, parser, print_table,
                     time_interleaved, write_json)
 from nanodist.planner.cost import state_bytes as model_state_bytes
 from nanodist.model.gpt import GPT, model_config
-from nanodist.parallel.layout import Layout, build_mesh
+from nanodist.parallel.layout import Layout
+from nanodist.parallel.mesh import build_mesh
 from nanodist.parallel.parallelize import Setup, parallelize
 from nanodist.planner.traffic import traffic_by_group
 from nanodist_tools.measure import state_bytes
+from nanodist.parallel.rules import check_layout
 
 MiB = 2**20
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "bench" / "moe.md"
@@ -73,7 +74,7 @@ def main():
                "fsdp, experts replicated": Layout(dp=world, dp_type="fsdp"),
                f"fsdp + ep{world}": Layout(dp=world, dp_type="fsdp", ep=world)}
     for layout in layouts.values():
-        layout.check(world, device.type, cfg.block_size, model=cfg, micro_steps=args.grad_accum)
+        check_layout(layout, world, device.type, cfg.block_size, model=cfg, micro_steps=args.grad_accum)
     variants = {name: Variant(cfg, layout, device, args.grad_accum) for name, layout in layouts.items()}
     rank = dist.get_rank()
     tokens = torch.randint(0, cfg.vocab_size, (args.grad_accum, args.batch_size, cfg.block_size + 1),

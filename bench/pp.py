@@ -29,7 +29,8 @@ import torch.distributed as dist
 from common import (markdown_table, median, parser, print_table, start_processes,
                     time_interleaved, write_json)
 from nanodist.model.gpt import GPT, model_config
-from nanodist.parallel.layout import Layout, build_mesh
+from nanodist.parallel.layout import Layout
+from nanodist.parallel.mesh import build_mesh
 from nanodist.parallel.parallelize import Setup, parallelize
 from nanodist.parallel.pipeline import PipelineRunner
 from nanodist.planner.cost import bubble

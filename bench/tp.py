@@ -17,7 +17,8 @@ from torch.distributed.tensor import DTensor
 
 from common import median, parser, print_table, start_processes, time_interleaved, write_json
 from nanodist.model.gpt import GPT, model_config
-from nanodist.parallel.layout import Layout, build_mesh
+from nanodist.parallel.layout import Layout
+from nanodist.parallel.mesh import build_mesh
 from nanodist.parallel.parallelize import Setup, parallelize
 from nanodist.planner.traffic import tp_collectives
 

@@ -9,10 +9,10 @@ LAYOUTS = {
     "zero2": Layout(dp=2, dp_type="fsdp", reshard_after_forward=False),
     "zero1-2": Layout(dp=2, dp_type="zero1"),
     "zero1-4": Layout(dp=4, dp_type="zero1"),
-    "hsdp2x2": Layout(dp=4, dp_type="fsdp", dp_replicas=2),                 # 2 replicas of 2 shards
+    "hsdp2x2": Layout(dp=4, dp_type="fsdp", hsdp_replicas=2),                 # 2 replicas of 2 shards
     "zero1-2xtp2": Layout(dp=2, tp=2, dp_type="zero1", sequence_parallel=True, loss_parallel=True),
     "pp2xzero1-2": Layout(pp=2, dp=2, dp_type="zero1"),
-    "cp2xhsdp2": Layout(cp=2, dp=2, dp_type="fsdp", dp_replicas=2),
+    "cp2xhsdp2": Layout(cp=2, dp=2, dp_type="fsdp", hsdp_replicas=2),
     "tp2": Layout(tp=2),
     "tp2-lp": Layout(tp=2, loss_parallel=True),
     "tp2-sp-lp": Layout(tp=2, sequence_parallel=True, loss_parallel=True),

@@ -32,7 +32,7 @@ SIMULATED = [  # (name, layout, model); played: the first rank of the first and 
     ("pp8xfsdp64-zero2", Layout(pp=8, dp=64, dp_type="fsdp", reshard_after_forward=False), "gpt2-xl"),
     ("pp4xdp32xtp4", Layout(pp=4, dp=32, tp=4), "gpt2-large"),
     ("cp8xfsdp64", Layout(cp=8, dp=64, dp_type="fsdp"), "gpt2-xl"),
-    ("hsdp8x8", Layout(dp=64, dp_type="fsdp", dp_replicas=8), "gpt2-xl"),
+    ("hsdp8x8", Layout(dp=64, dp_type="fsdp", hsdp_replicas=8), "gpt2-xl"),
     ("zero1-32xtp4", Layout(dp=32, tp=4, dp_type="zero1", sequence_parallel=True), "gpt2-large"),
 ]
 

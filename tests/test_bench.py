@@ -54,7 +54,7 @@ def test_zero1_and_hsdp_state_and_traffic_by_hand():
     ddp, zero1 = (traffic_bytes(SMALL, Layout(dp=2, dp_type=t), 1, 1) for t in ("ddp", "zero1"))
     assert zero1["reduce_scatter"] + zero1["all_gather"] == ddp["all_reduce"] - 4  # its loss mean
     assert zero1["all_reduce"] == 4 + 4  # the loss mean, the norm of the sharded gradients
-    hsdp = Layout(dp=4, dp_type="fsdp", dp_replicas=2)
+    hsdp = Layout(dp=4, dp_type="fsdp", hsdp_replicas=2)
     assert state_bytes(SMALL, hsdp)["total"] == state_bytes(SMALL, Layout(dp=2, dp_type="fsdp"))["total"]
     z3 = traffic_bytes(SMALL, hsdp, 1, 1)  # shards of 2: (N-1)/N = 1/2
     assert z3["all_gather"] == 2 * 368 / 2 and z3["reduce_scatter"] == 368 / 2

@@ -1,7 +1,8 @@
 """Context parallelism: ring attention against scaled_dot_product_attention on the whole
 sequence (CP = 2 and 4, zigzag and contiguous, float64 and float32, forward and
-backward), the zigzag balance, and CP training against one process (alone and with DP,
-TP, FSDP), and the refusals."""
+backward), the zigzag balance, CP training of every type (ring, Ulysses, hybrid) against
+one process (alone and with DP, TP, FSDP, PP), their traffic against the cost model, and
+the refusals. The Ulysses core alone: test_ulysses.py."""
 
 import pytest
 import torch
@@ -13,12 +14,14 @@ from harness import assert_records_match, run_distributed, tiny_run, trainer_rec
 from nanodist.run.config import TrainConfig, resolve
 from nanodist.errors import UserError
 from nanodist.parallel.comm import Comm
-from nanodist.parallel.context_parallel import RingAttention, attention_blocks, split_sequence
+from nanodist.parallel.ring_attention import RingAttention, attention_blocks, split_sequence
+from nanodist.model.gpt import model_config
 from nanodist.parallel.layout import Layout
 from nanodist.run.trainer import Trainer
 from nanodist.planner.cost import activation_bytes
 from nanodist_tools.measure import saved_activations
-from nanodist.planner.traffic import ring_attention_sends, traffic_bytes
+from nanodist.planner.traffic import ring_attention_sends, traffic_by_group, traffic_bytes
+from nanodist.parallel.rules import check_layout
 
 
 B, HEADS, T, D = 2, 3, 32, 8
@@ -130,24 +133,26 @@ def test_zigzag_balances_the_causal_work():
         assert max(contiguous) / min(contiguous) == 2 * cp - 1
 
 
-# float64 (harness.assert_records_match): the bound after AdamW steps holds on any CPU
-@pytest.fixture(scope="module")
-def single(char_data, tmp_path_factory):
-    return trainer_records(tiny_run(char_data, tmp_path_factory.mktemp("single"), dtype="float64"))
-
-
-@pytest.mark.parametrize("cp", [2, 4])
-def test_cp_matches_one_process(char_data, tmp_path, single, cp):
-    kwargs = tiny_run(char_data, tmp_path, context_parallel_size=cp, dtype="float64")
+@pytest.mark.parametrize("cp,cp_type", [(2, "ring"), (4, "ring"), (2, "ulysses"), (4, "ulysses"),
+                                        (4, "hybrid")])
+def test_cp_matches_one_process(char_data, tmp_path, single, cp, cp_type):
+    """Every type of CP: ring, Ulysses (the tiny model's 4 heads over 2 or 4 ranks) and the
+    hybrid (its default: Ulysses over 2 ranks, the ring over the 2 runs)."""
+    kwargs = tiny_run(char_data, tmp_path, context_parallel_size=cp, context_parallel_type=cp_type,
+                      dtype="float64")
     for records in run_distributed(trainer_records, cp, kwargs):
-        assert_records_match(records, single, f"cp{cp}")
+        assert_records_match(records, single, f"cp{cp} {cp_type}")
 
 
 @pytest.mark.parametrize("layout", [
     dict(data_parallel_size=2, data_parallel_type="ddp"),
     dict(data_parallel_size=2, data_parallel_type="fsdp"),
     dict(tensor_parallel_size=2, sequence_parallel=True, enable_loss_parallelism=True),
-], ids=["dp2-ddp", "dp2-fsdp", "tp2-sp-lp"])
+    dict(context_parallel_type="ulysses", data_parallel_size=2, data_parallel_type="fsdp"),
+    dict(context_parallel_type="ulysses", tensor_parallel_size=2, sequence_parallel=True,
+         enable_loss_parallelism=True),
+    dict(context_parallel_type="ulysses", pipeline_parallel_size=2),
+], ids=["dp2-ddp", "dp2-fsdp", "tp2-sp-lp", "ulysses-dp2-fsdp", "ulysses-tp2-sp-lp", "ulysses-pp2"])
 def test_cp2_composes_on_4_processes(char_data, tmp_path, single, layout):
     """CP ranks sit between DP and TP (rank = (dp * cp + cp_rank) * tp + tp_rank); DDP and
     FSDP reduce over the flattened dp x cp group."""
@@ -157,11 +162,12 @@ def test_cp2_composes_on_4_processes(char_data, tmp_path, single, layout):
         assert_records_match(records, single, f"cp2 x {layout}")
 
 
-@pytest.mark.parametrize("policy", ["full", "selective"])
-def test_cp_with_activation_checkpointing(char_data, tmp_path, policy):
-    """The recompute runs the ring again, on every rank in the same order: bitwise the
-    same steps as CP without checkpointing."""
+@pytest.mark.parametrize("policy,cp_type", [("full", "ring"), ("selective", "ring"), ("full", "ulysses")])
+def test_cp_with_activation_checkpointing(char_data, tmp_path, policy, cp_type):
+    """The recompute runs the ring (or Ulysses' all-to-alls) again, on every rank in the
+    same order: bitwise the same steps as CP without checkpointing."""
     runs = [run_distributed(trainer_records, 2, tiny_run(char_data, tmp_path / p, context_parallel_size=2,
+                                                         context_parallel_type=cp_type,
                                                          activation_checkpointing=p))
             for p in ("none", policy)]
     assert runs[0] == runs[1]
@@ -181,6 +187,30 @@ def test_bad_cp_flags(char_data, tmp_path):
     kwargs = tiny_run(char_data, tmp_path, context_parallel_size=2, implementation="pytorch")
     for message in run_distributed(_user_error, 2, kwargs):
         assert "CUDA only" in message and "--implementation custom" in message
+
+
+def test_bad_ulysses_flags():
+    tiny = model_config("tiny", 32, 65)  # 4 heads
+    with pytest.raises(UserError, match="4 heads per rank cannot be split over 8 Ulysses ranks"):
+        check_layout(Layout(cp=8, cp_type="ulysses"), 8, "cpu", 32, model=tiny)
+    with pytest.raises(UserError, match="2 heads per rank cannot be split over 4"):
+        check_layout(Layout(cp=4, tp=2, cp_type="ulysses"), 8, "cpu", 32, model=tiny)
+    with pytest.raises(UserError, match="hand-written only.*--implementation custom"):
+        check_layout(Layout(cp=2, cp_type="ulysses", implementation="pytorch"), 2, "cuda", 32)
+    with pytest.raises(UserError, match="--ulysses_degree 2 needs --context_parallel_type hybrid"):
+        check_layout(Layout(cp=4, ulysses_degree=2), 4, "cpu", 32)
+    with pytest.raises(UserError, match="--context_parallel_type ulysses needs --context_parallel_size > 1"):
+        check_layout(Layout(cp_type="ulysses"), 1, "cpu", 32)
+    with pytest.raises(UserError, match="must divide --context_parallel_size \\(4\\) and lie between 2 and 2"):
+        check_layout(Layout(cp=4, cp_type="hybrid", ulysses_degree=3), 4, "cpu", 32)
+    # hybrid's default: the largest degree the heads of a TP rank allow, the ring over the rest
+    assert Layout(cp=8, cp_type="hybrid").with_heads(4).ulysses == 4
+    assert Layout(cp=8, tp=2, cp_type="hybrid").with_heads(4).ulysses == 2
+    with pytest.raises(UserError, match="none the heads allow"):  # 3 heads: no degree of 4
+        check_layout(Layout(cp=4, cp_type="hybrid").with_heads(3), 4, "cpu", 32)
+    cfg, layout, _ = resolve(TrainConfig(model="tiny", context_parallel_size=4, context_parallel_type="hybrid",
+                                         block_size=32), 4, "cpu")
+    assert (cfg.ulysses_degree, layout.ulysses, layout.name) == (2, 2, "dp1-ddp-tp1-custom-cp4-hybrid2")
 
 
 def _user_error(kwargs) -> str:
@@ -205,6 +235,31 @@ def test_kv_bytes_sent_per_step_are_analytic(char_data, tmp_path):
         sends, payload = ring_attention_sends(2, cfg.block_size, cfg.n_embd // 2, cfg.n_layer, 2)
         assert (calls, bus) == (accum * sends, accum * payload)
         assert bus == traffic_bytes(cfg, Layout(tp=2, cp=2), 2, accum)["send"]
+
+
+def _all_to_alls_of_one_step(kwargs):
+    trainer = Trainer(TrainConfig(**kwargs))
+    with trainer.comm.counting() as counted:
+        trainer.train_step(0)
+    return (counted.calls["all_to_all"], counted.bus_bytes["all_to_all"], counted.calls["send"],
+            counted.bus_bytes["send"], trainer.layout, trainer.model_cfg, trainer.micro_steps)
+
+
+@pytest.mark.parametrize("layout", [dict(context_parallel_type="ulysses", tensor_parallel_size=2),
+                                    dict(context_parallel_type="hybrid", context_parallel_size=4)],
+                         ids=["ulysses-cp2-tp2", "hybrid-cp4"])
+def test_ulysses_bytes_per_step_are_analytic(char_data, tmp_path, layout):
+    """What comm.py counts in one optimizer step = the cost model: Ulysses' all-to-alls,
+    4 B T/cp C/tp values per layer each way and direction, (u-1)/u of them sent; the
+    hybrid's ring on the heads Ulysses left (traffic.py)."""
+    kwargs = tiny_run(char_data, tmp_path, **{"context_parallel_size": 2, **layout})
+    for a2a_calls, a2a_bus, sends, send_bus, lay, cfg, accum in run_distributed(_all_to_alls_of_one_step, 4, kwargs):
+        u, T, C = lay.ulysses, cfg.block_size // lay.cp, cfg.n_embd // lay.tp
+        assert a2a_calls == accum * cfg.n_layer * 4
+        assert a2a_bus == accum * cfg.n_layer * 8 * 2 * T * C * 4 * (u - 1) / u  # B = 2, fp32
+        model = traffic_by_group(cfg, lay, 2, accum)
+        assert (a2a_bus, send_bus) == (model[("cp_ulysses", "all_to_all")], model.get(("cp_ring", "send"), 0.0))
+        assert sends == (accum * cfg.n_layer * (3 * (lay.cp // u) - 2) if lay.cp > u else 0)
 
 
 def _kept_for_backward(kwargs):

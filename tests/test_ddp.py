@@ -10,8 +10,10 @@ from harness import (assert_printed_losses_match, assert_records_match, run_dist
                      tiny_run, trainer_records)
 from nanodist.model.gpt import GPT, GPTConfig, cross_entropy
 from nanodist.parallel.comm import Comm
-from nanodist.parallel.ddp import DataParallel, native_ddp
-from nanodist.parallel.layout import Layout, build_mesh
+from nanodist.parallel.ddp import DataParallel
+from nanodist.parallel.engines import native_ddp
+from nanodist.parallel.layout import Layout
+from nanodist.parallel.mesh import build_mesh
 
 CPU = torch.device("cpu")
 TINY = GPTConfig(block_size=32, vocab_size=128, n_layer=2, n_head=4, n_embd=64)
@@ -39,7 +41,7 @@ def adamw(model):
 def custom_vs_native(steps: int, accum: int):
     mesh = build_mesh(Layout(dp=torch.distributed.get_world_size()), CPU)
     custom = GPT(TINY, seed=1 + mesh.rank)  # each rank draws its own: the broadcast decides
-    ddp = DataParallel(custom, mesh.dp, bucket_cap_mb=0.05)
+    ddp = DataParallel(custom.parameters(), mesh.dp, bucket_cap_mb=0.05)
     native = native_ddp(GPT(TINY, seed=1 + mesh.rank), mesh.dp, CPU, bucket_cap_mb=25)
     reference = GPT(TINY, seed=1)
     checks = {"initial": all(torch.equal(a, b) and torch.equal(a, c) for a, b, c in zip(
@@ -85,7 +87,7 @@ def against_one_process(steps: int, accum: int, implementation: str):
     single = GPT(TINY, seed=1)
     model = GPT(TINY, seed=1)
     if implementation == "custom":
-        no_sync = DataParallel(model, mesh.dp, bucket_cap_mb=0.05).no_sync
+        no_sync = DataParallel(model.parameters(), mesh.dp, bucket_cap_mb=0.05).no_sync
     else:
         model = native_ddp(model, mesh.dp, CPU, bucket_cap_mb=25)
         no_sync = model.no_sync
@@ -148,7 +150,7 @@ def buckets_and_overlap(cap_mb: float, steps: int, accum: int):
         f"all_reduce {[b.buffer is tensor for b in ddp.buckets].index(True)}")
     mesh = build_mesh(Layout(dp=torch.distributed.get_world_size()), CPU, Comm(RecordingTransport(record)))
     model = GPT(TINY, seed=1)
-    ddp = DataParallel(model, mesh.dp, bucket_cap_mb=cap_mb)
+    ddp = DataParallel(model.parameters(), mesh.dp, bucket_cap_mb=cap_mb)
     index = {p: i for i, p in enumerate(model.parameters())}
     layout = [[index[p] for p in bucket.params] for bucket in ddp.buckets]
     sizes = [sum(p.numel() * p.element_size() for p in bucket.params) for bucket in ddp.buckets]
@@ -210,7 +212,7 @@ class Branchy(nn.Module):
 def unused_parameters(steps: int):
     mesh = build_mesh(Layout(dp=torch.distributed.get_world_size()), CPU)
     custom, native = Branchy(), Branchy()
-    ddp = DataParallel(custom, mesh.dp)
+    ddp = DataParallel(custom.parameters(), mesh.dp)
     native = DistributedDataParallel(native, process_group=mesh.dp.process_group, find_unused_parameters=True)
     opt_c, opt_n = adamw(custom), adamw(native)
     grads_equal, params_equal, b_grad, never_grad = [], [], [], []
@@ -269,17 +271,17 @@ def replicas_after_wrapping(engine_name: str):
     """Rank side: a model drawn from each rank's own seed, wrapped by the custom DDP or
     ZeRO-1 (all its parameters, or a subset: expert parallelism's experts over edp);
     returns every parameter as each rank holds it afterwards."""
+    from nanodist.parallel.params import parameter_owners
     from nanodist.parallel.zero1 import ZeRO1
     mesh = build_mesh(Layout(dp=2), CPU)
     model = GPT(TINY, seed=mesh.rank)  # different on every rank
     drawn = {name: p.detach().clone() for name, p in model.named_parameters()}
     named = list(model.named_parameters())
     subset = named[::2] if engine_name.endswith("subset") else named
-    params = [p for _, p in subset] if engine_name.endswith("subset") else None
     if engine_name.startswith("ddp"):
-        DataParallel(model, mesh.dp, params=params)
+        DataParallel([p for _, p in subset], mesh.dp)
     else:
-        ZeRO1(model, mesh.dp, 25.0, {}, params=params)
+        ZeRO1(subset, parameter_owners(model), mesh.dp, 25.0, {}, mesh)
     held = {name: p.detach().clone() for name, p in model.named_parameters()}
     return held, drawn, [name for name, _ in subset]
 

@@ -10,8 +10,9 @@ from harness import assert_records_match, run_distributed, tiny_run, trainer_rec
 from nanodist import compat
 from nanodist.run.config import TrainConfig
 from nanodist.model.gpt import GPT, GPTConfig
-from nanodist.parallel.fsdp import fsdp2_no_sync
-from nanodist.parallel.layout import Layout, Mesh, build_mesh
+from nanodist.parallel.engines import fsdp2_no_sync
+from nanodist.parallel.layout import Layout
+from nanodist.parallel.mesh import Mesh, build_mesh
 from nanodist.parallel.parallelize import Setup, parallelize
 from nanodist.parallel.params import FlatParams, full_state_dict
 from nanodist.run.trainer import Trainer
@@ -52,7 +53,7 @@ def _full_grads(stage) -> dict:
                 for name, p in stage.gpt.named_parameters()}
     names = {id(p): name for name, p in stage.gpt.named_parameters()}
     grads = {}
-    for f in stage.params.engine.flats:
+    for f in stage.params.all_flats:
         full = torch.empty(f.full.numel(), dtype=f.shard.dtype)
         f.group.all_gather(full, f.shard.grad)
         for p, value in zip(f.params, f.split(full)):
@@ -68,7 +69,7 @@ def _train(mesh, model_cfg=MODEL, steps=STEPS, max_norm=None, defer_sync=False, 
     opt = torch.optim.AdamW(stage.params.param_groups(0.1), lr=1e-2)
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16")
     dp = mesh.dp
-    no_sync = ((stage.params.engine.no_sync if isinstance(stage.params, FlatParams)
+    no_sync = ((stage.params.engines[0].no_sync if isinstance(stage.params, FlatParams)
                 else lambda: fsdp2_no_sync(stage.module)) if defer_sync and dp.size > 1 else None)
     losses, norms = [], []
     for step in range(steps):
@@ -227,7 +228,7 @@ def _memory(dp, model_cfg):
         model = GPT(model_cfg, seed=None)
     with LiveBytes() as init:  # (meta tensors count their logical bytes: made outside)
         stage = parallelize(model, Setup(mesh, SEED)).stages[0]
-    fsdp, dp_rank = stage.params.engine, stage.params.mesh.dp.rank
+    [fsdp], dp_rank = stage.params.engines, stage.params.mesh.dp.rank
     unit_bytes = [_nbytes(f.full for f in unit.flats) for unit in fsdp.units]
     gathered = lambda: sum(f.full.untyped_storage().nbytes() for f in fsdp.flats)
     opt = torch.optim.AdamW(stage.params.param_groups(0.1), lr=1e-3)
@@ -302,4 +303,4 @@ def _reduce_scatters_per_step(kwargs):
     trainer = Trainer(TrainConfig(**kwargs))
     with trainer.comm.counting() as counter:
         trainer.train_step(0)
-    return counter.calls["reduce_scatter"], len(trainer.params.engine.flats)
+    return counter.calls["reduce_scatter"], len(trainer.params.all_flats)

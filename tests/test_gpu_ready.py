@@ -25,8 +25,9 @@ from nanodist.model.gpt import GPT, GPTConfig
 from nanodist.parallel.comm import Comm
 from nanodist.parallel.ddp import DataParallel
 from nanodist.parallel.fsdp import FSDP, apply_fsdp
-from nanodist.parallel.layout import Layout, Mesh, build_mesh
-from nanodist.parallel.parallelize import Setup, Stage, apply_materialize
+from nanodist.parallel.layout import Layout
+from nanodist.parallel.mesh import Mesh, build_mesh
+from nanodist.parallel.parallelize import ModelPart, Setup, apply_materialize
 from nanodist.parallel.params import ModuleParams
 from nanodist.parallel.tensor_parallel import apply_tp
 from nanodist.run.trainer import Trainer
@@ -48,7 +49,7 @@ def _stale_tp_params(deferred: bool):
     setup = Setup(build_mesh(Layout(dp=2, tp=2, dp_type="fsdp", sequence_parallel=True), CPU), seed=0)
     with torch.device("meta" if deferred else "cpu"):
         model = GPT(MODEL, seed=None if deferred else 0)
-    stage = apply_tp(Stage(model, model, ModuleParams(model, setup.mesh)), setup)
+    stage = apply_tp(ModelPart(model, model, ModuleParams(model, setup.mesh)), setup)
     before = [weakref.ref(p) for p in stage.gpt.parameters()]
     stage = apply_materialize(apply_fsdp(stage, setup), setup)
     gc.collect()
@@ -216,7 +217,7 @@ class HostSyncs(compat.TorchDispatchMode):
 def _ddp_host_syncs():
     mesh = build_mesh(Layout(dp=torch.distributed.get_world_size()), CPU)
     model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8))
-    ddp = DataParallel(model, mesh.dp)
+    ddp = DataParallel(model.parameters(), mesh.dp)
     with HostSyncs() as syncs:
         model[0](torch.ones(2, 8)).sum().backward()  # 4 parameters without gradient
     return syncs.count, len(ddp.buckets)
@@ -397,7 +398,7 @@ def test_no_access_to_a_pending_collective_s_buffers(char_data, tmp_path):
 def test_fsdp_never_frees_a_unit_whose_all_gather_is_in_flight():
     """The custom FSDP runs on one compute stream: a unit is freed after wait() only."""
     mesh = Mesh.alone()
-    fsdp = FSDP(GPT(MODEL, seed=0), mesh.dp_cp, mesh.device, seed=0)
+    fsdp = FSDP(GPT(MODEL, seed=0), mesh, seed=0)
     unit = fsdp.units[1]
     unit.unshard()
     with pytest.raises(RuntimeError, match="in flight"):

@@ -8,7 +8,8 @@ import dataclasses
 import pytest
 import torch
 
-from harness import assert_records_match, run_distributed, tiny_params_bound, tiny_run, trainer_records
+from harness import (assert_records_match, assert_resumes_across, flags, run_distributed,
+                     tiny_params_bound, tiny_run, trainer_records)
 from nanodist.planner import cost, traffic
 from nanodist.run.config import TrainConfig, parse_args, resolve
 from nanodist.errors import UserError
@@ -125,8 +126,9 @@ def test_logged_token_counts_are_the_steps(char_data, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def single(char_data, tmp_path_factory):
-    return trainer_records(tiny_run(char_data, tmp_path_factory.mktemp("single"), **F64, **MOE))
+def single_moe(char_data, tmp_path_factory):
+    """The one-process float64 reference with the MoE model's experts (not conftest's dense one)."""
+    return trainer_records(tiny_run(char_data, tmp_path_factory.mktemp("single_moe"), **F64, **MOE))
 
 
 @pytest.mark.parametrize("world, layout", [
@@ -147,13 +149,13 @@ def single(char_data, tmp_path_factory):
     (4, dict(data_parallel_size=4, data_parallel_type="fsdp", data_parallel_replicas=2)),
 ], ids=["ep2", "ep2-fsdp", "dp4-ep2", "ep4-fsdp", "tp2xep2", "pp2xep2", "cp2xep4", "ep2-ac",
         "zero1-4-ep2", "moe-fsdp2-native", "moe-ddp-native", "moe-dtensor-tp2", "moe-zero1", "moe-hsdp2x2"])
-def test_matches_one_process(char_data, tmp_path, single, world, layout):
+def test_matches_one_process(char_data, tmp_path, single_moe, world, layout):
     """Float64 AdamW steps with clipping: harness.assert_records_match's bound over the
     MoE model's parameters (routing is discontinuous, but no two experts of one token lie
     within that bound of each other in these runs)."""
     kwargs = tiny_run(char_data, tmp_path, **F64, **MOE, **layout)
     for records in run_distributed(trainer_records, world, kwargs):
-        assert_records_match(records, single, str(layout), n_params=N_PARAMS)
+        assert_records_match(records, single_moe, str(layout), n_params=N_PARAMS)
 
 
 def tied_router_records(kwargs):
@@ -182,7 +184,7 @@ def test_routing_ties_and_empty_experts_match_one_process(char_data, tmp_path, w
         assert shares[f"MoE/tokens/layer{layer}/expert1"] == shares[f"MoE/tokens/layer{layer}/expert3"] == 0
     kwargs = tiny_run(char_data, tmp_path / "ep", **F64, **moe, **layout)
     for records, rank_shares in run_distributed(tied_router_records, world, kwargs):
-        assert rank_shares[f"MoE/tokens/layer1/expert1"] == 0  # every rank's tokens tie alike
+        assert rank_shares["MoE/tokens/layer1/expert1"] == 0  # every rank's tokens tie alike
         assert_records_match(records, one, str(layout), n_params=N_PARAMS)
 
 
@@ -283,7 +285,7 @@ def test_saved_activations_follow_the_cost_model(moe):
 
 def test_the_planner_searches_expert_parallel_sizes():
     """A MoE job's ranking holds EP layouts (each one train.py accepts: candidates asks
-    Layout.check); a dense job's none."""
+    rules.check_layout); a dense job's none."""
     from nanodist.planner import hardware, plan
     from nanodist.model.gpt import model_config
     machine = hardware.DataSheet("h100")
@@ -320,13 +322,8 @@ def test_the_planners_commands_train_the_moe_model(capsys):
      (4, ["--expert_parallel_size", "4", "--data_parallel_type", "fsdp"])),
 ], ids=["ep2-fsdp-to-1", "ep2-to-ep4-fsdp"])
 def test_a_checkpoint_resumes_under_another_ep_size(char_data, tmp_path, write, read):
-    from test_checkpoint import flags, run
-    moe = ["--moe_experts", "4", "--moe_top_k", "2", "--moe_every", "2", "--dtype", "float64"]
-    (w_world, w_flags), (r_world, r_flags) = write, read
-    full = run(w_world, flags(char_data, tmp_path / "a", *moe, *w_flags))
-    resumed = run(r_world, flags(char_data, tmp_path / "b", *moe, *r_flags,
-                                 "--resume", str(tmp_path / "a" / "step_0000003")))
-    assert_records_match(resumed, full[3:], "resumed", lr=2e-3, n_params=N_PARAMS)
+    moe = ["--moe_experts", "4", "--moe_top_k", "2", "--moe_every", "2"]
+    assert_resumes_across(char_data, tmp_path, write, read, *moe, n_params=N_PARAMS)
 
 
 # ---------------------------------------------------------------- refused
@@ -362,7 +359,6 @@ def test_bad_moe_flags_are_refused(char_data, flags, message):
 
 def test_export_refuses_a_mixture_of_experts(char_data, tmp_path):
     from nanodist.export import export
-    from test_checkpoint import flags
     Trainer(parse_args(flags(char_data, tmp_path / "run", "--moe_experts", "2", "--moe_top_k", "1",
                              "--max_steps", "1", "--eval_interval", "1"))).train()
     with pytest.raises(UserError, match="no experts"):

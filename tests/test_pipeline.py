@@ -4,7 +4,8 @@ process on the same global batch; the tied embedding, deferred init, bad layouts
 import pytest
 import torch
 
-from harness import REPO, assert_records_match, run_distributed, run_train, tiny_run, trainer_records
+from harness import (REPO, assert_records_match, assert_resumes_across, run_distributed, run_train,
+                     tiny_run, trainer_records)
 from nanodist.run.config import TrainConfig, resolve
 from nanodist.errors import UserError
 from nanodist.model.gpt import GPTConfig
@@ -13,6 +14,7 @@ from nanodist.parallel.pipeline import split_layers
 from nanodist.parallel.schedules import SCHEDULES, one_f_one_b, simulate, timeline
 from nanodist.planner.cost import bubble
 from nanodist.planner.traffic import traffic_bytes
+from nanodist.parallel.rules import check_layout
 
 
 # ------------------------------------------------------------------ schedules as data
@@ -89,7 +91,7 @@ def test_bad_pipeline_layouts_are_refused(n_layer, P, V, M, schedule, implementa
     layout = Layout(pp=P, virtual_stages=V, pp_schedule=schedule, implementation=implementation)
     model = GPTConfig(block_size=32, vocab_size=128, n_layer=n_layer, n_head=4, n_embd=64)
     with pytest.raises(UserError, match=match):
-        layout.check(P, "cpu", 32, model=model, micro_steps=M)
+        check_layout(layout, P, "cpu", 32, model=model, micro_steps=M)
 
 
 def test_world_must_be_pp_x_dp_x_tp():
@@ -119,11 +121,6 @@ def test_bad_layout_ends_in_one_message_on_every_rank(char_data, tmp_path):
 
 # float64 (harness.assert_records_match): the bound after AdamW steps holds on any CPU
 F64 = dict(dtype="float64")
-
-
-@pytest.fixture(scope="module")
-def single(char_data, tmp_path_factory):
-    return trainer_records(tiny_run(char_data, tmp_path_factory.mktemp("single"), **F64))
 
 
 CUSTOM_SCHEDULES = [("gpipe", 1), ("1f1b", 1), ("interleaved_1f1b", 2)]
@@ -254,13 +251,8 @@ def test_pp_x_fsdp_in_bf16_follows_fsdp(char_data, tmp_path, implementation):
 ], ids=["pp2-to-1", "pp2v2-to-tp2", "native-pp2-to-ddp2", "pp2xdp2-to-fsdp4", "fsdp2-to-pp2"])
 def test_a_pipeline_checkpoint_resumes_in_another_layout(write, read, char_data, tmp_path):
     """The layout-free format across PP: the stages hand every GPT-2 name on in one order."""
-    from test_checkpoint import flags, run
-    (w_world, w_flags), (r_world, r_flags) = write, read
-    full = run(w_world, flags(char_data, tmp_path / "a", *w_flags, "--dtype", "float64"))
-    resumed = run(r_world, flags(char_data, tmp_path / "b", *r_flags, "--dtype", "float64",
-                                 "--resume", str(tmp_path / "a" / "step_0000003")))
     # another reduction order from the same bits, in float64 (as test_checkpoint)
-    assert_records_match(resumed, full[3:], "resumed", lr=2e-3)
+    assert_resumes_across(char_data, tmp_path, write, read)
 
 
 def test_3d_pp_dp_tp_matches_one_process(char_data, tmp_path, single):
@@ -279,7 +271,7 @@ def _bench_measure(schedule):
     from types import SimpleNamespace
     sys.path.insert(0, str(REPO / "bench"))
     from pp import measure
-    from nanodist.parallel.layout import build_mesh
+    from nanodist.parallel.mesh import build_mesh
     args = SimpleNamespace(model="tiny", n_layer=4, block_size=32, batch_size=2, vocab_size=128,
                            warmup=0, steps=1)
     got = measure(args, build_mesh(Layout(pp=2), torch.device("cpu")), schedule, 1, 4)

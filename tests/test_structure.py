@@ -94,3 +94,24 @@ def test_the_walk_sees_what_it_must():
     assert "nanodist.planner.plan" in edges["nanodist.run.preflight"]                # train -> planner
     assert layer("nanodist.compat") < layer("nanodist.model.gpt") < layer("nanodist.parallel.fsdp") \
         < layer("nanodist.planner.plan") < layer("nanodist.checkpoint.format") < layer("nanodist_tools.planner")
+
+
+STRATEGIES = tuple(f"nanodist.parallel.{name}" for name in (
+    "tensor_parallel", "context_parallel", "expert_parallel", "activation_checkpoint", "fsdp", "ddp",
+    "zero1", "pipeline"))
+
+
+def test_strategies_are_peers():
+    """No strategy imports another: what they share (placements, engines, comm) sits below
+    them, so a student reads one strategy in its file (and its kernels: ring_attention.py,
+    ulysses.py, loss_parallel.py, the native twins)."""
+    edges = graph()
+    assert [(a, b) for a in STRATEGIES for b in edges[a] if b in STRATEGIES] == []
+    assert "nanodist.model.moe" not in edges["nanodist.run.trainer"]  # the model reports its metrics
+
+
+def test_library_files_stay_short():
+    """picotron's rule (DESIGN.md): a file of the library reads in one sitting."""
+    long = {path.relative_to(REPO).as_posix(): n for path in (REPO / "nanodist").rglob("*.py")
+            if (n := len(path.read_text().splitlines())) > 300}
+    assert long == {}

@@ -12,7 +12,8 @@ from torch.distributed.tensor import DTensor
 
 from harness import adamw_param_bound, relative_drift, run_distributed
 from nanodist.model.gpt import GPT, MLP, Block, CausalSelfAttention, GPTConfig
-from nanodist.parallel.layout import Layout, Mesh, build_mesh
+from nanodist.parallel.layout import Layout
+from nanodist.parallel.mesh import Mesh, build_mesh
 from nanodist.parallel.loss_parallel import vocab_parallel_cross_entropy
 from nanodist.parallel.parallelize import Setup, parallelize
 from nanodist.parallel.params import full_state_dict

@@ -75,7 +75,7 @@ def apply_activation_checkpointing(model: torch.nn.Module, policy: str, every: i
 
 
 
-def apply_ac(stage, setup):
+def apply_ac(part, setup):
     """The activation-checkpointing step of `parallelize` (after TP and CP, before FSDP/DDP)."""
-    apply_activation_checkpointing(stage.gpt, setup.layout.checkpointing, setup.layout.ac_every)
-    return stage
+    apply_activation_checkpointing(part.gpt, setup.layout.checkpointing, setup.layout.ac_every)
+    return part

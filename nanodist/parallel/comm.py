@@ -182,3 +182,52 @@ class Group:
             return works
         for work in works:
             work.wait()
+
+
+# ------------------------------------------------- differentiable collectives (out of place)
+
+def split(x: torch.Tensor, dim: int, group: Group) -> torch.Tensor:
+    """This rank's slice of `x` along `dim` (no communication)."""
+    return x.chunk(group.size, dim)[group.rank].contiguous()
+
+
+def gather(x: torch.Tensor, dim: int, group: Group) -> torch.Tensor:
+    """Concatenation along `dim` of every rank's x, in rank order."""
+    x = x.movedim(dim, 0).contiguous()
+    out = x.new_empty(group.size * x.size(0), *x.shape[1:])
+    group.all_gather(out, x)
+    return out.movedim(0, dim)
+
+
+def reduce_scatter(x: torch.Tensor, dim: int, group: Group) -> torch.Tensor:
+    """Rank r's slice along `dim` of the sum of every rank's x."""
+    x = x.movedim(dim, 0).contiguous()
+    out = x.new_empty(x.size(0) // group.size, *x.shape[1:])
+    group.reduce_scatter(out, x)
+    return out.movedim(0, dim)
+
+
+def all_reduce(x: torch.Tensor, group: Group) -> torch.Tensor:
+    """The sum of every rank's x (a new tensor)."""
+    x = x.clone()
+    group.all_reduce(x)
+    return x
+
+
+def conjugate(name: str, forward, backward):
+    """An autograd op computing `forward(x, group)` whose gradient is `backward(grad, group)`:
+    Megatron's f and g (tensor_parallel.py) and their kin are pairs of the functions above."""
+    def fwd(ctx, x, group):
+        ctx.group = group
+        return forward(x, group)
+
+    def bwd(ctx, grad):
+        return backward(grad, ctx.group), None
+
+    op = type(name, (torch.autograd.Function,), {"forward": staticmethod(fwd),
+                                                 "backward": staticmethod(bwd)})
+    return op.apply
+
+
+# the sum over a group whose ranks each hold a share of one loss: backward sums the gradients too
+sum_over = conjugate("SumOver", all_reduce, all_reduce)

@@ -25,22 +25,22 @@ the same all-reduce: a parameter no rank used keeps grad None, as in one process
 PyTorch (`native_ddp`): `DistributedDataParallel` on the DP x CP group.
 """
 import dataclasses
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 
 import torch
 import torch.nn as nn
-from torch.nn.parallel import DistributedDataParallel
 
 from nanodist import compat
 from nanodist.parallel.comm import Group
-from nanodist.parallel.expert_parallel import reduction_groups
-from nanodist.parallel.fsdp import fsdp2_no_sync
+from nanodist.parallel.engines import (InOrder, assign_buckets, broadcast_from_first_rank,
+                                       engine_params, fsdp2_no_sync, native_ddp, no_sync_all)
 
 
 @dataclass
-class Bucket:
+class GradBucket:
+    """Consecutive parameters' gradients in one buffer, all-reduced in one call."""
     params: list[nn.Parameter]
     buffer: torch.Tensor                       # [grad 0 | grad 1 | ... | used flags]
     grads: list[torch.Tensor] = field(init=False)   # param-shaped views into buffer
@@ -54,50 +54,29 @@ class Bucket:
         self.used = self.buffer[offset:]
 
 
-def assign_buckets(params: list[nn.Parameter], cap_bytes: int) -> list[list[nn.Parameter]]:
-    """Consecutive params share a bucket while their gradients fit in cap_bytes (a param
-    larger than the cap gets one of its own); a dtype or device change starts a new one."""
-    buckets, size = [], 0
-    for param in params:
-        nbytes = param.numel() * param.element_size()
-        last = buckets[-1][-1] if buckets else None
-        if last is not None and size + nbytes <= cap_bytes and \
-                (last.dtype, last.device) == (param.dtype, param.device):
-            buckets[-1].append(param)
-            size += nbytes
-        else:
-            buckets.append([param])
-            size = nbytes
-    return buckets
-
-
 class DataParallel:
-    """Custom DDP of `model` over `group` (the DP x CP ranks of the mesh), by hooks.
-    `params`: the ones to reduce (default: all of the model's, and its buffers broadcast);
-    `scale`: the gradients' factor (default 1 / group size: the mean over the group)."""
+    """Custom DDP of `params` (a model's, or those of one reduction) over `group`, by
+    hooks; `scale`: the gradients' factor (default 1 / group size: the mean over it)."""
 
-    def __init__(self, model: nn.Module, group: Group, bucket_cap_mb: float = 25.0,
-                 params: list | None = None, scale: float | None = None):
+    def __init__(self, params, group: Group, bucket_cap_mb: float = 25.0, scale: float | None = None):
         self.group, self.scale = group, scale or 1.0 / group.size
         self.sync = True
-        broadcast_from_first_rank(model, group, params)
-        params = [p for p in (model.parameters() if params is None else params) if p.requires_grad]
+        params = [p for p in params if p.requires_grad]
+        broadcast_from_first_rank(params, group)
         self.buckets = []
         for members in assign_buckets(params[::-1], int(bucket_cap_mb * 2**20)):
             numel = sum(p.numel() for p in members) + len(members)
-            self.buckets.append(Bucket(members, members[0].new_zeros(numel)))
+            self.buckets.append(GradBucket(members, members[0].new_zeros(numel)))
         self.slot = {param: (b, i) for b, bucket in enumerate(self.buckets)
                      for i, param in enumerate(bucket.params)}
+        self.queue = InOrder([len(bucket.params) for bucket in self.buckets], self._launch, self._finish)
         for param in params:
             param.register_post_accumulate_grad_hook(self._on_grad_ready)
         self._new_backward()
 
     def _new_backward(self):
-        self.missing = [len(bucket.params) for bucket in self.buckets]  # grads not ready yet
-        self.next_bucket = 0          # buckets before it are launched
         self.ready = set()            # params whose gradient is in its bucket, divided by N
         self.works, self.unused_here = [], []
-        self.finish_queued = False
 
     @contextmanager
     def no_sync(self):
@@ -124,12 +103,7 @@ class DataParallel:
         else:
             view.mul_(self.scale)
         self.ready.add(param)
-        if not self.finish_queued:
-            compat.queue_callback(self._finish)
-            self.finish_queued = True
-        self.missing[b] -= 1
-        while self.next_bucket < len(self.buckets) and self.missing[self.next_bucket] == 0:
-            self._launch(self.next_bucket)
+        self.queue.arrived(b)
 
     def _launch(self, b: int):
         bucket = self.buckets[b]
@@ -144,12 +118,9 @@ class DataParallel:
             else:  # its gradient came in an earlier micro-step only
                 grad.mul_(self.scale)
         self.works.append(self.group.all_reduce(bucket.buffer, async_op=True))
-        self.next_bucket = b + 1
 
     def _finish(self):
-        """End of backward: launch the buckets still incomplete, wait for all of them."""
-        while self.next_bucket < len(self.buckets):
-            self._launch(self.next_bucket)
+        """End of backward, every bucket launched: wait for all of them."""
         for work in self.works:
             work.wait()
         # used on another rank: take the average there (one host sync per bucket)
@@ -160,29 +131,7 @@ class DataParallel:
         self._new_backward()
 
 
-@contextmanager
-def no_sync_all(engines):
-    """The no_sync of every engine at once (expert parallelism: two, over dp x cp and edp)."""
-    with ExitStack() as stack:
-        for engine in engines:
-            stack.enter_context(engine.no_sync())
-        yield
-
-
-@torch.no_grad()
-def broadcast_from_first_rank(model: nn.Module, group: Group, params: list | None = None):
-    """Replicas start equal whatever each rank drew: DP rank 0's values win (of `params`;
-    default: all of the model's parameters and buffers)."""
-    for tensor in [*model.parameters(), *model.buffers()] if params is None else params:
-        group.broadcast(tensor, 0)
-
-
-def native_ddp(model: nn.Module, group: Group, device: torch.device, bucket_cap_mb: float):
-    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                   process_group=group.process_group, bucket_cap_mb=bucket_cap_mb)
-
-
-def apply_ddp(stage, setup):
+def apply_ddp(part, setup):
     """The DP step of `parallelize`, last (it broadcasts and buckets real tensors), over
     the DP x CP group, for either implementation.
 
@@ -191,13 +140,13 @@ def apply_ddp(stage, setup):
     micro-batches), so a TP model or a pipeline stage uses PyTorch's FSDP2-based
     `replicate` instead (DDP semantics: whole replicas, gradients averaged over the group
     in backward; no_sync is decided at backward)."""
-    layout, mesh, model = setup.layout, setup.mesh, stage.gpt
-    if layout.implementation == "custom":
-        engines = [DataParallel(model, group, layout.bucket_cap_mb, params, scale)  # EP: experts over edp
-                   for group, params, scale in reduction_groups(stage, mesh)]
-        return dataclasses.replace(stage, no_sync=partial(no_sync_all, engines))
+    layout, mesh, model = setup.layout, setup.mesh, part.gpt
+    if layout.implementation == "custom":  # one engine per reduction (EP: the experts' over edp)
+        engines = [DataParallel([p for _, p in members], group, layout.bucket_cap_mb, scale)
+                   for group, scale, members in engine_params(part, mesh)]
+        return dataclasses.replace(part, no_sync=partial(no_sync_all, engines))
     if layout.tp > 1 or layout.pp > 1:
         replicated = compat.replicate(model, mesh=mesh.dp_cp.device_mesh)
-        return dataclasses.replace(stage, module=replicated, no_sync=partial(fsdp2_no_sync, replicated))
+        return dataclasses.replace(part, module=replicated, no_sync=partial(fsdp2_no_sync, replicated))
     wrapped = native_ddp(model, mesh.dp_cp, mesh.device, layout.bucket_cap_mb)
-    return dataclasses.replace(stage, module=wrapped, no_sync=wrapped.no_sync)
+    return dataclasses.replace(part, module=wrapped, no_sync=wrapped.no_sync)

@@ -17,11 +17,12 @@ backward, (P-1)/P of the routed activations n C each when balanced (comm.py coun
 exact bytes), plus the (E,) counts forward.
 
 Gradients: the router and everything else are replicated over DP x CP as before; an
-expert's gradient on its owner already sums the tokens of every EP rank, so the DP step
-reduces expert parameters over `edp` only (the ranks holding the same experts) and
-divides by the whole DP x CP size, for the mean over every rank's tokens (Megatron's
-expert data parallel group). TP replicates the experts: each TP rank routes the same
-tokens (no sequence parallelism) and runs the same experts.
+expert's gradient on its owner already sums the tokens of every EP rank, so each expert
+tensor's placement (placement.py) says: split over ep on dim 0, reduced over `edp` only
+(the ranks holding the same experts), divided by the whole DP x CP size, the mean over
+every rank's tokens (Megatron's expert data parallel group). DDP, ZeRO-1 and FSDP read
+that and give the experts an engine of their own. TP replicates the experts: each TP
+rank routes the same tokens (no sequence parallelism) and runs the same experts.
 """
 import dataclasses
 
@@ -32,9 +33,9 @@ from nanodist.model.moe import Experts, moe_layers
 from nanodist.parallel.comm import Group
 from nanodist.parallel.init import full_value
 from nanodist.parallel.params import ModuleParams
-from nanodist.parallel.tp_plan import Style, shard_of
+from nanodist.parallel.placement import Placement, local_part
 
-EXPERTS = Style("experts")
+EXPERTS = Placement(shards=(("ep", 0),), reduce="edp", divisor="dp_cp")  # every expert tensor (E, ...)
 
 
 class _AllToAll(torch.autograd.Function):
@@ -63,14 +64,14 @@ class ExpertParallel(Experts):
     """A MoE layer's experts, E/P of them here (the same names, each tensor's shard on
     dim 0), called as `moe.Experts` is: all of this rank's routed rows, in, out."""
 
-    def __init__(self, experts: Experts, model: nn.Module, path: str, group: Group, seed, device):
+    def __init__(self, experts: Experts, model: nn.Module, path: str, mesh, seed):
         nn.Module.__init__(self)
-        self.group, self.n_experts = group, experts.fc_weight.size(0)
+        self.group, self.n_experts = mesh.ep, experts.fc_weight.size(0)
         with torch.no_grad():
             for name, param in experts._parameters.items():
                 if param is not None:  # the full value (drawn, if on meta), this rank's slice
-                    full = full_value(model, f"{path}.{name}", param, seed, device)
-                    param = nn.Parameter(shard_of(full, EXPERTS, name, group.size, group.rank))
+                    full = full_value(model, f"{path}.{name}", param, seed, mesh.device)
+                    param = nn.Parameter(local_part(full, EXPERTS, mesh))
                 self.register_parameter(name, param)
 
     def forward(self, routed: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
@@ -87,36 +88,15 @@ class ExpertParallel(Experts):
         return _AllToAll.apply(_regroup(out, by_expert), self.group, recv, send)
 
 
-def apply_ep(stage, setup):
+def apply_ep(part, setup):
     """The EP step of `parallelize`, after TP and CP and before DP: each MoE layer keeps
-    its experts' shard and trades tokens over the EP group. Its expert parameters are
-    noted in the plan (checkpoints gather them over EP) and as sharded over EP (the
-    gradient norm); the DP step reduces them over `edp` (`expert_params`)."""
-    mesh, model = setup.mesh, stage.gpt
+    its experts' shard and trades tokens over the EP group; their placement says so to
+    the DP step, the gradient norm and checkpoints."""
+    mesh, model = setup.mesh, part.gpt
     names = {id(m): name for name, m in model.named_modules()}
-    plan, sharded_over = dict(stage.params.plan), dict(stage.params.sharded_over)
+    placements = dict(part.params.placements)
     for moe in moe_layers(model):
         path = f"{names[id(moe)]}.experts"
-        moe.experts = ExpertParallel(moe.experts, model, path, mesh.ep, setup.seed, mesh.device)
-        plan[path] = EXPERTS
-        sharded_over.update({p: (mesh.ep,) for p in moe.experts.parameters()})
-    return dataclasses.replace(stage, params=ModuleParams(model, mesh, plan, sharded_over))
-
-
-def reduction_groups(stage, mesh) -> list[tuple[Group, list | None, float | None]]:
-    """(group, parameters, gradient factor) of each data-parallel engine (DDP's, ZeRO-1's):
-    every parameter over DP x CP (None, None: the engine's defaults); under expert
-    parallelism the rest there and the experts over edp, divided by DP x CP."""
-    experts = expert_params(stage)
-    if not experts:
-        return [(mesh.dp_cp, None, None)]
-    expert_ids = {id(p) for p in experts}
-    rest = [p for p in stage.gpt.parameters() if id(p) not in expert_ids]
-    return [(mesh.dp_cp, rest, None), (mesh.edp, experts, 1.0 / mesh.dp_cp.size)]
-
-
-def expert_params(stage) -> list:
-    """The expert-parallel parameters of a stage, in model order (the same on every rank:
-    their reductions go in it), reduced over `edp` instead of DP x CP."""
-    return [p for moe in moe_layers(stage.gpt) if isinstance(moe.experts, ExpertParallel)
-            for p in moe.experts.parameters()]
+        moe.experts = ExpertParallel(moe.experts, model, path, mesh, setup.seed)
+        placements.update({f"{path}.{name}": EXPERTS for name, _ in moe.experts.named_parameters()})
+    return dataclasses.replace(part, params=ModuleParams(model, mesh, placements))

@@ -31,9 +31,10 @@ import torch.nn as nn
 
 from nanodist import compat
 from nanodist.parallel.comm import Group
-from nanodist.parallel.expert_parallel import expert_params
+from nanodist.parallel.engines import Flat, fsdp2_no_sync
 from nanodist.parallel.init import full_value
 from nanodist.parallel.params import FlatParams, ModuleParams, flat_classes, parameter_owners
+from nanodist.parallel.placement import by_reduction
 
 
 def wrap_policy(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -52,42 +53,32 @@ def _allocate(t: torch.Tensor):
     t.untyped_storage().resize_(t.numel() * t.element_size())
 
 
-class FlatParam:
+class ShardedFlat(Flat):
     """Parameters of one unit and one class as one master-dtype (fp32, or fp64) vector,
-    sharded over the DP group.
+    sharded over `group` (and replicated over `replicas`: HSDP); its gradient's mean
+    divides the sum by `divisor` ranks.
 
     `named_params` holds the model's current parameters (real, or on the meta device
     under --deferred_init: then values come from `model.initial_value`, DESIGN.md
     invariant 1); they are replaced, in every module holding them (`owners`), by views
     of `full`. Only this unit is ever unsharded here, once."""
 
-    def __init__(self, named_params, owners, model, seed, group: Group, compute_dtype,
-                 device, groups):
-        self.group, self.groups, self.decay = group, groups, named_params[0][1].dim() >= 2
-        self.names = [name for name, _ in named_params]
-        self.numels = [p.numel() for _, p in named_params]
-        n, rank = group.size, group.rank
-        self.shard_numel = -(-sum(self.numels) // n)
+    def __init__(self, named_params, owners, model, seed, group: Group, groups: tuple,
+                 replicas: Group, divisor: int, compute_dtype, device):
+        super().__init__(named_params, group, groups)
+        self.replicas, self.divisor = replicas, divisor
+        n = group.size
         # the unit, unsharded, once, in the master dtype (the parameters': fp32 or fp64)
         unit = torch.zeros(self.shard_numel * n, dtype=named_params[0][1].dtype, device=device)
         with torch.no_grad():
             for (name, old), value in zip(named_params, self.split(unit)):
                 value.copy_(full_value(model, name, old, seed, device).reshape(-1))
-        self.shard = nn.Parameter(unit.chunk(n)[rank].clone())
+        self.shard = nn.Parameter(unit.chunk(n)[group.rank].clone())
         del unit
         self.full = torch.empty(self.shard_numel * n, dtype=compute_dtype, device=device)
-        self.params = []
-        for (_, old), view in zip(named_params, self.split(self.full)):
-            new = nn.Parameter(view.view(old.shape), requires_grad=old.requires_grad)
-            for module, attr in owners[id(old)]:
-                module._parameters[attr] = new
-            self.params.append(new)
+        self.params = self.install_views(named_params, owners, self.full)
         _free(self.full)
         self.unsharded_grad = None  # master dtype; lives across micro-steps only under no_sync
-
-    def split(self, flat: torch.Tensor) -> list[torch.Tensor]:
-        """The per-parameter (flattened) views of a padded flat vector."""
-        return flat[:sum(self.numels)].split(self.numels)
 
 
 class Unit:
@@ -127,19 +118,14 @@ class Unit:
 
 
 class FSDP:
-    """Custom ZeRO-3 (reshard_after_forward) or ZeRO-2 over `group` (the dp_shard x cp
-    ranks: they hold the same parameters), replicated across `replicas` (HSDP; None: no
-    replicas), driven by module hooks: the model is called as it is."""
+    """Custom ZeRO-3 (reshard_after_forward) or ZeRO-2 of `model` on `mesh`, driven by
+    module hooks: the model is called as it is. Each parameter is sharded over the ranks
+    that reduce its gradient (its placement): dense ones over dp_shard x cp, replicated
+    across dp_replicate (HSDP; a group of one otherwise), expert-parallel ones over edp."""
 
-    def __init__(self, model: nn.Module, group: Group, device: torch.device, seed: int,
-                 compute_dtype=torch.float32, reshard_after_forward: bool = True,
-                 sharded_over: dict | None = None, replicas: Group | None = None,
-                 experts: tuple[list, Group] = ((), None)):
-        """`experts`: expert-parallel parameters and the group they are sharded over instead
-        (edp: the ranks holding the same experts; their gradients still divide by `group`'s
-        size, the mean over every rank's tokens, expert_parallel.py)."""
-        self.group, self.replicas = group, replicas
-        expert_ids, expert_group = {id(p) for p in experts[0]}, experts[1]
+    def __init__(self, model: nn.Module, mesh, seed: int, compute_dtype=torch.float32,
+                 reshard_after_forward: bool = True, placements: dict | None = None):
+        placements = placements or {}
         self.reshard_after_forward = reshard_after_forward
         self.sync_grads, self.backward_started, self.reductions = True, False, []
         # the root's backward runs after the blocks' only where it holds the embeddings (on
@@ -151,10 +137,13 @@ class FSDP:
                          if id(p) not in claimed]
             claimed.update(id(p) for _, p in unclaimed)
             flats = []
-            for (_, groups, _), params in flat_classes(unclaimed, sharded_over or {}).items():
-                over = expert_group if id(params[0][1]) in expert_ids else group
-                flats.append(FlatParam(params, owners, model, seed, over, compute_dtype, device,
-                                       (over,) + groups))
+            for (reduce, divisor), members in by_reduction(unclaimed, placements).items():
+                dense = reduce == "dp_cp"  # HSDP: sharded within a replica group, all-reduced across
+                group = mesh.dp_shard_cp if dense else mesh.groups[reduce]
+                replicas = mesh.dp_replicate if dense else mesh.comm.group()
+                for (_, split_over, _), params in flat_classes(members, placements, mesh).items():
+                    flats.append(ShardedFlat(params, owners, model, seed, group, (group,) + split_over,
+                                             replicas, mesh.groups[divisor].size, compute_dtype, mesh.device))
             self.units.insert(0, Unit(module, flats))
             claimed.update(id(p) for p in self.units[0].params)
         for i, unit in enumerate(self.units):
@@ -167,12 +156,9 @@ class FSDP:
     def flats(self):
         return [f for unit in self.units for f in unit.flats]
 
-    def flats_in_optimizer_order(self):
-        return [f for f in self.flats if f.decay] + [f for f in self.flats if not f.decay]
-
     @contextmanager
     def no_sync(self):
-        """Micro-steps inside keep unsharded fp32 grads (whole model) instead of reducing."""
+        """Micro-steps inside keep unsharded master-dtype grads (whole model) instead of reducing."""
         self.sync_grads = False
         try:
             yield
@@ -227,11 +213,8 @@ class FSDP:
     def _finish_reductions(self):
         for f, out, work, _ in self.reductions:
             work.wait()
-            n = self.group.size  # experts too: their shards are over edp, the mean over all
-            if self.replicas is not None:  # HSDP: the same shard of every replica group
-                self.replicas.all_reduce(out)
-                n *= self.replicas.size
-            out.div_(n)  # sum -> mean (exact for N = 2^k, as FSDP2's AVG)
+            f.replicas.all_reduce(out)  # HSDP: the same shard of every replica group
+            out.div_(f.divisor)  # sum -> mean (exact for N = 2^k, as FSDP2's AVG)
             f.shard.grad = out if f.shard.grad is None else f.shard.grad.add_(out)
         self.reductions = []
 
@@ -245,8 +228,8 @@ class FSDP:
             unit.reduced = False
 
 
-def apply_fsdp(stage, setup):
-    """The FSDP step of `parallelize`: shard the stage over the dp_shard x cp group (custom
+def apply_fsdp(part, setup):
+    """The FSDP step of `parallelize`: shard the part over the dp_shard x cp group (custom
     or FSDP2; HSDP: replicated across dp_replicate), before `materialize` (meta units are
     sharded one at a time).
 
@@ -255,21 +238,19 @@ def apply_fsdp(stage, setup):
     costs 4 Psi bytes per rank, as much as DDP's, the memory FSDP exists to save; the
     price is one more reduce-scatter, (N-1)/N Psi, per extra micro-step.
     --fsdp_reduce_on_last_micro_step takes the other trade."""
-    layout, mesh, model = setup.layout, setup.mesh, stage.gpt
+    layout, mesh, model = setup.layout, setup.mesh, part.gpt
     master_dtype = next(model.parameters()).dtype  # fp32, or fp64 under --dtype float64
     compute_dtype = setup.compute_dtype or master_dtype
-    plan = stage.params.plan
+    placements = part.params.placements
     if layout.implementation == "pytorch":
         device_mesh = mesh.replicate_shard_mesh() if layout.hsdp else mesh.dp_shard_cp.device_mesh
         apply_fsdp2(model, device_mesh, layout.reshard_after_forward, compute_dtype, master_dtype)
-        params, no_sync = ModuleParams(model, mesh, plan), partial(fsdp2_no_sync, model)
+        params, no_sync = ModuleParams(model, mesh, placements), partial(fsdp2_no_sync, model)
     else:
-        fsdp = FSDP(model, mesh.dp_shard_cp, mesh.device, setup.seed, compute_dtype,
-                    layout.reshard_after_forward, stage.params.sharded_over,
-                    mesh.dp_replicate if layout.hsdp else None, (expert_params(stage), mesh.edp))
-        params, no_sync = FlatParams(fsdp, mesh, plan), fsdp.no_sync
-    return dataclasses.replace(stage, params=params,
-                               no_sync=no_sync if layout.reduce_on_last_micro_step else stage.no_sync)
+        fsdp = FSDP(model, mesh, setup.seed, compute_dtype, layout.reshard_after_forward, placements)
+        params, no_sync = FlatParams([fsdp], mesh, placements), fsdp.no_sync
+    return dataclasses.replace(part, params=params,
+                               no_sync=no_sync if layout.reduce_on_last_micro_step else part.no_sync)
 
 
 # ---------------------------------------------------------------- PyTorch FSDP2
@@ -286,14 +267,3 @@ def apply_fsdp2(model: nn.Module, device_mesh, reshard_after_forward: bool, comp
     mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=reduce_dtype)
     for _, module in reversed(wrap_policy(model)):
         fully_shard(module, mesh=device_mesh, reshard_after_forward=reshard_after_forward, mp_policy=mp)
-
-
-@contextmanager
-def fsdp2_no_sync(model):
-    """FSDP2's counterpart of `FSDP.no_sync` (and of `replicate`, built on FSDP2): keep
-    unsharded grads, reduce later."""
-    model.set_requires_gradient_sync(False)
-    try:
-        yield
-    finally:
-        model.set_requires_gradient_sync(True)

@@ -16,7 +16,7 @@ where the layout asks for it:
     6. materialize              what is still on the meta device gets its initial values
     7. DDP or ZeRO-1            last: they broadcast and bucket real tensors
 
-Each step takes the `Stage` the previous one left and returns a new one (frozen: what a
+Each step takes the `ModelPart` the previous one left and returns a new one (frozen: what a
 step changes is in what it returns). The result is what the trainer asks of a layout: a
 step runner (runner.py: the micro-steps of one global batch, or a pipeline schedule) and
 the parameters as the layout holds them (params.py: optimizer, clipping, checkpoints).
@@ -36,9 +36,10 @@ from nanodist.parallel.ddp import apply_ddp
 from nanodist.parallel.expert_parallel import apply_ep
 from nanodist.parallel.fsdp import apply_fsdp
 from nanodist.parallel.init import materialize
-from nanodist.parallel.layout import Layout, Mesh
-from nanodist.parallel.params import ModuleParams, Params
-from nanodist.parallel.pipeline import PipelineParams, PipelineRunner, split_into_stages
+from nanodist.parallel.layout import Layout
+from nanodist.parallel.mesh import Mesh
+from nanodist.parallel.params import ModuleParams, Params, PipelineParams
+from nanodist.parallel.pipeline import PipelineRunner, split_into_stages
 from nanodist.parallel.runner import MicroSteps
 from nanodist.parallel.tensor_parallel import apply_tp
 from nanodist.parallel.zero1 import apply_zero1
@@ -61,7 +62,7 @@ class Setup:
 
 
 @dataclass(frozen=True)
-class Stage:
+class ModelPart:
     """One model, or one pipeline chunk, as the steps leave it."""
     gpt: nn.Module                      # the GPT (chunk): GPT-2 names, never wrapped
     module: nn.Module                   # what runs it: logits = module(x) (DDP may wrap gpt)
@@ -71,17 +72,17 @@ class Stage:
     no_sync: Callable = nullcontext     # wraps the micro-steps that must not reduce gradients
 
 
-def apply_compile(stage: Stage, setup: Setup) -> Stage:
+def apply_compile(part: ModelPart, setup: Setup) -> ModelPart:
     """Block by block, as torchtitan: FSDP2 and DTensor compose with it."""
-    for block in stage.gpt.transformer.h:
+    for block in part.gpt.transformer.h:
         if not isinstance(block, nn.Identity):  # a block another pipeline stage holds
             block.compile()
-    return stage
+    return part
 
 
-def apply_materialize(stage: Stage, setup: Setup) -> Stage:
-    materialize(stage.gpt, stage.gpt, setup.seed, setup.mesh.device)
-    return stage
+def apply_materialize(part: ModelPart, setup: Setup) -> ModelPart:
+    materialize(part.gpt, part.gpt, setup.seed, setup.mesh.device)
+    return part
 
 
 STEPS = (  # (name, whether the layout has it, step), in the order above
@@ -97,15 +98,15 @@ STEPS = (  # (name, whether the layout has it, step), in the order above
 )
 
 
-def parallelize_stage(model: nn.Module, setup: Setup) -> Stage:
+def parallelize_part(model: nn.Module, setup: Setup) -> ModelPart:
     """Steps 1-7 on one model (or pipeline chunk)."""
-    stage = Stage(model, model, ModuleParams(model, setup.mesh))
+    part = ModelPart(model, model, ModuleParams(model, setup.mesh))
     for moe in moe_layers(model):  # the loss is a mean over the micro-steps: so is aux
         moe.aux_loss_weight = model.config.moe_aux_loss_coef / setup.micro_steps
     for _, applies, step in STEPS:
         if applies(setup.layout):
-            stage = step(stage, setup)
-    return stage
+            part = step(part, setup)
+    return part
 
 
 @dataclass(frozen=True)
@@ -113,15 +114,15 @@ class Parallelized:
     """A model laid out: how to run a global batch, and how its parameters are held."""
     runner: MicroSteps | PipelineRunner
     params: Params
-    stages: list[Stage]                 # this rank's: one, or its pipeline chunks
+    stages: list[ModelPart]             # this rank's: one, or its pipeline chunks
 
 
 def parallelize(model: nn.Module, setup: Setup) -> Parallelized:
     layout = setup.layout
     if layout.pp == 1:
-        stage = parallelize_stage(model, setup)
-        return Parallelized(MicroSteps(stage), stage.params, [stage])
-    stages, split = split_into_stages(model, setup, parallelize_stage)
+        part = parallelize_part(model, setup)
+        return Parallelized(MicroSteps(part), part.params, [part])
+    stages, split = split_into_stages(model, setup, parallelize_part)
     if layout.implementation == "pytorch":
         # imported when used: torch.distributed.pipelining makes tensors at import, which c10
         # would warn about at exit once metrics.StepMemory counts CPU bytes

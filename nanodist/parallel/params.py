@@ -2,10 +2,10 @@
 the full gradient, and full GPT-2 tensors <-> this rank's parts (checkpoints, --init_from).
 
     Params          the protocol (what the trainer and checkpoint.py ask)
-    ModuleParams    the module's own parameters: whole, sharded by the custom TP (sharded_over
-                    says over which groups), or DTensors (TP, FSDP2, replicate: they say it)
+    ModuleParams    the module's own parameters: whole, split by the custom TP or EP (their
+                    placements say how, placement.py), or DTensors (TP, FSDP2, replicate)
     FlatParams      flat shards: the custom FSDP's (fsdp.py) and ZeRO-1's (zero1.py)
-    pipeline.PipelineParams  one of the above per chunk, and the pipeline group between them
+    PipelineParams  one of the above per pipeline chunk, and the pipeline group between them
 
 Tensors "laid out like the optimizer's params" are the params themselves, their
 gradients, or Adam's moments: the conversions below serve all of them.
@@ -18,9 +18,11 @@ import torch.nn as nn
 from torch.distributed.tensor import DTensor
 
 from nanodist.model.gpt import TIED_NAMES
-from nanodist.parallel import tp_plan
 from nanodist.parallel.clip import grad_norm, scale_grads_
-from nanodist.parallel.layout import Mesh
+from nanodist.parallel.mesh import Mesh
+from nanodist.parallel.placement import REPLICATED, full_tensor, local_tensor
+
+TIED, TIED_ON_LAST = TIED_NAMES  # a pipeline's first and last stage each hold one
 
 
 def split_by_weight_decay(named_params) -> tuple[list, list]:
@@ -43,20 +45,27 @@ def parameter_owners(model: nn.Module) -> dict:
     return owners
 
 
-def flat_classes(named_params, sharded_over: dict) -> dict:
-    """(decay, groups sharded over, tied) -> [(name, param)]: what one flat may mix (one
+def flat_classes(named_params, placements: dict, mesh: Mesh) -> dict:
+    """(decay, groups split over, tied) -> [(name, param)]: what one flat may mix (one
     weight decay, one norm reduction; the tied weight alone, so that a pipeline's first
-    and last stage flatten it alike)."""
+    and last stage flatten it alike), among the parameters of one reduction."""
     classes = defaultdict(list)
     for name, p in named_params:
-        classes[(p.dim() >= 2, sharded_over.get(p, ()), name in TIED_NAMES)].append((name, p))
+        split_over = placements.get(name, REPLICATED).groups(mesh)
+        classes[(p.dim() >= 2, split_over, name in TIED_NAMES)].append((name, p))
     return classes
 
 
 class Params:
     """The parameters of one layout, as the optimizer, clipping and checkpoints see them."""
     mesh: Mesh
-    sharded_over: dict   # plain tensor parameter -> the Groups it is sharded across
+    placements: dict     # GPT-2 name -> Placement (placement.py); absent: replicated
+
+    @property
+    def sharded_over(self) -> dict:
+        """Plain tensor optimizer parameter -> the Groups holding different pieces of it
+        (what the gradient norm sums over; DTensors say it themselves)."""
+        raise NotImplementedError
 
     def optimizer_params(self) -> tuple[list, list]:
         """(decay params, no-decay params) the optimizer steps on."""
@@ -113,13 +122,15 @@ class Params:
 
 
 class ModuleParams(Params):
-    """The parameters of `model` as they are (GPT-2 names), TP plan and shards included."""
+    """The parameters of `model` as they are (GPT-2 names), TP and EP pieces included."""
 
-    def __init__(self, model: nn.Module, mesh: Mesh, plan: dict | None = None,
-                 sharded_over: dict | None = None):
-        self.model, self.mesh = model, mesh
-        self.plan = plan or {}            # module path -> tp_plan.Style, what TP sharded
-        self.sharded_over = sharded_over or {}
+    def __init__(self, model: nn.Module, mesh: Mesh, placements: dict | None = None):
+        self.model, self.mesh, self.placements = model, mesh, placements or {}
+
+    @property
+    def sharded_over(self):
+        return {p: self.placements[name].groups(self.mesh) for name, p in self.model.named_parameters()
+                if name in self.placements and not isinstance(p, DTensor)}
 
     def optimizer_params(self):
         return split_by_weight_decay(self.model.named_parameters())
@@ -130,35 +141,38 @@ class ModuleParams(Params):
 
     def full_tensors(self, tensors):
         for [name], tensor in zip(self.names(), tensors):
-            yield name, tp_plan.full_tensor(name, tensor, self.plan, self.mesh)
+            yield name, full_tensor(tensor, self.placements.get(name, REPLICATED), self.mesh)
 
     @torch.no_grad()
     def load_full_tensors(self, full_of, tensors):
         for [name], tensor in zip(self.names(), tensors):
-            local = tp_plan.local_tensor(name, full_of(name).to(tensor.device), tensor, self.plan,
-                                         self.mesh)
+            local = local_tensor(full_of(name).to(tensor.device), tensor,
+                                 self.placements.get(name, REPLICATED), self.mesh)
             (tensor.to_local() if isinstance(tensor, DTensor) else tensor).copy_(local)
 
 
 class FlatParams(Params):
     """Parameters kept as flat vectors sharded over a group, this rank's shard of each
     being what the optimizer steps on (and keeps state for): the custom FSDP's (fsdp.py)
-    and ZeRO-1's (zero1.py). Each of `engine.flats` has: decay, shard, group, groups
-    (those it is sharded over), names and params (of the model, in flat order) and
-    split(flat) (the per-parameter views of a padded flat). `plan`: what TP did to the
-    parameters first (their full tensors undo it)."""
+    and ZeRO-1's (zero1.py), one engine per reduction (placement.by_reduction). Each
+    flat (`buckets.Flat`) has: decay, shard, group, groups (those it is split over),
+    names and params (of the model, in flat order) and split(flat). `placements`: how TP
+    or EP split the parameters first (their full tensors undo it)."""
 
-    def __init__(self, engine, mesh: Mesh, plan: dict):
-        self.engine, self.mesh, self.plan = engine, mesh, plan
-        self.sharded_over = {f.shard: f.groups for f in engine.flats}
+    def __init__(self, engines: list, mesh: Mesh, placements: dict):
+        self.engines, self.mesh, self.placements = engines, mesh, placements
+        self.all_flats = [f for engine in engines for f in engine.flats]
+
+    @property
+    def sharded_over(self):
+        return {f.shard: f.groups for f in self.all_flats}
 
     def flats(self) -> list:
         """In optimizer order: decay flats, then no-decay ones."""
-        return [f for f in self.engine.flats if f.decay] + [f for f in self.engine.flats if not f.decay]
+        return [f for f in self.all_flats if f.decay] + [f for f in self.all_flats if not f.decay]
 
     def optimizer_params(self):
-        flats = self.engine.flats
-        return [f.shard for f in flats if f.decay], [f.shard for f in flats if not f.decay]
+        return [f.shard for f in self.all_flats if f.decay], [f.shard for f in self.all_flats if not f.decay]
 
     def names(self):
         return [f.names for f in self.flats()]
@@ -169,17 +183,89 @@ class FlatParams(Params):
             full = torch.empty(tensor.numel() * f.group.size, dtype=tensor.dtype, device=tensor.device)
             f.group.all_gather(full, tensor.detach())
             for name, p, value in zip(f.names, f.params, f.split(full)):
-                yield name, tp_plan.full_tensor(name, value.view(p.shape), self.plan, self.mesh)
+                yield name, full_tensor(value.view(p.shape), self.placements.get(name, REPLICATED), self.mesh)
 
     @torch.no_grad()
     def load_full_tensors(self, full_of, tensors):
         for f, tensor in zip(self.flats(), tensors):
             full = torch.zeros(tensor.numel() * f.group.size, dtype=tensor.dtype, device=tensor.device)
             for name, p, value in zip(f.names, f.params, f.split(full)):
-                local = tp_plan.local_tensor(name, full_of(name).to(tensor.device), p, self.plan,
-                                             self.mesh)
+                local = local_tensor(full_of(name).to(tensor.device), p,
+                                     self.placements.get(name, REPLICATED), self.mesh)
                 value.copy_(local.reshape(-1))
             tensor.copy_(full.chunk(f.group.size)[f.group.rank])
+
+
+class PipelineParams(Params):
+    """Every pipeline chunk's parameters on this rank; the norm over all stages (the tied
+    weight once); full tensors made by the stage that holds them, broadcast over the pp
+    group. `split`: how the model is cut (pipeline.Split)."""
+
+    def __init__(self, stages: list, split):
+        self.stages, self.split, self.mesh = [s.params for s in stages], split, split.mesh
+
+    @property
+    def sharded_over(self):
+        return {p: g for s in self.stages for p, g in s.sharded_over.items()}
+
+    def optimizer_params(self):
+        return tuple([p for s in self.stages for p in s.optimizer_params()[i]] for i in (0, 1))
+
+    def names(self):
+        return [held for s in self.stages for held in s.names()]
+
+    def after_each_step(self, optimizer):
+        for stage in self.stages:
+            stage.after_each_step(optimizer)
+
+    def grad_norm(self) -> torch.Tensor:
+        on_last_only = self.split.tied if self.mesh.pp.rank == self.mesh.pp.size - 1 else None
+        return grad_norm([p for p in self.param_list() if p is not on_last_only], self.sharded_over,
+                         self.mesh.comm, across=self.mesh.pp)
+
+    def _per_stage(self, tensors):
+        at = {id(p): t for p, t in zip(self.param_list(), tensors)}
+        return [[at[id(p)] for p in s.param_list()] for s in self.stages]
+
+    def full_tensors(self, tensors):
+        """Every (GPT-2 name, full tensor) on every rank, in one order."""
+        pp, P = self.mesh.pp, self.mesh.pp.size
+        making = [s.full_tensors(t) for s, t in zip(self.stages, self._per_stage(tensors))]
+        dtype = tensors[0].dtype
+        for c in range(self.split.n_chunks):
+            owner, v = c % P, c // P
+            for name, shape in self.split.chunk_names[c]:
+                mine = owner == pp.rank
+                full = next(making[v])[1].contiguous() if mine else None
+                if c == self.split.n_chunks - 1 and name == TIED_ON_LAST:
+                    continue  # the last stage's copy of the tied weight equals the first's
+                if not mine:
+                    full = torch.empty(shape, dtype=dtype, device=self.mesh.device)
+                pp.broadcast(full, owner)
+                yield name, full
+
+    @torch.no_grad()
+    def load_full_tensors(self, full_of, tensors):
+        """Every rank asks `full_of` for every name, in one order (it may be collective);
+        the owning stage keeps its part. The tied weight is asked for once."""
+        tied_full = {}
+
+        def once(name):
+            if name == TIED_ON_LAST:
+                return tied_full[TIED]
+            value = full_of(name)
+            if name == TIED:
+                tied_full[TIED] = value
+            return value
+
+        per_stage, P = self._per_stage(tensors), self.mesh.pp.size
+        for c in range(self.split.n_chunks):
+            owner, v = c % P, c // P
+            if owner == self.mesh.pp.rank:
+                self.stages[v].load_full_tensors(once, per_stage[v])
+            else:
+                for name, _ in self.split.chunk_names[c]:
+                    once(name)
 
 
 @torch.no_grad()

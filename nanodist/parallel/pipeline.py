@@ -18,9 +18,9 @@ gradient norm counts it once (on the first stage).
 Schedules are data (`schedules.py`); one runner here executes any of them: before time
 slot t every rank exchanges, in one batch through the pp Group (counted), what slot t-1
 produced, so every message is sent and received in the same round on both sides and no
-schedule can deadlock on the order of its messages. `PipelineParams` is the parameter
-side: every stage's, the gradient norm across stages, and full tensors handed on by the
-stage that holds them.
+schedule can deadlock on the order of its messages. The parameter side (every stage's,
+the gradient norm across stages, full tensors handed on by the stage that holds them)
+is params.PipelineParams.
 
 Micro-batches are the gradient-accumulation micro-steps of one global batch, so the
 pipeline follows the one-process trajectory; the loss is computed on the last stage.
@@ -34,9 +34,8 @@ import torch.nn as nn
 from torch.distributed.tensor import DTensor
 
 from nanodist.model.gpt import TIED_NAMES
-from nanodist.parallel.clip import grad_norm
 from nanodist.parallel.comm import Group
-from nanodist.parallel.layout import Mesh
+from nanodist.parallel.mesh import Mesh
 from nanodist.parallel.params import Params
 from nanodist.parallel.schedules import SCHEDULES, Action, interleaved_1f1b, simulate
 
@@ -234,73 +233,3 @@ class PipelineRunner:
     @torch.no_grad()
     def eval_loss(self, batches, autocast) -> torch.Tensor:
         return self._run(self.eval_slots, batches, autocast, train=False)
-
-
-# ------------------------------------------------------------------ the parameters
-
-class PipelineParams(Params):
-    """Every stage's parameters on this rank; the norm over all stages (the tied weight
-    once); full tensors made by the stage that holds them, broadcast over the pp group."""
-
-    def __init__(self, stages: list, split: Split):
-        self.stages, self.split, self.mesh = [s.params for s in stages], split, split.mesh
-        self.sharded_over = {p: g for s in self.stages for p, g in s.sharded_over.items()}
-
-    def optimizer_params(self):
-        return tuple([p for s in self.stages for p in s.optimizer_params()[i]] for i in (0, 1))
-
-    def names(self):
-        return [held for s in self.stages for held in s.names()]
-
-    def after_each_step(self, optimizer):
-        for stage in self.stages:
-            stage.after_each_step(optimizer)
-
-    def grad_norm(self) -> torch.Tensor:
-        on_last_only = self.split.tied if self.mesh.pp.rank == self.mesh.pp.size - 1 else None
-        return grad_norm([p for p in self.param_list() if p is not on_last_only], self.sharded_over,
-                         self.mesh.comm, across=self.mesh.pp)
-
-    def _per_stage(self, tensors):
-        at = {id(p): t for p, t in zip(self.param_list(), tensors)}
-        return [[at[id(p)] for p in s.param_list()] for s in self.stages]
-
-    def full_tensors(self, tensors):
-        """Every (GPT-2 name, full tensor) on every rank, in one order."""
-        pp, P = self.mesh.pp, self.mesh.pp.size
-        making = [s.full_tensors(t) for s, t in zip(self.stages, self._per_stage(tensors))]
-        dtype = tensors[0].dtype
-        for c in range(self.split.n_chunks):
-            owner, v = c % P, c // P
-            for name, shape in self.split.chunk_names[c]:
-                mine = owner == pp.rank
-                full = next(making[v])[1].contiguous() if mine else None
-                if c == self.split.n_chunks - 1 and name == TIED_ON_LAST:
-                    continue  # the last stage's copy of the tied weight equals the first's
-                if not mine:
-                    full = torch.empty(shape, dtype=dtype, device=self.mesh.device)
-                pp.broadcast(full, owner)
-                yield name, full
-
-    @torch.no_grad()
-    def load_full_tensors(self, full_of, tensors):
-        """Every rank asks `full_of` for every name, in one order (it may be collective);
-        the owning stage keeps its part. The tied weight is asked for once."""
-        tied_full = {}
-
-        def once(name):
-            if name == TIED_ON_LAST:
-                return tied_full[TIED]
-            value = full_of(name)
-            if name == TIED:
-                tied_full[TIED] = value
-            return value
-
-        per_stage, P = self._per_stage(tensors), self.mesh.pp.size
-        for c in range(self.split.n_chunks):
-            owner, v = c % P, c // P
-            if owner == self.mesh.pp.rank:
-                self.stages[v].load_full_tensors(once, per_stage[v])
-            else:
-                for name, _ in self.split.chunk_names[c]:
-                    once(name)

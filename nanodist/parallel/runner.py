@@ -6,7 +6,7 @@
     eval_loss(batches, autocast) -> loss           the same, forward only
     train() / eval()                               the model's mode
 
-`MicroSteps` runs one model (a `Stage`) micro-step after micro-step (gradient
+`MicroSteps` runs one model (a `ModelPart`) micro-step after micro-step (gradient
 accumulation: the layout's no_sync on all but the last); `pipeline.PipelineRunner` runs
 the micro-batches through the stages by a schedule. The loss comes back unreduced over
 DP: each rank's mean of its own micro-batches.
@@ -17,35 +17,35 @@ import torch
 
 
 class MicroSteps:
-    """Gradient accumulation over the micro-steps of one global batch, on one Stage."""
+    """Gradient accumulation over the micro-steps of one global batch, on one ModelPart."""
 
-    def __init__(self, stage):
-        self.stage = stage
+    def __init__(self, part):
+        self.part = part
 
     def train(self):
-        self.stage.module.train()
+        self.part.module.train()
 
     def eval(self):
-        self.stage.module.eval()
+        self.part.module.eval()
 
     def forward_backward(self, batches, autocast) -> torch.Tensor:
-        stage, loss_sum = self.stage, 0.0  # a tensor of the loss's dtype after the first add
+        part, loss_sum = self.part, 0.0  # a tensor of the loss's dtype after the first add
         for micro, (x, y) in enumerate(batches):
             last = micro == len(batches) - 1
-            with (nullcontext() if last else stage.no_sync()), stage.loss_context():
+            with (nullcontext() if last else part.no_sync()), part.loss_context():
                 with autocast:
-                    logits = stage.module(x)
-                loss = stage.loss_fn(logits, y) / len(batches)
+                    logits = part.module(x)
+                loss = part.loss_fn(logits, y) / len(batches)
                 loss.backward()
             loss_sum = loss_sum + loss.detach()
         return loss_sum
 
     @torch.no_grad()
     def eval_loss(self, batches, autocast) -> torch.Tensor:
-        stage, loss_sum = self.stage, 0.0
+        part, loss_sum = self.part, 0.0
         for x, y in batches:
-            with stage.loss_context():
+            with part.loss_context():
                 with autocast:
-                    logits = stage.module(x)
-                loss_sum = loss_sum + stage.loss_fn(logits, y) / len(batches)
+                    logits = part.module(x)
+                loss_sum = loss_sum + part.loss_fn(logits, y) / len(batches)
         return loss_sum

@@ -1,4 +1,4 @@
-"""Megatron-style tensor parallelism, by hand: executes the plan of `plan.py`.
+"""Megatron-style tensor parallelism, by hand: executes the plan of `tp_plan.py`.
 
 Megatron's conjugate operators on the TP group (f and g of the paper):
 
@@ -22,60 +22,27 @@ of the same plan is `tensor_parallel_native.py`.
 import dataclasses
 from functools import partial
 
-import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.distributed.tensor.parallel import loss_parallel
 
-from nanodist.parallel.comm import Group
+from nanodist.parallel.comm import Group, all_reduce, conjugate, gather, reduce_scatter, split
 from nanodist.parallel.init import full_value
 from nanodist.parallel.loss_parallel import dtensor_cross_entropy, vocab_parallel_cross_entropy
 from nanodist.parallel.params import ModuleParams
 from nanodist.parallel.tensor_parallel_native import apply_dtensor_tp
-from nanodist.parallel.tp_plan import Style, gather, gpt_plan, shard_dim, shard_of
+from nanodist.parallel.tp_plan import Style, gpt_plan, placements, shard_dim, shard_of
 
 
-def _split(x, dim, group: Group):
-    return x.chunk(group.size, dim)[group.rank].contiguous()
-
-
-def _reduce_scatter(x, dim, group: Group):
-    """Rank r's slice along `dim` of the sum of every rank's x."""
-    x = x.movedim(dim, 0).contiguous()
-    out = x.new_empty(x.size(0) // group.size, *x.shape[1:])
-    group.reduce_scatter(out, x)
-    return out.movedim(0, dim)
-
-
-def _all_reduce(x, group: Group):
-    x = x.clone()
-    group.all_reduce(x)
-    return x
-
-
-def _conjugate(name, forward, backward):
-    """An autograd op of `forward(x, group)` whose gradient is `backward(grad, group)`."""
-    def fwd(ctx, x, group):
-        ctx.group = group
-        return forward(x, group)
-
-    def bwd(ctx, grad):
-        return backward(grad, ctx.group), None
-
-    op = type(name, (torch.autograd.Function,), {"forward": staticmethod(fwd),
-                                                 "backward": staticmethod(bwd)})
-    return op.apply
-
-
-copy_to_tp = _conjugate("CopyToTP", lambda x, g: x, _all_reduce)
-reduce_from_tp = _conjugate("ReduceFromTP", _all_reduce, lambda dy, g: dy)
-gather_from_tp = _conjugate("GatherFromTP", lambda x, g: gather(x, -1, g),
-                            lambda dy, g: _split(dy, -1, g))
-scatter_to_sp = _conjugate("ScatterToSP", lambda x, g: _split(x, 1, g),
+copy_to_tp = conjugate("CopyToTP", lambda x, g: x, all_reduce)
+reduce_from_tp = conjugate("ReduceFromTP", all_reduce, lambda dy, g: dy)
+gather_from_tp = conjugate("GatherFromTP", lambda x, g: gather(x, -1, g),
+                            lambda dy, g: split(dy, -1, g))
+scatter_to_sp = conjugate("ScatterToSP", lambda x, g: split(x, 1, g),
                            lambda dy, g: gather(dy, 1, g))
-gather_from_sp = _conjugate("GatherFromSP", lambda x, g: gather(x, 1, g),
-                            lambda dy, g: _reduce_scatter(dy, 1, g))
-reduce_scatter_to_sp = _conjugate("ReduceScatterToSP", lambda x, g: _reduce_scatter(x, 1, g),
+gather_from_sp = conjugate("GatherFromSP", lambda x, g: gather(x, 1, g),
+                            lambda dy, g: reduce_scatter(dy, 1, g))
+reduce_scatter_to_sp = conjugate("ReduceScatterToSP", lambda x, g: reduce_scatter(x, 1, g),
                                   lambda dy, g: gather(dy, 1, g))
 
 
@@ -168,12 +135,11 @@ def _custom_module(module, style: Style, params: dict, group):
     raise ValueError(f"unknown tensor-parallel style {style.kind!r}")
 
 
-def apply_custom_tp(model: nn.Module, plan: dict, tp: Group, seed: int, device) -> dict:
+def apply_custom_tp(model: nn.Module, plan: dict, tp: Group, seed: int, device):
     """Replace the modules of `plan` by their TP versions, in place. Every sharded
     parameter is rank r's slice of the full tensor (the existing one, or its initial value
-    when on meta); replicated ones are kept as they are (materialised later if on meta).
-    Returns {sharded param: (tp,)} for the gradient norm."""
-    shards, sharded_over = {}, {}   # id(original param) -> its shard: keeps wte = lm_head
+    when on meta); replicated ones are kept as they are (materialised later if on meta)."""
+    shards = {}   # id(original param) -> its shard: keeps wte = lm_head
     for path, style in plan.items():
         module = model.get_submodule(path)
         params = {}
@@ -181,30 +147,30 @@ def apply_custom_tp(model: nn.Module, plan: dict, tp: Group, seed: int, device) 
             if id(param) not in shards and shard_dim(style, name) is not None:
                 full = full_value(model, f"{path}.{name}", param, seed, device)
                 shard = nn.Parameter(shard_of(full, style, name, tp.size, tp.rank))
-                shards[id(param)], sharded_over[shard] = shard, (tp,)
+                shards[id(param)] = shard
             params[name] = shards.get(id(param), param)
         parent, _, child = path.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child,
                 _custom_module(module, style, params, tp))
-    return sharded_over
 
 
-def apply_tp(stage, setup):
+def apply_tp(part, setup):
     """The TP step of `parallelize`: the plan, executed by hand or by DTensor, and the
     loss that goes with it (vocab-parallel cross entropy under loss parallelism)."""
-    layout, mesh, model = setup.layout, setup.mesh, stage.gpt
+    layout, mesh, model = setup.layout, setup.mesh, part.gpt
     plan = gpt_plan(model.config.n_layer, layout.sequence_parallel, layout.loss_parallel)
     plan = {path: style for path, style in plan.items() if _holds(model, path)}  # a pipeline stage
-    loss_fn, loss_context, sharded_over = stage.loss_fn, stage.loss_context, {}
+    loss_fn, loss_context = part.loss_fn, part.loss_context
+    split = {**part.params.placements, **placements(model, plan)}  # read before the modules change
     if layout.implementation == "pytorch":
         apply_dtensor_tp(model, plan, mesh.tp, setup.seed, mesh.device)
         if layout.loss_parallel:
             loss_fn, loss_context = dtensor_cross_entropy, loss_parallel
     else:
-        sharded_over = apply_custom_tp(model, plan, mesh.tp, setup.seed, mesh.device)
+        apply_custom_tp(model, plan, mesh.tp, setup.seed, mesh.device)
         if layout.loss_parallel:
             loss_fn = partial(vocab_parallel_cross_entropy, group=mesh.tp)
-    return dataclasses.replace(stage, params=ModuleParams(model, mesh, plan, sharded_over),
+    return dataclasses.replace(part, params=ModuleParams(model, mesh, split),
                                loss_fn=loss_fn, loss_context=loss_context)
 
 

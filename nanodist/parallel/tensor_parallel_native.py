@@ -1,6 +1,6 @@
 """The same tensor-parallel plan executed by PyTorch's DTensor (`parallelize_module`).
 
-Style of `plan.py`  ->  DTensor ParallelStyle (on the 1-D "tp" sub-mesh)
+Style of `tp_plan.py`  ->  DTensor ParallelStyle (on the 1-D "tp" sub-mesh)
 
     vocab_embedding     RowwiseParallel on nn.Embedding: weight Shard(0), output Replicate
     colwise             ColwiseParallel, input Replicate (Shard(1) under SP: all-gathered)
@@ -9,7 +9,7 @@ Style of `plan.py`  ->  DTensor ParallelStyle (on the 1-D "tp" sub-mesh)
     sequence_norm       SequenceParallel: Replicate params, Shard(1) activations
     sequence_scatter    PrepareModuleInput Replicate -> Shard(1) (no comm forward)
 
-The fused c_attn is sharded by heads: its rows are permuted once (`qkv_to_rank_major`) so
+The fused c_attn is sharded by heads: its rows are permuted once (`placement.to_rank_major`) so
 that DTensor's contiguous Shard(0) gives rank r its [q_r; k_r; v_r]. Parameters are given
 their full values first (the existing tensor, or the initial value when on meta) and
 sliced locally (src_data_rank=None): each rank holds its slice of the global tensor.
@@ -21,7 +21,8 @@ from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInp
                                                parallelize_module)
 
 from nanodist.parallel.init import full_value
-from nanodist.parallel.tp_plan import Style, qkv_to_rank_major, shard_dim
+from nanodist.parallel.placement import to_rank_major
+from nanodist.parallel.tp_plan import Style, shard_dim
 
 
 def dtensor_style(style: Style):
@@ -59,7 +60,7 @@ def apply_dtensor_tp(model: nn.Module, plan: dict, tp_group, seed: int, device):
             elif shard_dim(style, name) is not None:
                 full = full_value(model, f"{path}.{name}", param, seed, device)
                 module.register_parameter(name, nn.Parameter(
-                    qkv_to_rank_major(full, tp) if style.qkv else full))
+                    to_rank_major(full, tp, 3) if style.qkv else full))
         parallelize_module(module, tp_mesh, dtensor_style(style), src_data_rank=None)
         for name, param in originals.items():  # the style re-wraps parameters: re-tie
             if id(param) in distributed:

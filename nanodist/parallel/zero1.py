@@ -28,77 +28,65 @@ broadcasts them: 2 (N-1)/N + 1 of 4 Psi per step. (FSDP2 cannot express ZeRO-1.)
 """
 import dataclasses
 from contextlib import contextmanager
+from functools import partial
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from nanodist import compat
 from nanodist.parallel.comm import Group
-from nanodist.parallel.ddp import assign_buckets, broadcast_from_first_rank, native_ddp, no_sync_all
-from nanodist.parallel.expert_parallel import reduction_groups
+from nanodist.parallel.engines import (Flat, InOrder, assign_buckets, broadcast_from_first_rank,
+                                       engine_params, native_ddp, no_sync_all)
 from nanodist.parallel.params import FlatParams, ModuleParams, flat_classes, parameter_owners
 
 
-class Flat:
+class FlatBucket(Flat):
     """One bucket: its parameters as one flat vector padded to k N values (`values`),
     their gradients likewise (`grads`); the model's parameters are views of the one,
     their `.grad`s views of the other, this rank's k values of both its shard."""
 
     def __init__(self, named_params, owners, group: Group, groups: tuple):
-        self.group, self.groups = group, groups
-        self.decay = named_params[0][1].dim() >= 2
-        self.names = [name for name, _ in named_params]
-        self.numels = [p.numel() for _, p in named_params]
-        k, like = -(-sum(self.numels) // group.size), named_params[0][1]
+        super().__init__(named_params, group, groups)
+        like, k = named_params[0][1], self.shard_numel
         self.values = torch.zeros(k * group.size, dtype=like.dtype, device=like.device)
         self.grads = torch.zeros_like(self.values)
-        self.params, self.grad_views = [], []
         with torch.no_grad():
-            for (_, old), value, grad in zip(named_params, self.split(self.values), self.split(self.grads)):
+            for (_, old), value in zip(named_params, self.split(self.values)):
                 value.copy_(old.reshape(-1))
-                new = nn.Parameter(value.view(old.shape), requires_grad=old.requires_grad)
-                for module, attr in owners[id(old)]:
-                    module._parameters[attr] = new
-                self.params.append(new)
-                self.grad_views.append(grad.view(old.shape))
+        self.params = self.install_views(named_params, owners, self.values)
+        self.grad_views = [g.view(p.shape) for g, p in zip(self.split(self.grads), self.params)]
         mine = slice(group.rank * k, (group.rank + 1) * k)
         self.shard = nn.Parameter(self.values[mine])  # a view: the optimizer's update lands in values
         self.grad_shard = self.grads[mine]
 
-    def split(self, flat: torch.Tensor) -> list[torch.Tensor]:
-        """The per-parameter (flattened) views of a padded flat vector."""
-        return flat[:sum(self.numels)].split(self.numels)
-
 
 class ZeRO1:
-    """Custom ZeRO-1 of `model` over `group` (the DP x CP ranks), by hooks. `params`: the
-    ones it holds (default: all); `scale`: the gradients' factor (default 1 / group size)."""
+    """Custom ZeRO-1 of `named_params` (a model's, or those of one reduction) over `group`,
+    by hooks; `owners`: parameter_owners of their model; `placements`: how TP or EP split
+    them (on `mesh`); `scale`: the gradients' factor (default 1 / group size)."""
 
-    def __init__(self, model: nn.Module, group: Group, bucket_cap_mb: float, sharded_over: dict,
-                 params: list | None = None, scale: float | None = None):
+    def __init__(self, named_params, owners, group: Group, bucket_cap_mb: float, placements: dict,
+                 mesh, scale: float | None = None):
         self.group, self.scale, self.sync = group, scale or 1.0 / group.size, True
-        broadcast_from_first_rank(model, group, params)
-        held = None if params is None else {id(p) for p in params}
-        named = [(name, p) for name, p in model.named_parameters()
-                 if p.requires_grad and (held is None or id(p) in held)][::-1]
+        named = [(name, p) for name, p in named_params if p.requires_grad][::-1]
+        broadcast_from_first_rank([p for _, p in named], group)
         order = {id(p): i for i, (_, p) in enumerate(named)}  # backward's order, roughly
-        owners, flats = parameter_owners(model), []
-        for (_, groups, _), members in flat_classes(named, sharded_over).items():
+        flats = []
+        for (_, split_over, _), members in flat_classes(named, placements, mesh).items():
             name_of = dict((id(p), name) for name, p in members)
             for bucket in assign_buckets([p for _, p in members], int(bucket_cap_mb * 2**20)):
-                flat = Flat([(name_of[id(p)], p) for p in bucket], owners, group, (group,) + groups)
+                flat = FlatBucket([(name_of[id(p)], p) for p in bucket], owners, group, (group,) + split_over)
                 flats.append((order[id(bucket[0])], flat))
         # launched strictly in this order, the one backward fills them in, on every rank
         self.flats = [flat for _, flat in sorted(flats, key=lambda item: item[0])]
         for b, flat in enumerate(self.flats):
             for i, p in enumerate(flat.params):
                 p.register_post_accumulate_grad_hook(lambda p, b=b, i=i: self._grad_ready(b, i, p))
+        self.queue = InOrder([len(f.params) for f in self.flats], self._launch, self._finish)
         self._new_backward()
 
     def _new_backward(self):
-        self.missing = [len(f.params) for f in self.flats]  # gradients not in yet
-        self.next_flat, self.ready, self.in_flight, self.finish_queued = 0, set(), None, False
+        self.ready, self.in_flight = set(), None  # gradients in their bucket; the reduction pending
 
     @contextmanager
     def no_sync(self):
@@ -119,12 +107,7 @@ class ZeRO1:
         if not self.sync:
             return
         self.ready.add(param)
-        if not self.finish_queued:
-            compat.queue_callback(self._finish)
-            self.finish_queued = True
-        self.missing[b] -= 1
-        while self.next_flat < len(self.flats) and self.missing[self.next_flat] == 0:
-            self._launch(self.next_flat)
+        self.queue.arrived(b)
 
     def _launch(self, b: int):
         flat = self.flats[b]
@@ -138,7 +121,7 @@ class ZeRO1:
         out = torch.empty_like(flat.shard)
         launched = (flat, out, self.group.reduce_scatter(out, flat.grads, async_op=True))
         self._land()  # one bucket in flight besides the new one: gloo copies each whole
-        self.in_flight, self.next_flat = launched, b + 1
+        self.in_flight = launched
 
     def _land(self):
         """Wait for the reduction in flight; its mean is the shard's gradient."""
@@ -152,9 +135,7 @@ class ZeRO1:
             self.in_flight = None
 
     def _finish(self):
-        """End of backward: reduce what is left."""
-        while self.next_flat < len(self.flats):
-            self._launch(self.next_flat)
+        """End of backward, every bucket launched: land the last one."""
         self._land()
         self._new_backward()
 
@@ -175,13 +156,17 @@ class ZeRO1Params(FlatParams):
     """The custom ZeRO-1's shards: after each optimizer step, and after a load into them,
     every rank gathers the whole model again."""
 
+    def gather(self):
+        for engine in self.engines:
+            engine.gather()
+
     def after_each_step(self, optimizer):
-        optimizer.register_step_post_hook(lambda *_: self.engine.gather())
+        optimizer.register_step_post_hook(lambda *_: self.gather())
 
     @torch.no_grad()
     def load_full_tensors(self, full_of, tensors):
         super().load_full_tensors(full_of, tensors)
-        self.engine.gather()  # (the moments' loads gather unchanged values: once, at a resume)
+        self.gather()  # (the moments' loads gather unchanged values: once, at a resume)
 
 
 class ZeroRedundancyParams(ModuleParams):
@@ -223,30 +208,16 @@ class _OwnState:
         return self.state[param] if id(param) in self.mine else {}
 
 
-class Engines:
-    """Several ZeRO-1 engines as one for ZeRO1Params (expert parallelism: the experts' over edp)."""
-
-    def __init__(self, engines: list[ZeRO1]):
-        self.engines = engines
-        self.flats = [flat for engine in engines for flat in engine.flats]
-
-    def gather(self):
-        for engine in self.engines:
-            engine.gather()
-
-    def no_sync(self):
-        return no_sync_all(self.engines)
-
-
-def apply_zero1(stage, setup):
-    """The ZeRO-1 step of `parallelize`, last, as DDP's (real tensors): over the DP x CP
-    group; expert-parallel parameters over edp, divided by DP x CP (as DDP's)."""
-    layout, mesh, model = setup.layout, setup.mesh, stage.gpt
+def apply_zero1(part, setup):
+    """The ZeRO-1 step of `parallelize`, last, as DDP's (real tensors): one engine per
+    reduction of the placements (dp_cp; under EP the experts' over edp, divided by dp_cp)."""
+    layout, mesh, model = setup.layout, setup.mesh, part.gpt
     if layout.implementation == "pytorch":
         wrapped = native_ddp(model, mesh.dp_cp, mesh.device, layout.bucket_cap_mb)
-        return dataclasses.replace(stage, module=wrapped, no_sync=wrapped.no_sync,
-                                   params=ZeroRedundancyParams(model, mesh, stage.params.plan))
-    engine = Engines([ZeRO1(model, group, layout.bucket_cap_mb, stage.params.sharded_over, params, scale)
-                      for group, params, scale in reduction_groups(stage, mesh)])
-    return dataclasses.replace(stage, no_sync=engine.no_sync,
-                               params=ZeRO1Params(engine, mesh, stage.params.plan))
+        return dataclasses.replace(part, module=wrapped, no_sync=wrapped.no_sync,
+                                   params=ZeroRedundancyParams(model, mesh, part.params.placements))
+    owners, placements = parameter_owners(model), part.params.placements
+    engines = [ZeRO1(members, owners, group, layout.bucket_cap_mb, placements, mesh, scale)
+               for group, scale, members in engine_params(part, mesh)]  # EP: the experts' over edp
+    return dataclasses.replace(part, no_sync=partial(no_sync_all, engines),
+                               params=ZeRO1Params(engines, mesh, placements))

@@ -79,15 +79,15 @@ def stage_params(cfg: GPTConfig, layout: Layout, pp_rank: int = 0) -> dict[str, 
     return {role: sum(counts[role] for counts in per_chunk) for role in per_chunk[0]}
 
 
-def zero_state_bytes(params: float, d: int, stage: int, param_bytes: float = FP32,
+def zero_state_bytes(params: float, d: int, zero_stage: int, param_bytes: float = FP32,
                      grad_bytes: float = FP32, optimizer_bytes: float = ADAM_STATES * FP32) -> dict[str, float]:
-    """Model state per rank of ZeRO `stage` over d data-parallel ranks (Rajbhandari et al.
+    """Model state per rank of ZeRO stage `zero_stage` over d data-parallel ranks (Rajbhandari et al.
     2020, section 5): 0 replicates everything (DDP), 1 shards the optimizer state
     (`optimizer_bytes` per parameter: Adam's moments, and a master copy where the
     parameters are kept in another dtype), 2 the gradients too, 3 the parameters too."""
-    state = {"params": param_bytes * params / (d if stage >= 3 else 1),
-             "grads": grad_bytes * params / (d if stage >= 2 else 1),
-             "optimizer": optimizer_bytes * params / (d if stage >= 1 else 1)}
+    state = {"params": param_bytes * params / (d if zero_stage >= 3 else 1),
+             "grads": grad_bytes * params / (d if zero_stage >= 2 else 1),
+             "optimizer": optimizer_bytes * params / (d if zero_stage >= 1 else 1)}
     state["total"] = sum(state.values())
     return state
 
@@ -98,11 +98,11 @@ def state_bytes(cfg: GPTConfig, layout: Layout, pp_rank: int = 0) -> dict[str, f
     sharded over a replica group's dp_shard x cp ranks), 1 under ZeRO-1 (over dp x cp),
     else 0 (padding to N ignored). Experts: a rank's E/ep, sharded by FSDP over the
     ranks that hold the same ones (d / ep)."""
-    stage = 3 if layout.fsdp else 1 if layout.zero1 else 0
+    zero_stage = 3 if layout.fsdp else 1 if layout.zero1 else 0
     d = layout.dp_shard * layout.cp if layout.fsdp else layout.dp_cp
     params = stage_params(cfg, layout, pp_rank)
-    dense = zero_state_bytes(params["total"] - params["experts"], d, stage)
-    experts = zero_state_bytes(params["experts"], d // layout.ep, stage)
+    dense = zero_state_bytes(params["total"] - params["experts"], d, zero_stage)
+    experts = zero_state_bytes(params["experts"], d // layout.ep, zero_stage)
     return {key: dense[key] + experts[key] for key in dense}
 
 

@@ -59,7 +59,7 @@ def dp_label(layout: Layout) -> str:
     """ddp | zero1 | fsdp-zero3 | fsdp-zero2 (HSDP: xR replicas): the data-parallel column."""
     if layout.dp_type != "fsdp":
         return layout.dp_type
-    return f"fsdp-zero{3 if layout.reshard_after_forward else 2}" + (f"x{layout.dp_replicas}" if layout.hsdp else "")
+    return f"fsdp-zero{3 if layout.reshard_after_forward else 2}" + (f"x{layout.hsdp_replicas}" if layout.hsdp else "")
 
 
 def command(job: Job, layout: Layout, micro_batch: int, extra: tuple[str, ...] = ()) -> str:
@@ -83,25 +83,21 @@ def command(job: Job, layout: Layout, micro_batch: int, extra: tuple[str, ...] =
 
 
 def spans(layout: Layout) -> dict[str, int]:
-    """Consecutive ranks each group covers (mesh order pp, dp_replicate, dp_shard, cp, tp;
-    "dp": the DP x CP ranks, under HSDP those of one replica group)."""
-    tp, cp, dp = layout.tp, layout.cp, layout.dp
-    return {"tp": tp, "cp": cp * tp, "dp": (layout.dp_shard if layout.hsdp else dp) * cp * tp,
-            "dp_replicate": dp * cp * tp, "pp": layout.world, "embedding": layout.world,
-            "ep": layout.ep * tp, "edp": dp * cp * tp}
+    """Consecutive ranks each group of traffic.py covers (the mesh's roles, and the
+    pipeline's embedding group: the first and last stage)."""
+    return {**layout.spans(), "embedding": layout.world}
 
 
 def group_sizes(layout: Layout) -> dict[str, int]:
-    return {"tp": layout.tp, "cp": layout.cp, "pp": layout.pp, "embedding": 2,
-            "dp": layout.dp_shard * layout.cp if layout.fsdp else layout.dp_cp,
-            "dp_replicate": layout.dp_replicate, "ep": layout.ep, "edp": layout.dp_cp // layout.ep}
+    return {**layout.group_sizes(), "embedding": 2}
 
 
 def hides(layout: Layout, group: str, kind: str) -> bool:
     """Whether this traffic overlaps compute: DDP's and ZeRO-1's reductions behind the last
     micro-step's backward, FSDP's everything behind each micro-step (HSDP's replica
     all-reduce too); ZeRO-1's all-gather follows the optimizer step, exposed."""
-    return group == "dp_replicate" or (group in ("dp", "edp") and not (layout.zero1 and kind == "all_gather"))
+    return group in ("dp_replicate", "dp_shard_cp") or \
+        (group in ("dp_cp", "edp") and not (layout.zero1 and kind == "all_gather"))
 
 
 def matmuls(cfg: GPTConfig, layout: Layout, micro_batch: int, moe: bool = False) -> tuple[list, list]:
@@ -231,6 +227,8 @@ def estimate(job: Job, machine, layout: Layout, micro_batch: int, M: int) -> dic
     return {"dp": layout.dp, "dp_type": dp_label(layout), "tp": layout.tp, "pp": layout.pp, "ep": layout.ep,
             "pp_schedule": layout.pp_schedule if layout.pp > 1 else None,
             "virtual_stages": layout.virtual_stages, "cp": layout.cp,
+            "cp_type": (layout.cp_type + (f"{layout.ulysses}" if layout.cp_type == "hybrid" else "")
+                        if layout.cp > 1 else None),
             "sequence_parallel": layout.sequence_parallel, "activation_checkpointing": layout.checkpointing,
             "micro_batch_size": micro_batch, "grad_accum": M, "fits": fits,
             "why": None if fits else f"needs {peak['total'] / GiB:.1f} GiB > {USABLE_MEMORY:.0%} of "
@@ -265,7 +263,7 @@ def table(rows: list[dict]) -> str:
               "act", "intra GB", "inter GB", "bubble", "step s", "tok/s", "MFU"]
     lines = [[str(i + 1), str(r["dp"]), r["dp_type"], str(r["tp"]), str(r["pp"]),
               (r["pp_schedule"] or "-") + (f" v{r['virtual_stages']}" if r["virtual_stages"] > 1 else ""),
-              str(r["cp"]), str(r["ep"]), r["activation_checkpointing"], str(r["micro_batch_size"]), str(r["grad_accum"]),
+              str(r["cp"]) + (f" {r['cp_type']}" if r["cp_type"] else ""), str(r["ep"]), r["activation_checkpointing"], str(r["micro_batch_size"]), str(r["grad_accum"]),
               f"{r['memory_gib']:.3g}", f"{r['state_gib']:.3g}", f"{r['activation_gib']:.3g}",
               f"{r['comm_bytes_per_step']['intra_node'] / 1e9:.2f}",
               f"{r['comm_bytes_per_step']['inter_node'] / 1e9:.2f}", f"{r['bubble']:.2f}",

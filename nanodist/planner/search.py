@@ -1,11 +1,11 @@
 """The planner's search space: every layout it considers for a job, and those train.py accepts.
 
 The space (`search_space`): DDP / ZeRO-1 / FSDP ZeRO-3 / ZeRO-2 (and HSDP: FSDP with
-every replica count that divides DP) x TP x PP, its schedule and virtual stages x CP x
-EP (a mixture of experts: every size that divides DP x CP and the experts) x
+every replica count that divides DP) x TP x PP, its schedule and virtual stages x CP and its
+type (ring, Ulysses, hybrid) x EP (a mixture of experts: every size that divides DP x CP and the experts) x
 activation checkpointing x micro-batch; under TP with loss parallelism, and sequence
 parallelism where the sequence divides. It is filtered by the layout's own rules
-(`candidates`: `Layout.check`, what train.py asks on the same device: nothing listed is
+(`candidates`: `rules.check_layout`, what train.py asks on the same device: nothing listed is
 refused, nothing accepted is left out); plan.py costs and ranks what remains.
 """
 import dataclasses
@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from nanodist.errors import UserError
 from nanodist.model.gpt import GPTConfig
 from nanodist.parallel.layout import Layout
+from nanodist.parallel.rules import check_layout
 
 SCHEDULES = [("gpipe", 1), ("1f1b", 1), ("interleaved_1f1b", 2), ("interleaved_1f1b", 4)]
 DATA_PARALLEL = {"ddp": ("ddp", True), "zero1": ("zero1", True), "fsdp-zero3": ("fsdp", True),
@@ -45,6 +46,14 @@ def divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
+def cp_types(cp: int) -> list[tuple[str, int]]:
+    """(type, Ulysses degree) of every context-parallel type on cp ranks (rules.py drops
+    those whose heads do not divide)."""
+    if cp == 1:
+        return [("ring", 0)]
+    return [("ring", 0), ("ulysses", 0)] + [("hybrid", u) for u in divisors(cp)[1:-1]]
+
+
 def search_space(job: Job):
     """(layout, micro-batch) of every combination the planner considers, valid or not."""
     T, E = job.block_size, job.model.moe_experts
@@ -56,13 +65,14 @@ def search_space(job: Job):
         micro_batches = [job.micro_batch] if job.micro_batch else \
             [b for b in MICRO_BATCHES if b <= per_rank_batch]
         expert_parallel = [ep for ep in divisors(dp * cp) if E and E % ep == 0] or [1]
-        for dp_type, replicas, (schedule, V), ep, ac, mb in itertools.product(
-                DATA_PARALLEL, divisors(dp), SCHEDULES if pp > 1 else SCHEDULES[1:2],
+        for dp_type, replicas, (schedule, V), (cp_type, u), ep, ac, mb in itertools.product(
+                DATA_PARALLEL, divisors(dp), SCHEDULES if pp > 1 else SCHEDULES[1:2], cp_types(cp),
                 expert_parallel, ("none", "selective", "full"), micro_batches):
             kind, reshard = DATA_PARALLEL[dp_type]
             if (dp_type != "ddp" and dp * cp == 1) or (kind != "fsdp" and replicas > 1):
                 continue  # sharding over one rank is DDP; replicas are HSDP's
-            layout = Layout(pp=pp, dp=dp, cp=cp, tp=tp, ep=ep, dp_type=kind, dp_replicas=replicas,
+            layout = Layout(pp=pp, dp=dp, cp=cp, cp_type=cp_type, ulysses_degree=u, tp=tp, ep=ep,
+                            dp_type=kind, hsdp_replicas=replicas,
                             reshard_after_forward=reshard, loss_parallel=tp > 1, pp_schedule=schedule,
                             virtual_stages=V, checkpointing=ac, compile=job.compile,
                             implementation=job.implementation)
@@ -76,7 +86,7 @@ def candidates(job: Job):
     for layout, mb in search_space(job):
         try:
             M = layout.micro_steps(job.total_batch_size, mb, job.block_size)
-            layout.check(job.ranks, job.device, job.block_size, job.model.dropout, job.model, M)
+            check_layout(layout, job.ranks, job.device, job.block_size, job.model.dropout, job.model, M)
         except UserError:
             continue
         yield layout, mb, M

@@ -15,9 +15,12 @@ Communication per optimizer step, ring bus bytes each rank sends (comm.py's `bus
               all-reduce of the shard's gradient over the R replicas: 2 (R-1)/R * 4 Psi/N
               per micro-step
     TP        activations of B T C floats, per micro-step (`tp_collectives`)
-    CP        sends of K/V blocks, (3 cp - 2) L x 2 B T/cp C/tp floats per micro-step
-              (`ring_attention_sends`); DDP / FSDP then run over N = dp x cp ranks and
-              TP's activations are T/cp tokens long
+    CP        ring: sends of K/V blocks, (3 cp - 2) L x 2 B T/cp C/tp floats per micro-step
+              (`ring_attention_sends`); Ulysses: per layer 2 all-to-alls forward (q, k, v;
+              the output) and 2 backward of 4 B T/cp C/tp values each way (`ulysses_sends`),
+              (u-1)/u of them sent; hybrid: the ring over cp/u ranks on C/(tp u) wide heads,
+              Ulysses over u. DDP / FSDP then run over N = dp x cp ranks and TP's
+              activations are T/cp tokens long
     EP        per MoE layer and micro-step, over the ep group: all-to-all of the k B T routed
               rows of C values there and back, forward and again backward: 4 k B T C
               values of payload, (ep-1)/ep of it sent when routing is balanced (`moe_all_to_all`),
@@ -35,6 +38,7 @@ from nanodist.model.gpt import GPTConfig
 from nanodist.parallel.comm import BUS_FACTOR
 from nanodist.parallel.layout import Layout
 from nanodist.parallel.schedules import Action
+from nanodist.parallel.ulysses import ulysses_sends
 from nanodist.planner.cost import DTYPE_BYTES, FP32, chunks, param_counts, schedule
 
 
@@ -134,21 +138,27 @@ def fsdp_gathers(actions: list[Action], chunk: int, reshard_after_forward: bool)
 def collectives(cfg: GPTConfig, layout: Layout, micro_batch: int, accum: int,
                 dtype: str = "float32", device_type: str = "cpu",
                 pp_rank: int = 0) -> dict[tuple[str, str], tuple[int, float]]:
-    """{(group, kind): (calls, bus bytes)} one rank sends per optimizer step; groups: tp,
-    cp, dp (the dp x cp ranks that hold the same parameters, or those FSDP shards over:
-    HSDP's dp_shard x cp), dp_replicate (HSDP's replicas), pp (stage to stage) and
-    embedding (the first and last stage). `dtype` bfloat16: FSDP gathers bf16 parameters
+    """{(group, kind): (calls, bus bytes)} one rank sends per optimizer step; groups by
+    their role in the mesh (mesh.py): tp, cp (the router's statistics), cp_ring (ring
+    attention), cp_ulysses, dp_cp (DDP, ZeRO-1: the ranks that hold the same dense
+    parameters), dp_shard_cp (what FSDP shards over; HSDP then all-reduces over
+    dp_replicate), ep and edp (the experts), pp (stage to stage) and embedding (the first
+    and last stage). `dtype` bfloat16: FSDP gathers bf16 parameters
     and reduces fp32 gradients, TP carries what `value_bytes` says, ring attention bf16
     K/V, the pipeline the residual stream's dtype; DDP's gradients and the scalars stay fp32. Under CP,
     TP's activations are T/cp long. The bytes are exact (--validate); the calls (for the
     latency of each) count an FSDP unit (a block, the root) and a DDP bucket as one."""
     tp, cp, P, C, V = layout.tp, layout.cp, layout.pp, cfg.n_embd, cfg.vocab_size
     dp_cp, T, compute_bytes = layout.dp * cp, cfg.block_size // cp, DTYPE_BYTES[dtype]
-    shards = layout.dp_shard * cp if layout.fsdp else dp_cp  # the "dp" group
+    shards = layout.dp_shard * cp if layout.fsdp else dp_cp  # the dense gradients' group
+    shard_group = "dp_shard_cp" if layout.fsdp else "dp_cp"
     flat_shards = layout.fsdp or (layout.zero1 and layout.implementation == "custom")
     sp = layout.sequence_parallel
     actions = schedule(P, layout.pp_schedule, layout.virtual_stages, accum)[pp_rank]
     out: dict[tuple[str, str], tuple[int, float]] = {}
+
+    def buckets(numel: float) -> int:  # custom DDP's and ZeRO-1's gradient buckets of numel values
+        return math.ceil(FP32 * numel / (layout.bucket_cap_mb * 2**20))
 
     def add(group, kind, group_size, payload, calls=1):
         if group_size > 1:
@@ -172,51 +182,52 @@ def collectives(cfg: GPTConfig, layout: Layout, micro_batch: int, accum: int,
                     micro_batch, T, C, V, len(blocks), sp, layout.loss_parallel,
                     value_bytes(dtype, layout.fsdp, device_type), False, first, last).items():
                 add("tp", kind, tp, accum * payload, accum * calls)
-        if cp > 1:
-            sends, payload = ring_attention_sends(micro_batch, cfg.block_size, C // tp, len(blocks),
-                                                  cp, compute_bytes)
-            add("cp", "send", cp, accum * payload, accum * sends)
+        ring, ulysses = cp // layout.ulysses, layout.ulysses
+        if ring > 1:  # over T / ring tokens of C / tp / ulysses values (the heads Ulysses left here)
+            sends, payload = ring_attention_sends(micro_batch, cfg.block_size, C // tp // ulysses,
+                                                  len(blocks), ring, compute_bytes)
+            add("cp_ring", "send", ring, accum * payload, accum * sends)
+        if ulysses > 1:
+            calls, payload = ulysses_sends(micro_batch, T, C // tp, ulysses, compute_bytes)
+            add("cp_ulysses", "all_to_all", ulysses, accum * len(blocks) * payload, accum * len(blocks) * calls)
         if P > 1:  # activations to the next chunk, their gradients back (the residual's dtype)
             boundary = micro_batch * (T // tp if sp else T) * C * value_bytes(dtype, layout.fsdp, device_type)["residual"]
             hops = (not last) + (not first)
             add("pp", "send", P, accum * boundary * hops, accum * hops)
             if first or last:  # the tied weight's gradient (its shard under FSDP, ZeRO-1)
                 add("embedding", "all_reduce", 2, FP32 * V * C / tp / (shards if flat_shards else 1))
-        buckets = math.ceil(FP32 * dense / (layout.bucket_cap_mb * 2**20))
         if layout.fsdp:
             units = len(blocks) + (first or last)
             gathers = fsdp_gathers(actions, v, layout.reshard_after_forward)
-            for group, size, numel, unit_count in (("dp", shards, dense, units), ("edp", edp, experts, moe)):
+            for group, size, numel, unit_count in (("dp_shard_cp", shards, dense, units), ("edp", edp, experts, moe)):
                 add(group, "all_gather", size, gathers * compute_bytes * numel, gathers * unit_count)
                 add(group, "reduce_scatter", size, accum * FP32 * numel, accum * unit_count)  # every micro-step
             add("dp_replicate", "all_reduce", layout.dp_replicate, accum * FP32 * dense / shards,
                 accum * units)
         elif flat_shards:  # ZeRO-1 by hand: a bucket per class at least (decay, no decay)
-            add("dp", "reduce_scatter", dp_cp, FP32 * dense, buckets + 1)
-            add("dp", "all_gather", dp_cp, FP32 * dense, buckets + 1)
+            add("dp_cp", "reduce_scatter", dp_cp, FP32 * dense, buckets(dense) + 1)
+            add("dp_cp", "all_gather", dp_cp, FP32 * dense, buckets(dense) + 1)
             if experts:  # their own buckets, over the ranks holding the same experts
-                expert_buckets = math.ceil(FP32 * experts / (layout.bucket_cap_mb * 2**20)) + 1
-                add("edp", "reduce_scatter", edp, FP32 * experts, expert_buckets)
-                add("edp", "all_gather", edp, FP32 * experts, expert_buckets)
+                add("edp", "reduce_scatter", edp, FP32 * experts, buckets(experts) + 1)
+                add("edp", "all_gather", edp, FP32 * experts, buckets(experts) + 1)
         else:
-            add("dp", "all_reduce", dp_cp, FP32 * dense, buckets)
+            add("dp_cp", "all_reduce", dp_cp, FP32 * dense, buckets(dense))
             if experts and ep > 1:  # their own buckets, over the ranks holding the same experts
-                add("edp", "all_reduce", edp, FP32 * experts,
-                    math.ceil(FP32 * experts / (layout.bucket_cap_mb * 2**20)))
+                add("edp", "all_reduce", edp, FP32 * experts, buckets(experts))
             if layout.zero1:  # ZeroRedundancyOptimizer: each parameter from its owner
-                add("dp", "broadcast", dp_cp, FP32 * dense, 12 * len(blocks) + 4 * (first or last))
+                add("dp_cp", "broadcast", dp_cp, FP32 * dense, 12 * len(blocks) + 4 * (first or last))
     # scalars, once a step: the squared gradient norm (one all-reduce per class of
     # sharded gradient: over TP; under FSDP and ZeRO-1 over DP and over DP x TP), the
     # trainer's mean of the loss over DP x CP, and across stages the loss and the norm
     add("tp", "all_reduce", tp, FP32)
     norms = flat_shards * (2 if tp > 1 else 1)
     if norms:
-        add("dp", "all_reduce", shards, FP32 * norms, norms)
+        add(shard_group, "all_reduce", shards, FP32 * norms, norms)
     if cfg.moe_experts and ep > 1:  # the experts' class: sharded over ep (and edp: FSDP, ZeRO-1)
         add("ep", "all_reduce", ep, FP32)
         if flat_shards:
             add("edp", "all_reduce", edp, FP32)
-    add("dp", "all_reduce", dp_cp, FP32)
+    add("dp_cp", "all_reduce", dp_cp, FP32)
     add("pp", "all_reduce", P, 2 * FP32, 2)
     return out
 

@@ -11,7 +11,7 @@ the dataset's vocabulary is known.
 import argparse
 import dataclasses
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, make_dataclass
 from pathlib import Path
 
 from nanodist.checkpoint.integrity import TRUST_HELP
@@ -20,9 +20,7 @@ from nanodist.errors import UserError
 from nanodist.data.loader import DATASETS
 from nanodist.model.gpt import PRESETS, GPTConfig, model_config
 from nanodist.parallel.layout import CHOICES as LAYOUT_CHOICES, FLAGS as LAYOUT_FLAGS, Layout
-
-
-LAYOUT = Layout()  # the defaults of the parallel flags are the Layout's
+from nanodist.parallel.rules import check_layout
 
 
 def flag(default, help: str, const=None):
@@ -30,8 +28,13 @@ def flag(default, help: str, const=None):
     return field(default=default, metadata={"help": help, "const": const})
 
 
+# the parallel flags: declared once, with the Layout's fields (layout.option)
+LayoutFlags = make_dataclass("LayoutFlags", [
+    (f.metadata["flag"], f.type, flag(f.metadata["flag_default"], f.metadata["help"])) for f in fields(Layout)])
+
+
 @dataclass
-class TrainConfig:
+class TrainConfig(LayoutFlags):
     # data
     dataset: str = flag("shakespeare", "which prepared dataset to train on")
     data_dir: str = flag("", "folder with train.bin/val.bin/meta.json (default: ./data/<dataset>)")
@@ -84,40 +87,11 @@ class TrainConfig:
                                     "--calibrate) for --layout auto and the memory check's advice")
     memory_budget_gib: float = flag(0.0, "refuse a layout whose predicted peak per rank exceeds this "
                                          "(0: on CUDA 90%% of the free memory, on CPU no check)")
-    data_parallel_size: int = flag(0, "DP size (0: the world size / (PP x CP x TP))")
-    data_parallel_type: str = flag(LAYOUT.dp_type, "ddp: replicate the model; zero1: replicate it, "
-                                                   "shard the optimizer state (ZeRO-1); fsdp: shard "
-                                                   "it (ZeRO-3; ZeRO-2 by --fsdp_reshard_after_forward)")
-    data_parallel_replicas: int = flag(LAYOUT.dp_replicas, "fsdp: R replica groups of data_parallel_size"
-                                                           " / R shards each (HSDP; 1: plain FSDP)")
-    tensor_parallel_size: int = flag(LAYOUT.tp, "TP size; TP ranks are contiguous")
-    expert_parallel_size: int = flag(LAYOUT.ep, "EP size: each MoE layer's experts split over this many of "
-                                                "the DP x CP ranks, tokens sent to them all-to-all")
-    pipeline_parallel_size: int = flag(LAYOUT.pp, "PP size: pipeline stages (the outermost mesh dimension)")
-    pipeline_schedule: str = flag(LAYOUT.pp_schedule, "gpipe | 1f1b | interleaved_1f1b (| zero_bubble: "
-                                          "--implementation pytorch); micro-batches = the "
-                                          "gradient accumulation steps M")
-    virtual_stages: int = flag(LAYOUT.virtual_stages, "model chunks per pipeline rank (interleaved_1f1b, zero_bubble)")
-    context_parallel_size: int = flag(LAYOUT.cp, "CP size: each sequence split over this many ranks (ring "
-                                         "attention, zigzag); they read the same batch")
-    enable_loss_parallelism: bool = flag(LAYOUT.loss_parallel, "vocab-parallel loss: full logits never on one rank")
-    sequence_parallel: bool = flag(LAYOUT.sequence_parallel, "shard norms and residuals along the sequence under TP")
-    implementation: str = flag(LAYOUT.implementation, "custom: hand-written on collectives; pytorch: DDP, FSDP2, DTensor")
     deferred_init: bool = flag(False, "build on the meta device, materialise each rank's shard only")
-    bucket_cap_mb: float = flag(LAYOUT.bucket_cap_mb, "custom DDP gradient bucket size in MiB")
-    activation_checkpointing: str = flag(LAYOUT.checkpointing, "none | full: blocks keep only their input and "
-                                                 "recompute the rest | selective: keep matmul "
-                                                 "outputs, recompute element-wise ops")
-    ac_every: int = flag(LAYOUT.ac_every, "--activation_checkpointing full: checkpoint every K-th block")
-    fsdp_reshard_after_forward: bool = flag(LAYOUT.reshard_after_forward, "false: keep gathered params until backward (ZeRO-2)")
-    fsdp_reduce_on_last_micro_step: bool = flag(
-        LAYOUT.reduce_on_last_micro_step, "FSDP: reduce-scatter on the last micro-step only (unsharded grads kept: +4 bytes "
-               "per parameter per rank, less traffic)")
     # system
     device: str = flag("auto", "auto: cuda when available, else cpu")
     dtype: str = flag("float32", "compute dtype (bfloat16: mixed precision, fp32 master weights; "
                                  "float64: reference precision for numerics checks, no autocast)")
-    compile: bool = flag(LAYOUT.compile, "torch.compile the model")
     seed: int = flag(1337, "seed of initialisation and data order")
     dist_timeout: float = flag(300.0, "seconds joining the process group or one collective may wait "
                                       "for the other ranks before the run ends with an error")
@@ -145,7 +119,7 @@ def build_parser(config_cls=TrainConfig) -> argparse.ArgumentParser:
     """Every dataclass field becomes --name; booleans accept `--flag` or `--flag false`."""
     parser = OneLineParser(description="Train GPT-2 with any parallel layout: PP x DP (DDP or FSDP) "
                                  "x CP x TP, hand-written or PyTorch's.")
-    for f in fields(config_cls):
+    for f in sorted(fields(config_cls), key=lambda f: f.name in LAYOUT_FLAGS.values()):  # the parallel last
         default = f.default
         help = f.metadata.get("help", "")
         if default != "" and "default" not in help:  # a help that says its default keeps it
@@ -176,7 +150,8 @@ RANGES = MOE_RANGES + (
       "data_parallel_replicas",
       "pipeline_parallel_size", "virtual_stages"), lambda v: v >= 1, ">= 1"),
     (("learning_rate", "max_grad_norm", "bucket_cap_mb", "dist_timeout"), lambda v: v > 0, "> 0"),
-    (("min_lr", "weight_decay", "memory_budget_gib", "moe_aux_loss_coef"), lambda v: v >= 0, ">= 0"),
+    (("min_lr", "weight_decay", "memory_budget_gib", "moe_aux_loss_coef", "ulysses_degree"),
+     lambda v: v >= 0, ">= 0"),
     (("dropout", "beta1", "beta2"), lambda v: 0 <= v < 1, "in [0, 1)"),
     (("warmup_steps",), lambda v: v >= -1, ">= 0 (or -1: GPT-2's 715, at most 10% of max_steps)"),
     (("checkpoint_interval",), lambda v: v >= -1, "K >= 1 steps, 0 (at each evaluation) or -1 (never)"),
@@ -237,6 +212,7 @@ def moe_of(cfg) -> dict:
 def layout_of(cfg: TrainConfig, world_size: int) -> Layout:
     """The Layout the flags describe; --data_parallel_size 0 takes what the world leaves."""
     layout = Layout(**{name: getattr(cfg, flag) for name, flag in LAYOUT_FLAGS.items()})
+    layout = layout.with_heads(PRESETS[cfg.model]["n_head"]) if cfg.model in PRESETS else layout
     if layout.dp == 0:
         layout = dataclasses.replace(layout, dp=max(world_size // (layout.pp * layout.cp * layout.tp), 1))
     return layout
@@ -250,14 +226,14 @@ def resolve(cfg: TrainConfig, world_size: int, device_type: str) -> tuple[TrainC
     if cfg.resume not in ("", "latest", "auto") and not cfg.out_dir:
         cfg = dataclasses.replace(cfg, out_dir=str(Path(cfg.resume).parent))
     layout = layout_of(cfg, world_size)
-    layout.check(world_size, device_type, cfg.block_size, cfg.dropout)
+    check_layout(layout, world_size, device_type, cfg.block_size, cfg.dropout)
     micro_steps = layout.micro_steps(cfg.total_batch_size, cfg.batch_size, cfg.block_size)
-    return dataclasses.replace(cfg, data_parallel_size=layout.dp), layout, micro_steps
+    return dataclasses.replace(cfg, data_parallel_size=layout.dp, ulysses_degree=layout.ulysses_degree), layout, micro_steps
 
 
 def fit(cfg: TrainConfig, layout: Layout, micro_steps: int, vocab_size: int, device_type: str) -> GPTConfig:
     """The model of `cfg` on a dataset of `vocab_size` tokens, after the rest of the
     layout's rules (the model's shape, the pipeline's micro-batches)."""
     model = model_config(cfg.model, cfg.block_size, vocab_size, cfg.dropout, **moe_of(cfg))
-    layout.check(layout.world, device_type, cfg.block_size, cfg.dropout, model, micro_steps)
+    check_layout(layout, layout.world, device_type, cfg.block_size, cfg.dropout, model, micro_steps)
     return model

@@ -7,9 +7,9 @@
     synchronised on the last; a pipeline runs them as its micro-batches), clip, step, log
     the loss over the whole global batch; evaluate every eval_interval steps.
 
-The trainer talks to a layout through two objects only (parallel/parallelize.py): the
-runner (forward and backward of one global batch) and the params (optimizer params,
-gradient norm, full tensors by GPT-2 name for checkpoints and --init_from).
+What `parallelize` returns is all the trainer asks of a layout: the runner (forward and
+backward of one global batch), the params (optimizer, gradient norm, full tensors by
+GPT-2 name) and the model parts (their own metrics); the mesh gives its loss's group.
 """
 import math
 import time
@@ -32,7 +32,8 @@ from nanodist.run.launch import init_distributed, pick_device
 from nanodist.run.metrics import Logger, StepMemory, device_peak_flops, enable_tf32, rss_peak_bytes
 from nanodist.model.gpt import GPT, StepMetrics, flops_per_token
 from nanodist.parallel.comm import Comm
-from nanodist.parallel.layout import Layout, build_mesh
+from nanodist.parallel.layout import Layout
+from nanodist.parallel.mesh import build_mesh
 from nanodist.parallel.parallelize import Setup, parallelize
 from nanodist.run.profiling import StepProfiler, parse_steps
 from nanodist.run.step_report import step_report
@@ -86,7 +87,7 @@ class Trainer:
                       (cfg.batch_size, cfg.block_size), self.micro_steps)
         self.parallel = parallelize(model, setup)
         self.runner, self.params = self.parallel.runner, self.parallel.params
-        self.metrics = StepMetrics([stage.gpt for stage in self.parallel.stages], self.micro_steps)
+        self.metrics = StepMetrics([part.gpt for part in self.parallel.stages], self.micro_steps)
         self.optimizer = self.params.optimizer(cfg.weight_decay, lr=cfg.learning_rate,
                                                betas=(cfg.beta1, cfg.beta2), fused=device.type == "cuda")
         self.autocast = (torch.autocast(device.type, dtype=torch.bfloat16)
