@@ -39,7 +39,7 @@ def main():
     def build(layout):
         with torch.device(device):
             parallel = parallelize(GPT(mcfg, seed=1), Setup(Mesh.alone(device, layout=layout), seed=1))
-        stage = parallel.stages[0]
+        stage = parallel.parts[0]
         optimizer = torch.optim.AdamW(parallel.params.param_groups(0.1), lr=1e-4)
 
         def step():

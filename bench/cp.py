@@ -8,12 +8,13 @@ proper divisor U of CP that divides the heads, the ring over CP/U): step time, t
 counted per rank against traffic.py's model (ring sends + Ulysses all-to-alls), and the
 bytes the attention keeps for backward per rank.
 
-Forward + backward of causal attention over the CP ring, B x heads x T x head_dim split
-across the ranks, the two splits taking turns step by step. Work: attention blocks per
-rank (`context_parallel.attention_blocks`, a causal diagonal counts 1/2) max / min = 1 with
+Splits (the ring alone): forward + backward of causal attention over the CP ring, B x
+heads x T x head_dim split across the ranks, the two splits taking turns step by step.
+Work: attention blocks per rank (`ring_attention.attention_blocks`, a causal diagonal
+counts 1/2) max / min = 1 with
 zigzag, 2C-1 contiguous; the ring waits for its slowest rank, so the step time follows
 the max. Traffic: what the mesh's Comm counted per rank against
-nanodist/planner/traffic.py's `ring_attention_sends` (one layer, B x T x heads x head_dim).
+ring_attention.py's `ring_attention_sends` (one layer, B x T x heads x head_dim).
 
 Long context (--model tiny, --context 2048, 8x the tests' tiny runs): the bytes the whole
 model keeps for backward per rank (nanodist_tools/measure.py), one process against CP,
@@ -29,9 +30,8 @@ from nanodist.parallel.context_parallel import local_tokens
 from nanodist.parallel.layout import Layout
 from nanodist.parallel.mesh import Mesh, build_mesh
 from nanodist.parallel.parallelize import Setup, parallelize
-from nanodist.parallel.ring_attention import RingAttention, attention_blocks, split_sequence
+from nanodist.parallel.ring_attention import RingAttention, attention_blocks, ring_attention_sends, split_sequence
 from nanodist.parallel.ulysses import UlyssesAttention, ulysses_sends
-from nanodist.planner.traffic import ring_attention_sends
 from nanodist_tools.measure import saved_activations
 
 
@@ -80,7 +80,7 @@ def compare_types(args, device, cp, q, k, v, probe) -> list[dict]:
 def kept_per_rank(args, mesh) -> tuple[int, int]:
     """(bytes kept for backward by one micro-batch of the whole model, state bytes) per rank."""
     mcfg = model_config(args.model, args.context, args.vocab_size)  # no dropout: CP has none
-    stage = parallelize(GPT(mcfg, seed=1).to(mesh.device), Setup(mesh, seed=1)).stages[0]
+    stage = parallelize(GPT(mcfg, seed=1).to(mesh.device), Setup(mesh, seed=1)).parts[0]
     x, y = torch.randint(0, mcfg.vocab_size, (2, args.batch_size, args.context),
                          generator=torch.Generator().manual_seed(0)).to(mesh.device)
     with saved_activations(stage.module.parameters()) as kept:

@@ -78,7 +78,7 @@ def main():
             model = GPT(model_cfg, seed=None)
         layout = replace(mesh.layout, implementation=impl)
         parallel = parallelize(model, Setup(mesh.with_layout(layout), seed=1))
-        runs[impl] = (parallel.stages[0], torch.optim.AdamW(parallel.params.param_groups(0.1), lr=1e-4))
+        runs[impl] = (parallel.parts[0], torch.optim.AdamW(parallel.params.param_groups(0.1), lr=1e-4))
     tokens = torch.randint(0, model_cfg.vocab_size, (args.batch_size, model_cfg.block_size + 1),
                            generator=torch.Generator().manual_seed(mesh.rank)).to(device)
 

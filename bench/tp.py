@@ -6,7 +6,7 @@ Variants {custom, pytorch} x {TP, TP + sequence parallel}, all with loss paralle
 take turns step by step (forward + backward + AdamW step, one batch replicated over TP).
 Traffic: what the mesh's Comm counted in one custom step, by kind, against the
 analytic count of activation collectives (B T C fp32 each, L layers; the call-by-call
-derivation is in nanodist/planner/traffic.py `tp_collectives`), plus one 4-byte all-reduce
+derivation is in nanodist/parallel/tensor_parallel.py `tp_collectives`), plus one 4-byte all-reduce
 of the squared gradient norm.
 """
 from dataclasses import replace
@@ -20,7 +20,7 @@ from nanodist.model.gpt import GPT, model_config
 from nanodist.parallel.layout import Layout
 from nanodist.parallel.mesh import build_mesh
 from nanodist.parallel.parallelize import Setup, parallelize
-from nanodist.planner.traffic import tp_collectives
+from nanodist.parallel.tensor_parallel import tp_collectives
 
 
 def main():
@@ -43,7 +43,7 @@ def main():
                          loss_parallel=lp)
         with torch.device(device):
             parallel = parallelize(GPT(mcfg, seed=1), Setup(mesh.with_layout(layout), seed=1))
-        stage = parallel.stages[0]
+        stage = parallel.parts[0]
         optimizer = torch.optim.AdamW(parallel.params.param_groups(0.1), lr=1e-4)
 
         def step():

@@ -89,7 +89,7 @@ def measure_one(trainer: Trainer, step: int, custom: bool) -> dict:
     counted = counted.summary() if custom else None
 
     x, y = trainer.data.train_batch(0, 0)
-    stage = trainer.parallel.stages[0]
+    stage = trainer.parallel.parts[0]
     with stage.loss_context():
         with saved_activations(stage.module.parameters()) as saved, trainer.autocast:
             loss = stage.loss_fn(stage.module(x), y)

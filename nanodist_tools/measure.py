@@ -17,6 +17,7 @@
 The measured step of the validation (`measure_step`) puts them together, per rank. (The
 benchmark's compute-only twin, its collectives local copies, is bench/worker.py's.)
 """
+import gc
 import statistics
 import time
 import weakref
@@ -100,7 +101,7 @@ def state_bytes(trainer) -> dict[str, int]:
     gradients and optimizer state of a trainer, each storage counted once, in that order."""
     optimizer = trainer.optimizer
     params = [p for g in optimizer.param_groups for p in g["params"]] + \
-        [p for stage in trainer.parallel.stages for p in stage.module.parameters()]
+        [p for stage in trainer.parallel.parts for p in stage.module.parameters()]
     states = trainer.params.optimizer_state(optimizer)  # ZeroRedundancyOptimizer: its own
     seen, out = set(), {}
     for what, tensors in (("params", params),
@@ -171,6 +172,7 @@ def saved_activations(params=()):
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), _NewStorages() as new:
         yield saved
+    gc.collect()  # what only a reference cycle holds is garbage, not kept for backward
     excluded = _storages(params)
     for storage in new.alive():
         if storage.nbytes() and storage.data_ptr() not in excluded:
@@ -203,12 +205,12 @@ def peak_tensor_bytes(trainer, step: int) -> int:
     if device.type == "cuda":
         return _cuda_peak_bytes(trainer, step)
     tracker = compat.MemTracker()
-    tracker.track_external(*(stage.module for stage in trainer.parallel.stages), trainer.optimizer)
+    tracker.track_external(*(stage.module for stage in trainer.parallel.parts), trainer.optimizer)
     # MemTracker refuses a module's second forward (the next micro-step's) unless its module
     # statistics are reset first (the peak is kept): a global pre-forward hook, registered
     # before the tracker's own, does it
     reset = torch.nn.modules.module.register_module_forward_pre_hook(
-        lambda module, args: tracker.reset_mod_stats() if module is trainer.parallel.stages[0].module else None)
+        lambda module, args: tracker.reset_mod_stats() if module is trainer.parallel.parts[0].module else None)
     try:
         with tracker:
             trainer.train_step(step)

@@ -15,7 +15,8 @@ from nanodist.parallel.comm import Comm
 from nanodist.parallel.layout import Layout
 from nanodist.planner.cost import activation_bytes, param_counts, state_bytes
 from nanodist_tools.measure import TrafficMode
-from nanodist.planner.traffic import tp_collectives, traffic_bytes
+from nanodist.parallel.tensor_parallel import tp_collectives
+from nanodist.planner.traffic import traffic_bytes
 
 # hand-worked: L=1, C=2, V=4, T=3
 #   root  wte 4*2 = 8, wpe 3*2 = 6, ln_f 2*2 = 4                      -> 18

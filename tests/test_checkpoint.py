@@ -73,7 +73,7 @@ def test_a_nan_loss_stops_before_the_update_and_keeps_the_checkpoint(char_data, 
     trainer = Trainer(parse_args(flags(char_data, tmp_path, "--checkpoint_interval", "-1")))
     trainer.train_step(0)
     saved = trainer.save(1)
-    gpt = trainer.parallel.stages[0].gpt
+    gpt = trainer.parallel.parts[0].gpt
     with torch.no_grad():
         gpt.transformer.ln_f.bias.fill_(float("nan"))
     before = [p.detach().clone() for p in gpt.parameters()]

@@ -356,7 +356,7 @@ def test_a_trusted_checkpoint_without_manifest_is_checked_for_non_finite_values(
     resume and by sample.py alike."""
     trainer = Trainer(parse_args(flags(char_data, tmp_path / "run")))
     with torch.no_grad():
-        trainer.parallel.stages[0].gpt.transformer.ln_f.weight[3] = float("nan")
+        trainer.parallel.parts[0].gpt.transformer.ln_f.weight[3] = float("nan")
     saved = trainer.save(1)
     del trainer
     (saved / "manifest.json").unlink()

@@ -20,7 +20,8 @@ from nanodist.parallel.layout import Layout
 from nanodist.run.trainer import Trainer
 from nanodist.planner.cost import activation_bytes
 from nanodist_tools.measure import saved_activations
-from nanodist.planner.traffic import ring_attention_sends, traffic_by_group, traffic_bytes
+from nanodist.parallel.ring_attention import ring_attention_sends
+from nanodist.planner.traffic import traffic_by_group, traffic_bytes
 from nanodist.parallel.rules import check_layout
 
 
@@ -264,7 +265,7 @@ def test_ulysses_bytes_per_step_are_analytic(char_data, tmp_path, layout):
 
 def _kept_for_backward(kwargs):
     trainer = Trainer(TrainConfig(**kwargs))
-    stage = trainer.parallel.stages[0]
+    stage = trainer.parallel.parts[0]
     x, y = trainer.data.train_batch(0, 0)
     with saved_activations(stage.module.parameters()) as kept:
         loss = stage.loss_fn(stage.module(x), y)
@@ -273,9 +274,12 @@ def _kept_for_backward(kwargs):
     return sum(kept.values()), trainer.model_cfg
 
 
+@pytest.mark.parametrize("cp_type", ["ring", "ulysses"])
 @pytest.mark.parametrize("policy", ["none", "full", "selective"])
-def test_activation_bytes_per_rank_are_analytic(char_data, tmp_path, policy):
-    """CP = 2: each rank keeps the activations of half of every sequence, as analytic.py says."""
-    kwargs = tiny_run(char_data, tmp_path, context_parallel_size=2, activation_checkpointing=policy)
+def test_activation_bytes_per_rank_are_analytic(char_data, tmp_path, policy, cp_type):
+    """CP = 2: each rank keeps the activations of half of every sequence, as cost.py says
+    (Ulysses: what one process keeps of its tokens; the ring: its own copies)."""
+    kwargs = tiny_run(char_data, tmp_path, context_parallel_size=2, context_parallel_type=cp_type,
+                      activation_checkpointing=policy)
     for kept, cfg in run_distributed(_kept_for_backward, 2, kwargs):
-        assert kept == activation_bytes(cfg, Layout(cp=2), 2, policy)
+        assert kept == activation_bytes(cfg, Layout(cp=2, cp_type=cp_type), 2, policy)

@@ -43,7 +43,7 @@ def _shard(mesh, model_cfg, deferred_init=False, dtype="float32", seed=SEED):
     if dtype == "float64":
         model.to(torch.float64)
     compute = torch.bfloat16 if dtype == "bfloat16" else None
-    return parallelize(model, Setup(mesh, seed, compute)).stages[0]
+    return parallelize(model, Setup(mesh, seed, compute)).parts[0]
 
 
 def _full_grads(stage) -> dict:
@@ -227,7 +227,7 @@ def _memory(dp, model_cfg):
     with torch.device("meta"):
         model = GPT(model_cfg, seed=None)
     with LiveBytes() as init:  # (meta tensors count their logical bytes: made outside)
-        stage = parallelize(model, Setup(mesh, SEED)).stages[0]
+        stage = parallelize(model, Setup(mesh, SEED)).parts[0]
     [fsdp], dp_rank = stage.params.engines, stage.params.mesh.dp.rank
     unit_bytes = [_nbytes(f.full for f in unit.flats) for unit in fsdp.units]
     gathered = lambda: sum(f.full.untyped_storage().nbytes() for f in fsdp.flats)

@@ -162,7 +162,7 @@ def test_bench_cuda_peak_leaves_the_other_trainers_out(monkeypatch):
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: allocated["now"])
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: allocated["peak"])
     trainer = SimpleNamespace(mesh=SimpleNamespace(device=torch.device("cuda", 0)),
-                              parallel=SimpleNamespace(stages=[SimpleNamespace(module=model)]),
+                              parallel=SimpleNamespace(parts=[SimpleNamespace(module=model)]),
                               params=ModuleParams(model, Mesh.alone()), optimizer=optimizer,
                               train_step=train_step)
     assert peak_tensor_bytes(trainer, 0) == own + step_rise

@@ -246,9 +246,9 @@ def test_expert_state_divides_by_ep_and_the_all_to_all_by_its_formula():
     in every other block: experts' state 16 bytes x parameters / P (DDP), / N (FSDP);
     all-to-all bus bytes 2 (P-1)/P of the routed activations (k B T C fp32) per MoE layer
     and direction, plus the counts (E int64, forward)."""
-    from nanodist.model.gpt import expert_params, model_config
+    from nanodist.model.gpt import expert_param_count, model_config
     cfg = model_config("gpt2", 1024, 50257, moe_experts=8, moe_top_k=2, moe_every=2)
-    experts = cfg.n_moe_layers * cfg.moe_experts * expert_params(cfg)
+    experts = cfg.n_moe_layers * cfg.moe_experts * expert_param_count(cfg)
     base = cost.state_bytes(cfg, Layout(dp=8))["total"]
     for P in (2, 4, 8):
         ddp = cost.state_bytes(cfg, Layout(dp=8, ep=P))["total"]
@@ -256,7 +256,7 @@ def test_expert_state_divides_by_ep_and_the_all_to_all_by_its_formula():
         fsdp = cost.state_bytes(cfg, Layout(dp=8, ep=P, dp_type="fsdp"))["total"]
         dense_fsdp = cost.state_bytes(dataclasses.replace(cfg, moe_experts=0), Layout(dp=8, dp_type="fsdp"))
         routers = cfg.n_moe_layers * cfg.moe_experts * cfg.n_embd
-        mlps = cfg.n_moe_layers * expert_params(cfg)
+        mlps = cfg.n_moe_layers * expert_param_count(cfg)
         assert fsdp == pytest.approx(dense_fsdp["total"] + 16 * (experts + routers - mlps) / 8, rel=1e-12)
         B, M = 4, 2
         calls, bus = traffic.collectives(cfg, Layout(dp=8, ep=P), B, M)[("ep", "all_to_all")]

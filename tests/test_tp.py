@@ -147,7 +147,7 @@ def train_tiny(mesh: Mesh, deferred: bool = False, dtype: str = "float32", steps
         model = GPT(MODEL, seed=None if deferred else SEED)
     if dtype == "float64":
         model.to(torch.float64)
-    stage = parallelize(model, Setup(mesh, SEED)).stages[0]
+    stage = parallelize(model, Setup(mesh, SEED)).parts[0]
     optimizer = torch.optim.AdamW(stage.params.param_groups(0.1), lr=LR)
     gen = torch.Generator().manual_seed(0)
     losses, norms = [], []
@@ -213,7 +213,7 @@ def _check_deferred_init():
         for deferred in (False, True):
             with torch.device("meta" if deferred else "cpu"):
                 model = GPT(MODEL, seed=None if deferred else SEED)
-            stage = parallelize(model, Setup(_tp_mesh(mesh, implementation, True, True), SEED)).stages[0]
+            stage = parallelize(model, Setup(_tp_mesh(mesh, implementation, True, True), SEED)).parts[0]
             state = full_state_dict(stage.params, stage.gpt)
             assert state.keys() == expected.keys()
             for name, value in expected.items():  # bitwise: the same draws, only sliced

@@ -237,7 +237,7 @@ def cross_entropy(logits, targets, ignore_index: int = -1):
                            ignore_index=ignore_index)
 
 
-def expert_params(cfg: GPTConfig) -> int:
+def expert_param_count(cfg: GPTConfig) -> int:
     """Parameters of one expert (a GPT-2 MLP)."""
     C = cfg.n_embd
     return 8 * C * C + (5 * C if cfg.bias else 0)
@@ -251,6 +251,6 @@ def flops_per_token(cfg: GPTConfig, n_params: int) -> float:
     backward 4 per weight; 12 L T C: attention scores and weighted sum, fwd + bwd.
     A mixture of experts counts the k of its E experts a token passes (active parameters).
     """
-    idle = cfg.n_moe_layers * (cfg.moe_experts - cfg.moe_top_k) * expert_params(cfg)
+    idle = cfg.n_moe_layers * (cfg.moe_experts - cfg.moe_top_k) * expert_param_count(cfg)
     n = n_params - cfg.block_size * cfg.n_embd - idle
     return 6 * n + 12 * cfg.n_layer * cfg.block_size * cfg.n_embd

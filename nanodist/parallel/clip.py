@@ -1,9 +1,10 @@
 """Gradient norm and clipping over a sharded model: the norm of the full gradient.
 
 Each gradient is counted once across the mesh: the squared sum of a shard is summed
-over the groups it is sharded across (TP, FSDP's DP, or both) and not over the groups
-it is replicated across. DTensor gradients say their sharding themselves; plain
-tensors are looked up in `sharded_over` (filled by the custom strategies).
+over the groups holding different pieces of it (TP, EP, the flat shards of FSDP and
+ZeRO-1) and not over those it is replicated across. DTensor gradients say their
+sharding themselves; plain tensors are looked up in `sharded_over` (Params derives it
+from the placements, placement.py).
 """
 import torch
 from torch.distributed.tensor import DTensor, Replicate

@@ -27,7 +27,7 @@ with their sum over the CP group.
 PyTorch (`apply_native_cp`): `_ContextParallel` on each attention core turns q, k, v into
 DTensors sharded on the sequence, and DTensor's CP dispatcher runs its ring attention
 (head-tail load balancing = the zigzag split). It has no rule for the CPU attention ops:
-CUDA only, and no Ulysses (layout.py refuses them elsewhere).
+CUDA only, and no Ulysses (rules.py refuses them elsewhere).
 """
 import dataclasses
 from functools import partial
@@ -46,7 +46,8 @@ def local_tokens(x: torch.Tensor, dim: int, ring: Group, ulysses: Group) -> torc
     chunks, then its contiguous piece of them among its Ulysses run."""
     if ring.size > 1:
         x = split_sequence(x, dim, ring.rank, ring.size)
-    return x.chunk(ulysses.size, dim)[ulysses.rank] if ulysses.size > 1 else x
+    # a copy of its own: a view would keep the whole sequence's storage alive for backward
+    return x.chunk(ulysses.size, dim)[ulysses.rank].clone() if ulysses.size > 1 else x
 
 
 def _shard_inputs(module, args, kwargs, mesh):

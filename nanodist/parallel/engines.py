@@ -22,8 +22,9 @@ def engine_params(part, mesh) -> list[tuple[Group, float, list]]:
     trainable parameters grouped by reduction, dense (dp_cp) first."""
     named = [(name, p) for name, p in part.gpt.named_parameters() if p.requires_grad]
     classes = by_reduction(named, part.params.placements)
+    dense_first = sorted(classes.items(), key=lambda item: item[0] != ("dp_cp", "dp_cp"))
     return [(mesh.groups[reduce], 1.0 / mesh.groups[divisor].size, members)
-            for (reduce, divisor), members in sorted(classes.items(), key=lambda kv: kv[0] != ("dp_cp", "dp_cp"))]
+            for (reduce, divisor), members in dense_first]
 
 
 def assign_buckets(params: list[nn.Parameter], cap_bytes: int) -> list[list[nn.Parameter]]:

@@ -1,5 +1,5 @@
 """Expert parallelism, by hand: the experts of each MoE layer split over the EP group
-(carved from the DP x CP ranks, layout.py), tokens dispatched to their experts' ranks
+(carved from the DP x CP ranks, mesh.py), tokens dispatched to their experts' ranks
 and combined back with all-to-all, uneven splits (dropless routing, moe.py).
 
 EP rank r holds experts [r E/P, (r+1) E/P). In one MoE layer, on each rank:
@@ -88,15 +88,31 @@ class ExpertParallel(Experts):
         return _AllToAll.apply(_regroup(out, by_expert), self.group, recv, send)
 
 
+def expert_placements(model: nn.Module) -> dict:
+    """The placement of every expert tensor of `model`, by GPT-2 name (the same whether
+    its experts are split yet or not: the planner asks before)."""
+    names = {id(m): name for name, m in model.named_modules()}
+    return {f"{names[id(moe)]}.experts.{name}": EXPERTS for moe in moe_layers(model)
+            for name, _ in moe.experts.named_parameters()}
+
+
 def apply_ep(part, setup):
     """The EP step of `parallelize`, after TP and CP and before DP: each MoE layer keeps
     its experts' shard and trades tokens over the EP group; their placement says so to
     the DP step, the gradient norm and checkpoints."""
     mesh, model = setup.mesh, part.gpt
     names = {id(m): name for name, m in model.named_modules()}
-    placements = dict(part.params.placements)
+    placements = {**part.params.placements, **expert_placements(model)}
     for moe in moe_layers(model):
-        path = f"{names[id(moe)]}.experts"
-        moe.experts = ExpertParallel(moe.experts, model, path, mesh, setup.seed)
-        placements.update({f"{path}.{name}": EXPERTS for name, _ in moe.experts.named_parameters()})
+        moe.experts = ExpertParallel(moe.experts, model, f"{names[id(moe)]}.experts", mesh, setup.seed)
     return dataclasses.replace(part, params=ModuleParams(model, mesh, placements))
+
+
+def moe_all_to_all(B: int, T: int, C: int, k: int, E: int, sizes: dict) -> tuple[int, float]:
+    """(calls, payload bytes) of one MoE layer's all-to-alls in one forward + backward of a
+    rank's B x T tokens: the counts (E int64), then the routed rows (k B T, the norm's
+    dtype: ln_2's output) and the experts' outputs (the matmuls'), each sent forward and
+    its gradient backward (expert_parallel.py). Balanced: every rank receives as many
+    rows as it sends, so the payload of each is k B T C values."""
+    rows = k * B * T * C
+    return 5, 8 * E + 2 * rows * (sizes["norm"] + sizes["matmul"])

@@ -29,14 +29,31 @@ One process started without torchrun runs with no process group at all.
 import dataclasses
 import math
 from dataclasses import dataclass, field, fields
+from typing import Callable, NamedTuple
 
 from nanodist.errors import UserError
 
 AXES = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
-def option(default, flag: str, help: str, choices: tuple | None = None, needs=None, flag_default=None):
+# groups of several consecutive axes: the ranks that read different data (dp), that hold the
+# same dense parameters (dp_cp: CP ranks hold the same weights, other tokens), that FSDP
+# shards over (dp_shard_cp; HSDP then all-reduces across dp_replicate)
+COMBINED = {"dp": ("dp_replicate", "dp_shard"), "dp_cp": ("dp_replicate", "dp_shard", "cp"),
+            "dp_shard_cp": ("dp_shard", "cp")}
+# groups carved out of another (DeviceMesh has no dimension to split): parent -> (the runs
+# of n consecutive ranks, the ranks at the same place of each run), n given by the layout
+CARVED = {"dp_cp": ("ep", "edp"), "cp": ("cp_ulysses", "cp_ring")}
+GROUPS = AXES + tuple(COMBINED) + tuple(name for pair in CARVED.values() for name in pair)
+class Needs(NamedTuple):
+    """Where an option has an effect: `applies(layout)`, and the flags that make it so."""
+    applies: Callable
+    requirement: str
+
+
+def option(default, flag: str, help: str, choices: tuple | None = None, needs: Needs | None = None,
+           flag_default=None):
     """A Layout field and its train.py flag, declared once: the flag's name, its help, its
-    choices, and `needs` = (whether a layout reads it, what it needs): set to other than
-    its default where it is not read, the option is refused (a flag that has no effect
+    choices, and where it has an effect (`needs`): set to other than its default where it
+    has none, the option is refused (a flag that has no effect
     says so, whichever it is). `flag_default`: the flag's, where it differs."""
     return field(default=default, metadata=dict(flag=flag, help=help, choices=choices, needs=needs,
                                                  flag_default=default if flag_default is None else flag_default))
@@ -54,6 +71,9 @@ def _fsdp(layout) -> bool:
     return layout.dp_type == "fsdp"
 
 
+FSDP_ONLY = Needs(_fsdp, "--data_parallel_type fsdp")
+
+
 @dataclass(frozen=True)
 class Layout:
     """The axes (mesh order) and how each runs. Frozen: one layout, decided once."""
@@ -61,44 +81,44 @@ class Layout:
     pp_schedule: str = option("1f1b", "pipeline_schedule", "gpipe | 1f1b | interleaved_1f1b (| zero_bubble: "
                               "--implementation pytorch); micro-batches = the gradient accumulation steps M",
                               ("gpipe", "1f1b", "interleaved_1f1b", "zero_bubble"),
-                              (_pp, "--pipeline_parallel_size > 1"))
+                              Needs(_pp, "--pipeline_parallel_size > 1"))
     virtual_stages: int = option(1, "virtual_stages", "model chunks per pipeline rank (interleaved_1f1b, "
-                                 "zero_bubble)", needs=(_pp, "--pipeline_parallel_size > 1"))
+                                 "zero_bubble)", needs=Needs(_pp, "--pipeline_parallel_size > 1"))
     dp: int = option(1, "data_parallel_size", "DP size (0: the world size / (PP x CP x TP))", flag_default=0)
     dp_type: str = option("ddp", "data_parallel_type", "ddp: replicate the model; zero1: replicate it, shard "
                           "the optimizer state (ZeRO-1); fsdp: shard it (ZeRO-3; ZeRO-2 by "
                           "--fsdp_reshard_after_forward)", ("ddp", "zero1", "fsdp"))
     hsdp_replicas: int = option(1, "data_parallel_replicas", "fsdp: R replica groups of data_parallel_size / R "
-                              "shards each (HSDP; 1: plain FSDP)", needs=(_fsdp, "--data_parallel_type fsdp"))
+                                "shards each (HSDP; 1: plain FSDP)", needs=FSDP_ONLY)
     reshard_after_forward: bool = option(True, "fsdp_reshard_after_forward", "false: keep gathered params "
-                                         "until backward (ZeRO-2)", needs=(_fsdp, "--data_parallel_type fsdp"))
+                                         "until backward (ZeRO-2)", needs=FSDP_ONLY)
     reduce_on_last_micro_step: bool = option(False, "fsdp_reduce_on_last_micro_step", "FSDP: reduce-scatter on "
                                              "the last micro-step only (unsharded grads kept: +4 bytes per "
                                              "parameter per rank, less traffic)",
-                                             needs=(_fsdp, "--data_parallel_type fsdp"))
+                                             needs=FSDP_ONLY)
     bucket_cap_mb: float = option(25.0, "bucket_cap_mb", "custom DDP gradient bucket size in MiB",
-                                  needs=(lambda l: not _fsdp(l), "--data_parallel_type ddp or zero1"))
+                                  needs=Needs(lambda l: not _fsdp(l), "--data_parallel_type ddp or zero1"))
     cp: int = option(1, "context_parallel_size", "CP size: each sequence split over this many ranks; they "
                      "read the same batch")
     cp_type: str = option("ring", "context_parallel_type", "ring: K/V passed around a ring (zigzag); ulysses: "
                           "all-to-all from sequence- to head-sharded and back (heads must divide by it x TP); "
                           "hybrid: Ulysses within, ring across", ("ring", "ulysses", "hybrid"),
-                          (lambda l: l.cp > 1, "--context_parallel_size > 1"))
+                          Needs(lambda l: l.cp > 1, "--context_parallel_size > 1"))
     ulysses_degree: int = option(0, "ulysses_degree", "hybrid CP: ranks of each Ulysses all-to-all, the ring "
                                  "over the rest (0: the largest the heads allow)",
-                                 needs=(lambda l: l.cp_type == "hybrid", "--context_parallel_type hybrid"))
+                                 needs=Needs(lambda l: l.cp_type == "hybrid", "--context_parallel_type hybrid"))
     tp: int = option(1, "tensor_parallel_size", "TP size; TP ranks are contiguous")
     sequence_parallel: bool = option(False, "sequence_parallel", "shard norms and residuals along the "
-                                     "sequence under TP", needs=(_tp, "--tensor_parallel_size > 1"))
+                                     "sequence under TP", needs=Needs(_tp, "--tensor_parallel_size > 1"))
     loss_parallel: bool = option(False, "enable_loss_parallelism", "vocab-parallel loss: full logits never "
-                                 "on one rank", needs=(_tp, "--tensor_parallel_size > 1"))
+                                 "on one rank", needs=Needs(_tp, "--tensor_parallel_size > 1"))
     ep: int = option(1, "expert_parallel_size", "EP size: each MoE layer's experts split over this many of "
                      "the DP x CP ranks, tokens sent to them all-to-all")
     checkpointing: str = option("none", "activation_checkpointing", "none | full: blocks keep only their "
                                 "input and recompute the rest | selective: keep matmul outputs, recompute "
                                 "element-wise ops", ("none", "full", "selective"))
     ac_every: int = option(1, "ac_every", "--activation_checkpointing full: checkpoint every K-th block",
-                           needs=(lambda l: l.checkpointing == "full", "--activation_checkpointing full"))
+                           needs=Needs(lambda l: l.checkpointing == "full", "--activation_checkpointing full"))
     compile: bool = option(False, "compile", "torch.compile the model")
     implementation: str = option("custom", "implementation", "custom: hand-written on collectives; pytorch: "
                                  "DDP, FSDP2, DTensor", ("custom", "pytorch"))
@@ -135,9 +155,9 @@ class Layout:
     def with_heads(self, n_head: int) -> "Layout":
         """Hybrid CP's default degree, once the heads are known: the largest proper divisor
         of cp that the heads of a TP rank divide by (the rest of cp runs the ring)."""
-        if self.cp_type != "hybrid" or self.ulysses_degree:
-            return self
-        heads = n_head // self.tp if n_head % self.tp == 0 else 0
+        if self.cp_type != "hybrid" or self.ulysses_degree or n_head % self.tp:
+            return self  # (a TP size that does not divide the heads is refused by the rules)
+        heads = n_head // self.tp
         fits = [u for u in range(2, self.cp) if self.cp % u == 0 and heads % u == 0]
         return dataclasses.replace(self, ulysses_degree=max(fits, default=0))
 
@@ -148,7 +168,8 @@ class Layout:
 
     @property
     def hsdp(self) -> bool:
-        """FSDP within groups of dp_shard x cp ranks, replicated across hsdp_replicas groups (the dp_replicate axis)."""
+        """FSDP within groups of dp_shard x cp ranks, replicated across hsdp_replicas groups
+        (the dp_replicate axis)."""
         return self.fsdp and self.hsdp_replicas > 1
 
     @property
@@ -159,32 +180,41 @@ class Layout:
     def zero1(self) -> bool:
         return self.dp_type == "zero1" and self.dp_cp > 1
 
+    def run_size(self, parent: str) -> int:
+        """The runs carved out of `parent` (CARVED): EP's size, the Ulysses degree."""
+        return {"dp_cp": self.ep, "cp": self.ulysses or 1}[parent]
+
     def coordinates(self, rank: int) -> dict[str, int]:
-        """This rank's index along every axis, and within `dp` and `dp_cp`."""
-        at, rest = {}, rank
+        """This rank's index within a group of every role (GROUPS)."""
+        at, rest, sizes = {}, rank, self.sizes()
         for axis in reversed(AXES):
-            rest, at[axis] = divmod(rest, self.sizes()[axis])
-        at["dp"] = at["dp_replicate"] * self.dp_shard + at["dp_shard"]
-        at["dp_cp"] = at["dp"] * self.cp + at["cp"]
-        at["dp_shard_cp"] = at["dp_shard"] * self.cp + at["cp"]
-        at["edp"], at["ep"] = divmod(at["dp_cp"], self.ep)
-        if self.ulysses:
-            at["cp_ring"], at["cp_ulysses"] = divmod(at["cp"], self.ulysses)
+            rest, at[axis] = divmod(rest, sizes[axis])
+        for name, axes in COMBINED.items():
+            at[name] = 0
+            for axis in axes:
+                at[name] = at[name] * sizes[axis] + at[axis]
+        for parent, (runs, places) in CARVED.items():
+            at[places], at[runs] = divmod(at[parent], self.run_size(parent))
         return at
 
     def group_sizes(self) -> dict[str, int]:
         """The size of every group role (mesh.py builds them; the planner prices them)."""
-        u = self.ulysses or 1
-        return {**self.sizes(), "dp": self.dp, "dp_cp": self.dp_cp, "dp_shard_cp": self.dp_shard * self.cp,
-                "ep": self.ep, "edp": self.dp_cp // self.ep, "cp_ulysses": u, "cp_ring": self.cp // u}
+        sizes = self.sizes()
+        out = {**sizes, **{name: math.prod(sizes[a] for a in axes) for name, axes in COMBINED.items()}}
+        for parent, (runs, places) in CARVED.items():
+            out[runs] = self.run_size(parent)
+            out[places] = out[parent] // out[runs]
+        return out
 
     def spans(self) -> dict[str, int]:
-        """Consecutive ranks one group of each role covers (how far apart its ranks sit)."""
-        tp, cp = self.tp, self.cp
-        return {"pp": self.world, "dp_replicate": self.dp * cp * tp, "dp_shard": self.dp_shard * cp * tp,
-                "cp": cp * tp, "tp": tp, "dp": self.dp * cp * tp, "dp_cp": self.dp * cp * tp,
-                "dp_shard_cp": self.dp_shard * cp * tp, "ep": self.ep * tp, "edp": self.dp * cp * tp,
-                "cp_ulysses": (self.ulysses or 1) * tp, "cp_ring": cp * tp}
+        """Consecutive ranks one group of each role covers (how far apart its ranks sit):
+        from its outermost axis inwards; a run, n of its parent's innermost places."""
+        sizes = self.sizes()
+        inward = {axis: math.prod(sizes[a] for a in AXES[AXES.index(axis):]) for axis in AXES}
+        out = {**inward, **{name: inward[axes[0]] for name, axes in COMBINED.items()}}
+        for parent, (runs, places) in CARVED.items():
+            out[runs], out[places] = self.run_size(parent) * self.tp, out[parent]
+        return out
 
     @property
     def name(self) -> str:

@@ -29,12 +29,7 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from nanodist import compat
 from nanodist.errors import UserError
 from nanodist.parallel.comm import Comm, Group
-from nanodist.parallel.layout import AXES, Layout
-
-# carved group pairs: (parent, (runs, places), the layout's size of a run)
-CARVED = {"dp_cp": (("ep", "edp"), lambda layout: layout.ep),
-          "cp": (("cp_ulysses", "cp_ring"), lambda layout: layout.ulysses)}
-GROUPS = AXES + ("dp", "dp_cp", "dp_shard_cp") + tuple(n for names, _ in CARVED.values() for n in names)
+from nanodist.parallel.layout import AXES, CARVED, COMBINED, GROUPS, Layout
 
 
 @dataclass(frozen=True)
@@ -60,8 +55,8 @@ class Mesh:
     def with_layout(self, layout: Layout) -> "Mesh":
         """The same processes and groups for another layout of the same axes (its options
         differ: a schedule, an implementation, checkpointing)."""
-        if layout.sizes() != self.layout.sizes():
-            raise ValueError(f"{layout.name} has other axes than this mesh's {self.layout.name}")
+        if layout.group_sizes() != self.layout.group_sizes():
+            raise ValueError(f"{layout.name} has other groups than this mesh's {self.layout.name}")
         return dataclasses.replace(self, layout=layout)
 
     def __getattr__(self, name: str) -> Group:
@@ -127,11 +122,10 @@ def build_mesh(layout: Layout, device: torch.device, comm: Comm | None = None,
             flattened[used] = comm.group(flat.get_group(), flat)
         return flattened[used]
 
-    groups["dp"] = combined(("dp_replicate", "dp_shard"), "dp")
-    groups["dp_cp"] = combined(("dp_replicate", "dp_shard", "cp"), "dp_cp")
-    groups["dp_shard_cp"] = combined(("dp_shard", "cp"), "dp_shard_cp")
-    for parent, ((runs, places), size) in CARVED.items():
-        groups[runs], groups[places] = _carve(layout, parent, size(layout), groups[parent], comm,
+    for name, axes in COMBINED.items():
+        groups[name] = combined(axes, name)
+    for parent, (runs, places) in CARVED.items():
+        groups[runs], groups[places] = _carve(layout, parent, layout.run_size(parent), groups[parent], comm,
                                               timeout if waits else None)
     sizes = layout.group_sizes()
     assert all(groups[name].size == sizes[name] for name in GROUPS), "mesh.py and Layout.group_sizes disagree"
@@ -143,6 +137,8 @@ def _carve(layout: Layout, parent: str, n: int, whole: Group, comm: Comm, timeou
     ranks at the same place of their run (DeviceMesh has no dimension to split)."""
     if n == 1:
         return comm.group(), whole
+    if n == whole.size:  # one run: the parent itself (no second communicator for the same ranks)
+        return whole, comm.group()
     ours = {}  # every rank creates every group, in the same order (new_group's rule)
     for ranks_of_world in _world_groups(layout, parent):
         runs = [ranks_of_world[i:i + n] for i in range(0, len(ranks_of_world), n)]
@@ -159,13 +155,7 @@ def _world_groups(layout: Layout, name: str) -> list[list[int]]:
     groups = {}
     for rank in range(layout.world):
         at = layout.coordinates(rank)
-        others = tuple(v for axis, v in at.items() if axis in AXES and not _within(name, axis))
+        others = tuple(v for axis, v in at.items() if axis in AXES and axis not in COMBINED.get(name, (name,)))
         groups.setdefault(others, []).append((at[name], rank))
     return [[rank for _, rank in sorted(g)] for g in groups.values()]
 
-
-def _within(name: str, axis: str) -> bool:
-    """Whether mesh axis `axis` is part of group `name` (dp_cp: dp_replicate, dp_shard, cp)."""
-    return axis == name or {"dp_cp": axis in ("dp_replicate", "dp_shard", "cp"),
-                            "dp": axis in ("dp_replicate", "dp_shard"),
-                            "dp_shard_cp": axis in ("dp_shard", "cp")}.get(name, False)

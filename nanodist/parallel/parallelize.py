@@ -114,7 +114,7 @@ class Parallelized:
     """A model laid out: how to run a global batch, and how its parameters are held."""
     runner: MicroSteps | PipelineRunner
     params: Params
-    stages: list[ModelPart]             # this rank's: one, or its pipeline chunks
+    parts: list[ModelPart]              # this rank's: one, or its pipeline stages
 
 
 def parallelize(model: nn.Module, setup: Setup) -> Parallelized:

@@ -155,7 +155,7 @@ class FlatParams(Params):
     """Parameters kept as flat vectors sharded over a group, this rank's shard of each
     being what the optimizer steps on (and keeps state for): the custom FSDP's (fsdp.py)
     and ZeRO-1's (zero1.py), one engine per reduction (placement.by_reduction). Each
-    flat (`buckets.Flat`) has: decay, shard, group, groups (those it is split over),
+    flat (`engines.Flat`) has: decay, shard, group, groups (those it is split over),
     names and params (of the model, in flat order) and split(flat). `placements`: how TP
     or EP split the parameters first (their full tensors undo it)."""
 
@@ -202,20 +202,20 @@ class PipelineParams(Params):
     group. `split`: how the model is cut (pipeline.Split)."""
 
     def __init__(self, stages: list, split):
-        self.stages, self.split, self.mesh = [s.params for s in stages], split, split.mesh
+        self.chunks, self.split, self.mesh = [s.params for s in stages], split, split.mesh
 
     @property
     def sharded_over(self):
-        return {p: g for s in self.stages for p, g in s.sharded_over.items()}
+        return {p: g for s in self.chunks for p, g in s.sharded_over.items()}
 
     def optimizer_params(self):
-        return tuple([p for s in self.stages for p in s.optimizer_params()[i]] for i in (0, 1))
+        return tuple([p for s in self.chunks for p in s.optimizer_params()[i]] for i in (0, 1))
 
     def names(self):
-        return [held for s in self.stages for held in s.names()]
+        return [held for s in self.chunks for held in s.names()]
 
     def after_each_step(self, optimizer):
-        for stage in self.stages:
+        for stage in self.chunks:
             stage.after_each_step(optimizer)
 
     def grad_norm(self) -> torch.Tensor:
@@ -225,12 +225,12 @@ class PipelineParams(Params):
 
     def _per_stage(self, tensors):
         at = {id(p): t for p, t in zip(self.param_list(), tensors)}
-        return [[at[id(p)] for p in s.param_list()] for s in self.stages]
+        return [[at[id(p)] for p in s.param_list()] for s in self.chunks]
 
     def full_tensors(self, tensors):
         """Every (GPT-2 name, full tensor) on every rank, in one order."""
         pp, P = self.mesh.pp, self.mesh.pp.size
-        making = [s.full_tensors(t) for s, t in zip(self.stages, self._per_stage(tensors))]
+        making = [s.full_tensors(t) for s, t in zip(self.chunks, self._per_stage(tensors))]
         dtype = tensors[0].dtype
         for c in range(self.split.n_chunks):
             owner, v = c % P, c // P
@@ -262,7 +262,7 @@ class PipelineParams(Params):
         for c in range(self.split.n_chunks):
             owner, v = c % P, c // P
             if owner == self.mesh.pp.rank:
-                self.stages[v].load_full_tensors(once, per_stage[v])
+                self.chunks[v].load_full_tensors(once, per_stage[v])
             else:
                 for name, _ in self.split.chunk_names[c]:
                     once(name)

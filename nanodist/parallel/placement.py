@@ -1,10 +1,11 @@
 """Where each parameter lives on the mesh: one `Placement` per GPT-2 parameter name.
 
-The strategies that split parameters write it (tensor_parallel.py, expert_parallel.py);
-everything else reads it: the data-parallel engines (ddp.py, zero1.py, fsdp.py: which
-group reduces or shards a gradient, what its mean divides by), the gradient norm (which
-groups hold different pieces, params.py -> clip.py), checkpoints and --init_from (full
-GPT-2 tensor <-> this rank's part, params.py) and the planner's state bytes (cost.py).
+The strategies that split parameters write it (TP from its plan, `tp_plan.tp_placements`;
+EP, expert_parallel.py); everything else reads it: the data-parallel engines (ddp.py,
+zero1.py, fsdp.py: which group reduces or shards a gradient, what its mean divides by),
+the gradient norm (which groups hold different pieces, params.py -> clip.py),
+checkpoints and --init_from (full GPT-2 tensor <-> this rank's part, params.py), and
+the planner's state bytes per rank (cost.state_bytes, on a model built on meta).
 
     name                              shards        blocks  reduce  divisor
     transformer.h.0.attn.c_attn.weight  (tp, dim 0)   3       dp_cp   dp_cp    TP: q, k, v each split by heads
@@ -79,19 +80,20 @@ def full_tensor(local: torch.Tensor, placement: Placement, mesh) -> torch.Tensor
     GPT-2's layout from this rank's piece, plain or DTensor. Collective when split."""
     if isinstance(local, DTensor):  # DTensor TP, FSDP2: it knows its own placements
         full = local.full_tensor()
-    else:
-        full = local.detach()
         for name, dim in reversed(placement.shards):
-            full = gather(full, dim, mesh.groups[name])
-    for name, dim in placement.shards:
-        full = from_rank_major(full, mesh.groups[name].size, placement.blocks, dim)
+            full = from_rank_major(full, mesh.groups[name].size, placement.blocks, dim)
+        return full
+    full = local.detach()
+    for name, dim in reversed(placement.shards):  # the inverse of local_part, innermost first
+        group = mesh.groups[name]
+        full = from_rank_major(gather(full, dim, group), group.size, placement.blocks, dim)
     return full
 
 
 @torch.no_grad()
 def local_tensor(full: torch.Tensor, like: torch.Tensor, placement: Placement, mesh) -> torch.Tensor:
     """The inverse of `full_tensor`: this rank's piece of `full`, laid out as `like`."""
-    if isinstance(like, DTensor):
+    if isinstance(like, DTensor):  # (one split: TP's; DTensor slices it)
         for name, dim in placement.shards:
             full = to_rank_major(full, mesh.groups[name].size, placement.blocks, dim)
         return local_slice(full, like)

@@ -182,3 +182,14 @@ class RingAttention(nn.Module):
 
     def forward(self, q, k, v):
         return _RingAttention.apply(q, k, v, self.group, self.zigzag)
+
+
+def ring_attention_sends(B: int, T: int, C: int, L: int, cp: int,
+                         value_bytes: int = torch.float32.itemsize) -> tuple[int, int]:
+    """(sends, payload bytes) of ring attention in one forward + backward per rank: per
+    layer cp-1 K/V blocks forward, cp-1 K/V and cp dK/dV blocks backward, each K and V of
+    B x T/cp tokens x C (C: the local width, n_embd / TP) values; K/V in the matmuls'
+    dtype (`value_bytes`), the dK/dV accumulators in fp32 at least."""
+    sends = L * (3 * cp - 2)
+    block = 2 * B * T * C // cp
+    return sends, L * block * ((2 * cp - 2) * value_bytes + cp * max(value_bytes, torch.float32.itemsize))

@@ -19,11 +19,11 @@ def check_layout(layout: Layout, world_size: int, device_type: str, block_size: 
         if getattr(layout, field) not in allowed:
             raise UserError(f"unknown {flag(field)} {getattr(layout, field)!r}; choose from "
                             f"{', '.join(allowed)}")
-    for field, (reads, needs) in NEEDS.items():
+    for field, needs in NEEDS.items():
         value = getattr(layout, field)
-        if value != Layout.__dataclass_fields__[field].default and not reads(layout):
-            raise UserError(f"{flag(field)} {typed_value(value)} needs {needs}, and has no effect without it; "
-                            f"drop it (or set {needs})")
+        if value != Layout.__dataclass_fields__[field].default and not needs.applies(layout):
+            raise UserError(f"{flag(field)} {typed_value(value)} needs {needs.requirement}, and has no effect "
+                            f"without it; drop it (or set {needs.requirement})")
     _data_parallel(layout)  # before the world: the axes' sizes need R | dp
     _world(layout, world_size)
     _tensor_parallel(layout, block_size)

@@ -22,6 +22,7 @@ of the same plan is `tensor_parallel_native.py`.
 import dataclasses
 from functools import partial
 
+import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.distributed.tensor.parallel import loss_parallel
@@ -31,7 +32,7 @@ from nanodist.parallel.init import full_value
 from nanodist.parallel.loss_parallel import dtensor_cross_entropy, vocab_parallel_cross_entropy
 from nanodist.parallel.params import ModuleParams
 from nanodist.parallel.tensor_parallel_native import apply_dtensor_tp
-from nanodist.parallel.tp_plan import Style, gpt_plan, placements, shard_dim, shard_of
+from nanodist.parallel.tp_plan import Style, gpt_plan, held_plan, shard_dim, shard_of, tp_placements
 
 
 copy_to_tp = conjugate("CopyToTP", lambda x, g: x, all_reduce)
@@ -159,9 +160,9 @@ def apply_tp(part, setup):
     loss that goes with it (vocab-parallel cross entropy under loss parallelism)."""
     layout, mesh, model = setup.layout, setup.mesh, part.gpt
     plan = gpt_plan(model.config.n_layer, layout.sequence_parallel, layout.loss_parallel)
-    plan = {path: style for path, style in plan.items() if _holds(model, path)}  # a pipeline stage
+    plan = held_plan(model, plan)
     loss_fn, loss_context = part.loss_fn, part.loss_context
-    split = {**part.params.placements, **placements(model, plan)}  # read before the modules change
+    placed = {**part.params.placements, **tp_placements(model, plan)}  # read before the modules change
     if layout.implementation == "pytorch":
         apply_dtensor_tp(model, plan, mesh.tp, setup.seed, mesh.device)
         if layout.loss_parallel:
@@ -170,13 +171,51 @@ def apply_tp(part, setup):
         apply_custom_tp(model, plan, mesh.tp, setup.seed, mesh.device)
         if layout.loss_parallel:
             loss_fn = partial(vocab_parallel_cross_entropy, group=mesh.tp)
-    return dataclasses.replace(part, params=ModuleParams(model, mesh, split),
+    return dataclasses.replace(part, params=ModuleParams(model, mesh, placed),
                                loss_fn=loss_fn, loss_context=loss_context)
 
 
-def _holds(model: nn.Module, path: str) -> bool:
-    try:
-        model.get_submodule(path)
-        return True
-    except AttributeError:
-        return False
+
+# ------------------------------------------------------------------ its traffic (planner/traffic.py)
+
+FP32 = torch.float32.itemsize
+FP32_EVERYWHERE = {"matmul": FP32, "residual": FP32, "norm": FP32}
+
+
+def tp_collectives(B: int, T: int, C: int, V: int, L: int, sp: bool, lp: bool,
+                   sizes: dict = FP32_EVERYWHERE, grad_norm: bool = True, first: bool = True,
+                   last: bool = True) -> dict:
+    """{kind: (calls, payload bytes)} of the TP collectives of one forward + backward
+    (custom executor), plus (grad_norm) the 4-byte all-reduce of the squared gradient
+    norm. `sizes`: bytes per value of each kind of activation (`value_bytes`).
+
+    without SP   all-reduce   4 per layer (2 forward: row-parallel outputs; 2 backward:
+                              column-parallel inputs) + wte forward + lm_head input backward
+    with SP      all-gather   4 per layer (2 forward before column, 2 backward after row)
+                              + drop scatter backward + lm_head input forward
+                 reduce-scatter 4 per layer (mirror) + lm_head input backward
+                 all-reduce   wte forward (B T C) + the sequence-sharded replicated
+                              parameters' grads (2 LayerNorms x 2 + 2 row biases per layer,
+                              + ln_f: C each)
+    loss parallel  all-reduce of the max (B T) and of [sum exp, target logit] (2 B T),
+                   fp32, instead of an all-gather of the logits (B T V)
+    A pipeline chunk of L blocks has the wte parts if `first`, the head's if `last`.
+    """
+    act = {what: B * T * C * size for what, size in sizes.items()}
+    # per layer: 2 LayerNorm outputs (or their grads) and 2 matmul outputs (or their grads)
+    layers = 2 * L * (act["norm"] + act["matmul"])
+    embedding, head, lp = act["residual"] * first, act["norm"] * last, lp and last
+    if sp:
+        counts = {"all_gather": (4 * L + first + last, layers + embedding + head),
+                  "reduce_scatter": (4 * L + last, layers + head),
+                  "all_reduce": (first + 6 * L + 2 * last,
+                                 embedding + (6 * L + 2 * last) * C * sizes["residual"])}
+    else:
+        counts = {"all_reduce": (4 * L + first + last, layers + embedding + head)}
+    calls, payload = counts["all_reduce"]
+    counts["all_reduce"] = (calls + grad_norm + (2 if lp else 0),
+                            payload + FP32 * grad_norm + (3 * B * T * FP32 if lp else 0))
+    if last and not lp:
+        calls, payload = counts.get("all_gather", (0, 0))
+        counts["all_gather"] = (calls + 1, payload + B * T * V * sizes["matmul"])
+    return counts

@@ -70,7 +70,19 @@ def shard_of(full: torch.Tensor, style: Style, name: str, tp: int, rank: int) ->
     return to_rank_major(full, tp, 3 if style.qkv else 1, dim).chunk(tp, dim)[rank].clone()
 
 
-def placements(model, plan: dict) -> dict:
+def held_plan(model, plan: dict) -> dict:
+    """The entries of `plan` whose module `model` holds (a pipeline stage holds some
+    blocks; a MoE block has experts in place of c_fc and c_proj)."""
+    def holds(path: str) -> bool:
+        try:
+            model.get_submodule(path)
+            return True
+        except AttributeError:
+            return False
+    return {path: style for path, style in plan.items() if holds(path)}
+
+
+def tp_placements(model, plan: dict) -> dict:
     """The Placement (placement.py) of every parameter the plan splits over TP, by GPT-2
     name: the dim `shard_dim` says; c_attn's rows as 3 blocks, q, k and v each split."""
     out = {}

@@ -49,7 +49,10 @@ def _all_to_all(x: torch.Tensor, group: Group, to_heads: bool) -> torch.Tensor:
     group.all_to_all(received, send, [1] * P, [1] * P)
     if to_heads:  # rank j's tokens at position j of the sequence
         return received.movedim(0, -3).flatten(-3, -2)
-    return received.movedim(0, -4).flatten(-4, -3)  # head group j at position j
+    # head group j at position j, stored token-major (B, T_l, H, d) as SDPA's own output is:
+    # the model's transpose back to (B, T_l, C) is then free (no copy)
+    by_token = received.movedim(0, -4).movedim(-2, -4).contiguous().flatten(-3, -2)
+    return by_token.transpose(-3, -2)
 
 
 class _UlyssesAllToAll(torch.autograd.Function):

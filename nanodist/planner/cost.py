@@ -31,11 +31,18 @@ the first chunk holds wte and wpe, the last ln_f and its own copy of the tied lm
 What a rank holds and sends, and the activations it keeps in flight (GPipe: M
 micro-batches, 1F1B: at most P - r), follow from walking its schedule (`schedule`).
 """
+import dataclasses
+import math
 from functools import lru_cache
 
-from nanodist.model.gpt import GPTConfig, expert_params
+import torch
+
+from nanodist.model.gpt import GPT, GPTConfig, expert_param_count
+from nanodist.parallel.expert_parallel import expert_placements
 from nanodist.parallel.layout import Layout
 from nanodist.parallel.pipeline import split_layers
+from nanodist.parallel.placement import REPLICATED
+from nanodist.parallel.tp_plan import gpt_plan, held_plan, tp_placements
 from nanodist.parallel.schedules import SCHEDULES, Action, bubble_fraction
 
 FP32 = 4
@@ -55,7 +62,7 @@ def param_counts(cfg: GPTConfig, tp: int = 1, blocks: range | None = None, first
     mlp_sharded, attention_sharded = (4 * C * C + 4 * C + 4 * C * C) / tp, (3 * C * C + 3 * C + C * C) / tp
     sharded = L * attention_sharded + (L - moe) * mlp_sharded
     replicated = L * (2 * C + 2 * C + C) + (L - moe) * C + moe * cfg.moe_experts * C  # a router each
-    experts = moe * cfg.moe_experts * expert_params(cfg) / ep
+    experts = moe * cfg.moe_experts * expert_param_count(cfg) / ep
     root_sharded = V * C / tp if first or last else 0
     root_replicated = T * C * first + 2 * C * last
     return {"blocks": sharded + replicated + experts,
@@ -92,18 +99,56 @@ def zero_state_bytes(params: float, d: int, zero_stage: int, param_bytes: float 
     return state
 
 
+@lru_cache(maxsize=None)
+def placed_parameters(config: tuple, tp: int, ep: int) -> tuple[tuple[str, float, str], ...]:
+    """(GPT-2 name, values on one rank, reduce group) of every parameter (`config`: a
+    GPTConfig's astuple; the tied weight under both names, as a pipeline's first and last
+    stage each hold it), as the placements of TP (tp > 1) and EP (ep > 1) say: the model
+    built on the meta device, the strategies' own placement functions asked."""
+    with torch.device("meta"):
+        model = GPT(GPTConfig(*config), seed=None)
+    placements = {**(tp_placements(model, held_plan(model, gpt_plan(model.config.n_layer, False, False))) if tp > 1 else {}),
+                  **(expert_placements(model) if ep > 1 else {})}
+    sizes = {"tp": tp, "ep": ep}
+    out = []
+    for name, p in model.named_parameters(remove_duplicate=False):
+        placement = placements.get(name, REPLICATED)
+        out.append((name, p.numel() / math.prod(sizes[g] for g, _ in placement.shards), placement.reduce))
+    return tuple(out)
+
+
+def _holds(name: str, blocks: range, first: bool, last: bool) -> bool:
+    """Whether the pipeline chunk of `blocks` holds parameter `name` (pipeline.py's split)."""
+    if name.startswith("transformer.h."):
+        return int(name.split(".")[2]) in blocks
+    if name in ("transformer.wte.weight", "transformer.wpe.weight"):
+        return first
+    return last and not (first and name == "lm_head.weight")  # one stage: the tied weight once
+
+
 def state_bytes(cfg: GPTConfig, layout: Layout, pp_rank: int = 0) -> dict[str, float]:
     """Per-rank bytes of parameters, gradients and AdamW moments after an optimizer step,
-    all fp32: ZeRO stage 3 under FSDP (its "ZeRO-2" too: at rest it holds shards alone;
-    sharded over a replica group's dp_shard x cp ranks), 1 under ZeRO-1 (over dp x cp),
-    else 0 (padding to N ignored). Experts: a rank's E/ep, sharded by FSDP over the
-    ranks that hold the same ones (d / ep)."""
+    all fp32, read from the placements (placement.py): each parameter's piece on this
+    rank, then ZeRO stage 3 under FSDP (its "ZeRO-2" too: at rest it holds shards alone;
+    over the group that reduces it: a replica group's dp_shard x cp ranks, the experts'
+    edp), 1 under ZeRO-1 (over dp x cp, the experts' edp), else 0 (padding ignored)."""
     zero_stage = 3 if layout.fsdp else 1 if layout.zero1 else 0
-    d = layout.dp_shard * layout.cp if layout.fsdp else layout.dp_cp
-    params = stage_params(cfg, layout, pp_rank)
-    dense = zero_state_bytes(params["total"] - params["experts"], d, zero_stage)
-    experts = zero_state_bytes(params["experts"], d // layout.ep, zero_stage)
-    return {key: dense[key] + experts[key] for key in dense}
+    over = {"dp_cp": layout.dp_shard * layout.cp if layout.fsdp else layout.dp_cp,
+            "edp": layout.dp_cp // layout.ep}
+    held = _held(dataclasses.astuple(cfg), layout.tp, layout.ep, tuple(chunks(cfg, layout, pp_rank)))
+    per_group = [zero_state_bytes(values, over[reduce], zero_stage) for reduce, values in held]
+    return {key: sum(state[key] for state in per_group) for key in per_group[0]}
+
+
+@lru_cache(maxsize=None)
+def _held(config: tuple, tp: int, ep: int, mine: tuple) -> tuple:
+    """((reduce group, values a rank holding the chunks `mine` has of its parameters), ...):
+    dp_cp's, then edp's."""
+    held = {"dp_cp": 0.0, "edp": 0.0}
+    for name, values, reduce in placed_parameters(config, tp, ep):
+        if any(_holds(name, *chunk) for chunk in mine):
+            held[reduce] += values
+    return tuple(held.items())
 
 
 @lru_cache(maxsize=None)
@@ -170,11 +215,14 @@ def activation_bytes(cfg: GPTConfig, layout: Layout, micro_batch: int, checkpoin
     s = cfg.block_size // layout.cp
     t, sp, c = layout.tp, layout.sequence_parallel, compute_bytes
     bsh, seq_split = b * s * h, (t if sp else 1)
+    ring = layout.cp // (layout.ulysses or 1) > 1  # Ulysses alone runs the model's own attention
     norms = FP32 * (2 * bsh / seq_split + 4 * b * s / seq_split)  # LayerNorm inputs and statistics
-    matmul_inputs = c * (2 * bsh + 12 * bsh / t + (bsh / t if layout.cp > 1 else 0))  # CP: the ring's copy
+    # CP: the attention core keeps its own output beside the one it hands back (the ring's
+    # concatenation, Ulysses' all-to-all)
+    matmul_inputs = c * (2 * bsh + 12 * bsh / t + (bsh / t if layout.cp > 1 else 0))
     logsumexp = FP32 * b * s * a / t
     block_input = FP32 * bsh / seq_split
-    attention = c * bsh / t + logsumexp if layout.cp == 1 else 0  # CP: the ring is recomputed
+    attention = c * bsh / t + logsumexp if not ring else 0  # the ring is recomputed
     layer = {"none": norms + matmul_inputs + logsumexp, "full": block_input,
              "selective": block_input + c * (3 * bsh / t + 4 * bsh / t + 2 * bsh) + attention}
     E, k = cfg.moe_experts, cfg.moe_top_k

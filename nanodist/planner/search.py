@@ -76,8 +76,10 @@ def search_space(job: Job):
                             reshard_after_forward=reshard, loss_parallel=tp > 1, pp_schedule=schedule,
                             virtual_stages=V, checkpointing=ac, compile=job.compile,
                             implementation=job.implementation)
-            # sequence parallelism wherever it can split the sequence (it saves activations)
-            yield dataclasses.replace(layout, sequence_parallel=tp > 1 and layout.sequence_divides(T)), mb
+            # sequence parallelism wherever it can split the sequence (it saves activations),
+            # but not under a mixture of experts (rules.py: not wired up)
+            sequence_parallel = tp > 1 and not E and layout.sequence_divides(T)
+            yield dataclasses.replace(layout, sequence_parallel=sequence_parallel), mb
 
 
 def candidates(job: Job):

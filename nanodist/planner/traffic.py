@@ -31,18 +31,24 @@ Communication per optimizer step, ring bus bytes each rank sends (comm.py's `bus
               micro-batch, forward and the same backward; the first and last stage
               all-reduce the tied wte / lm_head gradient (a 2-rank group)
 plus the scalar all-reduces of the loss mean and the gradient norm (4 bytes each).
+
+Each strategy states its own per-layer volume beside its code (tensor_parallel.py's
+`tp_collectives`, ring_attention.py's `ring_attention_sends`, ulysses.py's
+`ulysses_sends`, expert_parallel.py's `moe_all_to_all`); here one function per axis
+(`AXES`, in mesh order) turns them into a chunk's terms, and `collectives` sums them.
 """
 import math
+from dataclasses import dataclass
 
 from nanodist.model.gpt import GPTConfig
 from nanodist.parallel.comm import BUS_FACTOR
+from nanodist.parallel.expert_parallel import moe_all_to_all
 from nanodist.parallel.layout import Layout
+from nanodist.parallel.ring_attention import ring_attention_sends
 from nanodist.parallel.schedules import Action
+from nanodist.parallel.tensor_parallel import tp_collectives
 from nanodist.parallel.ulysses import ulysses_sends
 from nanodist.planner.cost import DTYPE_BYTES, FP32, chunks, param_counts, schedule
-
-
-FP32_EVERYWHERE = {"matmul": FP32, "residual": FP32, "norm": FP32}
 
 
 def value_bytes(dtype: str, fsdp: bool, device_type: str) -> dict[str, int]:
@@ -63,66 +69,6 @@ def value_bytes(dtype: str, fsdp: bool, device_type: str) -> dict[str, int]:
             "norm": FP32 if device_type == "cuda" else residual}
 
 
-def tp_collectives(B: int, T: int, C: int, V: int, L: int, sp: bool, lp: bool,
-                   sizes: dict = FP32_EVERYWHERE, grad_norm: bool = True, first: bool = True,
-                   last: bool = True) -> dict:
-    """{kind: (calls, payload bytes)} of the TP collectives of one forward + backward
-    (custom executor), plus (grad_norm) the 4-byte all-reduce of the squared gradient
-    norm. `sizes`: bytes per value of each kind of activation (`value_bytes`).
-
-    without SP   all-reduce   4 per layer (2 forward: row-parallel outputs; 2 backward:
-                              column-parallel inputs) + wte forward + lm_head input backward
-    with SP      all-gather   4 per layer (2 forward before column, 2 backward after row)
-                              + drop scatter backward + lm_head input forward
-                 reduce-scatter 4 per layer (mirror) + lm_head input backward
-                 all-reduce   wte forward (B T C) + the sequence-sharded replicated
-                              parameters' grads (2 LayerNorms x 2 + 2 row biases per layer,
-                              + ln_f: C each)
-    loss parallel  all-reduce of the max (B T) and of [sum exp, target logit] (2 B T),
-                   fp32, instead of an all-gather of the logits (B T V)
-    A pipeline chunk of L blocks has the wte parts if `first`, the head's if `last`.
-    """
-    act = {what: B * T * C * size for what, size in sizes.items()}
-    # per layer: 2 LayerNorm outputs (or their grads) and 2 matmul outputs (or their grads)
-    layers = 2 * L * (act["norm"] + act["matmul"])
-    embedding, head, lp = act["residual"] * first, act["norm"] * last, lp and last
-    if sp:
-        counts = {"all_gather": (4 * L + first + last, layers + embedding + head),
-                  "reduce_scatter": (4 * L + last, layers + head),
-                  "all_reduce": (first + 6 * L + 2 * last,
-                                 embedding + (6 * L + 2 * last) * C * sizes["residual"])}
-    else:
-        counts = {"all_reduce": (4 * L + first + last, layers + embedding + head)}
-    calls, payload = counts["all_reduce"]
-    counts["all_reduce"] = (calls + grad_norm + (2 if lp else 0),
-                            payload + FP32 * grad_norm + (3 * B * T * FP32 if lp else 0))
-    if last and not lp:
-        calls, payload = counts.get("all_gather", (0, 0))
-        counts["all_gather"] = (calls + 1, payload + B * T * V * sizes["matmul"])
-    return counts
-
-
-def ring_attention_sends(B: int, T: int, C: int, L: int, cp: int,
-                         value_bytes: int = FP32) -> tuple[int, int]:
-    """(sends, payload bytes) of ring attention in one forward + backward per rank: per
-    layer cp-1 K/V blocks forward, cp-1 K/V and cp dK/dV blocks backward, each K and V of
-    B x T/cp tokens x C (C: the local width, n_embd / TP) values; K/V in the matmuls'
-    dtype (`value_bytes`), the dK/dV accumulators in fp32 at least."""
-    sends = L * (3 * cp - 2)
-    block = 2 * B * T * C // cp
-    return sends, L * block * ((2 * cp - 2) * value_bytes + cp * max(value_bytes, FP32))
-
-
-def moe_all_to_all(B: int, T: int, C: int, k: int, E: int, sizes: dict = FP32_EVERYWHERE) -> tuple[int, float]:
-    """(calls, payload bytes) of one MoE layer's all-to-alls in one forward + backward of a
-    rank's B x T tokens: the counts (E int64), then the routed rows (k B T, the norm's
-    dtype: ln_2's output) and the experts' outputs (the matmuls'), each sent forward and
-    its gradient backward (expert_parallel.py). Balanced: every rank receives as many
-    rows as it sends, so the payload of each is k B T C values."""
-    rows = k * B * T * C
-    return 5, 8 * E + 2 * rows * (sizes["norm"] + sizes["matmul"])
-
-
 def fsdp_gathers(actions: list[Action], chunk: int, reshard_after_forward: bool) -> int:
     """All-gathers of each FSDP unit of local chunk `chunk`: ZeRO-3 gathers it for every
     forward and backward; ZeRO-2 keeps it from a forward until a backward has reduced
@@ -135,100 +81,181 @@ def fsdp_gathers(actions: list[Action], chunk: int, reshard_after_forward: bool)
     return count
 
 
+@dataclass(frozen=True)
+class Chunk:
+    """One optimizer step of one model chunk on this rank, as the axes' terms read it."""
+    cfg: GPTConfig
+    layout: Layout
+    micro_batch: int
+    accum: int                  # micro-steps per optimizer step
+    sizes: dict                 # bytes per value of each kind of activation (`value_bytes`)
+    compute_bytes: int          # of the matmuls' inputs and outputs
+    index: int                  # of this rank's chunks
+    blocks: range
+    first: bool                 # holds the embeddings
+    last: bool                  # holds the head
+    actions: list               # this rank's schedule (cost.schedule)
+
+    @property
+    def tokens(self) -> int:    # of a sequence on one CP rank
+        return self.cfg.block_size // self.layout.cp
+
+    @property
+    def moe_blocks(self) -> int:
+        return sum(self.cfg.is_moe(i) for i in self.blocks)
+
+    @property
+    def experts(self) -> float:  # EP's parameters on this rank: reduced over edp (ep 1: like any other)
+        if self.layout.ep == 1:
+            return 0.0
+        return param_counts(self.cfg, self.layout.tp, self.blocks, self.first, self.last, self.layout.ep)["experts"]
+
+    @property
+    def dense(self) -> float:    # the rest: reduced (sharded) over dp x cp
+        counts = param_counts(self.cfg, self.layout.tp, self.blocks, self.first, self.last, self.layout.ep)
+        return counts["total"] - self.experts
+
+
+def dense_group(layout: Layout) -> tuple[str, int]:
+    """(role, size) of the group the dense gradients are reduced or sharded over."""
+    return ("dp_shard_cp", layout.dp_shard * layout.cp) if layout.fsdp else ("dp_cp", layout.dp_cp)
+
+
+def flat_shards(layout: Layout) -> bool:
+    """Whether the optimizer steps on flat shards: the custom FSDP's and ZeRO-1's."""
+    return layout.fsdp or (layout.zero1 and layout.implementation == "custom")
+
+
+# Each axis's terms: (group, kind, group size, payload bytes, calls) of one chunk's step.
+
+def pipeline_terms(c: Chunk):
+    """Activations to the next chunk and their gradients back (the residual's dtype); the
+    first and last stage's tied-weight gradient (its shard under FSDP, ZeRO-1)."""
+    lay, C = c.layout, c.cfg.n_embd
+    if lay.pp == 1:
+        return
+    T = c.tokens // lay.tp if lay.sequence_parallel else c.tokens
+    hops = (not c.last) + (not c.first)
+    yield "pp", "send", lay.pp, c.accum * c.micro_batch * T * C * c.sizes["residual"] * hops, c.accum * hops
+    if c.first or c.last:
+        shards = dense_group(lay)[1] if flat_shards(lay) else 1
+        yield "embedding", "all_reduce", 2, FP32 * c.cfg.vocab_size * C / lay.tp / shards, 1
+
+
+def data_parallel_terms(c: Chunk):
+    """The gradients' reductions: FSDP's gathers and reduce-scatters per unit (HSDP: and
+    the replicas' all-reduce), ZeRO-1's per bucket, DDP's all-reduce per bucket; the
+    experts' over edp in their own units or buckets."""
+    lay, dense, experts = c.layout, c.dense, c.experts
+    group, shards = dense_group(lay)
+    edp = lay.dp_cp // lay.ep
+
+    def buckets(numel: float) -> int:  # custom DDP's and ZeRO-1's gradient buckets
+        return math.ceil(FP32 * numel / (lay.bucket_cap_mb * 2**20))
+
+    if lay.fsdp:
+        units = len(c.blocks) + (c.first or c.last)
+        gathers = fsdp_gathers(c.actions, c.index, lay.reshard_after_forward)
+        for role, size, numel, count in ((group, shards, dense, units), ("edp", edp, experts, c.moe_blocks)):
+            if not numel:  # no experts of their own (ep 1): they are dense
+                continue
+            yield role, "all_gather", size, gathers * c.compute_bytes * numel, gathers * count
+            yield role, "reduce_scatter", size, c.accum * FP32 * numel, c.accum * count  # every micro-step
+        yield "dp_replicate", "all_reduce", lay.dp_replicate, c.accum * FP32 * dense / shards, c.accum * units
+    elif flat_shards(lay):  # ZeRO-1 by hand: a bucket per class at least (decay, no decay)
+        for role, size, numel in (("dp_cp", lay.dp_cp, dense), ("edp", edp, experts)):
+            if numel:
+                yield role, "reduce_scatter", size, FP32 * numel, buckets(numel) + 1
+                yield role, "all_gather", size, FP32 * numel, buckets(numel) + 1
+    else:
+        yield "dp_cp", "all_reduce", lay.dp_cp, FP32 * dense, buckets(dense)
+        if experts:
+            yield "edp", "all_reduce", edp, FP32 * experts, buckets(experts)
+        if lay.zero1:  # ZeroRedundancyOptimizer: each parameter from its owner
+            yield "dp_cp", "broadcast", lay.dp_cp, FP32 * dense, 12 * len(c.blocks) + 4 * (c.first or c.last)
+
+
+def context_parallel_terms(c: Chunk):
+    """Ring attention's sends over cp_ring, on the heads Ulysses left; Ulysses'
+    all-to-alls over cp_ulysses; a mixture of experts' router statistics over cp."""
+    lay, L, C = c.layout, len(c.blocks), c.cfg.n_embd
+    u, ring = lay.ulysses or 1, lay.cp // (lay.ulysses or 1)
+    if ring > 1:
+        sends, payload = ring_attention_sends(c.micro_batch, c.cfg.block_size, C // lay.tp // u, L, ring,
+                                              c.compute_bytes)
+        yield "cp_ring", "send", ring, c.accum * payload, c.accum * sends
+    if u > 1:
+        calls, payload = ulysses_sends(c.micro_batch, c.tokens, C // lay.tp, u, c.compute_bytes)
+        yield "cp_ulysses", "all_to_all", u, c.accum * L * payload, c.accum * L * calls
+    if c.moe_blocks and lay.cp > 1:  # counts, probabilities, tokens: forward and backward
+        yield ("cp", "all_reduce", lay.cp, c.accum * c.moe_blocks * 2 * FP32 * (2 * c.cfg.moe_experts + 1),
+               c.accum * c.moe_blocks * 2)
+
+
+def tensor_parallel_terms(c: Chunk):
+    """The activations' collectives (`tp_collectives`), T/cp tokens long under CP."""
+    lay = c.layout
+    if lay.tp == 1:
+        return
+    for kind, (calls, payload) in tp_collectives(
+            c.micro_batch, c.tokens, c.cfg.n_embd, c.cfg.vocab_size, len(c.blocks), lay.sequence_parallel,
+            lay.loss_parallel, c.sizes, False, c.first, c.last).items():
+        yield "tp", kind, lay.tp, c.accum * payload, c.accum * calls
+
+
+def expert_parallel_terms(c: Chunk):
+    """The routed rows' all-to-alls of every MoE block (`moe_all_to_all`)."""
+    if c.moe_blocks and c.layout.ep > 1:
+        calls, payload = moe_all_to_all(c.micro_batch, c.tokens, c.cfg.n_embd, c.cfg.moe_top_k,
+                                        c.cfg.moe_experts, c.sizes)
+        yield "ep", "all_to_all", c.layout.ep, c.accum * c.moe_blocks * payload, c.accum * c.moe_blocks * calls
+
+
+def scalar_terms(cfg: GPTConfig, lay: Layout):
+    """Once a step: the squared gradient norm (one all-reduce per class of split gradient:
+    over TP; under FSDP and ZeRO-1 over their shards, and over those x TP; the experts'
+    over ep, and edp), the trainer's mean of the loss over DP x CP, and across stages the
+    loss and the norm."""
+    yield "tp", "all_reduce", lay.tp, FP32, 1
+    norms = flat_shards(lay) * (2 if lay.tp > 1 else 1)
+    if norms:
+        group, shards = dense_group(lay)
+        yield group, "all_reduce", shards, FP32 * norms, norms
+    if cfg.moe_experts and lay.ep > 1:
+        yield "ep", "all_reduce", lay.ep, FP32, 1
+        if flat_shards(lay):
+            yield "edp", "all_reduce", lay.dp_cp // lay.ep, FP32, 1
+    yield "dp_cp", "all_reduce", lay.dp_cp, FP32, 1
+    yield "pp", "all_reduce", lay.pp, 2 * FP32, 2
+
+
+AXES = (pipeline_terms, data_parallel_terms, context_parallel_terms, tensor_parallel_terms,
+        expert_parallel_terms)  # mesh order: pp, dp, cp, tp; ep within dp x cp
+
+
 def collectives(cfg: GPTConfig, layout: Layout, micro_batch: int, accum: int,
                 dtype: str = "float32", device_type: str = "cpu",
                 pp_rank: int = 0) -> dict[tuple[str, str], tuple[int, float]]:
-    """{(group, kind): (calls, bus bytes)} one rank sends per optimizer step; groups by
-    their role in the mesh (mesh.py): tp, cp (the router's statistics), cp_ring (ring
-    attention), cp_ulysses, dp_cp (DDP, ZeRO-1: the ranks that hold the same dense
-    parameters), dp_shard_cp (what FSDP shards over; HSDP then all-reduces over
-    dp_replicate), ep and edp (the experts), pp (stage to stage) and embedding (the first
-    and last stage). `dtype` bfloat16: FSDP gathers bf16 parameters
-    and reduces fp32 gradients, TP carries what `value_bytes` says, ring attention bf16
-    K/V, the pipeline the residual stream's dtype; DDP's gradients and the scalars stay fp32. Under CP,
-    TP's activations are T/cp long. The bytes are exact (--validate); the calls (for the
-    latency of each) count an FSDP unit (a block, the root) and a DDP bucket as one."""
-    tp, cp, P, C, V = layout.tp, layout.cp, layout.pp, cfg.n_embd, cfg.vocab_size
-    dp_cp, T, compute_bytes = layout.dp * cp, cfg.block_size // cp, DTYPE_BYTES[dtype]
-    shards = layout.dp_shard * cp if layout.fsdp else dp_cp  # the dense gradients' group
-    shard_group = "dp_shard_cp" if layout.fsdp else "dp_cp"
-    flat_shards = layout.fsdp or (layout.zero1 and layout.implementation == "custom")
-    sp = layout.sequence_parallel
-    actions = schedule(P, layout.pp_schedule, layout.virtual_stages, accum)[pp_rank]
-    out: dict[tuple[str, str], tuple[int, float]] = {}
-
-    def buckets(numel: float) -> int:  # custom DDP's and ZeRO-1's gradient buckets of numel values
-        return math.ceil(FP32 * numel / (layout.bucket_cap_mb * 2**20))
-
-    def add(group, kind, group_size, payload, calls=1):
-        if group_size > 1:
-            n, bus = out.get((group, kind), (0, 0.0))
-            out[group, kind] = n + calls, bus + BUS_FACTOR[kind](group_size) * payload
-
-    ep, edp = layout.ep, dp_cp // layout.ep
+    """{(group, kind): (calls, bus bytes)} one rank sends per optimizer step: the sum over
+    its chunks of every axis's terms (`AXES`), then the step's scalars. Groups by their
+    role in the mesh (mesh.py): tp, cp (the router's statistics), cp_ring, cp_ulysses,
+    dp_cp (DDP, ZeRO-1: the ranks holding the same dense parameters), dp_shard_cp (what
+    FSDP shards over; HSDP then all-reduces over dp_replicate), ep and edp (the experts),
+    pp (stage to stage) and embedding (the first and last stage). `dtype` bfloat16: FSDP
+    gathers bf16 parameters and reduces fp32 gradients, TP carries what `value_bytes`
+    says, ring attention and Ulysses bf16, the pipeline the residual stream's dtype; DDP's
+    gradients and the scalars stay fp32. The bytes are exact (--validate); the calls (for
+    the latency of each) count an FSDP unit (a block, the root) and a DDP bucket as one."""
+    actions = schedule(layout.pp, layout.pp_schedule, layout.virtual_stages, accum)[pp_rank]
     sizes = value_bytes(dtype, layout.fsdp, device_type)
-    for v, (blocks, first, last) in enumerate(chunks(cfg, layout, pp_rank)):
-        n = param_counts(cfg, tp, blocks, first, last, ep)  # this TP (and EP) rank's parameters
-        moe = sum(cfg.is_moe(i) for i in blocks)
-        experts = n["experts"] if ep > 1 else 0.0  # EP's: over edp (with ep 1 like any other)
-        dense = n["total"] - experts                # reduced (sharded) over dp x cp
-        if moe and ep > 1:
-            calls, payload = moe_all_to_all(micro_batch, T, C, cfg.moe_top_k, cfg.moe_experts, sizes)
-            add("ep", "all_to_all", ep, accum * moe * payload, accum * moe * calls)
-        if moe and cp > 1:  # the router's statistics: counts, probabilities, tokens
-            add("cp", "all_reduce", cp, accum * moe * 2 * FP32 * (2 * cfg.moe_experts + 1), accum * moe * 2)
-        if tp > 1:
-            for kind, (calls, payload) in tp_collectives(
-                    micro_batch, T, C, V, len(blocks), sp, layout.loss_parallel,
-                    value_bytes(dtype, layout.fsdp, device_type), False, first, last).items():
-                add("tp", kind, tp, accum * payload, accum * calls)
-        ring, ulysses = cp // layout.ulysses, layout.ulysses
-        if ring > 1:  # over T / ring tokens of C / tp / ulysses values (the heads Ulysses left here)
-            sends, payload = ring_attention_sends(micro_batch, cfg.block_size, C // tp // ulysses,
-                                                  len(blocks), ring, compute_bytes)
-            add("cp_ring", "send", ring, accum * payload, accum * sends)
-        if ulysses > 1:
-            calls, payload = ulysses_sends(micro_batch, T, C // tp, ulysses, compute_bytes)
-            add("cp_ulysses", "all_to_all", ulysses, accum * len(blocks) * payload, accum * len(blocks) * calls)
-        if P > 1:  # activations to the next chunk, their gradients back (the residual's dtype)
-            boundary = micro_batch * (T // tp if sp else T) * C * value_bytes(dtype, layout.fsdp, device_type)["residual"]
-            hops = (not last) + (not first)
-            add("pp", "send", P, accum * boundary * hops, accum * hops)
-            if first or last:  # the tied weight's gradient (its shard under FSDP, ZeRO-1)
-                add("embedding", "all_reduce", 2, FP32 * V * C / tp / (shards if flat_shards else 1))
-        if layout.fsdp:
-            units = len(blocks) + (first or last)
-            gathers = fsdp_gathers(actions, v, layout.reshard_after_forward)
-            for group, size, numel, unit_count in (("dp_shard_cp", shards, dense, units), ("edp", edp, experts, moe)):
-                add(group, "all_gather", size, gathers * compute_bytes * numel, gathers * unit_count)
-                add(group, "reduce_scatter", size, accum * FP32 * numel, accum * unit_count)  # every micro-step
-            add("dp_replicate", "all_reduce", layout.dp_replicate, accum * FP32 * dense / shards,
-                accum * units)
-        elif flat_shards:  # ZeRO-1 by hand: a bucket per class at least (decay, no decay)
-            add("dp_cp", "reduce_scatter", dp_cp, FP32 * dense, buckets(dense) + 1)
-            add("dp_cp", "all_gather", dp_cp, FP32 * dense, buckets(dense) + 1)
-            if experts:  # their own buckets, over the ranks holding the same experts
-                add("edp", "reduce_scatter", edp, FP32 * experts, buckets(experts) + 1)
-                add("edp", "all_gather", edp, FP32 * experts, buckets(experts) + 1)
-        else:
-            add("dp_cp", "all_reduce", dp_cp, FP32 * dense, buckets(dense))
-            if experts and ep > 1:  # their own buckets, over the ranks holding the same experts
-                add("edp", "all_reduce", edp, FP32 * experts, buckets(experts))
-            if layout.zero1:  # ZeroRedundancyOptimizer: each parameter from its owner
-                add("dp_cp", "broadcast", dp_cp, FP32 * dense, 12 * len(blocks) + 4 * (first or last))
-    # scalars, once a step: the squared gradient norm (one all-reduce per class of
-    # sharded gradient: over TP; under FSDP and ZeRO-1 over DP and over DP x TP), the
-    # trainer's mean of the loss over DP x CP, and across stages the loss and the norm
-    add("tp", "all_reduce", tp, FP32)
-    norms = flat_shards * (2 if tp > 1 else 1)
-    if norms:
-        add(shard_group, "all_reduce", shards, FP32 * norms, norms)
-    if cfg.moe_experts and ep > 1:  # the experts' class: sharded over ep (and edp: FSDP, ZeRO-1)
-        add("ep", "all_reduce", ep, FP32)
-        if flat_shards:
-            add("edp", "all_reduce", edp, FP32)
-    add("dp_cp", "all_reduce", dp_cp, FP32)
-    add("pp", "all_reduce", P, 2 * FP32, 2)
+    terms = [term for v, (blocks, first, last) in enumerate(chunks(cfg, layout, pp_rank))
+             for axis in AXES for term in axis(Chunk(cfg, layout, micro_batch, accum, sizes, DTYPE_BYTES[dtype],
+                                                      v, blocks, first, last, actions))]
+    out: dict[tuple[str, str], tuple[int, float]] = {}
+    for group, kind, size, payload, calls in terms + list(scalar_terms(cfg, layout)):
+        if size > 1:
+            n, bus = out.get((group, kind), (0, 0.0))
+            out[group, kind] = n + calls, bus + BUS_FACTOR[kind](size) * payload
     return out
 
 

@@ -4,9 +4,10 @@ bad flags into one clear message (a `UserError`) instead of a traceback or a han
 Flag names of the original experiments are kept: --tensor_parallel_size,
 --enable_loss_parallelism, --data_parallel_size, --data_parallel_type,
 --implementation, --deferred_init, --gradient_clipping, --eval_interval, --dataset.
-The parallel flags become a `Layout` (parallel/layout.py: its FLAGS table names them),
-whose own rules decide whether it runs: `resolve` before anything is built, `fit` once
-the dataset's vocabulary is known.
+The parallel flags are the Layout's options (parallel/layout.py declares each once, with
+its flag: `LayoutFlags` below is made from them), and rules.py's `check_layout` decides
+whether a layout runs: `resolve` before anything is built, `fit` once the dataset's
+vocabulary is known.
 """
 import argparse
 import dataclasses
@@ -228,7 +229,8 @@ def resolve(cfg: TrainConfig, world_size: int, device_type: str) -> tuple[TrainC
     layout = layout_of(cfg, world_size)
     check_layout(layout, world_size, device_type, cfg.block_size, cfg.dropout)
     micro_steps = layout.micro_steps(cfg.total_batch_size, cfg.batch_size, cfg.block_size)
-    return dataclasses.replace(cfg, data_parallel_size=layout.dp, ulysses_degree=layout.ulysses_degree), layout, micro_steps
+    cfg = dataclasses.replace(cfg, data_parallel_size=layout.dp, ulysses_degree=layout.ulysses_degree)
+    return cfg, layout, micro_steps
 
 
 def fit(cfg: TrainConfig, layout: Layout, micro_steps: int, vocab_size: int, device_type: str) -> GPTConfig:

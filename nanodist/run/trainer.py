@@ -87,7 +87,7 @@ class Trainer:
                       (cfg.batch_size, cfg.block_size), self.micro_steps)
         self.parallel = parallelize(model, setup)
         self.runner, self.params = self.parallel.runner, self.parallel.params
-        self.metrics = StepMetrics([part.gpt for part in self.parallel.stages], self.micro_steps)
+        self.metrics = StepMetrics([part.gpt for part in self.parallel.parts], self.micro_steps)
         self.optimizer = self.params.optimizer(cfg.weight_decay, lr=cfg.learning_rate,
                                                betas=(cfg.beta1, cfg.beta2), fused=device.type == "cuda")
         self.autocast = (torch.autocast(device.type, dtype=torch.bfloat16)
