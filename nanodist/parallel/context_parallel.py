@@ -36,6 +36,7 @@ import torch
 import torch.nn as nn
 
 from nanodist import compat
+from nanodist.errors import UserError
 from nanodist.parallel.comm import Group, sum_over
 from nanodist.parallel.ring_attention import RingAttention, split_sequence
 from nanodist.parallel.ulysses import UlyssesAttention
@@ -105,3 +106,38 @@ def apply_cp(part, setup):
     if model.transformer.wte is not None:  # token ids come in (later pipeline stages: CP's chunks)
         model.register_forward_pre_hook(partial(_shard_inputs, mesh=mesh), with_kwargs=True)
     return dataclasses.replace(part, loss_fn=partial(_local_loss, loss_fn=part.loss_fn, mesh=mesh))
+
+
+def check_context_parallel(layout, run):
+    """CP's rules (rules.py runs them): the split the sequence must allow, the heads
+    Ulysses splits, what each implementation has."""
+    cp, u = layout.cp, layout.ulysses
+    if cp == 1:
+        return
+    if layout.cp_type != "ring" and layout.implementation == "pytorch":
+        raise UserError(f"--context_parallel_type {layout.cp_type} is hand-written only (PyTorch 2.13 "
+                        f"has no Ulysses attention); use --implementation custom")
+    if layout.cp_type == "hybrid" and not (1 < u < cp and cp % u == 0):
+        raise UserError(f"--context_parallel_type hybrid runs Ulysses over --ulysses_degree ranks and "
+                        f"the ring over the rest: it must divide --context_parallel_size ({cp}) "
+                        f"and lie between 2 and {cp // 2}, got {u or 'none the heads allow'}"
+                        + ("" if u else "; use --context_parallel_type ring or ulysses"))
+    if layout.cp_type == "ulysses" and run.block_size % cp:
+        raise UserError(f"--context_parallel_type ulysses splits each sequence over {cp} ranks: "
+                        f"--block_size ({run.block_size}) must be divisible by {cp}")
+    if layout.cp_type != "ulysses" and run.block_size % (2 * cp):
+        raise UserError(f"--context_parallel_size {cp} cuts each sequence into {2 * cp} "
+                        f"zigzag chunks: --block_size ({run.block_size}) must be divisible by {2 * cp}")
+    if run.dropout > 0:
+        raise UserError("--context_parallel_size > 1 runs attention without dropout: use --dropout 0")
+    if layout.implementation == "pytorch" and run.device_type != "cuda":
+        raise UserError("--implementation pytorch --context_parallel_size > 1 runs on CUDA only "
+                        "(PyTorch's context parallel has no CPU attention kernel rule); use "
+                        "--implementation custom (ring attention by hand) on CPU")
+    if run.model is None or run.model.n_head % layout.tp:  # (TP's rule says that one)
+        return
+    heads = run.model.n_head // layout.tp
+    if heads % u:
+        raise UserError(f"Ulysses splits the heads: n_head ({run.model.n_head}) / --tensor_parallel_size "
+                        f"({layout.tp}) = {heads} heads per rank cannot be split over {u} Ulysses ranks; "
+                        f"pick a degree that divides them (or the ring)")

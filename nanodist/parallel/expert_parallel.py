@@ -29,6 +29,7 @@ import dataclasses
 import torch
 import torch.nn as nn
 
+from nanodist.errors import UserError
 from nanodist.model.moe import Experts, moe_layers
 from nanodist.parallel.comm import Group
 from nanodist.parallel.init import full_value
@@ -106,6 +107,36 @@ def apply_ep(part, setup):
     for moe in moe_layers(model):
         moe.experts = ExpertParallel(moe.experts, model, f"{names[id(moe)]}.experts", mesh, setup.seed)
     return dataclasses.replace(part, params=ModuleParams(model, mesh, placements))
+
+
+def check_expert_parallel(layout, run):
+    """EP's rules, and the mixture of experts' with the other axes (rules.py runs them)."""
+    E = run.model.moe_experts if run.model is not None else 0
+    if layout.ep != 1:
+        if layout.ep < 1 or layout.dp_cp % layout.ep:
+            raise UserError(f"--expert_parallel_size ({layout.ep}) is carved from the data_parallel_size "
+                            f"x context_parallel_size = {layout.dp_cp} ranks: it must divide {layout.dp_cp}")
+        if layout.implementation == "pytorch":
+            raise UserError("--expert_parallel_size > 1 is hand-written only (PyTorch 2.13 offers no "
+                            "expert-parallel module or MoE layer); use --implementation custom")
+        if layout.hsdp:
+            raise UserError("--expert_parallel_size > 1 with --data_parallel_replicas > 1 (HSDP) is not "
+                            "wired up; use --data_parallel_type ddp, zero1 or fsdp without replicas")
+        if run.model is not None and (E == 0 or E % layout.ep):
+            raise UserError(f"--expert_parallel_size {layout.ep} splits the experts over {layout.ep} ranks: "
+                            + ("the model has none; add --moe_experts" if E == 0 else
+                               f"--moe_experts ({E}) must be divisible by it"))
+    if E and layout.sequence_parallel:
+        raise UserError("--moe_experts with --sequence_parallel is not wired up (the router and "
+                        "experts would see a slice of the sequence per TP rank and need their "
+                        "gradients summed over TP); drop --sequence_parallel")
+    if E and layout.compile:
+        raise UserError("--moe_experts with --compile is not wired up (routing sizes are data-"
+                        "dependent: each MoE block would recompile); drop --compile")
+    if E and layout.pp > 1 and layout.implementation == "pytorch":
+        raise UserError("--moe_experts with torch.distributed.pipelining is not wired up (its "
+                        "shape inference cannot run data-dependent routing); use "
+                        "--implementation custom for PP x MoE")
 
 
 def moe_all_to_all(B: int, T: int, C: int, k: int, E: int, sizes: dict) -> tuple[int, float]:

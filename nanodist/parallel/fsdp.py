@@ -30,6 +30,7 @@ import torch
 import torch.nn as nn
 
 from nanodist import compat
+from nanodist.errors import UserError
 from nanodist.parallel.comm import Group
 from nanodist.parallel.engines import Flat, fsdp2_no_sync
 from nanodist.parallel.init import full_value
@@ -267,3 +268,16 @@ def apply_fsdp2(model: nn.Module, device_mesh, reshard_after_forward: bool, comp
     mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=reduce_dtype)
     for _, module in reversed(wrap_policy(model)):
         fully_shard(module, mesh=device_mesh, reshard_after_forward=reshard_after_forward, mp_policy=mp)
+
+
+def check_fsdp(layout, run):
+    """FSDP's rules (rules.py runs them, before the world's: its size needs R | dp)."""
+    R = layout.hsdp_replicas
+    if R < 1 or layout.dp % R:
+        raise UserError(f"--data_parallel_replicas ({R}) must divide --data_parallel_size ({layout.dp})")
+    if R > 1 and layout.dp_shard * layout.cp == 1:
+        raise UserError(f"--data_parallel_replicas {R} = --data_parallel_size leaves one shard per "
+                        f"replica group: that is DDP; use --data_parallel_type ddp")
+    if layout.compile and layout.fsdp and layout.implementation == "custom":
+        raise UserError("--compile cannot trace the custom FSDP (it frees and regrows parameter "
+                        "storage between the ops); use --implementation pytorch with --compile")

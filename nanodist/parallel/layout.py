@@ -43,6 +43,17 @@ COMBINED = {"dp": ("dp_replicate", "dp_shard"), "dp_cp": ("dp_replicate", "dp_sh
 # of n consecutive ranks, the ranks at the same place of each run), n given by the layout
 CARVED = {"dp_cp": ("ep", "edp"), "cp": ("cp_ulysses", "cp_ring")}
 GROUPS = AXES + tuple(COMBINED) + tuple(name for pair in CARVED.values() for name in pair)
+class Run(NamedTuple):
+    """What a layout's rules read besides the layout: the processes, the device, the
+    sequence, and, once the trainer knows them, the model and its micro-steps."""
+    world_size: int
+    device_type: str
+    block_size: int
+    dropout: float = 0.0
+    model: object = None          # GPTConfig
+    micro_steps: int | None = None
+
+
 class Needs(NamedTuple):
     """Where an option has an effect: `applies(layout)`, and the flags that make it so."""
     applies: Callable

@@ -33,6 +33,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed.tensor import DTensor
 
+from nanodist.errors import UserError
 from nanodist.model.gpt import TIED_NAMES
 from nanodist.parallel.comm import Group
 from nanodist.parallel.mesh import Mesh
@@ -233,3 +234,35 @@ class PipelineRunner:
     @torch.no_grad()
     def eval_loss(self, batches, autocast) -> torch.Tensor:
         return self._run(self.eval_slots, batches, autocast, train=False)
+
+
+def check_pipeline(layout, run):
+    """The pipeline's rules (rules.py runs them): blocks for every chunk, a schedule that
+    exists for this implementation and fits the micro-steps."""
+    P, V, schedule, model, M = layout.pp, layout.virtual_stages, layout.pp_schedule, run.model, run.micro_steps
+    if P == 1:
+        return
+    if layout.implementation == "pytorch" and (layout.cp > 1 or layout.tp > 1):
+        what = "PyTorch's context parallel" if layout.cp > 1 else "DTensor TP"
+        raise UserError(f"torch.distributed.pipelining x {what} is not wired up here; use "
+                        f"--implementation custom for PP x {'CP' if layout.cp > 1 else 'TP'}")
+    if model is not None and P > model.n_layer:
+        raise UserError(f"--pipeline_parallel_size ({P}) is larger than the model's n_layer "
+                        f"({model.n_layer}): every stage needs a block; use at most {model.n_layer} stages")
+    if model is not None and P * V > model.n_layer:
+        raise UserError(f"--pipeline_parallel_size x --virtual_stages = {P} x {V} = {P * V} chunks, "
+                        f"but the model has {model.n_layer} blocks; lower --virtual_stages")
+    if V > 1 and schedule not in ("interleaved_1f1b", "zero_bubble"):
+        raise UserError(f"--virtual_stages {V} needs --pipeline_schedule interleaved_1f1b "
+                        f"(or zero_bubble with --implementation pytorch)")
+    if schedule == "zero_bubble" and layout.implementation != "pytorch":
+        raise UserError("--pipeline_schedule zero_bubble exists with --implementation pytorch only")
+    if M is None:
+        return
+    where = (f"M = {M} micro-batches (the gradient accumulation steps: --total_batch_size / "
+             f"(batch_size x block_size x data_parallel_size))")
+    if schedule in ("interleaved_1f1b", "zero_bubble") and M % P:
+        raise UserError(f"--pipeline_schedule {schedule} needs M to be a multiple of the "
+                        f"{P} stages, got {where}; raise --total_batch_size or lower --batch_size")
+    if schedule == "1f1b" and layout.implementation == "pytorch" and M < P:
+        raise UserError(f"PyTorch's 1F1B needs at least M = P = {P} micro-batches, got {where}")

@@ -27,6 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.distributed.tensor.parallel import loss_parallel
 
+from nanodist.errors import UserError
 from nanodist.parallel.comm import Group, all_reduce, conjugate, gather, reduce_scatter, split
 from nanodist.parallel.init import full_value
 from nanodist.parallel.loss_parallel import dtensor_cross_entropy, vocab_parallel_cross_entropy
@@ -175,6 +176,23 @@ def apply_tp(part, setup):
                                loss_fn=loss_fn, loss_context=loss_context)
 
 
+
+
+def check_tensor_parallel(layout, run):
+    """TP's rules (rules.py runs them): what sequence parallelism and the model's shape
+    must divide by."""
+    if layout.sequence_parallel and not layout.sequence_divides(run.block_size):
+        what = (f"--block_size ({run.block_size})" if layout.cp == 1 else f"the {run.block_size // layout.cp} "
+                f"tokens of a CP rank (--block_size / --context_parallel_size)")
+        raise UserError(f"--sequence_parallel splits the sequence: {what} must be divisible by "
+                        f"--tensor_parallel_size ({layout.tp})")
+    if run.model is None:
+        return
+    for what, size in (("n_head", run.model.n_head), ("n_embd", run.model.n_embd),
+                       ("padded vocab_size", run.model.vocab_size)):
+        if size % layout.tp:
+            raise UserError(f"{what} ({size}) is not divisible by --tensor_parallel_size "
+                            f"({layout.tp}); pick a tensor parallel size that divides it")
 
 # ------------------------------------------------------------------ its traffic (planner/traffic.py)
 

@@ -34,6 +34,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from nanodist.errors import UserError
 from nanodist.parallel.comm import Group
 from nanodist.parallel.engines import (Flat, InOrder, assign_buckets, broadcast_from_first_rank,
                                        engine_params, native_ddp, no_sync_all)
@@ -221,3 +222,11 @@ def apply_zero1(part, setup):
                for group, scale, members in engine_params(part, mesh)]  # EP: the experts' over edp
     return dataclasses.replace(part, no_sync=partial(no_sync_all, engines),
                                params=ZeRO1Params(engines, mesh, placements))
+
+
+def check_zero1(layout, run):
+    """ZeRO-1's rule (rules.py runs it): PyTorch's holds plain tensors only."""
+    if layout.zero1 and layout.implementation == "pytorch" and (layout.tp > 1 or layout.pp > 1):
+        raise UserError("--data_parallel_type zero1 --implementation pytorch (DDP + "
+                        "ZeroRedundancyOptimizer) holds plain tensors only: no DTensor TP, no "
+                        "pipeline stages; use --implementation custom for ZeRO-1 x TP or PP")
