@@ -1,6 +1,6 @@
 """The parallel layout, in one place (torchtitan's ParallelDims): the axes and their
 options, each declared once with its train.py flag (`option`), and their product. Its
-rules are rules.py's; the processes it runs on, mesh.py's.
+rules are each strategy's (`check_*`, run by rules.py); the processes it runs on, mesh.py's.
 
 Axes, outermost to innermost (mesh order; any of them may be 1):
 

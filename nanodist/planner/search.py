@@ -47,7 +47,7 @@ def divisors(n: int) -> list[int]:
 
 
 def cp_types(cp: int) -> list[tuple[str, int]]:
-    """(type, Ulysses degree) of every context-parallel type on cp ranks (rules.py drops
+    """(type, Ulysses degree) of every context-parallel type on cp ranks (its rules drop
     those whose heads do not divide)."""
     if cp == 1:
         return [("ring", 0)]
@@ -77,7 +77,7 @@ def search_space(job: Job):
                             virtual_stages=V, checkpointing=ac, compile=job.compile,
                             implementation=job.implementation)
             # sequence parallelism wherever it can split the sequence (it saves activations),
-            # but not under a mixture of experts (rules.py: not wired up)
+            # but not under a mixture of experts (expert_parallel.py refuses it: not wired up)
             sequence_parallel = tp > 1 and not E and layout.sequence_divides(T)
             yield dataclasses.replace(layout, sequence_parallel=sequence_parallel), mb
 
