@@ -27,7 +27,7 @@ with their sum over the CP group.
 PyTorch (`apply_native_cp`): `_ContextParallel` on each attention core turns q, k, v into
 DTensors sharded on the sequence, and DTensor's CP dispatcher runs its ring attention
 (head-tail load balancing = the zigzag split). It has no rule for the CPU attention ops:
-CUDA only, and no Ulysses (rules.py refuses them elsewhere).
+CUDA only, and no Ulysses (`check_context_parallel` refuses them elsewhere).
 """
 import dataclasses
 from functools import partial
@@ -66,13 +66,14 @@ def _local_loss(logits, targets, loss_fn, mesh):
     return loss_fn(logits, local_tokens(targets, 1, mesh.cp_ring, mesh.cp_ulysses))
 
 
-def apply_native_cp(attn: nn.Module, cp: Group):
-    """PyTorch's ring attention on an attention core (CUDA only: no CPU sharding rule)."""
+def apply_native_cp(blocks: list, cp: Group):
+    """PyTorch's ring attention on every block's attention core (CUDA only: no CPU sharding rule)."""
     from torch.distributed.tensor.parallel import parallelize_module
     compat.cp_options.enable_load_balance = True  # head-tail: the zigzag split of the inputs
     compat.enable_cp_dispatcher()
     style = compat.ContextParallel(seq_dim=2, attention_type=compat.ContextParallel.AttentionType.SDPA)
-    parallelize_module(attn.sdpa, cp.device_mesh, style)
+    for block in blocks:
+        parallelize_module(block.attn.sdpa, cp.device_mesh, style)
 
 
 class SequenceSum(nn.Module):
@@ -95,14 +96,13 @@ def apply_cp(part, setup):
     model, mesh = part.gpt, setup.mesh
     for module in [m for m in model.modules() if hasattr(m, "token_sum")]:
         module.token_sum = SequenceSum(mesh.cp)
-    for block in model.transformer.h:
-        if isinstance(block, nn.Identity):  # a block another pipeline stage holds
-            continue
-        if setup.layout.implementation == "pytorch":
-            apply_native_cp(block.attn, mesh.cp)
-            continue
-        core = RingAttention(mesh.cp_ring) if mesh.cp_ring.size > 1 else block.attn.sdpa
-        block.attn.sdpa = UlyssesAttention(core, mesh.cp_ulysses) if mesh.cp_ulysses.size > 1 else core
+    blocks = [block for block in model.transformer.h if not isinstance(block, nn.Identity)]  # this stage's
+    if setup.layout.implementation == "pytorch":
+        apply_native_cp(blocks, mesh.cp)
+    else:
+        for block in blocks:
+            core = RingAttention(mesh.cp_ring) if mesh.cp_ring.size > 1 else block.attn.sdpa
+            block.attn.sdpa = UlyssesAttention(core, mesh.cp_ulysses) if mesh.cp_ulysses.size > 1 else core
     if model.transformer.wte is not None:  # token ids come in (later pipeline stages: CP's chunks)
         model.register_forward_pre_hook(partial(_shard_inputs, mesh=mesh), with_kwargs=True)
     return dataclasses.replace(part, loss_fn=partial(_local_loss, loss_fn=part.loss_fn, mesh=mesh))
@@ -120,8 +120,8 @@ def check_context_parallel(layout, run):
     if layout.cp_type == "hybrid" and not (1 < u < cp and cp % u == 0):
         raise UserError(f"--context_parallel_type hybrid runs Ulysses over --ulysses_degree ranks and "
                         f"the ring over the rest: it must divide --context_parallel_size ({cp}) "
-                        f"and lie between 2 and {cp // 2}, got {u or 'none the heads allow'}"
-                        + ("" if u else "; use --context_parallel_type ring or ulysses"))
+                        f"and lie between 2 and {cp // 2}, got {layout.ulysses_degree or 'none the heads allow'}"
+                        + ("" if layout.ulysses_degree else "; use --context_parallel_type ring or ulysses"))
     if layout.cp_type == "ulysses" and run.block_size % cp:
         raise UserError(f"--context_parallel_type ulysses splits each sequence over {cp} ranks: "
                         f"--block_size ({run.block_size}) must be divisible by {cp}")

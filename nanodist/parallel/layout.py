@@ -64,8 +64,7 @@ def option(default, flag: str, help: str, choices: tuple | None = None, needs: N
            flag_default=None):
     """A Layout field and its train.py flag, declared once: the flag's name, its help, its
     choices, and where it has an effect (`needs`): set to other than its default where it
-    has none, the option is refused (a flag that has no effect
-    says so, whichever it is). `flag_default`: the flag's, where it differs."""
+    has none, the option is refused (a flag that has no effect says so, whichever it is). `flag_default`: the flag's, where it differs."""
     return field(default=default, metadata=dict(flag=flag, help=help, choices=choices, needs=needs,
                                                  flag_default=default if flag_default is None else flag_default))
 
@@ -161,7 +160,8 @@ class Layout:
     def ulysses(self) -> int:
         """CP ranks that trade heads all-to-all (mesh.py's cp_ulysses); the ring runs over
         cp / ulysses of them (cp_ring)."""
-        return {"ring": 1, "ulysses": self.cp, "hybrid": self.ulysses_degree}[self.cp_type]
+        return {"ring": 1, "ulysses": self.cp,
+                "hybrid": self.ulysses_degree or 1}[self.cp_type]  # 0: not resolved (rules refuse it)
 
     def with_heads(self, n_head: int) -> "Layout":
         """Hybrid CP's default degree, once the heads are known: the largest proper divisor
@@ -193,7 +193,7 @@ class Layout:
 
     def run_size(self, parent: str) -> int:
         """The runs carved out of `parent` (CARVED): EP's size, the Ulysses degree."""
-        return {"dp_cp": self.ep, "cp": self.ulysses or 1}[parent]
+        return {"dp_cp": self.ep, "cp": self.ulysses}[parent]
 
     def coordinates(self, rank: int) -> dict[str, int]:
         """This rank's index within a group of every role (GROUPS)."""
@@ -233,7 +233,7 @@ class Layout:
         return (f"dp{self.dp}-{self.dp_type}" + (f"x{self.hsdp_replicas}" if self.hsdp else "")
                 + f"-tp{self.tp}-{self.implementation}"
                 + (f"-pp{self.pp}-{self.pp_schedule}" if self.pp > 1 else "")
-                + (f"-cp{self.cp}" + (f"-{self.cp_type}{self.ulysses or ''}" if self.cp_type != "ring" else "")
+                + (f"-cp{self.cp}" + (f"-{self.cp_type}{self.ulysses}" if self.cp_type != "ring" else "")
                    if self.cp > 1 else "") + (f"-ep{self.ep}" if self.ep > 1 else ""))
 
     def flags(self) -> list[str]:

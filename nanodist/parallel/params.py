@@ -11,6 +11,7 @@ Tensors "laid out like the optimizer's params" are the params themselves, their
 gradients, or Adam's moments: the conversions below serve all of them.
 """
 from collections import defaultdict
+from functools import cached_property
 from typing import Callable, Iterator
 
 import torch
@@ -127,8 +128,8 @@ class ModuleParams(Params):
     def __init__(self, model: nn.Module, mesh: Mesh, placements: dict | None = None):
         self.model, self.mesh, self.placements = model, mesh, placements or {}
 
-    @property
-    def sharded_over(self):
+    @cached_property
+    def sharded_over(self):  # asked once parallelize is done: the parameters are final then
         return {p: self.placements[name].groups(self.mesh) for name, p in self.model.named_parameters()
                 if name in self.placements and not isinstance(p, DTensor)}
 
@@ -163,7 +164,7 @@ class FlatParams(Params):
         self.engines, self.mesh, self.placements = engines, mesh, placements
         self.all_flats = [f for engine in engines for f in engine.flats]
 
-    @property
+    @cached_property
     def sharded_over(self):
         return {f.shard: f.groups for f in self.all_flats}
 
@@ -204,7 +205,7 @@ class PipelineParams(Params):
     def __init__(self, stages: list, split):
         self.chunks, self.split, self.mesh = [s.params for s in stages], split, split.mesh
 
-    @property
+    @cached_property
     def sharded_over(self):
         return {p: g for s in self.chunks for p, g in s.sharded_over.items()}
 

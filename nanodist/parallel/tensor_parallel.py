@@ -194,6 +194,7 @@ def check_tensor_parallel(layout, run):
             raise UserError(f"{what} ({size}) is not divisible by --tensor_parallel_size "
                             f"({layout.tp}); pick a tensor parallel size that divides it")
 
+
 # ------------------------------------------------------------------ its traffic (planner/traffic.py)
 
 FP32 = torch.float32.itemsize

@@ -215,7 +215,7 @@ def activation_bytes(cfg: GPTConfig, layout: Layout, micro_batch: int, checkpoin
     s = cfg.block_size // layout.cp
     t, sp, c = layout.tp, layout.sequence_parallel, compute_bytes
     bsh, seq_split = b * s * h, (t if sp else 1)
-    ring = layout.cp // (layout.ulysses or 1) > 1  # Ulysses alone runs the model's own attention
+    ring = layout.cp // layout.ulysses > 1  # Ulysses alone runs the model's own attention
     norms = FP32 * (2 * bsh / seq_split + 4 * b * s / seq_split)  # LayerNorm inputs and statistics
     # CP: the attention core keeps its own output beside the one it hands back (the ring's
     # concatenation, Ulysses' all-to-all)

@@ -39,6 +39,7 @@ Each strategy states its own per-layer volume beside its code (tensor_parallel.p
 """
 import math
 from dataclasses import dataclass
+from functools import cached_property
 
 from nanodist.model.gpt import GPTConfig
 from nanodist.parallel.comm import BUS_FACTOR
@@ -104,16 +105,17 @@ class Chunk:
     def moe_blocks(self) -> int:
         return sum(self.cfg.is_moe(i) for i in self.blocks)
 
+    @cached_property
+    def counts(self) -> dict:    # this TP (and EP) rank's parameters of the chunk
+        return param_counts(self.cfg, self.layout.tp, self.blocks, self.first, self.last, self.layout.ep)
+
     @property
     def experts(self) -> float:  # EP's parameters on this rank: reduced over edp (ep 1: like any other)
-        if self.layout.ep == 1:
-            return 0.0
-        return param_counts(self.cfg, self.layout.tp, self.blocks, self.first, self.last, self.layout.ep)["experts"]
+        return self.counts["experts"] if self.layout.ep > 1 else 0.0
 
     @property
     def dense(self) -> float:    # the rest: reduced (sharded) over dp x cp
-        counts = param_counts(self.cfg, self.layout.tp, self.blocks, self.first, self.last, self.layout.ep)
-        return counts["total"] - self.experts
+        return self.counts["total"] - self.experts
 
 
 def dense_group(layout: Layout) -> tuple[str, int]:
@@ -179,7 +181,7 @@ def context_parallel_terms(c: Chunk):
     """Ring attention's sends over cp_ring, on the heads Ulysses left; Ulysses'
     all-to-alls over cp_ulysses; a mixture of experts' router statistics over cp."""
     lay, L, C = c.layout, len(c.blocks), c.cfg.n_embd
-    u, ring = lay.ulysses or 1, lay.cp // (lay.ulysses or 1)
+    u, ring = lay.ulysses, lay.cp // lay.ulysses
     if ring > 1:
         sends, payload = ring_attention_sends(c.micro_batch, c.cfg.block_size, C // lay.tp // u, L, ring,
                                               c.compute_bytes)
