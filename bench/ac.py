@@ -1,9 +1,11 @@
-"""Activation checkpointing: memory kept for backward against step time, on one process.
+"""Activation checkpointing and the chunked loss: memory kept for backward against step
+time, on one process.
 
     python bench/ac.py [--model tiny --block_size 256 --batch_size 8]
 
-Variants none, full, full every 2nd block, selective take turns step by step (forward +
-backward + AdamW step on the same batch). Memory: the bytes one forward keeps for
+Variants none, full, full every 2nd block, selective, and none and full with the loss in
+chunks (--loss_chunks 0: the log-softmax of the logits is what checkpointing cannot
+remove) take turns step by step (forward + backward + AdamW step on the same batch). Memory: the bytes one forward keeps for
 backward (nanodist_tools/measure.py `saved_activations`) against nanodist/planner/cost.py's
 `activation_bytes`; time: median step and its ratio to no checkpointing.
 """
@@ -20,7 +22,8 @@ from nanodist_tools.measure import saved_activations
 
 VARIANTS = {"none": Layout(), "full": Layout(checkpointing="full"),
             "full, every 2nd": Layout(checkpointing="full", ac_every=2),
-            "selective": Layout(checkpointing="selective")}
+            "selective": Layout(checkpointing="selective"),
+            "none, chunked loss": Layout(loss_chunks=0), "full, chunked loss": Layout(checkpointing="full", loss_chunks=0)}
 
 
 def main():
@@ -43,12 +46,12 @@ def main():
         optimizer = torch.optim.AdamW(parallel.params.param_groups(0.1), lr=1e-4)
 
         def step():
-            stage.loss_fn(stage.module(x), y).backward()
+            stage.module(x, targets=y).backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
         with saved_activations(stage.module.parameters()) as kept:
-            loss = stage.loss_fn(stage.module(x), y)
+            loss = stage.module(x, targets=y)
         kept.pop(loss.untyped_storage().data_ptr())  # the loss itself
         loss.backward()
         optimizer.zero_grad(set_to_none=True)
@@ -60,7 +63,7 @@ def main():
     rows = []
     for name, layout in VARIANTS.items():
         kept, analytic = built[name][1], activation_bytes(mcfg, layout, args.batch_size)
-        rows.append({"checkpointing": name, "kept MiB": kept / 2**20, "analytic MiB": analytic / 2**20,
+        rows.append({"variant": name, "kept MiB": kept / 2**20, "analytic MiB": analytic / 2**20,
                      "ratio": kept / analytic, "step ms": median(times[name]) * 1e3,
                      "time / none": median(times[name]) / median(times["none"])})
     print(f"model {args.model}: L={mcfg.n_layer} C={mcfg.n_embd} V={mcfg.vocab_size}, "

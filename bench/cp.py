@@ -84,7 +84,7 @@ def kept_per_rank(args, mesh) -> tuple[int, int]:
     x, y = torch.randint(0, mcfg.vocab_size, (2, args.batch_size, args.context),
                          generator=torch.Generator().manual_seed(0)).to(mesh.device)
     with saved_activations(stage.module.parameters()) as kept:
-        loss = stage.loss_fn(stage.module(x), y)
+        loss = stage.module(x, targets=y)
     kept.pop(loss.untyped_storage().data_ptr())  # the loss itself
     loss.backward()
     return sum(kept.values()), 16 * sum(p.numel() for p in stage.gpt.parameters())

@@ -15,7 +15,8 @@ import torch
 import torch.distributed as dist
 
 from common import median, paired_speedup, parser, print_table, start_processes, time_interleaved, write_json
-from nanodist.model.gpt import GPT, cross_entropy, model_config
+from nanodist.model.gpt import GPT, model_config
+from nanodist.model.loss import cross_entropy
 from nanodist.parallel.ddp import DataParallel
 from nanodist.parallel.engines import native_ddp
 from nanodist.parallel.layout import Layout

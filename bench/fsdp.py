@@ -84,7 +84,7 @@ def main():
 
     def step(impl):
         stage, opt = runs[impl]
-        stage.loss_fn(stage.module(tokens[:, :-1]), tokens[:, 1:]).backward()
+        stage.module(tokens[:, :-1], targets=tokens[:, 1:]).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
@@ -93,7 +93,7 @@ def main():
     n_params = sum(sum(f.numels) for f in runs["custom"][0].params.all_flats)  # tied wte once
     memory = {}
     for impl, (stage, opt) in runs.items():
-        stage.loss_fn(stage.module(tokens[:, :-1]), tokens[:, 1:]).backward()
+        stage.module(tokens[:, :-1], targets=tokens[:, 1:]).backward()
         opt.step()
         state = sum(t.numel() * t.element_size() for t in _state_tensors(opt))
         opt.zero_grad(set_to_none=True)

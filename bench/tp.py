@@ -48,7 +48,7 @@ def main():
 
         def step():
             with stage.loss_context():
-                stage.loss_fn(stage.module(x), y).backward()
+                stage.module(x, targets=y).backward()
             parallel.params.clip_grad_norm(None)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)

@@ -92,7 +92,7 @@ def measure_one(trainer: Trainer, step: int, custom: bool) -> dict:
     stage = trainer.parallel.parts[0]
     with stage.loss_context():
         with saved_activations(stage.module.parameters()) as saved, trainer.autocast:
-            loss = stage.loss_fn(stage.module(x), y)
+            loss = stage.module(x, targets=y)
         loss.backward()
     trainer.optimizer.zero_grad(set_to_none=True)
 

@@ -5,6 +5,7 @@ from nanodist.parallel.layout import Layout
 LAYOUTS = {
     "single": Layout(),
     "ddp2": Layout(dp=2),
+    "ddp2-chunks": Layout(dp=2, loss_chunks=4),                          # the loss in 4 chunks
     "fsdp2": Layout(dp=2, dp_type="fsdp"),                              # ZeRO-3
     "zero2": Layout(dp=2, dp_type="fsdp", reshard_after_forward=False),
     "zero1-2": Layout(dp=2, dp_type="zero1"),
@@ -16,6 +17,7 @@ LAYOUTS = {
     "tp2": Layout(tp=2),
     "tp2-lp": Layout(tp=2, loss_parallel=True),
     "tp2-sp-lp": Layout(tp=2, sequence_parallel=True, loss_parallel=True),
+    "tp2-sp-lp-chunks": Layout(tp=2, sequence_parallel=True, loss_parallel=True, loss_chunks=4),
     "dp2xtp2": Layout(dp=2, tp=2),
     "dp2xtp2-lp": Layout(dp=2, tp=2, loss_parallel=True),
     "fsdp2xtp2-sp": Layout(dp=2, tp=2, dp_type="fsdp", sequence_parallel=True),

@@ -22,10 +22,11 @@ def test_tp2_matches_one_process(char_data, tmp_path, single, implementation):
 @pytest.mark.parametrize("dp_type", ["ddp", "fsdp"])
 @pytest.mark.parametrize("implementation", ["custom", "pytorch"])
 def test_2x2_matches_one_process(char_data, tmp_path, single, dp_type, implementation):
+    """With SP the loss in 3 chunks too (vocab-parallel chunks: test_loss.py)."""
     for sp in (False, True):
         kwargs = tiny_run(char_data, tmp_path / str(sp), data_parallel_size=2,
                           tensor_parallel_size=2, data_parallel_type=dp_type, sequence_parallel=sp,
-                          implementation=implementation, **EXPERIMENT)
+                          implementation=implementation, loss_chunks=3 if sp else 1, **EXPERIMENT)
         for records in run_distributed(trainer_records, 4, kwargs):
             assert_records_match(records, single, f"{dp_type} x tp {implementation} sp={sp}")
 
@@ -50,8 +51,10 @@ def test_compiled_custom_tp_matches_one_process(char_data, tmp_path, single):
 
 def test_compiled_fsdp2_matches_one_process(char_data, tmp_path, single):
     """--compile with FSDP2 in torchtitan's order: each block compiled before fully_shard,
-    FSDP2's gathers and reduce-scatters around the compiled blocks."""
+    FSDP2's gathers and reduce-scatters around the compiled blocks; the loss (not compiled)
+    in chunks."""
     kwargs = tiny_run(char_data, tmp_path, data_parallel_size=2, data_parallel_type="fsdp",
-                      implementation="pytorch", compile=True, deferred_init=True, dtype="float64")
+                      implementation="pytorch", compile=True, deferred_init=True, dtype="float64",
+                      loss_chunks=3)
     for records in run_distributed(trainer_records, 2, kwargs):
         assert_records_match(records, single, "fsdp2 compiled")

@@ -10,7 +10,8 @@ import torch
 from harness import assert_records_match, run_distributed, tiny_run, trainer_records
 from nanodist.run.config import TrainConfig, resolve
 from nanodist.errors import UserError
-from nanodist.model.gpt import GPT, GPTConfig, cross_entropy
+from nanodist.model.gpt import GPT, GPTConfig
+from nanodist.model.loss import cross_entropy
 from nanodist.parallel.activation_checkpoint import apply_activation_checkpointing
 from nanodist.parallel.layout import Layout
 from nanodist.planner.cost import activation_bytes

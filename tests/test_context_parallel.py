@@ -148,12 +148,12 @@ def test_cp_matches_one_process(char_data, tmp_path, single, cp, cp_type):
 @pytest.mark.parametrize("layout", [
     dict(data_parallel_size=2, data_parallel_type="ddp"),
     dict(data_parallel_size=2, data_parallel_type="fsdp"),
-    dict(tensor_parallel_size=2, sequence_parallel=True, enable_loss_parallelism=True),
+    dict(tensor_parallel_size=2, sequence_parallel=True, enable_loss_parallelism=True, loss_chunks=3),
     dict(context_parallel_type="ulysses", data_parallel_size=2, data_parallel_type="fsdp"),
     dict(context_parallel_type="ulysses", tensor_parallel_size=2, sequence_parallel=True,
          enable_loss_parallelism=True),
-    dict(context_parallel_type="ulysses", pipeline_parallel_size=2),
-], ids=["dp2-ddp", "dp2-fsdp", "tp2-sp-lp", "ulysses-dp2-fsdp", "ulysses-tp2-sp-lp", "ulysses-pp2"])
+    dict(context_parallel_type="ulysses", pipeline_parallel_size=2, loss_chunks=3),
+], ids=["dp2-ddp", "dp2-fsdp", "tp2-sp-lp-chunks", "ulysses-dp2-fsdp", "ulysses-tp2-sp-lp", "ulysses-pp2-chunks"])
 def test_cp2_composes_on_4_processes(char_data, tmp_path, single, layout):
     """CP ranks sit between DP and TP (rank = (dp * cp + cp_rank) * tp + tp_rank); DDP and
     FSDP reduce over the flattened dp x cp group."""
@@ -268,7 +268,7 @@ def _kept_for_backward(kwargs):
     stage = trainer.parallel.parts[0]
     x, y = trainer.data.train_batch(0, 0)
     with saved_activations(stage.module.parameters()) as kept:
-        loss = stage.loss_fn(stage.module(x), y)
+        loss = stage.module(x, targets=y)
     kept.pop(loss.untyped_storage().data_ptr())
     loss.backward()
     return sum(kept.values()), trainer.model_cfg

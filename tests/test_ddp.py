@@ -8,7 +8,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from harness import (assert_printed_losses_match, assert_records_match, run_distributed, run_train,
                      tiny_run, trainer_records)
-from nanodist.model.gpt import GPT, GPTConfig, cross_entropy
+from nanodist.model.gpt import GPT, GPTConfig
+from nanodist.model.loss import cross_entropy
 from nanodist.parallel.comm import Comm
 from nanodist.parallel.ddp import DataParallel
 from nanodist.parallel.engines import native_ddp

@@ -78,8 +78,7 @@ def _train(mesh, model_cfg=MODEL, steps=STEPS, max_norm=None, defer_sync=False, 
             x, y = _batch(step, micro, dp.size, dp.rank, model_cfg)
             with (no_sync() if no_sync and micro < ACCUM - 1 else nullcontext()):
                 with autocast:
-                    logits = stage.module(x)
-                loss = stage.loss_fn(logits, y) / ACCUM
+                    loss = stage.module(x, targets=y) / ACCUM
                 loss.backward()
             total += loss.item()
         norms.append(stage.params.clip_grad_norm(max_norm).item())
@@ -235,7 +234,7 @@ def _memory(dp, model_cfg):
     for step in range(2):
         x, y = _batch(step, 0, dp, dp_rank, model_cfg)
         with LiveBytes(gathered) as during:
-            stage.loss_fn(stage.module(x), y).backward()
+            stage.module(x, targets=y).backward()
         opt.step()
         shards = [f.shard for f in fsdp.flats]
         state = _nbytes(shards) + _nbytes(s.grad for s in shards) + _nbytes(

@@ -5,8 +5,8 @@ import torch
 import torch.nn.functional as F
 
 from nanodist.model.hf import load_hf_state_dict
-from nanodist.model.gpt import (GPT, PRESETS, GPTConfig, cross_entropy,
-                            model_config, padded_vocab_size, parameter_seed)
+from nanodist.model.gpt import GPT, PRESETS, GPTConfig, model_config, padded_vocab_size, parameter_seed
+from nanodist.model.loss import cross_entropy
 from nanodist.parallel.init import materialize
 
 SMALL = GPTConfig(block_size=32, vocab_size=128, n_layer=2, n_head=4, n_embd=64)

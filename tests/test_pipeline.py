@@ -144,9 +144,10 @@ def test_pp4_matches_one_process(char_data, tmp_path, single, schedule):
 @pytest.mark.parametrize("implementation, other", [
     ("custom", dict(data_parallel_size=2)),
     ("pytorch", dict(data_parallel_size=2)),                              # replicate
-    ("custom", dict(data_parallel_size=2, data_parallel_type="fsdp")),    # ZeRO-3 by hand
-    ("pytorch", dict(data_parallel_size=2, data_parallel_type="fsdp")),   # FSDP2
-    ("custom", dict(tensor_parallel_size=2, sequence_parallel=True, enable_loss_parallelism=True)),
+    ("custom", dict(data_parallel_size=2, data_parallel_type="fsdp", loss_chunks=3)),    # ZeRO-3 by hand
+    ("pytorch", dict(data_parallel_size=2, data_parallel_type="fsdp", loss_chunks=3)),   # FSDP2
+    ("custom", dict(tensor_parallel_size=2, sequence_parallel=True, enable_loss_parallelism=True,
+                    loss_chunks=3)),
     ("custom", dict(context_parallel_size=2, activation_checkpointing="full")),  # + recompute
 ])
 def test_pp2_x_dp_or_tp_matches_one_process(char_data, tmp_path, single, implementation, other):
@@ -156,13 +157,14 @@ def test_pp2_x_dp_or_tp_matches_one_process(char_data, tmp_path, single, impleme
         assert_records_match(records, single, f"pp2 x {other} {implementation}")
 
 
-@pytest.mark.parametrize("P, schedule, V", [(2, "gpipe", 1), (2, "1f1b", 1), (4, "1f1b", 1),
-                                            (2, "interleaved_1f1b", 2), (2, "zero_bubble", 2)])
-def test_native_pipeline_matches_one_process(char_data, tmp_path, single, P, schedule, V):
+@pytest.mark.parametrize("P, schedule, V, chunks", [(2, "gpipe", 1, 3), (2, "1f1b", 1, 1), (4, "1f1b", 1, 1),
+                                                    (2, "interleaved_1f1b", 2, 1), (2, "zero_bubble", 2, 3)])
+def test_native_pipeline_matches_one_process(char_data, tmp_path, single, P, schedule, V, chunks):
     """torch.distributed.pipelining on the same stage split (custom and native of one
-    schedule then agree with each other through the one-process reference)."""
+    schedule then agree with each other through the one-process reference); the last
+    stage's loss whole or in `chunks` (the targets reach it as a keyword every stage gets)."""
     kwargs = tiny_run(char_data, tmp_path, pipeline_parallel_size=P, pipeline_schedule=schedule,
-                      virtual_stages=V, implementation="pytorch", **F64)
+                      virtual_stages=V, implementation="pytorch", loss_chunks=chunks, **F64)
     for records in run_distributed(trainer_records, P, kwargs):
         assert_records_match(records, single, f"native pp{P} {schedule}")
 

@@ -233,10 +233,12 @@ def test_ptd_p_pipeline_bubble(schedule, P, M, V):
 
 # One of each term of plan.memory: ZeRO-1's bucket copy, a pipeline's in-flight micro-batches,
 # autocast's weight casts, FSDP's gathered units in bf16 (the characters' vocabulary: the
-# blocks dominate); the loss's copies of the logits and TP+SP's gathered inputs with GPT-2's.
+# blocks dominate); the loss's copies of the logits and TP+SP's gathered inputs with GPT-2's,
+# and the chunked loss's one chunk (fp32; bf16 with its recast head, vocab-parallel).
 MEMORY_CASES = [("float32", "zero1-2", "char"), ("float32", "pp2-1f1b", "char"),
                 ("bfloat16", "ddp2", "char"), ("bfloat16", "zero2", "char"),
-                ("float32", "ddp2", "bpe"), ("float32", "tp2-sp-lp", "bpe")]
+                ("float32", "ddp2", "bpe"), ("float32", "tp2-sp-lp", "bpe"),
+                ("float32", "ddp2-chunks", "bpe"), ("bfloat16", "tp2-sp-lp-chunks", "bpe")]
 
 
 @pytest.mark.parametrize("dtype, name, data", MEMORY_CASES)

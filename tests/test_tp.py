@@ -154,7 +154,7 @@ def train_tiny(mesh: Mesh, deferred: bool = False, dtype: str = "float32", steps
     for _ in range(steps):
         x, y = torch.randint(0, MODEL.vocab_size, (2, 4, MODEL.block_size), generator=gen)
         with stage.loss_context():
-            loss = stage.loss_fn(stage.module(x), y)
+            loss = stage.module(x, targets=y)
             loss.backward()
         norms.append(stage.params.clip_grad_norm(0.5).item())
         optimizer.step()

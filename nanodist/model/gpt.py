@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from nanodist.model.loss import HeadLoss
 from nanodist.model.moe import MoE
 
 
@@ -140,11 +141,14 @@ class GPT(nn.Module):
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.transformer.wte.weight  # tied, counted once
+        self.head_loss = HeadLoss()
         if seed is not None:
             self.init_weights(seed)
 
-    def forward(self, idx, positions=None):
-        """idx (B, T) token ids -> logits (B, T, vocab_size). `positions` (T,): the tokens'
+    def forward(self, idx, targets=None, positions=None):
+        """idx (B, T) token ids -> logits (B, T, vocab_size), or with `targets` (B, T) the
+        mean loss (nanoGPT's way: inside the forward, the head and the loss are one step,
+        loss.py, that may never hold the whole logits). `positions` (T,): the tokens'
         places in their sequences (default 0..T-1; context parallelism passes its chunks').
 
         A part of the model runs too (torchtitan's way of pipeline stages): without wte
@@ -155,7 +159,10 @@ class GPT(nn.Module):
             x = t.drop(t.wte(idx) + t.wpe(pos))
         for block in t.h:
             x = block(x)
-        return x if self.lm_head is None else self.lm_head(t.ln_f(x))
+        if self.lm_head is None:
+            return x
+        x = t.ln_f(x)
+        return self.lm_head(x) if targets is None else self.head_loss(x, self.lm_head, targets)
 
     @torch.no_grad()
     def init_weights(self, seed: int):
@@ -228,13 +235,6 @@ class StepMetrics:
 def parameter_seed(seed: int, name: str) -> int:
     """A generator seed of (seed, parameter name): each tensor reproducible on its own."""
     return (seed * 0x9E3779B1 + zlib.crc32(name.encode())) % (2**63)
-
-
-def cross_entropy(logits, targets, ignore_index: int = -1):
-    """Mean next-token loss in fp32 (fp64 for fp64 logits) over all non-ignored positions."""
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-    return F.cross_entropy(logits.flatten(0, -2), targets.flatten(),
-                           ignore_index=ignore_index)
 
 
 def expert_param_count(cfg: GPTConfig) -> int:

@@ -29,7 +29,6 @@ DTensors sharded on the sequence, and DTensor's CP dispatcher runs its ring atte
 (head-tail load balancing = the zigzag split). It has no rule for the CPU attention ops:
 CUDA only, and no Ulysses (`check_context_parallel` refuses them elsewhere).
 """
-import dataclasses
 from functools import partial
 
 import torch
@@ -51,19 +50,20 @@ def local_tokens(x: torch.Tensor, dim: int, ring: Group, ulysses: Group) -> torc
     return x.chunk(ulysses.size, dim)[ulysses.rank].clone() if ulysses.size > 1 else x
 
 
-def _shard_inputs(module, args, kwargs, mesh):
-    """Forward pre-hook of the GPT: keep this CP rank's tokens, and pass their global
-    positions (every CP rank of a DP group read the same batch)."""
+def _shard_inputs(model, args, kwargs, mesh):
+    """Forward pre-hook of the GPT (or a pipeline chunk): keep this CP rank's tokens and
+    targets, and pass the tokens' global positions (every CP rank of a DP group read the
+    same batch). The loss is then the mean of this rank's tokens: equal counts on every
+    CP rank, so the mean over DP x CP (what DDP/FSDP average gradients over) is the mean
+    of the global batch."""
+    mine = partial(local_tokens, ring=mesh.cp_ring, ulysses=mesh.cp_ulysses)
+    if kwargs.get("targets") is not None:
+        kwargs = {**kwargs, "targets": mine(kwargs["targets"], 1)}
+    if model.transformer.wte is None:  # a later pipeline stage: its input is CP's already
+        return args, kwargs
     (idx,) = args
     positions = torch.arange(idx.size(1), device=idx.device)
-    mine = partial(local_tokens, ring=mesh.cp_ring, ulysses=mesh.cp_ulysses)
     return (mine(idx, 1),), {**kwargs, "positions": mine(positions, 0)}
-
-
-def _local_loss(logits, targets, loss_fn, mesh):
-    """The mean loss of this rank's tokens: equal counts on every CP rank, so the mean over
-    DP x CP (what DDP/FSDP average gradients over) is the mean of the global batch."""
-    return loss_fn(logits, local_tokens(targets, 1, mesh.cp_ring, mesh.cp_ulysses))
 
 
 def apply_native_cp(blocks: list, cp: Group):
@@ -103,9 +103,8 @@ def apply_cp(part, setup):
         for block in blocks:
             core = RingAttention(mesh.cp_ring) if mesh.cp_ring.size > 1 else block.attn.sdpa
             block.attn.sdpa = UlyssesAttention(core, mesh.cp_ulysses) if mesh.cp_ulysses.size > 1 else core
-    if model.transformer.wte is not None:  # token ids come in (later pipeline stages: CP's chunks)
-        model.register_forward_pre_hook(partial(_shard_inputs, mesh=mesh), with_kwargs=True)
-    return dataclasses.replace(part, loss_fn=partial(_local_loss, loss_fn=part.loss_fn, mesh=mesh))
+    model.register_forward_pre_hook(partial(_shard_inputs, mesh=mesh), with_kwargs=True)
+    return part
 
 
 def check_context_parallel(layout, run):

@@ -8,12 +8,16 @@
     dloss/dl = softmax(l) - onehot(target): local, no communication in backward
 
 Custom (`vocab_parallel_cross_entropy`) and DTensor (`dtensor_cross_entropy` under
-`torch.distributed.tensor.parallel.loss_parallel`) side by side.
+`torch.distributed.tensor.parallel.loss_parallel`) side by side, each the model's
+`head_loss` seam (model/loss.py) under loss parallelism. With --loss_chunks both run the
+model's chunked loss on this rank's rows of the head (its vocabulary slice): the max and
+the [sum exp, target logit] all-reduced over TP per chunk, the head's input gathered
+once (its gradient, each rank's partial sum, summed over TP as the head's would be).
 """
 import torch
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, Partial, Replicate
 
-from nanodist.model.gpt import cross_entropy
+from nanodist.model.loss import HeadLoss, chunked_cross_entropy, cross_entropy
 
 
 class _VocabParallelCrossEntropy(torch.autograd.Function):
@@ -61,3 +65,41 @@ def dtensor_cross_entropy(logits, targets, ignore_index: int = -1):
     a plain tensor so the trainer can add it to its running sums."""
     loss = cross_entropy(logits, targets, ignore_index)
     return loss.to_local() if isinstance(loss, DTensor) else loss
+
+
+class VocabParallelHeadLoss(HeadLoss):
+    """The head's loss under custom loss parallelism: `head` is a ColumnParallelLinear
+    (tensor_parallel.py) leaving this rank's V/tp columns of the logits."""
+
+    def __init__(self, group, chunks: int = 1):
+        super().__init__(chunks)
+        self.group = group
+
+    def forward(self, x, head, targets):
+        chunks = self.n_chunks(x, head.weight.size(0))
+        if chunks == 1:
+            return vocab_parallel_cross_entropy(head(x), targets, self.group)
+        return chunked_cross_entropy(head.gather_input(x), head.weight, targets, chunks,
+                                     vocab_start=self.group.rank * head.weight.size(0),
+                                     all_reduce=self.group.all_reduce)
+
+
+class DTensorHeadLoss(HeadLoss):
+    """The head's loss under DTensor loss parallelism: `head` is ColwiseParallel with
+    Shard(-1) logits; chunked, its input made Replicate (all-gathered under SP) with a
+    Partial gradient, and its weight's local rows."""
+
+    def __init__(self, group, chunks: int = 1):
+        super().__init__(chunks)
+        self.group = group
+
+    def forward(self, x, head, targets):
+        weight = head.weight.to_local()
+        chunks = self.n_chunks(x, weight.size(0))
+        if chunks == 1:
+            return dtensor_cross_entropy(head(x), targets)
+        if not isinstance(x, DTensor):
+            x = DTensor.from_local(x, self.group.device_mesh, [Replicate()], run_check=False)
+        x = x.redistribute(placements=[Replicate()]).to_local(grad_placements=[Partial()])
+        return chunked_cross_entropy(x, weight, targets, chunks, vocab_start=self.group.rank * weight.size(0),
+                                     all_reduce=self.group.all_reduce)

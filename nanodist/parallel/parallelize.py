@@ -28,7 +28,6 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-from nanodist.model.gpt import cross_entropy
 from nanodist.model.moe import moe_layers
 from nanodist.parallel.activation_checkpoint import apply_ac
 from nanodist.parallel.context_parallel import apply_cp
@@ -65,9 +64,8 @@ class Setup:
 class ModelPart:
     """One model, or one pipeline chunk, as the steps leave it."""
     gpt: nn.Module                      # the GPT (chunk): GPT-2 names, never wrapped
-    module: nn.Module                   # what runs it: logits = module(x) (DDP may wrap gpt)
+    module: nn.Module                   # what runs it: loss = module(x, targets=y) (DDP may wrap gpt)
     params: Params                      # how its parameters are held
-    loss_fn: Callable = cross_entropy   # (logits, targets) -> mean loss
     loss_context: Callable = nullcontext  # wraps forward + backward (DTensor's loss_parallel)
     no_sync: Callable = nullcontext     # wraps the micro-steps that must not reduce gradients
 
@@ -101,6 +99,7 @@ STEPS = (  # (name, whether the layout has it, step), in the order above
 def parallelize_part(model: nn.Module, setup: Setup) -> ModelPart:
     """Steps 1-7 on one model (or pipeline chunk)."""
     part = ModelPart(model, model, ModuleParams(model, setup.mesh))
+    model.head_loss.chunks = setup.layout.loss_chunks  # loss parallelism keeps it
     for moe in moe_layers(model):  # the loss is a mean over the micro-steps: so is aux
         moe.aux_loss_weight = model.config.moe_aux_loss_coef / setup.micro_steps
     for _, applies, step in STEPS:
@@ -128,7 +127,7 @@ def parallelize(model: nn.Module, setup: Setup) -> Parallelized:
         # would warn about at exit once metrics.StepMemory counts CPU bytes
         from nanodist.parallel.pipeline_native import NativePipelineRunner
         runner = NativePipelineRunner(stages, split, layout.pp_schedule, setup.micro_steps,
-                                      setup.micro_batch, model.config.vocab_size)
+                                      setup.micro_batch)
     else:
         runner = PipelineRunner(stages, split)
     return Parallelized(runner, PipelineParams(stages, split), stages)

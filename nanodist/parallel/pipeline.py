@@ -63,6 +63,7 @@ def stage_model(model: nn.Module, blocks: range, first: bool, last: bool) -> nn.
         h=nn.ModuleList(t.h[i] if i in blocks else nn.Identity() for i in range(len(t.h))),
         ln_f=t.ln_f if last else None))
     stage.register_module("lm_head", model.lm_head if last else None)
+    stage.head_loss = model.head_loss
     return stage
 
 
@@ -77,7 +78,7 @@ class Split:
     wire_dtype: torch.dtype        # activations cross in the residual stream's dtype: the
                                    # compute dtype under FSDP's mixed precision (its bf16
                                    # embeddings make it so without PP too), else the master's
-    logits_dtype: torch.dtype      # the last stage's output: the head matmul's (bf16 under autocast)
+    loss_dtype: torch.dtype        # the last stage's output, the mean loss: fp32 (fp64 for fp64)
     tied: torch.Tensor | None      # this rank's copy of the tied wte / lm_head (first, last stage)
     embedding: Group | None        # the first and last stage: they sum the tied gradient
 
@@ -133,7 +134,7 @@ def split_into_stages(model: nn.Module, setup, parallelize_stage) -> tuple[list,
     schedule = SCHEDULES.get(layout.pp_schedule, interleaved_1f1b)(P, setup.micro_steps, V)
     split = Split(mesh, S, [gathered[c % P][c // P] for c in range(S)], schedule,
                   (batch, block // seq_split, model.config.n_embd), wire_dtype,
-                  setup.compute_dtype or next(model.parameters()).dtype, tied,
+                  torch.promote_types(setup.compute_dtype or wire_dtype, torch.float32), tied,
                   embedding_group(mesh))
     return stages, split
 
@@ -148,7 +149,6 @@ class PipelineRunner:
         self.train_slots = simulate(split.schedule)
         self.eval_slots = simulate([sorted((a for a in row if a.kind == "F"), key=lambda a: a[::-1])
                                     for row in split.schedule])
-        self.loss_dtype = torch.promote_types(split.wire_dtype, torch.float32)  # as cross_entropy's
 
     def train(self):
         for stage in self.stages:
@@ -179,7 +179,7 @@ class PipelineRunner:
         last_backward = {a.chunk: a.micro for _, a in slots[rank] if a.kind == "B"}
         neighbours = sorted({(rank - 1) % pp.size, (rank + 1) % pp.size})
         inbox, inputs, outputs, outbox = {}, {}, {}, []
-        loss_sum = torch.zeros((), dtype=self.loss_dtype, device=device)
+        loss_sum = torch.zeros((), dtype=self.split.loss_dtype, device=device)
         for t in range(end + 1):
             recvs = []
             for q in neighbours:
@@ -201,9 +201,9 @@ class PipelineRunner:
                     x = batches[a.micro][0] if s == 0 else inbox.pop(("F", a.micro, s)).requires_grad_(train)
                     with torch.set_grad_enabled(train), (stage.loss_context() if is_last else nullcontext()):
                         with autocast:
-                            out = stage.module(x)
+                            out = stage.module(x, targets=batches[a.micro][1]) if is_last else stage.module(x)
                         if is_last:
-                            out = stage.loss_fn(out, batches[a.micro][1]) / M
+                            out = out / M
                             loss_sum += out.detach()
                         else:
                             outbox.append((out.detach().to(self.split.wire_dtype).contiguous(), message[1]))

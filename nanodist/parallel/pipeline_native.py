@@ -26,25 +26,26 @@ NATIVE_SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B,
 
 class NativePipelineRunner(PipelineRunner):
     def __init__(self, stages: list, split: Split, schedule_name: str, micro_steps: int,
-                 micro_batch: tuple, vocab: int):
+                 micro_batch: tuple):
         super().__init__(stages, split)
         P, rank = self.mesh.pp.size, self.mesh.pp.rank
-        self.native_stages = [self._native_stage(s, v * P + rank, micro_batch, vocab)
+        self.native_stages = [self._native_stage(s, v * P + rank, micro_batch)
                               for v, s in enumerate(stages)]
         schedule_cls = NATIVE_SCHEDULES[schedule_name]
         multi = schedule_cls in (ScheduleInterleaved1F1B, ScheduleInterleavedZeroBubble)
+        # the last stage's module returns its micro-batch's loss (GPT.forward with targets)
         self.native = schedule_cls(self.native_stages if multi else self.native_stages[0],
-                                   micro_steps, loss_fn=stages[-1].loss_fn)
+                                   micro_steps, loss_fn=lambda loss, targets: loss)
         self.holds_last = self.native_stages[-1].is_last
 
-    def _native_stage(self, stage, c: int, batch: tuple, vocab: int) -> PipelineStage:
+    def _native_stage(self, stage, c: int, batch: tuple) -> PipelineStage:
         """Shapes given, not inferred (inference runs the stage on meta tensors, which
         DTensor TP turns into mismatched collectives)."""
         split = self.split
         hidden = torch.empty(split.act_shape, dtype=split.wire_dtype, device="meta",
                              requires_grad=True)  # its gradient goes back a stage
         inputs = torch.empty(batch, dtype=torch.long, device="meta") if c == 0 else hidden
-        outputs = (torch.empty(*batch, vocab, dtype=split.logits_dtype, device="meta")
+        outputs = (torch.empty((), dtype=split.loss_dtype, device="meta")
                    if c == split.n_chunks - 1 else hidden)
         return PipelineStage(stage.module, c, split.n_chunks, self.mesh.device, input_args=inputs,
                              output_args=outputs, group=self.mesh.pp.process_group)
@@ -54,9 +55,9 @@ class NativePipelineRunner(PipelineRunner):
         y = torch.cat([y for _, y in batches])
         losses = []
         with autocast, (self.stages[-1].loss_context() if self.holds_last else nullcontext()):
-            run(x, target=y, losses=losses, return_outputs=False)
+            run(x, targets=y, target=y, losses=losses, return_outputs=False)  # targets: every stage's
         loss_sum = (torch.stack([loss.detach() for loss in losses]).sum() / len(batches)
-                    if losses else torch.zeros((), dtype=self.loss_dtype, device=self.mesh.device))
+                    if losses else torch.zeros((), dtype=self.split.loss_dtype, device=self.mesh.device))
         self.mesh.pp.all_reduce(loss_sum)  # from the last stage to every rank
         return loss_sum
 

@@ -34,8 +34,7 @@ class MicroSteps:
             last = micro == len(batches) - 1
             with (nullcontext() if last else part.no_sync()), part.loss_context():
                 with autocast:
-                    logits = part.module(x)
-                loss = part.loss_fn(logits, y) / len(batches)
+                    loss = part.module(x, targets=y) / len(batches)
                 loss.backward()
             loss_sum = loss_sum + loss.detach()
         return loss_sum
@@ -44,8 +43,6 @@ class MicroSteps:
     def eval_loss(self, batches, autocast) -> torch.Tensor:
         part, loss_sum = self.part, 0.0
         for x, y in batches:
-            with part.loss_context():
-                with autocast:
-                    logits = part.module(x)
-                loss_sum = loss_sum + part.loss_fn(logits, y) / len(batches)
+            with part.loss_context(), autocast:
+                loss_sum = loss_sum + part.module(x, targets=y) / len(batches)
         return loss_sum

@@ -20,7 +20,6 @@ Every collective is a method of the TP `Group` (comm.py: counted). The DTensor e
 of the same plan is `tensor_parallel_native.py`.
 """
 import dataclasses
-from functools import partial
 
 import torch
 import torch.nn as nn
@@ -30,7 +29,7 @@ from torch.distributed.tensor.parallel import loss_parallel
 from nanodist.errors import UserError
 from nanodist.parallel.comm import Group, all_reduce, conjugate, gather, reduce_scatter, split
 from nanodist.parallel.init import full_value
-from nanodist.parallel.loss_parallel import dtensor_cross_entropy, vocab_parallel_cross_entropy
+from nanodist.parallel.loss_parallel import DTensorHeadLoss, VocabParallelHeadLoss
 from nanodist.parallel.params import ModuleParams
 from nanodist.parallel.tensor_parallel_native import apply_dtensor_tp
 from nanodist.parallel.tp_plan import Style, gpt_plan, held_plan, shard_dim, shard_of, tp_placements
@@ -57,9 +56,13 @@ class ColumnParallelLinear(nn.Module):
         self.weight, self.bias, self.group = weight, bias, group
         self.sequence_parallel, self.gather_output = sequence_parallel, gather_output
 
+    def gather_input(self, x):
+        """What every rank multiplies: x, gathered along the sequence under SP; its
+        gradient (each rank's partial sum) summed over TP."""
+        return gather_from_sp(x, self.group) if self.sequence_parallel else copy_to_tp(x, self.group)
+
     def forward(self, x):
-        x = gather_from_sp(x, self.group) if self.sequence_parallel else copy_to_tp(x, self.group)
-        y = F.linear(x, self.weight, self.bias)
+        y = F.linear(self.gather_input(x), self.weight, self.bias)
         return gather_from_tp(y, self.group) if self.gather_output else y
 
 
@@ -158,22 +161,17 @@ def apply_custom_tp(model: nn.Module, plan: dict, tp: Group, seed: int, device):
 
 def apply_tp(part, setup):
     """The TP step of `parallelize`: the plan, executed by hand or by DTensor, and the
-    loss that goes with it (vocab-parallel cross entropy under loss parallelism)."""
+    loss that goes with it (the model's head_loss vocab-parallel under loss parallelism)."""
     layout, mesh, model = setup.layout, setup.mesh, part.gpt
     plan = gpt_plan(model.config.n_layer, layout.sequence_parallel, layout.loss_parallel)
     plan = held_plan(model, plan)
-    loss_fn, loss_context = part.loss_fn, part.loss_context
     placed = {**part.params.placements, **tp_placements(model, plan)}  # read before the modules change
-    if layout.implementation == "pytorch":
-        apply_dtensor_tp(model, plan, mesh.tp, setup.seed, mesh.device)
-        if layout.loss_parallel:
-            loss_fn, loss_context = dtensor_cross_entropy, loss_parallel
-    else:
-        apply_custom_tp(model, plan, mesh.tp, setup.seed, mesh.device)
-        if layout.loss_parallel:
-            loss_fn = partial(vocab_parallel_cross_entropy, group=mesh.tp)
+    native = layout.implementation == "pytorch"
+    (apply_dtensor_tp if native else apply_custom_tp)(model, plan, mesh.tp, setup.seed, mesh.device)
+    if layout.loss_parallel:
+        model.head_loss = (DTensorHeadLoss if native else VocabParallelHeadLoss)(mesh.tp, model.head_loss.chunks)
     return dataclasses.replace(part, params=ModuleParams(model, mesh, placed),
-                               loss_fn=loss_fn, loss_context=loss_context)
+                               loss_context=loss_parallel if native and layout.loss_parallel else part.loss_context)
 
 
 
@@ -203,7 +201,7 @@ FP32_EVERYWHERE = {"matmul": FP32, "residual": FP32, "norm": FP32}
 
 def tp_collectives(B: int, T: int, C: int, V: int, L: int, sp: bool, lp: bool,
                    sizes: dict = FP32_EVERYWHERE, grad_norm: bool = True, first: bool = True,
-                   last: bool = True) -> dict:
+                   last: bool = True, loss_chunks: int = 1) -> dict:
     """{kind: (calls, payload bytes)} of the TP collectives of one forward + backward
     (custom executor), plus (grad_norm) the 4-byte all-reduce of the squared gradient
     norm. `sizes`: bytes per value of each kind of activation (`value_bytes`).
@@ -217,7 +215,8 @@ def tp_collectives(B: int, T: int, C: int, V: int, L: int, sp: bool, lp: bool,
                               parameters' grads (2 LayerNorms x 2 + 2 row biases per layer,
                               + ln_f: C each)
     loss parallel  all-reduce of the max (B T) and of [sum exp, target logit] (2 B T),
-                   fp32, instead of an all-gather of the logits (B T V)
+                   fp32, instead of an all-gather of the logits (B T V); the chunked loss
+                   (`loss_chunks` > 1) the same bytes in two calls per chunk
     A pipeline chunk of L blocks has the wte parts if `first`, the head's if `last`.
     """
     act = {what: B * T * C * size for what, size in sizes.items()}
@@ -232,7 +231,7 @@ def tp_collectives(B: int, T: int, C: int, V: int, L: int, sp: bool, lp: bool,
     else:
         counts = {"all_reduce": (4 * L + first + last, layers + embedding + head)}
     calls, payload = counts["all_reduce"]
-    counts["all_reduce"] = (calls + grad_norm + (2 if lp else 0),
+    counts["all_reduce"] = (calls + grad_norm + (2 * loss_chunks if lp else 0),
                             payload + FP32 * grad_norm + (3 * B * T * FP32 if lp else 0))
     if last and not lp:
         calls, payload = counts.get("all_gather", (0, 0))

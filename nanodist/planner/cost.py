@@ -38,6 +38,7 @@ from functools import lru_cache
 import torch
 
 from nanodist.model.gpt import GPT, GPTConfig, expert_param_count
+from nanodist.model.loss import loss_chunks
 from nanodist.parallel.expert_parallel import expert_placements
 from nanodist.parallel.layout import Layout
 from nanodist.parallel.pipeline import split_layers
@@ -160,6 +161,12 @@ def schedule(pp: int, pp_schedule: str, virtual_stages: int, accum: int) -> list
     return SCHEDULES[pp_schedule](pp, accum, virtual_stages)
 
 
+def head_chunks(cfg: GPTConfig, layout: Layout, micro_batch: int) -> int:
+    """The chunks of the head's loss (model/loss.py) for a micro-batch: 1 = the whole logits."""
+    vocab_rows = cfg.vocab_size // (layout.tp if layout.loss_parallel else 1)
+    return loss_chunks(layout.loss_chunks, micro_batch * cfg.block_size // layout.cp, vocab_rows, cfg.n_embd)
+
+
 def activation_bytes(cfg: GPTConfig, layout: Layout, micro_batch: int, checkpointing: str | None = None,
                      ac_every: int | None = None, blocks: range | None = None, first: bool = True,
                      last: bool = True, compute_bytes: int = FP32) -> float:
@@ -204,10 +211,14 @@ def activation_bytes(cfg: GPTConfig, layout: Layout, micro_batch: int, checkpoin
         gather's int64 indices (b s (E + 2k)). Checkpointing: as a dense block.
     head: ln_f input and statistics (/ t under SP, fp32), lm_head input (b s h), the fp32
     log-softmax of the logits (b s V, / t with loss parallelism) and nll_loss's total
-    weight (one float); int64 token ids, targets and positions.
+    weight (one float); int64 token ids, targets and positions. The chunked loss
+    (--loss_chunks, model/loss.py) keeps no logits: the logsumexp (fp32), two masks
+    (bool), the count of its tokens (int64), and the targets on this rank's vocabulary
+    in place of the targets.
     autocast (compute_bytes < 4) of fp32 weights (not FSDP's: it gathers them in the
     compute dtype) keeps each matmul's weight cast for backward: 12 h^2 / t per block and
-    V h / t of the head, per micro-batch (Megatron keeps bf16 weights to avoid them).
+    V h / t of the head (not the chunked loss's: it casts again in backward), per
+    micro-batch (Megatron keeps bf16 weights to avoid them).
     """
     b, h, a, V = micro_batch, cfg.n_embd, cfg.n_head, cfg.vocab_size
     blocks, checkpointing = blocks or range(cfg.n_layer), checkpointing or layout.checkpointing
@@ -231,9 +242,10 @@ def activation_bytes(cfg: GPTConfig, layout: Layout, micro_batch: int, checkpoin
     layers = ((len(blocks) - len(kept)) * layer["full"]
               + len(kept) * layer["selective" if checkpointing == "selective" else "none"]
               + sum(cfg.is_moe(i) for i in kept) * moe)
-    head = (FP32 * (bsh + 2 * b * s) / seq_split + c * bsh
-            + FP32 * (b * s * V / (t if layout.loss_parallel else 1) + 1))
-    casts = c * (len(blocks) * 12 * h * h + V * h * last) / t if c < FP32 and not layout.fsdp else 0
+    whole = head_chunks(cfg, layout, micro_batch) == 1
+    loss = FP32 * (b * s * V / (t if layout.loss_parallel else 1) + 1) if whole else (FP32 + 2) * b * s + 8
+    head = FP32 * (bsh + 2 * b * s) / seq_split + c * bsh + loss
+    casts = c * (len(blocks) * 12 * h * h + V * h * last * whole) / t if c < FP32 and not layout.fsdp else 0
     return layers + head * last + casts + 8 * (b * s + s) * first + 8 * b * s * last
 
 

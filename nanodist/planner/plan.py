@@ -39,9 +39,10 @@ sheet, or this machine's calibrated profile) and ranked (`rank`).
              6N + 12 L T C only.
 """
 import dataclasses
+import math
 
-from nanodist.planner.cost import (DTYPE_BYTES, FP32, activations_in_flight, bubble, chunks, param_counts,
-                           stage_params, state_bytes)
+from nanodist.planner.cost import (DTYPE_BYTES, FP32, activations_in_flight, bubble, chunks, head_chunks,
+                                   param_counts, stage_params, state_bytes)
 from nanodist.errors import UserError
 from nanodist.planner.hardware import GiB
 from nanodist.planner.search import Job, candidates
@@ -131,7 +132,8 @@ def compute_s(job: Job, machine, layout: Layout, micro_batch: int, M: int, pp_ra
         for i in blocks:
             matmuls_of = moe_block if model.is_moe(i) else block
             micro += forward_backward(matmuls_of) * recompute + machine.per_layer_s * machine.turns(procs)
-        micro += forward_backward(head) if last else 0.0
+        # the chunked loss computes the head's logits once more in backward
+        micro += forward_backward(head) * (1 + (head_chunks(model, layout, micro_batch) > 1) / 3) if last else 0.0
     held = state_bytes(job.model, layout, pp_rank)["optimizer"] / state_bytes(job.model, Layout())["optimizer"]
     return M * micro + machine.per_step_s * machine.turns(procs) * held
 
@@ -150,10 +152,22 @@ def memory(job: Job, layout: Layout, micro_batch: int, M: int, pp_rank: int = 0)
     # backward holds two gradients of its widest activation at once: the MLP's hidden
     # (b s 4h / t); or three of the head's fp32 logits (b s V, / t with loss parallelism):
     # the loss's gradient, log-softmax's exp(output) and its result (PyTorch's
-    # loss_parallel one more: measured 3.7 with GPT-2's vocabulary)
-    logits = FP32 * tokens * model.vocab_size / (layout.tp if layout.loss_parallel else 1) * last
-    copies_of_logits = 4 if layout.loss_parallel and layout.implementation == "pytorch" else 3
-    backward = max(2 * c * tokens * 4 * model.n_embd / layout.tp, copies_of_logits * logits)
+    # loss_parallel one more: measured 3.7 with GPT-2's vocabulary). The chunked loss
+    # (loss.py) holds one chunk's: fp32, and its matmul's output and the gradient in the
+    # compute dtype under autocast; and the head's weight gradient, whole (fp32) before
+    # autograd adds it to the parameter's; under autocast also the head's weight cast
+    # again for backward (not FSDP's: gathered in bf16) and a chunk's weight gradient in
+    # bf16 and as the fp32 copy the sum makes of it (fp32: added in place)
+    vocab_rows = model.vocab_size / (layout.tp if layout.loss_parallel else 1)
+    n_chunks = head_chunks(model, layout, micro_batch)
+    if n_chunks == 1:
+        copies_of_logits = 4 if layout.loss_parallel and layout.implementation == "pytorch" else 3
+        loss = copies_of_logits * FP32 * tokens * vocab_rows
+    else:
+        mixed = c < FP32
+        head_weights = (FP32 + mixed * (c * (1 - layout.fsdp) + c + FP32)) * vocab_rows * model.n_embd
+        loss = (FP32 + mixed * c) * math.ceil(tokens / n_chunks) * vocab_rows + head_weights
+    backward = max(2 * c * tokens * 4 * model.n_embd / layout.tp, loss * last)
     buffers, shards = 0.0, 1
     gloo = job.device == "cpu"  # gloo copies a reduce-scatter's (all-gather's) whole tensor
     stage = stage_params(model, layout, pp_rank)["total"]
@@ -230,7 +244,7 @@ def estimate(job: Job, machine, layout: Layout, micro_batch: int, M: int) -> dic
             "cp_type": (layout.cp_type + (f"{layout.ulysses}" if layout.cp_type == "hybrid" else "")
                         if layout.cp > 1 else None),
             "sequence_parallel": layout.sequence_parallel, "activation_checkpointing": layout.checkpointing,
-            "micro_batch_size": micro_batch, "grad_accum": M, "fits": fits,
+            "loss_chunks": head_chunks(model, layout, micro_batch), "micro_batch_size": micro_batch, "grad_accum": M, "fits": fits,
             "why": None if fits else f"needs {peak['total'] / GiB:.1f} GiB > {USABLE_MEMORY:.0%} of "
                                      f"{machine.memory_bytes / GiB:g} GiB",
             "memory_gib": peak["total"] / GiB, "state_gib": peak["state"] / GiB,
@@ -251,19 +265,21 @@ def rank(job: Job, machine) -> list[dict]:
                         f"{job.block_size} and --total_batch_size {job.total_batch_size}: the batch "
                         f"must divide into micro-batches x block_size x data parallel ranks")
     # ties (the model prices neither element-wise recomputation nor small matmuls' lower
-    # efficiency on a GPU): no checkpointing first, then larger micro-batches, then less memory
+    # efficiency on a GPU): no checkpointing first, the whole loss, then larger
+    # micro-batches, then less memory
     return (sorted((r for r in rows if r["fits"]), key=lambda r: (
-                round(r["step_time_s"], 9), r["activation_checkpointing"] != "none",
+                round(r["step_time_s"], 9), r["activation_checkpointing"] != "none", r["loss_chunks"] > 1,
                 -r["micro_batch_size"], r["memory_gib"]))
             + sorted((r for r in rows if not r["fits"]), key=lambda r: r["memory_gib"]))
 
 
 def table(rows: list[dict]) -> str:
-    header = ["#", "dp", "dp type", "tp", "pp", "schedule", "cp", "ep", "ac", "mb", "M", "GiB", "state",
+    header = ["#", "dp", "dp type", "tp", "pp", "schedule", "cp", "ep", "ac", "loss", "mb", "M", "GiB", "state",
               "act", "intra GB", "inter GB", "bubble", "step s", "tok/s", "MFU"]
     lines = [[str(i + 1), str(r["dp"]), r["dp_type"], str(r["tp"]), str(r["pp"]),
               (r["pp_schedule"] or "-") + (f" v{r['virtual_stages']}" if r["virtual_stages"] > 1 else ""),
-              str(r["cp"]) + (f" {r['cp_type']}" if r["cp_type"] else ""), str(r["ep"]), r["activation_checkpointing"], str(r["micro_batch_size"]), str(r["grad_accum"]),
+              str(r["cp"]) + (f" {r['cp_type']}" if r["cp_type"] else ""), str(r["ep"]), r["activation_checkpointing"],
+              "whole" if r["loss_chunks"] == 1 else f"/{r['loss_chunks']}", str(r["micro_batch_size"]), str(r["grad_accum"]),
               f"{r['memory_gib']:.3g}", f"{r['state_gib']:.3g}", f"{r['activation_gib']:.3g}",
               f"{r['comm_bytes_per_step']['intra_node'] / 1e9:.2f}",
               f"{r['comm_bytes_per_step']['inter_node'] / 1e9:.2f}", f"{r['bubble']:.2f}",

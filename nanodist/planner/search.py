@@ -3,7 +3,7 @@
 The space (`search_space`): DDP / ZeRO-1 / FSDP ZeRO-3 / ZeRO-2 (and HSDP: FSDP with
 every replica count that divides DP) x TP x PP, its schedule and virtual stages x CP and its
 type (ring, Ulysses, hybrid) x EP (a mixture of experts: every size that divides DP x CP and the experts) x
-activation checkpointing x micro-batch; under TP with loss parallelism, and sequence
+activation checkpointing x the loss whole or in chunks (automatic) x micro-batch; under TP with loss parallelism, and sequence
 parallelism where the sequence divides. It is filtered by the layout's own rules
 (`candidates`: `rules.check_layout`, what train.py asks on the same device: nothing listed is
 refused, nothing accepted is left out); plan.py costs and ranks what remains.
@@ -21,6 +21,7 @@ SCHEDULES = [("gpipe", 1), ("1f1b", 1), ("interleaved_1f1b", 2), ("interleaved_1
 DATA_PARALLEL = {"ddp": ("ddp", True), "zero1": ("zero1", True), "fsdp-zero3": ("fsdp", True),
                  "fsdp-zero2": ("fsdp", False)}
 MICRO_BATCHES = (1, 2, 4, 8, 16, 32, 64)
+LOSS_CHUNKS = (1, 0)  # the whole logits, or chunks as large as the head's input (model/loss.py)
 
 
 @dataclass(frozen=True)
@@ -65,16 +66,16 @@ def search_space(job: Job):
         micro_batches = [job.micro_batch] if job.micro_batch else \
             [b for b in MICRO_BATCHES if b <= per_rank_batch]
         expert_parallel = [ep for ep in divisors(dp * cp) if E and E % ep == 0] or [1]
-        for dp_type, replicas, (schedule, V), (cp_type, u), ep, ac, mb in itertools.product(
+        for dp_type, replicas, (schedule, V), (cp_type, u), ep, ac, chunks, mb in itertools.product(
                 DATA_PARALLEL, divisors(dp), SCHEDULES if pp > 1 else SCHEDULES[1:2], cp_types(cp),
-                expert_parallel, ("none", "selective", "full"), micro_batches):
+                expert_parallel, ("none", "selective", "full"), LOSS_CHUNKS, micro_batches):
             kind, reshard = DATA_PARALLEL[dp_type]
             if (dp_type != "ddp" and dp * cp == 1) or (kind != "fsdp" and replicas > 1):
                 continue  # sharding over one rank is DDP; replicas are HSDP's
             layout = Layout(pp=pp, dp=dp, cp=cp, cp_type=cp_type, ulysses_degree=u, tp=tp, ep=ep,
                             dp_type=kind, hsdp_replicas=replicas,
                             reshard_after_forward=reshard, loss_parallel=tp > 1, pp_schedule=schedule,
-                            virtual_stages=V, checkpointing=ac, compile=job.compile,
+                            virtual_stages=V, checkpointing=ac, loss_chunks=chunks, compile=job.compile,
                             implementation=job.implementation)
             # sequence parallelism wherever it can split the sequence (it saves activations),
             # but not under a mixture of experts (expert_parallel.py refuses it: not wired up)

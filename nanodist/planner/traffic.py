@@ -49,7 +49,7 @@ from nanodist.parallel.ring_attention import ring_attention_sends
 from nanodist.parallel.schedules import Action
 from nanodist.parallel.tensor_parallel import tp_collectives
 from nanodist.parallel.ulysses import ulysses_sends
-from nanodist.planner.cost import DTYPE_BYTES, FP32, chunks, param_counts, schedule
+from nanodist.planner.cost import DTYPE_BYTES, FP32, chunks, head_chunks, param_counts, schedule
 
 
 def value_bytes(dtype: str, fsdp: bool, device_type: str) -> dict[str, int]:
@@ -201,7 +201,7 @@ def tensor_parallel_terms(c: Chunk):
         return
     for kind, (calls, payload) in tp_collectives(
             c.micro_batch, c.tokens, c.cfg.n_embd, c.cfg.vocab_size, len(c.blocks), lay.sequence_parallel,
-            lay.loss_parallel, c.sizes, False, c.first, c.last).items():
+            lay.loss_parallel, c.sizes, False, c.first, c.last, head_chunks(c.cfg, lay, c.micro_batch)).items():
         yield "tp", kind, lay.tp, c.accum * payload, c.accum * calls
 
 

@@ -151,7 +151,7 @@ RANGES = MOE_RANGES + (
       "data_parallel_replicas",
       "pipeline_parallel_size", "virtual_stages"), lambda v: v >= 1, ">= 1"),
     (("learning_rate", "max_grad_norm", "bucket_cap_mb", "dist_timeout"), lambda v: v > 0, "> 0"),
-    (("min_lr", "weight_decay", "memory_budget_gib", "moe_aux_loss_coef", "ulysses_degree"),
+    (("min_lr", "weight_decay", "memory_budget_gib", "moe_aux_loss_coef", "ulysses_degree", "loss_chunks"),
      lambda v: v >= 0, ">= 0"),
     (("dropout", "beta1", "beta2"), lambda v: 0 <= v < 1, "in [0, 1)"),
     (("warmup_steps",), lambda v: v >= -1, ">= 0 (or -1: GPT-2's 715, at most 10% of max_steps)"),

@@ -1,0 +1,130 @@
+"""The language-model loss: the head's logits and their cross entropy, whole or in chunks.
+
+    plain    logits = x W^T (B T, V), fp32 log-softmax, mean over the tokens: the reference.
+             Its backward holds the fp32 logits, the log-softmax and the logits' gradient at
+             once: with GPT-2's V = 50304 each is 201 KB per token (gpt2 at 8 x 1024: 1.6 GB)
+    chunked  the B T tokens in n chunks (Liger's FusedLinearCrossEntropy, torchtitan's
+             chunked loss); per chunk c of n_c tokens:
+                 forward    logits_c = x_c W^T -> lse_c = logsumexp, l_c[target];
+                            keeps lse (4 bytes a token), never the logits
+                 backward   logits_c again -> g_c = (softmax - onehot) dloss / count
+                            grad x_c = g_c W,  grad W += g_c^T x_c
+             only one chunk's fp32 logits (and their gradient, in place) exist at a time;
+             the price is the head's forward matmul once more (2 B T C V FLOPs).
+
+Both take the head's matmul in the autocast dtype (bf16 logits under mixed precision, as
+nn.Linear's) and the softmax in fp32 at least (fp64 for fp64). The chunked function is
+also the vocab-parallel one (parallel/loss_parallel.py): W may be a slice of the
+vocabulary's rows [vocab_start, vocab_start + V_local), with `all_reduce(t, op)` summing
+(op "sum") or maximising ("max") per-token values over the slices; here the identity.
+"""
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def cross_entropy(logits, targets, ignore_index: int = -1):
+    """Mean next-token loss in fp32 (fp64 for fp64 logits) over all non-ignored positions."""
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    return F.cross_entropy(logits.flatten(0, -2), targets.flatten(),
+                           ignore_index=ignore_index)
+
+
+def loss_chunks(chunks: int, tokens: int, vocab_rows: int, n_embd: int) -> int:
+    """--loss_chunks resolved for a micro-batch of `tokens` and a head of `vocab_rows` rows
+    (V, or V / tp under loss parallelism): at most one chunk a token; 0 (automatic) is
+    Liger's rule, chunks whose logits are about as large as the head's input x (tokens x C),
+    so the loss adds about x to the peak: ceil(V / C) chunks (66 for gpt2)."""
+    return max(1, min(chunks or math.ceil(vocab_rows / n_embd), tokens))
+
+
+def _spans(n: int, chunks: int) -> list[slice]:
+    bounds = [n * i // chunks for i in range(chunks + 1)]
+    return [slice(a, b) for a, b in zip(bounds, bounds[1:])]
+
+
+def _identity_reduce(t: torch.Tensor, op: str):
+    return None
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The head matmul's dtype: autocast's where it is on, else x's."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+
+
+class _ChunkedLinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, targets, chunks, ignore_index, vocab_start, all_reduce):
+        """x (N, C), weight (V_local, C), targets (N,) -> the mean loss (a 0-d tensor)."""
+        compute = _compute_dtype(x)
+        acc = torch.promote_types(compute, torch.float32)
+        local = targets - vocab_start
+        here = (local >= 0) & (local < weight.size(0))  # the target's column is on this rank
+        local = local.clamp(0, weight.size(0) - 1)
+        valid = targets != ignore_index
+        lse = torch.empty(len(x), dtype=acc, device=x.device)
+        loss_sum = torch.zeros((), dtype=acc, device=x.device)
+        w = weight.to(compute)
+        for rows in _spans(len(x), chunks):
+            logits = F.linear(x[rows].to(compute), w).to(acc)
+            m = logits.max(-1).values
+            all_reduce(m, "max")
+            target_logit = logits.gather(-1, local[rows].unsqueeze(-1)).squeeze(-1) * here[rows]
+            sums = torch.stack([logits.sub_(m.unsqueeze(-1)).exp_().sum(-1), target_logit])
+            all_reduce(sums, "sum")  # [sum of exp, the target's logit] over the vocabulary
+            lse[rows] = m + sums[0].log()
+            loss_sum += ((lse[rows] - sums[1]) * valid[rows]).sum()
+        count = valid.sum()
+        ctx.save_for_backward(x, weight, local, here & valid, valid, lse, count)
+        ctx.chunks, ctx.compute = chunks, compute
+        return loss_sum / count
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        x, weight, local, target_here, valid, lse, count = ctx.saved_tensors
+        w = weight.to(ctx.compute)
+        scale = valid * (grad_loss / count)
+        grad_x = torch.empty_like(x)
+        grad_w = torch.zeros_like(weight)
+        for rows in _spans(len(x), ctx.chunks):
+            x_c = x[rows].to(ctx.compute)
+            g = F.linear(x_c, w).to(lse.dtype).sub_(lse[rows].unsqueeze(-1)).exp_()  # softmax
+            g.scatter_add_(-1, local[rows].unsqueeze(-1), -target_here[rows].unsqueeze(-1).to(g.dtype))
+            g = g.mul_(scale[rows].unsqueeze(-1)).to(ctx.compute)
+            grad_x[rows] = (g @ w).to(x.dtype)  # a partial sum under vocab parallelism
+            if g.dtype == grad_w.dtype:
+                grad_w.addmm_(g.t(), x_c)  # no V x C temporary
+            else:  # the compute dtype's product, summed in the weight's
+                grad_w += g.t() @ x_c
+        return grad_x, grad_w, None, None, None, None, None
+
+
+def chunked_cross_entropy(x, weight, targets, chunks: int, ignore_index: int = -1,
+                          vocab_start: int = 0, all_reduce=_identity_reduce):
+    """The mean cross entropy of x W^T against targets, `chunks` chunks of tokens at a
+    time: x (..., C), weight (V or V_local, C), targets (...)."""
+    return _ChunkedLinearCrossEntropy.apply(x.flatten(0, -2), weight, targets.flatten(), chunks,
+                                            ignore_index, vocab_start, all_reduce)
+
+
+class HeadLoss(nn.Module):
+    """The head's matmul and the loss: (x (B, T, C) after ln_f, the head, targets (B, T)) ->
+    the mean cross entropy. A module without parameters, so that loss parallelism can swap
+    it (as context parallelism swaps the attention core). `chunks`: 1 = the whole logits
+    (the reference), n > 1 = n chunks, 0 = automatic (`loss_chunks`)."""
+
+    def __init__(self, chunks: int = 1):
+        super().__init__()
+        self.chunks = chunks
+
+    def n_chunks(self, x: torch.Tensor, vocab_rows: int) -> int:
+        return loss_chunks(self.chunks, x.numel() // x.size(-1), vocab_rows, x.size(-1))
+
+    def forward(self, x, head, targets):
+        chunks = self.n_chunks(x, head.weight.size(0))
+        if chunks == 1:
+            return cross_entropy(head(x), targets)
+        return chunked_cross_entropy(x, head.weight, targets, chunks)
