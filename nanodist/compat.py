@@ -34,6 +34,8 @@ lists them). nanodist is tested with torch TESTED_TORCH.
     mergeable_ranks(encoding)     tiktoken Encoding._mergeable_ranks             HF tokenizer export
     foreach_norm(tensors, dtype)  torch._foreach_norm                            gradient norm in few kernels
     foreach_mul_(tensors, s)      torch._foreach_mul_                            gradient clipping in few kernels
+    grouped_mm(a, b, offsets)     torch.nn.functional.grouped_mm (a prototype)   the experts' matmuls
+    grouped_mm_fits(a, *bs)       its kernels' rules in 2.11 and 2.13            grouped or padded experts
 """
 import ctypes
 import importlib
@@ -182,3 +184,43 @@ def foreach_mul_(tensors: list, scale: torch.Tensor):
 def mergeable_ranks(encoding) -> dict[bytes, int]:
     """tiktoken's BPE ranks of an Encoding (token bytes -> merge rank)."""
     return _method(encoding, "_mergeable_ranks", "exporting the GPT-2 tokenizer")
+
+
+def grouped_mm(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """a (N, K) cut into row groups by `offsets` (int32, cumulative ends, on a's device) times
+    b (G, K, M): rows [offsets[g-1], offsets[g]) @ b[g] -> (N, M), rows past offsets[-1]
+    undefined; differentiable. torch.nn.functional.grouped_mm: public since 2.11 but a
+    prototype (torch._grouped_mm underneath); call it only where `grouped_mm_fits`."""
+    return torch.nn.functional.grouped_mm(a, b, offs=offsets)
+
+
+_GROUPED_DTYPES = {"cpu": (torch.float32, torch.bfloat16, torch.float16),
+                   "cuda": (torch.bfloat16,), "meta": (torch.bfloat16,)}
+
+
+def grouped_mm_fits(a: torch.Tensor, *bs: torch.Tensor) -> bool:
+    """Whether `grouped_mm` runs a against each b here in one call that reads nothing on the
+    host, by the sources of torch 2.11 and 2.13 (the same rules in both):
+    - GroupedMMUtils.h `_grouped_mm_validate_inputs`: float32, bfloat16 or float16 (not
+      float64); each operand's last dim contiguous and its row stride a multiple of 16
+      bytes (`check_valid_strides_and_return_transposed`), on CUDA its address too.
+    - CPU (Blas.cpp `_grouped_mm`): `_grouped_mm_fallback`, a C++ loop of mm over the
+      groups; the offsets are on the host already.
+    - CUDA (cuda/GroupedBlas.cpp `_grouped_mm_cuda`): CUTLASS's grouped GEMM, offsets read
+      on the device, only for bfloat16 on compute capability 9.x or 10.x
+      (`_scaled_mm_allowed_device(sm90_only, sm100_only)`); anything else takes the
+      fallback, whose `offs.cpu()` is a sync, then one mm per group. So: bf16 on 9.x (H100,
+      H200). Not 10.x: pytorch#172439 (open), non-zero weight gradients for empty groups
+      on B200. Not ROCm: its fast path is off unless built with CK. Group sizes need no
+      alignment for a row-major a, nor in backward (a transposed against a row-major
+      gradient: cuda/GroupMMCommon.cuh asserts it for the other layouts only).
+    - meta: its shape function takes bfloat16 only."""
+    if getattr(torch.nn.functional, "grouped_mm", None) is None:
+        return False
+    if a.dtype not in _GROUPED_DTYPES.get(a.device.type, ()):
+        return False
+    if a.device.type == "cuda" and (torch.version.hip or torch.cuda.get_device_capability(a.device)[0] != 9):
+        return False
+    aligned = a.device.type != "cuda" or all(t.data_ptr() % 16 == 0 for t in (a, *bs))
+    return aligned and all(t.dtype == a.dtype and t.device == a.device and t.stride(-1) == 1
+                           and t.stride(-2) * t.element_size() % 16 == 0 for t in (a, *bs))

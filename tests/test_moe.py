@@ -1,5 +1,6 @@
 """Mixture of experts and expert parallelism: the MoE block against the dense MLP and
-against its own definition (ties, the load-balancing loss and its gradient); every EP
+against its own definition (ties, the load-balancing loss and its gradient); its experts'
+grouped and padded matmuls against the loop they replaced, and its reads on the host; every EP
 layout against one process with the same experts in float64, routing ties and empty
 experts included; the all-to-all bytes and the state per rank against the cost model;
 checkpoints across EP sizes; the layouts refused."""
@@ -7,6 +8,8 @@ import dataclasses
 
 import pytest
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
 from harness import (assert_records_match, assert_resumes_across, flags, run_distributed,
                      tiny_params_bound, tiny_run, trainer_records)
@@ -14,7 +17,8 @@ from nanodist.planner import cost, traffic
 from nanodist.run.config import TrainConfig, parse_args, resolve
 from nanodist.errors import UserError
 from nanodist.model.gpt import GPT, MLP, GPTConfig
-from nanodist.model.moe import MoE, moe_layers
+from nanodist import compat
+from nanodist.model.moe import Experts, MoE, moe_layers
 from nanodist.parallel.layout import Layout
 from nanodist.run.trainer import Trainer
 from nanodist_tools.measure import state_bytes
@@ -120,6 +124,102 @@ def test_logged_token_counts_are_the_steps(char_data, tmp_path):
             assert sum(counts) == MOE["moe_top_k"] * trainer.tokens_per_step
     assert {k: v for k, v in logged["full"].items() if "tokens" in k} == \
         {k: v for k, v in logged["none"].items() if "tokens" in k}
+
+
+# ---------------------------------------------------------------- the experts' matmuls
+
+
+def loop_experts(experts, routed, counts, pre: list):
+    """The experts as nanodist ran them before grouped matmuls: the counts read on the host,
+    one matmul per expert; `pre` collects each expert's pre-activation (gradient kept)."""
+    outputs = []
+    for e, rows in enumerate(routed.split(counts.tolist())):
+        h = rows @ experts.fc_weight[e] + experts.fc_bias[e]
+        h.retain_grad()
+        pre.append(h)
+        outputs.append(F.gelu(h, approximate="tanh") @ experts.proj_weight[e] + experts.proj_bias[e])
+    return torch.cat(outputs)
+
+
+def output_and_grads(experts, run, routed, counts, grad) -> list[torch.Tensor]:
+    """run(routed, counts) and the gradients of routed and of the experts' tensors."""
+    experts.zero_grad(set_to_none=True)
+    routed = routed.detach().requires_grad_()
+    out = run(routed, counts)
+    out.backward(grad)
+    return [out.detach(), routed.grad] + [p.grad for p in experts.parameters()]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["padded-f64", "grouped-f32"])
+@pytest.mark.parametrize("counts", [[7, 0, 12, 0, 5], [0, 0, 0, 0, 0]], ids=["empty-experts", "no-rows"])
+def test_the_experts_are_the_loop_of_before(dtype, counts):
+    """Both ways of running the experts against one matmul per expert, forward and every
+    gradient, experts with no rows included (their gradients zeros, not None). float64 takes
+    the padded bmm (grouped_mm has no float64): other kernels over the same products, each
+    sum <= max(4C, N) = 64 terms, so <= 2 x 64 x 1.1e-16 of the terms' magnitudes apart;
+    1e-12 of the largest value leaves 70x for cancellation. float32 takes the grouped mm on
+    CPU: the same mm per expert in C++, so bitwise, but for the biases' gradients, sums of
+    a bias's rows in another order: <= 2 x rows x 2**-24 x the sum of their magnitudes."""
+    torch.manual_seed(0)
+    experts = Experts(len(counts), 16).to(dtype)
+    for p in experts.parameters():
+        nn.init.normal_(p, std=0.3)
+    counts = torch.tensor(counts)
+    routed = torch.randn(int(counts.sum()), 16, dtype=dtype)
+    grad = torch.randn_like(routed)
+    assert compat.grouped_mm_fits(routed, experts.fc_weight, experts.proj_weight) == (dtype == torch.float32)
+    new = output_and_grads(experts, experts, routed, counts, grad)
+    pre = []
+    old = output_and_grads(experts, lambda r, c: loop_experts(experts, r, c, pre), routed, counts, grad)
+    names = ["output", "routed"] + [name for name, _ in experts.named_parameters()]
+    for name, a, b in zip(names, new, old):
+        if dtype == torch.float64:
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12 * b.abs().max().item() if b.numel() else 0,
+                                       msg=name)
+        elif name.endswith("bias"):
+            rows = counts.view(-1, 1).to(dtype)
+            terms = grad if name == "proj_bias" else torch.cat([h.grad for h in pre])
+            magnitude = torch.stack([t.abs().sum(0) for t in terms.split(counts.tolist())])
+            assert ((a - b).abs() <= 2 * rows * 2**-24 * magnitude).all(), name
+        else:
+            assert torch.equal(a, b), name
+    for name, p in experts.named_parameters():
+        assert torch.equal(p.grad[counts == 0], torch.zeros_like(p.grad[counts == 0])), name
+    assert experts.host_reads == (dtype == torch.float64)  # padded: the largest count
+
+
+def test_the_grouped_layer_reads_nothing_on_the_host():
+    """A MoE layer on the meta device (shapes, no values: any read of one raises), in bf16
+    so that its experts run grouped: routing, experts, combine and backward all run. In
+    float64 the padded experts read their largest count: it raises."""
+    cfg = small()
+    with torch.device("meta"):
+        moe = MoE(cfg).to(torch.bfloat16)
+        x = torch.empty(2, 8, cfg.n_embd, dtype=torch.bfloat16, requires_grad=True)
+    moe(x).sum().backward()
+    assert moe.experts.host_reads == 0 and moe.experts.fc_weight.grad.shape == moe.experts.fc_weight.shape
+    with pytest.raises(RuntimeError, match="meta tensor"):
+        moe.double()(x.double())
+
+
+def moe_host_reads(kwargs):
+    """Rank side: per MoE layer, its experts' reads on the host in one step, and the step's forwards."""
+    trainer = Trainer(TrainConfig(**kwargs))
+    trainer.train_step(0)
+    return [moe.experts.host_reads for moe in trainer.metrics.moe.values()], trainer.micro_steps
+
+
+@pytest.mark.parametrize("world, dtype, reads", [(1, "float32", 0), (1, "float64", 1), (2, "float32", 1),
+                                                 (2, "float64", 1)],
+                         ids=["grouped", "padded", "ep2-grouped", "ep2-padded"])
+def test_host_reads_per_moe_layer_forward(char_data, tmp_path, world, dtype, reads):
+    """Per MoE layer forward: none with grouped experts, the largest count with padded ones
+    (float64 on CPU), and under EP only the all-to-all's split sizes (from which the host
+    also knows the largest count). Backward reads nothing (the splits are saved)."""
+    kwargs = tiny_run(char_data, tmp_path, **MOE, dtype=dtype, data_parallel_size=world,
+                      expert_parallel_size=world)
+    for layers, micro_steps in run_distributed(moe_host_reads, world, kwargs):
+        assert layers == [reads * micro_steps] * 2
 
 
 # ---------------------------------------------------------------- layouts vs one process

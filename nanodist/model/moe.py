@@ -29,10 +29,31 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from nanodist import compat
+
 
 class Experts(nn.Module):
     """n GPT-2 MLPs as stacked tensors (expert parallelism shards dim 0):
-    fc_weight (n, C, 4C), fc_bias (n, 4C), proj_weight (n, 4C, C), proj_bias (n, C)."""
+    fc_weight (n, C, 4C), fc_bias (n, 4C), proj_weight (n, 4C, C), proj_bias (n, C).
+
+    All n run at once, one of two ways, no loop over them in Python:
+
+        grouped  routed (N, C), offsets = cumsum(counts) on the device
+                 -> grouped mm with fc_weight (N, 4C) -> gelu -> grouped mm with proj_weight (N, C)
+        padded   routed placed in (n, M, C), M the largest count, zeros past each count
+                 -> bmm (n, M, 4C) -> gelu -> bmm (n, M, C) -> its N real rows, in order
+
+    Grouped where compat.grouped_mm_fits (CPU in float32 or bf16; CUDA in bf16 on an H100):
+    nothing is read on the host. Padded elsewhere (float64, CUDA in float32, other GPUs):
+    n M rows, N times the busiest expert's count over the mean; M is read on the host, one
+    wait per layer (none under expert parallelism: its host has the counts already). A
+    static M = N / k, the tokens (no expert gets one twice), would spare the wait and cost
+    n/k times the matmuls' FLOPs and activations (4x with 8 experts, top-2) where the wait
+    costs one drained launch queue: padded waits.
+
+    Every expert runs, on no rows too: its gradient is then zeros, not None, as in a layout
+    where its rows are elsewhere (AdamW steps it either way). `host_reads` counts what this
+    module read on the host (`host`)."""
 
     def __init__(self, n: int, n_embd: int, bias: bool = True):
         super().__init__()
@@ -40,24 +61,48 @@ class Experts(nn.Module):
         self.proj_weight = nn.Parameter(torch.empty(n, 4 * n_embd, n_embd))
         self.fc_bias = nn.Parameter(torch.empty(n, 4 * n_embd)) if bias else None
         self.proj_bias = nn.Parameter(torch.empty(n, n_embd)) if bias else None
+        self.host_reads = 0
+
+    def host(self, t: torch.Tensor) -> list:
+        """t's values on the host, counted (on CUDA the host waits for the GPU to reach t)."""
+        self.host_reads += 1
+        return t.tolist()
 
     def forward(self, routed: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """routed (sum counts, C): the rows of expert 0, then 1, ...; counts (n,) -> the same
-        shape. The split needs the counts on the host: the one wait of a MoE layer."""
-        return self.run(routed, counts.tolist())
+        """routed (sum counts, C): the rows of expert 0, then 1, ...; counts (n,) on its
+        device -> the same shape. Its gradient must be dense (torch's grouped mm refuses a
+        broadcast one): MoE's is a gather's."""
+        return self.run(routed, counts)
 
-    def run(self, routed: torch.Tensor, counts: list[int]) -> torch.Tensor:
-        """`forward` with the counts on the host. Every expert runs, on no rows too: its
-        gradient is then zeros, not None, as in a layout where its rows are somewhere else
-        (AdamW steps it either way)."""
-        outputs = []
-        for e, rows in enumerate(routed.split(counts)):
-            h = rows @ self.fc_weight[e]
-            if self.fc_bias is not None:  # in the matmul's dtype, as nn.Linear's (bf16 under autocast)
-                h = h + self.fc_bias[e].to(h.dtype)
-            y = F.gelu(h, approximate="tanh") @ self.proj_weight[e]
-            outputs.append(y + self.proj_bias[e].to(y.dtype) if self.proj_bias is not None else y)
-        return torch.cat(outputs)
+    def run(self, routed: torch.Tensor, counts: torch.Tensor, most: int | None = None) -> torch.Tensor:
+        """`forward`; `most`, the largest count, where the host knows it already."""
+        device = routed.device.type
+        autocast = torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
+        # the matmuls' dtype, cast as autocast casts for bmm (it does not cover grouped_mm)
+        dtype = torch.get_autocast_dtype(device) if autocast else self.fc_weight.dtype
+        x, w1, w2 = routed.to(dtype), self.fc_weight.to(dtype), self.proj_weight.to(dtype)
+        ends = counts.cumsum(0)
+        expert = torch.bucketize(torch.arange(len(x), device=x.device), ends, right=True)  # of each row
+        if compat.grouped_mm_fits(x, w1, w2):
+            offsets = ends.to(torch.int32)
+            h = self._bias(compat.grouped_mm(x, w1, offsets), self.fc_bias, expert)
+            return self._bias(compat.grouped_mm(F.gelu(h, approximate="tanh"), w2, offsets), self.proj_bias, expert)
+        n, most = len(counts), self.host(counts.max()) if most is None else most
+        slot = torch.arange(len(x), device=x.device) + expert * most - (ends - counts)[expert]  # in (n, M)
+        padded = x.new_zeros(n * most, x.size(1)).index_copy(0, slot, x).view(n, most, x.size(1))
+        h = self._bias(torch.bmm(padded, w1), self.fc_bias)
+        y = self._bias(torch.bmm(F.gelu(h, approximate="tanh"), w2), self.proj_bias)
+        return y.view(n * most, y.size(2)).index_select(0, slot)
+
+    @staticmethod
+    def _bias(h: torch.Tensor, bias: torch.Tensor | None, expert: torch.Tensor | None = None) -> torch.Tensor:
+        """h plus its expert's bias, in h's dtype as nn.Linear's (bf16 under autocast): per
+        row of (N, D) by `expert` (a lookup: its backward sums each expert's rows in order),
+        or per expert of (n, M, D)."""
+        if bias is None:
+            return h
+        bias = bias.to(h.dtype)
+        return h + (F.embedding(expert, bias) if expert is not None else bias.unsqueeze(1))
 
 
 class _AuxLossGradient(torch.autograd.Function):

@@ -11,6 +11,10 @@ EP rank r holds experts [r E/P, (r+1) E/P). In one MoE layer, on each rank:
       local experts            -> their outputs, same order
       regroup by source, all-to-all back (splits swapped) -> (n, C) in `routed`'s order
 
+The split sizes are the layer's one read on the host (the uneven all-to-all needs them
+there); the local experts (moe.Experts.run) take their counts on the device and their
+largest from those splits, so they read nothing more.
+
 The row all-to-all is differentiable (`_AllToAll`: backward is the all-to-all of the
 gradients with the splits swapped), so one MoE layer costs 2 all-to-alls forward and 2
 backward, (P-1)/P of the routed activations n C each when balanced (comm.py counts the
@@ -67,7 +71,7 @@ class ExpertParallel(Experts):
 
     def __init__(self, experts: Experts, model: nn.Module, path: str, mesh, seed):
         nn.Module.__init__(self)
-        self.group, self.n_experts = mesh.ep, experts.fc_weight.size(0)
+        self.group, self.n_experts, self.host_reads = mesh.ep, experts.fc_weight.size(0), 0
         with torch.no_grad():
             for name, param in experts._parameters.items():
                 if param is not None:  # the full value (drawn, if on meta), this rank's slice
@@ -80,12 +84,11 @@ class ExpertParallel(Experts):
         received = torch.empty_like(counts)
         self.group.all_to_all(received, counts, [mine] * P, [mine] * P)
         # the one wait of the layer: the uneven all-to-all needs its splits on the host
-        host = torch.cat([counts, received]).view(2, P, mine).tolist()
-        ours, theirs = host[0], host[1]                # [rank][its expert], [source rank][my expert]
+        ours, theirs = self.host(torch.cat([counts, received]).view(2, P, mine))  # [rank][its expert], [source][mine]
         send, recv = [sum(row) for row in ours], [sum(row) for row in theirs]
         rows = _AllToAll.apply(routed, self.group, send, recv)
         by_expert = [list(col) for col in zip(*theirs)]  # [my expert][source rank]
-        out = self.run(_regroup(rows, theirs), [sum(col) for col in by_expert])
+        out = self.run(_regroup(rows, theirs), received.view(P, mine).sum(0), max(map(sum, by_expert)))
         return _AllToAll.apply(_regroup(out, by_expert), self.group, recv, send)
 
 
