@@ -17,7 +17,8 @@ anything failed, or when nothing was compared. About 6 minutes on one H100.
               one process on the same batches (fp32, TF32 off; and bf16)
     speed     gpt2 (124M) bf16 on one GPU, eager and --compile: ms/step, tokens/s, MFU
     memory    the peak memory train.py logs for gpt2, without and with activation
-              checkpointing (full, selective), inside the planner's predicted band
+              checkpointing (full, selective), and the loss in chunks, inside the
+              planner's predicted band
     matmuls   the planner's matmul shapes timed with CUDA events, against the data sheet's
               assumption; written as a calibrated GPU profile (--profile_out)
 """
@@ -370,9 +371,9 @@ def check_memory(report: Report, device: str, data: dict, runs: str):
     # a GPU: gpt2 at 8 x 1024; a CPU (the dry run): the tiny model
     base = (GPT2 + ["--batch_size=8", "--total_batch_size=8192", f"--data_dir={need(data, 'bpe')}"]
             if device == "cuda" else TINY + [f"--data_dir={need(data, 'char')}"])
-    for policy in ("none", "full", "selective"):
-        argv = base + [f"--device={device}", f"--activation_checkpointing={policy}", "--max_steps=3",
-                       f"--out_dir={tempfile.mkdtemp(dir=runs)}"]
+    for policy, chunks in (("none", 1), ("full", 1), ("selective", 1), ("none", 0)):
+        argv = base + [f"--device={device}", f"--activation_checkpointing={policy}", f"--loss_chunks={chunks}",
+                       "--max_steps=3", f"--out_dir={tempfile.mkdtemp(dir=runs)}"]
         got = on_processes(1, _peak_of, argv, timeout=left(150))[0]
         cfg, layout, micro_steps = resolve(parse_args(argv), 1, device)
         job = preflight.job(cfg, GPTConfig(**got["model"]), 1, torch.device(device))
@@ -382,7 +383,8 @@ def check_memory(report: Report, device: str, data: dict, runs: str):
         ok = peak is not None and plan.within_margin(peak, predicted)
         report.add("PASS" if ok else "FAIL", "memory",
                    f"{cfg.model} {cfg.batch_size} x {cfg.block_size} {cfg.dtype}, activation checkpointing "
-                   f"{policy}: peak " + (f"{peak / 2**30:.3f} GiB" if peak else "not measured")
+                   f"{policy}, loss {'whole' if chunks == 1 else 'in chunks'}: peak "
+                   + (f"{peak / 2**30:.3f} GiB" if peak else "not measured")
                    + f", predicted {low / 2**30:.3f} .. {high / 2**30:.3f} GiB", peak=peak, low=low, high=high)
 
 

@@ -6,7 +6,6 @@ and test_moe.py."""
 import pytest
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from harness import run_distributed
 from nanodist.model.gpt import GPT, GPTConfig

@@ -244,11 +244,11 @@ def single_moe(char_data, tmp_path_factory):
     (4, dict(data_parallel_size=4, expert_parallel_size=2, data_parallel_type="zero1")),
     (4, dict(data_parallel_size=4, data_parallel_type="fsdp", implementation="pytorch")),
     (2, dict(data_parallel_size=2, implementation="pytorch")),
-    (2, dict(tensor_parallel_size=2, enable_loss_parallelism=True, implementation="pytorch")),
+    (2, dict(tensor_parallel_size=2, enable_loss_parallelism=True, implementation="pytorch", loss_chunks=3)),
     (2, dict(data_parallel_size=2, data_parallel_type="zero1")),
     (4, dict(data_parallel_size=4, data_parallel_type="fsdp", data_parallel_replicas=2)),
 ], ids=["ep2", "ep2-fsdp", "dp4-ep2", "ep4-fsdp", "tp2xep2", "pp2xep2", "cp2xep4", "ep2-ac",
-        "zero1-4-ep2", "moe-fsdp2-native", "moe-ddp-native", "moe-dtensor-tp2", "moe-zero1", "moe-hsdp2x2"])
+        "zero1-4-ep2", "moe-fsdp2-native", "moe-ddp-native", "moe-dtensor-tp2-chunks", "moe-zero1", "moe-hsdp2x2"])
 def test_matches_one_process(char_data, tmp_path, single_moe, world, layout):
     """Float64 AdamW steps with clipping: harness.assert_records_match's bound over the
     MoE model's parameters (routing is discontinuous, but no two experts of one token lie
@@ -372,7 +372,8 @@ def test_saved_activations_follow_the_cost_model(moe):
     """The bytes one forward keeps for backward (saved-tensor hooks, parameters excluded)
     against cost.activation_bytes: the model leaves out the small (E,) vectors of the
     load-balancing loss and autograd's bookkeeping, well under 1%."""
-    from nanodist.model.gpt import cross_entropy, model_config
+    from nanodist.model.gpt import model_config
+    from nanodist.model.loss import cross_entropy
     from nanodist_tools.measure import saved_activations
     cfg = model_config("tiny", 64, 65, **moe)
     model = GPT(cfg)

@@ -13,7 +13,8 @@ sheet, or this machine's calibrated profile) and ranked (`rank`).
              (autocast's weight casts included) + FSDP's gathered units in the compute
              dtype (ZeRO-3: two blocks, this one and the prefetched; ZeRO-2: the whole
              stage); and on top the largest transient: backward's two gradients of its
-             widest activation (the MLP's hidden or the fp32 logits), FSDP's unit
+             widest activation (the MLP's hidden or the fp32 logits; the chunked loss:
+             one chunk's and the head's weight gradient), FSDP's unit
              gradients and its reduction in flight, gloo's copies of what it reduces,
              or the optimizer step's temporaries (AdamW's loop on CPU). The measured
              peak lies in that band within MEMORY_MARGIN (--validate, tests); the first
@@ -25,7 +26,8 @@ sheet, or this machine's calibrated profile) and ranked (`rank`).
              of backward, at the machine's FLOP/s for that size (a GPU: its peak x
              --compute_efficiency; a profile: measured with as many processes sharing
              the cores), plus the framework's time per layer (a profile's); full
-             checkpointing adds a forward of the blocks; once a step the optimizer.
+             checkpointing adds a forward of the blocks, the chunked loss one of the
+             head; once a step the optimizer.
              A pipeline stretches it by 1 / (1 - bubble).
     traffic  each group's calls at the machine's time for their size (a GPU: bus bytes
              over the link's bandwidth, NVLink in a node, the network across, plus a
