@@ -36,8 +36,9 @@ def main():
 
     device = pick_device("auto")
     mcfg = model_config(args.model, args.block_size, args.vocab_size)
-    x, y = torch.randint(0, mcfg.vocab_size, (2, args.batch_size, args.block_size),
-                         generator=torch.Generator().manual_seed(0)).to(device)
+    # ids and targets each a storage of its own, as the trainer's (the model counts them apart)
+    x, y = (t.clone() for t in torch.randint(0, mcfg.vocab_size, (2, args.batch_size, args.block_size),
+                                             generator=torch.Generator().manual_seed(0)).to(device))
 
     def build(layout):
         with torch.device(device):

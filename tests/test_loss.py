@@ -8,9 +8,12 @@ import torch
 import torch.distributed as dist
 
 from harness import run_distributed
+from nanodist.errors import UserError
 from nanodist.model.gpt import GPT, GPTConfig
 from nanodist.model.loss import HeadLoss, chunked_cross_entropy, cross_entropy, loss_chunks
 from nanodist.parallel.layout import Layout
+from nanodist.parallel.mesh import build_mesh
+from nanodist.parallel.rules import check_layout
 from nanodist.planner.cost import activation_bytes
 from nanodist_tools.measure import saved_activations
 
@@ -89,14 +92,19 @@ def test_the_automatic_count_makes_chunks_of_the_heads_input_size():
     assert loss_chunks(1, 8 * 1024, 50304, 768) == 1
 
 
+def test_chunks_under_tp_need_loss_parallelism():
+    with pytest.raises(UserError, match="--loss_chunks under --tensor_parallel_size > 1 needs "
+                                        "--enable_loss_parallelism"):
+        check_layout(Layout(tp=2, loss_chunks=3), 2, "cpu", 64)
+    check_layout(Layout(tp=2, loss_chunks=3, loss_parallel=True), 2, "cpu", 64)
+
+
 # ------------------------------------------------------------------ vocab-parallel chunks
 
 def _vocab_parallel(chunks):
     """Rank side: this rank's rows of W through the chunked loss with the TP group's
     all-reduces, against the plain loss on the whole W (float64): loss, grad x summed over
     TP (each rank's partial sum), this rank's rows of grad W; the calls counted."""
-    from nanodist.parallel.layout import Layout
-    from nanodist.parallel.mesh import build_mesh
     tp = dist.get_world_size()
     mesh = build_mesh(Layout(tp=tp), torch.device("cpu"))
     x, w, targets = _inputs(torch.float64)

@@ -131,10 +131,7 @@ class Layout:
                            needs=Needs(lambda l: l.checkpointing == "full", "--activation_checkpointing full"))
     loss_chunks: int = option(1, "loss_chunks", "the head's matmul and loss in N chunks of tokens, never "
                               "holding the whole fp32 logits (model/loss.py; 1: whole, the reference; 0: "
-                              "automatic, chunks as large as the head's input)",
-                              needs=Needs(lambda l: l.tp == 1 or l.loss_parallel,
-                                          "--enable_loss_parallelism under tensor parallelism (the chunks "
-                                          "are vocab-parallel)"))
+                              "automatic, chunks as large as the head's input)")
     compile: bool = option(False, "compile", "torch.compile the model")
     implementation: str = option("custom", "implementation", "custom: hand-written on collectives; pytorch: "
                                  "DDP, FSDP2, DTensor", ("custom", "pytorch"))

@@ -177,8 +177,12 @@ def apply_tp(part, setup):
 
 
 def check_tensor_parallel(layout, run):
-    """TP's rules (rules.py runs them): what sequence parallelism and the model's shape
-    must divide by."""
+    """TP's rules (rules.py runs them): what the chunked loss needs, what sequence
+    parallelism and the model's shape must divide by."""
+    if layout.tp > 1 and layout.loss_chunks != 1 and not layout.loss_parallel:
+        raise UserError("--loss_chunks under --tensor_parallel_size > 1 needs --enable_loss_parallelism: "
+                        "the chunks are vocab-parallel (without it the head gathers the whole logits); "
+                        "add it, or drop --loss_chunks")
     if layout.sequence_parallel and not layout.sequence_divides(run.block_size):
         what = (f"--block_size ({run.block_size})" if layout.cp == 1 else f"the {run.block_size // layout.cp} "
                 f"tokens of a CP rank (--block_size / --context_parallel_size)")
