@@ -1,8 +1,9 @@
 """The chunked (fused linear) cross entropy of model/loss.py against the plain loss: one
-process in float64 and under bf16 autocast, vocab-parallel over TP ranks (custom and
-DTensor, +-SP), its traffic and memory against the cost model. The layouts' equivalence
-runs with --loss_chunks are in test_2d.py, test_pipeline.py, test_context_parallel.py
-and test_moe.py."""
+process in float64 and under bf16 autocast, vocab-parallel over TP ranks (the function,
+its all-reduces counted), the bytes it keeps against the cost model. Its modules under
+loss parallelism (custom and DTensor, +-SP) and every layout with --loss_chunks run
+against one process in test_2d.py, test_pipeline.py, test_context_parallel.py and
+test_moe.py; its peak memory in test_plan.py."""
 import pytest
 import torch
 import torch.distributed as dist
@@ -43,45 +44,68 @@ def _plain(x, w, targets):
 
 @pytest.mark.parametrize("chunks", [2, 3, N])
 def test_chunks_match_the_whole_loss_in_float64(chunks):
-    """Float64, a derived bound: both compute each token's log-sum-exp over V terms and the
-    mean over N tokens (a sum of n terms, |sum| <= S = sum |terms|, is off by at most
-    (n - 1) u S in any order), grad W sums over N tokens, grad x over V rows. So with
-    A = max |logit| + log V: loss within 2 (N + V + 8) u A; each gradient entry a sum of
-    terms |g| |w| (or |g| |x|), sum of |g| <= 2 per token / N: within 2 (N + V + 8) u 2 max|w|
-    (max|x| N / N) / N -- a bound of the same form."""
+    """Float64, a derived bound. A float sum of n terms is off by at most (n - 1) u S in any
+    order (S = the sum of their magnitudes, u the unit roundoff). Each logit is a sum of C
+    products; each token's log-sum-exp one of V exponentials; the mean one of N tokens;
+    grad x sums V rows, grad W N tokens, each a handful of ops more. With K = 2 (N + V + C
+    + 8) u (two computations, each within half): the loss within K A (A = max |logit| +
+    log V), grad x within K 2 max|w| / count and grad W within K 2 max|x| (a token's
+    softmax - onehot has magnitudes summing to <= 2, the mean divides by count)."""
     x, w, targets = _inputs(torch.float64)
     loss, gx, gw = _loss_and_grads(_plain, x, w, targets)
     c_loss, c_gx, c_gw = _loss_and_grads(lambda *a: chunked_cross_entropy(*a, chunks), x, w, targets)
-    logits = x @ w.t()
-    bound = 2 * (N + V + 8) * U64
-    assert abs(c_loss - loss) <= bound * (logits.abs().max() + torch.log(torch.tensor(V)))
-    assert (c_gx - gx).abs().max() <= bound * 2 * w.abs().max() / N
-    assert (c_gw - gw).abs().max() <= bound * 2 * x.abs().max()
+    logits, count = x @ w.t(), (targets != -1).sum()
+    K = 2 * (N + V + C + 8) * U64
+    assert abs(c_loss - loss) <= K * (logits.abs().max() + torch.log(torch.tensor(V)))
+    assert (c_gx - gx).abs().max() <= K * 2 * w.abs().max() / count
+    assert (c_gw - gw).abs().max() <= K * 2 * x.abs().max()
     assert not torch.equal(c_gw, torch.zeros_like(c_gw))
+
+
+def _integer_inputs():
+    """x and W of small integers: bf16 holds them exactly, and a bf16 matmul's fp32 sums of
+    their products are exact in any order (< 2^24), so its output is exactly those sums
+    rounded to bf16, on any CPU (an fp32 matmul's: not rounded)."""
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randint(-8, 9, (2, N // 2, C), generator=gen).float()
+    w = torch.randint(-24, 25, (V, C), generator=gen).float()
+    targets = torch.randint(0, V, (2, N // 2), generator=gen)
+    targets[0, :3] = -1
+    return x, w, targets
 
 
 @pytest.mark.parametrize("chunks", [1, 3])
 def test_under_bf16_autocast_the_matmul_is_bf16_and_the_softmax_fp32(chunks):
-    """The plain and the chunked loss under CPU bf16 autocast, each against the float64
-    loss of the bf16-rounded x and W: a bf16 matmul's output is its fp32 sum rounded to
-    bf16, |error| <= 2^-8 |logit| + C 2^-23 sum |x||w| per logit, and a token's loss
-    moves by at most 2 max |d logit| (its gradient in the logits has L1 norm <= 2). The
-    chunked loss is the plain one's arithmetic, chunk by chunk: the same bound."""
-    x, w, targets = _inputs(torch.float32)
-    xb, wb = x.bfloat16().double(), w.bfloat16().double()
-    exact = cross_entropy(xb @ wb.t(), targets)
-    terms = (xb.abs() @ wb.abs().t())
-    bound = 2 * ((xb @ wb.t()).abs().max() * 2 ** -8 + C * 2 ** -23 * terms.max())
-    loss_fn = HeadLoss(chunks)
+    """The plain (chunks 1) and the chunked loss under CPU bf16 autocast against the
+    float64 loss of the exact logits rounded to bf16 (`_integer_inputs`): the softmax's
+    fp32 arithmetic alone separates them, K = 2 (N + V + 8) 2^-24 A (as in float64, u =
+    2^-24); an fp32 matmul (logits not rounded) or a bf16 softmax would be off by ulps of
+    bf16, far more. Gradients: both paths round g = softmax - onehot to bf16 from fp32
+    values within K of each other, then the same bf16 matmuls with fp32 sums: within
+    (2^-8 + K) of sum |g| |w| (|x|) per entry, on top of one bf16 rounding of the result."""
+    x, w, targets = _integer_inputs()
+    exact = (x.double() @ w.double().t()).bfloat16().double()
+    reference = cross_entropy(exact, targets)
+    K = 2 * (N + V + 8) * 2 ** -24 * (exact.abs().max() + torch.log(torch.tensor(V)))
     head = torch.nn.Linear(C, V, bias=False)
-    with torch.no_grad():
-        head.weight.copy_(w)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss = loss_fn(x, head, targets)
-    assert loss.dtype == torch.float32
-    assert abs(loss.double() - exact) <= bound
-    loss.backward()
-    assert head.weight.grad.dtype == torch.float32
+    grads = {}
+    for n in (1, chunks):
+        with torch.no_grad():
+            head.weight.copy_(w)
+        head.weight.grad = None
+        xi = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = HeadLoss(n)(xi, head, targets)
+        assert loss.dtype == torch.float32
+        assert abs(loss.double() - reference) <= K, n
+        loss.backward()
+        grads[n] = xi.grad, head.weight.grad
+    (gx, gw), (c_gx, c_gw) = grads[1], grads[chunks]
+    assert c_gx.dtype == gw.dtype == c_gw.dtype == torch.float32
+    count = (targets != -1).sum()
+    slack = 2 ** -8 + K / count + 2 ** -7  # g's rounding, its fp32 inputs' difference, the output's
+    assert (c_gx - gx).abs().max() <= slack * 2 * w.abs().max() / count
+    assert (c_gw - gw).abs().max() <= slack * 2 * x.abs().max()
 
 
 def test_the_automatic_count_makes_chunks_of_the_heads_input_size():
@@ -138,24 +162,30 @@ def test_vocab_parallel_chunks_match_the_whole_loss(tp, chunks):
 
 # ------------------------------------------------------------------ memory
 
-def _saved_bytes(chunks):
+def _saved_bytes(chunks, autocast: bool):
     model = GPT(GPTConfig(block_size=32, vocab_size=512, n_layer=2, n_head=4, n_embd=64), seed=0)
     model.head_loss.chunks = chunks
     idx, targets = (t.clone() for t in  # each a storage of its own, as the trainer's
                     torch.randint(0, 512, (2, 2, 32), generator=torch.Generator().manual_seed(0)))
-    with saved_activations(model.parameters()) as kept:
+    with saved_activations(model.parameters()) as kept, \
+            torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         loss = model(idx, targets=targets)
     kept.pop(loss.untyped_storage().data_ptr())  # the caller's own result
     loss.backward()
     return sum(kept.values()), model.config
 
 
-def test_saved_activations_follow_the_cost_model():
+@pytest.mark.parametrize("autocast", [False, True])
+def test_saved_activations_follow_the_cost_model(autocast):
     """What autograd keeps after the forward, counted (measure.saved_activations): the
-    whole loss keeps the fp32 log-softmax (b s V), the chunked one its logsumexp (b s)."""
-    whole, cfg = _saved_bytes(1)
-    chunked, _ = _saved_bytes(4)
-    assert whole == activation_bytes(cfg, Layout(), 2)
-    assert chunked == activation_bytes(cfg, Layout(loss_chunks=4), 2)
-    b_s, V = 2 * 32, 512  # the log-softmax and nll's total weight, for the lse, two masks, the count
-    assert whole - chunked == (4 * b_s * V + 4) - ((4 + 2) * b_s + 8)
+    whole loss keeps the fp32 log-softmax (b s V), the chunked one its logsumexp (b s);
+    under bf16 autocast the chunked loss keeps the head's input in bf16, as the head does,
+    and no cast of its weight."""
+    compute = 2 if autocast else 4
+    whole, cfg = _saved_bytes(1, autocast)
+    chunked, _ = _saved_bytes(4, autocast)
+    assert whole == activation_bytes(cfg, Layout(), 2, compute_bytes=compute)
+    assert chunked == activation_bytes(cfg, Layout(loss_chunks=4), 2, compute_bytes=compute)
+    b_s, V, C = 2 * 32, 512, 64  # the log-softmax and nll's total weight, for the logsumexp and the count
+    weight_cast = autocast * 2 * V * C
+    assert whole - chunked == (4 * b_s * V + 4) + weight_cast - (4 * b_s + 8)

@@ -6,7 +6,7 @@
     chunked  the B T tokens in n chunks (Liger's FusedLinearCrossEntropy, torchtitan's
              chunked loss); per chunk c of n_c tokens:
                  forward    logits_c = x_c W^T -> lse_c = logsumexp, l_c[target];
-                            keeps lse (4 bytes a token), never the logits
+                            keeps x, the targets and lse (4 bytes a token), never the logits
                  backward   logits_c again -> g_c = (softmax - onehot) dloss / count
                             grad x_c = g_c W,  grad W += g_c^T x_c
              only one chunk's fp32 logits (and their gradient, in place) exist at a time;
@@ -55,21 +55,28 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
 
 
+def target_columns(targets, vocab_start: int, vocab_rows: int, ignore_index: int):
+    """Where each target's logit is among this head's rows [vocab_start, + vocab_rows):
+    its column (clamped: any, where it is elsewhere), whether it is here and counts, and
+    whether it counts at all (not ignore_index)."""
+    local = targets - vocab_start
+    valid = targets != ignore_index
+    here = (local >= 0) & (local < vocab_rows) & valid
+    return local.clamp(0, vocab_rows - 1), here, valid
+
+
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, targets, chunks, ignore_index, vocab_start, all_reduce):
         """x (N, C), weight (V_local, C), targets (N,) -> the mean loss (a 0-d tensor)."""
         compute = _compute_dtype(x)
         acc = torch.promote_types(compute, torch.float32)
-        local = targets - vocab_start
-        here = (local >= 0) & (local < weight.size(0))  # the target's column is on this rank
-        local = local.clamp(0, weight.size(0) - 1)
-        valid = targets != ignore_index
+        local, here, valid = target_columns(targets, vocab_start, weight.size(0), ignore_index)
+        x_dtype, x, w = x.dtype, x.to(compute), weight.to(compute)  # x kept as the plain head keeps it
         lse = torch.empty(len(x), dtype=acc, device=x.device)
         loss_sum = torch.zeros((), dtype=acc, device=x.device)
-        w = weight.to(compute)
         for rows in _spans(len(x), chunks):
-            logits = F.linear(x[rows].to(compute), w).to(acc)
+            logits = F.linear(x[rows], w).to(acc)
             m = logits.max(-1).values
             all_reduce(m, "max")
             target_logit = logits.gather(-1, local[rows].unsqueeze(-1)).squeeze(-1) * here[rows]
@@ -78,28 +85,28 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             lse[rows] = m + sums[0].log()
             loss_sum += ((lse[rows] - sums[1]) * valid[rows]).sum()
         count = valid.sum()
-        ctx.save_for_backward(x, weight, local, here & valid, valid, lse, count)
-        ctx.chunks, ctx.compute = chunks, compute
+        ctx.save_for_backward(x, weight, targets, lse, count)
+        ctx.chunks, ctx.ignore_index, ctx.vocab_start, ctx.x_dtype = chunks, ignore_index, vocab_start, x_dtype
         return loss_sum / count
 
     @staticmethod
     def backward(ctx, grad_loss):
-        x, weight, local, target_here, valid, lse, count = ctx.saved_tensors
-        w = weight.to(ctx.compute)
-        scale = valid * (grad_loss / count)
+        x, weight, targets, lse, count = ctx.saved_tensors
+        local, here, valid = target_columns(targets, ctx.vocab_start, weight.size(0), ctx.ignore_index)
+        w = weight.to(x.dtype)
+        scale = valid * (grad_loss / count.clamp(min=1))  # no token counts: zeros, as F.cross_entropy's
         grad_x = torch.empty_like(x)
-        grad_w = torch.zeros_like(weight)
+        grad_w = torch.zeros_like(weight, dtype=lse.dtype)  # fp32 at least: summed over every chunk
         for rows in _spans(len(x), ctx.chunks):
-            x_c = x[rows].to(ctx.compute)
-            g = F.linear(x_c, w).to(lse.dtype).sub_(lse[rows].unsqueeze(-1)).exp_()  # softmax
-            g.scatter_add_(-1, local[rows].unsqueeze(-1), -target_here[rows].unsqueeze(-1).to(g.dtype))
-            g = g.mul_(scale[rows].unsqueeze(-1)).to(ctx.compute)
-            grad_x[rows] = (g @ w).to(x.dtype)  # a partial sum under vocab parallelism
+            g = F.linear(x[rows], w).to(lse.dtype).sub_(lse[rows].unsqueeze(-1)).exp_()  # softmax
+            g.scatter_add_(-1, local[rows].unsqueeze(-1), -here[rows].unsqueeze(-1).to(g.dtype))
+            g = g.mul_(scale[rows].unsqueeze(-1)).to(x.dtype)
+            grad_x[rows] = g @ w  # a partial sum under vocab parallelism
             if g.dtype == grad_w.dtype:
-                grad_w.addmm_(g.t(), x_c)  # no V x C temporary
-            else:  # the compute dtype's product, summed in the weight's
-                grad_w += g.t() @ x_c
-        return grad_x, grad_w, None, None, None, None, None
+                grad_w.addmm_(g.t(), x[rows])  # no V x C temporary
+            else:  # the compute dtype's product (bf16), summed in fp32
+                grad_w += g.t() @ x[rows]
+        return grad_x.to(ctx.x_dtype), grad_w.to(weight.dtype), None, None, None, None, None
 
 
 def chunked_cross_entropy(x, weight, targets, chunks: int, ignore_index: int = -1,
@@ -120,11 +127,13 @@ class HeadLoss(nn.Module):
         super().__init__()
         self.chunks = chunks
 
-    def n_chunks(self, x: torch.Tensor, vocab_rows: int) -> int:
-        return loss_chunks(self.chunks, x.numel() // x.size(-1), vocab_rows, x.size(-1))
+    def n_chunks(self, targets: torch.Tensor, head_weight: torch.Tensor) -> int:
+        """`chunks` resolved for these targets (all of a sequence-parallel x's tokens) and this
+        rank's rows of the head: the same on every rank of a TP group."""
+        return loss_chunks(self.chunks, targets.numel(), head_weight.size(0), head_weight.size(1))
 
     def forward(self, x, head, targets):
-        chunks = self.n_chunks(x, head.weight.size(0))
+        chunks = self.n_chunks(targets, head.weight)
         if chunks == 1:
             return cross_entropy(head(x), targets)
         return chunked_cross_entropy(x, head.weight, targets, chunks)

@@ -17,7 +17,7 @@ once (its gradient, each rank's partial sum, summed over TP as the head's would 
 import torch
 from torch.distributed.tensor import DTensor, Partial, Replicate
 
-from nanodist.model.loss import HeadLoss, chunked_cross_entropy, cross_entropy
+from nanodist.model.loss import HeadLoss, chunked_cross_entropy, cross_entropy, target_columns
 
 
 class _VocabParallelCrossEntropy(torch.autograd.Function):
@@ -25,23 +25,19 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
     def forward(ctx, logits, targets, group, ignore_index):
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # fp32 at least
         vocab_local = logits.size(-1)
-        start = group.rank * vocab_local
+        local_target, target_here, valid = target_columns(targets, group.rank * vocab_local, vocab_local,
+                                                          ignore_index)
         logits_max = logits.max(dim=-1).values
         group.all_reduce(logits_max, op="max")
         shifted = logits - logits_max.unsqueeze(-1)             # <= 0: exp cannot overflow
         exp = shifted.exp()
-        local_target = targets - start
-        here = (local_target >= 0) & (local_target < vocab_local)
-        local_target = local_target.clamp(0, vocab_local - 1)
-        target_logit = shifted.gather(-1, local_target.unsqueeze(-1)).squeeze(-1) * here
+        target_logit = shifted.gather(-1, local_target.unsqueeze(-1)).squeeze(-1) * target_here
         sums = torch.stack([exp.sum(dim=-1), target_logit])
         group.all_reduce(sums)
         sum_exp, target_logit = sums
-        valid = targets != ignore_index
         count = valid.sum()
         loss = ((sum_exp.log() - target_logit) * valid).sum() / count
-        ctx.save_for_backward(exp.div_(sum_exp.unsqueeze(-1)), local_target, here & valid,
-                              valid, count)
+        ctx.save_for_backward(exp.div_(sum_exp.unsqueeze(-1)), local_target, target_here, valid, count)
         return loss
 
     @staticmethod
@@ -69,37 +65,36 @@ def dtensor_cross_entropy(logits, targets, ignore_index: int = -1):
 
 class VocabParallelHeadLoss(HeadLoss):
     """The head's loss under custom loss parallelism: `head` is a ColumnParallelLinear
-    (tensor_parallel.py) leaving this rank's V/tp columns of the logits."""
+    (tensor_parallel.py) leaving this rank's V/tp columns of the logits; `group` the TP group."""
 
     def __init__(self, group, chunks: int = 1):
         super().__init__(chunks)
         self.group = group
 
     def forward(self, x, head, targets):
-        chunks = self.n_chunks(x, head.weight.size(0))
+        chunks = self.n_chunks(targets, head.weight)
         if chunks == 1:
             return vocab_parallel_cross_entropy(head(x), targets, self.group)
-        return chunked_cross_entropy(head.gather_input(x), head.weight, targets, chunks,
-                                     vocab_start=self.group.rank * head.weight.size(0),
+        return self.chunked(head.gather_input(x), head.weight, targets, chunks)
+
+    def chunked(self, x, weight, targets, chunks: int):
+        """The model's chunked loss on this rank's rows of the head: x (B, T, C) whole (SP
+        gathered), its gradient each rank's partial sum."""
+        return chunked_cross_entropy(x, weight, targets, chunks, vocab_start=self.group.rank * weight.size(0),
                                      all_reduce=self.group.all_reduce)
 
 
-class DTensorHeadLoss(HeadLoss):
+class DTensorHeadLoss(VocabParallelHeadLoss):
     """The head's loss under DTensor loss parallelism: `head` is ColwiseParallel with
     Shard(-1) logits; chunked, its input made Replicate (all-gathered under SP) with a
-    Partial gradient, and its weight's local rows."""
-
-    def __init__(self, group, chunks: int = 1):
-        super().__init__(chunks)
-        self.group = group
+    Partial gradient (DTensor sums it over TP), and its weight's local rows."""
 
     def forward(self, x, head, targets):
         weight = head.weight.to_local()
-        chunks = self.n_chunks(x, weight.size(0))
+        chunks = self.n_chunks(targets, weight)
         if chunks == 1:
             return dtensor_cross_entropy(head(x), targets)
         if not isinstance(x, DTensor):
             x = DTensor.from_local(x, self.group.device_mesh, [Replicate()], run_check=False)
         x = x.redistribute(placements=[Replicate()]).to_local(grad_placements=[Partial()])
-        return chunked_cross_entropy(x, weight, targets, chunks, vocab_start=self.group.rank * weight.size(0),
-                                     all_reduce=self.group.all_reduce)
+        return self.chunked(x, weight, targets, chunks)

@@ -212,9 +212,8 @@ def activation_bytes(cfg: GPTConfig, layout: Layout, micro_batch: int, checkpoin
     head: ln_f input and statistics (/ t under SP, fp32), lm_head input (b s h), the fp32
     log-softmax of the logits (b s V, / t with loss parallelism) and nll_loss's total
     weight (one float); int64 token ids, targets and positions. The chunked loss
-    (--loss_chunks, model/loss.py) keeps no logits: the logsumexp (fp32), two masks
-    (bool), the count of its tokens (int64), and the targets on this rank's vocabulary
-    in place of the targets.
+    (--loss_chunks, model/loss.py) keeps no logits: the head's input (as lm_head), the
+    targets, their logsumexp (fp32) and their count (int64).
     autocast (compute_bytes < 4) of fp32 weights (not FSDP's: it gathers them in the
     compute dtype) keeps each matmul's weight cast for backward: 12 h^2 / t per block and
     V h / t of the head (not the chunked loss's: it casts again in backward), per
@@ -243,7 +242,7 @@ def activation_bytes(cfg: GPTConfig, layout: Layout, micro_batch: int, checkpoin
               + len(kept) * layer["selective" if checkpointing == "selective" else "none"]
               + sum(cfg.is_moe(i) for i in kept) * moe)
     whole = head_chunks(cfg, layout, micro_batch) == 1
-    loss = FP32 * (b * s * V / (t if layout.loss_parallel else 1) + 1) if whole else (FP32 + 2) * b * s + 8
+    loss = FP32 * (b * s * V / (t if layout.loss_parallel else 1) + 1) if whole else FP32 * b * s + 8
     head = FP32 * (bsh + 2 * b * s) / seq_split + c * bsh + loss
     casts = c * (len(blocks) * 12 * h * h + V * h * last * whole) / t if c < FP32 and not layout.fsdp else 0
     return layers + head * last + casts + 8 * (b * s + s) * first + 8 * b * s * last

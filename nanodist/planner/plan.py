@@ -155,11 +155,12 @@ def memory(job: Job, layout: Layout, micro_batch: int, M: int, pp_rank: int = 0)
     # (b s 4h / t); or three of the head's fp32 logits (b s V, / t with loss parallelism):
     # the loss's gradient, log-softmax's exp(output) and its result (PyTorch's
     # loss_parallel one more: measured 3.7 with GPT-2's vocabulary). The chunked loss
-    # (loss.py) holds one chunk's: fp32, and its matmul's output and the gradient in the
-    # compute dtype under autocast; and the head's weight gradient, whole (fp32) before
-    # autograd adds it to the parameter's; under autocast also the head's weight cast
-    # again for backward (not FSDP's: gathered in bf16) and a chunk's weight gradient in
-    # bf16 and as the fp32 copy the sum makes of it (fp32: added in place)
+    # (loss.py) holds one chunk's: fp32, and under autocast its matmul's output and the
+    # gradient in bf16; and the head's weight gradient, summed in fp32; under autocast
+    # also the head's weight cast again for backward (not FSDP's: gathered in bf16), a
+    # chunk's bf16 weight gradient, and on CPU its fp32 copy the sum makes (CUDA casts in
+    # the kernel)
+    gloo = job.device == "cpu"  # gloo copies a reduce-scatter's (all-gather's) whole tensor
     vocab_rows = model.vocab_size / (layout.tp if layout.loss_parallel else 1)
     n_chunks = head_chunks(model, layout, micro_batch)
     if n_chunks == 1:
@@ -167,11 +168,10 @@ def memory(job: Job, layout: Layout, micro_batch: int, M: int, pp_rank: int = 0)
         loss = copies_of_logits * FP32 * tokens * vocab_rows
     else:
         mixed = c < FP32
-        head_weights = (FP32 + mixed * (c * (1 - layout.fsdp) + c + FP32)) * vocab_rows * model.n_embd
+        head_weights = (FP32 + mixed * (c * (1 - layout.fsdp) + c + FP32 * gloo)) * vocab_rows * model.n_embd
         loss = (FP32 + mixed * c) * math.ceil(tokens / n_chunks) * vocab_rows + head_weights
     backward = max(2 * c * tokens * 4 * model.n_embd / layout.tp, loss * last)
     buffers, shards = 0.0, 1
-    gloo = job.device == "cpu"  # gloo copies a reduce-scatter's (all-gather's) whole tensor
     stage = stage_params(model, layout, pp_rank)["total"]
     if layout.fsdp:  # gathered parameters in the compute dtype
         unit = max([param_counts(model, layout.tp, range(i, i + 1), ep=layout.ep)["blocks"]
