@@ -241,14 +241,14 @@ def single_moe(char_data, tmp_path_factory):
     (4, dict(data_parallel_size=2, expert_parallel_size=2, pipeline_parallel_size=2)),
     (4, dict(data_parallel_size=2, expert_parallel_size=4, context_parallel_size=2)),
     (2, dict(data_parallel_size=2, expert_parallel_size=2, activation_checkpointing="full")),
-    (4, dict(data_parallel_size=4, expert_parallel_size=2, data_parallel_type="zero1")),
+    (4, dict(data_parallel_size=4, expert_parallel_size=2, data_parallel_type="zero1", loss_chunks=3)),
     (4, dict(data_parallel_size=4, data_parallel_type="fsdp", implementation="pytorch")),
     (2, dict(data_parallel_size=2, implementation="pytorch")),
     (2, dict(tensor_parallel_size=2, enable_loss_parallelism=True, implementation="pytorch", loss_chunks=3)),
     (2, dict(data_parallel_size=2, data_parallel_type="zero1")),
-    (4, dict(data_parallel_size=4, data_parallel_type="fsdp", data_parallel_replicas=2)),
+    (4, dict(data_parallel_size=4, data_parallel_type="fsdp", data_parallel_replicas=2, loss_chunks=3)),
 ], ids=["ep2", "ep2-fsdp", "dp4-ep2", "ep4-fsdp", "tp2xep2", "pp2xep2", "cp2xep4", "ep2-ac",
-        "zero1-4-ep2", "moe-fsdp2-native", "moe-ddp-native", "moe-dtensor-tp2-chunks", "moe-zero1", "moe-hsdp2x2"])
+        "zero1-4-ep2-chunks", "moe-fsdp2-native", "moe-ddp-native", "moe-dtensor-tp2-chunks", "moe-zero1", "moe-hsdp2x2-chunks"])
 def test_matches_one_process(char_data, tmp_path, single_moe, world, layout):
     """Float64 AdamW steps with clipping: harness.assert_records_match's bound over the
     MoE model's parameters (routing is discontinuous, but no two experts of one token lie
@@ -306,7 +306,7 @@ def counted_step(kwargs):
     (2, dict(data_parallel_size=2, expert_parallel_size=2)),
     (4, dict(data_parallel_size=4, expert_parallel_size=2, data_parallel_type="fsdp")),
     (4, dict(data_parallel_size=2, expert_parallel_size=2, context_parallel_size=2)),
-    (4, dict(data_parallel_size=4, expert_parallel_size=2, data_parallel_type="zero1")),
+    (4, dict(data_parallel_size=4, expert_parallel_size=2, data_parallel_type="zero1", loss_chunks=3)),
 ], ids=["ep2", "dp4-ep2-fsdp", "cp2xep2", "zero1-4-ep2"])
 def test_all_to_all_and_state_follow_the_cost_model(char_data, tmp_path, world, layout):
     """Calls exactly; payload summed over the ranks exactly (every row a rank sends, one
