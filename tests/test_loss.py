@@ -109,11 +109,12 @@ def test_under_bf16_autocast_the_matmul_is_bf16_and_the_softmax_fp32(chunks):
 
 
 def test_the_automatic_count_makes_chunks_of_the_heads_input_size():
-    """Liger's rule: ceil(V / C) chunks (gpt2: 50304 / 768 -> 66), none smaller than a token."""
-    assert loss_chunks(0, 8 * 1024, 50304, 768) == 66
-    assert loss_chunks(0, 8 * 1024, 50304 // 4, 768) == 17  # a TP rank's vocabulary
-    assert loss_chunks(0, 10, 50304, 768) == 10 and loss_chunks(5, 3, 100, 10) == 3
-    assert loss_chunks(1, 8 * 1024, 50304, 768) == 1
+    """Liger's rule, ceil(V / C) chunks (gpt2: 50304 / 768 -> 66), none under 1024 tokens."""
+    assert loss_chunks(0, 128 * 1024, 50304, 768) == 66
+    assert loss_chunks(0, 64 * 1024, 50304 // 4, 768) == 17  # a TP rank's vocabulary
+    assert loss_chunks(0, 8 * 1024, 50304, 768) == 8
+    assert loss_chunks(0, 2047, 50304, 768) == 1
+    assert loss_chunks(5, 3, 100, 10) == 3 and loss_chunks(1, 8 * 1024, 50304, 768) == 1
 
 
 def test_chunks_under_tp_need_loss_parallelism():

@@ -32,12 +32,17 @@ def cross_entropy(logits, targets, ignore_index: int = -1):
                            ignore_index=ignore_index)
 
 
+MIN_CHUNK_TOKENS = 1024  # a chunk reads all of W: with fewer tokens, reading W outweighs the matmul
+
+
 def loss_chunks(chunks: int, tokens: int, vocab_rows: int, n_embd: int) -> int:
     """--loss_chunks resolved for a micro-batch of `tokens` and a head of `vocab_rows` rows
-    (V, or V / tp under loss parallelism): at most one chunk a token; 0 (automatic) is
-    Liger's rule, chunks whose logits are about as large as the head's input x (tokens x C),
-    so the loss adds about x to the peak: ceil(V / C) chunks (66 for gpt2)."""
-    return max(1, min(chunks or math.ceil(vocab_rows / n_embd), tokens))
+    (V, or V / tp under loss parallelism): at most one chunk a token. 0 (automatic) is
+    Liger's rule, chunks whose logits are about as large as the head's input x (tokens x
+    C), ceil(V / C) of them (66 for gpt2), but none under MIN_CHUNK_TOKENS tokens (gpt2
+    at 64 x 1024: 64 chunks, at 8 x 1024: 8; below 2048 tokens the loss stays whole)."""
+    automatic = min(math.ceil(vocab_rows / n_embd), tokens // MIN_CHUNK_TOKENS)
+    return max(1, min(chunks or automatic, tokens))
 
 
 def _spans(n: int, chunks: int) -> list[slice]:
