@@ -1,5 +1,6 @@
 """The trainer on one process, the command line, and its bad-input errors."""
 import math
+import time
 from dataclasses import fields
 from pathlib import Path
 
@@ -7,10 +8,11 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from harness import assert_records_match, run_train
+from harness import assert_records_match, run_train, tiny_run
 from nanodist import train
 from nanodist.run.config import TrainConfig, parse_args, resolve
 from nanodist.errors import UserError
+from nanodist.run.faults import RunLock
 from nanodist.run.run_dir import new_run_dir
 from nanodist.run.step_report import step_report
 from nanodist.run.trainer import Trainer, lr_at
@@ -110,6 +112,21 @@ def test_single_process_training_loss_falls_and_is_logged(char_data, tmp_path):
     assert [s for s, _ in scalars(tmp_path / "run", "Memory/peak_GiB")] == [0, 14, 29]
     # the first loss is that of a model that knows nothing: ln(vocabulary padded to 128)
     assert abs(losses[0] - math.log(128)) < 0.1
+
+
+def test_steps_is_train_a_step_at_a_time_and_closing_it_ends_the_run(char_data, tmp_path):
+    """Trainer.steps() (bench/peer.py drives one): each step's record as the step ends; the
+    caller's pause between two steps is not in the next step's time; closed early, the run
+    directory is released."""
+    out_dir = tmp_path / "run"
+    steps = Trainer(TrainConfig(**tiny_run(char_data, out_dir, max_steps=4))).steps()
+    first, second = next(steps), next(steps)  # the first measures its memory: the second starts afresh
+    time.sleep(2.0)
+    third = next(steps)
+    assert [first["step"], second["step"], third["step"]] == [0, 1, 2]
+    assert third["step_time"] < 2.0
+    steps.close()
+    RunLock(out_dir).release()  # free: no job holds it now
 
 
 def test_gradient_accumulation_gives_the_same_step_as_one_big_batch(char_data, tmp_path):

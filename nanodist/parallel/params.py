@@ -17,6 +17,7 @@ from typing import Callable, Iterator
 import torch
 import torch.nn as nn
 from torch.distributed.tensor import DTensor
+from torch.profiler import record_function
 
 from nanodist.model.gpt import TIED_NAMES
 from nanodist.parallel.clip import grad_norm, scale_grads_
@@ -116,10 +117,11 @@ class Params:
 
     def clip_grad_norm(self, max_norm: float | None) -> torch.Tensor:
         """The norm before clipping; scales the gradients to at most max_norm when given."""
-        norm = self.grad_norm()
-        if max_norm is not None:
-            scale_grads_(self.param_list(), norm, max_norm)
-        return norm
+        with record_function("grad_norm"):  # a phase of the step in profiler traces
+            norm = self.grad_norm()
+            if max_norm is not None:
+                scale_grads_(self.param_list(), norm, max_norm)
+            return norm
 
 
 class ModuleParams(Params):

@@ -3,6 +3,8 @@ one table that names each quantity once (its tag, its format in the line, its va
 
     step    3/50 | loss 4.1735 | aux 1.0312 | lr 6.00e-04 | norm 1.234 | 95 ms | 21,558 tok/s ...
 """
+from nanodist.run.metrics import rss_peak_bytes
+
 GiB = 2**30
 
 
@@ -27,3 +29,25 @@ def step_report(record: dict, max_steps: int, clipping: bool, in_line: dict[str,
     scalars = {**{tag: value for tag, _, value in fields if tag}, **metrics}
     line = " | ".join(form.format(value) for _, form, value in fields if value is not None)
     return scalars, f"step {record['step'] + 1:5d}/{max_steps} | {line}"
+
+
+class StepLog:
+    """Reports each step of a run: completes its record (tokens/s, the process's peak
+    resident memory so far), sends its scalars to `logger` (the main rank's TensorBoard
+    Logger) and its line to `echo` (the trainer's print: rank 0), with MFU where the
+    device's peak FLOP/s is known (`peak_flops`, of each of `world` devices)."""
+
+    def __init__(self, logger, echo, cfg, in_line: dict[str, str], flops_per_step: float,
+                 peak_flops: float | None, world: int):
+        self.logger, self.echo, self.in_line = logger, echo, in_line
+        self.max_steps, self.clipping, self.tokens_per_step = cfg.max_steps, cfg.gradient_clipping, cfg.total_batch_size
+        self.flops_per_device, self.peak_flops = flops_per_step / world, peak_flops
+
+    def __call__(self, record: dict):
+        """`record`: the trainer's, with its step, step_time, peak_memory (and val_loss)."""
+        dt = record["step_time"]
+        record.update(tokens_per_sec=self.tokens_per_step / dt, rss_peak=rss_peak_bytes())
+        mfu = self.flops_per_device / dt / self.peak_flops if self.peak_flops else None
+        scalars, line = step_report(record, self.max_steps, self.clipping, self.in_line, mfu)
+        self.logger.scalars(record["step"], scalars)
+        self.echo(line)

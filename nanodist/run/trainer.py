@@ -20,23 +20,23 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.profiler import record_function
 
 from nanodist import checkpoint
-
 from nanodist.run import faults, preflight, run_dir
 from nanodist.run.config import TrainConfig, check_values, fit, resolve
 from nanodist.data.loader import BatchLoader
 from nanodist.errors import UserError
 from nanodist.model.hf import pretrained_tensors
 from nanodist.run.launch import init_distributed, pick_device
-from nanodist.run.metrics import Logger, StepMemory, device_peak_flops, enable_tf32, rss_peak_bytes
+from nanodist.run.metrics import Logger, StepMemory, device_peak_flops, enable_tf32
 from nanodist.model.gpt import GPT, StepMetrics, flops_per_token
 from nanodist.parallel.comm import Comm
 from nanodist.parallel.layout import Layout
 from nanodist.parallel.mesh import build_mesh
 from nanodist.parallel.parallelize import Setup, parallelize
 from nanodist.run.profiling import StepProfiler, parse_steps
-from nanodist.run.step_report import step_report
+from nanodist.run.step_report import StepLog
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -95,7 +95,6 @@ class Trainer:
         self.tokens_per_step = cfg.total_batch_size
         self.flops_per_step = flops_per_token(self.model_cfg, self.n_params) * self.tokens_per_step
         tf32 = enable_tf32(device, cfg.dtype)
-        self.peak_flops = device_peak_flops(device, cfg.dtype)
 
         if not cfg.out_dir:  # a fresh run directory, named by rank 0 for all
             cfg.out_dir = self._decided_by_rank0(lambda: run_dir.new_run_dir(Path("runs"), layout.name))
@@ -122,6 +121,8 @@ class Trainer:
             self._release_run_dir()
             raise
         self.last_checkpoint = found
+        self.report = StepLog(self.logger, self.print, cfg, self.metrics.in_line, self.flops_per_step,
+                              device_peak_flops(device, cfg.dtype), mesh.world_size)
         self.logger.text("config", "\n".join(f"    {k} = {v}" for k, v in asdict(cfg).items()))
         self.print(f"{layout.name}: {self.n_params / 1e6:.2f}M parameters, {mesh.world_size} "
                    f"process(es) on {device}{' (fp32 matmuls in TF32)' if tf32 else ''}, "
@@ -208,7 +209,8 @@ class Trainer:
             group["lr"] = lr
         batches = [self.data.train_batch(step, micro) for micro in range(self.micro_steps)]
         self.metrics.reset()
-        loss_sum = self.runner.forward_backward(batches, self.autocast)
+        with record_function("forward_backward"):  # a phase of the step in profiler traces
+            loss_sum = self.runner.forward_backward(batches, self.autocast)
         norm = self.params.clip_grad_norm(self.cfg.max_grad_norm if self.cfg.gradient_clipping else None)
         signal = self.stop.flag() if self.stop else torch.zeros((), device=norm.device)
         values = [self._dp_mean(loss_sum), norm, signal] + self.metrics.tensors()
@@ -218,9 +220,8 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             saved = checkpoint.checkpoints(self.cfg.out_dir)
             kept = f"the last checkpoint, {saved[-1]}, is intact" if saved else "no checkpoint yet"
-            raise UserError(f"step {step + 1}: the loss is {loss} and the gradient norm {norm}; "
-                            f"stopped before the update, {kept}. Lower --learning_rate or enable "
-                            f"--gradient_clipping")
+            raise UserError(f"step {step + 1}: the loss is {loss} and the gradient norm {norm}; stopped before "
+                            f"the update, {kept}. Lower --learning_rate or enable --gradient_clipping")
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return {"loss": loss, "grad_norm": norm, "lr": lr, "signal": int(signal),
@@ -236,12 +237,17 @@ class Trainer:
         return self._dp_mean(loss_sum / self.cfg.eval_iters).item()
 
     def train(self) -> list[dict]:
-        """Runs max_steps optimizer steps; returns the per-step records (rank-local).
-        SIGTERM, SIGINT or a dead launcher stop every rank after the same step, which is
-        saved first (faults.Stopped)."""
+        """Runs max_steps optimizer steps; returns the per-step records (rank-local)."""
+        return list(self.steps())
+
+    def steps(self):
+        """train() a step at a time (run it to the end or close it): each step's record once
+        it is logged and saved; the caller's time before it asks for the next is not the
+        step's. SIGTERM, SIGINT or a dead launcher stop every rank after the same step, saved
+        first (faults.Stopped)."""
         with faults.StopRequest(self.mesh.device, self.launcher) as self.stop:
             try:
-                return self._train()
+                yield from self._train()
             finally:  # under the signal handlers: torchrun's SIGTERM, as a peer dies, waits for them
                 self.stop = None
                 self.logger.close()
@@ -258,15 +264,14 @@ class Trainer:
         raise faults.Stopped(f"stopped by {faults.describe(signum)} after step {step}; {kept}",
                              exit_code=128 + signum)
 
-    def _train(self) -> list[dict]:
-        history, profiler = [], self.profiler
+    def _train(self):
         ready = None  # when the last step's values reached the host (None: something else ran since)
         for step in range(self.start_step, self.cfg.max_steps):
             last = step == self.cfg.max_steps - 1
             evaluates = (step + 1) % self.cfg.eval_interval == 0 or last
-            profiler.before(step)
+            self.profiler.before(step)
             # CPU memory is measured on the first step and the evaluated ones (it slows a step)
-            measure = (step == self.start_step or evaluates) and not profiler.covers(step)
+            measure = (step == self.start_step or evaluates) and not self.profiler.covers(step)
             with self.memory.step(measure):
                 t0 = ready or time.perf_counter()
                 record = self.train_step(step)
@@ -274,26 +279,20 @@ class Trainer:
                 # the next step is prepared): from one such wait to the next is one step
                 ready = time.perf_counter()
                 dt = ready - t0
-            profiler.after(step)
-            if measure or profiler.covers(step):  # their own work ran after the wait
+            self.profiler.after(step)
+            if measure or self.profiler.covers(step):  # their own work ran after the wait
                 ready = None
-            record.update(step=step, step_time=dt, tokens_per_sec=self.tokens_per_step / dt,
-                          peak_memory=self.memory.peak,  # None on CPU steps not measured
-                          rss_peak=rss_peak_bytes())
-            mfu = (self.flops_per_step / dt / self.mesh.world_size / self.peak_flops
-                   if self.peak_flops else None)
+            record.update(step=step, step_time=dt, peak_memory=self.memory.peak)  # None: a CPU step not measured
             if evaluates:
                 record["val_loss"] = self.evaluate()
                 ready = None
-            scalars, line = step_report(record, self.cfg.max_steps, self.cfg.gradient_clipping,
-                                        self.metrics.in_line, mfu)
-            self.logger.scalars(step, scalars)
-            self.print(line)
-            history.append(record)
+            self.report(record)
             every = self.cfg.checkpoint_interval or self.cfg.eval_interval
             if self.cfg.checkpoint_interval >= 0 and ((step + 1) % every == 0 or last):
                 self.save(step + 1)
                 ready = None
             if record["signal"]:
                 self._stop(step + 1, record["signal"])
-        return history
+            paused = time.perf_counter()
+            yield record
+            ready = ready and ready + time.perf_counter() - paused  # the caller's time is not the step's
