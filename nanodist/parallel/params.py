@@ -92,9 +92,16 @@ class Params:
         return decay + no_decay
 
     def param_groups(self, weight_decay: float) -> list[dict]:
+        """AdamW's groups: decayed and not, each split into DTensors and plain tensors (the
+        fused AdamW takes one kind a group; DTensor TP without SP leaves the norms plain)."""
         decay, no_decay = self.optimizer_params()
-        return [{"params": decay, "weight_decay": weight_decay},
-                {"params": no_decay, "weight_decay": 0.0}]
+        groups = []
+        for params, decayed in ((decay, weight_decay), (no_decay, 0.0)):
+            for dtensors in (True, False):
+                kind = [p for p in params if isinstance(p, DTensor) == dtensors]
+                if kind:
+                    groups.append({"params": kind, "weight_decay": decayed})
+        return groups
 
     def optimizer(self, weight_decay: float, **adamw) -> torch.optim.Optimizer:
         """AdamW over these parameters, GPT-2's weight decay on matrices only (a layout

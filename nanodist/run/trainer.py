@@ -88,8 +88,9 @@ class Trainer:
         self.parallel = parallelize(model, setup)
         self.runner, self.params = self.parallel.runner, self.parallel.params
         self.metrics = StepMetrics([part.gpt for part in self.parallel.parts], self.micro_steps)
+        # fused: one kernel for all parameters, CPU too (torch's default there loops: docs/bench/peer.md)
         self.optimizer = self.params.optimizer(cfg.weight_decay, lr=cfg.learning_rate,
-                                               betas=(cfg.beta1, cfg.beta2), fused=device.type == "cuda")
+                                               betas=(cfg.beta1, cfg.beta2), fused=True)
         self.autocast = (torch.autocast(device.type, dtype=torch.bfloat16)
                          if cfg.dtype == "bfloat16" else nullcontext())
         self.tokens_per_step = cfg.total_batch_size
