@@ -1,7 +1,8 @@
 """The cost model (nanodist/planner/cost.py, traffic.py) against hand-worked examples and
-the real model, the benchmark's traffic counter against comm.py's, and a smoke run of
-bench/run.py (schema, not speed)."""
+the real model, the benchmark's traffic counter against comm.py's, and smoke runs of
+bench/run.py and bench/peer.py (schema, not speed)."""
 import json
+import math
 import subprocess
 import sys
 
@@ -135,3 +136,26 @@ def test_quick_run_writes_the_report(char_data, tmp_path):
     assert fsdp["state_ratio"] == pytest.approx(1, abs=0.1)
     for name in ("report.md", "throughput.png", "memory.png", "loss.png"):
         assert (tmp_path / name).stat().st_size > 0, name
+
+
+def test_peer_bench_times_both_jobs_in_both_modes(char_data, tmp_path):
+    """bench/peer.py on the tiny model, two rounds: a row per mode, both jobs training on the
+    data (first loss ~ ln of the vocabulary padded to 128), JSON and Markdown; --profile
+    prints each job's phases."""
+    peer = [sys.executable, str(REPO / "bench" / "peer.py"), "--model", "tiny", "--block_size", "32",
+            "--batch_size", "2", "--steps", "2", "--warmup", "1", "--data_dir", char_data]
+    done = subprocess.run(peer + ["--out", str(tmp_path / "peer.json"), "--markdown", str(tmp_path / "peer.md")],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    result = json.loads((tmp_path / "peer.json").read_text())
+    assert [row["mode"].split(":")[0] for row in result["rows"]] == ["one", "ddp"]
+    assert all(row["speed ratio (paired median)"] > 0 for row in result["rows"])
+    for mode in result["modes"].values():
+        assert {job: len(seconds) for job, seconds in mode["step_seconds"].items()} == {"reference": 2, "nanodist": 2}
+        assert all(abs(losses[0] - math.log(128)) < 0.3 for losses in mode["losses"].values())
+    assert "| ddp: 2 process(es) x 1 thread(s) |" in (tmp_path / "peer.md").read_text()
+    profiled = subprocess.run(peer + ["--modes", "one", "--profile"], cwd=REPO, capture_output=True, text=True,
+                              timeout=300)
+    assert profiled.returncode == 0, profiled.stdout + profiled.stderr
+    phases = {line.split("|")[0].strip() for line in profiled.stdout.split("where the step time goes")[1].splitlines()}
+    assert {"data", "forward", "backward", "grad_norm", "optimizer", "other"} <= phases
