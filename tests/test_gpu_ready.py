@@ -426,7 +426,7 @@ def test_gpu_check_runs_on_cpu(char_data):
     assert sum(line.startswith("PASS kernels") for line in lines) == 2
     assert sum(line.startswith("PASS paths: fsdp2-ep2 custom") for line in lines) == 2  # fp32, bf16
     assert any(line.startswith("PASS layouts: fsdp2-ep2 custom float32") for line in lines)
-    assert sum(line.startswith("PASS memory") for line in lines) == 3  # no, full, selective AC
+    assert sum(line.startswith("PASS memory") for line in lines) == 4  # no, full, selective AC; chunked loss
     assert lines[-1].startswith("PASS: 8 passed, 0 failed")
 
 

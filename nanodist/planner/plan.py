@@ -184,7 +184,8 @@ def memory(job: Job, layout: Layout, micro_batch: int, M: int, pp_rank: int = 0)
     # a custom ZeRO-1 bucket in flight, copied by gloo (in backward and in the gather)
     copies = (gloo * min(layout.bucket_cap_mb * 2**20, FP32 * stage)
               if layout.zero1 and layout.implementation == "custom" else 0.0)
-    # AdamW on CPU (a loop over parameters) makes three temporaries of one; fused on CUDA none
+    # AdamW on CPU as a loop over parameters made three temporaries of the largest; fused
+    # (now on every device) fewer: kept as an upper bound until measured again
     largest = max(4 * model.n_embd ** 2, model.vocab_size * model.n_embd * (first or last)) / layout.tp / shards
     optimizer = 3 * FP32 * largest if gloo else 0.0
     live = state + activations + buffers
