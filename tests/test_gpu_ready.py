@@ -427,7 +427,7 @@ def test_gpu_check_runs_on_cpu(char_data):
     assert sum(line.startswith("PASS paths: fsdp2-ep2 custom") for line in lines) == 2  # fp32, bf16
     assert any(line.startswith("PASS layouts: fsdp2-ep2 custom float32") for line in lines)
     assert sum(line.startswith("PASS memory") for line in lines) == 4  # no, full, selective AC; chunked loss
-    assert lines[-1].startswith("PASS: 8 passed, 0 failed")
+    assert lines[-1].startswith("PASS: 9 passed, 0 failed")
 
 
 def test_gpu_check_fails_when_nothing_was_compared_or_a_check_breaks(tmp_path):

@@ -122,8 +122,9 @@ class Trainer:
             self._release_run_dir()
             raise
         self.last_checkpoint = found
-        self.report = StepLog(self.logger, self.print, cfg, self.metrics.in_line, self.flops_per_step,
-                              device_peak_flops(device, cfg.dtype), mesh.world_size)
+        rank0 = self.rank == 0  # not self.print: that cycle would hold the run's lock past `del trainer`
+        self.report = StepLog(self.logger, lambda *line: rank0 and print(*line, flush=True), cfg, self.metrics.in_line,
+                              self.flops_per_step, device_peak_flops(device, cfg.dtype), mesh.world_size)
         self.logger.text("config", "\n".join(f"    {k} = {v}" for k, v in asdict(cfg).items()))
         self.print(f"{layout.name}: {self.n_params / 1e6:.2f}M parameters, {mesh.world_size} "
                    f"process(es) on {device}{' (fp32 matmuls in TF32)' if tf32 else ''}, "
