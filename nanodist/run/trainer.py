@@ -50,6 +50,10 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (cfg.learning_rate - cfg.min_lr)
 
 
+def rank0_print(rank: int):  # not a method: the step log holding it would keep a dropped trainer's lock
+    return (lambda *args: print(*args, flush=True)) if rank == 0 else (lambda *args: None)
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig, comm: Comm | None = None, model_cls=GPT):
         """`comm`: the transport and traffic counter of the hand-written strategies'
@@ -61,6 +65,7 @@ class Trainer:
         # no failure of another rank becomes a silent hang (a bad value: resolve says so)
         timeout = timedelta(seconds=cfg.dist_timeout) if cfg.dist_timeout > 0 else None
         self.rank, world_size = init_distributed(device, timeout)
+        self.print = rank0_print(self.rank)
         self.comm = comm or Comm()
         if cfg.layout == "auto":  # the flags' layout and batch rules are the planner's to meet
             check_values(cfg)
@@ -122,9 +127,8 @@ class Trainer:
             self._release_run_dir()
             raise
         self.last_checkpoint = found
-        rank0 = self.rank == 0  # not self.print: that cycle would hold the run's lock past `del trainer`
-        self.report = StepLog(self.logger, lambda *line: rank0 and print(*line, flush=True), cfg, self.metrics.in_line,
-                              self.flops_per_step, device_peak_flops(device, cfg.dtype), mesh.world_size)
+        self.report = StepLog(self.logger, self.print, cfg, self.metrics.in_line, self.flops_per_step,
+                              device_peak_flops(device, cfg.dtype), mesh.world_size)
         self.logger.text("config", "\n".join(f"    {k} = {v}" for k, v in asdict(cfg).items()))
         self.print(f"{layout.name}: {self.n_params / 1e6:.2f}M parameters, {mesh.world_size} "
                    f"process(es) on {device}{' (fp32 matmuls in TF32)' if tf32 else ''}, "
@@ -187,10 +191,6 @@ class Trainer:
         """Collective: checkpoint step `step` (the next step to run) into --out_dir."""
         self.last_checkpoint = checkpoint.save(self.state(step), self.cfg.out_dir, self.cfg.keep_checkpoints)
         return self.last_checkpoint
-
-    def print(self, *args):
-        if self.rank == 0:
-            print(*args, flush=True)
 
     def _dp_mean(self, value: torch.Tensor) -> torch.Tensor:
         """Mean over DP x CP ranks (TP ranks of one DP group already agree; CP ranks hold
