@@ -29,6 +29,7 @@ the jobs' CPU time (less disturbed by other work on the machine). Writes JSON (-
 and a Markdown table (--markdown). --profile instead runs the steps under torch.profiler
 and prints where each job's step time goes (`Phases`).
 """
+import importlib.util
 import itertools
 import json
 import math
@@ -160,8 +161,15 @@ def nanogpt_model(directory: str | None):
     """(GPT, GPTConfig): nanoGPT's, from DIR/model.py, or the ones above."""
     if not directory:
         return GPT, GPTConfig
-    sys.path.insert(0, str(Path(directory).resolve()))
-    import model  # nanoGPT's model.py
+    path = Path(directory, "model.py")
+    if not path.is_file():
+        sys.exit(f"--nanogpt {directory}: no model.py there; give the directory of a nanoGPT checkout")
+    # by its path (a bare `import model` could find another module of that name first)
+    spec = importlib.util.spec_from_file_location("nanogpt_model", path)
+    model = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(model)
+    if not all(hasattr(model, name) for name in ("GPT", "GPTConfig")):
+        sys.exit(f"--nanogpt {directory}: its model.py has no GPT and GPTConfig; is it nanoGPT's?")
     return model.GPT, model.GPTConfig
 
 
@@ -419,6 +427,7 @@ def main():
     p.add_argument("--profile", action="store_true", help="print where each job's step time goes")
     p.add_argument("--markdown", default=str(DOCS / "peer_table.md"), help="the Markdown table ('': none)")
     args = p.parse_args()
+    nanogpt_model(args.nanogpt)  # a directory without nanoGPT's model.py ends here, before any process starts
     if args.profile and args.warmup < 1:
         p.error("--profile needs --warmup >= 1 (nanodist's first step profiles its own memory)")
     data_dir = prepare_data(args.data_dir)
