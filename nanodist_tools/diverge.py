@@ -1,0 +1,203 @@
+"""python -m nanodist_tools.diverge: where do two layouts part?
+
+    python -m nanodist_tools.diverge single tp2-sp-lp -- --data_dir data/shakespeare_char --model tiny
+    python -m nanodist_tools.diverge --recorded DIR_A DIR_B       (recordings kept with --out)
+    python -m nanodist_tools.diverge --checkpoints CKPT_A CKPT_B  (two checkpoints, layout-free)
+    python -m nanodist_tools.diverge --logs RUN_A RUN_B           (two runs' TensorBoard losses)
+
+A layout is a name of nanodist_tools/layouts.py or its train.py flags in one argument
+("--tensor_parallel_size=2 --sequence_parallel=true"); the flags after `--` are shared.
+Each layout trains --steps steps in fresh processes, every rank recording its pieces
+(diverge_record.py); they are made whole one tensor at a time (diverge_assemble.py) and
+compared in the order one process computes them (diverge_compare.py). The verdict: the
+first tensor past the bound rounding explains, with the rank that holds it and what ran
+before it; or, for layouts that agree, the worst difference of each stage against its bound.
+"""
+import shlex
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+import torch
+
+from nanodist import cli
+from nanodist.errors import UserError
+from nanodist.run.config import layout_of, parse_args, resolve
+from nanodist_tools.diverge_assemble import load
+from nanodist_tools.diverge_compare import compare, owning_steps, stage_label
+from nanodist_tools.layouts import LAYOUTS
+from nanodist_tools.processes import on_processes
+
+DEFAULTS = ["--dtype=float64", "--eval_iters=1", "--checkpoint_interval=-1", "--warmup_steps=0",
+            "--dist_timeout=300"]
+KINDS = {"forward": "output of", "backward": "gradient reaching the output of", "loss": "",
+         "grad": "reduced gradient of", "value": "value after AdamW of"}
+
+
+def layout_flags(spec: str, shared: list[str]) -> tuple[list[str], int]:
+    """train.py's flags of a layout (a name, or flags) and its number of processes."""
+    if spec in LAYOUTS:
+        flags = LAYOUTS[spec].flags()
+    elif spec.startswith("--"):
+        flags = shlex.split(spec)
+    else:
+        raise UserError(f"layout {spec!r}: name one of {', '.join(LAYOUTS)}, or give its train.py "
+                        f"flags in one argument ('--tensor_parallel_size=2 ...')")
+    cfg = parse_args([*DEFAULTS, *shared, *flags])
+    layout = layout_of(cfg, 1)
+    layout = layout_of(cfg, layout.pp * layout.cp * layout.tp)  # --data_parallel_size 0: 1
+    resolve(cfg, layout.world, "cpu")  # a bad flag: one line here, not a traceback per rank
+    return [*DEFAULTS, *shared, *flags, f"--data_parallel_size={layout.dp}"], layout.world
+
+
+def record(spec: str, shared: list[str], out_dir: Path, steps: int, dtype: str | None = None) -> dict:
+    """Run one layout in fresh processes, recording into out_dir; its time and bytes kept."""
+    from nanodist_tools.diverge_record import record_rank
+    flags, world = layout_flags(spec, shared)
+    flags += [f"--dtype={dtype}"] if dtype else []
+    out_dir.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    ranks = on_processes(world, record_rank, [*flags, f"--out_dir={out_dir / 'run'}"], str(out_dir),
+                         steps, timeout=1800)
+    return {"seconds": time.perf_counter() - start, "bytes": max(r["bytes"] for r in ranks), "world": world}
+
+
+def _where(row, recording) -> str:
+    """The entry of B's largest difference, and the rank (and its coordinates) holding it."""
+    gap = (row.b.value - row.a.value).abs()
+    at = tuple(int(i) for i in torch.unravel_index(gap.argmax(), gap.shape)) if gap.dim() else ()
+    if row.b.owner is None:
+        return f"at {list(at)} (full on every rank; rank 0 kept it)"
+    rank = int(row.b.owner[at])
+    coords = recording.metas[rank]["coordinates"]
+    held = ", ".join(f"{axis} {coords[axis]}" for axis in ("pp", "dp", "cp", "tp") if axis in coords)
+    return f"at {list(at)}, held by rank {rank} ({held})"
+
+
+def describe(row) -> str:
+    step, name, kind = row.key
+    return f"step {step + 1}, {KINDS[kind]} {name}".replace(" , ", ", ").replace(",  ", ", ")
+
+
+def scale_hint(row) -> str:
+    """B as a multiple of A, where it is one (a missing sum, a wrong divisor)."""
+    a, b = row.a.value.flatten(), row.b.value.flatten()
+    norm = float(a @ a)
+    if norm == 0:
+        return ""
+    s = float(a @ b) / norm
+    rest = (b - s * a).norm().item() / max(b.norm().item(), 1e-300)
+    return f"; B = {s:.4g} x A (residual {rest:.1e})" if rest < 1e-3 else "; B is not a multiple of A"
+
+
+def collectives_between(rows, i: int, recording) -> str:
+    """Comm's counted collectives on the rank holding the divergent entry between the last
+    agreeing tensor and it (custom strategies; PyTorch's own are not counted)."""
+    row = rows[i]
+    later = row.b.pieces[0]
+    earlier = next((p for r in reversed(rows[:i]) for p in r.b.pieces if p.rank == later.rank), None)
+    if earlier is None:
+        return "nothing recorded before it on that rank"
+    diff = {kind: n - earlier.calls.get(kind, 0) for kind, n in later.calls.items()
+            if n > earlier.calls.get(kind, 0)}
+    counted = ", ".join(f"{kind} x{n}" for kind, n in sorted(diff.items())) or "no counted collective"
+    return f"{counted} (rank {later.rank}, Comm's counter)"
+
+
+def report(a, b, rows, names=("A", "B")) -> tuple[str, bool]:
+    """The verdict and whether the layouts part."""
+    lines = [f"A = {names[0]} ({a.meta['layout']}, {a.meta['world']} process(es)), "
+             f"B = {names[1]} ({b.meta['layout']}, {b.meta['world']} process(es)); {len(rows)} tensors compared"]
+    first = next((i for i, row in enumerate(rows) if row.parts), None)
+    if first is None:
+        worst = {}
+        n_layer = a.meta["model"]["n_layer"]
+        for row in rows:
+            label = stage_label(row.key, n_layer)
+            if label not in worst or row.diff / max(row.bound, 1e-300) > worst[label].diff / max(worst[label].bound, 1e-300):
+                worst[label] = row
+        lines.append("no divergence: every tensor within the bound rounding explains. Per stage, the worst:")
+        for label, row in worst.items():
+            lines.append(f"  {label:<28} {row.diff:9.2e} <= {row.bound:9.2e}  ({row.key[1]})")
+        return "\n".join(lines), False
+    row = rows[first]
+    step, name, kind = row.key
+    lines.append(f"first divergence: {describe(row)}")
+    lines.append(f"  |A - B| = {row.diff:.3e} > bound {row.bound:.3e} ({row.diff / max(row.bound, 1e-300):.1e} x)"
+                 f"{scale_hint(row)}")
+    if max(row.a.spread, row.b.spread) > row.bound:
+        lines.append(f"  the ranks holding copies of it disagree: A by {row.a.spread:.3e}, B by {row.b.spread:.3e}")
+    lines.append(f"  largest difference in B {_where(row, b)}")
+    if first:
+        lines.append(f"  last agreeing: {describe(rows[first - 1])}")
+        lines.append(f"  between them on B: {collectives_between(rows, first, b)}")
+    for side, rec in (("A", a), ("B", b)):
+        lines.append(f"  steps of {side} that own it: {', '.join(owning_steps(name, kind, rec.meta['layout_fields']))}")
+    if kind in ("grad", "value"):
+        lines.append(f"  placement in B: {b.meta['placements'].get(name, 'replicated')}")
+    return "\n".join(lines), True
+
+
+def run_pair(args, shared: list[str], out: Path) -> tuple[str, bool]:
+    """Record both layouts (and their float64 twins for a lower precision), compare."""
+    recorded, twins = {}, {}
+    for side, spec in (("a", args.a), ("b", args.b)):
+        recorded[side] = record(spec, shared, out / side, args.steps, args.dtype)
+        if args.dtype != "float64":
+            twins[side] = record(spec, shared, out / f"{side}64", args.steps, "float64")
+    a, b = load(out / "a"), load(out / "b")
+    a64, b64 = (load(out / "a64"), load(out / "b64")) if twins else (None, None)
+    start = time.perf_counter()
+    text, parts = report(a, b, compare(a, b, a64, b64), (args.a, args.b))
+    runs = [f"{side.upper()}{'64' if s in twins.values() else ''}: {s['seconds']:.1f} s on {s['world']} "
+            f"process(es), {s['bytes'] / 2**20:.1f} MiB kept by its largest rank"
+            for side, s in [*recorded.items(), *twins.items()]]
+    return text + f"\nrecorded {'; '.join(runs)}; compared in {time.perf_counter() - start:.1f} s", parts
+
+
+def build_parser():
+    p = cli.OneLineParser(description="Where do two layouts part? The first tensor where a layout leaves "
+                                      "one process, and why (docs/diverge.md).")
+    p.add_argument("a", nargs="?", help="a layout: a name of nanodist_tools/layouts.py, or its train.py flags")
+    p.add_argument("b", nargs="?", help="the other layout")
+    p.add_argument("--steps", type=int, default=1, help="optimizer steps recorded (1-100)")
+    p.add_argument("--dtype", default="float64", choices=("float64", "float32", "bfloat16"),
+                   help="of the compared runs; float32/bfloat16 add each layout's float64 run (the bound)")
+    p.add_argument("--out", default="", help="keep the recordings here (compare again with --recorded)")
+    p.add_argument("--recorded", nargs=2, metavar="DIR", help="compare two recordings kept with --out")
+    p.add_argument("--checkpoints", nargs=2, metavar="CKPT", help="compare two checkpoints, tensor by tensor")
+    p.add_argument("--logs", nargs=2, metavar="RUN", help="compare two runs' TensorBoard losses")
+    return p
+
+
+def main_of(argv: list[str]) -> int:
+    shared = argv[argv.index("--") + 1:] if "--" in argv else []
+    args = build_parser().parse_args(argv[:argv.index("--")] if "--" in argv else argv)
+    if not 1 <= args.steps <= 100:
+        raise UserError(f"--steps {args.steps}: give 1 to 100 optimizer steps")
+    if args.checkpoints or args.logs:
+        from nanodist_tools.diverge_posthoc import compare_checkpoints, compare_logs
+        text, parts = compare_checkpoints(*args.checkpoints) if args.checkpoints else compare_logs(*args.logs)
+    elif args.recorded:
+        a, b = load(args.recorded[0]), load(args.recorded[1])
+        text, parts = report(a, b, compare(a, b), tuple(args.recorded))
+    elif args.a and args.b:
+        if args.out:
+            text, parts = run_pair(args, shared, Path(args.out))
+        else:
+            with tempfile.TemporaryDirectory() as tmp:
+                text, parts = run_pair(args, shared, Path(tmp))
+    else:
+        raise UserError("name two layouts (or --recorded, --checkpoints, --logs); see --help")
+    print(text)
+    return 1 if parts else 0
+
+
+def main(argv=None) -> int:
+    return cli.run(main_of, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

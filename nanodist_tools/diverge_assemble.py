@@ -1,0 +1,152 @@
+"""The pieces one layout's ranks recorded (diverge_record.py) put back together as full,
+layout-free tensors, one at a time, in the order one process computes them.
+
+A piece of a module's output (or of the gradient reaching it), (b, t, c) or, for the
+attention core, (b, heads, t, d), sits in the full (B, T, C) at
+
+    batch     rows (k M_dp + dp_rank) b ..: micro-step k of DP rank r (the loader's slots)
+    sequence  the tokens this rank holds: its CP positions (zigzag chunks, Ulysses pieces),
+              then under sequence parallelism its TP rank's contiguous part of them
+    columns   TP rank r's columns of each of `blocks` blocks (c_attn: q_r, k_r, v_r), or
+              its heads, or its vocabulary rows (loss parallelism)
+
+A gradient piece is divided by the rank's DP x CP size: each rank's loss is the mean over
+its own tokens, the gradient engines divide the parameters' sums by that size afterwards.
+Pieces that land on the same place (TP ranks' replicated activations) must be equal: how
+far apart they are is kept as the tensor's `spread`.
+"""
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from nanodist.errors import UserError
+
+
+@dataclass
+class Piece:
+    rank: int
+    micro: int
+    tensor: torch.Tensor
+    calls: dict          # the collectives Comm had counted on this rank when it was kept
+
+
+@dataclass
+class Recording:
+    """One layout's recording: every rank's meta and its pieces by key (step, name, kind)."""
+    metas: list[dict]
+    pieces: dict = field(default_factory=dict)      # key -> [Piece]
+    order: dict = field(default_factory=dict)       # (name, kind) -> index in its rank's order
+
+    @property
+    def meta(self) -> dict:
+        return self.metas[0]
+
+
+def load(directory) -> Recording:
+    """The rank<r>.pt files of `directory` (weights_only: nothing read runs code), mapped."""
+    files = sorted(Path(directory).glob("rank*.pt"), key=lambda p: int(p.stem[4:]))
+    if not files:
+        raise UserError(f"{directory} holds no rank<r>.pt recording; record one with "
+                        f"python -m nanodist_tools.diverge")
+    saved = [torch.load(f, weights_only=True, mmap=True) for f in files]
+    recording = Recording([s["meta"] for s in saved])
+    if len(files) != recording.meta["world"]:
+        raise UserError(f"{directory} holds {len(files)} of the {recording.meta['world']} ranks' files; "
+                        f"record the layout again")
+    for s in saved:
+        rank = s["meta"]["rank"]
+        for i, (step, name, kind, micro, tensor, calls) in enumerate(s["records"]):
+            recording.pieces.setdefault((step, name, kind), []).append(Piece(rank, micro, tensor, calls))
+            recording.order.setdefault((name, kind), (rank, i))
+    return recording
+
+
+def stage_of(name: str, n_layer: int) -> int:
+    """0: the embeddings; 1 + i: block i; n_layer + 1: the head."""
+    if name.startswith("transformer.h."):
+        return 1 + int(name.split(".")[2])
+    return 0 if name.startswith(("transformer.wte", "transformer.wpe", "transformer.drop")) else n_layer + 1
+
+
+def forward_order(recordings: list[Recording]) -> list[str]:
+    """The modules in the order one process runs them: by stage, then in the order the
+    ranks holding that stage ran them (the first recording's order where it has one)."""
+    n_layer = recordings[0].meta["model"]["n_layer"]
+    at = {}
+    for recording in reversed(recordings):
+        at.update({name: i for (name, kind), (_, i) in recording.order.items() if kind == "forward"})
+    return sorted(at, key=lambda name: (stage_of(name, n_layer), at[name]))
+
+
+def _indices(piece: torch.Tensor, full_shape: list[int], meta: dict, micro: int, blocks: int) -> list:
+    """Per dim of `piece`, the indices of the full tensor it fills."""
+    ndim, b = piece.dim(), piece.size(0)
+    seq_dim, col_dim = (2, 1) if ndim == 4 else (1, ndim - 1)
+    rows = torch.arange(b) + (micro * meta["dp"] + meta["dp_rank"]) * b
+    tokens = torch.tensor(meta["positions"])
+    if piece.size(seq_dim) != len(tokens):  # sequence parallel: its TP part of them
+        tokens = tokens.chunk(meta["tp"])[meta["tp_rank"]]
+    if piece.size(seq_dim) == full_shape[seq_dim]:
+        tokens = torch.arange(full_shape[seq_dim])
+    cols = torch.arange(piece.size(col_dim))
+    if piece.size(col_dim) != full_shape[col_dim]:  # TP rank r's part of each block
+        width = full_shape[col_dim] // blocks
+        part = width // meta["tp"]
+        cols = torch.cat([torch.arange(part) + i * width + meta["tp_rank"] * part for i in range(blocks)])
+    out = [rows, None, None] + [None] * (ndim - 3)
+    out[seq_dim], out[col_dim] = tokens, cols
+    for d in range(ndim):
+        if out[d] is None:
+            out[d] = torch.arange(piece.size(d))
+    return out
+
+
+def full_shape(recording: Recording, name: str, piece: torch.Tensor) -> list[int]:
+    meta = recording.meta
+    ndim = piece.dim()
+    seq_dim, col_dim = (2, 1) if ndim == 4 else (1, ndim - 1)
+    shape = list(piece.shape)
+    shape[0] = meta["batch_size"] * meta["micro_steps"] * meta["dp"]
+    shape[seq_dim] = meta["block_size"]
+    if name in meta["feature_sharded"]:
+        shape[col_dim] *= meta["tp"]
+    return shape
+
+
+@dataclass
+class Full:
+    """A recorded tensor made whole: its value, which rank filled each entry, and how far
+    apart the pieces that filled the same entries were (0: replicas agreed)."""
+    value: torch.Tensor
+    owner: torch.Tensor | None
+    spread: float
+    pieces: list
+
+
+def assemble(recording: Recording, key: tuple) -> Full | None:
+    """The full tensor of `key` (step, name, kind); None where this layout recorded none."""
+    pieces = recording.pieces.get(key)
+    if not pieces:
+        return None
+    _, name, kind = key
+    if kind not in ("forward", "backward"):  # the loss and the parameters: rank 0 kept them whole
+        return Full(pieces[0].tensor.double(), None, 0.0, pieces)
+    shape = full_shape(recording, name, pieces[0].tensor)
+    value = torch.zeros(shape, dtype=torch.float64)
+    owner = torch.full(shape, -1, dtype=torch.int32)
+    spread = 0.0
+    for piece in pieces:
+        meta = recording.metas[piece.rank]
+        local = piece.tensor.double() / (meta["divisor"] if kind == "backward" else 1)
+        index = _indices(local, shape, meta, piece.micro, meta["feature_sharded"].get(name, 1))
+        grid = tuple(ix.view([-1 if d == j else 1 for d in range(local.dim())]) for j, ix in enumerate(index))
+        filled = owner[grid] >= 0
+        if filled.any():  # replicas: the same entries from another rank
+            spread = max(spread, (value[grid] - local)[filled].abs().max().item())
+        value[grid] = local
+        owner[grid] = torch.where(filled, owner[grid], piece.rank)
+    if (owner < 0).any():
+        raise UserError(f"{name} ({kind}): the ranks' pieces leave entries of the full tensor unfilled; "
+                        f"this layout's sharding of it is one the tool does not know")
+    return Full(value, owner, spread, pieces)

@@ -1,0 +1,133 @@
+"""The rank side of `python -m nanodist_tools.diverge`: one Trainer of train.py's flags runs
+K steps while hooks keep, on the CPU, this rank's piece of
+
+    every module's forward output and the gradient reaching it (a hook on the output
+    tensor), the k-th call of a module being micro-step k (micro-batch k of a pipeline);
+    the loss of the step (the trainer's: the global batch's mean);
+    every parameter's reduced gradient (before AdamW steps) and its value after the step,
+    as full GPT-2 tensors (`Params.full_tensors`, the checkpoints' machinery; rank 0 keeps them)
+
+and with each piece the traffic Comm had counted so far on this rank. What the pieces
+need to be reassembled (diverge_assemble.py) is saved beside them: which DP slot, CP
+tokens and TP columns this rank holds. Nothing is gathered here: a hook that called a
+collective could deadlock a pipeline whose stages run different modules.
+"""
+import time
+from collections import Counter
+from dataclasses import asdict
+from functools import partial
+from pathlib import Path
+
+import torch
+from torch.distributed.tensor import DTensor
+
+from nanodist.model.gpt import GPT
+from nanodist.parallel.context_parallel import local_tokens
+from nanodist.parallel.tp_plan import gpt_plan
+from nanodist.run.config import parse_args
+from nanodist.run.trainer import Trainer
+
+
+def _local(t):
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def feature_sharded(layout, n_layer: int) -> dict[str, int]:
+    """Module path -> blocks, for the outputs TP splits on their last dim (columns, or the
+    vocabulary under loss parallelism) or on the heads (the attention core): the TP plan's
+    colwise modules (c_attn's q, k, v as 3 blocks, placement.to_rank_major)."""
+    if layout.tp == 1:
+        return {}
+    out = {}
+    for path, style in gpt_plan(n_layer, layout.sequence_parallel, layout.loss_parallel).items():
+        if style.kind == "colwise" or (style.kind == "head" and style.loss_parallel):
+            out[path] = 3 if style.qkv else 1
+    out.update({f"transformer.h.{i}.attn.sdpa": 1 for i in range(n_layer)})
+    return out
+
+
+SKIPPED = (torch.nn.ModuleList, torch.nn.ModuleDict, torch.nn.Identity)  # containers; another stage's block
+
+
+class Recorder:
+    def __init__(self, trainer: Trainer):
+        self.trainer, self.step, self.records, self.handles = trainer, 0, [], []
+        self.calls = Counter()
+        with torch.device("meta"):  # the model's own paths: no wrapper's, no swapped core's inner
+            plain = {path for path, _ in GPT(trainer.model_cfg, seed=None).named_modules() if path}
+        for part in trainer.parallel.parts:
+            for path, module in part.gpt.named_modules():
+                if path in plain and not isinstance(module, SKIPPED):
+                    self.handles.append(module.register_forward_hook(partial(self._forward, path)))
+        optimizer = trainer.optimizer
+        self.handles.append(optimizer.register_step_pre_hook(lambda *_: self._params("grad")))
+        self.handles.append(optimizer.register_step_post_hook(lambda *_: self._params("value")))
+
+    def remove(self):
+        for handle in self.handles:
+            handle.remove()
+
+    def keep(self, name: str, kind: str, tensor: torch.Tensor, step: int | None = None):
+        key = (self.step if step is None else step, name, kind)
+        self.records.append((*key, self.calls[key], _local(tensor).detach().to("cpu", copy=True),
+                             dict(self.trainer.comm.counter.calls)))
+        self.calls[key] += 1
+
+    def _forward(self, path, module, inputs, output):
+        if not torch.is_grad_enabled() or not isinstance(output, torch.Tensor) or _local(output).dim() not in (3, 4):
+            return  # an evaluation; the loss (kept from the trainer), the router's and experts' rows
+        self.keep(path, "forward", output)
+        if output.requires_grad:
+            output.register_hook(lambda grad: self.keep(path, "backward", grad))
+
+    @torch.no_grad()
+    def _params(self, kind: str):
+        """Collective (every rank's optimizer steps): the full tensors, kept by rank 0."""
+        params = self.trainer.params
+        tensors = [(p.grad if p.grad is not None else torch.zeros_like(p)) if kind == "grad" else p
+                   for p in params.param_list()]
+        for name, full in params.full_tensors(tensors):
+            if self.trainer.rank == 0:
+                self.keep(name, kind, full)
+        if kind == "value":
+            self.step += 1
+
+    def meta(self) -> dict:
+        """What reassembling this rank's pieces needs, and what the report names."""
+        t, mesh, cfg = self.trainer, self.trainer.mesh, self.trainer.cfg
+        layout = t.layout
+        positions = torch.arange(cfg.block_size)
+        if layout.cp > 1:  # the tokens this CP rank holds, zigzag order included
+            positions = local_tokens(positions, 0, mesh.cp_ring, mesh.cp_ulysses)
+        return {"rank": t.rank, "world": mesh.world_size, "layout": layout.name,
+                "coordinates": layout.coordinates(t.rank), "dp": mesh.dp.size, "dp_rank": mesh.dp.rank,
+                "tp": mesh.tp.size, "tp_rank": mesh.tp.rank, "divisor": mesh.dp_cp.size,
+                "positions": positions.tolist(), "micro_steps": t.micro_steps,
+                "batch_size": cfg.batch_size, "block_size": cfg.block_size, "dtype": cfg.dtype,
+                "lr": cfg.learning_rate, "eps": 1e-8, "model": asdict(t.model_cfg),
+                "feature_sharded": feature_sharded(layout, t.model_cfg.n_layer),
+                "placements": {name: repr(p) for name, p in _placements(t.params).items()},
+                "implementation": layout.implementation, "layout_fields": asdict(layout)}
+
+
+def _placements(params) -> dict:
+    """GPT-2 name -> Placement, a pipeline's stages' merged."""
+    out = dict(getattr(params, "placements", None) or {})
+    for chunk in getattr(params, "chunks", []):
+        out.update(_placements(chunk))
+    return out
+
+
+def record_rank(argv: list[str], out_dir: str, steps: int = 1) -> dict:
+    """Rank side: train `steps` steps of train.py's flags `argv`, recording; save this rank's
+    pieces to `out_dir`/rank<r>.pt (tensors, lists and dicts only: read back with weights_only=True)."""
+    start = time.perf_counter()
+    trainer = Trainer(parse_args([*argv, f"--max_steps={steps}"]))
+    recorder = Recorder(trainer)
+    for record in trainer.steps():
+        if trainer.rank == 0:
+            recorder.keep("loss", "loss", torch.tensor(record["loss"], dtype=torch.float64), record["step"])
+    recorder.remove()
+    kept = sum(r[4].numel() * r[4].element_size() for r in recorder.records)
+    torch.save({"meta": recorder.meta(), "records": recorder.records}, Path(out_dir, f"rank{trainer.rank}.pt"))
+    return {"rank": trainer.rank, "bytes": kept, "seconds": time.perf_counter() - start}
