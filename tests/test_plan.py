@@ -3,19 +3,24 @@ the schedules (its bubble: tests/test_pipeline.py), the command line (ranking, J
 runnable command, bad inputs), a fast subset of --validate (predicted = measured per rank
 on real processes), the published numbers it must reproduce (ZeRO, Megatron, Korthikanti,
 PTD-P), and the measured peak memory against its predicted band."""
+import functools
 import json
+import math
+import random
+import re
 
 import pytest
 import torch
 
 from harness import run_distributed
 from nanodist.planner import plan, search
-from nanodist.run.config import fit, parse_args, resolve
+from nanodist.run.config import TrainConfig, build_parser, fit, parse_args, resolve
 from nanodist.planner.cost import (activation_bytes, activations_in_flight, bubble, chunks, param_counts,
                            schedule, stage_params, state_bytes, zero_state_bytes)
 from nanodist.errors import UserError
 from nanodist.model.gpt import GPT, GPTConfig, model_config
 from nanodist.parallel.layout import Layout
+from nanodist.parallel.rules import check_layout
 from nanodist.parallel.pipeline import stage_model
 from nanodist.parallel.schedules import SCHEDULES, simulate as simulate_schedule
 from nanodist.planner.traffic import fsdp_gathers
@@ -111,17 +116,43 @@ def test_bad_inputs_are_one_line(capsys, argv, says):
     assert code == 2 and out == "" and says in err and len(err.strip().splitlines()) == 1
 
 
-def _accepted_by_train_py(job: plan.Job, layout: Layout, micro_batch: int) -> bool:
-    """What train.py says of the planner's command for `layout` on job.ranks processes of
-    job.device: its own path from the flags (resolve, then fit once the data is open)."""
-    cfg = parse_args(plan.command(job, layout, micro_batch).split(" train.py ")[1].split())
+def _launched(command: str) -> tuple[int, list[str]]:
+    """(processes, train.py's argv) of a planner command: `python train.py ...` one,
+    `torchrun [--nnodes=K] --nproc_per_node=N ... train.py ...` N (x K); a multi-node
+    command's trailing "(on each node)" is prose for its reader."""
+    launch, _, flags = command.removesuffix(" (on each node)").partition(" train.py ")
+    nodes, per_node = re.search(r"--nnodes=(\d+)", launch), re.search(r"--nproc_per_node=(\d+)", launch)
+    assert launch == "python" or (launch.startswith("torchrun ") and per_node), command
+    return (int(per_node[1]) * (int(nodes[1]) if nodes else 1) if per_node else 1), flags.split()
+
+
+@functools.cache
+def _train_py_parser():
+    return build_parser()
+
+
+def _train_py_says(job: plan.Job, layout: Layout, micro_batch: int, extra: tuple[str, ...] = ()):
+    """What train.py says of the planner's command for `layout` (its flags through train.py's
+    parser, on as many processes as it launches, of job.device): its own path from the
+    flags, `resolve`, then `fit` once the data's vocabulary is known. None if it refuses,
+    else (its layout, micro-steps); the model it builds must be the job's."""
+    world, argv = _launched(plan.command(job, layout, micro_batch, extra))
+    assert world == job.ranks
+    cfg = TrainConfig(**vars(_train_py_parser().parse_args(argv)))  # parse_args, its parser built once
     try:
-        cfg, resolved, micro_steps = resolve(cfg, job.ranks, job.device)
-        fit(cfg, resolved, micro_steps, 50257, job.device)
+        cfg, resolved, micro_steps = resolve(cfg, world, job.device)
+        model = fit(cfg, resolved, micro_steps, job.model.vocab_size, job.device)  # (padded: pads to itself)
     except UserError:
-        return False
-    assert resolved == layout  # the flags carry the whole layout
-    return True
+        return None
+    assert model == job.model  # the command carries the job's model
+    return resolved, micro_steps
+
+
+def _accepted_by_train_py(job: plan.Job, layout: Layout, micro_batch: int) -> bool:
+    said = _train_py_says(job, layout, micro_batch)
+    if said:
+        assert said[0] == layout  # the flags carry the whole layout
+    return said is not None
 
 
 @pytest.mark.parametrize("implementation", ["custom", "pytorch"])
@@ -138,6 +169,95 @@ def test_the_planner_lists_exactly_what_train_py_accepts_on_cpu(implementation):
     assert any(layout.zero1 for layout, _ in listed) and any(layout.hsdp for layout, _ in listed)
     listed_cp = any(layout.cp > 1 for layout, _ in listed)
     assert listed_cp == (implementation == "custom")  # PyTorch's CP is refused on this CPU
+
+
+WORLDS = (1, 2, 3, 4, 5, 6, 8, 12, 16, 24, 32)  # non-powers of two: TP 3 does not divide 64-padded vocabularies
+JOBS, SAMPLE = 32, 24  # random jobs; listed layouts, and refused ones, asked of train.py per job
+
+
+def _random_job(rng: random.Random) -> tuple[plan.Job, tuple[str, ...]]:
+    """A job of any world, device, implementation, preset, vocabulary, block size and
+    total batch (divisible or not), sometimes a mixture of experts, dropout or
+    torch.compile, its micro-batch searched or given; and the run's flags that train.py's
+    memory check adds to the planner's commands (preflight.other_flags): the dropout
+    (plan.command gives the preset, block size and experts of the job's model, not it)."""
+    world = rng.choice(WORLDS)
+    preset = rng.choice(["tiny", "tiny", "gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"])
+    T = rng.choice([16, 24, 32, 64, 96, 128, 1024])  # 24, 96: not every CP / SP split divides them
+    n_layer = model_config(preset, T, 64).n_layer
+    moe = {}
+    if rng.random() < 0.4:
+        E = rng.choice([2, 3, 4, 6, 8])
+        moe = dict(moe_experts=E, moe_top_k=rng.randint(1, min(E, 2)), moe_every=rng.randint(1, min(n_layer, 3)))
+    dropout = rng.choice([0.0, 0.0, 0.0, 0.1])
+    model = model_config(preset, T, rng.choice([65, 50257, 1000, 7]), dropout, **moe)
+    sequences = rng.choice([world * rng.choice([1, 2, 3, 4, 8, 16]), rng.randint(1, 96), 2 ** rng.randint(0, 7)])
+    total = T * sequences if rng.random() < 0.85 else rng.randint(1, 10**6)  # not even a multiple of T
+    micro_batch = rng.choice([None, 1, 2, 3, 4]) if world <= 8 else rng.choice([1, 2, 4])  # keep the space small
+    per_node = rng.choice([world] + [n for n in (2, 4, 8) if n < world and world % n == 0])
+    job = plan.Job(preset, model, world, per_node, total, rng.choice(["float32", "bfloat16"]),
+                   rng.choice(["cpu", "cuda"]), rng.choice(["custom", "pytorch"]), micro_batch,
+                   compile=rng.random() < 0.15)
+    return job, (f"--dropout={dropout}",) if dropout else ()
+
+
+def test_the_planner_lists_only_what_train_py_accepts_for_random_jobs():
+    """Property test over random jobs (fixed seeds): every layout the planner lists passes
+    check_layout, and its command, read by train.py's parser on the processes it launches,
+    is accepted by train.py's config path (resolve, fit) as that very layout, micro-steps
+    and model; a sample of the layouts of its search space it leaves out train.py refuses
+    (so whenever train.py accepts some layout of the space, the planner lists something)."""
+    jobs_listing, refused_asked, seen = 0, 0, set()
+    for seed in range(JOBS):
+        rng = random.Random(seed)
+        job, extra = _random_job(rng)
+        what = f"seed {seed}: {job}"
+        listed = [(layout, mb, M) for layout, mb, M in search.candidates(job)]
+        keys = {(layout, mb) for layout, mb, _ in listed}
+        assert len(keys) == len(listed), what  # each layout once
+        for layout, mb, M in rng.sample(listed, min(SAMPLE, len(listed))):
+            check_layout(layout, job.ranks, job.device, job.block_size, job.model.dropout, job.model, M)
+            assert _train_py_says(job, layout, mb, extra) == (layout, M), f"{what}: {layout}, mb {mb}"
+            seen |= {axis for axis in ("pp", "cp", "tp", "ep") if getattr(layout, axis) > 1}
+            seen |= {kind for kind in ("zero1", "hsdp", "sequence_parallel") if getattr(layout, kind)}
+            seen |= {(job.device, job.implementation), "multi-node" if job.ranks_per_node < job.ranks else ""}
+        left_out = [(layout, mb) for layout, mb in search.search_space(job) if (layout, mb) not in keys]
+        for layout, mb in rng.sample(left_out, min(SAMPLE, len(left_out))):
+            assert _train_py_says(job, layout, mb, extra) is None, f"{what}: accepts {layout}, mb {mb}"
+        jobs_listing += bool(listed)
+        refused_asked += min(SAMPLE, len(left_out))
+    assert JOBS // 2 <= jobs_listing < JOBS and refused_asked > 10 * SAMPLE  # neither side is vacuous
+    assert seen >= {"pp", "cp", "tp", "ep", "zero1", "hsdp", "sequence_parallel", "multi-node",
+                    ("cpu", "custom"), ("cpu", "pytorch"), ("cuda", "custom"), ("cuda", "pytorch")}
+
+
+def _one_step(argv: list[str]):
+    """Rank side (or one process): train.py's Trainer of `argv` (its parse_args), one
+    optimizer step; (its layout, micro-steps, losses)."""
+    from nanodist.run.trainer import Trainer
+    trainer = Trainer(parse_args(argv))
+    return trainer.layout, trainer.micro_steps, [r["loss"] for r in trainer.train()]
+
+
+@pytest.mark.parametrize("world, implementation, moe, seed", [
+    (1, "custom", {}, 0), (2, "pytorch", {}, 1), (4, "custom", {}, 2),
+    (4, "custom", dict(moe_experts=4, moe_top_k=2, moe_every=2), 3)], ids=["1", "2-pytorch", "4", "4-moe"])
+def test_a_sample_of_the_listed_commands_trains(char_data, tmp_path, world, implementation, moe, seed):
+    """A layout drawn from the planner's list for the tiny model on char-level data (1, 2,
+    4 CPU processes; on 4 one of several axes, and one of a mixture of experts split
+    over ranks): its command, with the run's own flags added as train.py's memory check
+    adds them, trains one step as that layout."""
+    job = plan.Job("tiny", model_config("tiny", 32, 65, **moe), world, world, 32 * 8 * world, "float32", "cpu",
+                   implementation)
+    listed = [(layout, mb, M) for layout, mb, M in search.candidates(job) if (layout.ep > 1 if moe else world < 4 or
+              sum(n > 1 for n in (layout.pp, layout.dp, layout.cp, layout.tp)) >= 2)]
+    layout, mb, M = random.Random(seed).choice(listed)
+    run = ("--device=cpu", "--dataset=shakespeare_char", f"--data_dir={char_data}", f"--out_dir={tmp_path}",
+           "--max_steps=1", "--eval_iters=1", "--checkpoint_interval=-1")
+    procs, argv = _launched(plan.command(job, layout, mb, run))
+    ranks = run_distributed(_one_step, procs, argv) if procs > 1 else [_one_step(argv)]
+    for trained, micro_steps, losses in ranks:
+        assert (trained, micro_steps) == (layout, M) and len(losses) == 1 and math.isfinite(losses[0]), argv
 
 
 @pytest.mark.parametrize("name", ["pp2-1f1b", "zero2"])
