@@ -1,0 +1,152 @@
+"""python -m nanodist_tools.diverge: clean layouts agree with one process tensor by tensor
+within the rounding bound, and each known bug, injected by a test-only patch of one
+strategy (the anchors' trackers' complaints), is named at the right first tensor."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from harness import run_distributed
+from nanodist.errors import UserError
+from nanodist.parallel import context_parallel, ddp, expert_parallel, parallelize, pipeline, tensor_parallel
+from nanodist.parallel.comm import conjugate
+from nanodist.parallel.placement import Placement
+from nanodist_tools import diverge, diverge_record
+from nanodist_tools.diverge_assemble import load
+from nanodist_tools.diverge_compare import compare
+from nanodist_tools.layouts import MOE
+
+CHAR_VOCAB = 65  # tiny Shakespeare's characters: 128 rows once padded, 64 a TP rank
+
+
+def shared(data_dir, moe=False) -> list[str]:
+    """The tiny model on 2 x 32-token sequences per rank and micro-step, 4 sequences a step."""
+    return ["--device=cpu", "--model=tiny", "--dataset=shakespeare_char", f"--data_dir={data_dir}",
+            "--block_size=32", "--batch_size=2", "--total_batch_size=128", *(MOE if moe else [])]
+
+
+def flags(spec, data_dir, out_dir, moe=False, extra=()) -> tuple[list[str], int]:
+    argv, world = diverge.layout_flags(spec, shared(data_dir, moe) + list(extra))
+    return [*argv, f"--out_dir={out_dir}/run"], world
+
+
+@pytest.fixture(scope="module")
+def references(char_data, tmp_path_factory):
+    """One process's recording, dense and MoE (in this process: one rank needs no pool)."""
+    out = {}
+    for moe in (False, True):
+        d = tmp_path_factory.mktemp("moe" if moe else "dense")
+        argv, _ = flags("single", char_data, d, moe, ["--checkpoint_interval=1"])
+        diverge_record.record_rank(argv, str(d))
+        out[moe] = d
+    return out
+
+
+def first_divergence(reference, out_dir):
+    a, b = load(reference), load(out_dir)
+    rows = compare(a, b)
+    text, parts = diverge.report(a, b, rows)
+    return next((row for row in rows if row.parts), None), text, rows
+
+
+# ---------------------------------------------------------------- the bugs, one patch each
+
+def _swap(owner, attr, value):
+    old = getattr(owner, attr)
+    setattr(owner, attr, value)
+    return lambda: setattr(owner, attr, old)
+
+
+def skip_f_backward():  # TP: f's all-reduce (the column-parallel input's) skipped in backward
+    return _swap(tensor_parallel, "copy_to_tp", conjugate("CopyToTP", lambda x, g: x, lambda dy, g: dy))
+
+
+def dp_not_divided():  # DDP: the summed gradients not divided by the group size
+    engine_params = ddp.engine_params
+    return _swap(ddp, "engine_params", lambda part, mesh: [(group, 1.0, members) for group, _, members
+                                                           in engine_params(part, mesh)])
+
+
+def cp_loss_per_rank():  # CP: each rank's loss normalised by the whole sequence's tokens
+    def apply_cp(part, setup):
+        part = context_parallel.apply_cp(part, setup)
+        part.gpt.register_forward_hook(lambda m, args, out: out / setup.mesh.cp.size if out.dim() == 0 else out)
+        return part
+    steps = tuple((name, applies, apply_cp if name == "context parallel" else step)
+                  for name, applies, step in parallelize.STEPS)
+    return _swap(parallelize, "STEPS", steps)
+
+
+def zigzag_swapped():  # CP: a rank's two zigzag chunks fed in the wrong order
+    split_sequence = context_parallel.split_sequence
+
+    def swapped(x, dim, rank, cp, zigzag=True):
+        return torch.cat(split_sequence(x, dim, rank, cp, zigzag).chunk(2, dim)[::-1], dim)
+    return _swap(context_parallel, "split_sequence", swapped)
+
+
+def vocab_padded_wrongly():  # TP: a rank's vocabulary rows start at r ceil(V / tp) of the unpadded V
+    def forward(self, idx):
+        start = self.group.rank * -(-CHAR_VOCAB // self.group.size)
+        local = idx - start
+        outside = (local < 0) | (local >= self.weight.size(0))
+        out = F.embedding(local.masked_fill(outside, 0), self.weight)
+        return tensor_parallel.reduce_from_tp(out.masked_fill(outside.unsqueeze(-1), 0.0), self.group)
+    return _swap(tensor_parallel.VocabParallelEmbedding, "forward", forward)
+
+
+def expert_wrong_divisor():  # EP: the experts' gradient divided by the expert-data group, not DP x CP
+    return _swap(expert_parallel, "EXPERTS", Placement(shards=(("ep", 0),), reduce="edp", divisor="edp"))
+
+
+def tied_sum_dropped():  # PP: the stages never add their tied wte / lm_head gradients
+    return _swap(pipeline.Split, "sum_tied_grads", lambda self: None)
+
+
+def record_mutated(patch, argv, out_dir):
+    """Rank side: record with one strategy patched, then undo it (the pool's processes live on)."""
+    undo = globals()[patch]()
+    try:
+        return diverge_record.record_rank(argv, out_dir)
+    finally:
+        undo()
+
+
+# (patch, layout, MoE, anchor issue, the tensor the tool must name first)
+MUTATIONS = [
+    ("skip_f_backward", "tp2", False, "Megatron-LM#1736, torchtitan#1750", ("transformer.ln_f", "backward")),
+    ("dp_not_divided", "ddp2", False, "the issue's list", ("transformer.wte.weight", "grad")),
+    ("cp_loss_per_rank", "cp2", False, "torchtitan#3280", ("loss", "loss")),
+    ("zigzag_swapped", "cp2", False, "Megatron-LM#1464", ("transformer.h.0.attn.sdpa", "forward")),
+    ("vocab_padded_wrongly", "tp2", False, "Megatron-LM#1754", ("transformer.wte", "forward")),
+    ("expert_wrong_divisor", "--data_parallel_size=2 --expert_parallel_size=2", True, "the issue's list (MoE, cf. torchtitan#3280)",
+     ("transformer.h.1.mlp.experts.fc_weight", "grad")),
+    ("tied_sum_dropped", "pp2-1f1b", False, "torchtitan#771", ("transformer.wte.weight", "grad")),
+]
+
+
+@pytest.mark.parametrize("patch, spec, moe, anchor, expected", MUTATIONS, ids=[m[0] for m in MUTATIONS])
+def test_a_bug_is_named_at_its_first_tensor(patch, spec, moe, anchor, expected, char_data, references, tmp_path):
+    argv, world = flags(spec, char_data, tmp_path, moe)
+    run_distributed(record_mutated, world, patch, argv, str(tmp_path))
+    first, text, _ = first_divergence(references[moe], tmp_path)
+    assert first is not None, text
+    assert first.key[1:] == expected, text
+    assert first.diff > 1e3 * first.bound, text  # a bug, not a rounding bound set too tight
+    print(f"{patch} ({anchor}): {text.splitlines()[1]}")
+
+
+CLEAN = ["ddp2", "fsdp2", "zero1-2", "tp2-sp-lp", "cp2", "pp2-1f1b",
+         "--data_parallel_size=2 --implementation=pytorch",
+         "--data_parallel_size=2 --data_parallel_type=fsdp --implementation=pytorch",
+         "--tensor_parallel_size=2 --sequence_parallel=true --enable_loss_parallelism=true --implementation=pytorch"]
+
+
+@pytest.mark.parametrize("spec", CLEAN)
+def test_a_clean_layout_stays_within_the_rounding_bound(spec, char_data, references, tmp_path):
+    argv, world = flags(spec, char_data, tmp_path)
+    run_distributed(diverge_record.record_rank, world, argv, str(tmp_path))
+    first, text, rows = first_divergence(references[False], tmp_path)
+    assert first is None, text
+    kinds = {row.key[2] for row in rows}
+    assert kinds == {"forward", "backward", "loss", "grad", "value"}, kinds
+    assert "no divergence" in text and "step 1 backward block 0" in text
