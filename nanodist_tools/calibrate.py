@@ -36,7 +36,8 @@ from nanodist.planner.hardware import DTYPES, GPUS, KINDS, DataSheet, Profile
 from nanodist.run.metrics import enable_tf32
 from nanodist.parallel.comm import Comm
 from nanodist.parallel.layout import Layout
-from nanodist.planner.plan import matmuls
+from nanodist.planner.search import Job
+from nanodist.planner.step_time import compute_s
 from nanodist_tools.processes import on_processes
 
 SHAPES = [(m, k, k) for m in (64, 256, 1024) for k in (64, 128, 256, 512, 1024)]
@@ -170,13 +171,13 @@ def _step_s(argv: list[str]) -> float:
 def framework_overheads(matmul: dict, data_dir: str, bar) -> tuple[float, float]:
     """(per layer and micro-step, per optimizer step): the tiny model's step on one process
     at M = 1 and 4 micro-steps of B = 2 x 32 tokens, less its matmuls at this machine's
-    rates (`matmul`). t(M) = per_step + M (layers (per_layer + layer's matmuls) + head's)."""
+    rates (`matmul`: the step-time model's compute of a micro-step without framework).
+    t(M) = per_step + M (layers (per_layer + layer's matmuls) + head's)."""
     from nanodist.model.gpt import model_config
     cfg = model_config("tiny", 32, 65)
     rate_table = Profile("calibrating", "cpu", 1, 1.0, matmul, 0.0, 0.0, {k: {} for k in KINDS})
-    block, head = matmuls(cfg, Layout(), 2)
-    per_micro_matmuls = 3 * (cfg.n_layer * sum(rate_table.matmul_s(f, "float32", 1) for f in block)
-                             + sum(rate_table.matmul_s(f, "float32", 1) for f in head))
+    job = Job("tiny", cfg, 1, 1, 64, "float32", "cpu")
+    per_micro_matmuls = compute_s(job, rate_table, Layout(), 2, 1, 0)
     with tempfile.TemporaryDirectory() as tmp:
         base = ["--device=cpu", "--model=tiny", "--dataset=shakespeare_char", f"--data_dir={data_dir}",
                 "--block_size=32", "--batch_size=2", "--max_steps=100", "--warmup_steps=0",

@@ -12,6 +12,7 @@ building anything and for `--layout auto`); a machine is a GPU's data sheet (--g
 its overrides) or a calibrated profile (nanodist/planner/hardware.py).
 """
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -27,6 +28,8 @@ from nanodist.errors import UserError
 from nanodist.planner.hardware import GPUS, DataSheet, GiB, Profile
 from nanodist.model.gpt import PRESETS, model_config
 
+SHAPE = ("n_layer", "n_head", "n_embd")
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = cli.OneLineParser(description="Rank every layout of a GPT-2 job by predicted step time "
@@ -39,10 +42,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="memory per rank (default: the GPU's, or a profile's machine / its ranks)")
     p.add_argument("--intra_node_gb_s", type=float, default=0, help="GB/s per GPU in a node (default: the GPU's)")
     p.add_argument("--inter_node_gb_s", type=float, default=0, help="GB/s per GPU across nodes (default: the GPU's)")
-    p.add_argument("--compute_efficiency", type=float, default=0.5, help="fraction of peak FLOP/s reached")
+    p.add_argument("--compute_efficiency", type=float, default=0,
+                   help="fraction of peak FLOP/s a large matmul reaches (default: the GPU family's)")
     p.add_argument("--profile", default="", help="a machine profile (--calibrate) instead of a data sheet")
     p.add_argument("--block_size", type=int, default=1024)
     p.add_argument("--vocab_size", type=int, default=50257, help="the tokenizer's (GPT-2 BPE: 50257)")
+    for name in SHAPE:  # any GPT-2-shaped model, e.g. a published run's
+        p.add_argument(f"--{name}", type=int, default=0, help=f"the model's {name} (default: --model's)")
+    p.add_argument("--compile", action="store_true", help="train.py --compile: fused element-wise kernels")
     p.add_argument("--total_batch_size", type=int, default=524288)
     p.add_argument("--moe_experts", type=int, default=0, help="a mixture of experts (train.py's flag): "
                                                                "the planner then searches EP sizes too")
@@ -75,8 +82,8 @@ def machine_of(args):
     for name in ("gpus_per_node", "gpu_memory_gib", "intra_node_gb_s", "inter_node_gb_s", "micro_batch_size"):
         if not getattr(args, name) >= 0:
             raise UserError(f"--{name} must be >= 0, got {getattr(args, name)}")
-    if not 0 < args.compute_efficiency <= 1:
-        raise UserError(f"--compute_efficiency must be in (0, 1], got {args.compute_efficiency}")
+    if not 0 <= args.compute_efficiency <= 1:
+        raise UserError(f"--compute_efficiency must be in (0, 1] (0: the GPU's default), got {args.compute_efficiency}")
     if args.profile:
         machine = Profile.load(args.profile)
         per_node = args.gpus_per_node or args.gpus
@@ -96,9 +103,17 @@ def job_of(args, machine, per_node: int) -> plan.Job:
     dtype = args.dtype or ("float32" if device == "cpu" else "bfloat16")
     check_moe(args)
     moe = {name: getattr(args, name) for name in plan.MODEL_FLAGS} if args.moe_experts else {}
-    return plan.Job(args.model, model_config(args.model, args.block_size, args.vocab_size, **moe), args.gpus,
-                    per_node, args.total_batch_size, dtype, device, args.implementation,
-                    args.micro_batch_size or None)
+    model = model_config(args.model, args.block_size, args.vocab_size, **moe)
+    shape = {name: getattr(args, name) for name in SHAPE if getattr(args, name)}
+    for name, value in shape.items():
+        if value < 0:
+            raise UserError(f"--{name} must be >= 1, got {value}")
+    model = dataclasses.replace(model, **shape)
+    if model.n_embd % model.n_head:
+        raise UserError(f"--n_embd {model.n_embd} must divide into --n_head {model.n_head} heads")
+    preset = args.model if model == model_config(args.model, args.block_size, args.vocab_size, **moe) else "custom"
+    return plan.Job(preset, model, args.gpus, per_node, args.total_batch_size, dtype, device,
+                    args.implementation, args.micro_batch_size or None, args.compile)
 
 
 def draw(rows: list[dict], job: plan.Job, machine, path: str):

@@ -108,7 +108,7 @@ def test_table_plot_and_multi_node_command(capsys, tmp_path):
     (["--model=gpt9"], "invalid choice"),
     (["--total_batch_size=1000"], "no layout"),
     (["--model=gpt2-xl", "--gpus=1", "--gpu_memory_gib=4"], "no layout fits"),
-    (["--compute_efficiency=0"], "--compute_efficiency must be in (0, 1]"),
+    (["--compute_efficiency=1.5"], "--compute_efficiency must be in (0, 1]"),
     (["--profile=/nonexistent.json"], "not a machine profile"),
 ])
 def test_bad_inputs_are_one_line(capsys, argv, says):
@@ -131,12 +131,12 @@ def _train_py_parser():
     return build_parser()
 
 
-def _train_py_says(job: plan.Job, layout: Layout, micro_batch: int, extra: tuple[str, ...] = ()):
+def _train_py_says(job: plan.Job, layout: Layout, micro_batch: int):
     """What train.py says of the planner's command for `layout` (its flags through train.py's
     parser, on as many processes as it launches, of job.device): its own path from the
     flags, `resolve`, then `fit` once the data's vocabulary is known. None if it refuses,
     else (its layout, micro-steps); the model it builds must be the job's."""
-    world, argv = _launched(plan.command(job, layout, micro_batch, extra))
+    world, argv = _launched(plan.command(job, layout, micro_batch))
     assert world == job.ranks
     cfg = TrainConfig(**vars(_train_py_parser().parse_args(argv)))  # parse_args, its parser built once
     try:
@@ -175,12 +175,11 @@ WORLDS = (1, 2, 3, 4, 5, 6, 8, 12, 16, 24, 32)  # non-powers of two: TP 3 does n
 JOBS, SAMPLE = 32, 24  # random jobs; listed layouts, and refused ones, asked of train.py per job
 
 
-def _random_job(rng: random.Random) -> tuple[plan.Job, tuple[str, ...]]:
+def _random_job(rng: random.Random) -> plan.Job:
     """A job of any world, device, implementation, preset, vocabulary, block size and
     total batch (divisible or not), sometimes a mixture of experts, dropout or
-    torch.compile, its micro-batch searched or given; and the run's flags that train.py's
-    memory check adds to the planner's commands (preflight.other_flags): the dropout
-    (plan.command gives the preset, block size and experts of the job's model, not it)."""
+    torch.compile, its micro-batch searched or given (plan.command carries the model's
+    preset, block size, experts and dropout)."""
     world = rng.choice(WORLDS)
     preset = rng.choice(["tiny", "tiny", "gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"])
     T = rng.choice([16, 24, 32, 64, 96, 128, 1024])  # 24, 96: not every CP / SP split divides them
@@ -195,10 +194,9 @@ def _random_job(rng: random.Random) -> tuple[plan.Job, tuple[str, ...]]:
     total = T * sequences if rng.random() < 0.85 else rng.randint(1, 10**6)  # not even a multiple of T
     micro_batch = rng.choice([None, 1, 2, 3, 4]) if world <= 8 else rng.choice([1, 2, 4])  # keep the space small
     per_node = rng.choice([world] + [n for n in (2, 4, 8) if n < world and world % n == 0])
-    job = plan.Job(preset, model, world, per_node, total, rng.choice(["float32", "bfloat16"]),
-                   rng.choice(["cpu", "cuda"]), rng.choice(["custom", "pytorch"]), micro_batch,
-                   compile=rng.random() < 0.15)
-    return job, (f"--dropout={dropout}",) if dropout else ()
+    return plan.Job(preset, model, world, per_node, total, rng.choice(["float32", "bfloat16"]),
+                    rng.choice(["cpu", "cuda"]), rng.choice(["custom", "pytorch"]), micro_batch,
+                    compile=rng.random() < 0.15)
 
 
 def test_the_planner_lists_only_what_train_py_accepts_for_random_jobs():
@@ -210,20 +208,20 @@ def test_the_planner_lists_only_what_train_py_accepts_for_random_jobs():
     jobs_listing, refused_asked, seen = 0, 0, set()
     for seed in range(JOBS):
         rng = random.Random(seed)
-        job, extra = _random_job(rng)
+        job = _random_job(rng)
         what = f"seed {seed}: {job}"
         listed = [(layout, mb, M) for layout, mb, M in search.candidates(job)]
         keys = {(layout, mb) for layout, mb, _ in listed}
         assert len(keys) == len(listed), what  # each layout once
         for layout, mb, M in rng.sample(listed, min(SAMPLE, len(listed))):
             check_layout(layout, job.ranks, job.device, job.block_size, job.model.dropout, job.model, M)
-            assert _train_py_says(job, layout, mb, extra) == (layout, M), f"{what}: {layout}, mb {mb}"
+            assert _train_py_says(job, layout, mb) == (layout, M), f"{what}: {layout}, mb {mb}"
             seen |= {axis for axis in ("pp", "cp", "tp", "ep") if getattr(layout, axis) > 1}
             seen |= {kind for kind in ("zero1", "hsdp", "sequence_parallel") if getattr(layout, kind)}
             seen |= {(job.device, job.implementation), "multi-node" if job.ranks_per_node < job.ranks else ""}
         left_out = [(layout, mb) for layout, mb in search.search_space(job) if (layout, mb) not in keys]
         for layout, mb in rng.sample(left_out, min(SAMPLE, len(left_out))):
-            assert _train_py_says(job, layout, mb, extra) is None, f"{what}: accepts {layout}, mb {mb}"
+            assert _train_py_says(job, layout, mb) is None, f"{what}: accepts {layout}, mb {mb}"
         jobs_listing += bool(listed)
         refused_asked += min(SAMPLE, len(left_out))
     assert JOBS // 2 <= jobs_listing < JOBS and refused_asked > 10 * SAMPLE  # neither side is vacuous

@@ -1,17 +1,21 @@
-"""What a machine can do, as the planner's step-time model reads it.
+"""What a machine can do, as the planner's step-time model (step_time.py) reads it.
 
-    DataSheet  a GPU model from its vendor's data sheet: peak FLOP/s at an efficiency,
-               NVLink / network bandwidth, a fixed time per collective call, memory
+    DataSheet  a GPU model from its vendor's data sheet, derated to what kernels reach
+               (`DERATE`): a matmul at the roofline of its shape (its FLOPs at the matmul
+               peak, or its operands' bytes at the memory bandwidth, whichever binds),
+               memory-bound work at the memory bandwidth, NVLink / network bandwidth and a
+               fixed time per collective call, each op's launch on the host, memory
     Profile    this machine, measured (`python -m nanodist_tools.planner --calibrate`):
                matmul FLOP/s against the matmul's size, per dtype and processes sharing
                the cores; the framework's time per layer and micro-step and per optimizer
                step; each collective's time against its bytes and group size; a send's
-               time. Read from a JSON file, checked (a file read is never trusted).
+               time; a GPU's memory bandwidth. Read from a JSON file, checked (a file read
+               is never trusted).
 
-Both answer the same questions: `matmul_s(flops, dtype, procs)`, `collective_s(kind,
-payload, group, link, procs)`, the overheads, `memory_bytes` and `overlaps` (whether
-communication hides behind compute: NCCL on its own streams does; gloo on shared CPU
-cores does not).
+Both answer the same questions: `matmul_s(m, n, k, dtype, procs)`, `attention_s(flops,
+dtype, procs)`, `memory_s(bytes)`, `collective_s(kind, payload, group, link, procs)`, the
+overheads, `memory_bytes` and `overlaps` (whether communication hides behind compute:
+NCCL on its own streams does; gloo on shared CPU cores does not).
 """
 import dataclasses
 import json
@@ -30,12 +34,22 @@ PEAK_TFLOPS = {"H100 PCIe": (756.0, 378.0), "H100 NVL": (835.0, 417.5),
                "A100": (312.0, 156.0), "L40S": (362.0, 183.0), "A10": (125.0, 62.5),
                "RTX 4090": (165.2, 82.6), "RTX 3090": (71.0, 35.6)}
 # --gpu: (PEAK_TFLOPS key, memory GiB, in-node GB/s per GPU per direction (NVLink; L40S:
-# PCIe 4.0 x16), across-node GB/s per GPU (one 400 / 200 Gb/s NIC each))
-GPUS = {"h100": ("H100", 80, 450, 50), "h200": ("H200", 141, 450, 50),
-        "a100": ("A100", 80, 300, 25), "l40s": ("L40S", 48, 32, 25)}
+# PCIe 4.0 x16), across-node GB/s per GPU (one 400 / 200 Gb/s NIC each), memory TB/s)
+GPUS = {"h100": ("H100", 80, 450, 50, 3.35), "h200": ("H200", 141, 450, 50, 4.8),
+        "a100": ("A100", 80, 300, 25, 2.039), "a100-40gb": ("A100", 40, 300, 25, 1.555),
+        "l40s": ("L40S", 48, 32, 25, 0.864)}
 # the time of a small NCCL collective (nccl-tests' all-reduce of a few bytes): in a node
 # over NVLink, across nodes over InfiniBand / RoCE
 LATENCY_S = {"intra_node": 15e-6, "inter_node": 30e-6}
+# What kernels reach of a data sheet's figures, per GPU family (an uncalibrated GPU's
+# defaults; docs/planner.md#the-time-model-on-a-gpu): cuBLAS's large bf16 / TF32 GEMMs and
+# FlashAttention-2's causal kernels as fractions of the peak (FA2 on Hopper: 35%, the
+# FlashAttention-3 paper), a streaming kernel's share of the memory bandwidth, NCCL's
+# bus bandwidth of the nominal link
+DERATE = {"matmul": 0.7, "attention": 0.5, "memory": 0.85, "link": 0.8}
+HOPPER = {**DERATE, "matmul": 0.65, "attention": 0.35}
+FAMILY = {"H100": HOPPER, "H200": HOPPER}
+HOST_OP_S = 8e-6  # the host's time to dispatch and launch one op of eager PyTorch
 GiB = 2**30
 KINDS = ("all_reduce", "all_gather", "reduce_scatter", "broadcast", "send")
 DTYPES = ("float32", "bfloat16")  # a profile's matmul tables
@@ -44,14 +58,15 @@ DTYPES = ("float32", "bfloat16")  # a profile's matmul tables
 @dataclass(frozen=True)
 class DataSheet:
     gpu: str                      # a key of GPUS
-    efficiency: float = 0.5       # fraction of the peak FLOP/s reached
+    efficiency: float = 0.0       # fraction of the peak FLOP/s a large matmul reaches; 0: `derate`
     intra_gb_s: float = 0.0       # 0: the data sheet's
     inter_gb_s: float = 0.0
     memory_gib: float = 0.0       # per GPU; 0: the data sheet's
     device = "cuda"
     overlaps = True
-    per_layer_s = 0.0             # kernels, not the framework, bound a GPU step
+    per_layer_s = 0.0             # the host's time is its launches (`host_op_s`)
     per_step_s = 0.0
+    host_op_s = HOST_OP_S
 
     def with_memory(self, gib: float) -> "DataSheet":
         return dataclasses.replace(self, memory_gib=gib)
@@ -60,6 +75,11 @@ class DataSheet:
     def name(self) -> str:
         return GPUS[self.gpu][0]
 
+    def derate(self, what: str) -> float:
+        if what == "matmul" and self.efficiency:
+            return self.efficiency
+        return FAMILY.get(self.name, DERATE)[what]
+
     @property
     def memory_bytes(self) -> float:
         return (self.memory_gib or GPUS[self.gpu][1]) * GiB
@@ -67,15 +87,26 @@ class DataSheet:
     def peak_flops(self, dtype: str) -> float:
         return PEAK_TFLOPS[GPUS[self.gpu][0]][0 if dtype == "bfloat16" else 1] * 1e12
 
-    def matmul_s(self, flops: float, dtype: str, procs: int) -> float:
-        return flops / (self.peak_flops(dtype) * self.efficiency)
+    def matmul_s(self, m: float, n: float, k: float, dtype: str, procs: int) -> float:
+        """(m, k) @ (k, n): its FLOPs at the derated peak, or its operands' and result's
+        bytes at the derated memory bandwidth, whichever takes longer (a roofline)."""
+        c = 2 if dtype == "bfloat16" else 4
+        return max(2 * m * n * k / (self.peak_flops(dtype) * self.derate("matmul")),
+                   self.memory_s(c * (m * k + k * n + m * n)))
+
+    def attention_s(self, flops: float, dtype: str, procs: int) -> float:
+        return flops / (self.peak_flops(dtype) * self.derate("attention"))
+
+    def memory_s(self, nbytes: float) -> float:
+        return nbytes / (GPUS[self.gpu][4] * 1e12 * self.derate("memory"))
 
     def turns(self, procs: int) -> float:
         return 1.0  # a GPU per process
 
     def bandwidth(self, link: str) -> float:
-        _, _, intra, inter = GPUS[self.gpu]
-        return ((self.intra_gb_s or intra) if link == "intra_node" else (self.inter_gb_s or inter)) * 1e9
+        _, _, intra, inter, _ = GPUS[self.gpu]
+        nominal = (self.intra_gb_s or intra) if link == "intra_node" else (self.inter_gb_s or inter)
+        return nominal * 1e9 * self.derate("link")
 
     def collective_s(self, kind: str, payload: float, group: int, link: str, procs: int) -> float:
         from nanodist.parallel.comm import BUS_FACTOR
@@ -108,6 +139,8 @@ class Profile:
     per_step_s: float         # per optimizer step (AdamW, clipping), one process
     collectives: dict         # kind -> "{group}x{procs}" -> [(payload bytes, seconds)]
     overlaps: bool = False
+    memory_gb_s: float = 0.0  # a GPU's measured; 0: memory-bound work is in per_layer_s (CPU)
+    host_op_s: float = 0.0    # a GPU's host time per op (0: the framework's is per_layer_s)
     source: str = field(default="", compare=False)
 
     @property
@@ -121,13 +154,20 @@ class Profile:
         """The fastest matmul rate measured (the MFU's reference on this machine)."""
         return max(f / s for f, s in self.matmul[dtype]["1"])
 
-    def matmul_s(self, flops: float, dtype: str, procs: int) -> float:
-        """At the rate measured with the nearest number of processes sharing the cores;
-        more processes than measured (and than cores) take turns: slower in proportion."""
+    def matmul_s(self, m: float, n: float, k: float, dtype: str, procs: int) -> float:
+        return self.attention_s(2 * m * n * k, dtype, procs)
+
+    def attention_s(self, flops: float, dtype: str, procs: int) -> float:
+        """At the matmul rate measured for this size with the nearest number of processes
+        sharing the cores; more processes than measured (and than cores) take turns:
+        slower in proportion."""
         table = self.matmul[dtype]
         measured = min(table, key=lambda k: (abs(int(k) - procs), int(k)))
         rates = [(f, f / s) for f, s in table[measured]]
         return self.turns(procs) / self.turns(int(measured)) * flops / _interpolate(rates, flops)
+
+    def memory_s(self, nbytes: float) -> float:
+        return nbytes / (self.memory_gb_s * 1e9) if self.memory_gb_s else 0.0
 
     def turns(self, procs: int) -> float:
         """How much slower a process runs when `procs` share the cores (a GPU each: never)."""
@@ -158,6 +198,7 @@ class Profile:
             tables = [*profile.matmul.values(), *profile.collectives.values()]
             ok = (profile.device in ("cpu", "cuda") and profile.cores >= 1 and profile.memory_gib > 0
                   and profile.per_layer_s >= 0 and profile.per_step_s >= 0
+                  and profile.memory_gb_s >= 0 and profile.host_op_s >= 0
                   and set(profile.matmul) == set(DTYPES) and set(profile.collectives) == set(KINDS)
                   and all(k.isdigit() for table in profile.matmul.values() for k in table)
                   and all("1" in table for table in profile.matmul.values())  # peak_flops' table

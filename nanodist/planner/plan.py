@@ -21,22 +21,12 @@ sheet, or this machine's calibrated profile) and ranked (`rank`).
              and the last stage are costed (the first keeps the most micro-batches in
              flight, the last the head); the top fits in USABLE_MEMORY of the device
              (the rest: CUDA context, NCCL, allocator fragmentation).
-    compute  per rank and micro-step, each matmul of its blocks and head at its local
-             shape (TP: 1/t of the columns, CP: 1/c of the queries), forward and the two
-             of backward, at the machine's FLOP/s for that size (a GPU: its peak x
-             --compute_efficiency; a profile: measured with as many processes sharing
-             the cores), plus the framework's time per layer (a profile's); full
-             checkpointing adds a forward of the blocks, the chunked loss one of the
-             head; once a step the optimizer.
-             A pipeline stretches it by 1 / (1 - bubble).
-    traffic  each group's calls at the machine's time for their size (a GPU: bus bytes
-             over the link's bandwidth, NVLink in a node, the network across, plus a
-             latency per call). On a GPU DDP's all-reduce (ZeRO-1's reduce-scatter)
-             hides behind the last micro-step's backward, FSDP's gathers and
-             reduce-scatters (HSDP's all-reduce) behind each micro-step's compute; TP, CP
-             and PP traffic, EP's all-to-alls and ZeRO-1's all-gather after the step are
-             on the critical path (the experts' reductions over edp hide as DP's). On CPU
-             cores (gloo) nothing hides.
+    time     (step_time.py) per rank and micro-step each matmul of its blocks and head at
+             its local shape, causal attention, the memory-bound work by the bytes it
+             moves, the host's time per layer; once a step the optimizer; the
+             communication that cannot hide behind compute (NCCL on a GPU's own streams:
+             DDP's and FSDP's, but for their first and last calls; gloo on CPU cores:
+             none). A pipeline stretches the compute by 1 / (1 - bubble).
     step     the slowest rank's compute / (1 - bubble) + exposed traffic; MFU counts
              6N + 12 L T C only.
 """
@@ -45,16 +35,17 @@ import math
 
 from nanodist.planner.cost import (DTYPE_BYTES, FP32, activations_in_flight, bubble, chunks, head_chunks,
                                    param_counts, stage_params, state_bytes)
+from nanodist.planner.step_time import compute_s, exposed_s
 from nanodist.errors import UserError
 from nanodist.planner.hardware import GiB
 from nanodist.planner.search import Job, candidates
-from nanodist.model.gpt import GPTConfig, flops_per_token
-from nanodist.parallel.comm import BUS_FACTOR
+from nanodist.model.gpt import PRESETS, flops_per_token
 from nanodist.parallel.layout import Layout
 from nanodist.planner.traffic import collectives
 
 USABLE_MEMORY = 0.9
 MEMORY_MARGIN = 0.05  # what the peak leaves out: autograd's and the kernels' small tensors
+TIE = 0.02  # step times this close to the fastest rank as equal (the model cannot tell them apart)
 MODEL_FLAGS = ("moe_experts", "moe_top_k", "moe_every")  # the job's model beyond its preset, in commands
 
 
@@ -67,16 +58,21 @@ def dp_label(layout: Layout) -> str:
 
 def command(job: Job, layout: Layout, micro_batch: int, extra: tuple[str, ...] = ()) -> str:
     """The train.py command of a layout (torchrun's beyond one rank): the job's flags, the
-    layout's that differ from a plain Layout's (data_parallel_size always), then `extra`."""
+    layout's that differ from a plain Layout's (data_parallel_size always), then `extra`.
+    A model of no preset (the planner's --n_layer ...) has no command: its layout's flags."""
     default = Layout()
     flags = [f"--model={job.preset}", f"--block_size={job.block_size}", f"--batch_size={micro_batch}",
              f"--total_batch_size={job.total_batch_size}", f"--dtype={job.dtype}"]
     if job.model.moe_experts:  # the model's mixture of experts is the job's, not the layout's
         flags += [f"--{name}={getattr(job.model, name)}" for name in MODEL_FLAGS]
+    if job.model.dropout:
+        flags.append(f"--dropout={job.model.dropout}")
     flags += [flag for flag, mine, plain in zip(layout.flags(), dataclasses.astuple(layout),
                                                 dataclasses.astuple(default))
               if mine != plain or flag.startswith("--data_parallel_size=")]
     flags += extra
+    if job.preset not in PRESETS:
+        return f"(train.py trains its presets only) the layout's flags: {' '.join(flags[2:])}"
     nodes = job.ranks // job.ranks_per_node
     launch = ("python" if job.ranks == 1 else
               f"torchrun --standalone --nproc_per_node={job.ranks}" if nodes <= 1 else
@@ -93,51 +89,6 @@ def spans(layout: Layout) -> dict[str, int]:
 
 def group_sizes(layout: Layout) -> dict[str, int]:
     return {**layout.group_sizes(), "embedding": 2}
-
-
-def hides(layout: Layout, group: str, kind: str) -> bool:
-    """Whether this traffic overlaps compute: DDP's and ZeRO-1's reductions behind the last
-    micro-step's backward, FSDP's everything behind each micro-step (HSDP's replica
-    all-reduce too); ZeRO-1's all-gather follows the optimizer step, exposed."""
-    return group in ("dp_replicate", "dp_shard_cp") or \
-        (group in ("dp_cp", "edp") and not (layout.zero1 and kind == "all_gather"))
-
-
-def matmuls(cfg: GPTConfig, layout: Layout, micro_batch: int, moe: bool = False) -> tuple[list, list]:
-    """FLOPs of each forward matmul of one block (a MoE block if `moe`) and of the head,
-    at one rank's shape."""
-    C, V, T, tp, cp = cfg.n_embd, cfg.vocab_size, cfg.block_size, layout.tp, layout.cp
-    m = micro_batch * T // cp  # this rank's tokens of a micro-batch (SP gathers them back)
-    attention = [2 * m * C * 3 * C / tp, 2 * m * C * C / tp, 4 * m * T * C / tp]  # q k v, projection, scores + mix
-    if not moe:
-        return attention + [2 * m * C * 4 * C / tp, 2 * m * 4 * C * C / tp], [2 * m * C * V / tp]  # MLP in, out
-    # the router; then each of a rank's E/ep experts on its k m ep / E rows (balanced), in and out
-    E, ep, k = cfg.moe_experts, layout.ep, cfg.moe_top_k
-    rows = k * m * ep / E
-    experts = [2 * rows * C * 4 * C, 2 * rows * 4 * C * C] * (E // ep)
-    return attention + [2 * m * C * E] + experts, [2 * m * C * V / tp]
-
-
-def compute_s(job: Job, machine, layout: Layout, micro_batch: int, M: int, pp_rank: int) -> float:
-    """Seconds of one rank's compute per optimizer step (see the module doc)."""
-    model = job.model
-    block, head = matmuls(model, layout, micro_batch)
-    moe_block = matmuls(model, layout, micro_batch, moe=True)[0] if model.moe_experts else block
-    recompute = 1 + (layout.checkpointing == "full") / 3  # one more forward: 2 of the 6 N
-    procs = layout.world
-
-    def forward_backward(flops):  # backward: two matmuls of the forward's size
-        return 3 * sum(machine.matmul_s(f, job.dtype, procs) for f in flops)
-
-    micro = 0.0
-    for blocks, _, last in chunks(model, layout, pp_rank):
-        for i in blocks:
-            matmuls_of = moe_block if model.is_moe(i) else block
-            micro += forward_backward(matmuls_of) * recompute + machine.per_layer_s * machine.turns(procs)
-        # the chunked loss computes the head's logits once more in backward
-        micro += forward_backward(head) * (1 + (head_chunks(model, layout, micro_batch) > 1) / 3) if last else 0.0
-    held = state_bytes(job.model, layout, pp_rank)["optimizer"] / state_bytes(job.model, Layout())["optimizer"]
-    return M * micro + machine.per_step_s * machine.turns(procs) * held
 
 
 def memory(job: Job, layout: Layout, micro_batch: int, M: int, pp_rank: int = 0) -> dict[str, float]:
@@ -218,23 +169,15 @@ def estimate(job: Job, machine, layout: Layout, micro_batch: int, M: int) -> dic
     ranks = sorted({0, layout.pp - 1})
     peak = peak_memory(job, layout, micro_batch, M)
     sizes, step, links, exposed, t_compute = group_sizes(layout), 0.0, None, 0.0, 0.0
+    link_of = {group: "intra_node" if span <= job.ranks_per_node else "inter_node"
+               for group, span in spans(layout).items()}
     for r in ranks:
         rank_compute = compute_s(job, machine, layout, micro_batch, M, r)
-        hideable, rank_links, rank_exposed = {}, {"intra_node": 0.0, "inter_node": 0.0}, 0.0
-        for (group, kind), (calls, bus) in collectives(model, layout, micro_batch, M, job.dtype,
-                                                       job.device, r).items():
-            if not calls:
-                continue
-            link = "intra_node" if spans(layout)[group] <= job.ranks_per_node else "inter_node"
-            rank_links[link] += bus
-            payload = bus / calls / BUS_FACTOR[kind](sizes[group])
-            seconds = calls * machine.collective_s(kind, payload, sizes[group], link, layout.world)
-            if machine.overlaps and hides(layout, group, kind):
-                hideable[group] = hideable.get(group, 0.0) + seconds
-            else:
-                rank_exposed += seconds
-        hidden = rank_compute if layout.fsdp else 2 / 3 * rank_compute / M  # per group
-        rank_exposed += sum(max(0.0, seconds - hidden) for seconds in hideable.values())
+        calls = collectives(model, layout, micro_batch, M, job.dtype, job.device, r)
+        rank_links = {"intra_node": 0.0, "inter_node": 0.0}
+        for (group, _), (_, bus) in calls.items():
+            rank_links[link_of[group]] += bus
+        rank_exposed = exposed_s(job, machine, layout, micro_batch, M, rank_compute, calls, sizes, link_of)
         rank_step = rank_compute / (1 - frac) + rank_exposed
         if rank_step >= step:
             step, links, exposed, t_compute = rank_step, rank_links, rank_exposed, rank_compute
@@ -267,13 +210,16 @@ def rank(job: Job, machine) -> list[dict]:
         raise UserError(f"no layout of {job.preset} runs on {job.ranks} ranks with --block_size "
                         f"{job.block_size} and --total_batch_size {job.total_batch_size}: the batch "
                         f"must divide into micro-batches x block_size x data parallel ranks")
-    # ties (the model prices neither element-wise recomputation nor small matmuls' lower
-    # efficiency on a GPU): no checkpointing first, the whole loss, then larger
-    # micro-batches, then less memory
-    return (sorted((r for r in rows if r["fits"]), key=lambda r: (
-                round(r["step_time_s"], 9), r["activation_checkpointing"] != "none", r["loss_chunks"] > 1,
-                -r["micro_batch_size"], r["memory_gib"]))
-            + sorted((r for r in rows if not r["fits"]), key=lambda r: r["memory_gib"]))
+    # predictions within TIE of the fastest are ties (below the model's resolution): the
+    # simplest first (the costs the model prices roughly are those of more axes and of
+    # FSDP's per-unit hooks, copies and overlapped kernels), then larger micro-batches
+    # (fewer launches), then less memory (ZeRO-1 before DDP)
+    fits = sorted((r for r in rows if r["fits"]), key=lambda r: r["step_time_s"])
+    tied = [r for r in fits if r["step_time_s"] <= (1 + TIE) * fits[0]["step_time_s"]] if fits else []
+    tied.sort(key=lambda r: (r["activation_checkpointing"] != "none", r["loss_chunks"] > 1,
+                             sum(r[axis] > 1 for axis in ("tp", "pp", "cp", "ep")), r["layout"].fsdp,
+                             -r["micro_batch_size"], r["memory_gib"]))
+    return tied + fits[len(tied):] + sorted((r for r in rows if not r["fits"]), key=lambda r: r["memory_gib"])
 
 
 def table(rows: list[dict]) -> str:

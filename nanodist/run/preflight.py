@@ -62,7 +62,7 @@ def job(cfg: TrainConfig, model, world: int, device: torch.device, micro_batch: 
 
 
 KEPT = ("implementation", "compile")  # --layout auto keeps these flags as given (the job's)
-PLANNED = {"model", "block_size", "batch_size", "total_batch_size", "dtype", "layout",
+PLANNED = {"model", "block_size", "batch_size", "total_batch_size", "dtype", "layout", "dropout",
            *plan.MODEL_FLAGS, *LAYOUT_FLAGS.values()}  # what plan.command gives: the job's and the layout's
 
 
