@@ -5,15 +5,14 @@
     python -m nanodist_tools.diverge --checkpoints CKPT_A CKPT_B  (two checkpoints, layout-free)
     python -m nanodist_tools.diverge --logs RUN_A RUN_B           (two runs' TensorBoard losses)
 
-A layout is a name of nanodist_tools/layouts.py or its train.py flags in one argument
-("--tensor_parallel_size=2 --sequence_parallel=true"); the flags after `--` are shared.
+A layout is a name of nanodist_tools/layouts.py or its train.py flags without their dashes
+("tensor_parallel_size=2,sequence_parallel=true"); the flags after `--` are shared.
 Each layout trains --steps steps in fresh processes, every rank recording its pieces
 (diverge_record.py); they are made whole one tensor at a time (diverge_assemble.py) and
 compared in the order one process computes them (diverge_compare.py). The verdict: the
 first tensor past the bound rounding explains, with the rank that holds it and what ran
 before it; or, for layouts that agree, the worst difference of each stage against its bound.
 """
-import shlex
 import sys
 import tempfile
 import time
@@ -24,7 +23,8 @@ import torch
 
 from nanodist import cli
 from nanodist.errors import UserError
-from nanodist.run.config import layout_of, parse_args, resolve
+from nanodist.data.loader import load_split
+from nanodist.run.config import fit, layout_of, parse_args, resolve
 from nanodist_tools.diverge_assemble import load
 from nanodist_tools.diverge_compare import compare, owning_steps, stage_label
 from nanodist_tools.layouts import LAYOUTS
@@ -40,16 +40,30 @@ def layout_flags(spec: str, shared: list[str]) -> tuple[list[str], int]:
     """train.py's flags of a layout (a name, or flags) and its number of processes."""
     if spec in LAYOUTS:
         flags = LAYOUTS[spec].flags()
-    elif spec.startswith("--"):
-        flags = shlex.split(spec)
+    elif "=" in spec:
+        flags = [f"--{flag.strip()}" for flag in spec.split(",")]
     else:
         raise UserError(f"layout {spec!r}: name one of {', '.join(LAYOUTS)}, or give its train.py "
-                        f"flags in one argument ('--tensor_parallel_size=2 ...')")
+                        f"flags as 'tensor_parallel_size=2,sequence_parallel=true'")
     cfg = parse_args([*DEFAULTS, *shared, *flags])
     layout = layout_of(cfg, 1)
     layout = layout_of(cfg, layout.pp * layout.cp * layout.tp)  # --data_parallel_size 0: 1
     resolve(cfg, layout.world, "cpu")  # a bad flag: one line here, not a traceback per rank
     return [*DEFAULTS, *shared, *flags, f"--data_parallel_size={layout.dp}"], layout.world
+
+
+def check_budget(spec: str, shared: list[str], steps: int, dtype: str, budget_mib: float):
+    """The data, the model's rules and the bytes the recording keeps, before any process starts."""
+    from nanodist_tools.diverge_record import kept_bytes
+    flags, world = layout_flags(spec, shared)
+    cfg, layout, micro_steps = resolve(parse_args(flags), world, "cpu")
+    data = load_split(cfg.data_dir or Path("data", cfg.dataset), "val", cfg.block_size, cfg.dataset)
+    model = fit(cfg, layout, micro_steps, data.vocab_size, "cpu")
+    kept = kept_bytes(model, cfg.total_batch_size, steps, 8 if dtype == "float64" else 4) / 2**20
+    if kept > budget_mib:
+        raise UserError(f"{spec}: recording {steps} step(s) of {cfg.total_batch_size} tokens keeps up to "
+                        f"{kept:,.0f} MiB, over --max_memory_mib {budget_mib:,.0f}; lower --total_batch_size "
+                        f"(or --steps), or raise --max_memory_mib")
 
 
 def record(spec: str, shared: list[str], out_dir: Path, steps: int, dtype: str | None = None) -> dict:
@@ -106,6 +120,14 @@ def collectives_between(rows, i: int, recording) -> str:
     return f"{counted} (rank {later.rank}, Comm's counter)"
 
 
+def next_module(rows, row) -> str | None:
+    """The module one process runs after row's (not one containing it, nor inside it)."""
+    step, name = row.key[:2]
+    forward = [r.key[1] for r in rows if r.key[0] == step and r.key[2] == "forward"]
+    later = forward[forward.index(name) + 1:] if name in forward else []
+    return next((m for m in later if not (m.startswith(name + ".") or name.startswith(m + "."))), None)
+
+
 def report(a, b, rows, names=("A", "B")) -> tuple[str, bool]:
     """The verdict and whether the layouts part."""
     lines = [f"A = {names[0]} ({a.meta['layout']}, {a.meta['world']} process(es)), "
@@ -135,6 +157,10 @@ def report(a, b, rows, names=("A", "B")) -> tuple[str, bool]:
         lines.append(f"  between them on B: {collectives_between(rows, first, b)}")
     for side, rec in (("A", a), ("B", b)):
         lines.append(f"  steps of {side} that own it: {', '.join(owning_steps(name, kind, rec.meta['layout_fields']))}")
+    consumer = next_module(rows, row) if kind == "backward" else None
+    if consumer:  # a gradient is made by the module that read the output
+        lines.append(f"  its gradient comes back through {consumer}, owned in B by: "
+                     f"{', '.join(owning_steps(consumer, 'forward', b.meta['layout_fields']))}")
     if kind in ("grad", "value"):
         lines.append(f"  placement in B: {b.meta['placements'].get(name, 'replicated')}")
     return "\n".join(lines), True
@@ -142,6 +168,8 @@ def report(a, b, rows, names=("A", "B")) -> tuple[str, bool]:
 
 def run_pair(args, shared: list[str], out: Path) -> tuple[str, bool]:
     """Record both layouts (and their float64 twins for a lower precision), compare."""
+    for spec in (args.a, args.b):  # both checked before either runs
+        check_budget(spec, shared, args.steps, args.dtype, args.max_memory_mib)
     recorded, twins = {}, {}
     for side, spec in (("a", args.a), ("b", args.b)):
         recorded[side] = record(spec, shared, out / side, args.steps, args.dtype)
@@ -165,6 +193,8 @@ def build_parser():
     p.add_argument("--steps", type=int, default=1, help="optimizer steps recorded (1-100)")
     p.add_argument("--dtype", default="float64", choices=("float64", "float32", "bfloat16"),
                    help="of the compared runs; float32/bfloat16 add each layout's float64 run (the bound)")
+    p.add_argument("--max_memory_mib", type=float, default=4096,
+                   help="the most one layout's recording may keep (its one-process worst case)")
     p.add_argument("--out", default="", help="keep the recordings here (compare again with --recorded)")
     p.add_argument("--recorded", nargs=2, metavar="DIR", help="compare two recordings kept with --out")
     p.add_argument("--checkpoints", nargs=2, metavar="CKPT", help="compare two checkpoints, tensor by tensor")
@@ -177,6 +207,8 @@ def main_of(argv: list[str]) -> int:
     args = build_parser().parse_args(argv[:argv.index("--")] if "--" in argv else argv)
     if not 1 <= args.steps <= 100:
         raise UserError(f"--steps {args.steps}: give 1 to 100 optimizer steps")
+    if not args.max_memory_mib > 0:
+        raise UserError(f"--max_memory_mib {args.max_memory_mib}: give a positive size")
     if args.checkpoints or args.logs:
         from nanodist_tools.diverge_posthoc import compare_checkpoints, compare_logs
         text, parts = compare_checkpoints(*args.checkpoints) if args.checkpoints else compare_logs(*args.logs)

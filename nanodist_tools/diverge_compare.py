@@ -69,7 +69,17 @@ def diff_of(a: Full, b: Full) -> float:
 
 def compare(a, b, a64=None, b64=None, steps: int | None = None) -> list[Row]:
     """Rows of every tensor both recorded, step by step; `a64`, `b64`: the layouts' float64
-    recordings when a and b ran in float32 or bfloat16."""
+    recordings when a and b ran in float32 or bfloat16. On one thread: the tensors are
+    small, and threads waiting on a busy shared machine made it 50 times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _compare(a, b, a64, b64, steps)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _compare(a, b, a64, b64, steps: int | None) -> list[Row]:
     meta = a.meta
     u, L = UNIT_ROUNDOFF["float64"], longest_sum(meta)
     n_params = sum(math.prod(p.tensor.shape) for k, ps in a.pieces.items() if k[0] == 0 and k[2] == "value"

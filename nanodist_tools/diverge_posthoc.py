@@ -4,8 +4,8 @@ against the float64 bound of diverge_compare.py after s AdamW steps (docs/diverg
     a step's gradient    2 u D g, D = (20 n_layer + 11) L, the depth of a step's last
                          gradient in the recorded comparison, g <= 1 (a mean loss's gradient)
     parameters, step s   s lr / eps times that (AdamW's update has slope <= 1/eps in g)
-    loss, step s         |loss| (2 u D + sqrt(P) times the parameters' bound at s), P bounded
-                         by the model with GPT-2's padded vocabulary
+    loss, step s         |loss| (2 u D + sqrt(P) times the parameters' bound at s): the
+                         harness's argument with |loss| for the gradient norm (P parameters)
 
 Runs in float32 or bfloat16 have no such bound: the tool says so and lists the largest
 differences (record their steps with the tool instead: it measures each one's rounding).
@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from nanodist import checkpoint
+from nanodist.data.loader import load_split
 from nanodist.errors import UserError
 from nanodist.model.gpt import GPT, model_config
 from nanodist_tools.diverge_compare import UNIT_ROUNDOFF
@@ -102,8 +103,12 @@ def compare_logs(run_a, run_b) -> tuple[str, bool]:
                      f"step {step}, {la:.6f} vs {lb:.6f}")
         return "\n".join(lines), False
     block, lr = int(cfg["block_size"]), float(cfg["learning_rate"])
+    try:  # the run's vocabulary; GPT-2's, the largest, where its data is gone
+        vocab = load_split(cfg["data_dir"] or Path("data", cfg["dataset"]), "val", block, cfg["dataset"]).vocab_size
+    except UserError:
+        vocab = 50257
     with torch.device("meta"):
-        model = GPT(model_config(cfg["model"], block, 50304), seed=None)  # P: at most GPT-2's vocabulary
+        model = GPT(model_config(cfg["model"], block, vocab), seed=None)
     m = model.config
     n_params = sum(p.numel() for p in model.parameters())
     noise = grad_noise(m.n_layer, m.n_embd, block, m.vocab_size, int(cfg["total_batch_size"]))

@@ -110,6 +110,16 @@ class Recorder:
                 "implementation": layout.implementation, "layout_fields": asdict(layout)}
 
 
+def kept_bytes(model, tokens: int, steps: int, itemsize: int) -> int:
+    """What one process running the whole model keeps (no rank of a layout keeps more): per
+    token and block 15 outputs of 1-4 C values and their gradients, the embeddings', ln_f's
+    and the logits'; per step the parameters' gradients and values."""
+    with torch.device("meta"):
+        n_params = sum(p.numel() for p in GPT(model, seed=None).parameters())
+    per_token = (30 * model.n_layer + 6) * model.n_embd + 2 * model.vocab_size
+    return steps * (tokens * per_token + 2 * n_params) * itemsize
+
+
 def _placements(params) -> dict:
     """GPT-2 name -> Placement, a pipeline's stages' merged."""
     out = dict(getattr(params, "placements", None) or {})

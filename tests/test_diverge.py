@@ -6,11 +6,10 @@ import torch
 import torch.nn.functional as F
 
 from harness import run_distributed
-from nanodist.errors import UserError
 from nanodist.parallel import context_parallel, ddp, expert_parallel, parallelize, pipeline, tensor_parallel
 from nanodist.parallel.comm import conjugate
 from nanodist.parallel.placement import Placement
-from nanodist_tools import diverge, diverge_record
+from nanodist_tools import diverge, diverge_posthoc as posthoc, diverge_record
 from nanodist_tools.diverge_assemble import load
 from nanodist_tools.diverge_compare import compare
 from nanodist_tools.layouts import MOE
@@ -31,12 +30,12 @@ def flags(spec, data_dir, out_dir, moe=False, extra=()) -> tuple[list[str], int]
 
 @pytest.fixture(scope="module")
 def references(char_data, tmp_path_factory):
-    """One process's recording, dense and MoE (in this process: one rank needs no pool)."""
+    """One process's recording, dense (2 steps, checkpointed) and MoE (1 step), in this process."""
     out = {}
-    for moe in (False, True):
+    for moe, steps in ((False, 2), (True, 1)):
         d = tmp_path_factory.mktemp("moe" if moe else "dense")
         argv, _ = flags("single", char_data, d, moe, ["--checkpoint_interval=1"])
-        diverge_record.record_rank(argv, str(d))
+        diverge_record.record_rank(argv, str(d), steps)
         out[moe] = d
     return out
 
@@ -102,11 +101,11 @@ def tied_sum_dropped():  # PP: the stages never add their tied wte / lm_head gra
     return _swap(pipeline.Split, "sum_tied_grads", lambda self: None)
 
 
-def record_mutated(patch, argv, out_dir):
+def record_mutated(patch, argv, out_dir, steps=1):
     """Rank side: record with one strategy patched, then undo it (the pool's processes live on)."""
     undo = globals()[patch]()
     try:
-        return diverge_record.record_rank(argv, out_dir)
+        return diverge_record.record_rank(argv, out_dir, steps)
     finally:
         undo()
 
@@ -118,7 +117,7 @@ MUTATIONS = [
     ("cp_loss_per_rank", "cp2", False, "torchtitan#3280", ("loss", "loss")),
     ("zigzag_swapped", "cp2", False, "Megatron-LM#1464", ("transformer.h.0.attn.sdpa", "forward")),
     ("vocab_padded_wrongly", "tp2", False, "Megatron-LM#1754", ("transformer.wte", "forward")),
-    ("expert_wrong_divisor", "--data_parallel_size=2 --expert_parallel_size=2", True, "the issue's list (MoE, cf. torchtitan#3280)",
+    ("expert_wrong_divisor", "data_parallel_size=2,expert_parallel_size=2", True, "the issue's list (MoE, cf. torchtitan#3280)",
      ("transformer.h.1.mlp.experts.fc_weight", "grad")),
     ("tied_sum_dropped", "pp2-1f1b", False, "torchtitan#771", ("transformer.wte.weight", "grad")),
 ]
@@ -136,9 +135,9 @@ def test_a_bug_is_named_at_its_first_tensor(patch, spec, moe, anchor, expected, 
 
 
 CLEAN = ["ddp2", "fsdp2", "zero1-2", "tp2-sp-lp", "cp2", "pp2-1f1b",
-         "--data_parallel_size=2 --implementation=pytorch",
-         "--data_parallel_size=2 --data_parallel_type=fsdp --implementation=pytorch",
-         "--tensor_parallel_size=2 --sequence_parallel=true --enable_loss_parallelism=true --implementation=pytorch"]
+         "data_parallel_size=2,implementation=pytorch",
+         "data_parallel_size=2,data_parallel_type=fsdp,implementation=pytorch",
+         "tensor_parallel_size=2,sequence_parallel=true,enable_loss_parallelism=true,implementation=pytorch"]
 
 
 @pytest.mark.parametrize("spec", CLEAN)
@@ -150,3 +149,50 @@ def test_a_clean_layout_stays_within_the_rounding_bound(spec, char_data, referen
     kinds = {row.key[2] for row in rows}
     assert kinds == {"forward", "backward", "loss", "grad", "value"}, kinds
     assert "no divergence" in text and "step 1 backward block 0" in text
+
+
+def test_two_steps_checkpoints_and_logs_agree_or_part(char_data, references, tmp_path):
+    """Step 2 of a clean layout within the bound after AdamW; its checkpoint and losses too.
+    A pipeline that drops the tied gradient: wte's checkpoint past its bound, and the loss
+    of step 2 (the first the wrong update reaches)."""
+    reference = references[False]
+    clean, broken = tmp_path / "clean", tmp_path / "broken"
+    argv, world = flags("ddp2", char_data, clean, extra=["--checkpoint_interval=1"])
+    run_distributed(diverge_record.record_rank, world, argv, str(clean), 2)
+    first, text, rows = first_divergence(reference, clean)
+    assert first is None and {row.key[0] for row in rows} == {0, 1}, text
+    assert not posthoc.compare_checkpoints(reference / "run", clean / "run")[1]
+    assert not posthoc.compare_logs(reference / "run", clean / "run")[1]
+
+    argv, world = flags("pp2-1f1b", char_data, broken, extra=["--checkpoint_interval=1"])
+    run_distributed(record_mutated, world, "tied_sum_dropped", argv, str(broken), 2)
+    text, parts = posthoc.compare_checkpoints(reference / "run", broken / "run")
+    assert parts and "first divergence (model order): transformer.wte.weight" in text, text
+    text, parts = posthoc.compare_logs(reference / "run", broken / "run")
+    assert parts and "first divergence: step 1," in text, text
+
+
+def test_float32_is_held_to_each_layouts_distance_from_float64(char_data, tmp_path):
+    """The whole command line: single vs tp2-sp-lp in float32, each with its float64 run."""
+    code = diverge.main(["single", "tp2-sp-lp", "--dtype=float32", f"--out={tmp_path}", "--",
+                         *shared(char_data)])
+    assert code == 0
+    a, b, a64, b64 = (load(tmp_path / side) for side in ("a", "b", "a64", "b64"))
+    rows = compare(a, b, a64, b64)
+    assert not any(row.parts for row in rows)
+    assert max(row.diff for row in rows) > 1e-9  # float32 rounding seen, and explained
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["single", "nonsense"], "layout 'nonsense': name one of"),
+    (["single", "ddp2", "--steps=0"], "--steps 0: give 1 to 100"),
+    (["single", "ddp2", "--max_memory_mib=1"], "lower --total_batch_size"),
+    (["single", "tensor_parallel_size=3"], "divisible"),
+    (["--recorded", "/nonexistent", "/nonexistent"], "holds no rank<r>.pt recording"),
+    (["--checkpoints", "/nonexistent", "/nonexistent"], "no checkpoint there"),
+])
+def test_bad_input_is_one_line(argv, says, char_data, capsys, monkeypatch):
+    monkeypatch.delenv("NANODIST_DEBUG", raising=False)
+    assert diverge.main([*argv, "--", *shared(char_data)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and says in err and err.count("\n") == 1, err
