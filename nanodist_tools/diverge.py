@@ -154,13 +154,14 @@ def report(a, b, rows, names=("A", "B")) -> tuple[str, bool]:
     lines.append(f"  largest difference in B {_where(row, b)}")
     if first:
         lines.append(f"  last agreeing: {describe(rows[first - 1])}")
+    if first and kind != "loss":  # the loss is the trainer's, kept after the step
         lines.append(f"  between them on B: {collectives_between(rows, first, b)}")
     for side, rec in (("A", a), ("B", b)):
-        lines.append(f"  steps of {side} that own it: {', '.join(owning_steps(name, kind, rec.meta['layout_fields']))}")
+        lines.append(f"  steps of {side} that own it: {', '.join(owning_steps(name, kind, rec.meta))}")
     consumer = next_module(rows, row) if kind == "backward" else None
     if consumer:  # a gradient is made by the module that read the output
         lines.append(f"  its gradient comes back through {consumer}, owned in B by: "
-                     f"{', '.join(owning_steps(consumer, 'forward', b.meta['layout_fields']))}")
+                     f"{', '.join(owning_steps(consumer, 'forward', b.meta))}")
     if kind in ("grad", "value"):
         lines.append(f"  placement in B: {b.meta['placements'].get(name, 'replicated')}")
     return "\n".join(lines), True

@@ -108,18 +108,22 @@ def _compare(a, b, a64, b64, steps: int | None) -> list[Row]:
     return rows
 
 
-def owning_steps(name: str, kind: str, fields: dict) -> list[str]:
-    """The parallelize steps of the layout (`fields`) that touch this tensor."""
-    layout = Layout(**fields)
+def owning_steps(name: str, kind: str, meta: dict) -> list[str]:
+    """The parallelize steps of the recorded layout (`meta`) that touch this tensor."""
+    layout = Layout(**meta["layout_fields"])
     applied = [step for step, applies, _ in STEPS if applies(layout)]
+    if kind == "loss":  # the trainer's mean over DP x CP of each rank's mean over its tokens
+        return [s for s in applied if s in ("context parallel", "tensor parallel")] or ["none (the trainer's mean)"]
+    plan = gpt_plan(meta["model"]["n_layer"], layout.sequence_parallel, layout.loss_parallel)
     if kind in ("grad", "value"):
         owners = [s for s in applied if s in ("FSDP", "DDP", "ZeRO-1")]
-        owners += ["tensor parallel"] if "tensor parallel" in applied and (
-            name.rsplit(".", 1)[0] in gpt_plan(99, layout.sequence_parallel, layout.loss_parallel)
-            or name in TIED_NAMES) else []
-        owners += ["expert parallel"] if "expert parallel" in applied and ".experts." in name else []
-        return owners + (["pipeline split (tied embedding)"] if layout.pp > 1 and name in TIED_NAMES else [])
-    plan = gpt_plan(99, layout.sequence_parallel, layout.loss_parallel)
+        if "tensor parallel" in applied and (name.rsplit(".", 1)[0] in plan or name in TIED_NAMES):
+            owners.append("tensor parallel")
+        if "expert parallel" in applied and ".experts." in name:
+            owners.append("expert parallel")
+        if layout.pp > 1 and name in TIED_NAMES:
+            owners.append("pipeline split (tied embedding)")
+        return owners or ["none (one process: no reduction)"]
     owners = []
     if "tensor parallel" in applied and (name in plan or name.endswith("attn.sdpa")):
         owners.append(f"tensor parallel ({plan[name].kind if name in plan else 'local heads'})")

@@ -56,8 +56,12 @@ class Recorder:
         with torch.device("meta"):  # the model's own paths: no wrapper's, no swapped core's inner
             plain = {path for path, _ in GPT(trainer.model_cfg, seed=None).named_modules() if path}
         for part in trainer.parallel.parts:
-            for path, module in part.gpt.named_modules():
-                if path in plain and not isinstance(module, SKIPPED):
+            modules = dict(part.gpt.named_modules())
+            # a block whose forward activation checkpointing replaced runs its modules again
+            # in backward: only the block's own output is recorded (its hook fires once)
+            recomputed = tuple(f"{path}." for path, m in modules.items() if "forward" in vars(m))
+            for path, module in modules.items():
+                if path in plain and not isinstance(module, SKIPPED) and not path.startswith(recomputed or "\0"):
                     self.handles.append(module.register_forward_hook(partial(self._forward, path)))
         optimizer = trainer.optimizer
         self.handles.append(optimizer.register_step_pre_hook(lambda *_: self._params("grad")))
@@ -67,10 +71,12 @@ class Recorder:
         for handle in self.handles:
             handle.remove()
 
-    def keep(self, name: str, kind: str, tensor: torch.Tensor, step: int | None = None):
+    def keep(self, name: str, kind: str, tensor: torch.Tensor, step: int | None = None,
+             calls: dict | None = None):
+        """This rank's piece, and the collectives Comm counted so far (`calls`, or now)."""
         key = (self.step if step is None else step, name, kind)
         self.records.append((*key, self.calls[key], _local(tensor).detach().to("cpu", copy=True),
-                             dict(self.trainer.comm.counter.calls)))
+                             calls or dict(self.trainer.comm.counter.calls)))
         self.calls[key] += 1
 
     def _forward(self, path, module, inputs, output):
@@ -86,9 +92,11 @@ class Recorder:
         params = self.trainer.params
         tensors = [(p.grad if p.grad is not None else torch.zeros_like(p)) if kind == "grad" else p
                    for p in params.param_list()]
-        for name, full in params.full_tensors(tensors):
-            if self.trainer.rank == 0:
-                self.keep(name, kind, full)
+        calls = dict(self.trainer.comm.counter.calls)
+        with self.trainer.comm.counting():  # the tool's own gathers are not the layout's traffic
+            for name, full in params.full_tensors(tensors):
+                if self.trainer.rank == 0:
+                    self.keep(name, kind, full, calls=calls)
         if kind == "value":
             self.step += 1
 

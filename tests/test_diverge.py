@@ -110,31 +110,38 @@ def record_mutated(patch, argv, out_dir, steps=1):
         undo()
 
 
-# (patch, layout, MoE, anchor issue, the tensor the tool must name first)
+# (patch, layout, MoE, anchor issue, the tensor the tool must name first, the step it blames)
 MUTATIONS = [
-    ("skip_f_backward", "tp2", False, "Megatron-LM#1736, torchtitan#1750", ("transformer.ln_f", "backward")),
-    ("dp_not_divided", "ddp2", False, "the issue's list", ("transformer.wte.weight", "grad")),
-    ("cp_loss_per_rank", "cp2", False, "torchtitan#3280", ("loss", "loss")),
-    ("zigzag_swapped", "cp2", False, "Megatron-LM#1464", ("transformer.h.0.attn.sdpa", "forward")),
-    ("vocab_padded_wrongly", "tp2", False, "Megatron-LM#1754", ("transformer.wte", "forward")),
-    ("expert_wrong_divisor", "data_parallel_size=2,expert_parallel_size=2", True, "the issue's list (MoE, cf. torchtitan#3280)",
-     ("transformer.h.1.mlp.experts.fc_weight", "grad")),
-    ("tied_sum_dropped", "pp2-1f1b", False, "torchtitan#771", ("transformer.wte.weight", "grad")),
+    ("skip_f_backward", "tp2", False, "Megatron-LM#1736, torchtitan#1750", ("transformer.ln_f", "backward"),
+     "through lm_head, owned in B by: tensor parallel (head)"),
+    ("dp_not_divided", "ddp2", False, "the issue's list", ("transformer.wte.weight", "grad"), "DDP"),
+    ("cp_loss_per_rank", "cp2", False, "torchtitan#3280", ("loss", "loss"), "context parallel"),
+    ("zigzag_swapped", "cp2", False, "Megatron-LM#1464", ("transformer.h.0.attn.sdpa", "forward"),
+     "context parallel (ring attention core)"),
+    ("vocab_padded_wrongly", "tp2", False, "Megatron-LM#1754", ("transformer.wte", "forward"),
+     "tensor parallel (vocab_embedding)"),
+    ("expert_wrong_divisor", "data_parallel_size=2,expert_parallel_size=2", True,
+     "the issue's list (MoE, cf. torchtitan#3280)", ("transformer.h.1.mlp.experts.fc_weight", "grad"),
+     "expert parallel"),
+    ("tied_sum_dropped", "pp2-1f1b", False, "torchtitan#771", ("transformer.wte.weight", "grad"),
+     "pipeline split (tied embedding)"),
 ]
 
 
-@pytest.mark.parametrize("patch, spec, moe, anchor, expected", MUTATIONS, ids=[m[0] for m in MUTATIONS])
-def test_a_bug_is_named_at_its_first_tensor(patch, spec, moe, anchor, expected, char_data, references, tmp_path):
+@pytest.mark.parametrize("patch, spec, moe, anchor, expected, blamed", MUTATIONS, ids=[m[0] for m in MUTATIONS])
+def test_a_bug_is_named_at_its_first_tensor(patch, spec, moe, anchor, expected, blamed, char_data, references,
+                                            tmp_path):
     argv, world = flags(spec, char_data, tmp_path, moe)
     run_distributed(record_mutated, world, patch, argv, str(tmp_path))
     first, text, _ = first_divergence(references[moe], tmp_path)
     assert first is not None, text
     assert first.key[1:] == expected, text
     assert first.diff > 1e3 * first.bound, text  # a bug, not a rounding bound set too tight
+    assert blamed in text, text
     print(f"{patch} ({anchor}): {text.splitlines()[1]}")
 
 
-CLEAN = ["ddp2", "fsdp2", "zero1-2", "tp2-sp-lp", "cp2", "pp2-1f1b",
+CLEAN = ["ddp2", "fsdp2", "zero1-2", "tp2-sp-lp", "cp2", "pp2-1f1b", "activation_checkpointing=full,data_parallel_size=2",
          "data_parallel_size=2,implementation=pytorch",
          "data_parallel_size=2,data_parallel_type=fsdp,implementation=pytorch",
          "tensor_parallel_size=2,sequence_parallel=true,enable_loss_parallelism=true,implementation=pytorch"]
@@ -149,6 +156,7 @@ def test_a_clean_layout_stays_within_the_rounding_bound(spec, char_data, referen
     kinds = {row.key[2] for row in rows}
     assert kinds == {"forward", "backward", "loss", "grad", "value"}, kinds
     assert "no divergence" in text and "step 1 backward block 0" in text
+    assert max(row.diff / row.bound for row in rows) < 1e-2, text  # rounding, far below its bound
 
 
 def test_two_steps_checkpoints_and_logs_agree_or_part(char_data, references, tmp_path):
