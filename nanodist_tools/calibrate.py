@@ -16,9 +16,10 @@ Each figure is a median; a run takes about two minutes on 2 cores.
 
 On a GPU (`--calibrate --device cuda`, `gpu_profile`): the matmuls of GPT-2's shapes
 (gpt2 to gpt2-xl widths, the vocabulary head, 2k to 16k tokens) timed with CUDA events,
-bf16 and fp32 (as TF32, train.py's setting), one process per GPU. One GPU measures no
-collective: those of the profile are the data sheet's (bandwidth and latency), or, for a
-GPU without one, H100's; framework overheads are zero, as on a data sheet.
+bf16 and fp32 (as TF32, train.py's setting), one process per GPU; a streaming copy's
+memory bandwidth and the host's time to launch an op. One GPU measures no collective:
+those of the profile are the data sheet's (bandwidth and latency), or, for a GPU without
+one, H100's.
 """
 import os
 import statistics
@@ -232,8 +233,29 @@ def _matmul_gpu(dtype: str, device: torch.device) -> list:
     return out
 
 
+def _memory_gb_s(device: torch.device) -> float:
+    """A streaming copy's bandwidth: 256 MiB read and written, timed by the GPU."""
+    a = torch.empty(2**26, device=device)
+    b = torch.empty_like(a)
+    return 2 * a.numel() * 4 * 20 / _gpu_seconds(lambda: b.copy_(a), 20) / 1e9
+
+
+def _host_op_s(device: torch.device) -> float:
+    """The host's time to launch one small op (the GPU waits for it when kernels are short)."""
+    x = torch.zeros(16, device=device)
+    x.add_(1)
+    torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    for _ in range(1000):
+        x.add_(1)
+    seconds = (time.perf_counter() - start) / 1000
+    torch.cuda.synchronize(device)
+    return seconds
+
+
 def gpu_profile(device="cuda") -> Profile:
-    """This GPU's matmul rates; the collectives of its data sheet (see the module doc)."""
+    """This GPU's matmul rates, memory bandwidth and launch time; the collectives of its
+    data sheet (see the module doc)."""
     device = torch.device(device)
     name = torch.cuda.get_device_name(device)
     saved = torch.get_float32_matmul_precision()
@@ -250,4 +272,5 @@ def gpu_profile(device="cuda") -> Profile:
     memory = torch.cuda.get_device_properties(device).total_memory / 2**30
     return Profile(name=f"{name} (calibrated; collectives: {GPUS[gpu][0]} data sheet)", device="cuda",
                    cores=torch.cuda.device_count(), memory_gib=memory, matmul=matmul,
-                   per_layer_s=0.0, per_step_s=0.0, collectives=collectives, overlaps=True)
+                   per_layer_s=0.0, per_step_s=0.0, collectives=collectives, overlaps=True,
+                   memory_gb_s=_memory_gb_s(device), host_op_s=_host_op_s(device))

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from nanodist.errors import UserError
 from nanodist.model.gpt import GPTConfig
+from nanodist.planner.cost import head_chunks
 from nanodist.parallel.layout import Layout
 from nanodist.parallel.rules import check_layout
 
@@ -80,7 +81,10 @@ def search_space(job: Job):
             # sequence parallelism wherever it can split the sequence (it saves activations),
             # but not under a mixture of experts (expert_parallel.py refuses it: not wired up)
             sequence_parallel = tp > 1 and not E and layout.sequence_divides(T)
-            yield dataclasses.replace(layout, sequence_parallel=sequence_parallel), mb
+            layout = dataclasses.replace(layout, sequence_parallel=sequence_parallel)
+            if chunks == 0 and head_chunks(job.model, layout, mb) == 1:
+                continue  # the automatic count is the whole loss here: listed once, as such
+            yield layout, mb
 
 
 def candidates(job: Job):
