@@ -48,6 +48,9 @@ def layout_flags(spec: str, shared: list[str]) -> tuple[list[str], int]:
     cfg = parse_args([*DEFAULTS, *shared, *flags])
     layout = layout_of(cfg, 1)
     layout = layout_of(cfg, layout.pp * layout.cp * layout.tp)  # --data_parallel_size 0: 1
+    if layout.pp > 1 and layout.pp_schedule == "zero_bubble":
+        raise UserError(f"{spec}: zero_bubble's split backward computes each gradient twice, which the "
+                        f"tool does not follow yet; compare another --pipeline_schedule")
     resolve(cfg, layout.world, "cpu")  # a bad flag: one line here, not a traceback per rank
     return [*DEFAULTS, *shared, *flags, f"--data_parallel_size={layout.dp}"], layout.world
 

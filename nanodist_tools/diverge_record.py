@@ -109,13 +109,22 @@ class Recorder:
             positions = local_tokens(positions, 0, mesh.cp_ring, mesh.cp_ulysses)
         return {"rank": t.rank, "world": mesh.world_size, "layout": layout.name,
                 "coordinates": layout.coordinates(t.rank), "dp": mesh.dp.size, "dp_rank": mesh.dp.rank,
-                "tp": mesh.tp.size, "tp_rank": mesh.tp.rank, "divisor": mesh.dp_cp.size,
+                "tp": mesh.tp.size, "tp_rank": mesh.tp.rank, "divisor": grad_divisor(layout, t.micro_steps),
                 "positions": positions.tolist(), "micro_steps": t.micro_steps,
                 "batch_size": cfg.batch_size, "block_size": cfg.block_size, "dtype": cfg.dtype,
                 "lr": cfg.learning_rate, "eps": 1e-8, "model": asdict(t.model_cfg),
                 "feature_sharded": feature_sharded(layout, t.model_cfg.n_layer),
                 "placements": {name: repr(p) for name, p in _placements(t.params).items()},
                 "implementation": layout.implementation, "layout_fields": asdict(layout)}
+
+
+def grad_divisor(layout, micro_steps: int) -> int:
+    """What a rank's activation gradients are divided by to be one process's: each rank's
+    loss is the mean over its own tokens (DP x CP of them make the global mean), and
+    PyTorch's pipelining divides the gradients by the micro-batches after backward, where
+    the other runners divide each micro-batch's loss before it."""
+    native_pipeline = layout.pp > 1 and layout.implementation == "pytorch"
+    return layout.dp_cp * (micro_steps if native_pipeline else 1)
 
 
 def kept_bytes(model, tokens: int, steps: int, itemsize: int) -> int:

@@ -142,7 +142,7 @@ def test_a_bug_is_named_at_its_first_tensor(patch, spec, moe, anchor, expected, 
 
 
 CLEAN = ["ddp2", "fsdp2", "zero1-2", "tp2-sp-lp", "cp2", "pp2-1f1b", "activation_checkpointing=full,data_parallel_size=2",
-         "data_parallel_size=2,implementation=pytorch",
+         "data_parallel_size=2,implementation=pytorch", "pipeline_parallel_size=2,implementation=pytorch",
          "data_parallel_size=2,data_parallel_type=fsdp,implementation=pytorch",
          "tensor_parallel_size=2,sequence_parallel=true,enable_loss_parallelism=true,implementation=pytorch"]
 
