@@ -55,21 +55,23 @@ def layout_flags(spec: str, shared: list[str]) -> tuple[list[str], int]:
     return [*DEFAULTS, *shared, *flags, f"--data_parallel_size={layout.dp}"], layout.world
 
 
-def check_budget(spec: str, shared: list[str], steps: int, dtype: str, budget_mib: float):
+def check_budget(spec: str, shared: list[str], steps: int, dtype: str, budget_mib: float, samples: int):
     """The data, the model's rules and the bytes the recording keeps, before any process starts."""
     from nanodist_tools.diverge_record import kept_bytes
     flags, world = layout_flags(spec, shared)
     cfg, layout, micro_steps = resolve(parse_args(flags), world, "cpu")
     data = load_split(cfg.data_dir or Path("data", cfg.dataset), "val", cfg.block_size, cfg.dataset)
     model = fit(cfg, layout, micro_steps, data.vocab_size, "cpu")
-    kept = kept_bytes(model, cfg.total_batch_size, steps, 8 if dtype == "float64" else 4) / 2**20
+    kept = kept_bytes(model, cfg.total_batch_size, micro_steps, steps, 8 if dtype == "float64" else 4,
+                      samples) / 2**20
     if kept > budget_mib:
         raise UserError(f"{spec}: recording {steps} step(s) of {cfg.total_batch_size} tokens keeps up to "
                         f"{kept:,.0f} MiB, over --max_memory_mib {budget_mib:,.0f}; lower --total_batch_size "
-                        f"(or --steps), or raise --max_memory_mib")
+                        f"(or --steps), keep a --digest, or raise --max_memory_mib")
 
 
-def record(spec: str, shared: list[str], out_dir: Path, steps: int, dtype: str | None = None) -> dict:
+def record(spec: str, shared: list[str], out_dir: Path, steps: int, dtype: str | None = None,
+           samples: int = 0) -> dict:
     """Run one layout in fresh processes, recording into out_dir; its time and bytes kept."""
     from nanodist_tools.diverge_record import record_rank
     flags, world = layout_flags(spec, shared)
@@ -77,7 +79,7 @@ def record(spec: str, shared: list[str], out_dir: Path, steps: int, dtype: str |
     out_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     ranks = on_processes(world, record_rank, [*flags, f"--out_dir={out_dir / 'run'}"], str(out_dir),
-                         steps, timeout=1800)
+                         steps, samples, timeout=1800)
     return {"seconds": time.perf_counter() - start, "bytes": max(r["bytes"] for r in ranks), "world": world}
 
 
@@ -88,6 +90,8 @@ def _where(row, recording) -> str:
     if row.b.owner is None:
         return f"at {list(at)} (full on every rank; rank 0 kept it)"
     rank = int(row.b.owner[at])
+    if row.b.index is not None:  # a digest: the entry's flat index in the full tensor
+        at = (int(row.b.index[at]),)
     coords = recording.metas[rank]["coordinates"]
     held = ", ".join(f"{axis} {coords[axis]}" for axis in ("pp", "dp", "cp", "tp") if axis in coords)
     return f"at {list(at)}, held by rank {rank} ({held})"
@@ -173,12 +177,12 @@ def report(a, b, rows, names=("A", "B")) -> tuple[str, bool]:
 def run_pair(args, shared: list[str], out: Path) -> tuple[str, bool]:
     """Record both layouts (and their float64 twins for a lower precision), compare."""
     for spec in (args.a, args.b):  # both checked before either runs
-        check_budget(spec, shared, args.steps, args.dtype, args.max_memory_mib)
+        check_budget(spec, shared, args.steps, args.dtype, args.max_memory_mib, args.digest)
     recorded, twins = {}, {}
     for side, spec in (("a", args.a), ("b", args.b)):
-        recorded[side] = record(spec, shared, out / side, args.steps, args.dtype)
+        recorded[side] = record(spec, shared, out / side, args.steps, args.dtype, args.digest)
         if args.dtype != "float64":
-            twins[side] = record(spec, shared, out / f"{side}64", args.steps, "float64")
+            twins[side] = record(spec, shared, out / f"{side}64", args.steps, "float64", args.digest)
     a, b = load(out / "a"), load(out / "b")
     a64, b64 = (load(out / "a64"), load(out / "b64")) if twins else (None, None)
     start = time.perf_counter()
@@ -199,6 +203,8 @@ def build_parser():
                    help="of the compared runs; float32/bfloat16 add each layout's float64 run (the bound)")
     p.add_argument("--max_memory_mib", type=float, default=4096,
                    help="the most one layout's recording may keep (its one-process worst case)")
+    p.add_argument("--digest", type=int, default=0, metavar="N",
+                   help="keep about N sampled entries of each full tensor (0: whole tensors): large models")
     p.add_argument("--out", default="", help="keep the recordings here (compare again with --recorded)")
     p.add_argument("--recorded", nargs=2, metavar="DIR", help="compare two recordings kept with --out")
     p.add_argument("--checkpoints", nargs=2, metavar="CKPT", help="compare two checkpoints, tensor by tensor")
@@ -211,6 +217,8 @@ def main_of(argv: list[str]) -> int:
     args = build_parser().parse_args(argv[:argv.index("--")] if "--" in argv else argv)
     if not 1 <= args.steps <= 100:
         raise UserError(f"--steps {args.steps}: give 1 to 100 optimizer steps")
+    if not 0 <= args.digest <= 10**8:
+        raise UserError(f"--digest {args.digest}: give 0 (whole tensors) to 100000000 entries per tensor")
     if not args.max_memory_mib > 0:
         raise UserError(f"--max_memory_mib {args.max_memory_mib}: give a positive size")
     if args.checkpoints or args.logs:

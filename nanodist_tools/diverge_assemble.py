@@ -15,6 +15,7 @@ its own tokens, the gradient engines divide the parameters' sums by that size af
 Pieces that land on the same place (TP ranks' replicated activations) must be equal: how
 far apart they are is kept as the tensor's `spread`.
 """
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -79,34 +80,51 @@ def forward_order(recordings: list[Recording]) -> list[str]:
     return sorted(at, key=lambda name: (stage_of(name, n_layer), at[name]))
 
 
-def _indices(piece: torch.Tensor, full_shape: list[int], meta: dict, micro: int, blocks: int) -> list:
-    """Per dim of `piece`, the indices of the full tensor it fills."""
-    ndim, b = piece.dim(), piece.size(0)
+def _indices(piece: torch.Size, shape: list[int], meta: dict, micro: int, blocks: int) -> list:
+    """Per dim of a piece of shape `piece`, the indices of the full tensor it fills."""
+    ndim, b = len(piece), piece[0]
     seq_dim, col_dim = (2, 1) if ndim == 4 else (1, ndim - 1)
     rows = torch.arange(b) + (micro * meta["dp"] + meta["dp_rank"]) * b
     tokens = torch.tensor(meta["positions"])
-    if piece.size(seq_dim) != len(tokens):  # sequence parallel: its TP part of them
+    if piece[seq_dim] != len(tokens):  # sequence parallel: its TP part of them
         tokens = tokens.chunk(meta["tp"])[meta["tp_rank"]]
-    if piece.size(seq_dim) == full_shape[seq_dim]:
-        tokens = torch.arange(full_shape[seq_dim])
-    cols = torch.arange(piece.size(col_dim))
-    if piece.size(col_dim) != full_shape[col_dim]:  # TP rank r's part of each block
-        width = full_shape[col_dim] // blocks
+    if piece[seq_dim] == shape[seq_dim]:
+        tokens = torch.arange(shape[seq_dim])
+    cols = torch.arange(piece[col_dim])
+    if piece[col_dim] != shape[col_dim]:  # TP rank r's part of each block
+        width = shape[col_dim] // blocks
         part = width // meta["tp"]
         cols = torch.cat([torch.arange(part) + i * width + meta["tp_rank"] * part for i in range(blocks)])
     out = [rows, None, None] + [None] * (ndim - 3)
     out[seq_dim], out[col_dim] = tokens, cols
     for d in range(ndim):
         if out[d] is None:
-            out[d] = torch.arange(piece.size(d))
+            out[d] = torch.arange(piece[d])
     return out
 
 
-def full_shape(recording: Recording, name: str, piece: torch.Tensor) -> list[int]:
-    meta = recording.meta
-    ndim = piece.dim()
+def _grid(index: list) -> tuple:
+    """Per-dim indices broadcast against each other: full[grid] is the piece's place."""
+    return tuple(ix.view([-1 if d == j else 1 for d in range(len(index))]) for j, ix in enumerate(index))
+
+
+def flat_index(piece: torch.Size, shape: list[int], meta: dict, micro: int, blocks: int) -> torch.Tensor:
+    """The flat index in the full tensor of every entry of a piece (digests sample by it)."""
+    strides = [math.prod(shape[d + 1:]) for d in range(len(shape))]
+    grid = _grid(_indices(piece, shape, meta, micro, blocks))
+    return sum(ix * stride for ix, stride in zip(grid, strides)).expand(piece)
+
+
+def sampled(flat: torch.Tensor, samples: int, numel: int) -> torch.Tensor:
+    """About `samples` entries of a full tensor of `numel`, chosen by a hash of their flat
+    index: the same entries for every layout, spread over every dim."""
+    return (flat * 2654435761) % 2**32 < samples * 2**32 // max(numel, samples)
+
+
+def full_shape(meta: dict, name: str, piece: torch.Size) -> list[int]:
+    ndim = len(piece)
     seq_dim, col_dim = (2, 1) if ndim == 4 else (1, ndim - 1)
-    shape = list(piece.shape)
+    shape = list(piece)
     shape[0] = meta["batch_size"] * meta["micro_steps"] * meta["dp"]
     shape[seq_dim] = meta["block_size"]
     if name in meta["feature_sharded"]:
@@ -122,6 +140,7 @@ class Full:
     owner: torch.Tensor | None
     spread: float
     pieces: list
+    index: torch.Tensor | None = None   # a digest's entries: their flat indices in the full tensor
 
 
 def assemble(recording: Recording, key: tuple) -> Full | None:
@@ -130,17 +149,18 @@ def assemble(recording: Recording, key: tuple) -> Full | None:
     if not pieces:
         return None
     _, name, kind = key
+    if kind != "loss" and recording.meta["samples"]:
+        return _assemble_digest(recording, pieces, kind)
     if kind not in ("forward", "backward"):  # the loss and the parameters: rank 0 kept them whole
         return Full(pieces[0].tensor.double(), None, 0.0, pieces)
-    shape = full_shape(recording, name, pieces[0].tensor)
+    shape = full_shape(recording.meta, name, pieces[0].tensor.shape)
     value = torch.zeros(shape, dtype=torch.float64)
     owner = torch.full(shape, -1, dtype=torch.int32)
     spread = 0.0
     for piece in pieces:
         meta = recording.metas[piece.rank]
         local = piece.tensor.double() / (meta["divisor"] if kind == "backward" else 1)
-        index = _indices(local, shape, meta, piece.micro, meta["feature_sharded"].get(name, 1))
-        grid = tuple(ix.view([-1 if d == j else 1 for d in range(local.dim())]) for j, ix in enumerate(index))
+        grid = _grid(_indices(local.shape, shape, meta, piece.micro, meta["feature_sharded"].get(name, 1)))
         filled = owner[grid] >= 0
         if filled.any():  # replicas: the same entries from another rank
             spread = max(spread, (value[grid] - local)[filled].abs().max().item())
@@ -150,3 +170,18 @@ def assemble(recording: Recording, key: tuple) -> Full | None:
         raise UserError(f"{name} ({kind}): the ranks' pieces leave entries of the full tensor unfilled; "
                         f"this layout's sharding of it is one the tool does not know")
     return Full(value, owner, spread, pieces)
+
+
+def _assemble_digest(recording: Recording, pieces: list, kind: str) -> Full:
+    """A digest's sampled entries (each piece: flat indices, values), in flat order."""
+    flat = torch.cat([p.tensor[0].long() for p in pieces])
+    value = torch.cat([p.tensor[1].double() / (recording.metas[p.rank]["divisor"] if kind == "backward" else 1)
+                       for p in pieces])
+    owner = torch.cat([torch.full((p.tensor.size(1),), p.rank, dtype=torch.int32) for p in pieces])
+    order = torch.argsort(flat, stable=True)
+    flat, value, owner = flat[order], value[order], owner[order]
+    first = torch.ones_like(flat, dtype=torch.bool)
+    first[1:] = flat[1:] != flat[:-1]
+    group = torch.cumsum(first, 0) - 1  # replicas: the same entry from several ranks
+    spread = (value - value[first][group]).abs().max().item() if len(flat) else 0.0
+    return Full(value[first], owner[first], spread, pieces, flat[first])

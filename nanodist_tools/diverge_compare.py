@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
+from nanodist.errors import UserError
 from nanodist.model.gpt import TIED_NAMES
 from nanodist.parallel.layout import Layout
 from nanodist.parallel.parallelize import STEPS
@@ -91,6 +92,9 @@ def _compare(a, b, a64, b64, steps: int | None) -> list[Row]:
             fa, fb = assemble(a, key), assemble(b, key)
             if fa is None or fb is None:
                 continue  # one layout never computes it as a module output (loss parallelism's head)
+            if (fa.index is None) != (fb.index is None) or (fa.index is not None and not torch.equal(fa.index, fb.index)):
+                raise UserError(f"{key[1]}: the two recordings sampled different entries; record both "
+                                f"with the same --digest")
             kind, scale = key[2], max(max_abs(fa.value), max_abs(fb.value))
             if kind == "value":
                 bound = meta["lr"] / meta["eps"] * grad_bound.get(key[1], 0.0) + 2 * u * scale

@@ -12,6 +12,7 @@ need to be reassembled (diverge_assemble.py) is saved beside them: which DP slot
 tokens and TP columns this rank holds. Nothing is gathered here: a hook that called a
 collective could deadlock a pipeline whose stages run different modules.
 """
+import math
 import time
 from collections import Counter
 from dataclasses import asdict
@@ -26,6 +27,7 @@ from nanodist.parallel.context_parallel import local_tokens
 from nanodist.parallel.tp_plan import gpt_plan
 from nanodist.run.config import parse_args
 from nanodist.run.trainer import Trainer
+from nanodist_tools.diverge_assemble import flat_index, full_shape, sampled
 
 
 def _local(t):
@@ -50,9 +52,11 @@ SKIPPED = (torch.nn.ModuleList, torch.nn.ModuleDict, torch.nn.Identity)  # conta
 
 
 class Recorder:
-    def __init__(self, trainer: Trainer):
+    def __init__(self, trainer: Trainer, samples: int = 0):
+        """`samples`: 0 keeps whole pieces; n > 0 a digest, about n entries of each full tensor."""
         self.trainer, self.step, self.records, self.handles = trainer, 0, [], []
-        self.calls = Counter()
+        self.calls, self.samples = Counter(), samples
+        self.info = self.meta()
         with torch.device("meta"):  # the model's own paths: no wrapper's, no swapped core's inner
             plain = {path for path, _ in GPT(trainer.model_cfg, seed=None).named_modules() if path}
         for part in trainer.parallel.parts:
@@ -75,9 +79,22 @@ class Recorder:
              calls: dict | None = None):
         """This rank's piece, and the collectives Comm counted so far (`calls`, or now)."""
         key = (self.step if step is None else step, name, kind)
-        self.records.append((*key, self.calls[key], _local(tensor).detach().to("cpu", copy=True),
-                             calls or dict(self.trainer.comm.counter.calls)))
+        piece = _local(tensor).detach().to("cpu", copy=True)
+        if self.samples and kind != "loss":
+            piece = self.digest(piece, name, kind, self.calls[key])
+        self.records.append((*key, self.calls[key], piece, calls or dict(self.trainer.comm.counter.calls)))
         self.calls[key] += 1
+
+    def digest(self, piece: torch.Tensor, name: str, kind: str, micro: int) -> torch.Tensor:
+        """(2, n): the flat indices in the full tensor and the values of this piece's entries
+        among the full tensor's sampled ones (parameters: rank 0 has them whole)."""
+        if kind in ("forward", "backward"):
+            shape = full_shape(self.info, name, piece.shape)
+            flat = flat_index(piece.shape, shape, self.info, micro, self.info["feature_sharded"].get(name, 1))
+        else:
+            shape, flat = piece.shape, torch.arange(piece.numel()).view(piece.shape)
+        keep = sampled(flat, self.samples, math.prod(shape))
+        return torch.stack([flat[keep].double(), piece[keep].double()])
 
     def _forward(self, path, module, inputs, output):
         if not torch.is_grad_enabled() or not isinstance(output, torch.Tensor) or _local(output).dim() not in (3, 4):
@@ -115,7 +132,8 @@ class Recorder:
                 "lr": cfg.learning_rate, "eps": 1e-8, "model": asdict(t.model_cfg),
                 "feature_sharded": feature_sharded(layout, t.model_cfg.n_layer),
                 "placements": {name: repr(p) for name, p in _placements(t.params).items()},
-                "implementation": layout.implementation, "layout_fields": asdict(layout)}
+                "implementation": layout.implementation, "layout_fields": asdict(layout),
+                "samples": self.samples}
 
 
 def grad_divisor(layout, micro_steps: int) -> int:
@@ -127,14 +145,18 @@ def grad_divisor(layout, micro_steps: int) -> int:
     return layout.dp_cp * (micro_steps if native_pipeline else 1)
 
 
-def kept_bytes(model, tokens: int, steps: int, itemsize: int) -> int:
+def kept_bytes(model, tokens: int, micro_steps: int, steps: int, itemsize: int, samples: int = 0) -> int:
     """What one process running the whole model keeps (no rank of a layout keeps more): per
     token and block 15 outputs of 1-4 C values and their gradients, the embeddings', ln_f's
-    and the logits'; per step the parameters' gradients and values."""
+    and the logits'; per step the parameters' gradients and values. A digest: per tensor
+    and micro-step `samples` (index, value) pairs in float64."""
     with torch.device("meta"):
-        n_params = sum(p.numel() for p in GPT(model, seed=None).parameters())
+        params = list(GPT(model, seed=None).parameters())
+    if samples:
+        tensors = (30 * model.n_layer + 10) * micro_steps + 2 * len(params)
+        return steps * tensors * samples * 16
     per_token = (30 * model.n_layer + 6) * model.n_embd + 2 * model.vocab_size
-    return steps * (tokens * per_token + 2 * n_params) * itemsize
+    return steps * (tokens * per_token + 2 * sum(p.numel() for p in params)) * itemsize
 
 
 def _placements(params) -> dict:
@@ -145,16 +167,16 @@ def _placements(params) -> dict:
     return out
 
 
-def record_rank(argv: list[str], out_dir: str, steps: int = 1) -> dict:
+def record_rank(argv: list[str], out_dir: str, steps: int = 1, samples: int = 0) -> dict:
     """Rank side: train `steps` steps of train.py's flags `argv`, recording; save this rank's
     pieces to `out_dir`/rank<r>.pt (tensors, lists and dicts only: read back with weights_only=True)."""
     start = time.perf_counter()
     trainer = Trainer(parse_args([*argv, f"--max_steps={steps}"]))
-    recorder = Recorder(trainer)
+    recorder = Recorder(trainer, samples)
     for record in trainer.steps():
         if trainer.rank == 0:
             recorder.keep("loss", "loss", torch.tensor(record["loss"], dtype=torch.float64), record["step"])
     recorder.remove()
     kept = sum(r[4].numel() * r[4].element_size() for r in recorder.records)
-    torch.save({"meta": recorder.meta(), "records": recorder.records}, Path(out_dir, f"rank{trainer.rank}.pt"))
+    torch.save({"meta": recorder.info, "records": recorder.records}, Path(out_dir, f"rank{trainer.rank}.pt"))
     return {"rank": trainer.rank, "bytes": kept, "seconds": time.perf_counter() - start}

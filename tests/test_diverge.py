@@ -101,11 +101,11 @@ def tied_sum_dropped():  # PP: the stages never add their tied wte / lm_head gra
     return _swap(pipeline.Split, "sum_tied_grads", lambda self: None)
 
 
-def record_mutated(patch, argv, out_dir, steps=1):
+def record_mutated(patch, argv, out_dir, steps=1, samples=0):
     """Rank side: record with one strategy patched, then undo it (the pool's processes live on)."""
     undo = globals()[patch]()
     try:
-        return diverge_record.record_rank(argv, out_dir, steps)
+        return diverge_record.record_rank(argv, out_dir, steps, samples)
     finally:
         undo()
 
@@ -204,3 +204,20 @@ def test_bad_input_is_one_line(argv, says, char_data, capsys, monkeypatch):
     assert diverge.main([*argv, "--", *shared(char_data)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and says in err and err.count("\n") == 1, err
+
+
+def test_a_digest_finds_the_same_first_tensor(char_data, tmp_path):
+    """About 64 sampled entries of each full tensor, the same for every layout: a clean
+    layout agrees, the TP bug is named at the same tensor as with whole tensors."""
+    reference, clean, broken = tmp_path / "single", tmp_path / "clean", tmp_path / "broken"
+    argv, _ = flags("single", char_data, reference)
+    diverge_record.record_rank(argv, str(reference), 1, 64)
+    argv, world = flags("tp2-sp-lp", char_data, clean)
+    run_distributed(diverge_record.record_rank, world, argv, str(clean), 1, 64)
+    argv, world = flags("tp2", char_data, broken)
+    run_distributed(record_mutated, world, "skip_f_backward", argv, str(broken), 1, 64)
+    first, text, rows = first_divergence(reference, clean)
+    digests = [row.b for row in rows if row.key[2] != "loss"]
+    assert first is None and all(d.index is not None and len(d.value) < 300 for d in digests), text
+    first, text, _ = first_divergence(reference, broken)
+    assert first is not None and first.key[1:] == ("transformer.ln_f", "backward"), text
