@@ -1,6 +1,7 @@
 """python -m nanodist_tools.diverge: where do two layouts part?
 
-    python -m nanodist_tools.diverge single tp2-sp-lp -- --data_dir data/shakespeare_char --model tiny
+    python -m nanodist_tools.diverge single tp2-sp-lp -- --model tiny --dataset shakespeare_char \
+        --block_size 32 --batch_size 2 --total_batch_size 128
     python -m nanodist_tools.diverge --recorded DIR_A DIR_B       (recordings kept with --out)
     python -m nanodist_tools.diverge --checkpoints CKPT_A CKPT_B  (two checkpoints, layout-free)
     python -m nanodist_tools.diverge --logs RUN_A RUN_B           (two runs' TensorBoard losses)
@@ -18,7 +19,6 @@ import tempfile
 import time
 from pathlib import Path
 
-
 import torch
 
 from nanodist import cli
@@ -32,7 +32,7 @@ from nanodist_tools.processes import on_processes
 
 DEFAULTS = ["--dtype=float64", "--eval_iters=1", "--checkpoint_interval=-1", "--warmup_steps=0",
             "--dist_timeout=300"]
-KINDS = {"forward": "output of", "backward": "gradient reaching the output of", "loss": "",
+KINDS = {"forward": "output of", "backward": "gradient reaching the output of",
          "grad": "reduced gradient of", "value": "value after AdamW of"}
 
 
@@ -99,7 +99,7 @@ def _where(row, recording) -> str:
 
 def describe(row) -> str:
     step, name, kind = row.key
-    return f"step {step + 1}, {KINDS[kind]} {name}".replace(" , ", ", ").replace(",  ", ", ")
+    return f"step {step + 1}, " + ("loss" if kind == "loss" else f"{KINDS[kind]} {name}")
 
 
 def scale_hint(row) -> str:
@@ -145,7 +145,7 @@ def report(a, b, rows, names=("A", "B")) -> tuple[str, bool]:
         n_layer = a.meta["model"]["n_layer"]
         for row in rows:
             label = stage_label(row.key, n_layer)
-            if label not in worst or row.diff / max(row.bound, 1e-300) > worst[label].diff / max(worst[label].bound, 1e-300):
+            if label not in worst or row.ratio > worst[label].ratio:
                 worst[label] = row
         lines.append("no divergence: every tensor within the bound rounding explains. Per stage, the worst:")
         for label, row in worst.items():
@@ -154,10 +154,11 @@ def report(a, b, rows, names=("A", "B")) -> tuple[str, bool]:
     row = rows[first]
     step, name, kind = row.key
     lines.append(f"first divergence: {describe(row)}")
-    lines.append(f"  |A - B| = {row.diff:.3e} > bound {row.bound:.3e} ({row.diff / max(row.bound, 1e-300):.1e} x)"
+    lines.append(f"  |A - B| = {row.diff:.3e} > bound {row.bound:.3e} ({row.ratio:.1e} x)"
                  f"{scale_hint(row)}")
     if max(row.a.spread, row.b.spread) > row.bound:
-        lines.append(f"  the ranks holding copies of it disagree: A by {row.a.spread:.3e}, B by {row.b.spread:.3e}")
+        lines.append(f"  the ranks holding copies of it disagree: A by {row.a.spread:.3e}, "
+                     f"B by {row.b.spread:.3e}")
     lines.append(f"  largest difference in B {_where(row, b)}")
     if first:
         lines.append(f"  last agreeing: {describe(rows[first - 1])}")
@@ -174,6 +175,18 @@ def report(a, b, rows, names=("A", "B")) -> tuple[str, bool]:
     return "\n".join(lines), True
 
 
+def twins_of(a, b, dir_a: str, dir_b: str) -> tuple:
+    """The float64 recordings a float32 or bfloat16 pair is bounded by: --out keeps them
+    beside the pair, as a64 and b64."""
+    if a.meta["dtype"] == b.meta["dtype"] == "float64":
+        return None, None
+    twins = [Path(f"{str(d).rstrip('/')}64") for d in (dir_a, dir_b)]
+    if not all(t.is_dir() for t in twins):
+        raise UserError(f"{dir_a}, {dir_b}: recorded in {a.meta['dtype']} and {b.meta['dtype']}; their bound "
+                        f"needs their float64 recordings {twins[0]} and {twins[1]} (--out keeps them)")
+    return load(twins[0]), load(twins[1])
+
+
 def run_pair(args, shared: list[str], out: Path) -> tuple[str, bool]:
     """Record both layouts (and their float64 twins for a lower precision), compare."""
     for spec in (args.a, args.b):  # both checked before either runs
@@ -187,9 +200,9 @@ def run_pair(args, shared: list[str], out: Path) -> tuple[str, bool]:
     a64, b64 = (load(out / "a64"), load(out / "b64")) if twins else (None, None)
     start = time.perf_counter()
     text, parts = report(a, b, compare(a, b, a64, b64), (args.a, args.b))
-    runs = [f"{side.upper()}{'64' if s in twins.values() else ''}: {s['seconds']:.1f} s on {s['world']} "
-            f"process(es), {s['bytes'] / 2**20:.1f} MiB kept by its largest rank"
-            for side, s in [*recorded.items(), *twins.items()]]
+    runs = [f"{side}: {s['seconds']:.1f} s on {s['world']} process(es), {s['bytes'] / 2**20:.1f} MiB kept "
+            f"by its largest rank" for side, s in [*((k.upper(), s) for k, s in recorded.items()),
+                                                   *((f"{k.upper()}64", s) for k, s in twins.items())]]
     return text + f"\nrecorded {'; '.join(runs)}; compared in {time.perf_counter() - start:.1f} s", parts
 
 
@@ -226,7 +239,7 @@ def main_of(argv: list[str]) -> int:
         text, parts = compare_checkpoints(*args.checkpoints) if args.checkpoints else compare_logs(*args.logs)
     elif args.recorded:
         a, b = load(args.recorded[0]), load(args.recorded[1])
-        text, parts = report(a, b, compare(a, b), tuple(args.recorded))
+        text, parts = report(a, b, compare(a, b, *twins_of(a, b, *args.recorded)), tuple(args.recorded))
     elif args.a and args.b:
         if args.out:
             text, parts = run_pair(args, shared, Path(args.out))

@@ -10,12 +10,14 @@ attention core, (b, heads, t, d), sits in the full (B, T, C) at
     columns   TP rank r's columns of each of `blocks` blocks (c_attn: q_r, k_r, v_r), or
               its heads, or its vocabulary rows (loss parallelism)
 
-A gradient piece is divided by the rank's DP x CP size: each rank's loss is the mean over
-its own tokens, the gradient engines divide the parameters' sums by that size afterwards.
+A gradient piece is divided by the rank's `divisor` (diverge_record.grad_divisor): each
+rank's loss is the mean over its own tokens, the gradient engines divide the parameters'
+sums by DP x CP afterwards.
 Pieces that land on the same place (TP ranks' replicated activations) must be equal: how
 far apart they are is kept as the tensor's `spread`.
 """
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -44,17 +46,31 @@ class Recording:
         return self.metas[0]
 
 
+def _read(path: Path) -> dict:
+    """One rank's file (weights_only: nothing read runs code), checked for its two parts."""
+    why = f"{path} is not a recording of this tool"
+    try:
+        saved = torch.load(path, weights_only=True, mmap=True)
+    except Exception as error:  # damaged, truncated, or no torch file at all: torch says it many ways
+        raise UserError(f"{why} ({type(error).__name__}); record the layout again") from error
+    if not (isinstance(saved, dict) and isinstance(saved.get("meta"), dict) and "rank" in saved["meta"]
+            and isinstance(saved.get("records"), list)):
+        raise UserError(f"{why} (no meta and records); record the layout again")
+    return saved
+
+
 def load(directory) -> Recording:
-    """The rank<r>.pt files of `directory` (weights_only: nothing read runs code), mapped."""
-    files = sorted(Path(directory).glob("rank*.pt"), key=lambda p: int(p.stem[4:]))
+    """The rank<r>.pt files of `directory`, mapped (memory-mapped: read as compared)."""
+    files = sorted((p for p in Path(directory).glob("rank*.pt") if re.fullmatch(r"rank\d+", p.stem)),
+                   key=lambda p: int(p.stem[4:]))
     if not files:
         raise UserError(f"{directory} holds no rank<r>.pt recording; record one with "
                         f"python -m nanodist_tools.diverge")
-    saved = [torch.load(f, weights_only=True, mmap=True) for f in files]
+    saved = [_read(f) for f in files]
     recording = Recording([s["meta"] for s in saved])
-    if len(files) != recording.meta["world"]:
-        raise UserError(f"{directory} holds {len(files)} of the {recording.meta['world']} ranks' files; "
-                        f"record the layout again")
+    if [m["rank"] for m in recording.metas] != list(range(recording.meta["world"])):
+        raise UserError(f"{directory} holds the files of ranks {[m['rank'] for m in recording.metas]} of "
+                        f"{recording.meta['world']}; record the layout again")
     for s in saved:
         rank = s["meta"]["rank"]
         for i, (step, name, kind, micro, tensor, calls) in enumerate(s["records"]):
@@ -149,7 +165,7 @@ def assemble(recording: Recording, key: tuple) -> Full | None:
     if not pieces:
         return None
     _, name, kind = key
-    if kind != "loss" and recording.meta["samples"]:
+    if kind != "loss" and recording.meta.get("samples"):
         return _assemble_digest(recording, pieces, kind)
     if kind not in ("forward", "backward"):  # the loss and the parameters: rank 0 kept them whole
         return Full(pieces[0].tensor.double(), None, 0.0, pieces)

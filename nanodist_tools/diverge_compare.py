@@ -43,6 +43,10 @@ class Row:
     def parts(self) -> bool:
         return self.diff > self.bound
 
+    @property
+    def ratio(self) -> float:
+        return self.diff / max(self.bound, 1e-300)
+
 
 def keys_of(step: int, recordings) -> list[tuple]:
     """One step's tensors in the order one process computes them."""
@@ -83,8 +87,7 @@ def compare(a, b, a64=None, b64=None, steps: int | None = None) -> list[Row]:
 def _compare(a, b, a64, b64, steps: int | None) -> list[Row]:
     meta = a.meta
     u, L = UNIT_ROUNDOFF["float64"], longest_sum(meta)
-    n_params = sum(math.prod(p.tensor.shape) for k, ps in a.pieces.items() if k[0] == 0 and k[2] == "value"
-                   for p in ps[:1])
+    n_params = meta["n_params"]
     rows, drift = [], 0.0
     for step in range(steps or 1 + max(k[0] for k in a.pieces)):
         grad_bound, value_bound = {}, 0.0
@@ -92,7 +95,9 @@ def _compare(a, b, a64, b64, steps: int | None) -> list[Row]:
             fa, fb = assemble(a, key), assemble(b, key)
             if fa is None or fb is None:
                 continue  # one layout never computes it as a module output (loss parallelism's head)
-            if (fa.index is None) != (fb.index is None) or (fa.index is not None and not torch.equal(fa.index, fb.index)):
+            same = fa.index is None and fb.index is None or (
+                fa.index is not None and fb.index is not None and torch.equal(fa.index, fb.index))
+            if not same:
                 raise UserError(f"{key[1]}: the two recordings sampled different entries; record both "
                                 f"with the same --digest")
             kind, scale = key[2], max(max_abs(fa.value), max_abs(fb.value))
@@ -117,7 +122,8 @@ def owning_steps(name: str, kind: str, meta: dict) -> list[str]:
     layout = Layout(**meta["layout_fields"])
     applied = [step for step, applies, _ in STEPS if applies(layout)]
     if kind == "loss":  # the trainer's mean over DP x CP of each rank's mean over its tokens
-        return [s for s in applied if s in ("context parallel", "tensor parallel")] or ["none (the trainer's mean)"]
+        owners = [s for s in applied if s in ("context parallel", "tensor parallel")]
+        return owners or ["none (the trainer's mean)"]
     plan = gpt_plan(meta["model"]["n_layer"], layout.sequence_parallel, layout.loss_parallel)
     if kind in ("grad", "value"):
         owners = [s for s in applied if s in ("FSDP", "DDP", "ZeRO-1")]

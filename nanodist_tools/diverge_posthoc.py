@@ -104,7 +104,8 @@ def compare_logs(run_a, run_b) -> tuple[str, bool]:
         return "\n".join(lines), False
     block, lr = int(cfg["block_size"]), float(cfg["learning_rate"])
     try:  # the run's vocabulary; GPT-2's, the largest, where its data is gone
-        vocab = load_split(cfg["data_dir"] or Path("data", cfg["dataset"]), "val", block, cfg["dataset"]).vocab_size
+        data_dir = cfg["data_dir"] or Path("data", cfg["dataset"])
+        vocab = load_split(data_dir, "val", block, cfg["dataset"]).vocab_size
     except UserError:
         vocab = 50257
     with torch.device("meta"):

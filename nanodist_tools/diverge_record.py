@@ -9,8 +9,9 @@ K steps while hooks keep, on the CPU, this rank's piece of
 
 and with each piece the traffic Comm had counted so far on this rank. What the pieces
 need to be reassembled (diverge_assemble.py) is saved beside them: which DP slot, CP
-tokens and TP columns this rank holds. Nothing is gathered here: a hook that called a
-collective could deadlock a pipeline whose stages run different modules.
+tokens and TP columns this rank holds. Nothing is gathered inside a module's hook: a
+collective there could deadlock a pipeline whose stages run different modules (the
+optimizer's hooks, which every rank reaches together, gather the parameters).
 """
 import math
 import time
@@ -97,7 +98,8 @@ class Recorder:
         return torch.stack([flat[keep].double(), piece[keep].double()])
 
     def _forward(self, path, module, inputs, output):
-        if not torch.is_grad_enabled() or not isinstance(output, torch.Tensor) or _local(output).dim() not in (3, 4):
+        per_token = isinstance(output, torch.Tensor) and _local(output).dim() in (3, 4)
+        if not (torch.is_grad_enabled() and per_token):
             return  # an evaluation; the loss (kept from the trainer), the router's and experts' rows
         self.keep(path, "forward", output)
         if output.requires_grad:
@@ -129,11 +131,12 @@ class Recorder:
                 "tp": mesh.tp.size, "tp_rank": mesh.tp.rank, "divisor": grad_divisor(layout, t.micro_steps),
                 "positions": positions.tolist(), "micro_steps": t.micro_steps,
                 "batch_size": cfg.batch_size, "block_size": cfg.block_size, "dtype": cfg.dtype,
-                "lr": cfg.learning_rate, "eps": 1e-8, "model": asdict(t.model_cfg),
+                # the peak learning rate: no step's is larger, so the bound it enters stays a bound
+                "lr": cfg.learning_rate, "eps": t.optimizer.param_groups[0]["eps"], "model": asdict(t.model_cfg),
+                "n_params": t.n_params,
                 "feature_sharded": feature_sharded(layout, t.model_cfg.n_layer),
                 "placements": {name: repr(p) for name, p in _placements(t.params).items()},
-                "implementation": layout.implementation, "layout_fields": asdict(layout),
-                "samples": self.samples}
+                "layout_fields": asdict(layout), "samples": self.samples}
 
 
 def grad_divisor(layout, micro_steps: int) -> int:

@@ -141,7 +141,8 @@ def test_a_bug_is_named_at_its_first_tensor(patch, spec, moe, anchor, expected, 
     print(f"{patch} ({anchor}): {text.splitlines()[1]}")
 
 
-CLEAN = ["ddp2", "fsdp2", "zero1-2", "tp2-sp-lp", "cp2", "pp2-1f1b", "activation_checkpointing=full,data_parallel_size=2",
+CLEAN = ["ddp2", "fsdp2", "zero1-2", "tp2-sp-lp", "cp2", "pp2-1f1b",
+         "activation_checkpointing=full,data_parallel_size=2",
          "data_parallel_size=2,implementation=pytorch", "pipeline_parallel_size=2,implementation=pytorch",
          "data_parallel_size=2,data_parallel_type=fsdp,implementation=pytorch",
          "tensor_parallel_size=2,sequence_parallel=true,enable_loss_parallelism=true,implementation=pytorch"]
@@ -156,7 +157,7 @@ def test_a_clean_layout_stays_within_the_rounding_bound(spec, char_data, referen
     kinds = {row.key[2] for row in rows}
     assert kinds == {"forward", "backward", "loss", "grad", "value"}, kinds
     assert "no divergence" in text and "step 1 backward block 0" in text
-    assert max(row.diff / row.bound for row in rows) < 1e-2, text  # rounding, far below its bound
+    assert max(row.ratio for row in rows) < 1e-2, text  # rounding, far below its bound
 
 
 def test_two_steps_checkpoints_and_logs_agree_or_part(char_data, references, tmp_path):
@@ -221,3 +222,10 @@ def test_a_digest_finds_the_same_first_tensor(char_data, tmp_path):
     assert first is None and all(d.index is not None and len(d.value) < 300 for d in digests), text
     first, text, _ = first_divergence(reference, broken)
     assert first is not None and first.key[1:] == ("transformer.ln_f", "backward"), text
+
+
+def test_a_damaged_recording_is_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("NANODIST_DEBUG", raising=False)
+    (tmp_path / "rank0.pt").write_bytes(b"not a torch file")
+    assert diverge.main(["--recorded", str(tmp_path), str(tmp_path)]) == 2
+    assert "rank0.pt is not a recording of this tool" in capsys.readouterr().err
