@@ -23,6 +23,7 @@ import torch
 
 from nanodist import cli
 from nanodist.errors import UserError
+from nanodist.parallel.layout import Layout
 from nanodist.data.loader import load_split
 from nanodist.run.config import fit, layout_of, parse_args, resolve
 from nanodist_tools.diverge_assemble import load
@@ -95,6 +96,24 @@ def _where(row, recording) -> str:
     coords = recording.metas[rank]["coordinates"]
     held = ", ".join(f"{axis} {coords[axis]}" for axis in ("pp", "dp", "cp", "tp") if axis in coords)
     return f"at {list(at)}, held by rank {rank} ({held})"
+
+
+def placement_of(row, meta: dict) -> str:
+    """How B splits the parameter, and which shard holds the largest difference."""
+    placement = meta["placements"].get(row.key[1])
+    if placement is None:
+        return "replicated (reduced over dp_cp, divided by its size)"
+    sizes, shape = Layout(**meta["layout_fields"]).group_sizes(), meta["param_shapes"][row.key[1]]
+    worst = int((row.b.value - row.a.value).abs().argmax())  # a digest's: its entry's flat index
+    flat = worst if row.b.index is None else int(row.b.index[worst])
+    at = [int(i) for i in torch.unravel_index(torch.tensor(flat), shape)]
+    held = []
+    for group, dim in placement["shards"]:  # placement.local_part: blocks, then even pieces
+        width = shape[dim] // placement["blocks"]
+        rank, n = (at[dim] % width) // (width // sizes[group]), sizes[group]
+        held.append(f"{group} (dim {dim}; the largest difference in {group} rank {rank}'s shard of {n})")
+    return (f"split over {', '.join(held) or 'nothing'}; reduced over {placement['reduce']}, divided by "
+            f"{placement['divisor']}'s size")
 
 
 def describe(row) -> str:
@@ -171,7 +190,7 @@ def report(a, b, rows, names=("A", "B")) -> tuple[str, bool]:
         lines.append(f"  its gradient comes back through {consumer}, owned in B by: "
                      f"{', '.join(owning_steps(consumer, 'forward', b.meta))}")
     if kind in ("grad", "value"):
-        lines.append(f"  placement in B: {b.meta['placements'].get(name, 'replicated')}")
+        lines.append(f"  placement in B: {placement_of(row, b.meta)}")
     return "\n".join(lines), True
 
 

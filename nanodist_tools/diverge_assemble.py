@@ -26,6 +26,9 @@ import torch
 from nanodist.errors import UserError
 
 
+FORMAT = 1  # of a rank's file: raised when what diverge_record.py saves changes
+
+
 @dataclass
 class Piece:
     rank: int
@@ -56,6 +59,8 @@ def _read(path: Path) -> dict:
     if not (isinstance(saved, dict) and isinstance(saved.get("meta"), dict) and "rank" in saved["meta"]
             and isinstance(saved.get("records"), list)):
         raise UserError(f"{why} (no meta and records); record the layout again")
+    if saved["meta"].get("format") != FORMAT:
+        raise UserError(f"{path} was recorded by another version of the tool; record the layout again")
     return saved
 
 

@@ -28,7 +28,7 @@ from nanodist.parallel.context_parallel import local_tokens
 from nanodist.parallel.tp_plan import gpt_plan
 from nanodist.run.config import parse_args
 from nanodist.run.trainer import Trainer
-from nanodist_tools.diverge_assemble import flat_index, full_shape, sampled
+from nanodist_tools.diverge_assemble import FORMAT, flat_index, full_shape, sampled
 
 
 def _local(t):
@@ -57,9 +57,10 @@ class Recorder:
         """`samples`: 0 keeps whole pieces; n > 0 a digest, about n entries of each full tensor."""
         self.trainer, self.step, self.records, self.handles = trainer, 0, [], []
         self.calls, self.samples = Counter(), samples
+        with torch.device("meta"):  # the model's own paths and shapes: no wrapper's, no swapped core's
+            self.plain = GPT(trainer.model_cfg, seed=None)
         self.info = self.meta()
-        with torch.device("meta"):  # the model's own paths: no wrapper's, no swapped core's inner
-            plain = {path for path, _ in GPT(trainer.model_cfg, seed=None).named_modules() if path}
+        plain = {path for path, _ in self.plain.named_modules() if path}
         for part in trainer.parallel.parts:
             modules = dict(part.gpt.named_modules())
             # a block whose forward activation checkpointing replaced runs its modules again
@@ -135,8 +136,9 @@ class Recorder:
                 "lr": cfg.learning_rate, "eps": t.optimizer.param_groups[0]["eps"], "model": asdict(t.model_cfg),
                 "n_params": t.n_params,
                 "feature_sharded": feature_sharded(layout, t.model_cfg.n_layer),
-                "placements": {name: repr(p) for name, p in _placements(t.params).items()},
-                "layout_fields": asdict(layout), "samples": self.samples}
+                "placements": {name: asdict(p) for name, p in _placements(t.params).items()},
+                "param_shapes": {name: list(p.shape) for name, p in self.plain.named_parameters()},
+                "layout_fields": asdict(layout), "samples": self.samples, "format": FORMAT}
 
 
 def grad_divisor(layout, micro_steps: int) -> int:
