@@ -237,6 +237,7 @@ def _memory_gb_s(device: torch.device) -> float:
     """A streaming copy's bandwidth: 256 MiB read and written, timed by the GPU."""
     a = torch.empty(2**26, device=device)
     b = torch.empty_like(a)
+    b.copy_(a)  # the warm-up
     return 2 * a.numel() * 4 * 20 / _gpu_seconds(lambda: b.copy_(a), 20) / 1e9
 
 
@@ -273,4 +274,5 @@ def gpu_profile(device="cuda") -> Profile:
     return Profile(name=f"{name} (calibrated; collectives: {GPUS[gpu][0]} data sheet)", device="cuda",
                    cores=torch.cuda.device_count(), memory_gib=memory, matmul=matmul,
                    per_layer_s=0.0, per_step_s=0.0, collectives=collectives, overlaps=True,
-                   memory_gb_s=_memory_gb_s(device), host_op_s=_host_op_s(device))
+                   memory_gb_s=_memory_gb_s(device), host_op_s=_host_op_s(device),
+                   attention_share=sheet.derate("attention") / sheet.derate("matmul"))

@@ -11,6 +11,7 @@ predictions to the published figures (within 1.5x each, median within 1.1x) and 
 page to this output.
 """
 import json
+import math
 import statistics
 import sys
 from pathlib import Path
@@ -30,20 +31,42 @@ BOUND, MEDIAN_GOAL = 1.5, 1.1
 RANKED_UP_TO = 64  # GPUs: the planner's own choice is searched for jobs this size
 FIELDS = {"id": str, "source": str, "gpu": str, "gpus": int, "gpus_per_node": int, "n_layer": int,
           "n_head": int, "n_embd": int, "vocab_size": int, "block_size": int, "total_batch_tokens": int,
-          "micro_batch": int, "dp_type": str, "tp": int, "pp": int, "recompute": str, "step_time_s": float,
-          "compiled": bool, "held": bool, "reshard_after_forward": bool, "sequence_parallel": bool}
+          "micro_batch": int, "tp": int, "pp": int, "step_time_s": float, "published": str, "derivation": str,
+          "kernels": str, "dp_type": str, "recompute": str, "compiled": bool, "held": bool,
+          "reshard_after_forward": bool, "sequence_parallel": bool}
+CHOICES = {"gpu": set(GPUS), "dp_type": {"ddp", "zero1", "fsdp"}, "recompute": {"none", "selective", "full"}}
+
+
+def _bad(run: dict) -> str | None:
+    """The first field of `run` missing, of another type or out of range, or None."""
+    for name, kind in FIELDS.items():
+        value = run.get(name)
+        if type(value) is not kind and not (kind is float and type(value) is int):
+            return name
+        if kind in (int, float) and not (math.isfinite(value) and value > 0):
+            return name
+        if value not in CHOICES.get(name, {value}):
+            return name
+    if type(run.get("virtual_stages", 1)) is not int or run.get("virtual_stages", 1) < 1:
+        return "virtual_stages"
+    if not run["held"] and type(run.get("not_held")) is not str:
+        return "not_held"  # an exclusion says why
+    dp, rest = divmod(run["gpus"], run["tp"] * run["pp"])
+    if rest or run["total_batch_tokens"] % (run["micro_batch"] * run["block_size"] * dp):
+        return "total_batch_tokens"  # whole micro-steps on whole data-parallel ranks
+    return None
 
 
 def load(path: Path = RUNS) -> list[dict]:
-    """The runs of `path`, every field the prediction reads checked."""
+    """The runs of `path`, every field the prediction and the page read checked."""
     try:
         runs = json.loads(Path(path).read_text())
-        bad = [(run.get("id"), name) for run in runs for name, kind in FIELDS.items()
-               if not isinstance(run.get(name), kind) or (kind in (int, float) and run[name] <= 0)]
-    except (OSError, ValueError, AttributeError) as e:
+        bad = [(run.get("id"), _bad(run)) for run in runs]
+    except (OSError, ValueError, AttributeError, TypeError) as e:
         raise UserError(f"{path}: not a list of published runs ({e})") from e
-    if bad or any(run["gpu"] not in GPUS for run in runs):
-        raise UserError(f"{path}: a run's field is missing or out of range: {bad[:3] or 'gpu'}")
+    bad = [(name, field) for name, field in bad if field]
+    if bad or not runs:
+        raise UserError(f"{path}: a run's field is missing or out of range: {bad[:3] or 'no runs'}")
     return runs
 
 
@@ -64,9 +87,10 @@ def job_and_layout(run: dict) -> tuple[plan.Job, Layout, int]:
 
 
 def label(row: dict) -> str:
-    parts = [row["dp_type"]] + [f"{axis} {row[axis]}" for axis in ("tp", "pp") if row[axis] > 1]
-    ac = row["activation_checkpointing"]
-    return " ".join(parts + ([f"AC {ac}"] if ac != "none" else []) + [f"mb {row['micro_batch_size']}"])
+    parts = [row["dp_type"]] + [f"{axis} {row[axis]}" for axis in ("tp", "pp", "cp", "ep") if row[axis] > 1]
+    ac, chunks = row["activation_checkpointing"], row["loss_chunks"]
+    return " ".join(parts + ([f"AC {ac}"] if ac != "none" else []) + ([f"loss /{chunks}"] if chunks > 1 else [])
+                    + [f"mb {row['micro_batch_size']}"])
 
 
 def predict(run: dict) -> dict:
@@ -83,11 +107,14 @@ def choice(run: dict, predicted: dict) -> str:
     if run["gpus"] > RANKED_UP_TO:
         return f"not searched (over {RANKED_UP_TO} GPUs)"
     job, _, _ = job_and_layout(run)
-    best, row = plan.rank(job, DataSheet(run["gpu"]))[0], predicted["row"]
+    ranked, row = plan.rank(job, DataSheet(run["gpu"])), predicted["row"]
+    best = ranked[0]
     if label(best) == label(row):
         return "the same"
     why = (f"the run's layout does not fit nanodist ({row['memory_gib']:.0f} GiB)" if not row["fits"] else
-           "a tie: the simpler first" if best["step_time_s"] >= row["step_time_s"] / (1 + plan.TIE) else "faster")
+           "the run's layout is not in the planner's space" if all(label(r) != label(row) for r in ranked) else
+           "a tie within 2%, ranked by the tie rule" if best["step_time_s"] >= row["step_time_s"] / (1 + plan.TIE)
+           else "faster")
     return f"{label(best)}, {best['step_time_s'] / row['step_time_s']:.2f}x the time: {why}"
 
 

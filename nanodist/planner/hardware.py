@@ -141,6 +141,7 @@ class Profile:
     overlaps: bool = False
     memory_gb_s: float = 0.0  # a GPU's measured; 0: memory-bound work is in per_layer_s (CPU)
     host_op_s: float = 0.0    # a GPU's host time per op (0: the framework's is per_layer_s)
+    attention_share: float = 1.0  # attention's rate over a matmul's of its size (a GPU: its family's)
     source: str = field(default="", compare=False)
 
     @property
@@ -155,12 +156,15 @@ class Profile:
         return max(f / s for f, s in self.matmul[dtype]["1"])
 
     def matmul_s(self, m: float, n: float, k: float, dtype: str, procs: int) -> float:
-        return self.attention_s(2 * m * n * k, dtype, procs)
-
-    def attention_s(self, flops: float, dtype: str, procs: int) -> float:
         """At the matmul rate measured for this size with the nearest number of processes
         sharing the cores; more processes than measured (and than cores) take turns:
         slower in proportion."""
+        return self._flops_s(2 * m * n * k, dtype, procs)
+
+    def attention_s(self, flops: float, dtype: str, procs: int) -> float:
+        return self._flops_s(flops, dtype, procs) / self.attention_share
+
+    def _flops_s(self, flops: float, dtype: str, procs: int) -> float:
         table = self.matmul[dtype]
         measured = min(table, key=lambda k: (abs(int(k) - procs), int(k)))
         rates = [(f, f / s) for f, s in table[measured]]
@@ -198,7 +202,11 @@ class Profile:
             tables = [*profile.matmul.values(), *profile.collectives.values()]
             ok = (profile.device in ("cpu", "cuda") and profile.cores >= 1 and profile.memory_gib > 0
                   and profile.per_layer_s >= 0 and profile.per_step_s >= 0
-                  and profile.memory_gb_s >= 0 and profile.host_op_s >= 0
+                  and all(type(x) in (int, float) and math.isfinite(x) and x >= 0
+                          for x in (profile.memory_gb_s, profile.host_op_s, profile.attention_share))
+                  and profile.attention_share > 0
+                  # a GPU's memory-bound work and launches (profiles calibrated before had none)
+                  and (profile.device == "cpu" or (profile.memory_gb_s > 0 and profile.host_op_s > 0))
                   and set(profile.matmul) == set(DTYPES) and set(profile.collectives) == set(KINDS)
                   and all(k.isdigit() for table in profile.matmul.values() for k in table)
                   and all("1" in table for table in profile.matmul.values())  # peak_flops' table

@@ -177,7 +177,7 @@ def estimate(job: Job, machine, layout: Layout, micro_batch: int, M: int) -> dic
         rank_links = {"intra_node": 0.0, "inter_node": 0.0}
         for (group, _), (_, bus) in calls.items():
             rank_links[link_of[group]] += bus
-        rank_exposed = exposed_s(job, machine, layout, micro_batch, M, rank_compute, calls, sizes, link_of)
+        rank_exposed = exposed_s(machine, layout, M, rank_compute, calls, sizes, link_of)
         rank_step = rank_compute / (1 - frac) + rank_exposed
         if rank_step >= step:
             step, links, exposed, t_compute = rank_step, rank_links, rank_exposed, rank_compute

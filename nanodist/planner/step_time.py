@@ -32,7 +32,7 @@ Communication (`exposed_s`): each group's calls at the machine's time for their 
 a GPU (NCCL on streams of its own) DDP's and ZeRO-1's reductions hide behind the last
 micro-step's backward but for the last bucket, FSDP's gathers and reduce-scatters (HSDP's
 all-reduce) behind each micro-step's compute but for the first unit's gather and the last
-one's reduce-scatter, and FSDP copies what it gathers and reduces (memory-bound); TP, CP
+one's reduce-scatter (its copies into and out of its buffers are memory-bound work); TP, CP
 and PP traffic, EP's all-to-alls and ZeRO-1's all-gather after the step are on the
 critical path. On CPU cores (gloo) nothing hides.
 """
@@ -44,10 +44,10 @@ from nanodist.planner.search import Job
 
 # Bytes the memory-bound ops of one block move per token, forward and backward, in units
 # of n_embd: eager counted from the model's own ops (each op reads its inputs and writes
-# its output; aten ops but views, matmuls and attention, under a dispatch mode: 373 fp32,
+# its output; aten ops but views, matmuls and attention, under a dispatch mode: 228 fp32,
 # 190 under bf16 autocast); compiled: each fused kernel reads a tensor once and writes
 # one, about 0.6 of eager's (hand count of Block's fusible groups: 114 of 194 bf16)
-LAYER_BYTES = {(False, "float32"): 373, (False, "bfloat16"): 190, (True, "float32"): 224, (True, "bfloat16"): 114}
+LAYER_BYTES = {(False, "float32"): 228, (False, "bfloat16"): 190, (True, "float32"): 137, (True, "bfloat16"): 114}
 # per token of the head, in units of the vocabulary's rows on this rank: the loss's
 # log-softmax, its gradient, autocast's casts (counted as above: 44 whole; chunks recompute
 # the logits and cast them again: 61 fp32, 79 bf16); fused: logits read in the forward,
@@ -59,11 +59,13 @@ LOSS_BYTES = {(False, False, "float32"): 44, (False, False, "bfloat16"): 44, (Fa
 # p, m, v (28); clipping reads g for its norm, and reads and scales it (12)
 OPTIMIZER_BYTES = 40
 # per parameter and micro-step: autocast casts the weight (4 + 2) and its bf16 gradient
-# back (2 + 4), summed into .grad (4 + 4); fp32: the sum
+# back (2 + 4), summed into .grad (4 + 4); fp32: the sum. FSDP instead copies each
+# gathered parameter out of its all-gather's buffer (c + c, twice under ZeRO-3) and each
+# fp32 gradient into its reduce-scatter's (4 + 4): `parameter_bytes`
 PARAMETER_BYTES = {"float32": 8, "bfloat16": 20}
-# ops a block launches per micro-step, forward and backward (counted as LAYER_BYTES: 41
-# fp32, 63 bf16); compiled about a third
-KERNELS = {(False, "float32"): 41, (False, "bfloat16"): 63, (True, "float32"): 14, (True, "bfloat16"): 21}
+# ops a block launches per micro-step, forward and backward (counted as LAYER_BYTES: 29
+# fp32, 51 bf16, beside one sum into .grad per parameter); compiled about a third
+KERNELS = {(False, "float32"): 29, (False, "bfloat16"): 51, (True, "float32"): 10, (True, "bfloat16"): 17}
 FLASH_BACKWARD = 2.5  # backward's FLOPs over forward's in flash attention
 FORWARD_SHARE = 1 / 3  # of the element-wise bytes and ops (68 of 190 bytes counted bf16)
 
@@ -118,11 +120,18 @@ def compute_s(job: Job, machine, layout: Layout, micro_batch: int, M: int, pp_ra
             vocab_rows = model.vocab_size / (layout.tp if layout.loss_parallel else 1)
             micro += (gemms(matmul_shapes(model, layout, micro_batch)[1]) * (1 + (n_chunks > 1) / 3)
                       + machine.memory_s(LOSS_BYTES[fused, n_chunks > 1, dtype] * tokens * vocab_rows))
-    params = stage_params(model, layout, pp_rank)["total"]
-    micro += machine.memory_s(PARAMETER_BYTES[dtype] * params)
+    micro += machine.memory_s(parameter_bytes(layout, dtype) * stage_params(model, layout, pp_rank)["total"])
     held = state_bytes(model, layout, pp_rank)["optimizer"] / state_bytes(model, Layout())["optimizer"]
     optimizer = machine.memory_s(OPTIMIZER_BYTES * held * param_counts(model)["total"])
     return M * micro + machine.per_step_s * turns * held + optimizer
+
+
+def parameter_bytes(layout: Layout, dtype: str) -> float:
+    """Bytes moved per parameter of a stage and micro-step beside the matmuls (see
+    PARAMETER_BYTES)."""
+    if layout.fsdp:
+        return 2 * DTYPE_BYTES[dtype] * (1 + layout.reshard_after_forward) + 2 * FP32
+    return PARAMETER_BYTES[dtype]
 
 
 def hides(layout: Layout, group: str, kind: str) -> bool:
@@ -133,8 +142,7 @@ def hides(layout: Layout, group: str, kind: str) -> bool:
         (group in ("dp_cp", "edp") and not (layout.zero1 and kind == "all_gather"))
 
 
-def exposed_s(job: Job, machine, layout: Layout, micro_batch: int, M: int, compute: float,
-              calls: dict, sizes: dict, links: dict) -> float:
+def exposed_s(machine, layout: Layout, M: int, compute: float, calls: dict, sizes: dict, links: dict) -> float:
     """Seconds of communication on the critical path: `calls` {(group, kind): (calls,
     bus bytes)} over `links` {group: intra_node | inter_node} (see the module doc)."""
     exposed, hideable = 0.0, {}
@@ -152,9 +160,4 @@ def exposed_s(job: Job, machine, layout: Layout, micro_batch: int, M: int, compu
         else:
             exposed += n * call
     hidden = compute if layout.fsdp else 2 / 3 * compute / M  # per group
-    exposed += sum(max(0.0, seconds - hidden) for seconds in hideable.values())
-    if layout.fsdp and machine.overlaps:  # copies into and out of the gathered units
-        c = DTYPE_BYTES[job.dtype]
-        gathered = stage_params(job.model, layout)["total"]
-        exposed += M * machine.memory_s((2 * c * (1 + layout.reshard_after_forward) + 2 * FP32) * gathered)
-    return exposed
+    return exposed + sum(max(0.0, seconds - hidden) for seconds in hideable.values())
