@@ -145,7 +145,8 @@ CLEAN = ["ddp2", "fsdp2", "zero1-2", "tp2-sp-lp", "cp2", "pp2-1f1b",
          "activation_checkpointing=full,data_parallel_size=2",
          "data_parallel_size=2,implementation=pytorch", "pipeline_parallel_size=2,implementation=pytorch",
          "data_parallel_size=2,data_parallel_type=fsdp,implementation=pytorch",
-         "tensor_parallel_size=2,sequence_parallel=true,enable_loss_parallelism=true,implementation=pytorch"]
+         "tensor_parallel_size=2,sequence_parallel=true,enable_loss_parallelism=true,implementation=pytorch",
+         "fsdp2xtp2-sp"]  # 4 processes: DP x TP, the batch and the columns split at once
 
 
 @pytest.mark.parametrize("spec", CLEAN)
