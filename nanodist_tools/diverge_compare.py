@@ -7,8 +7,9 @@ step, against the difference rounding explains (docs/diverge.md derives it):
               the step, L the longest single sum of the model (4 C, T, the vocabulary or
               the B T tokens of a gradient); terms assumed no larger than the tensor
     params    after AdamW: lr / eps times the gradient's bound (the update's slope in g)
-              plus 2 u max|p|; a later step adds max|x| sqrt(P) times the parameters'
-              bound so far (tests/harness.py's argument, Hessian ~ gradient)
+              plus 2 u max|p|; a later step adds the parameters' measured distance after
+              the step before, carried through the model as max|x| sqrt(P) times it
+              (tests/harness.py's argument, Hessian ~ gradient)
     fp32/bf16 each layout's distance from its own float64 run, plus the float64 bound of
               those two runs: |A - B| <= |A - A64| + |A64 - B64| + |B64 - B|, and a
               correct layout's float64 runs agree within the float64 bound
@@ -88,9 +89,9 @@ def _compare(a, b, a64, b64, steps: int | None) -> list[Row]:
     meta = a.meta
     u, L = UNIT_ROUNDOFF["float64"], longest_sum(meta)
     n_params = meta["n_params"]
-    rows, drift = [], 0.0
+    rows, apart = [], 0.0  # apart: the parameters' measured distance after the step before
     for step in range(steps or 1 + max(k[0] for k in a.pieces)):
-        grad_bound, value_bound = {}, 0.0
+        grad_bound, apart_after = {}, 0.0
         for j, key in enumerate(keys_of(step, [a, b])):
             fa, fb = assemble(a, key), assemble(b, key)
             if fa is None or fb is None:
@@ -101,19 +102,20 @@ def _compare(a, b, a64, b64, steps: int | None) -> list[Row]:
                 raise UserError(f"{key[1]}: the two recordings sampled different entries; record both "
                                 f"with the same --digest")
             kind, scale = key[2], max(max_abs(fa.value), max_abs(fb.value))
-            if kind == "value":
-                bound = meta["lr"] / meta["eps"] * grad_bound.get(key[1], 0.0) + 2 * u * scale
-                value_bound = max(value_bound, bound)
-            else:
-                bound = 2 * u * (j + 1) * L * scale
-                if kind == "grad":
-                    grad_bound[key[1]] = bound
-            bound += scale * math.sqrt(n_params) * drift
+            if kind == "value":  # carried over, plus AdamW's update: slope <= lr / eps in g
+                bound = apart + meta["lr"] / meta["eps"] * grad_bound.get(key[1], 0.0) + 2 * u * scale
+            else:  # this step's sums, plus the parameters' distance carried through the model
+                bound = 2 * u * (j + 1) * L * scale + scale * math.sqrt(n_params) * apart
             if a64 is not None:  # rounding of each low-precision layout, measured
                 f64a, f64b = assemble(a64, key), assemble(b64, key)
                 bound += diff_of(fa, f64a) + diff_of(fb, f64b)
-            rows.append(Row(key, diff_of(fa, fb), bound, fa, fb))
-        drift += value_bound
+            row = Row(key, diff_of(fa, fb), bound, fa, fb)
+            rows.append(row)
+            if kind == "grad":
+                grad_bound[key[1]] = bound
+            if kind == "value":
+                apart_after = max(apart_after, row.diff)
+        apart = apart_after  # measured, and within its bound unless the layouts parted already
     return rows
 
 
