@@ -166,9 +166,11 @@ def report(a, b, rows, names=("A", "B")) -> tuple[str, bool]:
             label = stage_label(row.key, n_layer)
             if label not in worst or row.ratio > worst[label].ratio:
                 worst[label] = row
-        lines.append("no divergence: every tensor within the bound rounding explains. Per stage, the worst:")
+        lines.append("no divergence: every tensor within the bound rounding explains. Per stage, the worst "
+                     "(and the steps of B that own it):")
         for label, row in worst.items():
-            lines.append(f"  {label:<28} {row.diff:9.2e} <= {row.bound:9.2e}  ({row.key[1]})")
+            owners = ", ".join(owning_steps(row.key[1], row.key[2], b.meta)) if row.diff else "bitwise equal"
+            lines.append(f"  {label:<28} {row.diff:9.2e} <= {row.bound:9.2e}  {row.key[1]} ({owners})")
         return "\n".join(lines), False
     row = rows[first]
     step, name, kind = row.key

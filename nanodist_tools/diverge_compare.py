@@ -145,7 +145,7 @@ def owning_steps(name: str, kind: str, meta: dict) -> list[str]:
         owners.append("expert parallel (dispatch, experts, combine)")
     if "activation checkpointing" in applied and name.startswith("transformer.h."):
         owners.append("activation checkpointing")
-    return owners or ["none: computed as one process computes it, on this rank's tokens"]
+    return owners or ["none: as one process, on this rank's tokens"]
 
 
 STAGE_NAMES = {"forward": "forward", "backward": "backward", "loss": "loss", "grad": "gradients",
