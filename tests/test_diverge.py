@@ -182,11 +182,17 @@ def test_two_steps_checkpoints_and_logs_agree_or_part(char_data, references, tmp
     assert parts and "first divergence: step 1," in text, text
 
 
-def test_float32_is_held_to_each_layouts_distance_from_float64(char_data, tmp_path):
+def pooled(world, work, *args, timeout=None):
+    """on_processes through the test pools (one rank: this process): no process to start."""
+    return run_distributed(work, world, *args) if world > 1 else [work(*args)]
+
+
+def test_float32_is_held_to_each_layouts_distance_from_float64(char_data, tmp_path, capsys, monkeypatch):
     """The whole command line: single vs tp2-sp-lp in float32, each with its float64 run."""
+    monkeypatch.setattr(diverge, "on_processes", pooled)
     code = diverge.main(["single", "tp2-sp-lp", "--dtype=float32", f"--out={tmp_path}", "--",
                          *shared(char_data)])
-    assert code == 0
+    assert code == 0 and "no divergence" in capsys.readouterr().out
     a, b, a64, b64 = (load(tmp_path / side) for side in ("a", "b", "a64", "b64"))
     rows = compare(a, b, a64, b64)
     assert not any(row.parts for row in rows)
