@@ -3,7 +3,6 @@ within the rounding bound, and each known bug, injected by a test-only patch of 
 strategy (the anchors' trackers' complaints), is named at the right first tensor."""
 import pytest
 import torch
-import torch.nn.functional as F
 
 from harness import run_distributed
 from nanodist.parallel import context_parallel, ddp, expert_parallel, parallelize, pipeline, tensor_parallel
@@ -43,7 +42,7 @@ def references(char_data, tmp_path_factory):
 def first_divergence(reference, out_dir):
     a, b = load(reference), load(out_dir)
     rows = compare(a, b)
-    text, parts = diverge.report(a, b, rows)
+    text, _ = diverge.report(a, b, rows)
     return next((row for row in rows if row.parts), None), text, rows
 
 
@@ -84,13 +83,12 @@ def zigzag_swapped():  # CP: a rank's two zigzag chunks fed in the wrong order
 
 
 def vocab_padded_wrongly():  # TP: a rank's vocabulary rows start at r ceil(V / tp) of the unpadded V
-    def forward(self, idx):
-        start = self.group.rank * -(-CHAR_VOCAB // self.group.size)
-        local = idx - start
-        outside = (local < 0) | (local >= self.weight.size(0))
-        out = F.embedding(local.masked_fill(outside, 0), self.weight)
-        return tensor_parallel.reduce_from_tp(out.masked_fill(outside.unsqueeze(-1), 0.0), self.group)
-    return _swap(tensor_parallel.VocabParallelEmbedding, "forward", forward)
+    forward = tensor_parallel.VocabParallelEmbedding.forward
+
+    def shifted(self, idx):  # the padded split starts rank r at r V_padded / tp
+        wrong, right = self.group.rank * -(-CHAR_VOCAB // self.group.size), self.group.rank * self.weight.size(0)
+        return forward(self, idx - (wrong - right))
+    return _swap(tensor_parallel.VocabParallelEmbedding, "forward", shifted)
 
 
 def expert_wrong_divisor():  # EP: the experts' gradient divided by the expert-data group, not DP x CP
