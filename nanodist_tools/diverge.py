@@ -14,6 +14,7 @@ compared in the order one process computes them (diverge_compare.py). The verdic
 first tensor past the bound rounding explains, with the rank that holds it and what ran
 before it; or, for layouts that agree, the worst difference of each stage against its bound.
 """
+import math
 import sys
 import tempfile
 import time
@@ -26,8 +27,8 @@ from nanodist.errors import UserError
 from nanodist.parallel.layout import Layout
 from nanodist.data.loader import load_split
 from nanodist.run.config import fit, layout_of, parse_args, resolve
-from nanodist_tools.diverge_assemble import load
-from nanodist_tools.diverge_compare import compare, owning_steps, stage_label
+from nanodist_tools.diverge_assemble import check_same_run, load, twins_of
+from nanodist_tools.diverge_compare import compare, next_module, owning_steps, scale_hint, stage_label
 from nanodist_tools.layouts import LAYOUTS
 from nanodist_tools.processes import on_processes
 
@@ -64,10 +65,10 @@ def check_budget(spec: str, shared: list[str], steps: int, dtype: str, budget_mi
     data = load_split(cfg.data_dir or Path("data", cfg.dataset), "val", cfg.block_size, cfg.dataset)
     model = fit(cfg, layout, micro_steps, data.vocab_size, "cpu")
     kept = kept_bytes(model, cfg.total_batch_size, micro_steps, steps, 8 if dtype == "float64" else 4,
-                      samples) / 2**20
+                      samples, layout.tp) / 2**20
     if kept > budget_mib:
         raise UserError(f"{spec}: recording {steps} step(s) of {cfg.total_batch_size} tokens keeps up to "
-                        f"{kept:,.0f} MiB, over --max_memory_mib {budget_mib:,.0f}; lower --total_batch_size "
+                        f"{kept:,.0f} MiB on its {world} process(es), over --max_memory_mib {budget_mib:,.0f}; lower --total_batch_size "
                         f"(or --steps), keep a --digest, or raise --max_memory_mib")
 
 
@@ -84,13 +85,18 @@ def record(spec: str, shared: list[str], out_dir: Path, steps: int, dtype: str |
     return {"seconds": time.perf_counter() - start, "bytes": max(r["bytes"] for r in ranks), "world": world}
 
 
+def holder(row) -> tuple[tuple, int | None]:
+    """The entry of B's largest difference and the rank holding it (None: full on every rank)."""
+    gap = (row.b.value - row.a.value).abs().nan_to_num(math.inf)
+    at = tuple(int(i) for i in torch.unravel_index(gap.argmax(), gap.shape)) if gap.dim() else ()
+    return at, None if row.b.owner is None else int(row.b.owner[at])
+
+
 def _where(row, recording) -> str:
     """The entry of B's largest difference, and the rank (and its coordinates) holding it."""
-    gap = (row.b.value - row.a.value).abs()
-    at = tuple(int(i) for i in torch.unravel_index(gap.argmax(), gap.shape)) if gap.dim() else ()
-    if row.b.owner is None:
+    at, rank = holder(row)
+    if rank is None:
         return f"at {list(at)} (full on every rank; rank 0 kept it)"
-    rank = int(row.b.owner[at])
     if row.b.index is not None:  # a digest: the entry's flat index in the full tensor
         at = (int(row.b.index[at]),)
     coords = recording.metas[rank]["coordinates"]
@@ -121,37 +127,24 @@ def describe(row) -> str:
     return f"step {step + 1}, " + ("loss" if kind == "loss" else f"{KINDS[kind]} {name}")
 
 
-def scale_hint(row) -> str:
-    """B as a multiple of A, where it is one (a missing sum, a wrong divisor)."""
-    a, b = row.a.value.flatten(), row.b.value.flatten()
-    norm = float(a @ a)
-    if norm == 0:
-        return ""
-    s = float(a @ b) / norm
-    rest = (b - s * a).norm().item() / max(b.norm().item(), 1e-300)
-    return f"; B = {s:.4g} x A (residual {rest:.1e})" if rest < 1e-3 else "; B is not a multiple of A"
-
-
 def collectives_between(rows, i: int, recording) -> str:
-    """Comm's counted collectives on the rank holding the divergent entry between the last
-    agreeing tensor and it (custom strategies; PyTorch's own are not counted)."""
+    """Comm's counted collectives on the rank holding the divergent entry (_where's) between
+    the tensor recorded before it on that rank and it (custom strategies; PyTorch's own are
+    not counted). A gradient or value is kept after the step's whole backward: counted from
+    the last backward piece. The loss's counts are the step's end: never a starting point."""
     row = rows[i]
-    later = row.b.pieces[0]
-    earlier = next((p for r in reversed(rows[:i]) for p in r.b.pieces if p.rank == later.rank), None)
+    rank = holder(row)[1]
+    rank = row.b.pieces[0].rank if rank is None else rank
+    later = next((p for p in row.b.pieces if p.rank == rank), row.b.pieces[0])
+    wanted = ("backward",) if row.key[2] in ("grad", "value") else ("forward", "backward", "grad", "value")
+    earlier = next((max(ps, key=lambda p: p.micro) for r in reversed(rows[:i]) if r.key[2] in wanted
+                    for ps in [[p for p in r.b.pieces if p.rank == rank]] if ps), None)
     if earlier is None:
         return "nothing recorded before it on that rank"
     diff = {kind: n - earlier.calls.get(kind, 0) for kind, n in later.calls.items()
             if n > earlier.calls.get(kind, 0)}
     counted = ", ".join(f"{kind} x{n}" for kind, n in sorted(diff.items())) or "no counted collective"
-    return f"{counted} (rank {later.rank}, Comm's counter)"
-
-
-def next_module(rows, row) -> str | None:
-    """The module one process runs after row's (not one containing it, nor inside it)."""
-    step, name = row.key[:2]
-    forward = [r.key[1] for r in rows if r.key[0] == step and r.key[2] == "forward"]
-    later = forward[forward.index(name) + 1:] if name in forward else []
-    return next((m for m in later if not (m.startswith(name + ".") or name.startswith(m + "."))), None)
+    return f"{counted} (rank {rank}, Comm's counter)"
 
 
 def report(a, b, rows, names=("A", "B")) -> tuple[str, bool]:
@@ -174,38 +167,27 @@ def report(a, b, rows, names=("A", "B")) -> tuple[str, bool]:
         return "\n".join(lines), False
     row = rows[first]
     step, name, kind = row.key
-    lines.append(f"first divergence: {describe(row)}")
+    lines.append(f"first divergence: {describe(row)}" + (f"; it parts in {row.check}" if row.check else ""))
+    held, on = (a, "A") if row.check.startswith("A vs") else (b, "B")  # A itself may leave its path
     lines.append(f"  |A - B| = {row.diff:.3e} > bound {row.bound:.3e} ({row.ratio:.1e} x)"
                  f"{scale_hint(row)}")
     if max(row.a.spread, row.b.spread) > row.bound:
         lines.append(f"  the ranks holding copies of it disagree: A by {row.a.spread:.3e}, "
                      f"B by {row.b.spread:.3e}")
-    lines.append(f"  largest difference in B {_where(row, b)}")
+    lines.append(f"  largest difference in {on} {_where(row, held)}")
     if first:
         lines.append(f"  last agreeing: {describe(rows[first - 1])}")
     if first and kind != "loss":  # the loss is the trainer's, kept after the step
-        lines.append(f"  between them on B: {collectives_between(rows, first, b)}")
+        lines.append(f"  between them on {on}: {collectives_between(rows, first, held)}")
     for side, rec in (("A", a), ("B", b)):
         lines.append(f"  steps of {side} that own it: {', '.join(owning_steps(name, kind, rec.meta))}")
     consumer = next_module(rows, row) if kind == "backward" else None
     if consumer:  # a gradient is made by the module that read the output
-        lines.append(f"  its gradient comes back through {consumer}, owned in B by: "
-                     f"{', '.join(owning_steps(consumer, 'forward', b.meta))}")
+        lines.append(f"  its gradient comes back through {consumer}, owned in {on} by: "
+                     f"{', '.join(owning_steps(consumer, 'forward', held.meta))}")
     if kind in ("grad", "value"):
-        lines.append(f"  placement in B: {placement_of(row, b.meta)}")
+        lines.append(f"  placement in {on}: {placement_of(row, held.meta)}")
     return "\n".join(lines), True
-
-
-def twins_of(a, b, dir_a: str, dir_b: str) -> tuple:
-    """The float64 recordings a float32 or bfloat16 pair is bounded by: --out keeps them
-    beside the pair, as a64 and b64."""
-    if a.meta["dtype"] == b.meta["dtype"] == "float64":
-        return None, None
-    twins = [Path(f"{str(d).rstrip('/')}64") for d in (dir_a, dir_b)]
-    if not all(t.is_dir() for t in twins):
-        raise UserError(f"{dir_a}, {dir_b}: recorded in {a.meta['dtype']} and {b.meta['dtype']}; their bound "
-                        f"needs their float64 recordings {twins[0]} and {twins[1]} (--out keeps them)")
-    return load(twins[0]), load(twins[1])
 
 
 def run_pair(args, shared: list[str], out: Path) -> tuple[str, bool]:
@@ -229,7 +211,8 @@ def run_pair(args, shared: list[str], out: Path) -> tuple[str, bool]:
 
 def build_parser():
     p = cli.OneLineParser(description="Where do two layouts part? The first tensor where a layout leaves "
-                                      "one process, and why (docs/diverge.md).")
+                                      "one process, and why (docs/diverge.md). Exit code 0: they agree; 1: "
+                                      "they part; 2: bad input (one line); 3: an unforeseen error.")
     p.add_argument("a", nargs="?", help="a layout: a name of nanodist_tools/layouts.py, or its train.py flags")
     p.add_argument("b", nargs="?", help="the other layout")
     p.add_argument("--steps", type=int, default=1, help="optimizer steps recorded (1-100)")
@@ -246,6 +229,21 @@ def build_parser():
     return p
 
 
+def out_dir(path: str) -> Path:
+    """--out: a new or empty directory this process can write, checked before any run."""
+    out = Path(path)
+    try:
+        if out.exists() and (not out.is_dir() or any(out.iterdir())):
+            raise UserError(f"--out {out}: not an empty directory; name a new one (recordings are never "
+                            f"overwritten)")
+        out.mkdir(parents=True, exist_ok=True)
+        Path(out, ".write_check").touch()
+        Path(out, ".write_check").unlink()
+    except OSError as error:
+        raise UserError(f"--out {out}: cannot write there ({error.strerror or type(error).__name__})") from error
+    return out
+
+
 def main_of(argv: list[str]) -> int:
     shared = argv[argv.index("--") + 1:] if "--" in argv else []
     args = build_parser().parse_args(argv[:argv.index("--")] if "--" in argv else argv)
@@ -260,10 +258,11 @@ def main_of(argv: list[str]) -> int:
         text, parts = compare_checkpoints(*args.checkpoints) if args.checkpoints else compare_logs(*args.logs)
     elif args.recorded:
         a, b = load(args.recorded[0]), load(args.recorded[1])
+        check_same_run(a, b, tuple(args.recorded))
         text, parts = report(a, b, compare(a, b, *twins_of(a, b, *args.recorded)), tuple(args.recorded))
     elif args.a and args.b:
         if args.out:
-            text, parts = run_pair(args, shared, Path(args.out))
+            text, parts = run_pair(args, shared, out_dir(args.out))
         else:
             with tempfile.TemporaryDirectory() as tmp:
                 text, parts = run_pair(args, shared, Path(tmp))
@@ -273,8 +272,14 @@ def main_of(argv: list[str]) -> int:
     return 1 if parts else 0
 
 
+ERROR = 3  # an unforeseen failure: not the verdict's 1 (they part), nor bad input's 2
+
+
 def main(argv=None) -> int:
-    return cli.run(main_of, argv)
+    """0: they agree; 1: they part; 2: bad input, one line; 3: an unforeseen error, one line."""
+    verdict = []
+    code = cli.run(lambda args: verdict.append(main_of(args)) or verdict[0], argv)
+    return ERROR if code == 1 and not verdict else code
 
 
 if __name__ == "__main__":

@@ -26,7 +26,13 @@ import torch
 from nanodist.errors import UserError
 
 
-FORMAT = 1  # of a rank's file: raised when what diverge_record.py saves changes
+FORMAT = 2  # of a rank's file: raised when what diverge_record.py saves changes
+META_KEYS = {"rank", "world", "layout", "coordinates", "dp", "dp_rank", "tp", "tp_rank", "divisor", "positions",
+             "micro_steps", "batch_size", "block_size", "dtype", "lr", "eps", "model", "n_params", "seed", "data",
+             "gradient_clipping", "feature_sharded", "placements", "param_shapes", "layout_fields", "samples",
+             "format"}
+# what two recordings of one comparison must share: the same run, laid out two ways
+SAME_RUN = ("model", "block_size", "lr", "eps", "seed", "data", "gradient_clipping", "samples")
 
 
 @dataclass
@@ -59,8 +65,11 @@ def _read(path: Path) -> dict:
     if not (isinstance(saved, dict) and isinstance(saved.get("meta"), dict) and "rank" in saved["meta"]
             and isinstance(saved.get("records"), list)):
         raise UserError(f"{why} (no meta and records); record the layout again")
-    if saved["meta"].get("format") != FORMAT:
+    if saved["meta"].get("format") != FORMAT or not META_KEYS <= saved["meta"].keys():
         raise UserError(f"{path} was recorded by another version of the tool; record the layout again")
+    if not all(isinstance(r, (list, tuple)) and len(r) == 6 and isinstance(r[4], torch.Tensor)
+               and isinstance(r[5], dict) for r in saved["records"]):
+        raise UserError(f"{why} (a record is not (step, name, kind, micro, tensor, calls)); record the layout again")
     return saved
 
 
@@ -82,6 +91,28 @@ def load(directory) -> Recording:
             recording.pieces.setdefault((step, name, kind), []).append(Piece(rank, micro, tensor, calls))
             recording.order.setdefault((name, kind), (rank, i))
     return recording
+
+
+def run_of(recording: Recording, dtype: bool = True) -> dict:
+    """What makes two recordings the same run: model, data, seed, global batch, lr, steps."""
+    meta = recording.meta
+    out = {key: meta[key] for key in SAME_RUN}
+    out["global batch"] = meta["batch_size"] * meta["micro_steps"] * meta["dp"]
+    out["steps"] = 1 + max((key[0] for key in recording.pieces), default=-1)
+    if dtype:
+        out["dtype"] = meta["dtype"]
+    return out
+
+
+def check_same_run(x: Recording, y: Recording, names: tuple, dtype: bool = True):
+    """One line if `x` and `y` are not one run laid out two ways."""
+    rx, ry = run_of(x, dtype), run_of(y, dtype)
+    differ = [key for key in rx if rx[key] != ry[key]]
+    if differ:
+        key = differ[0]
+        raise UserError(f"{names[0]} and {names[1]} are not the same run: {key} {rx[key]!r} vs {ry[key]!r}"
+                        f"{f' (and {len(differ) - 1} more)' if len(differ) > 1 else ''}; record both with "
+                        f"the same flags")
 
 
 def stage_of(name: str, n_layer: int) -> int:
@@ -206,3 +237,24 @@ def _assemble_digest(recording: Recording, pieces: list, kind: str) -> Full:
     group = torch.cumsum(first, 0) - 1  # replicas: the same entry from several ranks
     spread = (value - value[first][group]).abs().max().item() if len(flat) else 0.0
     return Full(value[first], owner[first], spread, pieces, flat[first])
+
+
+def twins_of(a, b, dir_a: str, dir_b: str) -> tuple:
+    """The float64 recordings a float32 or bfloat16 pair is bounded by: --out keeps them
+    beside the pair, as a64 and b64."""
+    if a.meta["dtype"] == b.meta["dtype"] == "float64":
+        return None, None
+    twins = [Path(f"{str(d).rstrip('/')}64") for d in (dir_a, dir_b)]
+    if not all(t.is_dir() for t in twins):
+        raise UserError(f"{dir_a}, {dir_b}: recorded in {a.meta['dtype']} and {b.meta['dtype']}; their bound "
+                        f"needs their float64 recordings {twins[0]} and {twins[1]} (--out keeps them)")
+    a64, b64 = load(twins[0]), load(twins[1])
+    for run, twin, path in ((a, a64, twins[0]), (b, b64, twins[1])):
+        if twin.meta["dtype"] != "float64":
+            raise UserError(f"{path}: recorded in {twin.meta['dtype']}, not float64; it cannot bound the "
+                            f"{run.meta['dtype']} run beside it")
+        check_same_run(run, twin, (str(path), "the run beside it"), dtype=False)
+        if twin.meta["layout_fields"] != run.meta["layout_fields"]:
+            raise UserError(f"{path} is of layout {twin.meta['layout']}, the run beside it of "
+                            f"{run.meta['layout']}: a float64 twin is the same layout")
+    return a64, b64

@@ -10,9 +10,14 @@ step, against the difference rounding explains (docs/diverge.md derives it):
               plus 2 u max|p|; a later step adds the parameters' measured distance after
               the step before, carried through the model as max|x| sqrt(P) times it
               (tests/harness.py's argument, Hessian ~ gradient)
-    fp32/bf16 each layout's distance from its own float64 run, plus the float64 bound of
-              those two runs: |A - B| <= |A - A64| + |A64 - B64| + |B64 - B|, and a
-              correct layout's float64 runs agree within the float64 bound
+    fp32/bf16 A64 vs B64 (each layout's float64 run) against the float64 bound: the
+              layout's arithmetic; and each run against its own float64 run, by the same
+              derivation with u = u_run + u_64 (float32 2^-24, bfloat16 autocast 2^-8 for
+              what it computes, float32's for its master weights): a run leaving its
+              float64 path by more than its dtype's rounding explains parts (a bf16
+              all-reduce, a missing upcast), whichever of A or B it is
+    NaN/Inf   a non-finite entry that the other side does not share is a divergence;
+              max|x| is taken over the finite entries
 
 A comparison yields one `Row` per tensor; the first whose difference passes its bound is
 where the layouts part.
@@ -39,10 +44,11 @@ class Row:
     bound: float
     a: Full
     b: Full
+    check: str = ""     # low precision: which pair passed (or came nearest) its bound
 
     @property
     def parts(self) -> bool:
-        return self.diff > self.bound
+        return not self.diff <= self.bound  # NaN: parts
 
     @property
     def ratio(self) -> float:
@@ -60,17 +66,27 @@ def keys_of(step: int, recordings) -> list[tuple]:
 
 
 def longest_sum(meta: dict) -> int:
+    """L: the longest single sum of a step; under --gradient_clipping the norm's P squares."""
     model = meta["model"]
     tokens = meta["batch_size"] * meta["micro_steps"] * meta["dp"] * meta["block_size"]
-    return max(4 * model["n_embd"], meta["block_size"], model["vocab_size"], tokens)
+    clip = meta["n_params"] if meta.get("gradient_clipping") else 0
+    return max(4 * model["n_embd"], meta["block_size"], model["vocab_size"], tokens, clip)
 
 
 def max_abs(x: torch.Tensor) -> float:
+    """The largest finite |entry| (a NaN or Inf is no scale: it is a difference, diff_of)."""
+    x = x[torch.isfinite(x)]
     return x.abs().max().item() if x.numel() else 0.0
 
 
 def diff_of(a: Full, b: Full) -> float:
-    return max(max_abs(a.value - b.value), a.spread, b.spread)
+    """max |A - B|; inf where one side is not finite and the other differs (NaN anywhere)."""
+    va, vb = a.value, b.value
+    finite = torch.isfinite(va) & torch.isfinite(vb)
+    if not finite.all() and not torch.equal(va[~finite], vb[~finite]):  # NaN != NaN: parts too
+        return math.inf
+    gap = (va - vb)[finite]
+    return max(gap.abs().max().item() if gap.numel() else 0.0, a.spread, b.spread)
 
 
 def compare(a, b, a64=None, b64=None, steps: int | None = None) -> list[Row]:
@@ -85,37 +101,73 @@ def compare(a, b, a64=None, b64=None, steps: int | None = None) -> list[Row]:
         torch.set_num_threads(threads)
 
 
+def unit_roundoffs(meta: dict) -> tuple[float, float]:
+    """(u of the computed tensors, u of the stored parameters) of a run: bfloat16 autocast
+    rounds every matmul's output to bfloat16, and keeps float32 master weights."""
+    dtype = meta["dtype"]
+    return UNIT_ROUNDOFF[dtype], UNIT_ROUNDOFF["float32" if dtype == "bfloat16" else dtype]
+
+
+class Pair:
+    """Two recordings held to the bound of their two dtypes, with the step carry of them."""
+
+    def __init__(self, x, y, check: str):
+        (ux, px), (uy, py) = unit_roundoffs(x.meta), unit_roundoffs(y.meta)
+        self.x, self.y, self.check, self.u, self.u_param = x, y, check, ux + uy, px + py
+        self.apart, self.apart_after, self.grad_bound = 0.0, 0.0, {}
+
+    def row(self, key: tuple, j: int, meta: dict, fx=None, fy=None) -> Row | None:
+        fx = assemble(self.x, key) if fx is None else fx
+        fy = assemble(self.y, key) if fy is None else fy
+        if fx is None or fy is None:
+            return None  # one layout never computes it as a module output (loss parallelism's head)
+        same = fx.index is None and fy.index is None or (
+            fx.index is not None and fy.index is not None and torch.equal(fx.index, fy.index))
+        if not same:
+            raise UserError(f"{key[1]}: the two recordings sampled different entries; record both "
+                            f"with the same --digest")
+        kind, scale = key[2], max(max_abs(fx.value), max_abs(fy.value))
+        if kind == "value":  # carried over, plus AdamW's update: slope <= lr / eps in g
+            bound = (self.apart + meta["lr"] / meta["eps"] * self.grad_bound.get(key[1], 0.0)
+                     + self.u_param * scale)
+        else:  # this step's sums, plus the parameters' distance carried through the model
+            bound = (self.u * (j + 1) * longest_sum(meta) * scale
+                     + scale * math.sqrt(meta["n_params"]) * self.apart)
+        row = Row(key, diff_of(fx, fy), bound, fx, fy, self.check)
+        if kind == "grad":
+            self.grad_bound[key[1]] = bound
+        if kind == "value":
+            self.apart_after = max(self.apart_after, row.diff)
+        return row
+
+    def next_step(self):
+        self.apart, self.apart_after, self.grad_bound = self.apart_after, 0.0, {}
+
+
 def _compare(a, b, a64, b64, steps: int | None) -> list[Row]:
+    """float64: A against B. Lower: A64 against B64 (the layouts' arithmetic), and each run
+    against its own float64 run (its dtype's rounding); a tensor's row is the worst of them."""
     meta = a.meta
-    u, L = UNIT_ROUNDOFF["float64"], longest_sum(meta)
-    n_params = meta["n_params"]
-    rows, apart = [], 0.0  # apart: the parameters' measured distance after the step before
+    if a64 is None:
+        pairs = [Pair(a, b, "")]
+    else:
+        pairs = [Pair(a64, b64, "the float64 runs A64 vs B64"),
+                 Pair(b64, b, f"B vs its float64 run ({b.meta['dtype']} rounding)"),
+                 Pair(a64, a, f"A vs its float64 run ({a.meta['dtype']} rounding)")]
+    rows = []
     for step in range(steps or 1 + max(k[0] for k in a.pieces)):
-        grad_bound, apart_after = {}, 0.0
         for j, key in enumerate(keys_of(step, [a, b])):
-            fa, fb = assemble(a, key), assemble(b, key)
-            if fa is None or fb is None:
-                continue  # one layout never computes it as a module output (loss parallelism's head)
-            same = fa.index is None and fb.index is None or (
-                fa.index is not None and fb.index is not None and torch.equal(fa.index, fb.index))
-            if not same:
-                raise UserError(f"{key[1]}: the two recordings sampled different entries; record both "
-                                f"with the same --digest")
-            kind, scale = key[2], max(max_abs(fa.value), max_abs(fb.value))
-            if kind == "value":  # carried over, plus AdamW's update: slope <= lr / eps in g
-                bound = apart + meta["lr"] / meta["eps"] * grad_bound.get(key[1], 0.0) + 2 * u * scale
-            else:  # this step's sums, plus the parameters' distance carried through the model
-                bound = 2 * u * (j + 1) * L * scale + scale * math.sqrt(n_params) * apart
-            if a64 is not None:  # rounding of each low-precision layout, measured
-                f64a, f64b = assemble(a64, key), assemble(b64, key)
-                bound += diff_of(fa, f64a) + diff_of(fb, f64b)
-            row = Row(key, diff_of(fa, fb), bound, fa, fb)
-            rows.append(row)
-            if kind == "grad":
-                grad_bound[key[1]] = bound
-            if kind == "value":
-                apart_after = max(apart_after, row.diff)
-        apart = apart_after  # measured, and within its bound unless the layouts parted already
+            if a64 is None:
+                found = [pairs[0].row(key, j, meta)]
+            else:
+                fa, fb, f64a, f64b = (assemble(r, key) for r in (a, b, a64, b64))
+                found = [pairs[0].row(key, j, meta, f64a, f64b), pairs[1].row(key, j, meta, f64b, fb),
+                         pairs[2].row(key, j, meta, f64a, fa)]
+            found = [r for r in found if r is not None]
+            if found:  # the first pair that parts, else the nearest to its bound
+                rows.append(next((r for r in found if r.parts), max(found, key=lambda r: r.ratio)))
+        for pair in pairs:
+            pair.next_step()  # measured, and within its bound unless the runs parted already
     return rows
 
 
@@ -159,3 +211,22 @@ def stage_label(key: tuple, n_layer: int) -> str:
     stage = stage_of(name, n_layer)
     where = "embeddings" if stage == 0 else ("head" if stage == n_layer + 1 else f"block {stage - 1}")
     return f"step {step + 1} {STAGE_NAMES[kind]} {where}"
+
+
+def scale_hint(row) -> str:
+    """B as a multiple of A, where it is one (a missing sum, a wrong divisor)."""
+    a, b = row.a.value.flatten(), row.b.value.flatten()
+    norm = float(a @ a)
+    if norm == 0:
+        return ""
+    s = float(a @ b) / norm
+    rest = (b - s * a).norm().item() / max(b.norm().item(), 1e-300)
+    return f"; B = {s:.4g} x A (residual {rest:.1e})" if rest < 1e-3 else "; B is not a multiple of A"
+
+
+def next_module(rows, row) -> str | None:
+    """The module one process runs after row's (not one containing it, nor inside it)."""
+    step, name = row.key[:2]
+    forward = [r.key[1] for r in rows if r.key[0] == step and r.key[2] == "forward"]
+    later = forward[forward.index(name) + 1:] if name in forward else []
+    return next((m for m in later if not (m.startswith(name + ".") or name.startswith(m + "."))), None)

@@ -84,7 +84,8 @@ class Recorder:
         piece = _local(tensor).detach().to("cpu", copy=True)
         if self.samples and kind != "loss":
             piece = self.digest(piece, name, kind, self.calls[key])
-        self.records.append((*key, self.calls[key], piece, calls or dict(self.trainer.comm.counter.calls)))
+        calls = dict(self.trainer.comm.counter.calls) if calls is None else calls  # {}: none counted yet
+        self.records.append((*key, self.calls[key], piece, calls))
         self.calls[key] += 1
 
     def digest(self, piece: torch.Tensor, name: str, kind: str, micro: int) -> torch.Tensor:
@@ -134,7 +135,8 @@ class Recorder:
                 "batch_size": cfg.batch_size, "block_size": cfg.block_size, "dtype": cfg.dtype,
                 # the peak learning rate: no step's is larger, so the bound it enters stays a bound
                 "lr": cfg.learning_rate, "eps": t.optimizer.param_groups[0]["eps"], "model": asdict(t.model_cfg),
-                "n_params": t.n_params,
+                "n_params": t.n_params, "seed": cfg.seed, "data": [cfg.dataset, str(cfg.data_dir)],
+                "gradient_clipping": cfg.max_grad_norm if cfg.gradient_clipping else None,
                 "feature_sharded": feature_sharded(layout, t.model_cfg.n_layer),
                 "placements": {name: asdict(p) for name, p in _placements(t.params).items()},
                 "param_shapes": {name: list(p.shape) for name, p in self.plain.named_parameters()},
@@ -150,18 +152,21 @@ def grad_divisor(layout, micro_steps: int) -> int:
     return layout.dp_cp * (micro_steps if native_pipeline else 1)
 
 
-def kept_bytes(model, tokens: int, micro_steps: int, steps: int, itemsize: int, samples: int = 0) -> int:
-    """What one process running the whole model keeps (no rank of a layout keeps more): per
-    token and block 15 outputs of 1-4 C values and their gradients, the embeddings', ln_f's
-    and the logits'; per step the parameters' gradients and values. A digest: per tensor
-    and micro-step `samples` (index, value) pairs in float64."""
+def kept_bytes(model, tokens: int, micro_steps: int, steps: int, itemsize: int, samples: int = 0,
+               replicas: int = 1) -> int:
+    """What all ranks of a layout keep together (they run on this machine): one process's
+    whole model keeps per token and block 16 outputs of 1-4 C values and their gradients,
+    the embeddings', ln_f's and the logits'; per step the parameters' gradients and values
+    (rank 0 alone). The ranks split the tokens, but `replicas` (TP) ranks may each keep a
+    whole copy of an activation (TP without SP). A digest: per tensor and micro-step
+    `samples` (index, value) pairs in float64."""
     with torch.device("meta"):
         params = list(GPT(model, seed=None).parameters())
     if samples:
-        tensors = (30 * model.n_layer + 10) * micro_steps + 2 * len(params)
+        tensors = replicas * (32 * model.n_layer + 10) * micro_steps + 2 * len(params)
         return steps * tensors * samples * 16
-    per_token = (30 * model.n_layer + 6) * model.n_embd + 2 * model.vocab_size
-    return steps * (tokens * per_token + 2 * sum(p.numel() for p in params)) * itemsize
+    per_token = (32 * model.n_layer + 6) * model.n_embd + 2 * model.vocab_size
+    return steps * (replicas * tokens * per_token + 2 * sum(p.numel() for p in params)) * itemsize
 
 
 def _placements(params) -> dict:

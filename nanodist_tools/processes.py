@@ -11,6 +11,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from nanodist import compat
+from nanodist.errors import UserError
 
 
 def free_port() -> int:
@@ -24,6 +25,9 @@ def _run(out_file: str, init, work, args):
     init()
     try:
         Path(out_file).write_text(json.dumps(work(*args)))
+    except UserError as error:  # its one line, for the parent to say (the rank still fails)
+        Path(f"{out_file}.error").write_text(str(error))
+        raise
     finally:
         dist.destroy_process_group()
 
@@ -48,11 +52,22 @@ def _join(context, timeout: float | None):
             raise TimeoutError(f"did not finish within {timeout:.0f} s")
 
 
+def _join_saying(context, timeout: float | None, tmp: str):
+    """_join; a rank that failed with a UserError: that error's one line, in this process."""
+    try:
+        _join(context, timeout)
+    except mp.ProcessRaisedException:
+        said = sorted(Path(tmp).glob("*.error"))
+        if said:
+            raise UserError(said[0].read_text()) from None
+        raise
+
+
 def on_processes(world: int, work, *args, timeout: float | None = None) -> list:
     """work(*args) on `world` fresh gloo processes: what each returned (JSON), rank by rank."""
     with tempfile.TemporaryDirectory() as tmp:
-        _join(mp.start_processes(_gloo_rank, args=(world, free_port(), tmp, work, args), nprocs=world,
-                                 start_method="spawn", join=False), timeout)
+        _join_saying(mp.start_processes(_gloo_rank, args=(world, free_port(), tmp, work, args), nprocs=world,
+                                        start_method="spawn", join=False), timeout, tmp)
         return [json.loads(Path(tmp, f"{r}.json").read_text()) for r in range(world)]
 
 
@@ -60,6 +75,6 @@ def as_rank_of(world: int, rank: int, work, *args, timeout: float | None = None)
     """work(*args) in a fresh process playing rank `rank` of `world` over the fake group."""
     with tempfile.TemporaryDirectory() as tmp:
         out_file = str(Path(tmp, "result.json"))
-        _join(mp.start_processes(_fake_rank, args=(world, rank, out_file, work, args), nprocs=1,
-                                 start_method="spawn", join=False), timeout)
+        _join_saying(mp.start_processes(_fake_rank, args=(world, rank, out_file, work, args), nprocs=1,
+                                        start_method="spawn", join=False), timeout, tmp)
         return json.loads(Path(out_file).read_text())

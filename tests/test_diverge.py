@@ -6,11 +6,14 @@ import torch
 
 from harness import run_distributed
 from nanodist.parallel import context_parallel, ddp, expert_parallel, parallelize, pipeline, tensor_parallel
-from nanodist.parallel.comm import conjugate
+from nanodist.errors import UserError
+from nanodist.parallel.comm import all_reduce, conjugate
 from nanodist.parallel.placement import Placement
 from nanodist_tools import diverge, diverge_posthoc as posthoc, diverge_record
 from nanodist_tools.diverge_assemble import load
-from nanodist_tools.diverge_compare import compare
+from nanodist_tools.diverge_assemble import Full
+from nanodist_tools.diverge_compare import Row, compare, diff_of, max_abs
+from nanodist_tools.processes import on_processes
 from nanodist_tools.layouts import MOE
 
 CHAR_VOCAB = 65  # tiny Shakespeare's characters: 128 rows once padded, 64 a TP rank
@@ -99,6 +102,12 @@ def tied_sum_dropped():  # PP: the stages never add their tied wte / lm_head gra
     return _swap(pipeline.Split, "sum_tied_grads", lambda self: None)
 
 
+def tp_sum_in_bf16():  # TP: g's forward all-reduce payload rounded to bfloat16 in a float32 run
+    def rounded(x, group):
+        return all_reduce(x.bfloat16().to(x.dtype) if x.dtype == torch.float32 else x, group)
+    return _swap(tensor_parallel, "reduce_from_tp", conjugate("ReduceFromTP", rounded, lambda dy, g: dy))
+
+
 def record_mutated(patch, argv, out_dir, steps=1, samples=0):
     """Rank side: record with one strategy patched, then undo it (the pool's processes live on)."""
     undo = globals()[patch]()
@@ -169,12 +178,17 @@ def test_two_steps_checkpoints_and_logs_agree_or_part(char_data, references, tmp
     run_distributed(diverge_record.record_rank, world, argv, str(clean), 2)
     first, text, rows = first_divergence(reference, clean)
     assert first is None and {row.key[0] for row in rows} == {0, 1}, text
-    assert not posthoc.compare_checkpoints(reference / "run", clean / "run")[1]
-    assert not posthoc.compare_logs(reference / "run", clean / "run")[1]
+    text, parts = posthoc.compare_checkpoints(reference / "run" / "step_0000001", clean / "run" / "step_0000001")
+    assert not parts and "no divergence" in text, text
+    # after 2 steps the sqrt(P) carry of the bound passes what AdamW can move: no verdict
+    text, parts = posthoc.compare_checkpoints(reference / "run", clean / "run")
+    assert not parts and "no verdict possible at this size" in text, text
+    text, parts = posthoc.compare_logs(reference / "run", clean / "run")
+    assert not parts and "no divergence" in text, text
 
     argv, world = flags("pp2-1f1b", char_data, broken, extra=["--checkpoint_interval=1"])
     run_distributed(record_mutated, world, "tied_sum_dropped", argv, str(broken), 2)
-    text, parts = posthoc.compare_checkpoints(reference / "run", broken / "run")
+    text, parts = posthoc.compare_checkpoints(reference / "run" / "step_0000001", broken / "run" / "step_0000001")
     assert parts and "first divergence (model order): transformer.wte.weight" in text, text
     text, parts = posthoc.compare_logs(reference / "run", broken / "run")
     assert parts and "first divergence: step 1," in text, text
@@ -195,6 +209,14 @@ def test_float32_is_held_to_each_layouts_distance_from_float64(char_data, tmp_pa
     rows = compare(a, b, a64, b64)
     assert not any(row.parts for row in rows)
     assert max(row.diff for row in rows) > 1e-9  # float32 rounding seen, and explained
+    # a float32-only bug (B's TP sum in bfloat16) leaves B's float64 path, not A64 vs B64's
+    argv, world = flags("tp2-sp-lp", char_data, tmp_path / "bf16", extra=["--dtype=float32"])
+    run_distributed(record_mutated, world, "tp_sum_in_bf16", argv, str(tmp_path / "bf16"))
+    text, parts = diverge.report(a, load(tmp_path / "bf16"), rows := compare(a, load(tmp_path / "bf16"), a64, b64))
+    first = next((row for row in rows if row.parts), None)
+    assert parts and first.key[1:] == ("transformer.wte", "forward"), text
+    assert first.check.startswith("B vs its float64 run") and first.diff > 10 * first.bound, text
+    assert "it parts in B vs its float64 run (float32 rounding)" in text, text
 
 
 @pytest.mark.parametrize("argv, says", [
@@ -204,6 +226,7 @@ def test_float32_is_held_to_each_layouts_distance_from_float64(char_data, tmp_pa
     (["single", "tensor_parallel_size=3"], "divisible"),
     (["--recorded", "/nonexistent", "/nonexistent"], "holds no rank<r>.pt recording"),
     (["--checkpoints", "/nonexistent", "/nonexistent"], "no checkpoint there"),
+    (["--logs", "/nonexistent", "/nonexistent"], "no such directory"),
 ])
 def test_bad_input_is_one_line(argv, says, char_data, capsys, monkeypatch):
     monkeypatch.delenv("NANODIST_DEBUG", raising=False)
@@ -229,8 +252,49 @@ def test_a_digest_finds_the_same_first_tensor(char_data, tmp_path):
     assert first is not None and first.key[1:] == ("transformer.ln_f", "backward"), text
 
 
-def test_a_damaged_recording_is_one_line(tmp_path, capsys, monkeypatch):
+def test_nan_or_inf_on_one_side_is_a_divergence(references):
+    """A non-finite entry the other side lacks parts, whatever the bound; max|x| is the finite's."""
+    full = lambda *values: Full(torch.tensor(values, dtype=torch.float64), None, 0.0, [])  # noqa: E731
+    assert diff_of(full(1.0, float("nan")), full(1.0, float("nan"))) == float("inf")  # NaN != NaN
+    assert diff_of(full(1.0, float("inf")), full(1.0, 2.0)) == float("inf")
+    assert diff_of(full(1.0, float("inf")), full(1.5, float("inf"))) == 0.5
+    assert max_abs(torch.tensor([3.0, float("inf"), float("nan")])) == 3.0
+    assert Row((0, "x", "forward"), float("nan"), 1.0, full(0.0), full(0.0)).parts
+    a, b = load(references[False]), load(references[False])
+    piece = b.pieces[(0, "transformer.h.1.mlp.c_fc", "forward")][0]
+    piece.tensor = piece.tensor.clone()
+    piece.tensor.view(-1)[7] = float("nan")
+    first = next(row for row in compare(a, b) if row.parts)
+    assert first.key == (0, "transformer.h.1.mlp.c_fc", "forward") and first.diff == float("inf")
+
+
+def test_a_rank_error_and_reused_output_are_one_line(references, char_data, tmp_path, capsys, monkeypatch):
+    """A child rank's UserError reaches the parent as its line; --out must be new or empty;
+    two recordings of different runs are refused; an unforeseen error exits 3, not 1."""
+    monkeypatch.delenv("NANODIST_DEBUG", raising=False)
+    with pytest.raises(UserError, match="^layout 'nonsense': name one of"):  # the rank's own line
+        on_processes(1, diverge.layout_flags, "nonsense", [])
+    for out, says in ((references[False], "not an empty directory"), ("/proc/nanodist_x", "cannot write there")):
+        assert diverge.main(["single", "ddp2", f"--out={out}", "--", *shared(char_data)]) == 2
+        err = capsys.readouterr().err
+        assert says in err and err.count("\n") == 1, err
+    assert diverge.main(["--recorded", str(references[False]), str(references[True])]) == 2
+    err = capsys.readouterr().err
+    assert "are not the same run: model" in err and err.count("\n") == 1, err
+    monkeypatch.setattr(diverge, "main_of", lambda argv: 1 / 0)
+    assert diverge.main(["--recorded", "x", "y"]) == diverge.ERROR == 3
+
+
+def test_a_damaged_recording_is_one_line(references, tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("NANODIST_DEBUG", raising=False)
     (tmp_path / "rank0.pt").write_bytes(b"not a torch file")
     assert diverge.main(["--recorded", str(tmp_path), str(tmp_path)]) == 2
     assert "rank0.pt is not a recording of this tool" in capsys.readouterr().err
+    saved = torch.load(references[False] / "rank0.pt", weights_only=True)
+    for damage, says in (({"records": [(0, "loss", "loss")]}, "a record is not"),
+                         ({"meta": {**saved["meta"], "seed": 1}}, "not the same run: seed 1 vs 1337"),
+                         ({"meta": {k: v for k, v in saved["meta"].items() if k != "seed"}}, "another version")):
+        torch.save({**saved, **damage}, tmp_path / "rank0.pt")
+        assert diverge.main(["--recorded", str(tmp_path), str(references[False])]) == 2
+        err = capsys.readouterr().err
+        assert says in err and err.count("\n") == 1, err
