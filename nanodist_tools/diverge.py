@@ -163,13 +163,15 @@ def report(a, b, rows, names=("A", "B")) -> tuple[str, bool]:
                      "(and the steps of B that own it):")
         for label, row in worst.items():
             owners = ", ".join(owning_steps(row.key[1], row.key[2], b.meta)) if row.diff else "bitwise equal"
-            lines.append(f"  {label:<28} {row.diff:9.2e} <= {row.bound:9.2e}  {row.key[1]} ({owners})")
+            lines.append(f"  {label:<28} {row.diff:9.2e} <= {row.bound:9.2e}  {row.key[1]} ({owners})"
+                         + (f" [{row.check}]" if row.check else ""))
         return "\n".join(lines), False
     row = rows[first]
     step, name, kind = row.key
     lines.append(f"first divergence: {describe(row)}" + (f"; it parts in {row.check}" if row.check else ""))
     held, on = (a, "A") if row.check.startswith("A vs") else (b, "B")  # A itself may leave its path
-    lines.append(f"  |A - B| = {row.diff:.3e} > bound {row.bound:.3e} ({row.ratio:.1e} x)"
+    gap = {"": "A - B", "t": "A64 - B64", "B": "B - B64", "A": "A - A64"}[row.check[:1]]
+    lines.append(f"  |{gap}| = {row.diff:.3e} > bound {row.bound:.3e} ({row.ratio:.1e} x)"
                  f"{scale_hint(row)}")
     if max(row.a.spread, row.b.spread) > row.bound:
         lines.append(f"  the ranks holding copies of it disagree: A by {row.a.spread:.3e}, "
