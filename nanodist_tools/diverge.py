@@ -25,6 +25,7 @@ import torch
 from nanodist import cli
 from nanodist.errors import UserError
 from nanodist.parallel.layout import Layout
+from nanodist.parallel.placement import to_rank_major
 from nanodist.data.loader import load_split
 from nanodist.run.config import fit, layout_of, parse_args, resolve
 from nanodist_tools.diverge_assemble import check_same_run, load, twins_of
@@ -113,10 +114,12 @@ def placement_of(row, meta: dict) -> str:
     worst = int((row.b.value - row.a.value).abs().argmax())  # a digest's: its entry's flat index
     flat = worst if row.b.index is None else int(row.b.index[worst])
     at = [int(i) for i in torch.unravel_index(torch.tensor(flat), shape)]
-    held = []
-    for group, dim in placement["shards"]:  # placement.local_part: blocks, then even pieces
-        width = shape[dim] // placement["blocks"]
-        rank, n = (at[dim] % width) // (width // sizes[group]), sizes[group]
+    held, along = [], {}  # dim -> the indices along it of the piece split so far
+    for group, dim in placement["shards"]:  # placement.local_part's split, on the indices
+        n = sizes[group]
+        pieces = to_rank_major(along.get(dim, torch.arange(shape[dim])), n, placement["blocks"]).chunk(n)
+        rank = next(r for r, piece in enumerate(pieces) if bool((piece == at[dim]).any()))
+        along[dim] = pieces[rank]
         held.append(f"{group} (dim {dim}; the largest difference in {group} rank {rank}'s shard of {n})")
     return (f"split over {', '.join(held) or 'nothing'}; reduced over {placement['reduce']}, divided by "
             f"{placement['divisor']}'s size")
