@@ -12,7 +12,7 @@ from nanodist.parallel.placement import Placement
 from nanodist_tools import diverge, diverge_posthoc as posthoc, diverge_record
 from nanodist_tools.diverge_assemble import load
 from nanodist_tools.diverge_assemble import Full
-from nanodist_tools.diverge_compare import Row, compare, diff_of, max_abs
+from nanodist_tools.diverge_compare import Row, compare, diff_of, longest_sum, max_abs
 from nanodist_tools.processes import on_processes
 from nanodist_tools.layouts import MOE
 
@@ -263,10 +263,10 @@ def test_nan_or_inf_on_one_side_is_a_divergence(references):
     assert Row((0, "x", "forward"), float("nan"), 1.0, full(0.0), full(0.0)).parts
     a, b = load(references[False]), load(references[False])
     piece = b.pieces[(0, "transformer.h.1.mlp.c_fc", "forward")][0]
-    piece.tensor = piece.tensor.clone()
-    piece.tensor.view(-1)[7] = float("nan")
+    piece.tensor = piece.tensor.flatten().index_fill(0, torch.tensor([7]), float("nan")).view_as(piece.tensor)
     first = next(row for row in compare(a, b) if row.parts)
     assert first.key == (0, "transformer.h.1.mlp.c_fc", "forward") and first.diff == float("inf")
+    assert longest_sum({**a.meta, "gradient_clipping": 1.0}) == a.meta["n_params"] > longest_sum(a.meta)  # the norm
 
 
 def test_a_rank_error_and_reused_output_are_one_line(references, char_data, tmp_path, capsys, monkeypatch):
