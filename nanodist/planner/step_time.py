@@ -24,15 +24,15 @@ queries; SP gathers the tokens back before each matmul):
                   launch-bound)
 
 full checkpointing adds a forward of the blocks, selective one of their element-wise
-ops, the chunked loss a forward of the head's matmul; a pipeline stretches the compute by 1 / (1 - bubble). `compiled` (torch.compile, and the
-fused kernels of llm.c, Megatron, flash-attention's training scripts) fuses the
-element-wise ops: fewer bytes and launches.
+ops, the chunked loss a forward of the head's matmul; a pipeline stretches the compute by
+1 / (1 - bubble). `compiled` (torch.compile, and the fused kernels of llm.c, Megatron,
+flash-attention's training scripts) fuses the element-wise ops: fewer bytes and launches.
 
 Communication (`exposed_s`): each group's calls at the machine's time for their size. On
 a GPU (NCCL on streams of its own) DDP's and ZeRO-1's reductions hide behind the last
 micro-step's backward but for the last bucket, FSDP's gathers and reduce-scatters (HSDP's
 all-reduce) behind each micro-step's compute but for the first unit's gather and the last
-one's reduce-scatter (its copies into and out of its buffers are memory-bound work); TP, CP
+one's reduce-scatter (its copies into and out of its buffers: `parameter_bytes`); TP, CP
 and PP traffic, EP's all-to-alls and ZeRO-1's all-gather after the step are on the
 critical path. On CPU cores (gloo) nothing hides.
 """
@@ -67,7 +67,9 @@ PARAMETER_BYTES = {"float32": 8, "bfloat16": 20}
 # fp32, 51 bf16, beside one sum into .grad per parameter); compiled about a third
 KERNELS = {(False, "float32"): 29, (False, "bfloat16"): 51, (True, "float32"): 10, (True, "bfloat16"): 17}
 FLASH_BACKWARD = 2.5  # backward's FLOPs over forward's in flash attention
-FORWARD_SHARE = 1 / 3  # of the element-wise bytes and ops (68 of 190 bytes counted bf16)
+# the forward's share of the element-wise bytes and ops (counted as LAYER_BYTES: 64 of 190
+# bytes bf16, 72 of 228 fp32; 20 of 51 ops, 10 of 29)
+FORWARD_SHARE = 1 / 3
 
 
 def matmul_shapes(cfg: GPTConfig, layout: Layout, micro_batch: int, moe: bool = False) -> tuple[list, list]:
