@@ -79,7 +79,8 @@ def machine_of(args):
     for name in ("gpus", "top", "block_size", "vocab_size", "total_batch_size"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name} must be >= 1, got {getattr(args, name)}")
-    for name in ("gpus_per_node", "gpu_memory_gib", "intra_node_gb_s", "inter_node_gb_s", "micro_batch_size"):
+    for name in ("gpus_per_node", "gpu_memory_gib", "intra_node_gb_s", "inter_node_gb_s", "micro_batch_size",
+                 *SHAPE):
         if not getattr(args, name) >= 0:
             raise UserError(f"--{name} must be >= 0, got {getattr(args, name)}")
     if not 0 <= args.compute_efficiency <= 1:
@@ -103,15 +104,11 @@ def job_of(args, machine, per_node: int) -> plan.Job:
     dtype = args.dtype or ("float32" if device == "cpu" else "bfloat16")
     check_moe(args)
     moe = {name: getattr(args, name) for name in plan.MODEL_FLAGS} if args.moe_experts else {}
-    model = model_config(args.model, args.block_size, args.vocab_size, **moe)
-    shape = {name: getattr(args, name) for name in SHAPE if getattr(args, name)}
-    for name, value in shape.items():
-        if value < 0:
-            raise UserError(f"--{name} must be >= 1, got {value}")
-    model = dataclasses.replace(model, **shape)
+    of_preset = model_config(args.model, args.block_size, args.vocab_size, **moe)
+    model = dataclasses.replace(of_preset, **{name: getattr(args, name) for name in SHAPE if getattr(args, name)})
     if model.n_embd % model.n_head:
         raise UserError(f"--n_embd {model.n_embd} must divide into --n_head {model.n_head} heads")
-    preset = args.model if model == model_config(args.model, args.block_size, args.vocab_size, **moe) else "custom"
+    preset = args.model if model == of_preset else "custom"
     return plan.Job(preset, model, args.gpus, per_node, args.total_batch_size, dtype, device,
                     args.implementation, args.micro_batch_size or None, args.compile)
 

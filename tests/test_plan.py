@@ -110,6 +110,7 @@ def test_table_plot_and_multi_node_command(capsys, tmp_path):
     (["--total_batch_size=1000"], "no layout"),
     (["--model=gpt2-xl", "--gpus=1", "--gpu_memory_gib=4"], "no layout fits"),
     (["--compute_efficiency=1.5"], "--compute_efficiency must be in (0, 1]"),
+    (["--n_layer=-1"], "--n_layer must be >= 0"),
     (["--profile=/nonexistent.json"], "not a machine profile"),
 ])
 def test_bad_inputs_are_one_line(capsys, argv, says):
